@@ -1,0 +1,79 @@
+"""``clx`` command line: ``clx run EXPERIMENT``, ``clx list``, ``clx report DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+
+def _cmd_list(args) -> int:
+  from clx import experiment
+  for name, doc in experiment.list_experiments().items():
+    print(f"{name:<24} {doc}")
+  return 0
+
+
+def _cmd_run(args) -> int:
+  from clx import experiment, report
+  from clx.train.sharding import maybe_initialize_distributed
+
+  config = experiment.apply_overrides(experiment.load_config(args.experiment), args.set or [])
+  experiment.validate(config)
+  workdir = Path(args.workdir or os.path.join("runs", config["name"]))
+  created = not workdir.exists()
+  maybe_initialize_distributed()
+  try:
+    result = experiment.run_experiment(config, workdir, progress=args.progress, quiet=args.quiet)
+  except BaseException:
+    # A run that failed before finishing its first task leaves nothing behind.
+    if created and workdir.exists() and not any(workdir.glob("*/checkpoints/*/meta")):
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
+  print()
+  print(report.format_table(result["runs"]))
+  print(f"\nresults: {workdir / 'metrics.json'}")
+  return 0
+
+
+def _cmd_report(args) -> int:
+  from clx import report
+  print(report.render(args.workdir, heatmaps=not args.no_plots))
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="clx", description="Parameter-efficient continual fine-tuning in JAX.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  run = sub.add_parser("run", help="run an experiment (resumes an existing workdir)")
+  run.add_argument("experiment", help="experiment name (see `clx list`) or path to a .py config")
+  run.add_argument("--workdir", help="output directory (default: runs/<experiment>)")
+  run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set methods=finetune,lora --set seed=1")
+  run.add_argument("--quiet", action="store_true", help="print only the final table")
+  run.add_argument("--progress", action="store_true", default=None,
+                   help="force progress bars (default: only on a terminal)")
+  run.set_defaults(func=_cmd_run)
+  lst = sub.add_parser("list", help="list the experiments")
+  lst.set_defaults(func=_cmd_list)
+  rep = sub.add_parser("report", help="render a workdir's results (table + heatmaps)")
+  rep.add_argument("workdir")
+  rep.add_argument("--no-plots", action="store_true", help="do not rewrite the heatmap PNGs")
+  rep.set_defaults(func=_cmd_report)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  from clx.experiment import ConfigError
+  try:
+    return args.func(args)
+  except (ConfigError, FileNotFoundError) as e:
+    print(f"clx: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

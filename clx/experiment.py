@@ -1,0 +1,210 @@
+"""Experiments: Python files with ``get_config()``, run method by method into a workdir.
+
+An experiment config is a nested dict::
+
+    {"name": "quickstart",
+     "stream": {"name": "split_mnist", ...stream kwargs},
+     "model": {"name": "mlp", ...model kwargs},
+     "methods": ["finetune", "lora", "joint"],
+     "method_args": {"lora": {"rank": 8}},
+     "train": {...clx.train.TrainConfig fields},
+     "train_overrides": {"joint": {...}},   # optional per-method TrainConfig fields
+     "seed": 0}
+
+``--set key.sub=value`` overrides any existing key (unknown keys are an error);
+values are parsed to the type of the value they replace (lists from
+``a,b,c``). The workdir holds ``metrics.json``, ``config.json``, per-method
+checkpoints (``<method>/checkpoints/<task>``) and heatmaps
+(``<method>/acc_matrix.png``); re-running the same command resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EXPERIMENTS_ENV = "CLX_EXPERIMENTS_DIR"
+REQUIRED_KEYS = ("name", "stream", "model", "methods", "train")
+
+
+class ConfigError(ValueError):
+  """A bad experiment name, config key or value."""
+
+
+def experiments_dir() -> Path:
+  """``$CLX_EXPERIMENTS_DIR`` or the repository's ``experiments/`` folder."""
+  env = os.environ.get(EXPERIMENTS_ENV)
+  if env:
+    return Path(env)
+  return Path(__file__).resolve().parents[1] / "experiments"
+
+
+def list_experiments() -> dict[str, str]:
+  """``{name: first docstring line}`` of every experiment file."""
+  out = {}
+  folder = experiments_dir()
+  for path in sorted(folder.glob("*.py")) if folder.is_dir() else []:
+    if path.name.startswith("_"):
+      continue
+    text = path.read_text()
+    if "def get_config" not in text:
+      continue
+    module = _load_module(path)
+    out[path.stem] = (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
+  return out
+
+
+def _load_module(path: Path):
+  spec = importlib.util.spec_from_file_location(f"clx_experiment_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_config(name_or_path: str) -> dict[str, Any]:
+  """The config of an experiment given by name (``quickstart``) or file path."""
+  path = Path(name_or_path)
+  if not (path.suffix == ".py" and path.is_file()):
+    path = experiments_dir() / f"{name_or_path}.py"
+  if not path.is_file():
+    known = ", ".join(sorted(list_experiments())) or "(none found)"
+    raise ConfigError(f"unknown experiment {name_or_path!r}; known experiments: {known}")
+  module = _load_module(path)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} has no get_config()")
+  config = module.get_config()
+  missing = [k for k in REQUIRED_KEYS if k not in config]
+  if missing:
+    raise ConfigError(f"experiment {path.stem!r} config lacks keys {missing}")
+  return config
+
+
+def _parse_like(old: Any, text: str, key: str) -> Any:
+  try:
+    if isinstance(old, bool):
+      if text.lower() in ("1", "true", "yes", "on"):
+        return True
+      if text.lower() in ("0", "false", "no", "off"):
+        return False
+      raise ValueError(text)
+    if isinstance(old, int):
+      return int(text)
+    if isinstance(old, float):
+      return float(text)
+    if isinstance(old, (list, tuple)):
+      items = [s.strip() for s in text.split(",") if s.strip()]
+      if old and not isinstance(old[0], str):
+        items = [_parse_like(old[0], s, key) for s in items]
+      return type(old)(items)
+    if old is None:
+      return json.loads(text) if text[:1] in "[{0123456789-" or text in ("true", "false", "null") else text
+    return text
+  except ValueError:
+    raise ConfigError(f"--set {key}={text}: expected a value like {old!r}") from None
+
+
+def apply_overrides(config: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
+  """A copy of ``config`` with ``key.sub=value`` overrides applied."""
+  config = copy.deepcopy(config)
+  for item in sets:
+    if "=" not in item:
+      raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = config
+    for i, part in enumerate(parts):
+      if not isinstance(node, dict) or part not in node:
+        where = ".".join(parts[:i]) or "the config"
+        options = sorted(node) if isinstance(node, dict) else []
+        raise ConfigError(f"unknown config key {key!r}: {where} has no {part!r} (keys: {options})")
+      if i == len(parts) - 1:
+        node[part] = _parse_like(node[part], value, key)
+      else:
+        node = node[part]
+  return config
+
+
+def validate(config: dict[str, Any]) -> None:
+  """Check names and values before anything is written."""
+  from clx import methods
+  from clx.train.loop import TrainConfig
+
+  unknown = [m for m in config["methods"] if m not in methods.REGISTRY]
+  if unknown:
+    raise ConfigError(f"unknown method(s) {unknown}; known: {sorted(methods.REGISTRY)}")
+  if not config["methods"]:
+    raise ConfigError("config lists no methods")
+  for name in config.get("method_args", {}):
+    if name not in methods.REGISTRY:
+      raise ConfigError(f"method_args names unknown method {name!r}")
+  fields = {f.name for f in dataclasses.fields(TrainConfig)}
+  for where, train in [("train", config["train"]),
+                       *[(f"train_overrides.{m}", t) for m, t in config.get("train_overrides", {}).items()]]:
+    bad = sorted(set(train) - fields)
+    if bad:
+      raise ConfigError(f"{where} has unknown keys {bad}; TrainConfig fields: {sorted(fields)}")
+  try:
+    TrainConfig(**config["train"])
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"train: {e}") from None
+
+
+def summarize(acc: np.ndarray) -> dict[str, float]:
+  from clx.ops import metrics
+  return metrics.summarize_to_floats(acc)
+
+
+def run_experiment(config: dict[str, Any], workdir: str | os.PathLike, *,
+                   progress: bool | None = None, quiet: bool = False, mesh=None) -> dict[str, Any]:
+  """Run every method of ``config`` into ``workdir`` (resuming what is there).
+
+  Returns the ``metrics.json`` content.
+  """
+  from clx import checkpoint, data, methods, models, report
+  from clx.train.loop import TrainConfig, run_method
+
+  validate(config)
+  stream = data.get_stream(config["stream"]["name"],
+                           **{k: v for k, v in config["stream"].items() if k != "name"})
+  model_args = {k: v for k, v in config["model"].items() if k != "name"}
+  model_args.setdefault("seed", config.get("seed", 0))
+  backbone = models.build(config["model"]["name"], stream.input_shape, **model_args)
+  built = {name: methods.build(name, backbone, **config.get("method_args", {}).get(name, {}))
+           for name in config["methods"]}
+
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  checkpoint.atomic_write_json(workdir / "config.json", config)
+  metrics_path = workdir / "metrics.json"
+  result = {"experiment": config["name"], "runs": {}}
+  if metrics_path.exists():
+    previous = json.loads(metrics_path.read_text())
+    result["runs"] = dict(previous.get("runs", {}))  # keep methods not re-run this time
+  for name, method in built.items():
+    train = TrainConfig(**{**config["train"], **config.get("train_overrides", {}).get(name, {})})
+    run_info = {"experiment": config["name"], "stream": config["stream"], "model": config["model"],
+                "method_args": config.get("method_args", {}).get(name, {})}
+    res = run_method(method, stream, train, seed=int(config.get("seed", 0)), mesh=mesh,
+                     checkpoint_dir=str((workdir / name / "checkpoints").resolve()),
+                     run_info=run_info, progress=progress, quiet=quiet)
+    entry = {"acc_matrix": report.matrix_to_json(res.acc_matrix), **summarize(res.acc_matrix),
+             "wall_time_s": round(res.wall_time_s, 3)}
+    if res.resumed_from is not None:
+      entry["resumed_from_task"] = res.resumed_from
+    result["runs"][name] = entry
+    checkpoint.atomic_write_json(metrics_path, result)
+    report.save_heatmap(res.acc_matrix, workdir / name / "acc_matrix.png",
+                        title=f"{config['name']}: {name}")
+    if not quiet:
+      print(report.format_matrix(res.acc_matrix, title=f"{name} accuracy matrix (%)"),
+            file=sys.stdout, flush=True)
+  return result

@@ -1,0 +1,21 @@
+"""Continual-learning methods, one file each, against one protocol (:mod:`clx.methods.base`)."""
+
+from __future__ import annotations
+
+from clx.methods.base import ContinualMethod, StreamSpec, TaskContext
+from clx.methods import sequential
+
+REGISTRY = {**sequential.REGISTRY}
+
+
+def build(name: str, backbone, **kwargs) -> ContinualMethod:
+  """Construct a registered method by name (``clx.methods.REGISTRY``)."""
+  if name not in REGISTRY:
+    raise ValueError(f"unknown method {name!r}; known methods: {sorted(REGISTRY)}")
+  try:
+    return REGISTRY[name](backbone, **kwargs)
+  except TypeError as e:
+    raise ValueError(f"bad arguments for method {name!r}: {e}") from None
+
+
+__all__ = ["ContinualMethod", "REGISTRY", "StreamSpec", "TaskContext", "build"]

@@ -1,0 +1,131 @@
+"""The one protocol every continual method implements.
+
+In the spirit of ``optax.GradientTransformation``, a method is a NamedTuple of
+pure functions over an explicit state pytree. The state is a nested dict with
+string keys whose leaves are arrays (heads, adapters, memory bases, Fisher,
+signatures, …). It is the only thing a task checkpoint stores (as its delta
+against the previous task); the frozen backbone is passed to the functions as
+an argument (``base``) and never copied into the state.
+
+The training loop drives a method like this, with no special case per method::
+
+    state = method.init(rng, spec)
+    for t, task in enumerate(stream):
+      state = method.begin_task(state, ctx)               # host: Gram passes, design, …
+      params = method.trainable(state, t)                 # what the optimiser updates
+      params = ctx.fit(params, partial(method.loss, task_index=t), method.transform_grads)
+      state = method.end_task(state, params, ctx)         # host: memory updates, merges
+      logits = method.predict(state, base, x, current_task=t, task_id=None)  # (n, C)
+
+``loss``, ``transform_grads`` and ``predict`` are traced under ``jax.jit``
+(``task_index`` and ``spec`` are static). ``begin_task``/``end_task`` run on the host and may
+call jitted passes over data or even further training (``ctx.fit``), e.g.
+BECAME's unconstrained second stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import numpy as np
+import optax
+
+from clx.models.base import Backbone
+
+State = dict[str, Any]
+Params = Any
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSpec:
+  """What a method may know about the stream up front (no data).
+
+  Attributes:
+    num_tasks: number of tasks T.
+    num_classes: size of the global label space.
+    scenario: ``"task"``, ``"class"`` or ``"domain"``.
+    task_classes: per task, the sorted global class ids it contains.
+    input_shape: shape of one input example.
+  """
+
+  num_tasks: int
+  num_classes: int
+  scenario: str
+  task_classes: tuple[tuple[int, ...], ...]
+  input_shape: tuple[int, ...]
+
+  @classmethod
+  def from_stream(cls, stream) -> "StreamSpec":
+    return cls(len(stream.tasks), stream.num_classes, stream.scenario,
+               tuple(tuple(int(c) for c in t.classes) for t in stream.tasks),
+               tuple(stream.input_shape))
+
+
+class TaskContext(Protocol):
+  """What the loop gives ``begin_task``/``end_task`` (host side)."""
+
+  task_index: int
+  spec: StreamSpec
+  rng: jax.Array
+  base: Any  # the frozen backbone params, placed on the mesh
+
+  def batches(self, split: str = "train", *, batch_size: int | None = None,
+              shuffle: bool = False, seed: int = 0) -> Iterator[Batch]:
+    """Sharded device batches ``{"x", "y", "mask"}`` of the current task."""
+
+  def sample(self, n: int, *, split: str = "train", seed: int = 0) -> dict[str, np.ndarray]:
+    """``n`` random training examples of the current task (host arrays)."""
+
+  def fit(self, params: Params, loss: Callable, *, transform_grads: Callable | None = None,
+          state: State | None = None, optimizer: optax.GradientTransformation | None = None,
+          epochs: int | None = None, select: str = "last") -> Params:
+    """Train ``params`` on the current task with the loop's sharded, jitted step."""
+
+
+def identity_grads(grads, state):
+  del state
+  return grads
+
+
+def no_host_hook(state, ctx):
+  del ctx
+  return state
+
+
+class ContinualMethod(NamedTuple):
+  """A continual-learning method as pure functions over an explicit state.
+
+  Attributes:
+    name: registry name, also the run's subfolder.
+    backbone: the frozen backbone (graphdef + base params) it adapts.
+    init: ``(rng, spec) -> state``.
+    begin_task: ``(state, ctx) -> state`` (host).
+    trainable: ``(state, task_index) -> params`` to optimise on this task.
+    loss: ``(params, state, base, batch, rng, *, task_index, spec) -> (loss, aux)``;
+      ``batch`` has ``x``, global labels ``y`` and a 0/1 ``mask`` (padding).
+    transform_grads: ``(grads, state) -> grads`` (e.g. gradient projection).
+    end_task: ``(state, params, ctx) -> state`` (host): write the trained
+      params back and do post-task work.
+    predict: ``(state, base, x, *, current_task, task_id, spec) -> logits (n, C)``
+      over the global label space of ``C`` classes; classes not available are
+      at a large negative value. ``current_task`` is the last trained task;
+      ``task_id`` is the test example's task in the task-incremental scenario
+      and ``None`` otherwise. Both are static (Python ints).
+    data_view: ``"current"`` (train on the current task) or ``"cumulative"``
+      (all tasks so far: the joint upper bound).
+  """
+
+  name: str
+  backbone: Backbone
+  init: Callable[[jax.Array, StreamSpec], State]
+  begin_task: Callable[[State, TaskContext], State]
+  trainable: Callable[[State, int], Params]
+  loss: Callable[..., tuple[jax.Array, dict]]
+  transform_grads: Callable[[Params, State], Params]
+  end_task: Callable[[State, Params, TaskContext], State]
+  predict: Callable[..., jax.Array]
+  data_view: str = "current"

@@ -1,0 +1,16 @@
+"""Backbones: Flax NNX modules behind one pure-function contract."""
+
+from clx.models.base import Backbone, Params, split_params, to_str_keys
+from clx.models.mlp import MLP, mlp
+
+_FACTORIES = {"mlp": mlp}
+
+
+def build(name: str, input_shape, **kwargs) -> Backbone:
+  """Build a backbone by registry name (``"mlp"``) for inputs of ``input_shape``."""
+  if name not in _FACTORIES:
+    raise ValueError(f"unknown model {name!r}; known: {sorted(_FACTORIES)}")
+  return _FACTORIES[name](input_shape, **kwargs)
+
+
+__all__ = ["Backbone", "MLP", "Params", "build", "mlp", "split_params", "to_str_keys"]

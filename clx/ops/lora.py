@@ -1,0 +1,383 @@
+"""LoRA adapters as plain pytrees, addressed by "path/to/kernel" strings.
+
+Convention (same as `flax.nnx.LoRA`): a Flax kernel W is (d_in, d_out) and
+acts as y = x W, and an adapter is a dict
+    {"a": (d_in, r), "b": (r, d_out)},   ΔW = scale · a @ b     (Hu et al. 2021, Eq. 3)
+so y = x (W + ΔW). A leading stack axis, a (s, d_in, r) / b (s, r, d_out),
+holds s adapters for one kernel (e.g. one per task, InfLoRA-style) and means
+their sum. `params` and adapter collections are nested dicts of arrays; paths
+join dict keys with "/". Everything that maps arrays to arrays is jit-able
+(paths, patterns, ranks and init names are static Python values).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Adapter = Mapping[str, Array]
+AdapterSpec = Union[Adapter, Sequence[Adapter]]
+Initializer = Callable[[Array, tuple[int, ...], Any], Array]
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+# ----------------------------------------------------------------------------
+# Paths
+# ----------------------------------------------------------------------------
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """Turns a jax key path of dict keys into "a/b/c".
+
+  Args:
+    path: tuple of `jax.tree_util.DictKey` (as from `tree_flatten_with_path`).
+
+  Returns:
+    The keys joined by "/".
+
+  Raises:
+    ValueError: for a non-dict key (list/tuple index, attribute) or a key
+      containing "/" (the path would not round-trip).
+  """
+  parts = []
+  for entry in path:
+    if not isinstance(entry, jax.tree_util.DictKey):
+      raise ValueError(
+          f"only dict keys are supported in parameter paths, got "
+          f"{type(entry).__name__} {entry!r} in {jax.tree_util.keystr(path)}."
+      )
+    key = str(entry.key)
+    if "/" in key:
+      raise ValueError(f"dict key {key!r} contains '/', cannot form a path.")
+    parts.append(key)
+  return "/".join(parts)
+
+
+def flatten_paths(tree: Any) -> dict[str, Any]:
+  """Nested dict of leaves → {"a/b/c": leaf}, in jax's (sorted-key) order.
+
+  Args:
+    tree: nested dicts whose leaves are arrays (or any non-dict leaves).
+
+  Returns:
+    Flat dict from path string to leaf. Non-string keys become str(key).
+  """
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  flat = {path_str(path): leaf for path, leaf in leaves}
+  if len(flat) != len(leaves):  # e.g. keys 0 and "0" in one dict
+    raise ValueError("two leaves map to the same path string.")
+  return flat
+
+
+def unflatten_paths(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """{"a/b/c": leaf} → nested dict; the inverse of `flatten_paths`.
+
+  Args:
+    flat: flat dict from path string to leaf.
+
+  Returns:
+    Nested dict.
+
+  Raises:
+    ValueError: when one path is a prefix of another ("a/b" and "a/b/c").
+  """
+  nested: dict[str, Any] = {}
+  for path, leaf in flat.items():
+    node = nested
+    keys = path.split("/")
+    for depth, key in enumerate(keys[:-1]):
+      child = node.setdefault(key, {})
+      if not isinstance(child, dict):
+        raise ValueError(
+            f"path {path!r} conflicts with leaf at "
+            f"{'/'.join(keys[: depth + 1])!r}."
+        )
+      node = child
+    if keys[-1] in node:
+      raise ValueError(f"path {path!r} conflicts with another path.")
+    node[keys[-1]] = leaf
+  return nested
+
+
+def match_paths(params: Any, patterns: str | Sequence[Any]) -> list[str]:
+  """Leaf paths of `params` matching any of `patterns`, in flatten order.
+
+  A string pattern is a glob matched against the whole path with
+  `fnmatch.fnmatchcase`; "*" also crosses "/" (so "*/query/kernel" matches
+  "encoder/layer_0/attn/query/kernel"). A compiled `re.Pattern`, or a string
+  starting with "re:", is a regular expression that must match the whole
+  path (`re.fullmatch`).
+
+  Args:
+    params: nested dict of arrays (values are not read).
+    patterns: one pattern or a sequence of them.
+
+  Returns:
+    Matching paths, each at most once.
+  """
+  if isinstance(patterns, (str, re.Pattern)):
+    patterns = [patterns]
+  matchers = []
+  for pattern in patterns:
+    if isinstance(pattern, re.Pattern):
+      matchers.append(pattern.fullmatch)
+    elif isinstance(pattern, str) and pattern.startswith("re:"):
+      matchers.append(re.compile(pattern[3:]).fullmatch)
+    elif isinstance(pattern, str):
+      matchers.append(lambda p, g=pattern: fnmatch.fnmatchcase(p, g))
+    else:
+      raise ValueError(f"pattern must be a str or re.Pattern, got {pattern!r}.")
+  return [p for p in flatten_paths(params) if any(m(p) for m in matchers)]
+
+
+# ----------------------------------------------------------------------------
+# Deltas and application
+# ----------------------------------------------------------------------------
+
+
+def _check_adapter(adapter: Any, where: str) -> None:
+  if not isinstance(adapter, Mapping) or set(adapter) != {"a", "b"}:
+    keys = sorted(adapter) if isinstance(adapter, Mapping) else type(adapter)
+    raise ValueError(
+        f"adapter for {where} must be a dict with keys 'a' and 'b', got {keys}."
+    )
+  a_shape, b_shape = np.shape(adapter["a"]), np.shape(adapter["b"])
+  if (
+      len(a_shape) not in (2, 3)
+      or len(a_shape) != len(b_shape)
+      or a_shape[:-2] != b_shape[:-2]
+      or a_shape[-1] != b_shape[-2]
+  ):
+    raise ValueError(
+        f"adapter for {where} needs a (d_in, r) and b (r, d_out), optionally "
+        f"with the same leading stack axis; got a {a_shape}, b {b_shape}."
+    )
+
+
+def lora_delta(adapter: Adapter, scale: Any = 1.0) -> Array:
+  """ΔW = scale · a @ b.
+
+  Args:
+    adapter: {"a": (..., d_in, r), "b": (..., r, d_out)}; leading axes
+      broadcast (a stack of s adapters gives s deltas).
+    scale: scalar (e.g. α / r), may be traced.
+
+  Returns:
+    (..., d_in, d_out) delta in the adapters' result dtype.
+  """
+  _check_adapter(adapter, "lora_delta")
+  return scale * jnp.matmul(adapter["a"], adapter["b"], precision=_HIGHEST)
+
+
+def _summed_delta(spec: AdapterSpec, path: str, scale: Any) -> Array:
+  """Σ over a list/tuple and over a leading stack axis of scale · a @ b."""
+  adapters = [spec] if isinstance(spec, Mapping) else list(spec)
+  if not adapters:
+    raise ValueError(f"empty adapter list for {path!r}.")
+  total = None
+  for adapter in adapters:
+    _check_adapter(adapter, repr(path))
+    delta = lora_delta(adapter, scale)
+    if delta.ndim == 3:  # stack of adapters for this kernel: their sum
+      delta = jnp.sum(delta, axis=0)
+    if total is not None and total.shape != delta.shape:
+      raise ValueError(
+          f"adapters for {path!r} disagree on the delta shape: "
+          f"{total.shape} vs {delta.shape}."
+      )
+    total = delta if total is None else total + delta
+  return total
+
+
+def apply_adapters(
+    params: Any, adapters: Mapping[str, AdapterSpec], scale: Any = 1.0
+) -> dict[str, Any]:
+  """Returns params with W ← W + Σ_j scale · a_j @ b_j at every adapter path.
+
+  Used per forward pass (the base stays frozen; gradients flow into the
+  adapters). The delta is cast to the kernel's dtype so a bf16/f32 base keeps
+  its dtype. `params` is not modified.
+
+  Args:
+    params: nested dict of arrays.
+    adapters: {"path/to/kernel": adapter | [adapter, ...]}; a list/tuple, or
+      a leading stack axis inside one adapter, is summed (one adapter per
+      task).
+    scale: scalar multiplier applied to every delta.
+
+  Returns:
+    New nested dict with the same structure as `params`.
+
+  Raises:
+    ValueError: naming the path when it is missing from params, is not a
+      2-D kernel, or the delta shape differs from the kernel shape.
+  """
+  flat = flatten_paths(params)
+  for path, spec in adapters.items():
+    if path not in flat:
+      near = [p for p in flat if p.endswith(path.rsplit("/", 1)[-1])][:5]
+      raise ValueError(
+          f"adapter path {path!r} not found in params (paths ending the same "
+          f"way: {near})."
+      )
+    kernel = flat[path]
+    if np.ndim(kernel) != 2:
+      raise ValueError(
+          f"adapter path {path!r} points at shape {np.shape(kernel)}, "
+          f"expected a 2-D (d_in, d_out) kernel."
+      )
+    delta = _summed_delta(spec, path, scale)
+    if delta.shape != np.shape(kernel):
+      raise ValueError(
+          f"adapter for {path!r} gives delta {delta.shape} but the kernel is "
+          f"{np.shape(kernel)}."
+      )
+    flat[path] = kernel + delta.astype(jnp.result_type(kernel))
+  return _restore_structure(params, flat)
+
+
+def _restore_structure(params: Any, flat: dict[str, Any]) -> Any:
+  """Puts `flat` leaves back into `params`' exact tree structure."""
+  leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+  new_leaves = [flat[path_str(path)] for path, _ in leaves_with_path]
+  return jax.tree_util.tree_unflatten(treedef, new_leaves)
+
+
+def fold_adapters(
+    params: Any, adapters: Mapping[str, AdapterSpec], scale: Any = 1.0
+) -> dict[str, Any]:
+  """Permanently merges adapters into the base: W ← W + Σ scale · a @ b.
+
+  Same arithmetic and errors as `apply_adapters`. Call it once when a task
+  ends and store the result as the new base (then drop or reset those
+  adapters); calling `apply_adapters` on top of the folded params with the
+  same adapters would add them twice.
+
+  Args:
+    params: nested dict of arrays.
+    adapters: {"path/to/kernel": adapter | [adapter, ...]}.
+    scale: scalar multiplier applied to every delta.
+
+  Returns:
+    New nested dict with the adapters folded in.
+  """
+  return apply_adapters(params, adapters, scale)
+
+
+# ----------------------------------------------------------------------------
+# Initialisation
+# ----------------------------------------------------------------------------
+
+
+def _uniform(bound_fn: Callable[[int, int], float]) -> Initializer:
+  def init(key, shape, dtype):
+    fan_in, fan_out = shape[-2], shape[-1]
+    bound = bound_fn(fan_in, fan_out)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def _normal(key, shape, dtype):
+  # PEFT's "gaussian" A init: N(0, (1/r)²). r ≤ min(d_in, d_out) is enforced,
+  # so r is the smaller of the two trailing dims for both a and b.
+  rank = min(shape[-2], shape[-1])
+  return jax.random.normal(key, shape, dtype) / rank
+
+
+_INITIALIZERS: dict[str, Initializer] = {
+    # torch/PEFT/InfLoRA default kaiming_uniform_(a=√5): U(±1/√fan_in).
+    "kaiming_uniform": _uniform(lambda fan_in, _: 1.0 / math.sqrt(fan_in)),
+    # flax.nnx.LoRA default (he_uniform): U(±√(6/fan_in)).
+    "he_uniform": _uniform(lambda fan_in, _: math.sqrt(6.0 / fan_in)),
+    "normal": _normal,
+    "zeros": lambda key, shape, dtype: jnp.zeros(shape, dtype),
+}
+
+
+def _initializer(spec: str | Initializer, name: str) -> Initializer:
+  if callable(spec):
+    return spec
+  if spec not in _INITIALIZERS:
+    raise ValueError(
+        f"{name} must be one of {sorted(_INITIALIZERS)} or a callable "
+        f"(key, shape, dtype) -> array, got {spec!r}."
+    )
+  return _INITIALIZERS[spec]
+
+
+def init_lora(
+    key: Array,
+    params: Any,
+    patterns: str | Sequence[Any],
+    rank: int,
+    *,
+    a_init: str | Initializer = "kaiming_uniform",
+    b_init: str | Initializer = "zeros",
+    dtype: Any = None,
+) -> dict[str, dict[str, Array]]:
+  """Creates {"a": (d_in, r), "b": (r, d_out)} for every matched 2-D kernel.
+
+  With b = 0 (default) ΔW = a @ b = 0, so the adapted model starts equal to
+  the base (Hu et al. 2021, Sec. 4.1). Each path's key is
+  fold_in(key, crc32(path)), so an adapter's init does not depend on which
+  other paths were selected. Leaves matched by the patterns that are not 2-D
+  (biases, norms) are skipped.
+
+  Initialisers: "kaiming_uniform" U(±1/√d_in) (torch/PEFT kaiming_uniform_
+  with a=√5); "he_uniform" U(±√(6/d_in)) (flax.nnx.LoRA default); "normal"
+  N(0, 1/r²) (PEFT "gaussian"); "zeros"; or a callable (key, shape, dtype).
+
+  Args:
+    key: PRNG key.
+    params: nested dict of arrays (only shapes and dtypes are read).
+    patterns: globs/regexes, see `match_paths`.
+    rank: r ≥ 1, at most min(d_in, d_out) for every matched kernel.
+    a_init: initialiser for a (d_in, r).
+    b_init: initialiser for b (r, d_out).
+    dtype: adapter dtype; default each kernel's dtype.
+
+  Returns:
+    {"path/to/kernel": {"a": ..., "b": ...}}.
+
+  Raises:
+    ValueError: rank < 1, rank > min(d_in, d_out) (naming the path and its
+      dims), or no 2-D kernel matched.
+  """
+  a_fn, b_fn = _initializer(a_init, "a_init"), _initializer(b_init, "b_init")
+  if not isinstance(rank, (int, np.integer)) or rank < 1:
+    raise ValueError(f"rank must be a positive int, got {rank!r}.")
+  flat = flatten_paths(params)
+  adapters = {}
+  for path in match_paths(params, patterns):
+    kernel = flat[path]
+    if np.ndim(kernel) != 2:
+      continue
+    d_in, d_out = np.shape(kernel)
+    if rank > min(d_in, d_out):
+      raise ValueError(
+          f"rank {rank} is larger than min(d_in, d_out) = {min(d_in, d_out)} "
+          f"for {path!r} with kernel (d_in, d_out) = ({d_in}, {d_out})."
+      )
+    leaf_dtype = jnp.result_type(kernel) if dtype is None else dtype
+    path_key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+    key_a, key_b = jax.random.split(path_key)
+    adapters[path] = {
+        "a": a_fn(key_a, (d_in, rank), leaf_dtype),
+        "b": b_fn(key_b, (rank, d_out), leaf_dtype),
+    }
+  if not adapters:
+    raise ValueError(
+        f"patterns {patterns!r} matched no 2-D kernel (matched paths: "
+        f"{match_paths(params, patterns)[:5]})."
+    )
+  return adapters

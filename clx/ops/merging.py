@@ -1,0 +1,358 @@
+"""Fisher-weighted model merging (BECAME, Li et al. ICML 2025) over pytrees.
+
+BECAME trains each task twice from the previous model: a stability-preserving
+run (gradient projection) gives θ_GP, an unconstrained run gives θ̂. It then
+merges θ = (1 − λ) θ_GP + λ θ̂ with the closed-form λ that minimises the sum
+of the two tasks' diagonal-Fisher quadratic losses along that segment (see
+`became_objective`). Formulas follow the official code (`GPM-based/fisher.py`
+at commit 859a267), which is authoritative where the paper differs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clx.ops import _checks
+
+Array = jax.Array
+LogitsFn = Callable[[Any, Array], Array]
+
+
+# ----------------------------------------------------------------------------
+# Diagonal Fisher
+# ----------------------------------------------------------------------------
+
+
+def _cross_entropy(logits_fn: LogitsFn, params: Any, x: Array, y: Array | None):
+  """Per-example CE (b,). y=None means the model's own argmax ("true")."""
+  logits = logits_fn(params, x)
+  if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+    raise ValueError(
+        f"logits_fn must return (batch, classes) = ({x.shape[0]}, C), got "
+        f"shape {logits.shape}."
+    )
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  if y is None:  # argmax has zero gradient; stop_gradient makes that explicit
+    y = jnp.argmax(jax.lax.stop_gradient(logits), axis=-1)
+  return -jnp.take_along_axis(log_probs, y[:, None], axis=-1)[:, 0]
+
+
+def _fisher_impl(
+    logits_fn: LogitsFn,
+    params: Any,
+    inputs: Array,
+    labels: Array,
+    weights: Array,
+    kind: str,
+    batch_size: int,
+    per_sample: bool,
+) -> Any:
+  n = inputs.shape[0]
+  n_batches = math.ceil(n / batch_size)
+  flat_index = jnp.arange(n_batches * batch_size)
+  # Pad the last batch by repeating the last example (not zeros, which could
+  # make logits_fn produce NaN) and give the padding weight 0.
+  batch_index = jnp.minimum(flat_index, n - 1).reshape(n_batches, batch_size)
+  batch_weight = jnp.where(
+      flat_index < n, jnp.take(weights, jnp.minimum(flat_index, n - 1)), 0.0
+  ).reshape(n_batches, batch_size)
+
+  def squared_grads(index, weight):
+    x = jnp.take(inputs, index, axis=0)
+    y = None if kind == "true" else jnp.take(labels, index, axis=0)
+    count = jnp.sum(weight)
+    if per_sample:
+      def one_loss(p, x_n, y_n):
+        y_n = None if y_n is None else y_n[None]
+        return _cross_entropy(logits_fn, p, x_n[None], y_n)[0]
+
+      grads = jax.vmap(jax.grad(one_loss), in_axes=(None, 0, 0))(params, x, y)
+      return jax.tree.map(
+          lambda g: jnp.tensordot(weight.astype(g.dtype), g**2, axes=1), grads
+      )
+
+    def mean_loss(p):
+      ce = _cross_entropy(logits_fn, p, x, y)
+      return jnp.sum(weight * ce) / jnp.maximum(count, 1.0)
+
+    grads = jax.grad(mean_loss)(params)
+    return jax.tree.map(lambda g: count.astype(g.dtype) * g**2, grads)
+
+  def step(total, batch):
+    contribution = squared_grads(*batch)
+    return jax.tree.map(jnp.add, total, contribution), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  total, _ = jax.lax.scan(step, zeros, (batch_index, batch_weight))
+  n_valid = jnp.sum(weights)
+  return jax.tree.map(
+      lambda f: jnp.where(n_valid > 0, f / jnp.maximum(n_valid, 1.0), 0.0)
+      .astype(f.dtype),
+      total,
+  )
+
+
+_fisher_jit = jax.jit(
+    _fisher_impl,
+    static_argnames=("logits_fn", "kind", "batch_size", "per_sample"),
+)
+
+
+def diagonal_fisher(
+    logits_fn: LogitsFn,
+    params: Any,
+    inputs: Array,
+    *,
+    labels: Array | None = None,
+    kind: str = "true",
+    batch_size: int = 64,
+    per_sample: bool = False,
+    mask: Array | None = None,
+) -> Any:
+  """Diagonal Fisher information of a softmax classifier, as a params pytree.
+
+  Default (per_sample=False) reproduces BECAME's official
+  `compute_fisher_matrix_diag`: with consecutive batches b of `batch_size`
+  examples and CE_n = −log softmax(logits_fn(θ, x_n))[y_n],
+    F_i = (1/N) Σ_b |b| · (∂/∂θ_i  mean_{n∈b} CE_n)²      (batched squares)
+  per_sample=True gives the exact empirical diagonal
+    F_i = (1/N) Σ_n (∂ CE_n/∂θ_i)²
+  (the two agree for batch_size=1). Labels y_n: kind="true" uses the model's
+  own argmax prediction (official `fisher_comp="true"`), kind="empirical"
+  the given `labels`.
+
+  Batches are taken in input order (shuffle beforehand to match a shuffled
+  loader) and run in one jitted `lax.scan`; the last batch is padded and
+  masked so shapes stay static. `mask` drops examples from their batch and
+  from N. `logits_fn` is a static jit argument: pass the same function
+  object across calls to reuse the compilation.
+
+  Args:
+    logits_fn: (params, x (b, ...)) -> logits (b, C). Must be pure.
+    params: pytree of float arrays.
+    inputs: (N, ...) examples.
+    labels: (N,) int class ids; required for kind="empirical".
+    kind: "true" or "empirical".
+    batch_size: examples per batch (≥ 1).
+    per_sample: exact per-example squares via vmap instead of batched.
+    mask: optional (N,) bool, False excludes an example.
+
+  Returns:
+    Pytree like params (same dtypes) with F ≥ 0.
+  """
+  if kind not in ("true", "empirical"):
+    raise ValueError(f"kind must be 'true' or 'empirical', got {kind!r}.")
+  if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+  if np.ndim(inputs) < 1 or np.shape(inputs)[0] < 1:
+    raise ValueError(
+        f"inputs must be (N, ...) with N ≥ 1, got shape {np.shape(inputs)}."
+    )
+  _checks.check_finite("inputs", inputs)
+  n = np.shape(inputs)[0]
+  if kind == "empirical" and labels is None:
+    raise ValueError("kind='empirical' needs labels of shape (N,).")
+  if labels is None:
+    labels = jnp.zeros((n,), jnp.int32)  # unused placeholder for "true"
+  if np.shape(labels) != (n,):
+    raise ValueError(
+        f"labels must have shape (N,) = ({n},), got {np.shape(labels)}."
+    )
+  if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+    raise ValueError(
+        f"labels must be integer class ids, got {jnp.result_type(labels)}."
+    )
+  if mask is None:
+    weights = jnp.ones((n,), jnp.float32)
+  else:
+    if np.shape(mask) != (n,):
+      raise ValueError(
+          f"mask must have shape (N,) = ({n},), got {np.shape(mask)}."
+      )
+    if _checks.is_concrete(mask) and not np.asarray(mask).any():
+      raise ValueError("mask excludes every example; the Fisher is undefined.")
+    weights = jnp.asarray(mask).astype(jnp.float32)
+  try:
+    hash(logits_fn)
+    fisher_fn = _fisher_jit
+  except TypeError:  # unhashable callable: cannot be a static jit argument
+    fisher_fn = _fisher_impl
+  return fisher_fn(
+      logits_fn=logits_fn,
+      params=params,
+      inputs=jnp.asarray(inputs),
+      labels=jnp.asarray(labels),
+      weights=weights,
+      kind=kind,
+      batch_size=int(batch_size),
+      per_sample=bool(per_sample),
+  )
+
+
+# ----------------------------------------------------------------------------
+# BECAME coefficient and objective
+# ----------------------------------------------------------------------------
+
+
+def _check_trees(**trees: Any) -> None:
+  """Same tree structure and leaf shapes for all trees; finite leaves."""
+  names = list(trees)
+  ref_name = names[0]
+  ref_def = jax.tree.structure(trees[ref_name])
+  ref_shapes = [np.shape(x) for x in jax.tree.leaves(trees[ref_name])]
+  for name in names[1:]:
+    tree_def = jax.tree.structure(trees[name])
+    if tree_def != ref_def:
+      raise ValueError(
+          f"{name} has tree structure {tree_def}, expected that of "
+          f"{ref_name}: {ref_def}."
+      )
+    shapes = [np.shape(x) for x in jax.tree.leaves(trees[name])]
+    for index, (got, want) in enumerate(zip(shapes, ref_shapes)):
+      if got != want:
+        raise ValueError(
+            f"{name} leaf {index} has shape {got}, {ref_name} has {want}."
+        )
+  for name, tree in trees.items():
+    for leaf in jax.tree.leaves(tree):
+      _checks.check_finite(name, leaf)
+      if name.startswith("fisher"):
+        _checks.check_nonnegative(name, leaf)
+
+
+def _safe_ratio(num: Array, den: Array) -> Array:
+  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def became_coefficient(
+    theta_gp: Any,
+    theta_hat: Any,
+    fisher_cur: Any,
+    fisher_old: Any,
+    *,
+    per_leaf: bool = False,
+) -> Any:
+  """BECAME's closed-form merge coefficient (official `compute_fisher_merging`).
+
+    λ = Σ_i F_cur,i (θ̂_i − θ_GP,i)² / Σ_i (F_cur,i + F_old,i)(θ̂_i − θ_GP,i)²
+
+  summed over all leaves (one global scalar, as in the official code); it is
+  the minimiser of `became_objective`, and lies in [0, 1] because F ≥ 0
+  (clipped against rounding). If the denominator is 0 (θ̂ = θ_GP wherever
+  F_cur + F_old > 0) the objective is constant in λ, any λ minimises it, and
+  λ = 0 (keep θ_GP) is returned. To exclude leaves (the official
+  GPM-based code skips heads), zero both of their Fishers or drop them from
+  all four trees.
+
+  Args:
+    theta_gp: θ_GP pytree (gradient-projection solution).
+    theta_hat: θ̂ pytree (unconstrained solution), same structure.
+    fisher_cur: diag F of the current task at θ̂, same structure, ≥ 0.
+    fisher_old: accumulated diag F of old tasks, same structure, ≥ 0.
+    per_leaf: return a pytree of per-leaf scalars (the per-layer option,
+      each leaf's own minimiser) instead of one global scalar.
+
+  Returns:
+    Scalar λ in [0, 1], or a pytree of such scalars when per_leaf.
+  """
+  _check_trees(
+      theta_gp=theta_gp,
+      theta_hat=theta_hat,
+      fisher_cur=fisher_cur,
+      fisher_old=fisher_old,
+  )
+
+  def leaf_sums(gp, hat, f_cur, f_old):
+    step_sq = (hat - gp) ** 2
+    return jnp.sum(f_cur * step_sq), jnp.sum((f_cur + f_old) * step_sq)
+
+  sums = jax.tree.map(leaf_sums, theta_gp, theta_hat, fisher_cur, fisher_old)
+  is_pair = lambda x: isinstance(x, tuple)
+  if per_leaf:
+    return jax.tree.map(
+        lambda s: jnp.clip(_safe_ratio(*s), 0.0, 1.0), sums, is_leaf=is_pair
+    )
+  pairs = jax.tree.leaves(sums, is_leaf=is_pair)
+  num = sum(p[0] for p in pairs)
+  den = sum(p[1] for p in pairs)
+  return jnp.clip(_safe_ratio(jnp.asarray(num), jnp.asarray(den)), 0.0, 1.0)
+
+
+def became_objective(
+    lam: Any, theta_gp: Any, theta_hat: Any, fisher_cur: Any, fisher_old: Any
+) -> Array:
+  """Fisher-weighted two-task loss on the merge segment (BECAME Sec. 4).
+
+    L(λ) = Σ_i F_cur,i (θ_i − θ̂_i)² + F_old,i (θ_i − θ_GP,i)²,
+    θ = (1 − λ) θ_GP + λ θ̂.
+
+  Derivation: with δ = θ̂ − θ_GP, θ − θ̂ = −(1 − λ) δ and θ − θ_GP = λ δ, so
+  L = (1 − λ)² A + λ² B with A = Σ F_cur δ², B = Σ F_old δ²; dL/dλ = 0 gives
+  λ* = A / (A + B), i.e. `became_coefficient`. With a pytree of per-leaf λ
+  the sum separates by leaf and each leaf's minimiser is its per-leaf λ.
+
+  Args:
+    lam: scalar or pytree of scalars matching the params' leaves.
+    theta_gp, theta_hat, fisher_cur, fisher_old: as in `became_coefficient`.
+
+  Returns:
+    Scalar L(λ).
+  """
+  _check_trees(
+      theta_gp=theta_gp,
+      theta_hat=theta_hat,
+      fisher_cur=fisher_cur,
+      fisher_old=fisher_old,
+  )
+  theta = interpolate(theta_gp, theta_hat, lam)
+  terms = jax.tree.map(
+      lambda t, gp, hat, f_cur, f_old: jnp.sum(
+          f_cur * (t - hat) ** 2 + f_old * (t - gp) ** 2
+      ),
+      theta, theta_gp, theta_hat, fisher_cur, fisher_old,
+  )
+  return jnp.asarray(sum(jax.tree.leaves(terms)))
+
+
+def interpolate(a: Any, b: Any, lam: Any) -> Any:
+  """(1 − λ) a + λ b over pytrees; exact at λ = 0 and λ = 1.
+
+  Args:
+    a: pytree of arrays (λ = 0 end).
+    b: pytree of arrays, same structure and shapes (λ = 1 end).
+    lam: scalar, or a pytree of scalars with a's structure (per leaf).
+
+  Returns:
+    Pytree like a, in a's leaf dtypes.
+  """
+  _check_trees(a=a, b=b)
+  leaves_a = jax.tree.leaves(a)
+  per_leaf = (
+      jax.tree.structure(lam) == jax.tree.structure(a) and len(leaves_a) > 0
+  )
+  if per_leaf:
+    for leaf in jax.tree.leaves(lam):
+      if np.ndim(leaf) != 0:
+        raise ValueError(
+            f"per-leaf lam must hold scalars, got a leaf of shape "
+            f"{np.shape(leaf)}."
+        )
+    lams = lam
+  else:
+    if jax.tree.structure(lam).num_leaves != 1 or np.ndim(lam) != 0:
+      raise ValueError(
+          "lam must be a scalar or a pytree of scalars with the structure of "
+          f"a ({jax.tree.structure(a)}), got {jax.tree.structure(lam)}"
+          + (f" of shape {np.shape(lam)}." if jax.tree.leaves(lam) else ".")
+      )
+    lams = jax.tree.map(lambda _: lam, a)
+  return jax.tree.map(
+      lambda x, y, t: ((1 - t) * x + t * y).astype(jnp.result_type(x)),
+      a, b, lams,
+  )

@@ -1,0 +1,437 @@
+"""The continual training loop: jitted, data-parallel, resumable.
+
+For each task: ``method.begin_task`` → epochs of jitted steps (``lax.scan``
+over chunks of steps, batch sharded on the mesh's ``data`` axis, method state
+and backbone replicated) → ``method.end_task`` → evaluation on every task seen
+so far → one checkpoint step holding that task's state delta.
+
+Nothing here knows a method by name: everything goes through
+:class:`clx.methods.base.ContinualMethod`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from clx.data.types import ArraySplit, Stream, concat_splits
+from clx.methods.base import ContinualMethod, StreamSpec
+from clx.train import sharding
+from clx.train.progress import TaskProgress
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "inflora_cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation settings of one training phase.
+
+  Attributes:
+    epochs: passes over the task's training data.
+    batch_size: global batch size (split over all devices; padded with masked
+      rows when not divisible by the device count, so every example is used).
+    eval_batch_size: global batch size for evaluation passes.
+    optimizer: ``sgd`` (plain, as the GPM code), ``momentum``, ``adam``, ``adamw``.
+    learning_rate, momentum, weight_decay, b1, b2: optimiser hyper-parameters.
+    schedule: ``constant``, ``cosine`` (per step to 0) or ``inflora_cosine``
+      (InfLoRA's per-epoch ``lr·cos(99π·e / (200(E−1)))``).
+    grad_clip: global-norm clip (0 = off).
+    steps_per_call: steps fused in one ``lax.scan`` (0 = automatic: the whole
+      epoch, capped by ``max_chunk_mb`` of input data per call).
+    max_chunk_mb: cap on the input bytes of one fused call.
+  """
+
+  epochs: int = 1
+  batch_size: int = 64
+  eval_batch_size: int = 1024
+  optimizer: str = "adam"
+  learning_rate: float = 1e-3
+  momentum: float = 0.9
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  schedule: str = "constant"
+  grad_clip: float = 0.0
+  steps_per_call: int = 0
+  max_chunk_mb: float = 64.0
+
+  def __post_init__(self):
+    if self.optimizer not in OPTIMIZERS:
+      raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
+    if self.epochs < 0 or self.batch_size < 1 or self.eval_batch_size < 1:
+      raise ValueError(f"epochs must be >= 0 and batch sizes >= 1, got epochs={self.epochs}, "
+                       f"batch_size={self.batch_size}, eval_batch_size={self.eval_batch_size}")
+    if not self.learning_rate > 0:
+      raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+  """The optax transformation for ``cfg`` (a fresh one per task, as the official codes)."""
+  total = max(1, cfg.epochs * steps_per_epoch)
+  if cfg.schedule == "constant":
+    lr = cfg.learning_rate
+  elif cfg.schedule == "cosine":
+    lr = optax.cosine_decay_schedule(cfg.learning_rate, total)
+  else:
+    epochs = max(cfg.epochs, 2)
+
+    def lr(step):
+      epoch = step // max(steps_per_epoch, 1)
+      return cfg.learning_rate * jnp.cos(99 * jnp.pi * epoch / (200 * (epochs - 1)))
+  if cfg.optimizer == "sgd":
+    opt = optax.sgd(lr)
+  elif cfg.optimizer == "momentum":
+    opt = optax.sgd(lr, momentum=cfg.momentum)
+  elif cfg.optimizer == "adam":
+    opt = optax.adam(lr, b1=cfg.b1, b2=cfg.b2)
+  else:
+    opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+  if cfg.weight_decay and cfg.optimizer in ("sgd", "momentum", "adam"):
+    opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay), opt)
+  if cfg.grad_clip:
+    opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
+  return opt
+
+
+def check_finite_batch(arrays: dict[str, np.ndarray], where: str) -> None:
+  x = arrays["x"]
+  if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+    bad = int(np.sum(~np.isfinite(x)))
+    raise ValueError(f"{where}: inputs contain {bad} NaN/Inf values")
+
+
+# ----------------------------------------------------------------------------
+# Batches: global index plans → per-process rows → sharded device arrays.
+
+
+def _epoch_order(n: int, shuffle: bool, seed_words: tuple[int, ...]) -> np.ndarray:
+  if not shuffle:
+    return np.arange(n)
+  return np.random.default_rng(list(seed_words)).permutation(n)
+
+
+def _step_index_plan(order: np.ndarray, batch_size: int, padded: int) -> np.ndarray:
+  """(steps, padded) example indices, -1 for padding rows."""
+  steps = math.ceil(len(order) / batch_size)
+  plan = np.full((steps, padded), -1, np.int64)
+  for s in range(steps):
+    rows = order[s * batch_size:(s + 1) * batch_size]
+    plan[s, :len(rows)] = rows
+  return plan
+
+
+def _gather(split: ArraySplit, idx: np.ndarray) -> dict[str, np.ndarray]:
+  safe = np.where(idx < 0, 0, idx)
+  out = {"x": split.x[safe], "y": split.y[safe].astype(np.int32),
+         "mask": (idx >= 0).astype(np.float32)}
+  return out
+
+
+def _tree_where(pred, new, old):
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+@dataclasses.dataclass
+class Fitter:
+  """Runs training phases on a mesh; caches nothing across phases but the mesh."""
+
+  mesh: jax.sharding.Mesh
+  progress: bool | None = None
+  quiet: bool = False
+
+  def plan(self, n: int, batch_size: int, shuffle: bool, seed_words: tuple[int, ...]) -> np.ndarray:
+    padded = sharding.pad_to_multiple(batch_size, sharding.num_data_shards(self.mesh))
+    return _step_index_plan(_epoch_order(n, shuffle, seed_words), batch_size, padded)
+
+  def device_batches(self, split: ArraySplit, plan: np.ndarray, where: str,
+                     chunk: int | None = None) -> Iterator[tuple[dict[str, jax.Array], int, int]]:
+    """Yield sharded arrays for ``plan`` rows: single steps or (chunk, B) stacks.
+
+    Yields ``(arrays, steps, examples)``. When ``chunk`` is given, the last
+    stack is padded with fully masked steps so every call has the same shape.
+    """
+    rows = sharding.process_rows(plan.shape[1], self.mesh)
+    if chunk is None:
+      for s in range(plan.shape[0]):
+        local = _gather(split, plan[s, rows])
+        check_finite_batch(local, where)
+        yield sharding.shard_arrays(local, self.mesh, 0, plan.shape[1]), 1, int((plan[s] >= 0).sum())
+      return
+    for c in range(0, plan.shape[0], chunk):
+      block = plan[c:c + chunk]
+      steps = block.shape[0]
+      if steps < chunk:
+        block = np.concatenate([block, np.full((chunk - steps, block.shape[1]), -1, block.dtype)])
+      local = _gather(split, block[:, rows])
+      check_finite_batch(local, where)
+      yield (sharding.shard_arrays(local, self.mesh, 1, plan.shape[1]), steps,
+             int((block >= 0).sum()))
+
+  def fit(self, params, loss: Callable, split: ArraySplit, cfg: TrainConfig, *, state, base,
+          rng: jax.Array, transform_grads: Callable | None = None,
+          optimizer: optax.GradientTransformation | None = None, title: str = "train",
+          seed_words: tuple[int, ...] = (0,)):
+    """Train ``params`` for ``cfg.epochs`` epochs over ``split``; returns params.
+
+    ``loss(params, state, base, batch, rng) -> (loss, aux)``. Every step sees a
+    global batch of ``cfg.batch_size`` real examples (the last one of an epoch
+    may be smaller), identical for any device count, so 1 and N devices give
+    the same result up to float reduction order.
+    """
+    if len(split) == 0:
+      raise ValueError(f"{title}: empty training split")
+    transform_grads = transform_grads or (lambda g, s: g)
+    steps_per_epoch = math.ceil(len(split) / cfg.batch_size)
+    optimizer = optimizer or make_optimizer(cfg, steps_per_epoch)
+    padded = sharding.pad_to_multiple(cfg.batch_size, sharding.num_data_shards(self.mesh))
+    chunk = cfg.steps_per_call
+    if chunk <= 0:
+      per_step = padded * split.x[0].nbytes + padded * 8
+      chunk = int(max(1, min(steps_per_epoch, cfg.max_chunk_mb * 2**20 // per_step)))
+    chunk = min(chunk, steps_per_epoch)
+
+    rep = sharding.replicated(self.mesh)
+    params = jax.device_put(params, rep)
+    opt_state = jax.device_put(optimizer.init(params), rep)
+
+    def one_step(carry, batch):
+      params, opt_state, step = carry
+      step_rng = jax.random.fold_in(rng, step)
+      (loss_value, aux), grads = jax.value_and_grad(loss, has_aux=True)(
+          params, state, base, batch, step_rng)
+      grads = transform_grads(grads, state)
+      updates, new_opt_state = optimizer.update(grads, opt_state, params)
+      new_params = optax.apply_updates(params, updates)
+      # Fully padded steps (end of the last chunk) must not move the optimiser.
+      valid = jnp.sum(batch["mask"]) > 0
+      params = _tree_where(valid, new_params, params)
+      opt_state = _tree_where(valid, new_opt_state, opt_state)
+      return (params, opt_state, step + valid.astype(jnp.int32)), loss_value * valid
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def run_chunk(params, opt_state, step, chunk_arrays):
+      (params, opt_state, step), losses = jax.lax.scan(
+          one_step, (params, opt_state, step), chunk_arrays)
+      return params, opt_state, step, losses
+
+    step = jax.device_put(jnp.zeros((), jnp.int32), rep)
+    bar = TaskProgress(title, cfg.epochs * steps_per_epoch, enabled=self.progress, quiet=self.quiet)
+    for epoch in range(cfg.epochs):
+      plan = self.plan(len(split), cfg.batch_size, True, (*seed_words, epoch))
+      for arrays, steps, examples in self.device_batches(split, plan, title, chunk):
+        params, opt_state, step, losses = run_chunk(params, opt_state, step, arrays)
+        if bar.enabled or not self.quiet:
+          last = float(losses[steps - 1])
+          if not math.isfinite(last):
+            raise FloatingPointError(f"{title}: loss became {last} at epoch {epoch}")
+          bar.update(steps, examples, last)
+    bar.close()
+    return params
+
+
+# ----------------------------------------------------------------------------
+# Evaluation.
+
+
+def make_counter(predict: Callable) -> Callable:
+  """Jitted ``(state, base, x, y, mask, class_mask) -> number correct``.
+
+  ``predict(state, base, x) -> (n, C)``; ``class_mask`` (C,) restricts the
+  argmax to one task's classes (task-incremental scenario; all-True otherwise).
+  """
+
+  @jax.jit
+  def count(state, base, x, y, mask, class_mask):
+    logits = jnp.where(class_mask, predict(state, base, x), -jnp.inf)
+    return jnp.sum((jnp.argmax(logits, -1) == y) * mask)
+
+  return count
+
+
+def evaluate_split(fitter: Fitter, count: Callable, state, base, split: ArraySplit,
+                   batch_size: int, class_mask: np.ndarray) -> float:
+  """Accuracy (percent) on ``split`` with a counter from :func:`make_counter`."""
+  plan = fitter.plan(len(split), batch_size, False, (0,))
+  class_mask = jax.device_put(jnp.asarray(class_mask), sharding.replicated(fitter.mesh))
+  correct = 0.0
+  for arrays, _, _ in fitter.device_batches(split, plan, "eval"):
+    correct += float(count(state, base, arrays["x"], arrays["y"], arrays["mask"], class_mask))
+  return 100.0 * correct / len(split)
+
+
+# ----------------------------------------------------------------------------
+# The task context handed to methods.
+
+
+@dataclasses.dataclass
+class _Context:
+  task_index: int
+  spec: StreamSpec
+  rng: jax.Array
+  base: Any
+  fitter: Fitter
+  train_split: ArraySplit
+  splits: dict[str, ArraySplit | None]
+  config: TrainConfig
+  seed_words: tuple[int, ...]
+
+  def batches(self, split: str = "train", *, batch_size: int | None = None,
+              shuffle: bool = False, seed: int = 0):
+    data = self._split(split)
+    plan = self.fitter.plan(len(data), batch_size or self.config.eval_batch_size, shuffle,
+                            (*self.seed_words, 7919, seed))
+    for arrays, _, _ in self.fitter.device_batches(data, plan, f"task {self.task_index} {split}"):
+      yield arrays
+
+  def sample(self, n: int, *, split: str = "train", seed: int = 0):
+    data = self._split(split)
+    if n > len(data):
+      raise ValueError(f"asked for {n} samples of task {self.task_index} {split}, it has {len(data)}")
+    idx = np.random.default_rng([*self.seed_words, 104729, seed]).choice(len(data), n, replace=False)
+    return {"x": data.x[idx], "y": data.y[idx].astype(np.int32)}
+
+  def fit(self, params, loss, *, transform_grads=None, state=None, optimizer=None,
+          epochs=None, config: TrainConfig | None = None, title: str | None = None, phase: int = 1):
+    cfg = config or self.config
+    if epochs is not None:
+      cfg = dataclasses.replace(cfg, epochs=epochs)
+    return self.fitter.fit(
+        params, loss, self.train_split, cfg, state=state, base=self.base,
+        rng=jax.random.fold_in(self.rng, phase), transform_grads=transform_grads,
+        optimizer=optimizer, title=title or f"task {self.task_index} phase {phase}",
+        seed_words=(*self.seed_words, phase))
+
+  def _split(self, name: str) -> ArraySplit:
+    if name == "train":
+      return self.train_split
+    split = self.splits.get(name)
+    if split is None:
+      raise ValueError(f"task {self.task_index} has no {name!r} split")
+    return split
+
+
+# ----------------------------------------------------------------------------
+# Running a method over a stream.
+
+
+@dataclasses.dataclass
+class RunResult:
+  method: str
+  acc_matrix: np.ndarray  # (T, T) percent, NaN above the diagonal
+  wall_time_s: float
+  state: Any = None
+  resumed_from: int | None = None
+
+
+def config_fingerprint(obj: Any) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_method(method: ContinualMethod, stream: Stream, config: TrainConfig, *, seed: int = 0,
+               mesh: jax.sharding.Mesh | None = None, checkpoint_dir: str | None = None,
+               run_info: dict | None = None, progress: bool | None = None, quiet: bool = False,
+               on_task_end: Callable[[int, np.ndarray], None] | None = None) -> RunResult:
+  """Train ``method`` on every task of ``stream`` in order and evaluate after each.
+
+  Args:
+    method: the continual method.
+    stream: the task stream.
+    config: optimisation settings for the main training phase of each task.
+    seed: run seed (model init, head init, shuffling); same seed → same numbers.
+    mesh: device mesh (default: all devices on a ``data`` axis).
+    checkpoint_dir: if given, one checkpoint step per task is written there and
+      an existing directory is resumed from its last complete task.
+    run_info: JSON metadata stored with each checkpoint (e.g. the experiment
+      config); a resumed run must present the same fingerprint.
+    progress: force the progress bar on/off (default: on for a TTY).
+
+  Returns:
+    A :class:`RunResult` with the (T, T) accuracy matrix in percent.
+  """
+  mesh = mesh or sharding.make_mesh()
+  spec = StreamSpec.from_stream(stream)
+  T = spec.num_tasks
+  key = jax.random.PRNGKey(seed)
+  fitter = Fitter(mesh, progress=progress, quiet=quiet)
+  rep = sharding.replicated(mesh)
+  base = jax.device_put(method.backbone.params, rep)
+  state = method.init(jax.random.fold_in(key, 0), spec)
+  acc = np.full((T, T), np.nan)
+  start, elapsed_before, resumed_from = 0, 0.0, None
+  fingerprint = config_fingerprint({"method": method.name, "config": dataclasses.asdict(config),
+                                    "seed": seed, "run": run_info or {}})
+
+  checkpointer = None
+  if checkpoint_dir:
+    from clx import checkpoint as ckpt  # local: Orbax is only needed when checkpointing
+    checkpointer = ckpt.TaskCheckpointer(checkpoint_dir)
+  try:
+    if checkpointer is not None and checkpointer.latest_task() is not None:
+      last = checkpointer.latest_task()
+      state, meta = checkpointer.restore_state(last, state)
+      if meta.get("fingerprint") != fingerprint:
+        raise ValueError(
+            f"{checkpoint_dir} holds a {meta.get('method')!r} run with a different configuration "
+            f"(fingerprint {meta.get('fingerprint')} != {fingerprint}); use another workdir")
+      rows = meta["acc_matrix"]
+      for t, row in enumerate(rows):
+        acc[t, :len(row)] = row
+      start, elapsed_before, resumed_from = last + 1, float(meta.get("wall_time_s", 0.0)), last
+
+    t0 = time.perf_counter()
+    for t in range(start, T):
+      task = stream.tasks[t]
+      rng_t = jax.random.fold_in(key, 1 + t)
+      train_split = (concat_splits([s.train for s in stream.tasks[:t + 1]])
+                     if method.data_view == "cumulative" else task.train)
+      ctx = _Context(t, spec, rng_t, base, fitter, train_split,
+                     {"test": task.test, "val": task.val}, config, (seed, t))
+      prev_state = state
+      state = jax.device_put(state, rep)
+      state = method.begin_task(state, ctx)
+      state = jax.device_put(state, rep)
+      params = method.trainable(state, t)
+      loss = functools.partial(method.loss, task_index=t, spec=spec)
+      params = ctx.fit(params, loss, transform_grads=method.transform_grads, state=state,
+                       title=f"{method.name} task {t + 1}/{T}", phase=0)
+      state = method.end_task(state, params, ctx)
+
+      counters = {}
+      for i in range(t + 1):
+        task_id = i if spec.scenario == "task" else None
+        if task_id not in counters:
+          counters[task_id] = make_counter(functools.partial(
+              method.predict, current_task=t, task_id=task_id, spec=spec))
+        class_mask = np.ones(spec.num_classes, bool)
+        if spec.scenario == "task":
+          class_mask[:] = False
+          class_mask[list(spec.task_classes[i])] = True
+        acc[t, i] = evaluate_split(fitter, counters[task_id], state, base, stream.tasks[i].test,
+                                   config.eval_batch_size, class_mask)
+      if on_task_end is not None:
+        on_task_end(t, acc)
+      if checkpointer is not None:
+        delta, removed = ckpt.state_delta(jax.device_get(prev_state), jax.device_get(state))
+        meta = {"method": method.name, "task": t, "task_name": task.name, "fingerprint": fingerprint,
+                "acc_matrix": [acc[r, :r + 1].tolist() for r in range(t + 1)],
+                "wall_time_s": elapsed_before + time.perf_counter() - t0, "run": run_info or {}}
+        checkpointer.save(t, delta, removed, meta)
+    wall = elapsed_before + time.perf_counter() - t0
+  finally:
+    if checkpointer is not None:
+      checkpointer.close()
+  return RunResult(method.name, acc, wall, state, resumed_from)
