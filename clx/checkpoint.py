@@ -25,8 +25,9 @@ On-disk layout of one step (``<directory>/<task>/``), as written by Orbax
     _CHECKPOINT_METADATA, commit_success.txt   Orbax step bookkeeping
     meta/metadata                              plain JSON (see below)
     delta/                                     StandardSave of the changed leaves
-      _METADATA, _sharding, manifest.ocdbt, array_metadatas/, d/,
-      ocdbt.process_0/{manifest.ocdbt, d/}     tensorstore OCDBT data files
+      _METADATA                                Orbax tree metadata (names, types)
+      manifest.ocdbt, d/                       tensorstore OCDBT root + b-tree
+      ocdbt.process_0/{manifest.ocdbt, d/}     per-process OCDBT: array chunks
 
 ``delta/`` is absent when the task stored no non-empty array (an empty delta,
 or one made only of zero-size arrays and empty sub-dicts, which Orbax cannot
@@ -40,6 +41,12 @@ where ``path`` is the ``/``-joined key path of every array leaf of the delta
 (zero-size ones included; those are rebuilt from ``shapes``/``dtypes``) and
 ``empty_dicts`` lists the delta's empty sub-dicts.
 
+Paths: keys are joined with ``/``; a ``/`` or ``%`` inside a key is written
+``%2F`` / ``%25`` (clx's LoRA adapters use keys such as ``"lin1/kernel"``, whose
+path is ``"adapters/lin1%2Fkernel/a"``). In the Orbax tree a ``.`` or ``%``
+inside a key is written ``%2E`` / ``%25`` instead (see below); keys are
+restored exactly.
+
 What Orbax does by itself and what this module adds (measured on Orbax 0.12.8):
 
 * Orbax writes a step to ``<step>.orbax-checkpoint-tmp*`` and renames it, so a
@@ -52,11 +59,14 @@ What Orbax does by itself and what this module adds (measured on Orbax 0.12.8):
   in ``meta`` and checked on restore; any mismatch, missing or extra leaf, or
   Orbax/JSON error surfaces as :class:`CheckpointCorruptedError` naming the
   task, the step path and (when it can be found) the leaf.
-* Orbax cannot save an empty tree or a zero-size array, and maps key paths to
-  parameter names by joining keys with ``.``, so ``{"a.b": x}`` and
-  ``{"a": {"b": y}}`` collide (the restore then silently returns ``x`` twice).
-  Empty deltas and zero-size leaves are stored in ``meta`` only; colliding
-  names are rejected at save time.
+* Orbax cannot save an empty tree or a zero-size array (ValueError), nor an
+  empty sub-dict reliably; these are stored in ``meta`` only.
+* Orbax names parameters by joining keys with ``.``, so ``{"a.b": x}`` and
+  ``{"a": {"b": y}}`` collide (its restore then silently returns ``x`` for
+  both). Keys are escaped in the Orbax tree so that names are unique.
+* Orbax restores each leaf as the type it was saved with (a ``jax.Array``
+  with its saved sharding); leaves are saved as host numpy arrays so that a
+  restore works on any device set.
 
 Multi-host: every process must call :func:`state_delta` and
 :meth:`TaskCheckpointer.save` with the same arguments. Array leaves are
@@ -75,6 +85,7 @@ import json
 import logging
 import math
 import os
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
@@ -104,6 +115,8 @@ FORMAT_VERSION = 1
 NonFinite = Literal["error", "null"]
 
 _SEP = "/"
+_UNESCAPE = re.compile(r"%(25|2F|2E)")
+_UNESCAPED = {"25": "%", "2F": "/", "2E": "."}
 _DELTA_ITEM = "delta"
 _META_ITEM = "meta"
 _META_FILE = "metadata"  # file name used by Orbax's JsonCheckpointHandler
@@ -208,13 +221,32 @@ def array_sha256(x: Any) -> str:
 # ------------------------------------------------------------------- state trees
 
 
+def _esc(key: str) -> str:
+  """Escapes a key for use as one component of a ``/``-joined path."""
+  return key.replace("%", "%25").replace(_SEP, "%2F")
+
+
+def _orbax_key(key: str) -> str:
+  """Escapes a key for Orbax, which names parameters by joining keys with ``.``."""
+  return key.replace("%", "%25").replace(".", "%2E")
+
+
+def _unesc(component: str) -> str:
+  """Inverse of :func:`_esc` and of :func:`_orbax_key`."""
+  return _UNESCAPE.sub(lambda m: _UNESCAPED[m.group(1)], component)
+
+
+def _split(path: str) -> list[str]:
+  return [_unesc(c) for c in path.split(_SEP)]
+
+
 def _check_key(key: Any, prefix: str, what: str) -> None:
   if not isinstance(key, str):
     raise TypeError(f"{what}: key {key!r} under {prefix.rstrip(_SEP) or '<root>'!r} is a "
                     f"{type(key).__name__}; keys must be str")
-  if not key or _SEP in key:
-    raise ValueError(f"{what}: key {key!r} under {prefix.rstrip(_SEP) or '<root>'!r} is "
-                     f"invalid; keys must be non-empty and must not contain {_SEP!r}")
+  if not key:
+    raise ValueError(f"{what}: empty key under {prefix.rstrip(_SEP) or '<root>'!r}; keys must "
+                     "be non-empty")
 
 
 def _flatten(tree: Any, what: str) -> dict[str, Any]:
@@ -227,7 +259,7 @@ def _flatten(tree: Any, what: str) -> dict[str, Any]:
   def rec(node: Mapping, prefix: str) -> None:
     for k, v in node.items():
       _check_key(k, prefix, what)
-      path = prefix + k
+      path = prefix + _esc(k)
       if isinstance(v, Mapping):
         if v:
           rec(v, path + _SEP)
@@ -243,11 +275,11 @@ def _flatten(tree: Any, what: str) -> dict[str, Any]:
   return out
 
 
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-  """Inverse of :func:`_flatten` (``_EMPTY`` becomes ``{}``)."""
+def _unflatten(flat: Mapping[str, Any], key_fn=lambda k: k) -> dict[str, Any]:
+  """Inverse of :func:`_flatten` (``_EMPTY`` becomes ``{}``); ``key_fn`` maps each key."""
   out: dict[str, Any] = {}
   for path, v in flat.items():
-    *parents, last = path.split(_SEP)
+    *parents, last = (key_fn(k) for k in _split(path))
     node = out
     for k in parents:
       node = node.setdefault(k, {})
@@ -287,14 +319,15 @@ def state_delta(prev_state: Mapping, new_state: Mapping) -> tuple[dict[str, Any]
     leaves of ``new_state`` that are new or whose dtype, shape or bytes
     changed (the leaf objects themselves, not copies), plus every empty
     sub-dict of ``new_state`` that was not an empty sub-dict before.
-    ``removed_paths`` is the sorted list of ``"a/b/c"`` paths of
+    ``removed_paths`` is the sorted list of ``"a/b/c"`` paths (see the
+    module docstring for keys containing ``/``) of
     ``prev_state`` leaves (or empty sub-dicts) that are absent from
     ``new_state`` or changed kind (array ↔ empty dict).
     ``apply_delta(prev_state, delta, removed_paths)`` equals ``new_state``.
 
   Raises:
-    TypeError / ValueError: for non-str or empty keys, keys containing ``/``,
-      or leaves that are not arrays.
+    TypeError / ValueError: for non-str or empty keys or leaves that are not
+      arrays.
   """
   pf = _flatten(prev_state, "prev_state")
   nf = _flatten(new_state, "new_state")
@@ -311,7 +344,7 @@ def state_delta(prev_state: Mapping, new_state: Mapping) -> tuple[dict[str, Any]
 
 
 def _remove_path(tree: dict[str, Any], path: str) -> None:
-  keys = path.split(_SEP)
+  keys = _split(path)
   nodes = [tree]
   for k in keys[:-1]:
     node = nodes[-1].get(k, _MISSING)
@@ -331,7 +364,7 @@ def _remove_path(tree: dict[str, Any], path: str) -> None:
 def _merge(dst: dict[str, Any], src: Mapping, prefix: str) -> None:
   for k, v in src.items():
     _check_key(k, prefix, "delta")
-    path = prefix + k
+    path = prefix + _esc(k)
     cur = dst.get(k, _MISSING)
     if isinstance(v, Mapping):
       if not v:
@@ -529,15 +562,15 @@ def _short(e: BaseException, limit: int = 300) -> str:
 
 
 def _tree_paths(tree: Any) -> dict[str, Any]:
-  """Flattens an Orbax metadata/restored tree (any non-Mapping is a leaf)."""
+  """Flattens an Orbax metadata/restored tree (Orbax-escaped keys) to ``{path: leaf}``."""
   out: dict[str, Any] = {}
 
   def rec(node: Any, prefix: str) -> None:
     if isinstance(node, Mapping):
       for k, v in node.items():
-        rec(v, prefix + str(k) + _SEP)
+        rec(v, prefix + _esc(_unesc(str(k))) + _SEP)
     else:
-      out[prefix.rstrip(_SEP)] = node
+      out[prefix[:-1]] = node
 
   rec(tree, "")
   return out
@@ -579,6 +612,10 @@ class TaskCheckpointer:
       raise FileNotFoundError(f"checkpoint directory {self._directory} does not exist")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None, create=not read_only, read_only=read_only,
+        # Synchronous saves: save() blocks until the step is committed anyway,
+        # and with async saves a failing item leaves Orbax background threads
+        # writing into the tmp dir (step metadata), which races its cleanup.
+        enable_async_checkpointing=False,
         # Removes leftovers of killed saves (<step>.orbax-checkpoint-tmp*) at
         # start-up. Off when read-only: a reader must not delete the tmp dir of
         # a save in progress in another job.
@@ -669,10 +706,8 @@ class TaskCheckpointer:
 
   def _cleanup_failed_save(self, task: int) -> None:
     """Removes whatever a failed save of ``task`` left behind (process 0)."""
-    try:
+    with contextlib.suppress(Exception):  # the save's own error is being raised
       self._manager.wait_until_finished()
-    except Exception:  # pylint: disable=broad-except
-      pass  # the save's own error is being raised already
     if jax.process_index() == 0:
       with contextlib.suppress(Exception):
         self._remove_tmp_dirs(lambda s: s == task)
@@ -709,8 +744,7 @@ class TaskCheckpointer:
 
     Raises:
       ValueError: out-of-order task, existing complete step, reserved
-        metadata keys, non-finite metadata (``nonfinite="error"``), or delta
-        keys that Orbax would map to the same parameter name.
+        metadata keys or non-finite metadata (``nonfinite="error"``).
       TypeError: non-array leaves or non-JSON metadata.
       PermissionError: read-only checkpointer.
     """
@@ -722,7 +756,7 @@ class TaskCheckpointer:
       raise TypeError("removed must be a list of paths, not a str")
     removed = list(removed)
     for p in removed:
-      if not isinstance(p, str) or not p or any(not k for k in p.split(_SEP)):
+      if not isinstance(p, str) or not p or any(not k for k in _split(p)):
         raise ValueError(f"removed entries must be 'a/b/c' paths, got {p!r}")
     stored: dict[str, np.ndarray] = {}
     sha: dict[str, str] = {}
@@ -739,14 +773,6 @@ class TaskCheckpointer:
       dtypes[path] = arr.dtype.name
       if arr.size:
         stored[path] = arr
-    orbax_names: dict[str, str] = {}
-    for path in stored:
-      name = path.replace(_SEP, ".")
-      if name in orbax_names:
-        raise ValueError(f"delta leaves {orbax_names[name]!r} and {path!r} would both be stored "
-                         f"as Orbax parameter {name!r} (Orbax joins keys with '.'); avoid '.' in "
-                         "state keys")
-      orbax_names[name] = path
     if metadata is None:
       metadata = {}
     if not isinstance(metadata, Mapping):
@@ -779,7 +805,7 @@ class TaskCheckpointer:
     # ---- write.
     items: dict[str, Any] = {_META_ITEM: ocp.args.JsonSave(meta)}
     if stored:
-      items[_DELTA_ITEM] = ocp.args.StandardSave(_unflatten(stored))
+      items[_DELTA_ITEM] = ocp.args.StandardSave(_unflatten(stored, _orbax_key))
     try:
       saved = self._manager.save(task, args=ocp.args.Composite(**items))
       self._manager.wait_until_finished()
@@ -797,8 +823,8 @@ class TaskCheckpointer:
     """Restores one leaf alone (used to find which leaf Orbax chokes on)."""
     if self._leaf_reader is None:
       self._leaf_reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
-    target = _unflatten({path: jax.ShapeDtypeStruct(shape, dtype)})
-    args = _unflatten({path: ocp.RestoreArgs(restore_type=np.ndarray)})
+    target = _unflatten({path: jax.ShapeDtypeStruct(shape, dtype)}, _orbax_key)
+    args = _unflatten({path: ocp.RestoreArgs(restore_type=np.ndarray)}, _orbax_key)
     self._leaf_reader.restore(delta_dir, args=ocp.args.PyTreeRestore(
         item=target, restore_args=args, partial_restore=True))
 
@@ -864,6 +890,8 @@ class TaskCheckpointer:
         first = sorted(stored)[0]
         raise damaged(f"its {_DELTA_ITEM!r} item is missing (leaf {first!r} and "
                       f"{len(stored) - 1} more)", leaf=first)
+      if not (delta_dir / "_METADATA").is_file():
+        raise damaged(f"its {_DELTA_ITEM}/_METADATA file (Orbax's tree metadata) is missing")
       try:
         on_disk_md = self._manager.item_metadata(task)[_DELTA_ITEM]
         if on_disk_md is None:
@@ -888,7 +916,8 @@ class TaskCheckpointer:
         if md_dtype is not None and np.dtype(md_dtype) != dtype:
           raise damaged(f"leaf {p!r} has dtype {np.dtype(md_dtype).name} on disk, meta says "
                         f"{dtype.name}", leaf=p)
-      target = _unflatten({p: jax.ShapeDtypeStruct(s, d) for p, (s, d) in stored.items()})
+      target = _unflatten({p: jax.ShapeDtypeStruct(s, d) for p, (s, d) in stored.items()},
+                          _orbax_key)
       try:
         tree = self._manager.restore(task, args=ocp.args.Composite(
             **{_DELTA_ITEM: ocp.args.StandardRestore(target)}))[_DELTA_ITEM]

@@ -158,6 +158,20 @@ def validate(config: dict[str, Any]) -> None:
     raise ConfigError(f"train: {e}") from None
 
 
+def build_stream(config: dict[str, Any]):
+  """The config's stream; a stream ``seed`` of ``None`` follows the run seed."""
+  from clx import data
+  args = {k: v for k, v in config["stream"].items() if k != "name"}
+  if "seed" in args and args["seed"] is None:
+    args["seed"] = int(config.get("seed", 0))
+  try:
+    return data.get_stream(config["stream"]["name"], **args)
+  except KeyError as e:
+    raise ConfigError(str(e.args[0]) if e.args else str(e)) from None
+  except TypeError as e:
+    raise ConfigError(f"stream {config['stream']['name']!r}: {e}") from None
+
+
 def summarize(acc: np.ndarray) -> dict[str, float]:
   from clx.ops import metrics
   return metrics.summarize_to_floats(acc)
@@ -169,12 +183,11 @@ def run_experiment(config: dict[str, Any], workdir: str | os.PathLike, *,
 
   Returns the ``metrics.json`` content.
   """
-  from clx import checkpoint, data, methods, models, report
+  from clx import checkpoint, methods, models, report
   from clx.train.loop import TrainConfig, run_method
 
   validate(config)
-  stream = data.get_stream(config["stream"]["name"],
-                           **{k: v for k, v in config["stream"].items() if k != "name"})
+  stream = build_stream(config)
   model_args = {k: v for k, v in config["model"].items() if k != "name"}
   model_args.setdefault("seed", config.get("seed", 0))
   backbone = models.build(config["model"]["name"], stream.input_shape, **model_args)

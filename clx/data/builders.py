@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import importlib.util
+import io
 import os
 import pathlib
 import threading
@@ -185,12 +186,15 @@ _LOADED_LOCK = threading.Lock()
 
 @contextlib.contextmanager
 def quiet_progress(verbose: bool = False) -> Iterator[None]:
-  """Silences TFDS's tqdm bars inside the block (restores the previous setting)."""
-  previous = tqdm_utils._active  # pylint: disable=protected-access
-  if not verbose:
-    tfds.disable_progress_bar()
-  try:
+  """Silences TFDS's progress bars and stdout banners inside the block unless ``verbose``."""
+  if verbose:
     yield
+    return
+  previous = tqdm_utils._active  # pylint: disable=protected-access
+  tfds.disable_progress_bar()
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
   finally:
     tfds.display_progress_bar(previous)
 

@@ -237,9 +237,10 @@ def grain_batches(data_source, batch_size: int, *, seed: int = 0, shard_index: i
 
   The whole source is shuffled with one ``seed`` (the same on every process),
   then process ``shard_index`` keeps positions ``shard_index::shard_count``; so
-  the shards partition the data exactly. With ``num_epochs > 1`` each epoch is
-  reshuffled (grain reseeds per epoch) and still partitioned. Records are read
-  lazily, so the data never has to fit in memory.
+  the shards partition the data exactly. With ``num_epochs > 1`` every epoch is
+  reshuffled (grain reseeds per epoch, identically on every process) and the
+  shards again partition it; a batch may span an epoch boundary. Records are
+  read lazily, so the data never has to fit in memory.
 
   Args:
     data_source: ``len`` + ``__getitem__`` (e.g. ``builder.as_data_source(split)``).

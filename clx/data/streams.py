@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from clx.data.types import SCENARIOS, ArraySplit, Stream, Task
+from clx.data.types import ArraySplit, Stream, Task
 
 GPM_MNIST_MEAN = 0.1307
 GPM_MNIST_STD = 0.3081
@@ -391,7 +391,9 @@ def _permuted_digits(*, flatten=True, data_dir=None, asset_cache=None, **kwargs)
   return permuted(splits, **kwargs)
 
 
-def _mnist_animal_domains(*, flatten=True, data_dir=None, asset_cache=None, **kwargs) -> Stream:
+def _mnist_animal_domains(*, flatten=True, data_dir=None, asset_cache=None, seed=None,
+                          **kwargs) -> Stream:
+  del seed  # accepted for a uniform interface; this stream has no randomness
   domains = [(label, _float_splits(_builtin(builtin, data_dir, asset_cache), 255.0, flatten))
              for label, builtin in (("mnist", "clx_mnist"), ("animal_mnist", "clx_animal_mnist"))]
   return domain_sequence(domains, **{"name": "mnist_animal_domains", **kwargs})
@@ -445,7 +447,7 @@ def get_stream(name: str, *, flatten: bool = True, data_dir: str | os.PathLike |
 
 
 __all__ = [
-    "GPM_MNIST_MEAN", "GPM_MNIST_STD", "SCENARIOS", "STREAMS", "class_incremental",
+    "GPM_MNIST_MEAN", "GPM_MNIST_STD", "STREAMS", "class_incremental",
     "domain_sequence", "get_stream", "gpm_pmnist_permutation", "gpm_pmnist_task_order",
     "list_streams", "official_gpm_pmnist", "permuted", "register_stream", "sklearn_shuffle",
     "to_float_inputs",

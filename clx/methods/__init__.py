@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from clx.methods.base import ContinualMethod, StreamSpec, TaskContext
-from clx.methods import sequential
+from clx.methods import gpm, sequential
 
-REGISTRY = {**sequential.REGISTRY}
+REGISTRY = {**sequential.REGISTRY, **gpm.REGISTRY}
 
 
 def build(name: str, backbone, **kwargs) -> ContinualMethod:

@@ -6,6 +6,29 @@ code: they compute *effective* parameters (base + adapters, or a fine-tuned
 copy) and call :meth:`Backbone.apply`, a pure function of
 ``(params, inputs)``, so the same backbone object serves every method and the
 frozen base is loaded once and never checkpointed per task.
+
+The contract every backbone module follows (``module(x, *, taps=None, prefix=None)``):
+
+- ``x``: inputs, ``(n, *input_shape)``. Images are float arrays; text is int32
+  token ids ``(n, L)`` where ``pad_id`` marks padding (the attention mask is
+  ``x != pad_id``), so the training loop treats every modality alike.
+- returns pooled features ``(n, feature_dim)`` (CLS or mean pooling, as the
+  checkpoint expects) when ``taps is None``;
+- ``taps="inputs"`` additionally returns ``{site: input}`` with the raw input
+  activations of every adaptation site (``(n, d)`` or ``(n, L, d)``), for small
+  models (GPM representation matrices);
+- ``taps="gram"`` additionally returns ``{site: {"gram": XᵀX (d, d) float32,
+  "count": number of rows}}`` over the valid (non-padding) tokens of the batch,
+  so a pass over a dataset accumulates second moments without keeping tokens
+  (InfLoRA's input matrix, GPM, SPARC's PCA);
+- ``prefix``: optional soft-prompt embeddings ``(p, d)`` or ``(n, p, d)``
+  prepended to the input embeddings (SPARC); ignored by non-sequence models.
+
+Sites are named by the path of their kernel in ``params`` (``"lin1/kernel"``,
+``"encoder/layers/3/attention/key/kernel"``), the same key adapters use;
+:attr:`Backbone.sites` groups them by role (``q``, ``k``, ``v``, ``o``,
+``mlp_in``, ``mlp_out``, ``mlp``) so methods target sites without knowing the
+model.
 """
 
 from __future__ import annotations
@@ -52,12 +75,25 @@ class Backbone:
   params: Params
   feature_dim: int
   input_shape: tuple[int, ...]
+  sites: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  pad_id: int | None = None
+  supports_grad_projection: bool = False
 
   @classmethod
   def from_module(cls, name: str, module: nnx.Module, feature_dim: int,
-                  input_shape: tuple[int, ...]) -> "Backbone":
+                  input_shape: tuple[int, ...], sites: Mapping[str, tuple[str, ...]] | None = None,
+                  pad_id: int | None = None, supports_grad_projection: bool = False) -> "Backbone":
     graphdef, template, params = split_params(module)
-    return cls(name, graphdef, template, params, feature_dim, tuple(input_shape))
+    return cls(name, graphdef, template, params, feature_dim, tuple(input_shape),
+               dict(sites or {}), pad_id, supports_grad_projection)
+
+  def site_paths(self, roles: str | tuple[str, ...]) -> tuple[str, ...]:
+    """Kernel paths of the sites with the given role(s), e.g. ``("k", "v")``."""
+    roles = (roles,) if isinstance(roles, str) else tuple(roles)
+    unknown = [r for r in roles if r not in self.sites]
+    if unknown:
+      raise ValueError(f"{self.name} has no site role(s) {unknown}; roles: {sorted(self.sites)}")
+    return tuple(p for r in roles for p in self.sites[r])
 
   def merge(self, params: Params) -> nnx.Module:
     """A module carrying ``params`` (works on tracers inside ``jax.jit``)."""
@@ -65,13 +101,25 @@ class Backbone:
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(self.graphdef, state)
 
-  def apply(self, params: Params, x: jax.Array, *, taps: bool = False):
+  def apply(self, params: Params, x: jax.Array, *, taps: str | None = None, prefix=None,
+            grad_projection=None):
     """Pooled features ``(n, feature_dim)`` for inputs ``x`` of shape ``(n, *input_shape)``.
 
-    With ``taps=True`` also returns ``{site: input}``, the inputs of every
-    adaptation site (used for GPM representation matrices and Gram taps).
+    ``taps`` (``"inputs"`` or ``"gram"``) also returns per-site input taps,
+    see the module docstring. ``prefix`` prepends soft-prompt embeddings.
+    ``grad_projection`` (``{site: (basis, scale|None)}``, models that support
+    it) projects those sites' kernel gradients through their inputs.
     """
-    return self.merge(params)(x, taps=taps)
+    if taps not in (None, "inputs", "gram"):
+      raise ValueError(f"taps must be None, 'inputs' or 'gram', got {taps!r}")
+    kwargs = {"taps": taps}
+    if prefix is not None:
+      kwargs["prefix"] = prefix
+    if grad_projection:
+      if not self.supports_grad_projection:
+        raise ValueError(f"{self.name} does not support grad_projection; project gradients instead")
+      kwargs["grad_projection"] = grad_projection
+    return self.merge(params)(x, **kwargs)
 
   def num_params(self) -> int:
     return sum(int(v.size) for v in jax.tree.leaves(self.params))

@@ -37,18 +37,33 @@ def check_ndim(name: str, x: Any, ndim: int | tuple[int, ...]) -> None:
     )
 
 
+# Above this many elements a device array is reduced on device and only a
+# bool crosses to host; below it a host copy is cheaper than compiling a
+# reduction for every new shape.
+_DEVICE_REDUCE_SIZE = 1 << 20
+
+
+def _host_values(x: Any) -> np.ndarray:
+  values = np.asarray(x)
+  if values.dtype.kind not in "fc" and jnp.issubdtype(values.dtype, jnp.inexact):
+    values = values.astype(np.float32)  # bfloat16 & co. (ml_dtypes)
+  return values
+
+
 def check_finite(name: str, x: Any) -> None:
   """Raises ValueError when a concrete `x` holds NaN or Inf (no-op on tracers)."""
   if not is_concrete(x):
     return
-  # jnp handles bf16 and device arrays; only small counts cross to host.
-  values = jnp.asarray(x)
-  if not jnp.issubdtype(values.dtype, jnp.inexact):
+  if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
     return
-  if bool(jnp.all(jnp.isfinite(values))):
+  if isinstance(x, jax.Array) and x.size > _DEVICE_REDUCE_SIZE:
+    if bool(jnp.all(jnp.isfinite(x))):
+      return
+  values = _host_values(x)
+  if np.all(np.isfinite(values)):
     return
-  n_nan = int(jnp.sum(jnp.isnan(values)))
-  n_inf = int(jnp.sum(jnp.isinf(values)))
+  n_nan = int(np.sum(np.isnan(values)))
+  n_inf = int(np.sum(np.isinf(values)))
   raise ValueError(
       f"{name} must be finite, found {n_nan} NaN and {n_inf} Inf "
       f"entries (shape {values.shape})."
@@ -70,11 +85,14 @@ def check_threshold(name: str, threshold: Any) -> None:
 
 def check_nonnegative(name: str, x: Any) -> None:
   """Raises ValueError when a concrete `x` has negative entries."""
-  if not is_concrete(x):
+  if not is_concrete(x) or np.size(x) == 0:
     return
-  values = jnp.asarray(x)
-  if values.size == 0 or bool(jnp.all(values >= 0)):
+  if isinstance(x, jax.Array) and x.size > _DEVICE_REDUCE_SIZE:
+    if bool(jnp.all(x >= 0)):
+      return
+  values = _host_values(x)
+  if np.all(values >= 0):
     return
   raise ValueError(
-      f"{name} must be non-negative, found minimum {float(jnp.min(values))!r}."
+      f"{name} must be non-negative, found minimum {values.min()!r}."
   )

@@ -72,10 +72,7 @@ def flatten_paths(tree: Any) -> dict[str, Any]:
     Flat dict from path string to leaf. Non-string keys become str(key).
   """
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  flat = {path_str(path): leaf for path, leaf in leaves}
-  if len(flat) != len(leaves):  # e.g. keys 0 and "0" in one dict
-    raise ValueError("two leaves map to the same path string.")
-  return flat
+  return {path_str(path): leaf for path, leaf in leaves}
 
 
 def unflatten_paths(flat: Mapping[str, Any]) -> dict[str, Any]:

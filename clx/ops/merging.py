@@ -10,6 +10,7 @@ at commit 859a267), which is authoritative where the paper differs.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -272,6 +273,19 @@ def became_coefficient(
     step_sq = (hat - gp) ** 2
     return jnp.sum(f_cur * step_sq), jnp.sum((f_cur + f_old) * step_sq)
 
+  return _became_coefficient(
+      theta_gp, theta_hat, fisher_cur, fisher_old, per_leaf
+  )
+
+
+# Checks run on host above; the arithmetic is one jitted call, so eager use
+# compiles once per tree signature instead of once per leaf op.
+@functools.partial(jax.jit, static_argnums=4)
+def _became_coefficient(theta_gp, theta_hat, fisher_cur, fisher_old, per_leaf):
+  def leaf_sums(gp, hat, f_cur, f_old):
+    step_sq = (hat - gp) ** 2
+    return jnp.sum(f_cur * step_sq), jnp.sum((f_cur + f_old) * step_sq)
+
   sums = jax.tree.map(leaf_sums, theta_gp, theta_hat, fisher_cur, fisher_old)
   is_pair = lambda x: isinstance(x, tuple)
   if per_leaf:
@@ -310,7 +324,13 @@ def became_objective(
       fisher_cur=fisher_cur,
       fisher_old=fisher_old,
   )
-  theta = interpolate(theta_gp, theta_hat, lam)
+  lams = _per_leaf_lams(theta_gp, lam)
+  return _became_objective(lams, theta_gp, theta_hat, fisher_cur, fisher_old)
+
+
+@jax.jit
+def _became_objective(lams, theta_gp, theta_hat, fisher_cur, fisher_old):
+  theta = _interpolate(theta_gp, theta_hat, lams)
   terms = jax.tree.map(
       lambda t, gp, hat, f_cur, f_old: jnp.sum(
           f_cur * (t - hat) ** 2 + f_old * (t - gp) ** 2
@@ -332,26 +352,32 @@ def interpolate(a: Any, b: Any, lam: Any) -> Any:
     Pytree like a, in a's leaf dtypes.
   """
   _check_trees(a=a, b=b)
-  leaves_a = jax.tree.leaves(a)
-  per_leaf = (
-      jax.tree.structure(lam) == jax.tree.structure(a) and len(leaves_a) > 0
-  )
-  if per_leaf:
-    for leaf in jax.tree.leaves(lam):
-      if np.ndim(leaf) != 0:
-        raise ValueError(
-            f"per-leaf lam must hold scalars, got a leaf of shape "
-            f"{np.shape(leaf)}."
-        )
-    lams = lam
-  else:
-    if jax.tree.structure(lam).num_leaves != 1 or np.ndim(lam) != 0:
+  return _interpolate(a, b, _per_leaf_lams(a, lam))
+
+
+def _per_leaf_lams(a: Any, lam: Any) -> Any:
+  """Broadcasts a scalar λ to a's structure, or validates a per-leaf tree."""
+  lam_def = jax.tree.structure(lam)
+  a_def = jax.tree.structure(a)
+  if jax.tree_util.treedef_is_leaf(lam_def) and np.ndim(lam) == 0:
+    return jax.tree.map(lambda _: lam, a)
+  if lam_def != a_def:
+    raise ValueError(
+        f"lam must be a scalar or a pytree of scalars with the structure of "
+        f"a ({a_def}), got {lam_def}"
+        + (f" of shape {np.shape(lam)}." if lam_def.num_leaves == 1 else ".")
+    )
+  for leaf in jax.tree.leaves(lam):
+    if np.ndim(leaf) != 0:
       raise ValueError(
-          "lam must be a scalar or a pytree of scalars with the structure of "
-          f"a ({jax.tree.structure(a)}), got {jax.tree.structure(lam)}"
-          + (f" of shape {np.shape(lam)}." if jax.tree.leaves(lam) else ".")
+          f"per-leaf lam must hold scalars, got a leaf of shape "
+          f"{np.shape(leaf)}."
       )
-    lams = jax.tree.map(lambda _: lam, a)
+  return lam
+
+
+@jax.jit
+def _interpolate(a: Any, b: Any, lams: Any) -> Any:
   return jax.tree.map(
       lambda x, y, t: ((1 - t) * x + t * y).astype(jnp.result_type(x)),
       a, b, lams,

@@ -22,6 +22,7 @@ inside span(M), which defeats the point of projecting.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -74,6 +75,14 @@ def energy_rank(
   _checks.check_finite("singular_values", singular_values)
   _checks.check_nonnegative("singular_values", singular_values)
   _checks.check_threshold("threshold", threshold)
+  return _energy_rank(singular_values, threshold, inclusive)
+
+
+# Public functions check inputs on host, then call one jitted implementation:
+# eager calls compile once per shape instead of once per primitive, and
+# inside a caller's jit the inner jit is simply inlined.
+@functools.partial(jax.jit, static_argnums=2)
+def _energy_rank(singular_values: Array, threshold: Any, inclusive: bool):
   s = jnp.asarray(singular_values)
   energy = s**2
   total = jnp.sum(energy)
@@ -111,10 +120,16 @@ def basis_from_representation_fixed(
     (basis_padded (d, d), rank int32 scalar). jit- and vmap-able.
   """
   _check_representation(representation)
+  _checks.check_threshold("threshold", threshold)
+  return _basis_fixed(representation, threshold, inclusive)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _basis_fixed(representation: Array, threshold: Any, inclusive: bool):
   r_mat = jnp.asarray(representation)
   d = r_mat.shape[0]
   u, s, _ = jnp.linalg.svd(r_mat, full_matrices=False)
-  rank = energy_rank(s, threshold, inclusive=inclusive)
+  rank = _energy_rank(s, threshold, inclusive)
   keep = jnp.arange(d) < rank
   return _pad_columns(u, d) * keep[None, :], rank
 
@@ -184,12 +199,11 @@ def gpm_update_fixed(
   """
   _check_representation(representation)
   _checks.check_threshold("threshold", threshold)
-  r_mat = jnp.asarray(representation)
-  d = r_mat.shape[0]
+  d = np.shape(representation)[0]
   if np.shape(basis_padded) != (d, d):
     raise ValueError(
         f"basis_padded must be (d, d) = ({d}, {d}) to match representation "
-        f"{tuple(r_mat.shape)}, got shape {tuple(np.shape(basis_padded))}."
+        f"{np.shape(representation)}, got shape {np.shape(basis_padded)}."
     )
   if np.ndim(rank) != 0:
     raise ValueError(f"rank must be a scalar, got shape {np.shape(rank)}.")
@@ -199,10 +213,9 @@ def gpm_update_fixed(
         f"dimension {d} cannot hold more than {d} orthonormal columns)."
     )
   _checks.check_finite("basis_padded", basis_padded)
-  if first_task is None:
-    first_task = jnp.asarray(rank) == 0
-  elif (
-      _checks.is_concrete(first_task)
+  if (
+      first_task is not None
+      and _checks.is_concrete(first_task)
       and _checks.is_concrete(rank)
       and bool(first_task)
       and int(rank) != 0
@@ -211,7 +224,16 @@ def gpm_update_fixed(
         f"first_task=True needs an empty memory (rank 0), got rank {int(rank)}."
     )
 
+  return _gpm_fixed(basis_padded, rank, representation, threshold, first_task)
+
+
+@jax.jit
+def _gpm_fixed(basis_padded, rank, representation, threshold, first_task):
+  r_mat = jnp.asarray(representation)
+  d = r_mat.shape[0]
   rank = jnp.asarray(rank, jnp.int32)
+  if first_task is None:
+    first_task = rank == 0
   columns = jnp.arange(d)
   dtype = jnp.result_type(basis_padded, r_mat)
   memory = jnp.where(columns[None, :] < rank, basis_padded, 0).astype(dtype)
@@ -223,7 +245,7 @@ def gpm_update_fixed(
   energy_hat = s_hat**2
 
   # First task: R̂ == R exactly (memory is zero), so σ̂ are σ(R).
-  r_first = energy_rank(s_hat, threshold)
+  r_first = _energy_rank(s_hat, threshold, False)
   # Later tasks: accumulated energy *before* each step of the official loop,
   # summed in the loop's order (acc0, +ratio_0, +ratio_1, ...).
   acc0 = _safe_ratio(total - jnp.sum(energy_hat), total)
@@ -239,9 +261,6 @@ def gpm_update_fixed(
   new_basis = jnp.where(appended[None, :], u_padded[:, source], memory)
   new_rank = jnp.minimum(rank + r_new, d).astype(jnp.int32)
   return new_basis, new_rank
-
-
-_gpm_update_fixed_jit = jax.jit(gpm_update_fixed)
 
 
 def gpm_update(
@@ -265,6 +284,7 @@ def gpm_update(
     (d, k') orthonormal basis, k ≤ k' ≤ d.
   """
   _check_representation(representation)
+  _checks.check_threshold("threshold", threshold)
   d = np.shape(representation)[0]
   if basis is None:
     dtype = jnp.result_type(representation)
@@ -283,7 +303,7 @@ def gpm_update(
           f"basis has rank {k} larger than its dimension d = {d}."
       )
     padded, rank, first = _pad_columns(jnp.asarray(basis), d), k, False
-  new_padded, new_rank = _gpm_update_fixed_jit(
+  new_padded, new_rank = gpm_update_fixed(
       padded, rank, representation, threshold, first_task=first
   )
   return new_padded[:, : int(new_rank)]
@@ -323,6 +343,15 @@ def projector(basis: Array) -> Array:
   return _mm(m, m.T)
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _project(x: Array, basis: Array, axis: int, remove: bool) -> Array:
+  x = jnp.asarray(x)
+  m = jnp.asarray(basis).astype(x.dtype)
+  moved = jnp.moveaxis(x, axis, -1)
+  inside = _mm(_mm(moved, m), m.T)  # (x M) Mᵀ: O(dk), no d×d matrix
+  return jnp.moveaxis(moved - inside if remove else inside, -1, axis)
+
+
 def project_onto(x: Array, basis: Array, axis: int = -1) -> Array:
   """Component of `x` inside span(M) along `axis`.
 
@@ -338,9 +367,7 @@ def project_onto(x: Array, basis: Array, axis: int = -1) -> Array:
     Array of x's shape and dtype.
   """
   _check_basis(basis, np.shape(x)[axis])
-  m = jnp.asarray(basis).astype(jnp.result_type(x))
-  moved = jnp.moveaxis(jnp.asarray(x), axis, -1)
-  return jnp.moveaxis(_mm(_mm(moved, m), m.T), -1, axis)
+  return _project(x, basis, axis % np.ndim(x), False)
 
 
 def project_out(x: Array, basis: Array, axis: int = -1) -> Array:
@@ -358,7 +385,8 @@ def project_out(x: Array, basis: Array, axis: int = -1) -> Array:
   Returns:
     Array of x's shape and dtype.
   """
-  return jnp.asarray(x) - project_onto(x, basis, axis)
+  _check_basis(basis, np.shape(x)[axis])
+  return _project(x, basis, axis % np.ndim(x), True)
 
 
 def project_kernel_gradient(grad: Array, basis: Array) -> Array:
@@ -386,7 +414,7 @@ def project_kernel_gradient(grad: Array, basis: Array) -> Array:
   d_in = int(np.prod(shape[:-1]))
   _check_basis(basis, d_in)
   flat = jnp.reshape(grad, (d_in, shape[-1]))
-  return jnp.reshape(project_out(flat, basis, axis=0), shape)
+  return jnp.reshape(_project(flat, basis, 0, True), shape)
 
 
 def scaled_projector(basis: Array, importance: Array) -> Array:
@@ -439,6 +467,11 @@ def principal_cosines(a: Array, b: Array) -> Array:
   _check_pair(a, b)
   if min(np.shape(a)[1], np.shape(b)[1]) == 0:
     return jnp.zeros((0,), jnp.result_type(a, b))
+  return _principal_cosines(a, b)
+
+
+@jax.jit
+def _principal_cosines(a: Array, b: Array) -> Array:
   cross = _mm(jnp.asarray(a).T, jnp.asarray(b))
   return jnp.clip(jnp.linalg.svd(cross, compute_uv=False), 0.0, 1.0)
 
@@ -458,10 +491,17 @@ def principal_angles(a: Array, b: Array) -> Array:
   Returns:
     (min(k_a, k_b),) angles in [0, π/2], ascending.
   """
-  cosines = principal_cosines(a, b)
-  if cosines.shape[0] == 0:
-    return cosines
-  big, small = (a, b) if np.shape(a)[1] >= np.shape(b)[1] else (b, a)
+  _check_pair(a, b)
+  if min(np.shape(a)[1], np.shape(b)[1]) == 0:
+    return jnp.zeros((0,), jnp.result_type(a, b))
+  if np.shape(a)[1] >= np.shape(b)[1]:
+    return _principal_angles(a, b)
+  return _principal_angles(b, a)
+
+
+@jax.jit
+def _principal_angles(big: Array, small: Array) -> Array:
+  cosines = _principal_cosines(big, small)
   big, small = jnp.asarray(big), jnp.asarray(small)
   residual = small - _mm(big, _mm(big.T, small))
   # σ(residual) descending are the sines of the angles in descending order.
@@ -486,6 +526,12 @@ def subspace_overlap(a: Array, b: Array) -> Array:
   k_min = min(np.shape(a)[1], np.shape(b)[1])
   if k_min == 0:
     return jnp.zeros((), jnp.result_type(a, b))
+  return _subspace_overlap(a, b)
+
+
+@jax.jit
+def _subspace_overlap(a: Array, b: Array) -> Array:
+  k_min = min(a.shape[1], b.shape[1])
   cross = _mm(jnp.asarray(a).T, jnp.asarray(b))
   return jnp.clip(jnp.sum(cross**2) / k_min, 0.0, 1.0)
 
@@ -513,12 +559,17 @@ def orthonormalize(x: Array, *, method: str = "qr") -> Array:
         f"x has {k} columns, more than its dimension d = {d}: rank larger than "
         f"dimension, at most {d} orthonormal columns exist."
     )
+  if method not in ("qr", "svd"):
+    raise ValueError(f"method must be 'qr' or 'svd', got {method!r}.")
   _checks.check_finite("x", x)
+  return _orthonormalize(x, method)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _orthonormalize(x: Array, method: str) -> Array:
   x = jnp.asarray(x)
-  if method == "qr":
-    q, r = jnp.linalg.qr(x, mode="reduced")
-    signs = jnp.where(jnp.diagonal(r) < 0, -1, 1).astype(q.dtype)
-    return q * signs[None, :]
   if method == "svd":
     return jnp.linalg.svd(x, full_matrices=False)[0]
-  raise ValueError(f"method must be 'qr' or 'svd', got {method!r}.")
+  q, r = jnp.linalg.qr(x, mode="reduced")
+  signs = jnp.where(jnp.diagonal(r) < 0, -1, 1).astype(q.dtype)
+  return q * signs[None, :]

@@ -205,7 +205,9 @@ class Fitter:
     chunk = min(chunk, steps_per_epoch)
 
     rep = sharding.replicated(self.mesh)
-    params = jax.device_put(params, rep)
+    # Copy: the chunk function donates its params buffers, and the caller's
+    # state (e.g. the previous task's checkpoint delta) may still hold them.
+    params = jax.tree.map(jnp.copy, jax.device_put(params, rep))
     opt_state = jax.device_put(optimizer.init(params), rep)
 
     def one_step(carry, batch):

@@ -1,0 +1,283 @@
+"""GPM: Gradient Projection Memory (Saha, Garg & Roy, ICLR 2021), and SGP.
+
+After each task, the input space of every projected layer is summarised by a
+basis M_l of the span of that layer's inputs (the *representation matrix*
+R_l (d_l, n) of ``num_samples`` random training examples), grown with the GPM
+energy criterion (:func:`clx.ops.subspace.gpm_update_fixed`). While learning a
+new task, each projected kernel gradient is restricted to the orthogonal
+complement of the memory (GPM Eq. 4):
+
+    ∇W_l ← (I − M_l M_lᵀ) ∇W_l          (Flax kernels (d_in, d_out): input axis 0)
+
+so the layer's response to old tasks' inputs (which lie in span(M_l)) does not
+change. SGP (Saha & Roy, AAAI 2023) replaces the hard projector with an
+importance-scaled one, (I − M_l diag(s_l) M_lᵀ), s ∈ [0, 1]
+(:func:`clx.ops.sgp.sgp_update_fixed`).
+
+Faithful to the official code (sahagobinda/GPM ``main_pmnist.py``): full
+fine-tuning of the network with a fresh optimiser per task, projection of every
+layer including the shared output layer, bases from ``num_samples`` (300)
+random training samples, per-layer thresholds. The memory is stored zero-padded
+to (d, d) with its rank, so the state has a fixed shape (and can be ``vmap``-ed
+over seeds). On backbones that support ``grad_projection`` (the MLP) the
+projection is applied through the layer inputs in the backward pass, which is
+mathematically the same and far cheaper (:mod:`clx.ops.gradient_projection`);
+other sites are projected in ``transform_grads``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clx.methods import heads as heads_lib
+from clx.methods.base import ContinualMethod, StreamSpec
+from clx.models.base import Backbone
+from clx.ops import sgp as sgp_ops
+from clx.ops import subspace
+
+HEAD_SITE = "head/kernel"
+
+
+def site_key(site: str) -> str:
+  """State key of a site (state paths use '/' as separator, so escape it)."""
+  return site.replace("/", ".")
+
+
+def _get(tree, path: str):
+  for part in path.split("/"):
+    tree = tree[part]
+  return tree
+
+
+def _set(tree, path: str, value):
+  parts = path.split("/")
+  if len(parts) == 1:
+    return {**tree, parts[0]: value}
+  return {**tree, parts[0]: _set(tree[parts[0]], "/".join(parts[1:]), value)}
+
+
+def resolve_thresholds(threshold, sites: Sequence[str]) -> dict[str, float]:
+  """Per-site base thresholds from a float, a sequence (site order) or a mapping."""
+  if isinstance(threshold, Mapping):
+    missing = [s for s in sites if s not in threshold]
+    if missing:
+      raise ValueError(f"threshold mapping lacks sites {missing}; sites: {list(sites)}")
+    out = {s: float(threshold[s]) for s in sites}
+  elif isinstance(threshold, (int, float)):
+    out = {s: float(threshold) for s in sites}
+  else:
+    threshold = list(threshold)
+    if len(threshold) != len(sites):
+      raise ValueError(f"got {len(threshold)} thresholds for {len(sites)} projected sites {list(sites)}")
+    out = dict(zip(sites, map(float, threshold)))
+  bad = {s: v for s, v in out.items() if not 0.0 < v <= 1.0}
+  if bad:
+    raise ValueError(f"GPM thresholds must lie in (0, 1], got {bad}")
+  return out
+
+
+def project_gradients(grads, memory, sites, *, variant: str):
+  """Project ``grads[site]`` (Flax kernels) off each site's memory."""
+  for site in sites:
+    mem = memory[site_key(site)]
+    basis = jnp.where(jnp.arange(mem["basis"].shape[1]) < mem["rank"], mem["basis"], 0.0)
+    g = _get(grads, site)
+    if variant == "sgp":
+      g = sgp_ops.scaled_projection_out(g, mem["basis"], mem["rank"], mem["scale"])
+    else:
+      g = subspace.project_kernel_gradient(g, basis)
+    grads = _set(grads, site, g)
+  return grads
+
+
+class GPMParts:
+  """The pieces of a GPM/SGP method, shared with BECAME (which re-uses them)."""
+
+  def __init__(self, backbone: Backbone, *, threshold, threshold_increment: float,
+               num_samples: int, sites, project_head: bool, head_bias: bool, head_mode,
+               variant: str, scale_coff: float, fast_projection: bool):
+    if variant not in ("gpm", "sgp"):
+      raise ValueError(f"variant must be 'gpm' or 'sgp', got {variant!r}")
+    if num_samples < 1:
+      raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    self.backbone = backbone
+    self.threshold, self.threshold_increment = threshold, threshold_increment
+    self.num_samples, self.variant, self.scale_coff = num_samples, variant, scale_coff
+    self.project_head, self.head_bias, self.head_mode = project_head, head_bias, head_mode
+    self.body_sites = (tuple(sites) if sites is not None
+                       else tuple(p for ps in backbone.sites.values() for p in ps))
+    if not self.body_sites:
+      raise ValueError(f"{backbone.name} exposes no sites to project")
+    for site in self.body_sites:
+      _get(backbone.params, site)  # KeyError early for a wrong site path
+    self.fast = fast_projection and backbone.supports_grad_projection
+
+  # -- layout -----------------------------------------------------------------
+  def mode(self, spec) -> str:
+    return self.head_mode or heads_lib.default_mode(spec)
+
+  def sites(self, spec) -> tuple[str, ...]:
+    head = (HEAD_SITE,) if (self.project_head and self.mode(spec) == "shared") else ()
+    return self.body_sites + head
+
+  def _strip_bias(self, heads):
+    return heads if self.head_bias else {k: {"kernel": v["kernel"]} for k, v in heads.items()}
+
+  def head_key(self, state, task_index) -> str:
+    return "shared" if "shared" in state["heads"] else str(task_index)
+
+  # -- protocol functions -----------------------------------------------------
+  def init(self, rng, spec: StreamSpec):
+    heads = heads_lib.init_heads(rng, spec, self.backbone.feature_dim, self.mode(spec))
+    memory = {}
+    for site in self.sites(spec):
+      d = (self.backbone.feature_dim if site == HEAD_SITE
+           else int(np.prod(_get(self.backbone.params, site).shape[:-1])))
+      memory[site_key(site)] = {"basis": jnp.zeros((d, d), jnp.float32),
+                                "rank": jnp.zeros((), jnp.int32)}
+      if self.variant == "sgp":
+        memory[site_key(site)]["scale"] = jnp.zeros((d,), jnp.float32)
+    return {"backbone": jax.tree.map(jnp.array, self.backbone.params),
+            "heads": self._strip_bias(heads), "memory": memory}
+
+  def begin_task(self, state, ctx):
+    heads = heads_lib.add_task_head(state["heads"], jax.random.fold_in(ctx.rng, 0), ctx.spec,
+                                    self.backbone.feature_dim, ctx.task_index, self.mode(ctx.spec))
+    return {**state, "heads": self._strip_bias(heads)}
+
+  def trainable(self, state, task_index):
+    return {"backbone": state["backbone"], "head": state["heads"][self.head_key(state, task_index)]}
+
+  def write_back(self, state, params, task_index):
+    heads = {**state["heads"], self.head_key(state, task_index): params["head"]}
+    return {**state, "backbone": params["backbone"], "heads": heads}
+
+  def loss(self, params, state, base, batch, rng, *, task_index, spec, project: bool = True):
+    """Cross-entropy; with ``project`` (and t > 0) kernel gradients are projected
+    through the layer inputs where the backbone supports it."""
+    del base, rng
+    if project and task_index > 0 and self.fast:
+      proj = {s: (state["memory"][site_key(s)]["basis"],
+                  state["memory"][site_key(s)].get("scale")) for s in self.body_sites}
+      feats = self.backbone.apply(params["backbone"], batch["x"], grad_projection=proj)
+    else:
+      feats = self.backbone.apply(params["backbone"], batch["x"])
+    heads = {**state["heads"], self.head_key(state, task_index): params["head"]}
+    logits, labels = heads_lib.train_logits_and_labels(heads, feats, batch["y"], spec, task_index,
+                                                       self.mode(spec))
+    value = heads_lib.masked_cross_entropy(logits, labels, batch["mask"])
+    return value, {"accuracy": heads_lib.masked_accuracy(logits, labels, batch["mask"])}
+
+  def transform_grads(self, grads, state):
+    """Project what the forward did not: the shared head, and every site when
+    the backbone has no input-side projection. A zero memory (task 0) is a no-op."""
+    memory = state["memory"]
+    out = dict(grads)
+    if not self.fast:
+      out["backbone"] = project_gradients(grads["backbone"], memory, self.body_sites,
+                                          variant=self.variant)
+    if site_key(HEAD_SITE) in memory:
+      out["head"] = project_gradients({"head": grads["head"]}, memory, (HEAD_SITE,),
+                                      variant=self.variant)["head"]
+    return out
+
+  def predict(self, state, base, x, *, current_task, task_id, spec):
+    del base, task_id
+    feats = self.backbone.apply(state["backbone"], x)
+    return heads_lib.global_logits(state["heads"], feats, spec, self.mode(spec), current_task)
+
+  def update_memory(self, state, ctx):
+    """Grow each site's memory from ``num_samples`` random training examples."""
+    sample = ctx.sample(self.num_samples, seed=1)
+    feats, taps = _taps_fn(self.backbone)(state["backbone"], jnp.asarray(sample["x"]))
+    reps = {s: taps[s].reshape(taps[s].shape[0], -1).T for s in self.body_sites}
+    if HEAD_SITE in self.sites(ctx.spec):
+      reps[HEAD_SITE] = feats.T
+    base_eps = resolve_thresholds(self.threshold, self.sites(ctx.spec))
+    memory = dict(state["memory"])
+    first = ctx.task_index == 0
+    for site, rep in reps.items():
+      eps = min(1.0, base_eps[site] + self.threshold_increment * ctx.task_index)
+      mem = memory[site_key(site)]
+      rep = jnp.asarray(rep, jnp.float32)
+      if not bool(jnp.all(jnp.isfinite(rep))):
+        raise ValueError(f"task {ctx.task_index}: representation of site {site!r} has NaN/Inf")
+      if self.variant == "gpm":
+        basis, rank = _gpm_update(mem["basis"], mem["rank"], rep, eps,
+                                                first_task=first)
+        memory[site_key(site)] = {"basis": basis, "rank": rank}
+      else:
+        basis, rank, scale = _sgp_update(
+            mem["basis"], mem["rank"], mem["scale"], rep, eps, scale_coff=self.scale_coff,
+            first_task=first)
+        memory[site_key(site)] = {"basis": basis, "rank": rank, "scale": scale}
+    return {**state, "memory": memory}
+
+  def end_task(self, state, params, ctx):
+    return self.update_memory(self.write_back(state, params, ctx.task_index), ctx)
+
+  def method(self, name: str, **overrides) -> ContinualMethod:
+    fns = dict(init=self.init, begin_task=self.begin_task, trainable=self.trainable,
+               loss=self.loss, transform_grads=self.transform_grads, end_task=self.end_task,
+               predict=self.predict)
+    fns.update(overrides)
+    return ContinualMethod(name=name, backbone=self.backbone, **fns)
+
+
+_gpm_update = jax.jit(subspace.gpm_update_fixed)
+_sgp_update = jax.jit(sgp_ops.sgp_update_fixed, static_argnames=("scale_coff",))
+
+
+def _taps_fn(backbone: Backbone):
+  return jax.jit(lambda params, x: backbone.apply(params, x, taps="inputs"))
+
+
+def memory_ranks(state) -> dict[str, int]:
+  """``{site: rank}`` of a GPM/SGP/BECAME state (for logs and reports)."""
+  return {k.replace(".", "/"): int(v["rank"]) for k, v in state["memory"].items()}
+
+
+def gpm(backbone: Backbone, *, threshold=0.97, threshold_increment: float = 0.0,
+        num_samples: int = 300, sites: Sequence[str] | None = None, project_head: bool = True,
+        head_bias: bool = False, head_mode: str | None = None, variant: str = "gpm",
+        scale_coff: float = 10.0, fast_projection: bool = True,
+        name: str | None = None) -> ContinualMethod:
+  """GPM (``variant="gpm"``) or SGP (``variant="sgp"``) on every backbone site.
+
+  Args:
+    backbone: the network; all of it is trained (GPM is full fine-tuning).
+    threshold: ε per projected site: a float, a sequence in site order (the
+      backbone's sites, then the shared head), or ``{site: ε}``. The official
+      PMNIST setting is ``(0.95, 0.99, 0.99)``.
+    threshold_increment: ε_t = ε + t·increment (BECAME's CIFAR schedule
+      ``0.97 + 0.003·t``), capped at 1.
+    num_samples: training examples per task for the representation matrices.
+    sites: kernel paths to project (default: every site of the backbone).
+    project_head: also project the shared output layer (official PMNIST);
+      per-task heads are never projected (each task owns its head).
+    head_bias: whether heads have a bias (the GPM MLP has none).
+    head_mode: ``"per_task"``/``"shared"`` (default: shared for the domain
+      scenario, per-task otherwise).
+    variant: ``"gpm"`` or ``"sgp"`` (importance-scaled projection).
+    scale_coff: SGP's importance coefficient α in s = (α+1)σ / (ασ + σ_max).
+    fast_projection: project through the layer inputs where the backbone
+      supports it (same result, fewer flops).
+    name: registry/run name (default: the variant).
+  """
+  parts = GPMParts(backbone, threshold=threshold, threshold_increment=threshold_increment,
+                   num_samples=num_samples, sites=sites, project_head=project_head,
+                   head_bias=head_bias, head_mode=head_mode, variant=variant,
+                   scale_coff=scale_coff, fast_projection=fast_projection)
+  return parts.method(name or variant)
+
+
+def sgp(backbone: Backbone, **kwargs) -> ContinualMethod:
+  """SGP: GPM with importance-scaled projection (see :func:`gpm`)."""
+  return gpm(backbone, variant="sgp", **kwargs)
+
+
+REGISTRY = {"gpm": gpm, "sgp": sgp}

@@ -1,0 +1,316 @@
+"""clx.ops.merging against float64 NumPy/SciPy references and properties."""
+
+from __future__ import annotations
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.optimize
+
+from clx.ops import merging
+
+SETTINGS = hypothesis.settings(max_examples=25, deadline=None)
+
+
+# ----------------------------------------------------------------------------
+# Tiny linear-softmax model and its hand-derived Fisher
+# ----------------------------------------------------------------------------
+
+
+def linear_logits(params, x):
+  return x @ params["w"] + params["b"]
+
+
+def make_problem(seed, n=23, d=4, c=3):
+  rng = np.random.default_rng(seed)
+  params = {"w": rng.normal(size=(d, c)), "b": rng.normal(size=c)}
+  inputs = rng.normal(size=(n, d))
+  labels = rng.integers(0, c, size=n)
+  return params, inputs, labels
+
+
+def example_grads(params, x, y):
+  """∂CE/∂(w, b) for one example: softmax(z) − e_y, outer x."""
+  z = x @ params["w"] + params["b"]
+  p = np.exp(z - z.max())
+  p /= p.sum()
+  err = p.copy()
+  err[y] -= 1.0
+  return np.outer(x, err), err
+
+
+def reference_fisher(params, inputs, labels, kind, batch_size, per_sample, mask):
+  """The official loop: consecutive batches, F = Σ |b| ḡ_b² / N (or Σ g_n²/N)."""
+  n = len(inputs)
+  valid = np.ones(n, bool) if mask is None else np.asarray(mask, bool)
+  fisher_w, fisher_b = np.zeros_like(params["w"]), np.zeros_like(params["b"])
+  for start in range(0, n, batch_size):
+    members = [i for i in range(start, min(start + batch_size, n)) if valid[i]]
+    if not members:
+      continue
+    grads = []
+    for i in members:
+      logits = inputs[i] @ params["w"] + params["b"]
+      y = int(np.argmax(logits)) if kind == "true" else int(labels[i])
+      grads.append(example_grads(params, inputs[i], y))
+    if per_sample:
+      fisher_w += sum(gw**2 for gw, _ in grads)
+      fisher_b += sum(gb**2 for _, gb in grads)
+    else:
+      fisher_w += len(members) * np.mean([gw for gw, _ in grads], 0) ** 2
+      fisher_b += len(members) * np.mean([gb for _, gb in grads], 0) ** 2
+  return {"w": fisher_w / valid.sum(), "b": fisher_b / valid.sum()}
+
+
+FISHER_CASES = [
+    # kind, batch_size, per_sample, use_mask
+    ("true", 64, False, False),  # one padded batch (N = 23 < 64)
+    ("true", 5, False, False),  # 4 full batches + 1 padded
+    ("empirical", 4, False, True),
+    ("true", 6, True, False),
+    ("empirical", 7, True, True),
+]
+
+
+@pytest.mark.parametrize("kind,batch_size,per_sample,use_mask", FISHER_CASES)
+def test_fisher_matches_reference(x64, kind, batch_size, per_sample, use_mask):
+  params, inputs, labels = make_problem(batch_size)
+  mask = None
+  if use_mask:
+    mask = np.random.default_rng(1).uniform(size=len(inputs)) > 0.3
+  got = merging.diagonal_fisher(
+      linear_logits, params, inputs, labels=labels, kind=kind,
+      batch_size=batch_size, per_sample=per_sample, mask=mask,
+  )
+  ref = reference_fisher(
+      params, inputs, labels, kind, batch_size, per_sample, mask
+  )
+  for name in ("w", "b"):
+    np.testing.assert_allclose(got[name], ref[name], rtol=1e-10, atol=1e-14)
+
+
+def test_fisher_batch_one_equals_per_sample_and_jit(x64):
+  params, inputs, labels = make_problem(3)
+  batched = merging.diagonal_fisher(linear_logits, params, inputs, batch_size=1)
+  exact = merging.diagonal_fisher(
+      linear_logits, params, inputs, batch_size=8, per_sample=True
+  )
+  for name in ("w", "b"):
+    np.testing.assert_allclose(batched[name], exact[name], rtol=1e-10)
+  wrapped = jax.jit(
+      lambda p, x: merging.diagonal_fisher(linear_logits, p, x, batch_size=8)
+  )
+  eager = merging.diagonal_fisher(linear_logits, params, inputs, batch_size=8)
+  for name in ("w", "b"):
+    np.testing.assert_allclose(wrapped(params, inputs)[name], eager[name], rtol=1e-12)
+
+
+def test_fisher_float32_and_nonlinear_model():
+  params, inputs, labels = make_problem(4, n=30)
+  ref = reference_fisher(params, inputs, labels, "true", 8, False, None)
+  p32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  got = merging.diagonal_fisher(
+      linear_logits, p32, inputs.astype(np.float32), batch_size=8
+  )
+  for name in ("w", "b"):
+    assert got[name].dtype == jnp.float32
+    np.testing.assert_allclose(got[name], ref[name], rtol=1e-4, atol=1e-7)
+  # A two-layer model: batch_size 1 equals the per-sample form; both ≥ 0.
+  rng = np.random.default_rng(5)
+  mlp = {"h": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32),
+         "o": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)}
+  mlp_fn = lambda p, x: jnp.tanh(x @ p["h"]) @ p["o"]
+  x32 = inputs.astype(np.float32)
+  one = merging.diagonal_fisher(mlp_fn, mlp, x32, batch_size=1)
+  exact = merging.diagonal_fisher(mlp_fn, mlp, x32, per_sample=True)
+  for name in ("h", "o"):
+    np.testing.assert_allclose(one[name], exact[name], rtol=1e-4, atol=1e-7)
+    assert np.all(np.asarray(exact[name]) >= 0)
+
+
+def test_fisher_errors():
+  params, inputs, labels = make_problem(6)
+  fisher = merging.diagonal_fisher
+  with pytest.raises(ValueError, match="kind must be 'true' or 'empirical'"):
+    fisher(linear_logits, params, inputs, kind="exact")
+  with pytest.raises(ValueError, match="kind='empirical' needs labels"):
+    fisher(linear_logits, params, inputs, kind="empirical")
+  with pytest.raises(ValueError, match=r"labels must have shape \(N,\) = \(23,\)"):
+    fisher(linear_logits, params, inputs, labels=labels[:5], kind="empirical")
+  with pytest.raises(ValueError, match="labels must be integer class ids"):
+    fisher(linear_logits, params, inputs, labels=labels * 1.0, kind="empirical")
+  with pytest.raises(ValueError, match=r"mask must have shape \(N,\)"):
+    fisher(linear_logits, params, inputs, mask=np.ones(3, bool))
+  with pytest.raises(ValueError, match="mask excludes every example"):
+    fisher(linear_logits, params, inputs, mask=np.zeros(23, bool))
+  with pytest.raises(ValueError, match="batch_size must be a positive int"):
+    fisher(linear_logits, params, inputs, batch_size=0)
+  with pytest.raises(ValueError, match=r"inputs must be \(N, ...\) with N ≥ 1"):
+    fisher(linear_logits, params, np.zeros((0, 4)))
+  bad = inputs.copy()
+  bad[0, 0] = np.nan
+  with pytest.raises(ValueError, match="inputs must be finite"):
+    fisher(linear_logits, params, bad)
+  with pytest.raises(ValueError, match=r"logits_fn must return \(batch, classes\)"):
+    fisher(lambda p, x: x @ p["w"][:, 0], params, inputs)
+
+
+# ----------------------------------------------------------------------------
+# BECAME coefficient, objective, interpolation
+# ----------------------------------------------------------------------------
+
+
+def make_merge_trees(rng, scale_old=1.0):
+  shapes = {"conv": (3, 3, 2, 4), "dense": {"kernel": (5, 3), "bias": (3,)}}
+  leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+  def tree(fn):
+    return jax.tree.unflatten(treedef, [fn(s) for s in leaves])
+  gp = tree(lambda s: rng.normal(size=s))
+  hat = tree(lambda s: rng.normal(size=s))
+  f_cur = tree(lambda s: rng.exponential(size=s))
+  f_old = tree(lambda s: scale_old * rng.exponential(size=s))
+  return gp, hat, f_cur, f_old
+
+
+def reference_lambda(gp, hat, f_cur, f_old):
+  num = den = 0.0
+  for g, h, fc, fo in zip(*(jax.tree.leaves(t) for t in (gp, hat, f_cur, f_old))):
+    num += np.sum(fc * (h - g) ** 2)
+    den += np.sum((fc + fo) * (h - g) ** 2)
+  return num / den
+
+
+def reference_objective(lam, gp, hat, f_cur, f_old):
+  total = 0.0
+  for g, h, fc, fo in zip(*(jax.tree.leaves(t) for t in (gp, hat, f_cur, f_old))):
+    theta = (1 - lam) * g + lam * h
+    total += np.sum(fc * (theta - h) ** 2 + fo * (theta - g) ** 2)
+  return total
+
+
+def test_became_coefficient_matches_reference(x64):
+  trees = make_merge_trees(np.random.default_rng(10))
+  lam = merging.became_coefficient(*trees)
+  assert lam.shape == ()
+  np.testing.assert_allclose(lam, reference_lambda(*trees), rtol=1e-12)
+  per_leaf = merging.became_coefficient(*trees, per_leaf=True)
+  assert jax.tree.structure(per_leaf) == jax.tree.structure(trees[0])
+  for leaf_lam, *leaf in zip(
+      jax.tree.leaves(per_leaf), *(jax.tree.leaves(t) for t in trees)
+  ):
+    np.testing.assert_allclose(
+        leaf_lam, reference_lambda(*leaf), rtol=1e-12
+    )
+  np.testing.assert_allclose(
+      merging.became_objective(lam, *trees),
+      reference_objective(float(lam), *trees),
+      rtol=1e-12,
+  )
+  np.testing.assert_allclose(jax.jit(merging.became_coefficient)(*trees), lam)
+
+
+def test_became_coefficient_edge_cases(x64):
+  gp, hat, f_cur, f_old = make_merge_trees(np.random.default_rng(11))
+  # θ̂ = θ_GP: objective constant in λ, λ defined as 0.
+  assert float(merging.became_coefficient(gp, gp, f_cur, f_old)) == 0.0
+  zeros = jax.tree.map(np.zeros_like, f_cur)
+  assert float(merging.became_coefficient(gp, hat, zeros, zeros)) == 0.0
+  # No old-task Fisher: λ = 1 (take θ̂); no current Fisher: λ = 0 (keep θ_GP).
+  assert float(merging.became_coefficient(gp, hat, f_cur, zeros)) == 1.0
+  assert float(merging.became_coefficient(gp, hat, zeros, f_old)) == 0.0
+  # Zeroing both Fishers of a leaf is the same as dropping it.
+  drop = {"dense": {"kernel": hat["dense"]["kernel"], "bias": hat["dense"]["bias"]}}
+  sub = [{"dense": t["dense"]} for t in (gp, hat, f_cur, f_old)]
+  sub[1] = drop
+  f_cur_z = dict(f_cur, conv=np.zeros_like(f_cur["conv"]))
+  f_old_z = dict(f_old, conv=np.zeros_like(f_old["conv"]))
+  np.testing.assert_allclose(
+      merging.became_coefficient(gp, hat, f_cur_z, f_old_z),
+      merging.became_coefficient(*sub),
+      rtol=1e-12,
+  )
+
+
+def test_became_float32():
+  trees = make_merge_trees(np.random.default_rng(12))
+  trees32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trees)
+  lam = merging.became_coefficient(*trees32)
+  assert lam.dtype == jnp.float32
+  np.testing.assert_allclose(lam, reference_lambda(*trees), rtol=1e-5)
+
+
+def test_interpolate(x64):
+  rng = np.random.default_rng(13)
+  a = {"x": rng.normal(size=(3, 2)), "y": {"z": rng.normal(size=4)}}
+  b = jax.tree.map(lambda v: v + rng.normal(size=v.shape), a)
+  for x, y in zip(jax.tree.leaves(merging.interpolate(a, b, 0.0)), jax.tree.leaves(a)):
+    np.testing.assert_array_equal(x, y)  # exact at the ends
+  for x, y in zip(jax.tree.leaves(merging.interpolate(a, b, 1.0)), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  lams = {"x": 0.25, "y": {"z": 0.75}}
+  out = merging.interpolate(a, b, lams)
+  np.testing.assert_allclose(out["x"], 0.75 * a["x"] + 0.25 * b["x"], atol=1e-14)
+  np.testing.assert_allclose(out["y"]["z"], 0.25 * a["y"]["z"] + 0.75 * b["y"]["z"], atol=1e-14)
+  jitted = jax.jit(merging.interpolate)(a, b, jnp.float64(0.3))
+  np.testing.assert_allclose(jitted["x"], 0.7 * a["x"] + 0.3 * b["x"], atol=1e-14)
+  a32 = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), a)
+  assert merging.interpolate(a32, a32, 0.5)["x"].dtype == jnp.float32
+
+
+def test_merging_errors():
+  gp, hat, f_cur, f_old = make_merge_trees(np.random.default_rng(14))
+  with pytest.raises(ValueError, match="theta_hat has tree structure"):
+    merging.became_coefficient(gp, {"conv": hat["conv"]}, f_cur, f_old)
+  bad_shape = dict(hat, conv=np.ones((3, 3, 2, 5)))
+  with pytest.raises(ValueError, match=r"theta_hat leaf 0 has shape \(3, 3, 2, 5\)"):
+    merging.became_coefficient(gp, bad_shape, f_cur, f_old)
+  negative = dict(f_old, conv=-f_old["conv"])
+  with pytest.raises(ValueError, match="fisher_old must be non-negative"):
+    merging.became_coefficient(gp, hat, f_cur, negative)
+  nan = dict(f_cur, conv=np.full_like(f_cur["conv"], np.nan))
+  with pytest.raises(ValueError, match="fisher_cur must be finite"):
+    merging.became_coefficient(gp, hat, nan, f_old)
+  with pytest.raises(ValueError, match="lam must be a scalar or a pytree"):
+    merging.interpolate(gp, hat, np.ones(3))
+  with pytest.raises(ValueError, match="lam must be a scalar or a pytree"):
+    merging.interpolate(gp, hat, {"conv": 0.5})
+  lams = jax.tree.map(lambda v: np.ones(2), gp)
+  with pytest.raises(ValueError, match="per-leaf lam must hold scalars"):
+    merging.interpolate(gp, hat, lams)
+
+
+# ----------------------------------------------------------------------------
+# Properties
+# ----------------------------------------------------------------------------
+
+
+@SETTINGS
+@hypothesis.given(
+    seed=st.integers(0, 2**31 - 1), log_scale=st.floats(-3.0, 3.0)
+)
+def test_property_lambda_is_the_objective_minimiser(seed, log_scale):
+  with jax.enable_x64(True):
+    trees = make_merge_trees(np.random.default_rng(seed), 10.0**log_scale)
+    lam = float(merging.became_coefficient(*trees))
+    assert 0.0 <= lam <= 1.0
+    objective = lambda t: float(merging.became_objective(t, *trees))
+    best = scipy.optimize.minimize_scalar(
+        objective, bounds=(0.0, 1.0), method="bounded",
+        options={"xatol": 1e-10},
+    )
+    assert lam == pytest.approx(best.x, abs=1e-6)
+    grid = np.linspace(0.0, 1.0, 41)
+    values = np.array([reference_objective(t, *trees) for t in grid])
+    assert objective(lam) <= values.min() * (1 + 1e-12)
+    # Per-leaf λ minimise the separable objective leaf by leaf.
+    per_leaf = merging.became_coefficient(*trees, per_leaf=True)
+    base = float(merging.became_objective(per_leaf, *trees))
+    for index in range(len(jax.tree.leaves(per_leaf))):
+      for step in (-1e-3, 1e-3):
+        leaves = [float(v) for v in jax.tree.leaves(per_leaf)]
+        leaves[index] += step
+        moved = jax.tree.unflatten(jax.tree.structure(per_leaf), leaves)
+        assert float(merging.became_objective(moved, *trees)) >= base
