@@ -67,10 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
+  from clx.checkpoint import CheckpointCorruptedError
+  from clx.data.assets import AssetChecksumError, AssetUnavailableError
   from clx.experiment import ConfigError
   try:
     return args.func(args)
-  except (ConfigError, FileNotFoundError) as e:
+  except (ConfigError, FileNotFoundError, AssetUnavailableError, AssetChecksumError,
+          CheckpointCorruptedError) as e:
+    # Expected failures (bad config, missing data/asset, damaged checkpoint): one clear line.
     print(f"clx: error: {e}", file=sys.stderr)
     return 2
 

@@ -80,10 +80,21 @@ class TaskContext(Protocol):
   def sample(self, n: int, *, split: str = "train", seed: int = 0) -> dict[str, np.ndarray]:
     """``n`` random training examples of the current task (host arrays)."""
 
+  def arrays(self, split: str = "train") -> dict[str, np.ndarray]:
+    """All examples of a split of the current task (host arrays ``x``, ``y``)."""
+
+  config: Any  # the run's clx.train.TrainConfig for this task's main phase
+
   def fit(self, params: Params, loss: Callable, *, transform_grads: Callable | None = None,
           state: State | None = None, optimizer: optax.GradientTransformation | None = None,
-          epochs: int | None = None, select: str = "last") -> Params:
-    """Train ``params`` on the current task with the loop's sharded, jitted step."""
+          epochs: int | None = None, config: Any = None, title: str | None = None,
+          phase: int = 1) -> Params:
+    """Train ``params`` on the current task with the loop's sharded, jitted step.
+
+    ``loss(params, state, base, batch, rng) -> (loss, aux)``; ``config`` (a
+    TrainConfig) replaces the run's settings; ``phase`` seeds the shuffling
+    so that extra phases (e.g. BECAME's stage 2) draw their own batch order.
+    """
 
 
 def identity_grads(grads, state):

@@ -83,11 +83,16 @@ def train_logits_and_labels(heads: dict, feats: jax.Array, y: jax.Array, spec: S
   if mode == "per_task":
     if cumulative:
       raise ValueError("cumulative (joint) training needs head mode 'shared'")
-    classes = jnp.asarray(spec.task_classes[task_index])
-    local = jnp.searchsorted(classes, y)
-    return linear(heads[str(task_index)], feats), local
+    return linear(heads[str(task_index)], feats), train_labels(y, spec, task_index, mode)
   seen = jnp.asarray(_seen_class_mask(spec, task_index))
   return jnp.where(seen, linear(heads["shared"], feats), NEG_INF), y
+
+
+def train_labels(y: jax.Array, spec: StreamSpec, task_index: int, mode: str) -> jax.Array:
+  """The training targets of :func:`train_logits_and_labels` for labels ``y``."""
+  if mode == "per_task":
+    return jnp.searchsorted(jnp.asarray(spec.task_classes[task_index]), y)
+  return y
 
 
 def global_logits(heads: dict, feats: jax.Array, spec: StreamSpec, mode: str,

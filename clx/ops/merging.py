@@ -54,6 +54,10 @@ def _fisher_impl(
     batch_size: int,
     per_sample: bool,
 ) -> Any:
+  """Σ over padded batches (lax.scan) of |b|·ḡ_b² (or Σ_n g_n²), / Σ weights.
+
+  inputs (N, ...), labels (N,), weights (N,) in {0, 1}; returns params-like.
+  """
   n = inputs.shape[0]
   n_batches = math.ceil(n / batch_size)
   flat_index = jnp.arange(n_batches * batch_size)
@@ -87,15 +91,20 @@ def _fisher_impl(
 
   def step(total, batch):
     contribution = squared_grads(*batch)
-    return jax.tree.map(jnp.add, total, contribution), None
+    add = lambda t, c: t + c.astype(t.dtype)
+    return jax.tree.map(add, total, contribution), None
 
-  zeros = jax.tree.map(jnp.zeros_like, params)
+  # Accumulate in at least float32 so bf16 params do not lose small squares.
+  zeros = jax.tree.map(
+      lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)),
+      params,
+  )
   total, _ = jax.lax.scan(step, zeros, (batch_index, batch_weight))
   n_valid = jnp.sum(weights)
   return jax.tree.map(
-      lambda f: jnp.where(n_valid > 0, f / jnp.maximum(n_valid, 1.0), 0.0)
-      .astype(f.dtype),
+      lambda f, p: (f / jnp.maximum(n_valid, 1.0)).astype(p.dtype),
       total,
+      params,
   )
 
 
@@ -301,7 +310,7 @@ def _became_coefficient(theta_gp, theta_hat, fisher_cur, fisher_old, per_leaf):
 def became_objective(
     lam: Any, theta_gp: Any, theta_hat: Any, fisher_cur: Any, fisher_old: Any
 ) -> Array:
-  """Fisher-weighted two-task loss on the merge segment (BECAME Sec. 4).
+  """Fisher-weighted two-task loss on the merge segment (BECAME).
 
     L(λ) = Σ_i F_cur,i (θ_i − θ̂_i)² + F_old,i (θ_i − θ_GP,i)²,
     θ = (1 − λ) θ_GP + λ θ̂.

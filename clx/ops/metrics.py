@@ -44,6 +44,51 @@ def _seen_mask(t: int) -> Array:
   return jnp.tril(jnp.ones((t, t), dtype=bool))
 
 
+# Public functions validate on host, then call one jitted implementation:
+# eager calls compile once per T instead of once per primitive.
+@jax.jit
+def _curve(matrix: Array) -> Array:
+  t = matrix.shape[0]
+  seen_sum = jnp.sum(jnp.where(_seen_mask(t), matrix, 0), axis=1)
+  return seen_sum / jnp.arange(1, t + 1, dtype=matrix.dtype)
+
+
+@jax.jit
+def _forgetting(matrix: Array) -> Array:
+  t = matrix.shape[0]
+  if t == 1:
+    return jnp.zeros((0,), matrix.dtype)
+  rows = matrix[: t - 1, : t - 1]  # rows t ∈ [0, T−2], columns i < T−1
+  best = jnp.max(jnp.where(_seen_mask(t - 1), rows, -jnp.inf), axis=0)
+  return best - matrix[t - 1, : t - 1]
+
+
+@jax.jit
+def _ratio(matrix: Array) -> Array:
+  t = matrix.shape[0]
+  best = jnp.max(jnp.where(_seen_mask(t), matrix, -jnp.inf), axis=0)
+  final = matrix[t - 1]
+  safe_best = jnp.where(best != 0, best, 1)
+  return jnp.where(best != 0, final / safe_best, 1.0).astype(matrix.dtype)
+
+
+@jax.jit
+def _summary(matrix: Array, reference: Array | None) -> dict[str, Array]:
+  t = matrix.shape[0]
+  diag = jnp.diagonal(matrix)
+  final = matrix[t - 1]
+  zero = jnp.zeros((), matrix.dtype)
+  result = {
+      "acc": jnp.mean(final),
+      "aia": jnp.mean(_curve(matrix)),
+      "bwt": jnp.mean(final[: t - 1] - diag[: t - 1]) if t > 1 else zero,
+      "forgetting": jnp.mean(_forgetting(matrix)) if t > 1 else zero,
+  }
+  if reference is not None:
+    result["fwt"] = jnp.mean(diag - reference.astype(matrix.dtype))
+  return result
+
+
 def average_accuracy_curve(a: Any) -> Array:
   """Average accuracy over seen tasks after each task.
 
@@ -55,22 +100,11 @@ def average_accuracy_curve(a: Any) -> Array:
   Returns:
     (T,) curve; its last entry is ACC, its mean is AIA.
   """
-  matrix = _as_matrix(a)
-  t = matrix.shape[0]
-  seen_sum = jnp.sum(jnp.where(_seen_mask(t), matrix, 0), axis=1)
-  return seen_sum / jnp.arange(1, t + 1, dtype=matrix.dtype)
-
-
-def _best_before_last(matrix: Array) -> Array:
-  """(T−1,) max_{t ∈ [i, T−2]} a[t, i] for i < T−1."""
-  t = matrix.shape[0]
-  rows = matrix[: t - 1, : t - 1]
-  valid = _seen_mask(t - 1)  # row index ≥ column index
-  return jnp.max(jnp.where(valid, rows, -jnp.inf), axis=0)
+  return _curve(_as_matrix(a))
 
 
 def per_task_forgetting(a: Any) -> Array:
-  """Forgetting of each old task (Chaudhry et al. 2018, Eq. 5).
+  """Forgetting of each old task (Chaudhry et al., ECCV 2018).
 
     f_i = max_{t ∈ [i, T−2]} a[t, i] − a[T−1, i],   i < T−1
 
@@ -80,9 +114,7 @@ def per_task_forgetting(a: Any) -> Array:
   Returns:
     (T−1,) forgetting (empty for T = 1); positive means accuracy was lost.
   """
-  matrix = _as_matrix(a)
-  t = matrix.shape[0]
-  return _best_before_last(matrix) - matrix[t - 1, : t - 1]
+  return _forgetting(_as_matrix(a))
 
 
 def forgetting_ratio(a: Any) -> Array:
@@ -99,12 +131,7 @@ def forgetting_ratio(a: Any) -> Array:
   Returns:
     (T,) ratios; ρ_{T−1} = 1, and ρ ≤ 1 for non-negative accuracies.
   """
-  matrix = _as_matrix(a)
-  t = matrix.shape[0]
-  best = jnp.max(jnp.where(_seen_mask(t), matrix, -jnp.inf), axis=0)
-  final = matrix[t - 1]
-  safe_best = jnp.where(best != 0, best, 1)
-  return jnp.where(best != 0, final / safe_best, 1.0).astype(matrix.dtype)
+  return _ratio(_as_matrix(a))
 
 
 def summarize(a: Any, reference: Any = None) -> dict[str, Array]:
@@ -129,15 +156,6 @@ def summarize(a: Any, reference: Any = None) -> dict[str, Array]:
   """
   matrix = _as_matrix(a)
   t = matrix.shape[0]
-  diag = jnp.diagonal(matrix)
-  final = matrix[t - 1]
-  zero = jnp.zeros((), matrix.dtype)
-  result = {
-      "acc": jnp.mean(final),
-      "aia": jnp.mean(average_accuracy_curve(matrix)),
-      "bwt": jnp.mean(final[: t - 1] - diag[: t - 1]) if t > 1 else zero,
-      "forgetting": jnp.mean(per_task_forgetting(matrix)) if t > 1 else zero,
-  }
   if reference is not None:
     if np.shape(reference) != (t,):
       raise ValueError(
@@ -145,8 +163,8 @@ def summarize(a: Any, reference: Any = None) -> dict[str, Array]:
           f"{np.shape(reference)}."
       )
     _checks.check_finite("reference", reference)
-    result["fwt"] = jnp.mean(diag - jnp.asarray(reference, matrix.dtype))
-  return result
+    reference = jnp.asarray(reference)
+  return _summary(matrix, reference)
 
 
 def summarize_to_floats(a: Any, reference: Any = None) -> dict[str, float]:

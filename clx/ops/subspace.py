@@ -1,8 +1,10 @@
 """Subspace ops: GPM memory bases, projections and principal angles.
 
 Notation. A representation matrix R has shape (d, n): n activations of a
-layer's d-dimensional input, one per column (GPM, Saha et al. ICLR 2021,
-Eq. 4). A basis M has shape (d, k) with orthonormal columns, MᵀM = I_k.
+layer's d-dimensional input, one per column (GPM, Saha et al. ICLR 2021).
+Equation numbers below are those cited in the official code's comments
+(Eq-5 first-task criterion, Eq-8 projected representation, Eq-9 criterion).
+A basis M has shape (d, k) with orthonormal columns, MᵀM = I_k.
 Flax kernels are (d_in, d_out), so the input space of a kernel is its axis 0.
 
 Official code vs paper (GPM). The official code (sahagobinda/GPM, main_*.py
@@ -98,6 +100,11 @@ def _pad_columns(u: Array, width: int) -> Array:
   return jnp.pad(u, ((0, 0), (0, width - u.shape[1])))
 
 
+def _float_dtype(*arrays: Any) -> Any:
+  """Result dtype promoted to at least float32 (SVD needs a float type)."""
+  return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+
+
 def _check_representation(representation: Any) -> None:
   _checks.check_ndim("representation", representation, 2)
   _checks.check_finite("representation", representation)
@@ -126,7 +133,7 @@ def basis_from_representation_fixed(
 
 @functools.partial(jax.jit, static_argnums=2)
 def _basis_fixed(representation: Array, threshold: Any, inclusive: bool):
-  r_mat = jnp.asarray(representation)
+  r_mat = jnp.asarray(representation, _float_dtype(representation))
   d = r_mat.shape[0]
   u, s, _ = jnp.linalg.svd(r_mat, full_matrices=False)
   rank = _energy_rank(s, threshold, inclusive)
@@ -235,7 +242,7 @@ def _gpm_fixed(basis_padded, rank, representation, threshold, first_task):
   if first_task is None:
     first_task = rank == 0
   columns = jnp.arange(d)
-  dtype = jnp.result_type(basis_padded, r_mat)
+  dtype = _float_dtype(basis_padded, r_mat)
   memory = jnp.where(columns[None, :] < rank, basis_padded, 0).astype(dtype)
   r_mat = r_mat.astype(dtype)
 
@@ -287,7 +294,7 @@ def gpm_update(
   _checks.check_threshold("threshold", threshold)
   d = np.shape(representation)[0]
   if basis is None:
-    dtype = jnp.result_type(representation)
+    dtype = _float_dtype(representation)
     padded, rank, first = jnp.zeros((d, d), dtype), 0, True
   else:
     _checks.check_ndim("basis", basis, 2)
@@ -330,7 +337,7 @@ def _check_basis(basis: Any, d: int | None = None, name: str = "basis") -> None:
 
 
 def projector(basis: Array) -> Array:
-  """Orthogonal projector onto span(M): P = M Mᵀ (GPM Eq. 3).
+  """Orthogonal projector onto span(M): P = M Mᵀ (GPM's feature matrix).
 
   Args:
     basis: M, (d, k) orthonormal columns (zero-padded columns are fine).
@@ -371,7 +378,7 @@ def project_onto(x: Array, basis: Array, axis: int = -1) -> Array:
 
 
 def project_out(x: Array, basis: Array, axis: int = -1) -> Array:
-  """Removes the component of `x` along span(M) (GPM Eq. 10 update rule).
+  """Removes the component of `x` along span(M) (the GPM gradient update).
 
   axis=-1: x − x M Mᵀ;  axis=0: x − M Mᵀ x, i.e. (I − P) applied on `axis`.
   The result is orthogonal to every column of M, and the op is idempotent.

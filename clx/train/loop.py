@@ -51,6 +51,9 @@ class TrainConfig:
     steps_per_call: steps fused in one ``lax.scan`` (0 = automatic: the whole
       epoch, capped by ``max_chunk_mb`` of input data per call).
     max_chunk_mb: cap on the input bytes of one fused call.
+    device_data_mb: a training split up to this size is placed on the
+      devices (replicated) once per phase and batches are gathered there from
+      index plans, instead of being gathered on the host per chunk (0 = off).
   """
 
   epochs: int = 1
@@ -66,6 +69,7 @@ class TrainConfig:
   grad_clip: float = 0.0
   steps_per_call: int = 0
   max_chunk_mb: float = 64.0
+  device_data_mb: float = 1024.0
 
   def __post_init__(self):
     if self.optimizer not in OPTIMIZERS:
@@ -198,26 +202,41 @@ class Fitter:
     steps_per_epoch = math.ceil(len(split) / cfg.batch_size)
     optimizer = optimizer or make_optimizer(cfg, steps_per_epoch)
     padded = sharding.pad_to_multiple(cfg.batch_size, sharding.num_data_shards(self.mesh))
+    resident = self.resident(split, cfg)
     chunk = cfg.steps_per_call
     if chunk <= 0:
-      per_step = padded * split.x[0].nbytes + padded * 8
+      per_step = padded * 8 if resident else padded * split.x[0].nbytes + padded * 8
       chunk = int(max(1, min(steps_per_epoch, cfg.max_chunk_mb * 2**20 // per_step)))
+      chunk = _largest_divisor_at_most(steps_per_epoch, chunk)
     chunk = min(chunk, steps_per_epoch)
+    # Chunks that tile the epoch exactly never contain fully padded steps.
+    may_pad = steps_per_epoch % chunk != 0
 
     rep = sharding.replicated(self.mesh)
     # Copy: the chunk function donates its params buffers, and the caller's
     # state (e.g. the previous task's checkpoint delta) may still hold them.
     params = jax.tree.map(jnp.copy, jax.device_put(params, rep))
     opt_state = jax.device_put(optimizer.init(params), rep)
+    data = None
+    if resident:
+      check_finite_batch(split.arrays, title)
+      data = jax.device_put({"x": split.x, "y": split.y.astype(np.int32)}, rep)
 
-    def one_step(carry, batch):
+    def one_step(carry, batch, data):
       params, opt_state, step = carry
+      if data is not None:  # device-resident split: the batch is an index plan
+        idx = batch["idx"]
+        safe = jnp.maximum(idx, 0)
+        batch = {"x": data["x"][safe], "y": data["y"][safe],
+                 "mask": (idx >= 0).astype(jnp.float32)}
       step_rng = jax.random.fold_in(rng, step)
       (loss_value, aux), grads = jax.value_and_grad(loss, has_aux=True)(
           params, state, base, batch, step_rng)
       grads = transform_grads(grads, state)
       updates, new_opt_state = optimizer.update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)
+      if not may_pad:
+        return (new_params, new_opt_state, step + 1), loss_value
       # Fully padded steps (end of the last chunk) must not move the optimiser.
       valid = jnp.sum(batch["mask"]) > 0
       params = _tree_where(valid, new_params, params)
@@ -225,17 +244,20 @@ class Fitter:
       return (params, opt_state, step + valid.astype(jnp.int32)), loss_value * valid
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def run_chunk(params, opt_state, step, chunk_arrays):
+    def run_chunk(params, opt_state, step, chunk_arrays, data):
       (params, opt_state, step), losses = jax.lax.scan(
-          one_step, (params, opt_state, step), chunk_arrays)
+          lambda carry, batch: one_step(carry, batch, data), (params, opt_state, step),
+          chunk_arrays)
       return params, opt_state, step, losses
 
     step = jax.device_put(jnp.zeros((), jnp.int32), rep)
     bar = TaskProgress(title, cfg.epochs * steps_per_epoch, enabled=self.progress, quiet=self.quiet)
     for epoch in range(cfg.epochs):
       plan = self.plan(len(split), cfg.batch_size, True, (*seed_words, epoch))
-      for arrays, steps, examples in self.device_batches(split, plan, title, chunk):
-        params, opt_state, step, losses = run_chunk(params, opt_state, step, arrays)
+      batches = (self.index_chunks(plan, chunk) if resident
+                 else self.device_batches(split, plan, title, chunk))
+      for arrays, steps, examples in batches:
+        params, opt_state, step, losses = run_chunk(params, opt_state, step, arrays, data)
         if bar.enabled or not self.quiet:
           last = float(losses[steps - 1])
           if not math.isfinite(last):
@@ -243,6 +265,28 @@ class Fitter:
           bar.update(steps, examples, last)
     bar.close()
     return params
+
+  def resident(self, split: ArraySplit, cfg: TrainConfig) -> bool:
+    """Keep the split on device and gather batches there (small in-memory data)."""
+    nbytes = split.x.nbytes + split.y.nbytes
+    return cfg.device_data_mb > 0 and nbytes <= cfg.device_data_mb * 2**20
+
+  def index_chunks(self, plan: np.ndarray, chunk: int):
+    """Yield sharded ``{"idx": (chunk, B)}`` index stacks (-1 = padding row)."""
+    for c in range(0, plan.shape[0], chunk):
+      block = plan[c:c + chunk]
+      steps = block.shape[0]
+      if steps < chunk:
+        block = np.concatenate([block, np.full((chunk - steps, block.shape[1]), -1, block.dtype)])
+      rows = sharding.process_rows(plan.shape[1], self.mesh)
+      local = {"idx": block[:, rows].astype(np.int32)}
+      yield sharding.shard_arrays(local, self.mesh, 1, plan.shape[1]), steps, int((block >= 0).sum())
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+  """The largest divisor of ``n`` that is ≤ ``cap``, unless it is tiny (then ``cap``)."""
+  best = max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+  return best if best * 4 >= min(n, cap) else min(n, cap)
 
 
 # ----------------------------------------------------------------------------
@@ -305,6 +349,10 @@ class _Context:
       raise ValueError(f"asked for {n} samples of task {self.task_index} {split}, it has {len(data)}")
     idx = np.random.default_rng([*self.seed_words, 104729, seed]).choice(len(data), n, replace=False)
     return {"x": data.x[idx], "y": data.y[idx].astype(np.int32)}
+
+  def arrays(self, split: str = "train"):
+    data = self._split(split)
+    return {"x": data.x, "y": data.y.astype(np.int32)}
 
   def fit(self, params, loss, *, transform_grads=None, state=None, optimizer=None,
           epochs=None, config: TrainConfig | None = None, title: str | None = None, phase: int = 1):

@@ -71,7 +71,8 @@ def test_features_and_logits_match_timm(ref, weights):
   err = _max_err(feats, ref["features"])
   logits = feats @ head["kernel"] + head["bias"]
   err_logits = _max_err(logits, ref["logits"])
-  print(f"{os.path.basename(weights)}: max|features - timm| = {err:.2e}, max|logits - timm| = {err_logits:.2e}")
+  print(f"{os.path.basename(weights)}: max|features - timm| = {err:.2e}, "
+        f"max|logits - timm| = {err_logits:.2e}")
   assert err < TOL and err_logits < TOL
   assert head["kernel"].shape == (32, 10) and head["bias"].shape == (10,)
 
@@ -96,7 +97,8 @@ def test_both_loaders_give_identical_params(npz_arrays, timm_sd):
 def test_site_inputs_match_timm_hooks(ref):
   backbone = vit(SHAPE, variant="test", weights=NPZ)
   _, taps = backbone.apply(backbone.params, ref["images"], taps="inputs")
-  assert set(taps) == {p for role in ("q", "k", "v", "o", "mlp_in", "mlp_out") for p in backbone.sites[role]}
+  roles = ("q", "k", "v", "o", "mlp_in", "mlp_out")
+  assert set(taps) == {p for role in roles for p in backbone.sites[role]}
   for i in range(2):
     for site, key in [("attn/query", "qkv"), ("attn/key", "qkv"), ("attn/value", "qkv"),
                       ("attn/out", "proj"), ("mlp/fc1", "fc1"), ("mlp/fc2", "fc2")]:
@@ -105,14 +107,15 @@ def test_site_inputs_match_timm_hooks(ref):
       assert _max_err(got, ref[f"tap_{i}_{key}"]) < TOL, (i, site)
 
 
-@pytest.mark.parametrize("fc_norm,key", [(True, "features_avg_fcnorm"), (False, "features_avg_norm")])
+@pytest.mark.parametrize("fc_norm,key",
+                         [(True, "features_avg_fcnorm"), (False, "features_avg_norm")])
 def test_avg_pool_matches_timm(ref, fc_norm, key):
   backbone = vit(SHAPE, variant="test", weights=NPZ, pool="avg", fc_norm=fc_norm)
   assert _max_err(backbone.apply(backbone.params, ref["images"]), ref[key]) < TOL
 
 
 def test_avg_pool_timm_fc_norm_state_dict(ref, timm_sd):
-  renamed = {k.replace("norm.", "fc_norm.", 1) if k.startswith("norm.") else k: v for k, v in timm_sd.items()}
+  renamed = {("fc_" + k if k.startswith("norm.") else k): v for k, v in timm_sd.items()}
   backbone = vit(SHAPE, variant="test", weights=renamed, pool="avg")  # fc_norm defaults to True
   assert _max_err(backbone.apply(backbone.params, ref["images"]), ref["features_avg_fcnorm"]) < TOL
   with pytest.raises(ValueError, match=r"fc_norm=True"):
@@ -125,10 +128,10 @@ def test_avg_pool_timm_fc_norm_state_dict(ref, timm_sd):
 
 
 def _to_big_vision_scanned(arrays, depth=2):
-  """AugReg layout → big_vision's (params/ prefix, scanned blocks, MHA_0 / LayerNorm_1 / MlpBlock_0)."""
+  """AugReg layout → big_vision's (params/ prefix, scanned blocks, MHA_0, LayerNorm_1, ...)."""
   out = {}
-  renames = {"MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0", "LayerNorm_2": "LayerNorm_1",
-             "MlpBlock_3": "MlpBlock_0"}
+  renames = {"MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
+             "LayerNorm_2": "LayerNorm_1", "MlpBlock_3": "MlpBlock_0"}
   blocks = {}
   for k, v in arrays.items():
     if k.startswith("Transformer/encoderblock_"):
@@ -189,9 +192,11 @@ def test_resize_pos_embed_matches_timm(ref, method, src, grid, old, key):
 
 
 def test_loader_resamples_pos_embed_only_when_asked(ref, npz_arrays, timm_sd):
-  arrays = dict(npz_arrays, **{"Transformer/posembed_input/pos_embedding": ref["resize_in"]})  # square 3×3
+  square = {"Transformer/posembed_input/pos_embedding": ref["resize_in"]}  # a 3×3 grid
+  arrays = dict(npz_arrays, **square)
   config = vit_config("test", (64, 80, 3))  # grid (4, 5)
-  with pytest.raises(ValueError, match=r"pos_embedding.*\(1, 10, 32\).*\(1, 21, 32\).*resize_pos_embed=True"):
+  with pytest.raises(ValueError,
+                     match=r"pos_embedding.*\(1, 10, 32\).*\(1, 21, 32\).*resize_pos_embed=True"):
     augreg_npz_params(arrays, config)
   params, _ = augreg_npz_params(arrays, config, resize_pos_embed=True)
   assert _max_err(params["pos_embed"], ref["resize_bilinear"]) < 1e-5
@@ -240,14 +245,15 @@ def test_prefix_prompts_after_cls(random_vit):
   tokens = module.embed(jnp.asarray(x), prompts)
   plain = module.embed(jnp.asarray(x))
   assert tokens.shape == (2, 1 + 5 + 6, 32)
-  np.testing.assert_array_equal(tokens[:, 0], plain[:, 0])  # CLS first (with its position embedding)
-  np.testing.assert_array_equal(tokens[:, 1:6], np.broadcast_to(prompts, (2, 5, 32)))  # no position embedding
+  np.testing.assert_array_equal(tokens[:, 0], plain[:, 0])  # CLS first, with its position embedding
+  np.testing.assert_array_equal(tokens[:, 1:6], np.broadcast_to(prompts, (2, 5, 32)))  # none added
   np.testing.assert_array_equal(tokens[:, 6:], plain[:, 1:])
-  shared = random_vit.apply(random_vit.params, x, prefix=prompts)
-  per_example = random_vit.apply(random_vit.params, x, prefix=np.broadcast_to(prompts, (2, 5, 32)))
+  apply = jax.jit(random_vit.apply, static_argnames="taps")
+  shared = apply(random_vit.params, x, prefix=prompts)
+  per_example = apply(random_vit.params, x, prefix=np.broadcast_to(prompts, (2, 5, 32)))
   np.testing.assert_allclose(shared, per_example, rtol=1e-6, atol=1e-6)
-  assert _max_err(shared, random_vit.apply(random_vit.params, x)) > 1e-3
-  _, grams = random_vit.apply(random_vit.params, x, taps="gram", prefix=prompts)
+  assert _max_err(shared, apply(random_vit.params, x)) > 1e-3
+  _, grams = apply(random_vit.params, x, taps="gram", prefix=prompts)
   assert float(grams["blocks/0/attn/key/kernel"]["count"]) == 2 * 12
   with pytest.raises(ValueError, match="prefix must be"):
     random_vit.apply(random_vit.params, x, prefix=np.zeros((3, 5, 32), np.float32))
@@ -271,7 +277,8 @@ def test_bfloat16_compute_is_close_to_float32(ref):
   full = vit(SHAPE, variant="test", weights=NPZ)
   half = vit(SHAPE, variant="test", weights=NPZ, dtype=jnp.bfloat16)
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(half.params))
-  feats, grams = jax.jit(half.apply, static_argnames="taps")(half.params, ref["images"], taps="gram")
+  apply = jax.jit(half.apply, static_argnames="taps")
+  feats, grams = apply(half.params, ref["images"], taps="gram")
   assert feats.dtype == jnp.bfloat16
   assert grams["blocks/0/attn/key/kernel"]["gram"].dtype == jnp.float32
   want = np.asarray(full.apply(full.params, ref["images"]))
@@ -324,27 +331,31 @@ def test_missing_unexpected_and_mismatched_keys(npz_arrays, timm_sd):
   with pytest.raises(ValueError) as info:
     augreg_npz_params(broken, config)
   msg = str(info.value)
-  assert "missing keys (1): Transformer/encoderblock_1/MultiHeadDotProductAttention_1/key/kernel" in msg
+  missing = "Transformer/encoderblock_1/MultiHeadDotProductAttention_1/key/kernel"
+  assert f"missing keys (1): {missing}" in msg
   assert "unexpected keys (1): pre_logits/kernel" in msg
-  with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv\.weight: checkpoint shape \(96, 32\), "
-                                       r"config expects \(192, 64\)"):
+  with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv\.weight: "
+                                       r"checkpoint shape \(96, 32\), config expects \(192, 64\)"):
     timm_state_dict_params(timm_sd, vit_config("test", SHAPE, embed_dim=64))
-  with pytest.raises(ValueError, match=r"query/kernel: checkpoint shape \(32, 4, 8\), config expects \(32, 2, 16\)"):
+  with pytest.raises(ValueError, match=r"query/kernel: checkpoint shape \(32, 4, 8\), "
+                                       r"config expects \(32, 2, 16\)"):
     augreg_npz_params(npz_arrays, vit_config("test", SHAPE, num_heads=2))
   with pytest.raises(ValueError, match=r"unexpected keys \(\d+\): blocks\.1\."):
     timm_state_dict_params(timm_sd, vit_config("test", SHAPE, depth=1))
   with pytest.raises(ValueError, match=r"missing keys \(\d+\): Transformer/encoderblock_2/"):
     augreg_npz_params(npz_arrays, vit_config("test", SHAPE, depth=3))
-  with pytest.raises(ValueError, match=r"unexpected keys \(2\): blocks\.0\.ls1\.gamma, blocks\.0\.ls2\.gamma"):
-    timm_state_dict_params(dict(timm_sd, **{"blocks.0.ls1.gamma": np.ones(32), "blocks.0.ls2.gamma": np.ones(32)}),
-                           config)
+  layer_scale = {"blocks.0.ls1.gamma": np.ones(32), "blocks.0.ls2.gamma": np.ones(32)}
+  with pytest.raises(ValueError,
+                     match=r"unexpected keys \(2\): blocks\.0\.ls1\.gamma, blocks\.0\.ls2\.gamma"):
+    timm_state_dict_params(dict(timm_sd, **layer_scale), config)
   with pytest.raises(ValueError, match="neither"):
     load_vit_weights({"foo": np.zeros(1)}, config)
 
 
 def test_no_downloads_and_bad_paths(tmp_path):
   config = vit_config("test", SHAPE)
-  for name in ("vit_base_patch16_224.augreg_in21k", "hf_hub:timm/vit_base_patch16_224.augreg_in21k"):
+  hub = "vit_base_patch16_224.augreg_in21k"
+  for name in (hub, f"hf_hub:timm/{hub}", f"{hub}.safetensors"):
     with pytest.raises(FileNotFoundError, match="never downloads.*local path"):
       vit((224, 224, 3), weights=name)
   with pytest.raises(FileNotFoundError, match="no such file"):
@@ -356,7 +367,8 @@ def test_no_downloads_and_bad_paths(tmp_path):
 
 
 def test_bad_inputs_and_configs(random_vit):
-  with pytest.raises(ValueError, match=r"ViT built for images \(n, 48, 32, 3\).*got \(2, 32, 48, 3\)"):
+  with pytest.raises(ValueError,
+                     match=r"ViT built for images \(n, 48, 32, 3\).*got \(2, 32, 48, 3\)"):
     random_vit.apply(random_vit.params, np.zeros((2, 32, 48, 3), np.float32))
   with pytest.raises(ValueError, match="taps must be"):
     random_vit.merge(random_vit.params)(np.zeros((1, *SHAPE), np.float32), taps="grams")

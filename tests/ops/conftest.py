@@ -15,3 +15,10 @@ import pytest
 def x64():
   with jax.enable_x64(True):
     yield
+
+
+@pytest.fixture(autouse=True)
+def _x64_does_not_leak():
+  before = jax.config.jax_enable_x64
+  yield
+  assert jax.config.jax_enable_x64 == before, "a test leaked jax_enable_x64"

@@ -103,7 +103,9 @@ def test_lora_delta_matches_numpy(x64):
   rng = np.random.default_rng(2)
   adapter = random_adapter(rng, 8, 6, 3)
   np.testing.assert_allclose(
-      lora.lora_delta(adapter, 0.5), 0.5 * adapter["a"] @ adapter["b"], atol=1e-12
+      lora.lora_delta(adapter, 0.5),
+      0.5 * adapter["a"] @ adapter["b"],
+      atol=1e-12,
   )
   stacked = random_adapter(rng, 8, 6, 3, stack=4)
   expected = np.einsum("sir,sro->sio", stacked["a"], stacked["b"])
@@ -176,9 +178,8 @@ def test_apply_adapters_errors():
   rng = np.random.default_rng(5)
   params = make_params(rng)
   with pytest.raises(ValueError, match="'encoder/layer_0/attn/key/kernel' not"):
-    lora.apply_adapters(
-        params, {"encoder/layer_0/attn/key/kernel": random_adapter(rng, 8, 6, 2)}
-    )
+    key_path = "encoder/layer_0/attn/key/kernel"
+    lora.apply_adapters(params, {key_path: random_adapter(rng, 8, 6, 2)})
   with pytest.raises(ValueError, match=r"gives delta \(8, 5\) but the kernel"):
     lora.apply_adapters(params, {"head/kernel": random_adapter(rng, 8, 5, 2)})
   with pytest.raises(ValueError, match=r"points at shape \(6,\)"):
@@ -220,7 +221,9 @@ def test_init_lora_shapes_bounds_and_zero_delta():
     np.testing.assert_array_equal(x, y)
   # Per-path keys: an adapter's init does not depend on the other selections.
   alone = lora.init_lora(key, params, "head/kernel", 2)
-  np.testing.assert_array_equal(alone["head/kernel"]["a"], adapters["head/kernel"]["a"])
+  np.testing.assert_array_equal(
+      alone["head/kernel"]["a"], adapters["head/kernel"]["a"]
+  )
   he = lora.init_lora(key, params, "head/kernel", 2, a_init="he_uniform")
   assert np.abs(he["head/kernel"]["a"]).max() > 1 / np.sqrt(8)
   assert np.all(np.abs(he["head/kernel"]["a"]) <= np.sqrt(6 / 8))
@@ -232,6 +235,14 @@ def test_init_lora_shapes_bounds_and_zero_delta():
   np.testing.assert_array_equal(custom["head/kernel"]["b"], 1.0)
   normal = lora.init_lora(key, params, "*/mlp/kernel", 2, a_init="normal")
   assert normal["encoder/layer_0/mlp/kernel"]["a"].shape == (8, 2)
+  # Abstract params (e.g. from jax.eval_shape) are enough: only shapes are read.
+  abstract = jax.tree.map(
+      lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params
+  )
+  from_abstract = lora.init_lora(key, abstract, ["*/attn/*", "head/kernel"], 2)
+  np.testing.assert_array_equal(
+      from_abstract["head/kernel"]["a"], adapters["head/kernel"]["a"]
+  )
 
 
 def test_init_lora_is_jittable():
@@ -314,3 +325,19 @@ def test_property_flatten_unflatten_roundtrip(keys, depth):
   assert all(len(p.split("/")) == depth for p in flat)
   back = lora.unflatten_paths(flat)
   assert jax.tree.structure(back) == jax.tree.structure(tree)
+
+
+def test_mixed_ranks_and_disagreeing_adapters(x64):
+  rng = np.random.default_rng(9)
+  params = make_params(rng)
+  mixed = [random_adapter(rng, 8, 6, 1), random_adapter(rng, 8, 6, 3, stack=2)]
+  path = "encoder/layer_0/attn/value/kernel"
+  out = lora.flatten_paths(lora.apply_adapters(params, {path: mixed}))
+  expected = lora.flatten_paths(params)[path] + (
+      mixed[0]["a"] @ mixed[0]["b"]
+      + np.einsum("sir,sro->io", mixed[1]["a"], mixed[1]["b"])
+  )
+  np.testing.assert_allclose(out[path], expected, atol=1e-12)
+  bad = [random_adapter(rng, 8, 6, 1), random_adapter(rng, 8, 3, 1)]
+  with pytest.raises(ValueError, match="disagree on the delta shape"):
+    lora.apply_adapters(params, {"head/kernel": bad})

@@ -42,8 +42,10 @@ def example_grads(params, x, y):
   return np.outer(x, err), err
 
 
-def reference_fisher(params, inputs, labels, kind, batch_size, per_sample, mask):
-  """The official loop: consecutive batches, F = Σ |b| ḡ_b² / N (or Σ g_n²/N)."""
+def reference_fisher(
+    params, inputs, labels, kind, batch_size, per_sample, mask
+):
+  """The official loop: consecutive batches, F = Σ |b| ḡ_b² / N (or Σ g²/N)."""
   n = len(inputs)
   valid = np.ones(n, bool) if mask is None else np.asarray(mask, bool)
   fisher_w, fisher_b = np.zeros_like(params["w"]), np.zeros_like(params["b"])
@@ -105,7 +107,9 @@ def test_fisher_batch_one_equals_per_sample_and_jit(x64):
   )
   eager = merging.diagonal_fisher(linear_logits, params, inputs, batch_size=8)
   for name in ("w", "b"):
-    np.testing.assert_allclose(wrapped(params, inputs)[name], eager[name], rtol=1e-12)
+    np.testing.assert_allclose(
+        wrapped(params, inputs)[name], eager[name], rtol=1e-12
+    )
 
 
 def test_fisher_float32_and_nonlinear_model():
@@ -138,7 +142,7 @@ def test_fisher_errors():
     fisher(linear_logits, params, inputs, kind="exact")
   with pytest.raises(ValueError, match="kind='empirical' needs labels"):
     fisher(linear_logits, params, inputs, kind="empirical")
-  with pytest.raises(ValueError, match=r"labels must have shape \(N,\) = \(23,\)"):
+  with pytest.raises(ValueError, match=r"labels must have shape \(N,\) = \(23"):
     fisher(linear_logits, params, inputs, labels=labels[:5], kind="empirical")
   with pytest.raises(ValueError, match="labels must be integer class ids"):
     fisher(linear_logits, params, inputs, labels=labels * 1.0, kind="empirical")
@@ -154,7 +158,7 @@ def test_fisher_errors():
   bad[0, 0] = np.nan
   with pytest.raises(ValueError, match="inputs must be finite"):
     fisher(linear_logits, params, bad)
-  with pytest.raises(ValueError, match=r"logits_fn must return \(batch, classes\)"):
+  with pytest.raises(ValueError, match=r"logits_fn must return \(batch, cla"):
     fisher(lambda p, x: x @ p["w"][:, 0], params, inputs)
 
 
@@ -165,7 +169,8 @@ def test_fisher_errors():
 
 def make_merge_trees(rng, scale_old=1.0):
   shapes = {"conv": (3, 3, 2, 4), "dense": {"kernel": (5, 3), "bias": (3,)}}
-  leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+  is_shape = lambda s: isinstance(s, tuple)
+  leaves, treedef = jax.tree.flatten(shapes, is_leaf=is_shape)
   def tree(fn):
     return jax.tree.unflatten(treedef, [fn(s) for s in leaves])
   gp = tree(lambda s: rng.normal(size=s))
@@ -175,9 +180,13 @@ def make_merge_trees(rng, scale_old=1.0):
   return gp, hat, f_cur, f_old
 
 
+def leaf_quads(*trees):
+  return zip(*(jax.tree.leaves(t) for t in trees))
+
+
 def reference_lambda(gp, hat, f_cur, f_old):
   num = den = 0.0
-  for g, h, fc, fo in zip(*(jax.tree.leaves(t) for t in (gp, hat, f_cur, f_old))):
+  for g, h, fc, fo in leaf_quads(gp, hat, f_cur, f_old):
     num += np.sum(fc * (h - g) ** 2)
     den += np.sum((fc + fo) * (h - g) ** 2)
   return num / den
@@ -185,7 +194,7 @@ def reference_lambda(gp, hat, f_cur, f_old):
 
 def reference_objective(lam, gp, hat, f_cur, f_old):
   total = 0.0
-  for g, h, fc, fo in zip(*(jax.tree.leaves(t) for t in (gp, hat, f_cur, f_old))):
+  for g, h, fc, fo in leaf_quads(gp, hat, f_cur, f_old):
     theta = (1 - lam) * g + lam * h
     total += np.sum(fc * (theta - h) ** 2 + fo * (theta - g) ** 2)
   return total
@@ -222,9 +231,7 @@ def test_became_coefficient_edge_cases(x64):
   assert float(merging.became_coefficient(gp, hat, f_cur, zeros)) == 1.0
   assert float(merging.became_coefficient(gp, hat, zeros, f_old)) == 0.0
   # Zeroing both Fishers of a leaf is the same as dropping it.
-  drop = {"dense": {"kernel": hat["dense"]["kernel"], "bias": hat["dense"]["bias"]}}
   sub = [{"dense": t["dense"]} for t in (gp, hat, f_cur, f_old)]
-  sub[1] = drop
   f_cur_z = dict(f_cur, conv=np.zeros_like(f_cur["conv"]))
   f_old_z = dict(f_old, conv=np.zeros_like(f_old["conv"]))
   np.testing.assert_allclose(
@@ -246,16 +253,17 @@ def test_interpolate(x64):
   rng = np.random.default_rng(13)
   a = {"x": rng.normal(size=(3, 2)), "y": {"z": rng.normal(size=4)}}
   b = jax.tree.map(lambda v: v + rng.normal(size=v.shape), a)
-  for x, y in zip(jax.tree.leaves(merging.interpolate(a, b, 0.0)), jax.tree.leaves(a)):
-    np.testing.assert_array_equal(x, y)  # exact at the ends
-  for x, y in zip(jax.tree.leaves(merging.interpolate(a, b, 1.0)), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)
+  for lam, end in ((0.0, a), (1.0, b)):  # exact at the ends
+    got = merging.interpolate(a, b, lam)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(end)):
+      np.testing.assert_array_equal(x, y)
   lams = {"x": 0.25, "y": {"z": 0.75}}
   out = merging.interpolate(a, b, lams)
-  np.testing.assert_allclose(out["x"], 0.75 * a["x"] + 0.25 * b["x"], atol=1e-14)
-  np.testing.assert_allclose(out["y"]["z"], 0.25 * a["y"]["z"] + 0.75 * b["y"]["z"], atol=1e-14)
+  close = lambda x, y: np.testing.assert_allclose(x, y, atol=1e-14)
+  close(out["x"], 0.75 * a["x"] + 0.25 * b["x"])
+  close(out["y"]["z"], 0.25 * a["y"]["z"] + 0.75 * b["y"]["z"])
   jitted = jax.jit(merging.interpolate)(a, b, jnp.float64(0.3))
-  np.testing.assert_allclose(jitted["x"], 0.7 * a["x"] + 0.3 * b["x"], atol=1e-14)
+  close(jitted["x"], 0.7 * a["x"] + 0.3 * b["x"])
   a32 = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), a)
   assert merging.interpolate(a32, a32, 0.5)["x"].dtype == jnp.float32
 
@@ -265,7 +273,7 @@ def test_merging_errors():
   with pytest.raises(ValueError, match="theta_hat has tree structure"):
     merging.became_coefficient(gp, {"conv": hat["conv"]}, f_cur, f_old)
   bad_shape = dict(hat, conv=np.ones((3, 3, 2, 5)))
-  with pytest.raises(ValueError, match=r"theta_hat leaf 0 has shape \(3, 3, 2, 5\)"):
+  with pytest.raises(ValueError, match=r"theta_hat leaf 0 has shape \(3, 3"):
     merging.became_coefficient(gp, bad_shape, f_cur, f_old)
   negative = dict(f_old, conv=-f_old["conv"])
   with pytest.raises(ValueError, match="fisher_old must be non-negative"):

