@@ -391,6 +391,18 @@ def _permuted_digits(*, flatten=True, data_dir=None, asset_cache=None, **kwargs)
   return permuted(splits, **kwargs)
 
 
+def _permuted_mnist(*, flatten=True, data_dir=None, asset_cache=None, num_tasks=5, seed=0,
+                    train_per_task=None, **kwargs) -> Stream:
+  """MNIST in [0, 1], ``num_tasks`` random permutations, optionally a per-task
+  training subset (the first ``train_per_task`` of a seeded shuffle) for quick runs."""
+  splits = _float_splits(_builtin("clx_mnist", data_dir, asset_cache), 255.0, True)
+  if train_per_task is not None:
+    keep = np.sort(np.random.RandomState(seed).permutation(len(splits["train"]))[:int(train_per_task)])
+    splits = {**splits, "train": splits["train"].take(keep)}
+  return permuted(splits, num_tasks, seed=seed, flatten=flatten,
+                  **{"name": "permuted_mnist", **kwargs})
+
+
 def _mnist_animal_domains(*, flatten=True, data_dir=None, asset_cache=None, seed=None,
                           **kwargs) -> Stream:
   del seed  # accepted for a uniform interface; this stream has no randomness
@@ -404,6 +416,7 @@ STREAMS: dict[str, Callable[..., Stream]] = {
     "split_digits": _split_digits,
     "pmnist": _pmnist,
     "permuted_digits": _permuted_digits,
+    "permuted_mnist": _permuted_mnist,
     "mnist_animal_domains": _mnist_animal_domains,
 }
 
@@ -431,6 +444,8 @@ def get_stream(name: str, *, flatten: bool = True, data_dir: str | os.PathLike |
     split_digits: sklearn digits, 5 x 2 (class scenario), inputs ``x / 16``.
     pmnist: :func:`official_gpm_pmnist` (10 tasks, GPM normalisation, seed 2).
     permuted_digits: sklearn digits, 5 permutations (domain scenario).
+    permuted_mnist: MNIST in [0, 1], ``num_tasks`` permutations (domain
+      scenario), optional ``train_per_task`` subset.
     mnist_animal_domains: MNIST -> Animal-MNIST (domain scenario, 10-way).
 
   Args:

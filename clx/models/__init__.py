@@ -2,8 +2,9 @@
 
 from clx.models.base import Backbone, Params, split_params, to_str_keys
 from clx.models.mlp import MLP, mlp
+from clx.models.vit import ViT, ViTConfig, load_vit_weights, vit, vit_config
 
-_FACTORIES = {"mlp": mlp}
+_FACTORIES = {"mlp": mlp, "vit": vit}
 
 
 def build(name: str, input_shape, **kwargs) -> Backbone:
@@ -13,4 +14,5 @@ def build(name: str, input_shape, **kwargs) -> Backbone:
   return _FACTORIES[name](input_shape, **kwargs)
 
 
-__all__ = ["Backbone", "MLP", "Params", "build", "mlp", "split_params", "to_str_keys"]
+__all__ = ["Backbone", "MLP", "Params", "ViT", "ViTConfig", "build", "load_vit_weights", "mlp",
+           "split_params", "to_str_keys", "vit", "vit_config"]

@@ -231,8 +231,11 @@ class LlamaConfig:
                          f"{self.num_attention_heads}; set head_dim explicitly")
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
     if isinstance(self.rope_scaling, Mapping):
-      object.__setattr__(self, "rope_scaling", _rope_from_dict(
-          self.rope_scaling, strict=True, source="rope_scaling")[1])
+      theta, scaling = _rope_from_dict(self.rope_scaling, strict=True, source="rope_scaling",
+                                       default_theta=self.rope_theta,
+                                       max_position_embeddings=self.max_position_embeddings)
+      object.__setattr__(self, "rope_scaling", scaling)
+      object.__setattr__(self, "rope_theta", theta)
     if isinstance(self.eos_token_id, list):
       object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
     sizes = {k: getattr(self, k) for k in ("vocab_size", "hidden_size", "intermediate_size",

@@ -5,8 +5,10 @@ Modules:
   lora:     LoRA adapters as pytrees, path utilities, apply/fold/init.
   merging:  diagonal Fisher, BECAME merge coefficient, interpolation.
   metrics:  accuracy-matrix summaries (ACC, AIA, BWT, forgetting, FWT).
+  sgp:      SGP importance-scaled memory updates and projections.
+  gradient_projection: GPM/SGP projection applied through a layer's inputs.
 """
 
-from clx.ops import lora, merging, metrics, subspace
+from clx.ops import gradient_projection, lora, merging, metrics, sgp, subspace
 
-__all__ = ["lora", "merging", "metrics", "subspace"]
+__all__ = ["gradient_projection", "lora", "merging", "metrics", "sgp", "subspace"]

@@ -454,8 +454,24 @@ def _train(bb, params, x, steps, *, param_shardings=None, x_sharding=None):
   return params, losses, first_grads
 
 
+@pytest.fixture(scope="module")
+def unsharded_run():
+  """A tiny random model, a batch, and its unsharded logits, features and 3 train steps."""
+  config = L.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         initializer_range=0.2)
+  bb = L.llama((16,), config=config, seed=0)
+  x = np.random.default_rng(0).integers(0, 128, (8, 16)).astype(np.int32)
+  x[::3, 11:] = bb.pad_id
+  logits = jax.jit(bb.logits)(bb.params, x)
+  feats = jax.jit(bb.apply)(bb.params, x)
+  params, losses, grads = _train(bb, bb.params, x, 3)
+  return {"bb": bb, "x": x, "logits": logits, "feats": feats, "params": params,
+          "losses": losses, "grads": grads}
+
+
 @pytest.mark.parametrize("layout", ["tp", "fsdp"])
-def test_sharded_forward_and_train_step_match_unsharded(layout):
+def test_sharded_forward_and_train_step_match_unsharded(unsharded_run, layout):
   if layout == "tp":
     mesh = _mesh((2, 2), ("data", "model"))
     rules, data_axis = partitioning.llama_rules("model"), "data"
@@ -477,12 +493,8 @@ def test_sharded_forward_and_train_step_match_unsharded(layout):
               "layers/1/mlp/gate_proj/kernel": P(None, "fsdp"),  # (64, 128)
               "lm_head/kernel": P(None, "fsdp"),
               "norm/scale": P()}                              # below min_size
-  config = L.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         initializer_range=0.2)
-  bb = L.llama((16,), config=config, seed=0)
-  x = np.random.default_rng(0).integers(0, 128, (8, 16)).astype(np.int32)
-  x[::3, 11:] = bb.pad_id
+  run = unsharded_run
+  bb, x = run["bb"], run["x"]
 
   sharded = partitioning.shard_params(bb.params, mesh, rules)
   for path, spec in expect.items():
@@ -492,16 +504,15 @@ def test_sharded_forward_and_train_step_match_unsharded(layout):
   assert len(per_device) == 4 and max(per_device.values()) < 0.6 * total
 
   x_sharding = NamedSharding(mesh, P(data_axis))
-  want = jax.jit(bb.logits)(bb.params, x)
   got = jax.jit(bb.logits)(sharded, jax.device_put(x, x_sharding))
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=SHARD_TOL, rtol=0)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(run["logits"]), atol=SHARD_TOL, rtol=0)
   feats = jax.jit(bb.apply)(sharded, jax.device_put(x, x_sharding))
-  np.testing.assert_allclose(feats, bb.apply(bb.params, x), atol=SHARD_TOL, rtol=0)
+  np.testing.assert_allclose(feats, run["feats"], atol=SHARD_TOL, rtol=0)
 
   shardings = partitioning.param_shardings(bb.params, mesh, rules)
-  p_ref, l_ref, g_ref = _train(bb, bb.params, x, 3)
   p_shd, l_shd, g_shd = _train(bb, sharded, x, 3, param_shardings=shardings,
                                x_sharding=x_sharding)
+  p_ref, l_ref, g_ref = run["params"], run["losses"], run["grads"]
   assert l_ref[-1] < l_ref[0]
   np.testing.assert_allclose(l_shd, l_ref, atol=SHARD_TOL, rtol=0)
   for path, spec in expect.items():
