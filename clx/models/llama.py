@@ -122,6 +122,7 @@ IGNORED_CONFIG_KEYS = frozenset({
     "model_type", "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout",
     "sliding_window", "quantization_config", "hidden_act", "rope_scaling", "rope_parameters",
     "rope_theta", "original_max_position_embeddings", "partial_rotary_factor", "max_sequence_length",
+    "rope_interleaved", "is_llama_config", "transformers.js_config", "_from_model_config",
 })
 _ROPE_KEYS = {
     "default": set(),
@@ -294,6 +295,9 @@ class LlamaConfig:
       raise ValueError(f"{source}: sliding_window {raw['sliding_window']} is not supported")
     if raw.get("quantization_config"):
       raise ValueError(f"{source}: quantized checkpoints (quantization_config) are not supported")
+    if raw.get("rope_interleaved"):
+      raise ValueError(f"{source}: rope_interleaved=true (GPT-J style rotary pairs) is not "
+                       f"supported; HF Llama checkpoints use the split-half layout")
     for key in ("partial_rotary_factor",):
       if raw.get(key) not in (None, 1, 1.0):
         raise ValueError(f"{source}: {key} {raw[key]} is not supported (only 1.0)")
@@ -918,6 +922,9 @@ _SAFETENSORS_DTYPES = {
     "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
 }
 
+_ML_FLOATS = frozenset(np.dtype(t) for t in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn,
+                                            ml_dtypes.float8_e5m2))
+
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Tensors of a ``.safetensors`` file as read-only memory-mapped NumPy arrays.
@@ -1087,7 +1094,7 @@ def convert_checkpoint(tensors: Mapping[str, np.ndarray], config: LlamaConfig, *
   params: dict = {}
   for short, (path, _, transpose) in expected.items():
     array = np.asarray(tensors[found[short]])
-    if not np.issubdtype(array.dtype, np.floating) and array.dtype != ml_dtypes.bfloat16:
+    if not (np.issubdtype(array.dtype, np.floating) or array.dtype in _ML_FLOATS):
       raise ValueError(f"{source}: tensor {found[short]} has non-float dtype {array.dtype}")
     array = np.ascontiguousarray(array.T if transpose else array).astype(param_dtype)
     sharding = None
@@ -1142,6 +1149,19 @@ def from_pretrained(folder: str | os.PathLike, *, pad_id: int | None = None,
   module = nnx.merge(graphdef, state)
   length = int(max_length or config.max_position_embeddings)
   return _make_backbone(name or folder.resolve().name, module, length)
+
+
+def pretrained(input_shape: Sequence[int] = (512,), *, path: str | os.PathLike,
+               **kwargs) -> LlamaBackbone:
+  """Registry-style factory: :func:`from_pretrained` of ``path`` with ``max_length = L``.
+
+  Args:
+    input_shape: ``(L,)``, the longest token sequence used.
+    path: local Hugging Face folder.
+    **kwargs: forwarded to :func:`from_pretrained`.
+  """
+  (length,) = tuple(input_shape)
+  return from_pretrained(path, max_length=int(length), **kwargs)
 
 
 def _str_keys(tree):

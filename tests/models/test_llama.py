@@ -153,6 +153,7 @@ def test_backbone_metadata(tiny):
       node = node[part]
     assert node.ndim == 2
   assert tiny.params["layers"]["0"]["self_attn"]["k_proj"]["kernel"].shape == (64, 32)
+  assert L.pretrained((32,), path=TINY).input_shape == (32,)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -335,12 +336,62 @@ def test_config_legacy_layout_and_non_strict():
   assert L.LlamaConfig.from_hf(raw).rope_scaling.original_max_position_embeddings == 64
 
 
+def test_real_world_config_fields_accepted():
+  """SmolLM2-135M's config.json (nanotron extras, legacy rope layout) and Llama-3.2-1B's."""
+  smollm2 = {
+      "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+      "bos_token_id": 0, "eos_token_id": 0, "hidden_act": "silu", "hidden_size": 576,
+      "initializer_range": 0.041666666666666664, "intermediate_size": 1536,
+      "is_llama_config": True, "max_position_embeddings": 8192, "model_type": "llama",
+      "num_attention_heads": 9, "num_hidden_layers": 30, "num_key_value_heads": 3,
+      "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_interleaved": False,
+      "rope_scaling": None, "rope_theta": 100000, "tie_word_embeddings": True,
+      "torch_dtype": "bfloat16", "transformers_version": "4.40.1", "use_cache": True,
+      "vocab_size": 49152}
+  cfg = L.LlamaConfig.from_hf(smollm2)
+  assert cfg.head_dim == 64 and cfg.num_groups == 3 and cfg.rope_theta == 100000.0
+  assert 134e6 < cfg.num_params() < 135e6  # SmolLM2-135M: 134,515,008 parameters
+  assert L.default_pad_id(cfg) == -1
+  llama32 = {
+      "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+      "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu",
+      "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
+      "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+      "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
+      "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+      "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                       "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+      "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+      "transformers_version": "4.45.0.dev0", "use_cache": True, "vocab_size": 128256}
+  cfg = L.LlamaConfig.from_hf(llama32)
+  assert cfg.rope_scaling.rope_type == "llama3" and cfg.rope_scaling.factor == 32.0
+  assert 1.23e9 < cfg.num_params() < 1.24e9  # Llama-3.2-1B: 1,235,814,400
+  with pytest.raises(ValueError, match="rope_interleaved"):
+    L.LlamaConfig.from_hf(dict(smollm2, rope_interleaved=True))
+
+
+_ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16"}
+
+
+def _write_safetensors(path: pathlib.Path, tensors: dict) -> None:
+  """Minimal safetensors writer (F32/BF16; ``safetensors.numpy`` cannot write bfloat16)."""
+  header, blobs, offset = {}, [], 0
+  for key, value in tensors.items():
+    value = np.ascontiguousarray(value)
+    data = value.tobytes()
+    header[key] = {"dtype": _ST_DTYPES[value.dtype], "shape": list(value.shape),
+                   "data_offsets": [offset, offset + len(data)]}
+    blobs.append(data)
+    offset += len(data)
+  head = json.dumps(header).encode()
+  head += b" " * (-len(head) % 8)
+  path.write_bytes(len(head).to_bytes(8, "little") + head + b"".join(blobs))
+
+
 def _write_checkpoint(folder: pathlib.Path, tensors: dict, config: dict | None = None) -> None:
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   folder.mkdir(parents=True, exist_ok=True)
   (folder / "config.json").write_text(json.dumps(config or _tiny_raw()))
-  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-            str(folder / "model.safetensors"))
+  _write_safetensors(folder / "model.safetensors", tensors)
 
 
 def test_checkpoint_key_and_shape_errors(tmp_path):
@@ -369,20 +420,6 @@ def test_checkpoint_key_and_shape_errors(tmp_path):
     L.from_pretrained(tmp_path / "empty")
 
 
-def _write_bf16_safetensors(path: pathlib.Path, tensors: dict) -> None:
-  """Minimal safetensors writer (``safetensors.numpy`` cannot write bfloat16)."""
-  header, blobs, offset = {}, [], 0
-  for key, value in tensors.items():
-    data = np.ascontiguousarray(value.astype(ml_dtypes.bfloat16)).tobytes()
-    header[key] = {"dtype": "BF16", "shape": list(value.shape),
-                   "data_offsets": [offset, offset + len(data)]}
-    blobs.append(data)
-    offset += len(data)
-  head = json.dumps(header).encode()
-  head += b" " * (-len(head) % 8)
-  path.write_bytes(len(head).to_bytes(8, "little") + head + b"".join(blobs))
-
-
 def test_bf16_checkpoint_and_bare_model_keys(tmp_path, ref):
   """BF16 tensors load (via ml_dtypes); bare ``LlamaModel`` keys (no ``model.``) too."""
   tensors = {k: np.asarray(v) for k, v in L.read_checkpoint(TINY).items()}
@@ -390,7 +427,8 @@ def test_bf16_checkpoint_and_bare_model_keys(tmp_path, ref):
   folder = tmp_path / "bf16"
   folder.mkdir()
   shutil.copy(TINY / "config.json", folder / "config.json")
-  _write_bf16_safetensors(folder / "model.safetensors", bare)
+  _write_safetensors(folder / "model.safetensors",
+                     {k: v.astype(ml_dtypes.bfloat16) for k, v in bare.items()})
   bb = L.from_pretrained(folder)
   kernel = bb.params["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
   assert kernel.dtype == jnp.float32

@@ -12,7 +12,7 @@ from clx.methods.sequential import finetune, joint, lora
 from clx.models import mlp
 from clx.train.loop import TrainConfig, run_method
 from clx.train.sharding import make_mesh
-from conftest import make_gaussian_stream
+from tests.helpers import make_gaussian_stream
 
 CFG = TrainConfig(epochs=2, batch_size=10, learning_rate=1e-2, eval_batch_size=32)
 
