@@ -31,6 +31,7 @@ _LAZY = {
     "gpm_pmnist_task_order": "streams", "list_streams": "streams",
     "official_gpm_pmnist": "streams", "permuted": "streams", "register_stream": "streams",
     "sklearn_shuffle": "streams", "to_float_inputs": "streams",
+    "load_text_dataset": "text", "text_stream": "text", "tokenize_text_stream": "text",
 }
 
 __all__ = ["SCENARIOS", "ArraySplit", "Stream", "Task", "concat_splits", *sorted(_LAZY)]

