@@ -183,6 +183,8 @@ def run_experiment(config: dict[str, Any], workdir: str | os.PathLike, *,
 
   Returns the ``metrics.json`` content.
   """
+  import jax
+
   from clx import checkpoint, methods, models, report
   from clx.train.loop import TrainConfig, run_method
 
@@ -213,6 +215,8 @@ def run_experiment(config: dict[str, Any], workdir: str | os.PathLike, *,
              "wall_time_s": round(res.wall_time_s, 3)}
     if res.resumed_from is not None:
       entry["resumed_from_task"] = res.resumed_from
+    if method.diagnostics is not None:
+      entry["diagnostics"] = method.diagnostics(jax.device_get(res.state))
     result["runs"][name] = entry
     checkpoint.atomic_write_json(metrics_path, result)
     report.save_heatmap(res.acc_matrix, workdir / name / "acc_matrix.png",

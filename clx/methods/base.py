@@ -128,6 +128,8 @@ class ContinualMethod(NamedTuple):
       and ``None`` otherwise. Both are static (Python ints).
     data_view: ``"current"`` (train on the current task) or ``"cumulative"``
       (all tasks so far: the joint upper bound).
+    diagnostics: optional ``state -> dict`` of JSON-able numbers worth
+      reporting (memory ranks, merge coefficients, …); stored in metrics.json.
   """
 
   name: str
@@ -140,3 +142,4 @@ class ContinualMethod(NamedTuple):
   end_task: Callable[[State, Params, TaskContext], State]
   predict: Callable[..., jax.Array]
   data_view: str = "current"
+  diagnostics: Callable[[State], dict] | None = None

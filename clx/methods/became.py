@@ -39,7 +39,7 @@ import numpy as np
 
 from clx.methods import heads as heads_lib
 from clx.methods.base import ContinualMethod
-from clx.methods.gpm import GPMParts
+from clx.methods.gpm import GPMParts, memory_ranks
 from clx.models.base import Backbone
 from clx.ops import merging
 
@@ -134,7 +134,11 @@ def became(backbone: Backbone, *, base: str = "gpm", stage2: dict | None = None,
     return {"backbone": f_new["backbone"],
             "heads": {**stored["heads"], parts.head_key(state, t): f_new["head"]}}
 
-  return parts.method(name, init=init, end_task=end_task)
+  def diagnostics(state):
+    return {"memory_ranks": memory_ranks(state),
+            "lambdas": [round(float(v), 6) for v in np.asarray(state["lambdas"])]}
+
+  return parts.method(name, init=init, end_task=end_task, diagnostics=diagnostics)
 
 
 @functools.lru_cache(maxsize=32)

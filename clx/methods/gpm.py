@@ -223,7 +223,7 @@ class GPMParts:
   def method(self, name: str, **overrides) -> ContinualMethod:
     fns = dict(init=self.init, begin_task=self.begin_task, trainable=self.trainable,
                loss=self.loss, transform_grads=self.transform_grads, end_task=self.end_task,
-               predict=self.predict)
+               predict=self.predict, diagnostics=lambda state: {"memory_ranks": memory_ranks(state)})
     fns.update(overrides)
     return ContinualMethod(name=name, backbone=self.backbone, **fns)
 
