@@ -477,7 +477,7 @@ def _text_stream(name: str) -> Callable[..., Stream]:
     from clx.data import text  # pylint: disable=import-outside-toplevel
     return text.STREAM_FACTORIES[name](**kwargs)
   factory.__name__ = factory.__qualname__ = f"_{name}"
-  factory.__doc__ = f"``{name}`` of :mod:`clx.data.text` (token ids of a pretrained text tokenizer)."
+  factory.__doc__ = f"``{name}`` of :mod:`clx.data.text` (token ids of a text tokenizer)."
   return factory
 
 

@@ -102,13 +102,16 @@ class Backbone:
     return nnx.merge(self.graphdef, state)
 
   def apply(self, params: Params, x: jax.Array, *, taps: str | None = None, prefix=None,
-            grad_projection=None):
+            grad_projection=None, tap_sites=None):
     """Pooled features ``(n, feature_dim)`` for inputs ``x`` of shape ``(n, *input_shape)``.
 
     ``taps`` (``"inputs"`` or ``"gram"``) also returns per-site input taps,
     see the module docstring. ``prefix`` prepends soft-prompt embeddings.
     ``grad_projection`` (``{site: (basis, scale|None)}``, models that support
     it) projects those sites' kernel gradients through their inputs.
+    ``tap_sites`` (roles like ``("k", "v")`` or kernel paths) keeps only those
+    taps; under ``jax.jit`` the others are dead code and never computed, so a
+    Gram pass costs only what it returns.
     """
     if taps not in (None, "inputs", "gram"):
       raise ValueError(f"taps must be None, 'inputs' or 'gram', got {taps!r}")
@@ -119,7 +122,22 @@ class Backbone:
       if not self.supports_grad_projection:
         raise ValueError(f"{self.name} does not support grad_projection; project gradients instead")
       kwargs["grad_projection"] = grad_projection
-    return self.merge(params)(x, **kwargs)
+    out = self.merge(params)(x, **kwargs)
+    if taps is None or tap_sites is None:
+      return out
+    features, tapped = out
+    wanted = self._resolve_sites(tap_sites)
+    missing = [s for s in wanted if s not in tapped]
+    if missing:
+      raise ValueError(f"{self.name} has no taps for sites {missing}; available: {sorted(tapped)}")
+    return features, {s: tapped[s] for s in wanted}
+
+  def _resolve_sites(self, sites) -> tuple[str, ...]:
+    sites = (sites,) if isinstance(sites, str) else tuple(sites)
+    out = []
+    for s in sites:
+      out.extend(self.sites[s] if s in self.sites else (s,))
+    return tuple(dict.fromkeys(out))
 
   def num_params(self) -> int:
     return sum(int(v.size) for v in jax.tree.leaves(self.params))
