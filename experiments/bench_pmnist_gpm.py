@@ -86,6 +86,38 @@ def run_clx(seed: int, tasks: int) -> dict:
           **metrics.summarize_to_floats(result.acc_matrix), "ranks": memory_ranks(result.state)}
 
 
+def run_seed_batch(seeds: list[int], tasks: int) -> dict:
+  """The same GPM run for several seeds: batched in one program vs one after another."""
+  import dataclasses
+
+  import numpy as np
+
+  from clx.data import get_stream
+  from clx.methods.gpm import gpm
+  from clx.models.mlp import mlp
+  from clx.ops import metrics
+  from clx.train.loop import TrainConfig, run_method
+  from clx.train.seeds import run_seeds
+  from clx.train.sharding import make_mesh
+
+  streams = [get_stream("pmnist", seed=s) for s in seeds]
+  streams = [dataclasses.replace(st, tasks=st.tasks[:tasks]) for st in streams]
+  backbone = mlp(streams[0].input_shape, (100, 100), use_bias=False, seed=seeds[0])
+  method = gpm(backbone, threshold=(0.95, 0.99, 0.99), num_samples=300)
+  cfg = TrainConfig(epochs=5, batch_size=10, optimizer="sgd", learning_rate=0.01,
+                    eval_batch_size=1000)
+  start = time.perf_counter()
+  batched = run_seeds(method, streams, cfg, seeds, mesh=make_mesh(1), quiet=True)
+  t_batched = time.perf_counter() - start
+  start = time.perf_counter()
+  singles = [run_method(method, st, cfg, seed=s, mesh=make_mesh(1), quiet=True)
+             for st, s in zip(streams, seeds)]
+  t_singles = time.perf_counter() - start
+  diff = max(float(np.nanmax(np.abs(b.acc_matrix - s.acc_matrix))) for b, s in zip(batched, singles))
+  accs = [metrics.summarize_to_floats(b.acc_matrix)["acc"] for b in batched]
+  return {"batched_s": t_batched, "singles_s": t_singles, "max_acc_diff": diff, "accs": accs}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--torch-python", default=None,
@@ -93,7 +125,20 @@ def main() -> None:
   parser.add_argument("--seed", type=int, default=2)
   parser.add_argument("--tasks", type=int, default=10)
   parser.add_argument("--reference-steps", type=int, default=5400)
+  parser.add_argument("--seed-batch", default="", help="e.g. 2,3,4,5,6: also time these seeds "
+                      "batched in one program vs one after another (on --seed-batch-tasks tasks)")
+  parser.add_argument("--seed-batch-tasks", type=int, default=3)
+  parser.add_argument("--skip-single", action="store_true", help="skip the single full run")
   args = parser.parse_args()
+  if args.seed_batch:
+    seeds = [int(s) for s in args.seed_batch.split(",")]
+    r = run_seed_batch(seeds, args.seed_batch_tasks)
+    print(f"{len(seeds)} seeds x {args.seed_batch_tasks} tasks: batched in one program "
+          f"{r['batched_s']:.1f} s, one after another {r['singles_s']:.1f} s -> speed-up "
+          f"{r['singles_s'] / r['batched_s']:.2f}x; max accuracy difference {r['max_acc_diff']:.4f}; "
+          f"ACC per seed {[round(a, 2) for a in r['accs']]}")
+    if args.skip_single:
+      return
 
   clx_result = run_clx(args.seed, args.tasks)
   print(f"clx GPM PMNIST ({args.tasks} tasks, seed {args.seed}): wall {clx_result['wall_s']:.1f} s, "

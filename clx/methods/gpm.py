@@ -192,7 +192,8 @@ class GPMParts:
 
   def update_memory(self, state, ctx):
     """Grow each site's memory from ``num_samples`` random training examples."""
-    sample = ctx.sample(self.num_samples, seed=1)
+    # As the official code (x[r[0:300]]): all examples when the task has fewer.
+    sample = ctx.sample(min(self.num_samples, len(ctx.arrays("train")["y"])), seed=1)
     feats, taps = _taps_fn(self.backbone)(state["backbone"], jnp.asarray(sample["x"]))
     reps = {s: taps[s].reshape(taps[s].shape[0], -1).T for s in self.body_sites}
     if HEAD_SITE in self.sites(ctx.spec):

@@ -378,6 +378,31 @@ class _Context:
 # Running a method over a stream.
 
 
+def evaluate_row(method: ContinualMethod, state, base, stream: Stream, t: int, spec: StreamSpec,
+                 fitter: Fitter, config: TrainConfig) -> np.ndarray:
+  """Accuracies (percent) on the test splits of tasks 0..t after training task t."""
+  counters, row = {}, np.zeros(t + 1)
+  for i in range(t + 1):
+    task_id = i if spec.scenario == "task" else None
+    if task_id not in counters:
+      counters[task_id] = make_counter(functools.partial(
+          method.predict, current_task=t, task_id=task_id, spec=spec))
+    class_mask = np.ones(spec.num_classes, bool)
+    if spec.scenario == "task":
+      class_mask[:] = False
+      class_mask[list(spec.task_classes[i])] = True
+    row[i] = evaluate_split(fitter, counters[task_id], state, base, stream.tasks[i].test,
+                            config.eval_batch_size, class_mask)
+  return row
+
+
+def train_split_for(method: ContinualMethod, stream: Stream, t: int) -> ArraySplit:
+  """The data a method trains on at task t (the union so far for joint training)."""
+  if method.data_view == "cumulative":
+    return concat_splits([s.train for s in stream.tasks[:t + 1]])
+  return stream.tasks[t].train
+
+
 @dataclasses.dataclass
 class RunResult:
   method: str
@@ -446,9 +471,7 @@ def run_method(method: ContinualMethod, stream: Stream, config: TrainConfig, *, 
     for t in range(start, T):
       task = stream.tasks[t]
       rng_t = jax.random.fold_in(key, 1 + t)
-      train_split = (concat_splits([s.train for s in stream.tasks[:t + 1]])
-                     if method.data_view == "cumulative" else task.train)
-      ctx = _Context(t, spec, rng_t, base, fitter, train_split,
+      ctx = _Context(t, spec, rng_t, base, fitter, train_split_for(method, stream, t),
                      {"test": task.test, "val": task.val}, config, (seed, t))
       prev_state = state
       state = jax.device_put(state, rep)
@@ -460,18 +483,7 @@ def run_method(method: ContinualMethod, stream: Stream, config: TrainConfig, *, 
                        title=f"{method.name} task {t + 1}/{T}", phase=0)
       state = method.end_task(state, params, ctx)
 
-      counters = {}
-      for i in range(t + 1):
-        task_id = i if spec.scenario == "task" else None
-        if task_id not in counters:
-          counters[task_id] = make_counter(functools.partial(
-              method.predict, current_task=t, task_id=task_id, spec=spec))
-        class_mask = np.ones(spec.num_classes, bool)
-        if spec.scenario == "task":
-          class_mask[:] = False
-          class_mask[list(spec.task_classes[i])] = True
-        acc[t, i] = evaluate_split(fitter, counters[task_id], state, base, stream.tasks[i].test,
-                                   config.eval_batch_size, class_mask)
+      acc[t, :t + 1] = evaluate_row(method, state, base, stream, t, spec, fitter, config)
       if on_task_end is not None:
         on_task_end(t, acc)
       if checkpointer is not None:

@@ -1,0 +1,227 @@
+"""Parameter-free task retrieval from feature signatures, its bound, and screening.
+
+PROTEUS (arXiv 2603.13235) keeps one signature per task (a mixture model of the
+task-adapted backbone's features, :mod:`clx.ops.mixture`). A test input x is passed through
+every task's adapted backbone, h_i(x), and the task whose signature gives the highest
+log-likelihood is retrieved:
+
+    î(x) = argmax_i log p_i(h_i(x)),   p_i = Σ_s π_{i,s} N(μ_{i,s}, Σ_{i,s})
+
+(:func:`score_tasks` on features stacked ``(T, n, d)``; :func:`score_shared` when one
+feature set is scored under every signature). k-means signatures score by minus the distance
+to the nearest centroid (:func:`clx.ops.mixture.nearest_centroid_score`).
+
+**The bound** (Theorems 3.4/3.5 of the paper, as checked by the authors' ``theories.py``,
+``Alisia0303/HESTIA/baselines/RanPAC``). For the data D_{t,s} of cluster s of task t:
+
+- separation δ = min over other tasks i ≠ t and their clusters s' of
+  ``mean_{x ∈ D_{t,s}} (h_i(x) − μ_{i,s'})ᵀ Σ_{i,s'}⁻¹ (h_i(x) − μ_{i,s'}) / d − 1``
+  (:func:`cluster_separation`; for points of the component itself this is ≈ 0);
+- log-determinant ratio κ = min_{i ≠ t, s'} ``log det Σ_{i,s'} − log det Σ_{t,s}``
+  (:func:`log_det_ratio`);
+- σ² = max over i ≠ t of the largest per-dimension (unbiased) variance of h_i(D_{t,s})
+  (:func:`max_feature_variance`);
+- N = (m − 1)·Σ_i τ_i + 1 for m tasks with τ_i clusters each, ε the target error (0.01);
+- threshold = (2/d)·max(¼(M + √(M² − 24 d σ² κ)) − κ,  log((N/ε)(√(1 + 4d/log(N/ε)) + 1))),
+  M = 3dσ² − κ (:func:`bound_threshold`, the code's "Eq. (28)").
+
+The guarantee reads: if δ > threshold for every cluster, the retrieval error is at most ε.
+Two deliberate choices where the code is silent or fragile: τ_i counts the *effective*
+components of each signature (the code passes the configured ``n_components`` for every
+task), and a negative radicand M² − 24dσ²κ is clamped at 0 (the code's ``torch.sqrt`` would
+return NaN).
+
+**Screening** (beyond the paper, which runs the backbone once per task): score x's *base*
+backbone features under per-task base-feature signatures (one forward pass), keep the top-m
+candidate tasks (:func:`top_candidates`), and run only those tasks' adapters to re-rank them
+(:func:`rerank`). Forward passes per input fall from T to 1 + m
+(:func:`forward_passes`); :func:`candidate_recall` measures how often the true task survives
+the screen.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from clx.ops import mixture
+
+Array = jax.Array
+
+
+# ----------------------------------------------------------------------------
+# Scoring
+# ----------------------------------------------------------------------------
+
+
+def signature_kind(signature: dict) -> str:
+  """``"mixture"`` (plug-in Gaussian mixture) or ``"centroids"`` (k-means)."""
+  if "log_weights" in signature:
+    return "mixture"
+  if "centers" in signature:
+    return "centroids"
+  raise ValueError(f"not a signature (fields {sorted(signature)})")
+
+
+def score(signature: dict, feats: Array, *, metric: str = "l1") -> Array:
+  """Score ``(n,)`` of features ``(n, d)`` under one signature (higher = more likely)."""
+  if signature_kind(signature) == "mixture":
+    return mixture.signature_log_prob(signature, feats)
+  return mixture.nearest_centroid_score(signature["centers"], feats, metric,
+                                        signature.get("valid"))
+
+
+def score_tasks(signatures: dict, feats: Array, *, metric: str = "l1") -> Array:
+  """Scores ``(n, T)``: task i's features ``feats[i]`` under task i's signature.
+
+  Args:
+    signatures: signatures stacked on a leading task axis
+      (:func:`clx.ops.mixture.stack_signatures`).
+    feats: ``(T, n, d)``, h_i(x) for every task i.
+    metric: distance of centroid signatures.
+  """
+  out = jax.vmap(lambda sig, f: score(sig, f, metric=metric))(signatures, feats)
+  return out.T
+
+
+def score_shared(signatures: dict, feats: Array, *, metric: str = "l1") -> Array:
+  """Scores ``(n, T)`` of one feature set ``(n, d)`` under every stacked signature."""
+  out = jax.vmap(lambda sig: score(sig, feats, metric=metric))(signatures)
+  return out.T
+
+
+def retrieve(scores: Array) -> Array:
+  """``argmax`` task per row of ``(n, T)`` scores, int32."""
+  return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+
+
+def retrieval_accuracy(predicted: Array, true: Array) -> Array:
+  """Share of rows whose retrieved task is the true one."""
+  return jnp.mean((jnp.asarray(predicted) == jnp.asarray(true)).astype(jnp.float32))
+
+
+# ----------------------------------------------------------------------------
+# Screening
+# ----------------------------------------------------------------------------
+
+
+def top_candidates(scores: Array, m: int) -> Array:
+  """Indices ``(n, m)`` of the m best-scoring tasks, best first."""
+  if not 1 <= m <= scores.shape[-1]:
+    raise ValueError(f"m must be in [1, {scores.shape[-1]}], got {m}")
+  return jax.lax.top_k(scores, m)[1].astype(jnp.int32)
+
+
+def rerank(candidates: Array, candidate_scores: Array) -> Array:
+  """The candidate with the best second-stage score: ``(n,)`` task ids."""
+  best = jnp.argmax(candidate_scores, axis=-1)
+  return jnp.take_along_axis(candidates, best[:, None], axis=-1)[:, 0]
+
+
+def candidate_recall(candidates: Array, true: Array) -> Array:
+  """Share of rows whose true task is among their candidates."""
+  return jnp.mean(jnp.any(candidates == jnp.asarray(true)[:, None], axis=-1).astype(jnp.float32))
+
+
+def forward_passes(num_tasks: int, m: int | None = None) -> int:
+  """Backbone forward passes per input: T (exhaustive) or 1 + m (screened)."""
+  return num_tasks if not m else 1 + min(m, num_tasks)
+
+
+# ----------------------------------------------------------------------------
+# Bound quantities
+# ----------------------------------------------------------------------------
+
+
+def cluster_separation(feats: Array, signatures: dict, valid: Array | None = None) -> Array:
+  """δ of one cluster's data against other tasks' clusters.
+
+  Args:
+    feats: ``(T', n, d)``: the cluster's points under each other task's backbone, h_i(x).
+    signatures: the other tasks' mixture signatures stacked ``(T', K, ...)``.
+    valid: ``(T', K)`` bool mask of real components (default: log-weight > −1e29).
+
+  Returns:
+    ``min_{i,s} mean_x maha²(h_i(x); μ_{i,s}, Σ_{i,s}) / d − 1``.
+  """
+  d = feats.shape[-1]
+
+  def per_task(sig, f):
+    cov_type = mixture.signature_covariance_type(sig)
+    return jnp.mean(mixture.mahalanobis_sq(f, sig["means"], sig["prec_chol"], cov_type), axis=0)
+
+  mean_maha = jax.vmap(per_task)(signatures, feats)  # (T', K)
+  if valid is None:
+    valid = signatures["log_weights"] > 0.1 * mixture.LOG_ZERO
+  return jnp.min(jnp.where(valid, mean_maha, jnp.inf)) / d - 1.0
+
+
+def log_det_ratio(own_log_det: Array, other_log_dets: Array, valid: Array | None = None) -> Array:
+  """κ = min over other clusters of ``log det Σ_{i,s} − log det Σ_{t,s0}``."""
+  diff = other_log_dets - own_log_det
+  if valid is not None:
+    diff = jnp.where(valid, diff, jnp.inf)
+  return jnp.min(diff)
+
+
+def max_feature_variance(feats: Array) -> Array:
+  """σ² = max over tasks and dimensions of the unbiased variance over points, ``feats (T', n, d)``.
+
+  A single point has no variance; the code then takes its largest coordinate, as here.
+  """
+  if feats.shape[1] == 1:
+    return jnp.max(feats)
+  return jnp.max(jnp.var(feats, axis=1, ddof=1))
+
+
+def bound_threshold(d: int, sigma2, kappa, num_tasks: int, total_components: int,
+                    epsilon: float = 0.01):
+  """The separation δ must exceed for retrieval error ≤ ε (the code's Eq. (28)).
+
+  Args:
+    d: feature dimension.
+    sigma2: σ² from :func:`max_feature_variance`.
+    kappa: κ from :func:`log_det_ratio`.
+    num_tasks: m.
+    total_components: Σ_i τ_i over all m tasks.
+    epsilon: target retrieval error.
+  """
+  n_term = (num_tasks - 1) * total_components + 1
+  log_ne = math.log(n_term / epsilon)
+  second = math.log((n_term / epsilon) * (math.sqrt(1.0 + 4.0 * d / log_ne) + 1.0))
+  sigma2 = jnp.asarray(sigma2, jnp.float32)
+  kappa = jnp.asarray(kappa, jnp.float32)
+  big_m = 3.0 * d * sigma2 - kappa
+  radicand = jnp.maximum(big_m ** 2 - 24.0 * d * sigma2 * kappa, 0.0)
+  first = 0.25 * (big_m + jnp.sqrt(radicand)) - kappa
+  return 2.0 * jnp.maximum(first, second) / d
+
+
+def bound_check(cluster_feats_other: Array, other_signatures: dict, own_log_det: Array, *,
+                num_tasks: int, total_components: int, epsilon: float = 0.01,
+                valid: Array | None = None) -> dict[str, Array]:
+  """All bound quantities of one cluster: ``delta``, ``kappa``, ``sigma2``, ``threshold``, ``pass``.
+
+  Args:
+    cluster_feats_other: ``(T', n, d)`` the cluster's points under the other tasks' backbones.
+    other_signatures: those tasks' mixture signatures, stacked.
+    own_log_det: log det Σ of the cluster's own component.
+    num_tasks, total_components, epsilon: see :func:`bound_threshold`.
+    valid: ``(T', K)`` mask of real components.
+  """
+  if valid is None:
+    valid = other_signatures["log_weights"] > 0.1 * mixture.LOG_ZERO
+  delta = cluster_separation(cluster_feats_other, other_signatures, valid)
+  kappa = log_det_ratio(own_log_det, other_signatures["log_det_cov"], valid)
+  sigma2 = max_feature_variance(cluster_feats_other)
+  threshold = bound_threshold(cluster_feats_other.shape[-1], sigma2, kappa, num_tasks,
+                              total_components, epsilon)
+  return {"delta": delta, "kappa": kappa, "sigma2": sigma2, "threshold": threshold,
+          "pass": delta > threshold}
+
+
+__all__ = ["bound_check", "bound_threshold", "candidate_recall", "cluster_separation",
+           "forward_passes", "log_det_ratio", "max_feature_variance", "rerank", "retrieval_accuracy",
+           "retrieve", "score", "score_shared", "score_tasks", "signature_kind", "top_candidates"]

@@ -1,0 +1,144 @@
+"""RanPAC-style closed-form classifier head: random projection, Gram statistics, ridge.
+
+RanPAC (McDonnell et al., NeurIPS 2023) and PROTEUS' code (``Alisia0303/HESTIA``,
+``baselines/RanPAC/lib/random_projection.py``) classify a frozen feature ``f`` (d,) by
+
+    h = ReLU(f W_rand)                W_rand (d, M) with N(0, 1) entries, M = 10,000
+    logits = h W_o,   W_o = (G + λ I)⁻¹ Q,   G = Σ hᵀh,  Q = Σ hᵀ y   (y one-hot)
+
+where ``G`` and ``Q`` are accumulated over every task seen so far (no replay: only the
+(M, M) and (M, C) sums are kept). The ridge λ is chosen per task from ``10⁻⁸ … 10⁸`` by
+fitting on the first 80 % of the task's projected features and measuring the mean squared
+error of the one-hot targets on the remaining 20 % (``optimise_ridge_parameter``).
+
+Here :func:`select_ridge` evaluates the whole λ grid with one eigendecomposition of the fit
+Gram (``W(λ) = V diag(1/(e + λ)) Vᵀ Q``), which is the same closed form for every λ. It can
+add earlier tasks' statistics to the fit part (``base_gram``/``base_xty``), so λ is chosen
+for the head that will actually be used; with ``None`` it is the code's per-task choice.
+Everything is jit-able; shapes are static.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+RIDGE_GRID = tuple(10.0 ** np.arange(-8, 9))  # the code's np.arange(-8, 9)
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _mm(a, b):
+  return jnp.matmul(a, b, precision=_HIGHEST)
+
+
+def random_projection(key: Array, d: int, m: int, dtype=jnp.float32) -> Array:
+  """``W_rand (d, m)`` with i.i.d. N(0, 1) entries (``torch.randn(d, M)`` in the code)."""
+  return jax.random.normal(key, (d, m), dtype)
+
+
+def project(features: Array, w_rand: Array) -> Array:
+  """``ReLU(f W_rand)``, ``(n, M)``."""
+  return jax.nn.relu(_mm(features, w_rand.astype(features.dtype)))
+
+
+def init_statistics(m: int, num_classes: int, dtype=jnp.float32) -> dict[str, Array]:
+  """Zero ``{"gram" (M, M), "xty" (M, C), "count" ()}``."""
+  return {"gram": jnp.zeros((m, m), dtype), "xty": jnp.zeros((m, num_classes), dtype),
+          "count": jnp.zeros((), jnp.int32)}
+
+
+def one_hot(labels: Array, num_classes: int, dtype=jnp.float32) -> Array:
+  return jax.nn.one_hot(labels, num_classes, dtype=dtype)
+
+
+def accumulate(stats: dict, h: Array, y: Array, mask: Array | None = None) -> dict[str, Array]:
+  """Add ``hᵀh`` and ``hᵀy`` of a batch (rows with ``mask == 0`` ignored).
+
+  Args:
+    stats: from :func:`init_statistics`.
+    h: ``(n, M)`` projected features.
+    y: ``(n, C)`` targets (one-hot).
+    mask: optional ``(n,)`` 0/1 row weights.
+  """
+  if mask is not None:
+    w = mask.astype(h.dtype)[:, None]
+    h, y = h * w, y * w
+    count = jnp.sum(mask > 0).astype(jnp.int32)
+  else:
+    count = jnp.asarray(h.shape[0], jnp.int32)
+  return {"gram": stats["gram"] + _mm(h.T, h), "xty": stats["xty"] + _mm(h.T, y.astype(h.dtype)),
+          "count": stats["count"] + count}
+
+
+def solve(gram: Array, xty: Array, ridge) -> Array:
+  """``W_o = (G + λ I)⁻¹ Q`` by a Cholesky solve, ``(M, C)``."""
+  m = gram.shape[0]
+  a = gram + ridge * jnp.eye(m, dtype=gram.dtype)
+  chol = jax.scipy.linalg.cho_factor(a, lower=True)
+  return jax.scipy.linalg.cho_solve(chol, xty)
+
+
+@functools.partial(jax.jit, static_argnames=("fit_fraction",))
+def _ridge_losses(h, y, base_gram, base_xty, grid, *, fit_fraction):
+  n = h.shape[0]
+  n_fit = int(n * fit_fraction)
+  h_fit, y_fit = h[:n_fit], y[:n_fit]
+  h_val, y_val = h[n_fit:], y[n_fit:]
+  gram = base_gram + _mm(h_fit.T, h_fit)
+  xty = base_xty + _mm(h_fit.T, y_fit)
+  evals, evecs = jnp.linalg.eigh(gram)
+  evals = jnp.maximum(evals, 0.0)
+  proj_q = _mm(evecs.T, xty)        # (M, C)
+  proj_v = _mm(h_val, evecs)        # (n_val, M)
+
+  def loss(lam):
+    pred = _mm(proj_v, proj_q / (evals + lam)[:, None])
+    return jnp.mean((pred - y_val) ** 2)
+
+  return jax.lax.map(loss, grid)
+
+
+def select_ridge(h, y, *, grid=RIDGE_GRID, fit_fraction: float = 0.8, base_gram=None,
+                 base_xty=None):
+  """Choose λ on a held-out split: fit on the first ``fit_fraction`` of the rows,
+  mean squared error of the targets on the rest (the code's ``optimise_ridge_parameter``).
+
+  Args:
+    h: ``(n, M)`` projected features of the current task, in the order to split
+      (shuffle first if the data is sorted by class).
+    y: ``(n, C)`` one-hot targets.
+    grid: candidate λ values.
+    fit_fraction: share of rows in the fit part.
+    base_gram, base_xty: statistics of earlier tasks added to the fit part (default none).
+
+  Returns:
+    ``(best λ, losses (len(grid),))``.
+  """
+  h = jnp.asarray(h)
+  y = jnp.asarray(y, h.dtype)
+  n, m = h.shape
+  n_fit = int(n * fit_fraction)
+  if n_fit < 1 or n_fit >= n:
+    raise ValueError(f"fit_fraction {fit_fraction} of {n} rows leaves an empty fit or held-out part")
+  if base_gram is None:
+    base_gram = jnp.zeros((m, m), h.dtype)
+  if base_xty is None:
+    base_xty = jnp.zeros((m, y.shape[1]), h.dtype)
+  grid_arr = jnp.asarray(grid, h.dtype)
+  losses = _ridge_losses(h, y, jnp.asarray(base_gram, h.dtype), jnp.asarray(base_xty, h.dtype),
+                         grid_arr, fit_fraction=float(fit_fraction))
+  best = int(jnp.argmin(losses))
+  return float(grid[best]), losses
+
+
+def logits(features: Array, w_rand: Array, w_out: Array) -> Array:
+  """``ReLU(f W_rand) W_o``, ``(n, C)``."""
+  return _mm(project(features, w_rand), w_out.astype(features.dtype))
+
+
+__all__ = ["RIDGE_GRID", "accumulate", "init_statistics", "logits", "one_hot", "project",
+           "random_projection", "select_ridge", "solve"]

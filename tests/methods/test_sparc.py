@@ -1,0 +1,287 @@
+"""SPARC and sequential prompt tuning on a tiny BERT whose token embeddings live in known subspaces.
+
+Token groups have embeddings confined to known coordinate blocks of R^32, so
+the PCA subspace of a task (and its overlap with another task) is known in
+advance: group A (ids 1-40) spans dims 0-9, B (41-80) dims 10-19, C (81-120)
+dims 5-14 (half of A's, half of B's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clx.data.types import ArraySplit, Stream, Task
+from clx.methods import sparc as sparc_lib
+from clx.methods.base import StreamSpec
+from clx.models import bert, llama, mlp
+from clx.train import loop
+from clx.train.sharding import make_mesh
+
+L = 16
+GROUPS = {"A": (1, 41, slice(0, 10)), "B": (41, 81, slice(10, 20)), "C": (81, 121, slice(5, 15))}
+CFG = loop.TrainConfig(epochs=1, batch_size=16, learning_rate=1e-2, eval_batch_size=64)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_bert():
+  backbone = bert.bert((L,), config=bert.BertConfig(
+      vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=64, max_position_embeddings=32))
+  rng = np.random.default_rng(0)
+  table = np.zeros((128, 32), np.float32)
+  for lo, hi, dims in GROUPS.values():
+    table[lo:hi, dims] = rng.normal(size=(hi - lo, dims.stop - dims.start))
+  params = jax.tree.map(lambda v: v, backbone.params)
+  params["embeddings"]["word_embeddings"]["embedding"] = jnp.asarray(table)
+  return dataclasses.replace(backbone, params=params)
+
+
+def _split(rng, n, group, classes):
+  lo, hi, _ = GROUPS[group]
+  x = np.zeros((n, L), np.int32)
+  y = rng.choice(np.asarray(classes), n).astype(np.int32)
+  for i, length in enumerate(rng.integers(4, L + 1, n)):
+    x[i, :length] = rng.integers(lo, hi, length)
+    x[i, 0] = lo + (y[i] - classes[0])  # a label-bearing first token
+  return ArraySplit({"x": x, "y": y})
+
+
+def make_stream(groups, scenario="task", n_train=48, n_test=24, same_data=()):
+  """One task per group; ``same_data`` lists tasks that copy task 0's data exactly."""
+  rng = np.random.default_rng(1)
+  tasks = []
+  for t, g in enumerate(groups):
+    classes = (0, 1) if scenario == "domain" else (2 * t, 2 * t + 1)
+    if t in same_data:
+      src = tasks[0]
+      shift = classes[0] - src.classes[0]
+      train = ArraySplit({"x": src.train.x, "y": src.train.y + shift})
+      test = ArraySplit({"x": src.test.x, "y": src.test.y + shift})
+    else:
+      train, test = _split(rng, n_train, g, classes), _split(rng, n_test, g, classes)
+    tasks.append(Task(f"{g}{t}", train, test, classes))
+  num_classes = 2 if scenario == "domain" else 2 * len(groups)
+  return Stream("synthetic_text", tuple(tasks), scenario, num_classes)
+
+
+def drive(method, stream, *, train=True):
+  """The loop's protocol calls; returns the state after each task.
+
+  ``train``: True/False, or the indices of the tasks to train (others keep their init).
+  """
+  mesh = make_mesh(1)
+  spec = StreamSpec.from_stream(stream)
+  fitter = loop.Fitter(mesh, quiet=True)
+  key = jax.random.PRNGKey(0)
+  base = method.backbone.params
+  state = method.init(jax.random.fold_in(key, 0), spec)
+  states = []
+  for t, task in enumerate(stream.tasks):
+    ctx = loop._Context(t, spec, jax.random.fold_in(key, 1 + t), base, fitter, task.train,
+                        {"test": task.test, "val": None}, CFG, (0, t))
+    state = method.begin_task(state, ctx)
+    params = method.trainable(state, t)
+    if train is True or (train and t in train):
+      params = ctx.fit(params, functools.partial(method.loss, task_index=t, spec=spec),
+                       transform_grads=method.transform_grads, state=state, phase=0)
+    state = method.end_task(state, params, ctx)
+    states.append(jax.device_get(state))
+  return states, spec
+
+
+def prompt(state, t, use_mean=False):
+  entry = state["tasks"][str(t)]
+  basis = entry.get("basis", entry["pca"]["components"])
+  p = np.asarray(entry["z"], np.float64) @ np.asarray(basis, np.float64).T
+  return p + np.asarray(entry["pca"]["mean"]) if use_mean else p
+
+
+def in_span_residual(rows, basis):
+  basis = np.asarray(basis, np.float64)
+  return np.linalg.norm(rows - rows @ basis @ basis.T) / max(np.linalg.norm(rows), 1e-30)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_mean,train", [(True, True), (False, False)])
+def test_prompt_lies_in_the_task_pca_span_after_training(use_mean, train):
+  method = sparc_lib.sparc(tiny_bert(), num_prompt_tokens=3, num_components=4, use_mean=use_mean)
+  states, _ = drive(method, make_stream("AB"), train=train)
+  for t in range(2):
+    entry = states[-1]["tasks"][str(t)]
+    u = np.asarray(entry["pca"]["components"])
+    np.testing.assert_allclose(u.T @ u, np.eye(4), atol=1e-5)
+    assert in_span_residual(prompt(states[-1], t, use_mean) - (
+        np.asarray(entry["pca"]["mean"]) if use_mean else 0.0), u) < 1e-5
+    # The PCA span is the task's token block: A in dims 0-9, B in dims 10-19.
+    dims = GROUPS["AB"[t]][2]
+    assert np.linalg.norm(np.delete(u, np.r_[dims], axis=0)) < 1e-4
+
+
+def test_overlap_is_one_for_same_data_and_zero_for_orthogonal_subspaces():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(300, 20)) * np.linspace(2, 0.5, 20)
+  from clx.ops import pca
+  u1 = np.asarray(pca.pca(jnp.asarray(x, jnp.float32), 5)["components"])
+  u2 = np.asarray(pca.pca(jnp.asarray(x[::-1].copy(), jnp.float32), 5)["components"])
+  q = np.linalg.qr(rng.normal(size=(20, 10)))[0]
+  a, b = q[:, :5], q[:, 5:]  # orthogonal synthetic subspaces
+  for kind in sparc_lib.OVERLAPS:
+    assert sparc_lib.overlap_score(u1, u2, kind) == pytest.approx(1.0, abs=1e-4)
+    assert sparc_lib.overlap_score(a, b, kind) == pytest.approx(0.0, abs=1e-5)
+    assert 0.0 < sparc_lib.overlap_score(a, np.linalg.qr(a + 0.5 * b)[0], kind) < 1.0
+  with pytest.raises(ValueError, match="overlap must be one of"):
+    sparc_lib.overlap_score(a, b, "dot")
+
+
+@pytest.mark.parametrize("tau,expected", [(0.9, [False, True, False]), (float("inf"), [False] * 3),
+                                          (0.0, [False, True, True])])
+def test_reuse_or_new_follows_the_threshold(tau, expected):
+  method = sparc_lib.sparc(tiny_bert(), num_prompt_tokens=2, num_components=4,
+                           overlap="subspace", overlap_threshold=tau)
+  states, _ = drive(method, make_stream("AAB", same_data=(1,)), train=False)
+  last = states[-1]["tasks"]
+  assert [bool(last[str(t)]["overlap"]["reused"]) for t in range(3)] == expected
+  np.testing.assert_allclose(last["1"]["overlap"]["scores"][:1], [1.0], atol=1e-4)  # same data
+  np.testing.assert_allclose(last["2"]["overlap"]["scores"][:2], [0.0, 0.0], atol=1e-4)
+  assert int(last["1"]["overlap"]["matched"]) == 0 and int(last["0"]["overlap"]["matched"]) == -1
+  if expected[1]:  # re-used: task 1 starts from task 0's prompt expressed in its own basis
+    np.testing.assert_allclose(prompt(states[-1], 1), prompt(states[0], 0), atol=1e-5)
+  diag = method.diagnostics(states[-1])
+  assert diag["reuse_decisions"] == expected
+
+
+def test_new_prompt_is_orthogonal_to_stored_prompts_inside_its_subspace():
+  method = sparc_lib.sparc(tiny_bert(), num_prompt_tokens=2, num_components=6,
+                           overlap_threshold=1.0)
+  states, _ = drive(method, make_stream("AC"), train=False)  # C half-overlaps A
+  p0, p1 = prompt(states[-1], 0), prompt(states[-1], 1)
+  u1 = states[-1]["tasks"]["1"]["pca"]["components"]
+  assert np.abs(p1 @ p0.T).max() < 1e-5 * np.linalg.norm(p1) * np.linalg.norm(p0)
+  assert in_span_residual(p1, u1) < 1e-5
+  assert np.linalg.norm(p1) > 0.1
+  assert sparc_lib.overlap_score(states[-1]["tasks"]["0"]["pca"]["components"], u1) > 0.0
+
+
+def test_orthogonal_penalty_is_added_and_stored():
+  method = sparc_lib.sparc(tiny_bert(), num_prompt_tokens=2, num_components=6,
+                           overlap_threshold=1.0, orthogonal_penalty=10.0)
+  stream = make_stream("AC")
+  states, spec = drive(method, stream, train=False)
+  state = states[-1]
+  q = state["tasks"]["1"]["ortho"]
+  assert q.shape[0] == 32 and np.allclose(q.T @ q, np.eye(q.shape[1]), atol=1e-5)
+  batch = {"x": jnp.asarray(stream.tasks[1].train.x[:8]), "y": jnp.asarray(stream.tasks[1].train.y[:8]),
+           "mask": jnp.ones(8)}
+
+  def penalty(params):
+    _, aux = method.loss(params, state, method.backbone.params, batch, None, task_index=1,
+                         spec=spec)
+    return float(aux["orthogonal_penalty"])
+
+  params = method.trainable(state, 1)
+  assert penalty(params) < 1e-8  # orthogonal at initialisation
+  u1 = np.asarray(state["tasks"]["1"]["pca"]["components"])
+  toward_old = np.asarray(prompt(state, 0)) @ u1  # the old prompt seen in the new basis
+  assert penalty({**params, "z": params["z"] + jnp.asarray(toward_old, jnp.float32)}) > 1e-3
+
+
+def test_task_il_old_predictions_are_bit_identical_with_lora():
+  stream = make_stream("ABC")
+  method = sparc_lib.sparc(tiny_bert(), num_prompt_tokens=2, num_components=4, lora_rank=2)
+  states, spec = drive(method, stream)
+  base = method.backbone.params
+  for s in range(2):
+    x = jnp.asarray(stream.tasks[s].test.x)
+    outs = [np.asarray(jax.jit(functools.partial(method.predict, current_task=t, task_id=s,
+                                                 spec=spec))(states[t], base, x))
+            for t in range(s, 3)]
+    for later in outs[1:]:
+      assert np.array_equal(outs[0], later)
+    assert np.all(outs[0][:, list(spec.task_classes[s])] > -1e29)
+  assert all("lora" in states[-1]["tasks"][str(t)] for t in range(3))
+  a0 = states[-1]["tasks"]["0"]["lora"]
+  assert all("." in key and "/" not in key for key in a0)
+
+
+def test_prompt_tuning_baseline_shares_one_drifting_prompt():
+  stream = make_stream("AB")
+  method = sparc_lib.prompt_tuning(tiny_bert(), num_prompt_tokens=2)
+  states, spec = drive(method, stream)
+  assert not np.array_equal(states[0]["prompt"], states[1]["prompt"])
+  diag = method.diagnostics(states[-1])
+  assert diag["trainable_params_per_task"] == 2 * 32
+
+
+def test_domain_il_subspace_selection_picks_the_matching_task_prompt():
+  stream = make_stream("AB", scenario="domain")
+  for lora_rank in (0, 2):
+    method = sparc_lib.sparc(tiny_bert(), num_prompt_tokens=2, num_components=4,
+                             lora_rank=lora_rank)
+    states, spec = drive(method, stream, train=False)
+    assert set(states[-1]["heads"]) == {"shared"}
+    base = method.backbone.params
+    for s in range(2):
+      x = jnp.asarray(stream.tasks[s].test.x)
+      free = method.predict(states[-1], base, x, current_task=1, task_id=None, spec=spec)
+      given = method.predict(states[-1], base, x, current_task=1, task_id=s, spec=spec)
+      np.testing.assert_allclose(free, given, rtol=1e-5, atol=1e-5)
+  latest = sparc_lib.sparc(tiny_bert(), num_prompt_tokens=2, num_components=4, selection="latest")
+  x = jnp.asarray(stream.tasks[0].test.x)
+  np.testing.assert_allclose(
+      latest.predict(states[-1], base, x, current_task=1, task_id=None, spec=spec),
+      latest.predict(states[-1], base, x, current_task=1, task_id=1, spec=spec))
+
+
+def test_trainable_parameter_percentage():
+  backbone = tiny_bert()
+  method = sparc_lib.sparc(backbone, num_prompt_tokens=3, num_components=4, lora_rank=2)
+  states, _ = drive(method, make_stream("A"), train=False)
+  diag = method.diagnostics(states[-1])
+  lora = 2 * 2 * 2 * (32 + 32)  # layers × (q, v) × r·(d_in + d_out)
+  assert diag["tasks"]["0"]["prompt_params"] == 3 * 4
+  assert diag["tasks"]["0"]["lora_params"] == lora
+  assert diag["trainable_pct"] == pytest.approx(100 * (12 + lora) / backbone.num_params(), abs=1e-5)
+  assert diag["trainable_pct_with_head"] > diag["trainable_pct"]
+  basis = sparc_lib.sparc(backbone, num_prompt_tokens=3, num_components=4, train_basis=True,
+                          pooling="mean")
+  states, _ = drive(basis, make_stream("A"), train=False)
+  assert basis.diagnostics(states[-1])["tasks"]["0"]["prompt_params"] == 3 * 4 + 32 * 4
+
+
+def test_label_word_scoring_on_a_decoder_lm():
+  backbone = llama.llama((L,), pad_id=0)
+  method = sparc_lib.sparc(backbone, num_prompt_tokens=2, num_components=4, lora_rank=2,
+                           label_words=[10, 11, 12, 13])
+  stream = make_stream("AB")
+  states, spec = drive(method, stream, train=(1,))  # one training phase (compile time)
+  assert "heads" not in states[-1]
+  logits = method.predict(states[-1], backbone.params, jnp.asarray(stream.tasks[1].test.x),
+                          current_task=1, task_id=1, spec=spec)
+  assert logits.shape == (24, 4) and np.all(np.asarray(logits[:, :2]) < -1e29)
+  assert np.all(np.isfinite(np.asarray(logits[:, 2:])))
+  with pytest.raises(ValueError, match="one label word per global class"):
+    sparc_lib.sparc(backbone, num_components=4, label_words=[1, 2]).init(jax.random.PRNGKey(0), spec)
+
+
+def test_bad_arguments_are_named():
+  backbone = tiny_bert()
+  with pytest.raises(ValueError, match="pooling"):
+    sparc_lib.sparc(backbone, pooling="max")
+  with pytest.raises(ValueError, match="num_components"):
+    sparc_lib.sparc(backbone, num_components=33)
+  with pytest.raises(ValueError, match="selection"):
+    sparc_lib.sparc(backbone, num_components=4, selection="oracle")
+  with pytest.raises(ValueError, match="no site role"):
+    sparc_lib.sparc(backbone, num_components=4, lora_rank=2, lora_sites=("qq",))
+  with pytest.raises(ValueError, match="pad_id"):
+    sparc_lib.sparc(mlp.mlp((8,), hidden=(4,)), num_components=2)
+  with pytest.raises(ValueError, match="label_word_scores"):
+    sparc_lib.sparc(backbone, num_components=4, label_words=[1, 2])
