@@ -85,7 +85,7 @@ def sgp_update_fixed(basis_padded: Array, rank: Any, scale: Array, representatio
   sigma = jnp.where(cols < rank, sigma_old, s_hat[source])
   importance = _importance(sigma, cols < new_rank, scale_coff)
   importance = jnp.where(cols < rank, jnp.clip(importance + scale, 0.0, 1.0), importance)
-  return basis, new_rank, importance.astype(jnp.float32)
+  return basis, new_rank, importance.astype(basis.dtype)
 
 
 def scaled_projection_out(grad: Array, basis_padded: Array, rank: Any, scale: Array) -> Array:

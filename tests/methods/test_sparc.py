@@ -31,7 +31,7 @@ CFG = loop.TrainConfig(epochs=1, batch_size=16, learning_rate=1e-2, eval_batch_s
 @functools.lru_cache(maxsize=None)
 def tiny_bert():
   backbone = bert.bert((L,), config=bert.BertConfig(
-      vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
       intermediate_size=64, max_position_embeddings=32))
   rng = np.random.default_rng(0)
   table = np.zeros((128, 32), np.float32)
@@ -245,7 +245,7 @@ def test_trainable_parameter_percentage():
   method = sparc_lib.sparc(backbone, num_prompt_tokens=3, num_components=4, lora_rank=2)
   states, _ = drive(method, make_stream("A"), train=False)
   diag = method.diagnostics(states[-1])
-  lora = 2 * 2 * 2 * (32 + 32)  # layers × (q, v) × r·(d_in + d_out)
+  lora = 1 * 2 * 2 * (32 + 32)  # layers × (q, v) × r·(d_in + d_out)
   assert diag["tasks"]["0"]["prompt_params"] == 3 * 4
   assert diag["tasks"]["0"]["lora_params"] == lora
   assert diag["trainable_pct"] == pytest.approx(100 * (12 + lora) / backbone.num_params(), abs=1e-5)
@@ -257,7 +257,8 @@ def test_trainable_parameter_percentage():
 
 
 def test_label_word_scoring_on_a_decoder_lm():
-  backbone = llama.llama((L,), pad_id=0)
+  backbone = llama.llama((L,), pad_id=0, vocab_size=128, hidden_size=32, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
   method = sparc_lib.sparc(backbone, num_prompt_tokens=2, num_components=4, lora_rank=2,
                            label_words=[10, 11, 12, 13])
   stream = make_stream("AB")
@@ -279,7 +280,7 @@ def test_bad_arguments_are_named():
     sparc_lib.sparc(backbone, num_components=33)
   with pytest.raises(ValueError, match="selection"):
     sparc_lib.sparc(backbone, num_components=4, selection="oracle")
-  with pytest.raises(ValueError, match="no site role"):
+  with pytest.raises(ValueError, match="neither a site role"):
     sparc_lib.sparc(backbone, num_components=4, lora_rank=2, lora_sites=("qq",))
   with pytest.raises(ValueError, match="pad_id"):
     sparc_lib.sparc(mlp.mlp((8,), hidden=(4,)), num_components=2)

@@ -1,0 +1,618 @@
+"""PROTEUS: LoRA module composition and parameter-free task retrieval (arXiv 2603.13235).
+
+Sources. The paper (Le, Bui, Hoang & Hoang, ICLR 2026 submission, OpenReview 5nVrMIl7vf)
+describes the method; the first author's public code ``Alisia0303/HESTIA``,
+``baselines/RanPAC`` (configs, ViT, RanPAC head, ``theories.py``, ``test.py``) fixes the
+defaults. The stored snapshot of that code does not contain the composition forward pass
+itself (only its checkpoint names ``Q/V_lora_pool_A/B``, ``W_Q``, ``W_V``,
+``new_Q/V_lora_A/B``), so the exact composition formula is the paper's, filled in as marked
+[R] below. What comes from where:
+
+===========================================  ==========================================
+Taken from the code                          Taken from the paper / reconstructed [R]
+===========================================  ==========================================
+LoRA on q and v of every block, output       ΔW_k = Σ_{j<k} w_{k,j} B_j A_j + B_k⊥A_k⊥
+scale 0.1 (``0.1 * (x @ units)``)            (paper); w per earlier unit *and per site*
+                                             [R: the code keeps ``W_Q``/``W_V``, their
+new unit rank ``added_units = 4``,           shape is not in the snapshot]
+up-projection zero, down N(0, 0.01²)
+                                             α multiplies the transfer term: ΔW_k =
+``reg_weight`` 0.006 (ℓ1 on w),              scale·(α Σ w_{k,j} a_j b_j + a_k b_k)
+``ortho_weight`` 0.004, ``alpha`` 0.3        [R: the code passes ``alpha`` to the
+                                             forward, its use is not in the snapshot;
+orthogonality loss ‖AᵀB‖²_F between          the ``lamdba0`` ablation config pairs
+factor matrices (``ortho_loss``)             reg 0 with α = 1]
+
+DP-GMM signature: sklearn                    orthogonality between the new unit's
+``BayesianGaussianMixture`` with             down-projection and every earlier unit's,
+``n_components`` 100, concentration 0.01     Σ_{j<k} ‖a_jᵀ a_k‖²_F (+ ‖b_j b_kᵀ‖²_F with
+(CIFAR: 20 / 0.1), full covariances;         ``ortho_factors="ab"``) [R]
+scoring N(μ, Σ + 1e-4·I) (``test.py``)
+                                             w_{k,j} initialised to ``transfer_init`` = 1
+RanPAC head: W_rand (d, 10,000) N(0, 1),     [R]
+ReLU, G += HᵀH, Q += HᵀY over tasks,
+λ ∈ 10⁻⁸…10⁸ on an 80/20 split of the        k-means (K = 5) + nearest centroid (L1)
+current task, W_o = (G + λI)⁻¹Q; each        ablation (reviewers; S-Prompts style)
+test input goes through its retrieved
+task's backbone, one global W_o              screening stage (not in paper or code)
+
+Adam, lr 5e-4 (ImageNet-R ``-ortho``         training head: one linear head per task
+config; 1e-3 elsewhere), 20 epochs (5 on     over its own classes (the code masks the
+CIFAR-100), batch 32, grad clip 1.0          other classes of a global head: the same
+                                             loss)
+bound quantities δ, κ, threshold
+(``theories.py``; see clx.ops.retrieval)
+===========================================  ==========================================
+
+Per task k (sites = the q and v kernels of every block):
+
+1. ``begin_task``: a new unit (a_k (d_in, 4) ~ N(0, 0.01²), b_k (4, d_out) = 0) and, for
+   k > 0, transfer weights w_{k,j} (one per site and earlier unit).
+2. Training (the loop's ``ctx.fit``): cross-entropy of the task's own head on
+   h_k(x) = backbone(W + ΔW_k)(x), plus ``reg_weight``·Σ|w| plus ``ortho_weight``·Σ_{j<k}‖a_jᵀa_k‖².
+   Earlier units are frozen (they are not trainable parameters).
+3. ``end_task``: features h_k of the task's training data → signature (DP-GMM, pruned to
+   components of weight ≥ ``min_component_weight``, or k-means centroids); with screening,
+   a second signature of the *base* backbone's features; RanPAC statistics G, Q updated with
+   h_k and W_o re-solved with the λ chosen on the task's held-out 20 %.
+4. ``predict`` (class-IL): h_i(x) for every task i at once (all tasks' deltas stacked on a
+   leading axis, ``vmap``), log-likelihood under each signature, î = argmax; logits =
+   ReLU(h_î(x) W_rand) W_o over the global label space (unseen classes at −1e30;
+   ``restrict_head=True`` also masks the classes of other tasks than î). With
+   ``screen_top_m = m``: the base features are scored under the base signatures, the m best
+   tasks are re-ranked with their adapted features (per-example weights), so a prediction
+   costs 1 + m forward passes instead of T. Task-IL (``task_id`` given) uses that task.
+
+State (nested dict, string keys, no '/': site keys escape it as '.'): ``heads`` (training
+heads), ``ridge`` (``w_rand``, ``gram``, ``xty``, ``w_out``, ``count``), ``tasks/<k>`` with
+``unit``, ``weights`` (k > 0), ``signature``, ``screen`` (with screening), and ``stats/<k>``
+(diagnostics). A task's checkpoint therefore holds its composition weights, its new unit, its
+signature(s) and the head statistics.
+
+Retrieval accuracy and the bound's quantities need the test/train data of every task, so
+they are computed after a run by :meth:`ProteusParts.retrieval_report` (see
+``experiments/text_proteus.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+import zlib
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clx.methods import heads as heads_lib
+from clx.methods.base import ContinualMethod, StreamSpec, identity_grads
+from clx.models.base import Backbone
+from clx.ops import lora as lora_ops
+from clx.ops import mixture
+from clx.ops import retrieval
+from clx.ops import ridge as ridge_ops
+
+SIGNATURES = ("dpgmm", "kmeans")
+
+
+def site_key(site: str) -> str:
+  """State key of a site (state keys may not contain '/')."""
+  return site.replace("/", ".")
+
+
+def _with_kernels(params, kernels: dict):
+  """``params`` with the kernels at the given paths replaced (pure)."""
+  flat = lora_ops.flatten_paths(params)
+  flat.update(kernels)
+  return lora_ops.unflatten_paths(flat)
+
+
+class ProteusParts:
+  """Configuration and functions of a PROTEUS method (see :func:`proteus`)."""
+
+  def __init__(self, backbone: Backbone, *, rank: int = 4, roles: Sequence[str] = ("q", "v"),
+               sites: Sequence[str] | None = None, scale: float = 0.1, alpha: float = 0.3,
+               transfer_init: float = 1.0, reg_weight: float = 0.006,
+               ortho_weight: float = 0.004, ortho_factors: str = "a",
+               unit_init_std: float = 0.01, signature: str = "dpgmm", n_components: int = 100,
+               weight_concentration_prior: float = 0.01, covariance_type: str = "full",
+               max_iter: int = 100, tol: float = 1e-3, reg_covar: float = 1e-4,
+               min_component_weight: float = 1e-3, jitter: float = 1e-4,
+               max_signature_samples: int | None = None, kmeans_clusters: int = 5,
+               kmeans_metric: str = "l1", rp_dim: int = 10000,
+               ridge_grid: Sequence[float] = ridge_ops.RIDGE_GRID,
+               ridge_fit_fraction: float = 0.8, ridge_with_history: bool = False,
+               screen_top_m: int = 0, screen_covariance_type: str = "diag",
+               screen_components: int | None = None, restrict_head: bool = False,
+               feature_batch: int = 256, task_batch: int | None = None,
+               example_batch: int = 32, verbose: bool = False):
+    if signature not in SIGNATURES:
+      raise ValueError(f"signature must be one of {SIGNATURES}, got {signature!r}")
+    if ortho_factors not in ("a", "ab"):
+      raise ValueError(f"ortho_factors must be 'a' or 'ab', got {ortho_factors!r}")
+    if rank < 1 or rp_dim < 1 or screen_top_m < 0:
+      raise ValueError(f"rank and rp_dim must be >= 1 and screen_top_m >= 0, got rank={rank}, "
+                       f"rp_dim={rp_dim}, screen_top_m={screen_top_m}")
+    mixture._check_cov_type(covariance_type)
+    mixture._check_cov_type(screen_covariance_type)
+    self.backbone = backbone
+    self.sites = tuple(sites) if sites is not None else backbone.site_paths(tuple(roles))
+    if not self.sites:
+      raise ValueError(f"{backbone.name}: no sites for roles {roles}")
+    flat = lora_ops.flatten_paths(backbone.params)
+    for s in self.sites:
+      if s not in flat or np.ndim(flat[s]) != 2:
+        raise ValueError(f"site {s!r} is not a 2-D kernel of {backbone.name}")
+    self.shapes = {s: tuple(np.shape(flat[s])) for s in self.sites}
+    self.rank, self.scale, self.alpha = int(rank), float(scale), float(alpha)
+    self.transfer_init, self.reg_weight = float(transfer_init), float(reg_weight)
+    self.ortho_weight, self.ortho_factors = float(ortho_weight), ortho_factors
+    self.unit_init_std = float(unit_init_std)
+    self.signature, self.n_components = signature, int(n_components)
+    self.weight_concentration_prior = weight_concentration_prior
+    self.covariance_type, self.max_iter, self.tol = covariance_type, int(max_iter), float(tol)
+    self.reg_covar, self.min_component_weight = float(reg_covar), float(min_component_weight)
+    self.jitter, self.max_signature_samples = float(jitter), max_signature_samples
+    self.kmeans_clusters, self.kmeans_metric = int(kmeans_clusters), kmeans_metric
+    self.rp_dim, self.ridge_grid = int(rp_dim), tuple(float(g) for g in ridge_grid)
+    self.ridge_fit_fraction, self.ridge_with_history = float(ridge_fit_fraction), ridge_with_history
+    self.screen_top_m, self.screen_covariance_type = int(screen_top_m), screen_covariance_type
+    self.screen_components = screen_components
+    self.restrict_head, self.feature_batch = restrict_head, int(feature_batch)
+    self.task_batch, self.example_batch = task_batch, int(example_batch)
+    self.verbose = verbose
+    self._jit_cache: dict = {}
+
+  # -- composition ------------------------------------------------------------
+  def coefficients(self, state, num_tasks: int) -> dict[str, jax.Array]:
+    """``{site_key: C (T, T)}``: C[t, j] = α·w_{t,j} (j < t), 1 (j = t), 0 (j > t)."""
+    out = {}
+    for s in self.sites:
+      sk = site_key(s)
+      rows = []
+      for t in range(num_tasks):
+        w = state["tasks"][str(t)].get("weights", {}).get(sk) if t > 0 else None
+        row = [self.alpha * jnp.asarray(w, jnp.float32)] if w is not None else []
+        row += [jnp.ones((1,), jnp.float32), jnp.zeros((num_tasks - t - 1,), jnp.float32)]
+        rows.append(jnp.concatenate(row))
+      out[sk] = jnp.stack(rows)
+    return out
+
+  def deltas(self, state, num_tasks: int) -> dict[str, jax.Array]:
+    """``{site: ΔW (T, d_in, d_out)}``, every task's composed delta (scale included)."""
+    coef = self.coefficients(state, num_tasks)
+    out = {}
+    for s in self.sites:
+      sk = site_key(s)
+      a = jnp.stack([state["tasks"][str(j)]["unit"][sk]["a"] for j in range(num_tasks)])
+      b = jnp.stack([state["tasks"][str(j)]["unit"][sk]["b"] for j in range(num_tasks)])
+      # Δ_t = scale · Σ_j C[t, j] a_j b_j
+      out[s] = self.scale * jnp.einsum("tj,jdr,jre->tde", coef[sk], a, b,
+                                       precision=jax.lax.Precision.HIGHEST)
+    return out
+
+  def _params_with(self, base, deltas_t: dict):
+    flat = lora_ops.flatten_paths(base)
+    return _with_kernels(base, {s: flat[s] + d.astype(flat[s].dtype) for s, d in deltas_t.items()})
+
+  def training_adapters(self, state, task_index: int, unit, weights) -> dict:
+    """Adapters for ``lora.apply_adapters``: frozen earlier units scaled by α·w, plus the new unit."""
+    out = {}
+    for s in self.sites:
+      sk = site_key(s)
+      adapters = []
+      if task_index > 0:
+        a = jnp.stack([state["tasks"][str(j)]["unit"][sk]["a"] for j in range(task_index)])
+        b = jnp.stack([state["tasks"][str(j)]["unit"][sk]["b"] for j in range(task_index)])
+        coef = self.alpha * weights[sk]
+        adapters.append({"a": jax.lax.stop_gradient(a),
+                         "b": jax.lax.stop_gradient(b) * coef[:, None, None]})
+      adapters.append(unit[sk])
+      out[s] = adapters
+    return out
+
+  def ortho_penalty(self, state, task_index: int, unit) -> jax.Array:
+    """Σ_sites Σ_{j<k} ‖a_jᵀ a_k‖²_F (+ ‖b_j b_kᵀ‖²_F with ``ortho_factors="ab"``)."""
+    total = jnp.zeros((), jnp.float32)
+    for s in self.sites:
+      sk = site_key(s)
+      for j in range(task_index):
+        old = state["tasks"][str(j)]["unit"][sk]
+        total = total + jnp.sum(jnp.matmul(jax.lax.stop_gradient(old["a"]).T, unit[sk]["a"]) ** 2)
+        if self.ortho_factors == "ab":
+          total = total + jnp.sum(
+              jnp.matmul(jax.lax.stop_gradient(old["b"]), unit[sk]["b"].T) ** 2)
+    return total
+
+  @staticmethod
+  def l1_penalty(weights) -> jax.Array:
+    leaves = jax.tree.leaves(weights)
+    return sum((jnp.sum(jnp.abs(w)) for w in leaves), jnp.zeros((), jnp.float32))
+
+  # -- features ---------------------------------------------------------------
+  def task_features(self, state, base, x, task_index: int, num_tasks: int | None = None):
+    """h_t(x): features ``(n, d)`` under task ``task_index``'s composed adapters."""
+    num_tasks = task_index + 1 if num_tasks is None else num_tasks
+    deltas = self.deltas(state, num_tasks)
+    return self.backbone.apply(self._params_with(base, {s: d[task_index] for s, d in deltas.items()}), x)
+
+  def all_task_features(self, state, base, x, num_tasks: int):
+    """h_i(x) for every task i < ``num_tasks`` at once, ``(T, n, d)`` (vmap over tasks)."""
+    deltas = self.deltas(state, num_tasks)
+
+    def one(d_t):
+      return self.backbone.apply(self._params_with(base, d_t), x)
+
+    batch = self.task_batch or num_tasks
+    return jax.lax.map(one, deltas, batch_size=min(batch, num_tasks))
+
+  def per_example_features(self, state, base, x, task_ids, num_tasks: int):
+    """h_{task_ids[i]}(x_i) with a different task per example, ``(n, d)``.
+
+    Every example gets its own merged weights (gathered from the precomputed deltas), in
+    chunks of ``example_batch`` examples to bound memory.
+    """
+    deltas = self.deltas(state, num_tasks)
+
+    def one(args):
+      xi, ti = args
+      d_t = {s: d[ti] for s, d in deltas.items()}
+      return self.backbone.apply(self._params_with(base, d_t), xi[None])[0]
+
+    return jax.lax.map(one, (x, task_ids), batch_size=min(self.example_batch, x.shape[0]))
+
+  # -- signatures -------------------------------------------------------------
+  def stacked_signatures(self, state, num_tasks: int, field: str = "signature"):
+    return mixture.stack_signatures([state["tasks"][str(t)][field] for t in range(num_tasks)])
+
+  def _score_one(self, sig, f):
+    return retrieval.score(sig, f, metric=self.kmeans_metric)
+
+  def route(self, state, base, x, num_tasks: int, screen_top_m: int | None = None):
+    """Retrieve a task per example: ``(task ids (n,), their features (n, d), scores)``.
+
+    ``scores`` is ``(n, T)`` (exhaustive) or ``(n, m)`` over the candidates (screened).
+    """
+    m = self.screen_top_m if screen_top_m is None else screen_top_m
+    sigs = self.stacked_signatures(state, num_tasks)
+    if m and m < num_tasks:
+      screen = self.stacked_signatures(state, num_tasks, "screen")
+      base_feats = self.backbone.apply(base, x)
+      cands = retrieval.top_candidates(retrieval.score_shared(screen, base_feats,
+                                                              metric=self.kmeans_metric), m)
+      feats_c, scores_c = [], []
+      for c in range(m):
+        f = self.per_example_features(state, base, x, cands[:, c], num_tasks)
+
+        def one(args):
+          fi, ti = args
+          sig = jax.tree.map(lambda a: a[ti], sigs)
+          return self._score_one(sig, fi[None])[0]
+
+        scores_c.append(jax.lax.map(one, (f, cands[:, c]),
+                                    batch_size=min(self.example_batch, x.shape[0])))
+        feats_c.append(f)
+      scores = jnp.stack(scores_c, axis=1)
+      best = jnp.argmax(scores, axis=1)
+      chosen = jnp.take_along_axis(cands, best[:, None], axis=1)[:, 0]
+      feats = jnp.stack(feats_c, axis=0)[best, jnp.arange(x.shape[0])]
+      return chosen, feats, scores
+    feats_all = self.all_task_features(state, base, x, num_tasks)
+    scores = retrieval.score_tasks(sigs, feats_all, metric=self.kmeans_metric)
+    chosen = retrieval.retrieve(scores)
+    return chosen, feats_all[chosen, jnp.arange(x.shape[0])], scores
+
+  # -- protocol ---------------------------------------------------------------
+  def init(self, rng, spec: StreamSpec):
+    k_rp = jax.random.fold_in(rng, 17)
+    w_rand = ridge_ops.random_projection(k_rp, self.backbone.feature_dim, self.rp_dim)
+    stats = ridge_ops.init_statistics(self.rp_dim, spec.num_classes)
+    return {"heads": {}, "tasks": {}, "stats": {},
+            "ridge": {"w_rand": w_rand, "gram": stats["gram"], "xty": stats["xty"],
+                      "count": stats["count"],
+                      "w_out": jnp.zeros((self.rp_dim, spec.num_classes), jnp.float32)}}
+
+  def new_unit(self, key, task_index: int) -> dict:
+    unit = {}
+    for s in self.sites:
+      d_in, d_out = self.shapes[s]
+      k = jax.random.fold_in(jax.random.fold_in(key, task_index), zlib.crc32(s.encode()) & 0x7FFFFFFF)
+      unit[site_key(s)] = {"a": self.unit_init_std * jax.random.normal(k, (d_in, self.rank)),
+                           "b": jnp.zeros((self.rank, d_out), jnp.float32)}
+    return unit
+
+  def begin_task(self, state, ctx):
+    t = ctx.task_index
+    heads = heads_lib.add_task_head(state["heads"], jax.random.fold_in(ctx.rng, 0), ctx.spec,
+                                    self.backbone.feature_dim, t, "per_task")
+    entry = {"unit": self.new_unit(jax.random.fold_in(ctx.rng, 1), t)}
+    if t > 0:
+      entry["weights"] = {site_key(s): jnp.full((t,), self.transfer_init, jnp.float32)
+                          for s in self.sites}
+    tasks = {**state["tasks"], str(t): entry}
+    return {**state, "heads": heads, "tasks": tasks}
+
+  def trainable(self, state, task_index: int):
+    entry = state["tasks"][str(task_index)]
+    params = {"unit": entry["unit"], "head": state["heads"][str(task_index)]}
+    if task_index > 0:
+      params["weights"] = entry["weights"]
+    return params
+
+  def loss(self, params, state, base, batch, rng, *, task_index, spec):
+    del rng
+    weights = params.get("weights", {})
+    adapters = self.training_adapters(state, task_index, params["unit"], weights)
+    feats = self.backbone.apply(lora_ops.apply_adapters(base, adapters, self.scale), batch["x"])
+    heads = {**state["heads"], str(task_index): params["head"]}
+    logits, labels = heads_lib.train_logits_and_labels(heads, feats, batch["y"], spec, task_index,
+                                                       "per_task")
+    ce = heads_lib.masked_cross_entropy(logits, labels, batch["mask"])
+    l1 = self.l1_penalty(weights)
+    ortho = self.ortho_penalty(state, task_index, params["unit"])
+    total = ce + self.reg_weight * l1 + self.ortho_weight * ortho
+    return total, {"accuracy": heads_lib.masked_accuracy(logits, labels, batch["mask"]),
+                   "ce": ce, "l1": l1, "ortho": ortho}
+
+  def _jitted(self, name, fn, **static):
+    key = (name, tuple(sorted(static.items())))
+    if key not in self._jit_cache:
+      self._jit_cache[key] = jax.jit(functools.partial(fn, **static))
+    return self._jit_cache[key]
+
+  def _collect(self, ctx, fn, *args):
+    """Apply ``fn(*args, x)`` over the current task's training data; host ``(feats, y)``."""
+    feats, ys = [], []
+    for batch in ctx.batches("train", batch_size=self.feature_batch):
+      f = np.asarray(jax.device_get(fn(*args, batch["x"])))
+      keep = np.asarray(jax.device_get(batch["mask"])) > 0
+      feats.append(f[keep])
+      ys.append(np.asarray(jax.device_get(batch["y"]))[keep])
+    return np.concatenate(feats), np.concatenate(ys)
+
+  def fit_signature(self, feats: np.ndarray, key, *, covariance_type: str | None = None,
+                    n_components: int | None = None) -> tuple[dict, dict]:
+    """A signature of features ``(n, d)`` and its fit statistics."""
+    feats = np.asarray(feats, np.float32)
+    if self.max_signature_samples and feats.shape[0] > self.max_signature_samples:
+      idx = np.random.default_rng(0).choice(feats.shape[0], self.max_signature_samples, False)
+      feats = feats[np.sort(idx)]
+    if self.signature == "kmeans":
+      sig = mixture.centroid_signature(feats, self.kmeans_clusters, key=key)
+      return sig, {"components": int(sig["centers"].shape[0]), "n_iter": 0, "converged": True}
+    cov_type = covariance_type or self.covariance_type
+    k = int(min(n_components or self.n_components, feats.shape[0]))
+    params = mixture.fit_dpgmm(feats, n_components=k, covariance_type=cov_type,
+                               weight_concentration_prior=self.weight_concentration_prior,
+                               reg_covar=self.reg_covar, max_iter=self.max_iter, tol=self.tol,
+                               key=key)
+    sig = mixture.to_signature(params, cov_type, min_weight=self.min_component_weight,
+                               jitter=self.jitter)
+    if not all(bool(jnp.all(jnp.isfinite(v))) for v in sig.values()):
+      raise FloatingPointError(
+          f"the {cov_type} DP-GMM signature of {feats.shape} features is not finite; raise "
+          "reg_covar or use covariance_type='diag'")
+    return sig, {"components": int(sig["means"].shape[0]), "n_iter": int(params["n_iter"]),
+                 "converged": bool(params["converged"])}
+
+  def end_task(self, state, params, ctx):
+    t = ctx.task_index
+    t0 = time.perf_counter()
+    entry = dict(state["tasks"][str(t)])
+    entry["unit"] = params["unit"]
+    if t > 0:
+      entry["weights"] = params["weights"]
+    state = {**state, "heads": {**state["heads"], str(t): params["head"]},
+             "tasks": {**state["tasks"], str(t): entry}}
+    base = ctx.base
+
+    feat_fn = self._jitted("task_features", self.task_features, task_index=t)
+    feats, y = self._collect(ctx, feat_fn, state, base)
+    key = jax.random.fold_in(ctx.rng, 2)
+    sig, fit = self.fit_signature(feats, key)
+    entry["signature"] = sig
+    if self.screen_top_m:
+      base_fn = self._jitted("base_features", lambda b, x: self.backbone.apply(b, x))
+      base_feats, _ = self._collect(ctx, base_fn, base)
+      entry["screen"], _ = self.fit_signature(
+          base_feats, jax.random.fold_in(key, 1), covariance_type=self.screen_covariance_type,
+          n_components=self.screen_components)
+
+    # RanPAC head: λ on this task's held-out 20 %, then accumulate and re-solve.
+    r = state["ridge"]
+    h = ridge_ops.project(jnp.asarray(feats), r["w_rand"])
+    yy = ridge_ops.one_hot(jnp.asarray(y), ctx.spec.num_classes)
+    perm = np.random.default_rng([t, 7]).permutation(h.shape[0])
+    lam, _ = ridge_ops.select_ridge(
+        h[perm], yy[perm], grid=self.ridge_grid, fit_fraction=self.ridge_fit_fraction,
+        base_gram=r["gram"] if self.ridge_with_history else None,
+        base_xty=r["xty"] if self.ridge_with_history else None)
+    stats = ridge_ops.accumulate({"gram": r["gram"], "xty": r["xty"], "count": r["count"]}, h, yy)
+    w_out = ridge_ops.solve(stats["gram"], stats["xty"], lam)
+    ridge_state = {**r, **stats, "w_out": w_out}
+
+    l1 = float(self.l1_penalty(params.get("weights", {})))
+    ortho = float(self.ortho_penalty(state, t, params["unit"]))
+    mean_w = (float(np.mean([np.mean(np.asarray(w)) for w in jax.tree.leaves(params["weights"])]))
+              if t > 0 else 0.0)
+    task_stats = {"components": jnp.asarray(fit["components"], jnp.int32),
+                  "fit_iters": jnp.asarray(fit["n_iter"], jnp.int32),
+                  "fit_converged": jnp.asarray(fit["converged"]),
+                  "ridge": jnp.asarray(lam, jnp.float32),
+                  "num_features": jnp.asarray(feats.shape[0], jnp.int32),
+                  "l1": jnp.asarray(l1, jnp.float32), "ortho": jnp.asarray(ortho, jnp.float32),
+                  "mean_weight": jnp.asarray(mean_w, jnp.float32),
+                  "end_task_s": jnp.asarray(time.perf_counter() - t0, jnp.float32)}
+    if self.verbose:
+      print(f"proteus task {t}: {fit['components']} components ({fit['n_iter']} iters), "
+            f"ridge {lam:g}, mean w {mean_w:.3f}, ortho {ortho:.3g}", flush=True)
+    return {**state, "tasks": {**state["tasks"], str(t): entry}, "ridge": ridge_state,
+            "stats": {**state["stats"], str(t): task_stats}}
+
+  def head_logits(self, state, feats, spec: StreamSpec, current_task: int, tasks=None):
+    r = state["ridge"]
+    logits = ridge_ops.logits(feats, r["w_rand"], r["w_out"])
+    seen = np.zeros(spec.num_classes, bool)
+    for c in spec.task_classes[:current_task + 1]:
+      seen[list(c)] = True
+    mask = jnp.broadcast_to(jnp.asarray(seen), logits.shape)
+    if tasks is not None and self.restrict_head:
+      table = np.zeros((current_task + 1, spec.num_classes), bool)
+      for i in range(current_task + 1):
+        table[i, list(spec.task_classes[i])] = True
+      mask = jnp.logical_and(mask, jnp.asarray(table)[tasks])
+    return jnp.where(mask, logits, heads_lib.NEG_INF)
+
+  def predict(self, state, base, x, *, current_task, task_id, spec):
+    num_tasks = current_task + 1
+    if task_id is not None:
+      feats = self.task_features(state, base, x, task_id, num_tasks)
+      return self.head_logits(state, feats, spec, current_task)
+    tasks, feats, _ = self.route(state, base, x, num_tasks)
+    return self.head_logits(state, feats, spec, current_task, tasks)
+
+  def diagnostics(self, state) -> dict:
+    out = {}
+    for t, s in sorted(state.get("stats", {}).items(), key=lambda kv: int(kv[0])):
+      out[t] = {k: (v.item() if hasattr(v, "item") else v) for k, v in s.items()}
+      out[t] = {k: (bool(v) if isinstance(v, (bool, np.bool_)) else v) for k, v in out[t].items()}
+    return {"tasks": out}
+
+  def method(self, name: str = "proteus") -> ContinualMethod:
+    return ContinualMethod(name=name, backbone=self.backbone, init=self.init,
+                           begin_task=self.begin_task, trainable=self.trainable, loss=self.loss,
+                           transform_grads=identity_grads, end_task=self.end_task,
+                           predict=self.predict, diagnostics=self.diagnostics)
+
+  # -- reports (host, need the data) -------------------------------------------
+  def retrieval_report(self, state, base, stream, *, upto: int | None = None,
+                       batch_size: int = 128, screen_m: Sequence[int] = (),
+                       bound_samples: int = 256, epsilon: float = 0.01) -> dict:
+    """Retrieval accuracy, accuracy and the bound's quantities per task, after task ``upto``.
+
+    Args:
+      state: the method state after task ``upto`` (default: the last task).
+      base: the frozen backbone params.
+      stream: the task stream (test splits for accuracy, train splits for the bound).
+      batch_size: evaluation batch size.
+      screen_m: also measure screened retrieval with these m (needs ``screen`` signatures).
+      bound_samples: training examples per task used for the bound's clusters.
+      epsilon: the bound's target error.
+
+    Returns:
+      ``{"tasks": [per-task dict], "mean": {...}}`` with, per task: ``retrieval_acc`` (%),
+      ``acc`` (%, with the retrieved task), ``oracle_acc`` (%, with the true task),
+      ``screen`` {m: retrieval %}, and bound entries ``delta_min``, ``kappa_min``,
+      ``threshold_max``, ``clusters``, ``clusters_pass``.
+    """
+    spec = StreamSpec.from_stream(stream)
+    T = (len(stream.tasks) if upto is None else upto + 1)
+    route = jax.jit(lambda st, b, x: self.route(st, b, x, T, screen_top_m=0))
+    oracle = {}
+    rows = []
+    for i in range(T):
+      split = stream.tasks[i].test
+      hits = correct = correct_oracle = 0
+      screen_hits = {m: 0 for m in screen_m}
+      for s in range(0, len(split), batch_size):
+        x = jnp.asarray(split.x[s:s + batch_size])
+        y = np.asarray(split.y[s:s + batch_size])
+        tasks, feats, _ = route(state, base, x)
+        logits = self.head_logits(state, feats, spec, T - 1, tasks)
+        hits += int(np.sum(np.asarray(tasks) == i))
+        correct += int(np.sum(np.argmax(np.asarray(logits), -1) == y))
+        if i not in oracle:
+          oracle[i] = jax.jit(lambda st, b, x, i=i: self.task_features(st, b, x, i, T))
+        lo = self.head_logits(state, oracle[i](state, base, x), spec, T - 1)
+        correct_oracle += int(np.sum(np.argmax(np.asarray(lo), -1) == y))
+        for m in screen_m:
+          key = ("screen_route", m, T)
+          if key not in self._jit_cache:
+            self._jit_cache[key] = jax.jit(
+                lambda st, b, x, m=m: self.route(st, b, x, T, screen_top_m=m)[0])
+          screen_hits[m] += int(np.sum(np.asarray(self._jit_cache[key](state, base, x)) == i))
+      n = len(split)
+      rows.append({"task": i, "retrieval_acc": 100.0 * hits / n, "acc": 100.0 * correct / n,
+                   "oracle_acc": 100.0 * correct_oracle / n,
+                   "screen": {str(m): 100.0 * h / n for m, h in screen_hits.items()}})
+    if self.signature == "dpgmm" and T > 1:
+      bound = self.bound_report(state, base, stream, T, samples=bound_samples, epsilon=epsilon)
+      for row, b in zip(rows, bound):
+        row.update(b)
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in ("retrieval_acc", "acc", "oracle_acc")}
+    for m in screen_m:
+      mean[f"screen_{m}"] = float(np.mean([r["screen"][str(m)] for r in rows]))
+    return {"tasks": rows, "mean": mean}
+
+  def bound_report(self, state, base, stream, num_tasks: int, *, samples: int = 256,
+                   epsilon: float = 0.01) -> list[dict]:
+    """Per task: min δ, min κ, max threshold and how many of its clusters satisfy δ > threshold.
+
+    Clusters are the signature's components; a cluster's data are the task's training
+    examples (up to ``samples``) assigned to it by the plug-in posterior.
+    """
+    feats_fn = jax.jit(lambda st, b, x: self.all_task_features(st, b, x, num_tasks))
+    sigs = [state["tasks"][str(t)]["signature"] for t in range(num_tasks)]
+    total_components = sum(int(s["means"].shape[0]) for s in sigs)
+    out = []
+    for t in range(num_tasks):
+      split = stream.tasks[t].train
+      idx = np.random.default_rng([t, 11]).choice(len(split), min(samples, len(split)), False)
+      x = np.asarray(split.x[np.sort(idx)])
+      feats = np.concatenate([np.asarray(feats_fn(state, base, jnp.asarray(x[s:s + 128])))
+                              for s in range(0, len(x), 128)], axis=1)  # (T, n, d)
+      labels = np.asarray(jnp.argmax(mixture.component_log_prob(sigs[t], jnp.asarray(feats[t])), 1))
+      others = [i for i in range(num_tasks) if i != t]
+      other_sigs = mixture.stack_signatures([sigs[i] for i in others])
+      deltas, kappas, thresholds, passes = [], [], [], []
+      for c in np.unique(labels):
+        members = labels == c
+        if members.sum() < 2:
+          continue
+        res = retrieval.bound_check(jnp.asarray(feats[others][:, members]), other_sigs,
+                                    sigs[t]["log_det_cov"][c], num_tasks=num_tasks,
+                                    total_components=total_components, epsilon=epsilon)
+        deltas.append(float(res["delta"]))
+        kappas.append(float(res["kappa"]))
+        thresholds.append(float(res["threshold"]))
+        passes.append(bool(res["pass"]))
+      out.append({"delta_min": min(deltas) if deltas else math.nan,
+                  "kappa_min": min(kappas) if kappas else math.nan,
+                  "threshold_max": max(thresholds) if thresholds else math.nan,
+                  "clusters": len(deltas), "clusters_pass": int(sum(passes))})
+    return out
+
+
+def proteus(backbone: Backbone, *, name: str = "proteus", **kwargs) -> ContinualMethod:
+  """PROTEUS with the code's defaults (see the module docstring and :class:`ProteusParts`).
+
+  Args:
+    backbone: the frozen backbone (sites with roles ``q`` and ``v``).
+    name: registry/run name.
+    **kwargs: :class:`ProteusParts` options: ``rank`` (4), ``roles`` (q, v), ``scale`` (0.1),
+      ``alpha`` (0.3), ``transfer_init`` (1), ``reg_weight`` (0.006), ``ortho_weight``
+      (0.004), ``ortho_factors`` ("a"), ``unit_init_std`` (0.01), ``signature``
+      ("dpgmm" | "kmeans"), ``n_components`` (100), ``weight_concentration_prior`` (0.01),
+      ``covariance_type`` ("full"), ``max_iter`` (100), ``tol`` (1e-3), ``reg_covar``
+      (1e-4; sklearn's 1e-6 is too small for float32 full covariances in d = 384/768),
+      ``min_component_weight`` (1e-3), ``jitter`` (1e-4, the code's scoring jitter),
+      ``max_signature_samples``, ``kmeans_clusters`` (5), ``kmeans_metric`` ("l1"),
+      ``rp_dim`` (10,000), ``ridge_grid`` (10⁻⁸…10⁸), ``ridge_fit_fraction`` (0.8),
+      ``ridge_with_history`` (False: λ from the current task only, as the code),
+      ``screen_top_m`` (0 = exhaustive), ``screen_covariance_type`` ("diag"),
+      ``screen_components``, ``restrict_head`` (False), ``feature_batch``, ``task_batch``
+      (tasks per vmap chunk, default all), ``example_batch`` (screened per-example chunk),
+      ``verbose``.
+  """
+  return ProteusParts(backbone, **kwargs).method(name)
+
+
+def proteus_kmeans(backbone: Backbone, *, name: str = "proteus_kmeans", **kwargs) -> ContinualMethod:
+  """The k-means + nearest-centroid retrieval ablation (K = 5, L1)."""
+  kwargs.setdefault("signature", "kmeans")
+  return ProteusParts(backbone, **kwargs).method(name)
+
+
+REGISTRY = {"proteus": proteus, "proteus_kmeans": proteus_kmeans}
