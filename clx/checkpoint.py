@@ -86,7 +86,6 @@ import logging
 import math
 import os
 import re
-import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
@@ -95,6 +94,8 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 & co. with numpy by name)
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from clx._io import write_atomic
 
 __all__ = [
     "FORMAT_VERSION",
@@ -491,27 +492,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray | memory
     raise TypeError(f"data must be bytes-like, got {type(data).__name__}")
   if not all_processes and jax.process_index() != 0:
     return False
-  path = os.path.abspath(os.fspath(path))
-  directory, name = os.path.split(path)
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
-  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
-  with contextlib.suppress(OSError):  # e.g. file systems that cannot open directories
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-      os.fsync(dir_fd)
-    finally:
-      os.close(dir_fd)
+  write_atomic(path, data)
   return True
 
 

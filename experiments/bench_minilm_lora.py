@@ -89,7 +89,6 @@ def _time(fn, *args, steps: int) -> float:
 
 def matmul_peak(n: int = 2048, dtype="float32") -> float:
   import jax
-  import jax.numpy as jnp
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
   f = jax.jit(lambda a: a @ a)
   return 2 * n ** 3 / _time(f, a, steps=5)

@@ -40,6 +40,8 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from clx._io import write_atomic
+
 DEFAULT_CACHE_DIR = "~/.cache/clx"
 PIP_TIMEOUT_S = 20     # pip's own per-connection timeout
 PIP_RETRIES = 1
@@ -161,19 +163,7 @@ def _file_lock(path: pathlib.Path) -> Iterator[None]:
 
 
 def _atomic_write(target: pathlib.Path, data: bytes) -> None:
-  target.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-  try:
-    os.chmod(tmp, 0o644)
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, target)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
+  write_atomic(target, data)
 
 
 def _download_wheel(package: str, version: str, workdir: str, find_links: str | None,

@@ -10,13 +10,12 @@
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 
 from clx.methods import heads as heads_lib
-from clx.methods.base import ContinualMethod, StreamSpec, identity_grads, no_host_hook
+from clx.methods.base import ContinualMethod, StreamSpec, identity_grads
 from clx.models.base import Backbone
 from clx.ops import lora as lora_ops
 
@@ -124,4 +123,4 @@ def lora(backbone: Backbone, *, rank: int = 8, targets: tuple[str, ...] = ("*ker
 
 
 REGISTRY = {"finetune": finetune, "lora": lora, "joint": joint}
-del functools
+

@@ -75,10 +75,14 @@ and none changes a result that the official code produces without crashing:
   of M for the switch, of (I − U_r U_rᵀ) M⊥ for the retain update).
   - Û and e(Ĉ) = σ(Ĉ)² are the eigenpairs of Ĉ Ĉᵀ = Q C² Q. This is about 2×
     faster than an SVD on CPU.
-  - The excluded directions are shifted to −trace(C²) (eigenproblem
-    Q A Q − s(I − Q)). They are then separated from every allowed direction by
-    a gap ≥ s, so the chosen vectors are orthogonal to the protected space to
+  - The excluded directions are shifted to −s, s = trace(Q C² Q) (eigenproblem
+    Q C² Q − s(I − Q), with Q applied twice to clean the rounding error of the
+    first product). They are then separated from every allowed direction by a
+    gap ≥ s, so the chosen vectors are orthogonal to the protected space to
     machine precision. A plain SVD leaks in directions of tiny σ.
+  - Precision: squaring resolves σ(Ĉ) down to about √(eps·‖C‖·σ_max(Ĉ))
+    instead of eps·‖C‖. Only the order of directions whose energy is at
+    float32 noise level is affected.
   - The eigenvectors after the chosen r that are still inside the allowed
     space span the complement needed by the switch and by the retain update.
     These are the same subspaces as the official SVDs give (bases within a
@@ -188,8 +192,8 @@ def _eigenproblem(gram: Array, q: Array, power: int):
 
   A = (Q C)(Q C)ᵀ = Q C² Q (power 2: left singular pairs of the official Ĉ =
   Q C, eigenvalues σ(Ĉ)²) or A = Q C Q (power 1: the paper's Ĥ Ĥᵀ / n). The
-  excluded space is shifted to −s with s = trace(C^power) ≥ ‖A‖, so it sorts
-  last and is separated from the allowed directions by a gap ≥ s.
+  excluded space is shifted to −s with s = trace(A) ≥ ‖A‖ (1 if A = 0), so it
+  sorts last and is separated from the allowed directions by a gap ≥ s.
 
   Returns:
     (mu (d,) descending, u (d, d) matching columns, total = trace(C^power),
@@ -197,14 +201,19 @@ def _eigenproblem(gram: Array, q: Array, power: int):
   """
   d = gram.shape[0]
   c = (gram + gram.T) / 2
+  # Projecting twice removes the rounding error of the first product along the
+  # excluded space (eps·‖C‖, large next to a small residual Q C).
   if power == 2:
-    qc = _mm(q, c)
+    qc = _mm(q, _mm(q, c))
     a = _mm(qc, qc.T)
     total = jnp.sum(c * c)
   else:
-    a = _mm(_mm(q, c), q)
+    a = _mm(q, _mm(_mm(_mm(q, c), q), q))
     total = jnp.trace(c)
-  shift = jnp.where(total > 0, total, jnp.ones_like(total))
+  # Shift by trace(A) ≥ ‖A‖ (not by ‖C‖): eigh's absolute error is eps·‖shifted A‖,
+  # so a shift on the scale of the residual keeps small residual energies resolved.
+  trace = jnp.trace(a)
+  shift = jnp.where(trace > 0, trace, jnp.ones_like(trace))
   a = a - shift * (jnp.eye(d, dtype=c.dtype) - q)
   w, v = jnp.linalg.eigh((a + a.T) / 2)
   return w[::-1], v[:, ::-1], total, shift
