@@ -73,7 +73,9 @@ def section(experiment: str, runs: dict) -> str:
     lines.append(f"| {method} | {len(entries)} | " + " | ".join(cells) + " |")
   lines.append("")
   for method, entries in runs.items():
-    mean = np.nanmean([matrix_from_json(e["acc_matrix"]) for e in entries], axis=0)
+    stack = np.array([matrix_from_json(e["acc_matrix"]) for e in entries])
+    mean = np.where(np.isnan(stack).all(0), np.nan, np.nansum(stack, 0) / np.maximum(
+        np.sum(~np.isnan(stack), 0), 1))
     lines += [f"<details><summary>{method}: mean accuracy matrix over {len(entries)} seed(s)</summary>",
               "", "```", format_matrix(mean), "```"]
     diags = [e.get("diagnostics") for e in entries if e.get("diagnostics")]
