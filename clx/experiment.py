@@ -191,7 +191,8 @@ def run_experiment(config: dict[str, Any], workdir: str | os.PathLike, *,
   validate(config)
   stream = build_stream(config)
   model_args = {k: v for k, v in config["model"].items() if k != "name"}
-  model_args.setdefault("seed", config.get("seed", 0))
+  if models.accepts_seed(config["model"]["name"]):  # random inits follow the run seed
+    model_args.setdefault("seed", config.get("seed", 0))
   backbone = models.build(config["model"]["name"], stream.input_shape, **model_args)
   built = {name: methods.build(name, backbone, **config.get("method_args", {}).get(name, {}))
            for name in config["methods"]}

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from clx.methods.base import ContinualMethod, StreamSpec, TaskContext
-from clx.methods import became, gpm, sequential
+from clx.methods import became, gpm, sequential, sparc
 
-REGISTRY = {**sequential.REGISTRY, **gpm.REGISTRY, **became.REGISTRY}
+REGISTRY = {**sequential.REGISTRY, **gpm.REGISTRY, **became.REGISTRY, **sparc.REGISTRY}
 
 
 def build(name: str, backbone, **kwargs) -> ContinualMethod:

@@ -39,6 +39,15 @@ def build(name: str, input_shape, **kwargs) -> Backbone:
   return _FACTORIES[name](input_shape, **kwargs)
 
 
+def accepts_seed(name: str) -> bool:
+  """Whether the factory ``name`` takes a ``seed`` (random init) — pretrained ones do not."""
+  import inspect
+  if name not in _FACTORIES:
+    raise ValueError(f"unknown model {name!r}; known: {sorted(_FACTORIES)}")
+  params = inspect.signature(_FACTORIES[name]).parameters
+  return "seed" in params
+
+
 def load(name_or_path: str = "all-MiniLM-L6-v2", **kwargs) -> SentenceEncoder:
   """A pretrained text encoder with ``.encode(texts) -> (n, d)`` (sentence-transformers style).
 

@@ -7,8 +7,9 @@ Modules:
   metrics:  accuracy-matrix summaries (ACC, AIA, BWT, forgetting, FWT).
   sgp:      SGP importance-scaled memory updates and projections.
   gradient_projection: GPM/SGP projection applied through a layer's inputs.
+  pca:      streaming second moments and PCA from moments.
 """
 
-from clx.ops import gradient_projection, lora, merging, metrics, sgp, subspace
+from clx.ops import gradient_projection, lora, merging, metrics, pca, sgp, subspace
 
-__all__ = ["gradient_projection", "lora", "merging", "metrics", "sgp", "subspace"]
+__all__ = ["gradient_projection", "lora", "merging", "metrics", "pca", "sgp", "subspace"]

@@ -8,7 +8,7 @@ by batch inside ``jax.jit``; PCA then needs only the (d, d) covariance:
                "outer": Σ_i w_i (x_i − s)(x_i − s)ᵀ (d, d), "count": Σ_i w_i ()}
 
     μ = s + sum / count                                  (mean)
-    C = outer / count − (μ − s)(μ − s)ᵀ                  (covariance, 1/N; ``ddof=1``: 1/(N−1))
+    C = outer / count − (μ − s)(μ − s)ᵀ                  (covariance 1/N; ddof=1: 1/(N−1))
     C = V Λ Vᵀ  (``jnp.linalg.eigh``), λ_1 ≥ … ≥ λ_d      (descending)
     U = V[:, :k]  (d, k) orthonormal, Λ_k = λ_1..λ_k      (top-k principal directions)
 
@@ -205,7 +205,7 @@ def reconstruct(coords: Array, mean: Array, components: Array) -> Array:
 
 
 def residual_fraction(x: Array, mean: Array, components: Array, eps: float = 1e-12) -> Array:
-  """``‖(x − μ) − (x − μ)UUᵀ‖² / ‖x − μ‖²`` per row (...,): 0 inside the affine span, ≤ 1."""
+  """``‖(x − μ) − (x − μ)UUᵀ‖² / ‖x − μ‖²`` per row (...,): 0 in the affine span, ≤ 1."""
   centred = jnp.asarray(x) - mean
   inside = jnp.matmul(jnp.matmul(centred, components, precision=_HIGHEST), components.T,
                       precision=_HIGHEST)

@@ -110,7 +110,7 @@ def in_span_residual(rows, basis):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("use_mean,train", [(True, True), (False, False)])
+@pytest.mark.parametrize("use_mean,train", [(True, (1,)), (False, False)])
 def test_prompt_lies_in_the_task_pca_span_after_training(use_mean, train):
   method = sparc_lib.sparc(tiny_bert(), num_prompt_tokens=3, num_components=4, use_mean=use_mean)
   states, _ = drive(method, make_stream("AB"), train=train)
@@ -178,13 +178,16 @@ def test_orthogonal_penalty_is_added_and_stored():
   state = states[-1]
   q = state["tasks"]["1"]["ortho"]
   assert q.shape[0] == 32 and np.allclose(q.T @ q, np.eye(q.shape[1]), atol=1e-5)
-  batch = {"x": jnp.asarray(stream.tasks[1].train.x[:8]), "y": jnp.asarray(stream.tasks[1].train.y[:8]),
-           "mask": jnp.ones(8)}
+  train = stream.tasks[1].train
+  batch = {"x": jnp.asarray(train.x[:8]), "y": jnp.asarray(train.y[:8]), "mask": jnp.ones(8)}
 
-  def penalty(params):
+  @jax.jit
+  def penalty_fn(params):
     _, aux = method.loss(params, state, method.backbone.params, batch, None, task_index=1,
                          spec=spec)
-    return float(aux["orthogonal_penalty"])
+    return aux["orthogonal_penalty"]
+
+  penalty = lambda params: float(penalty_fn(params))  # noqa: E731
 
   params = method.trainable(state, 1)
   assert penalty(params) < 1e-8  # orthogonal at initialisation
@@ -214,8 +217,8 @@ def test_task_il_old_predictions_are_bit_identical_with_lora():
 def test_prompt_tuning_baseline_shares_one_drifting_prompt():
   stream = make_stream("AB")
   method = sparc_lib.prompt_tuning(tiny_bert(), num_prompt_tokens=2)
-  states, spec = drive(method, stream)
-  assert not np.array_equal(states[0]["prompt"], states[1]["prompt"])
+  states, spec = drive(method, stream, train=(1,))
+  assert not np.array_equal(states[0]["prompt"], states[1]["prompt"])  # task 1 moved it
   diag = method.diagnostics(states[-1])
   assert diag["trainable_params_per_task"] == 2 * 32
 
@@ -228,16 +231,23 @@ def test_domain_il_subspace_selection_picks_the_matching_task_prompt():
     states, spec = drive(method, stream, train=False)
     assert set(states[-1]["heads"]) == {"shared"}
     base = method.backbone.params
-    for s in range(2):
-      x = jnp.asarray(stream.tasks[s].test.x)
-      free = method.predict(states[-1], base, x, current_task=1, task_id=None, spec=spec)
-      given = method.predict(states[-1], base, x, current_task=1, task_id=s, spec=spec)
-      np.testing.assert_allclose(free, given, rtol=1e-5, atol=1e-5)
+    x = jnp.asarray(np.concatenate([stream.tasks[s].test.x for s in range(2)]))
+    owner = np.repeat([0, 1], len(stream.tasks[0].test))
+
+    @jax.jit
+    def both(state, x, method=method):
+      free = method.predict(state, base, x, current_task=1, task_id=None, spec=spec)
+      given = [method.predict(state, base, x, current_task=1, task_id=s, spec=spec)
+               for s in range(2)]
+      return free, jnp.where(jnp.asarray(owner)[:, None] == 0, given[0], given[1])
+
+    free, given = both(states[-1], x)  # a mixed batch: every example finds its own task
+    np.testing.assert_allclose(free, given, rtol=1e-5, atol=1e-5)
   latest = sparc_lib.sparc(tiny_bert(), num_prompt_tokens=2, num_components=4, selection="latest")
-  x = jnp.asarray(stream.tasks[0].test.x)
-  np.testing.assert_allclose(
-      latest.predict(states[-1], base, x, current_task=1, task_id=None, spec=spec),
-      latest.predict(states[-1], base, x, current_task=1, task_id=1, spec=spec))
+  free, last = jax.jit(lambda state, x: [
+      latest.predict(state, base, x, current_task=1, task_id=t, spec=spec) for t in (None, 1)])(
+          states[-1], x)
+  np.testing.assert_allclose(free, last)
 
 
 def test_trainable_parameter_percentage():
@@ -264,12 +274,13 @@ def test_label_word_scoring_on_a_decoder_lm():
   stream = make_stream("AB")
   states, spec = drive(method, stream, train=(1,))  # one training phase (compile time)
   assert "heads" not in states[-1]
-  logits = method.predict(states[-1], backbone.params, jnp.asarray(stream.tasks[1].test.x),
-                          current_task=1, task_id=1, spec=spec)
+  logits = jax.jit(functools.partial(method.predict, current_task=1, task_id=1, spec=spec))(
+      states[-1], backbone.params, jnp.asarray(stream.tasks[1].test.x))
   assert logits.shape == (24, 4) and np.all(np.asarray(logits[:, :2]) < -1e29)
   assert np.all(np.isfinite(np.asarray(logits[:, 2:])))
   with pytest.raises(ValueError, match="one label word per global class"):
-    sparc_lib.sparc(backbone, num_components=4, label_words=[1, 2]).init(jax.random.PRNGKey(0), spec)
+    sparc_lib.sparc(backbone, num_components=4, label_words=[1, 2]).init(
+        jax.random.PRNGKey(0), spec)
 
 
 def test_bad_arguments_are_named():
@@ -286,3 +297,90 @@ def test_bad_arguments_are_named():
     sparc_lib.sparc(mlp.mlp((8,), hidden=(4,)), num_components=2)
   with pytest.raises(ValueError, match="label_word_scores"):
     sparc_lib.sparc(backbone, num_components=4, label_words=[1, 2])
+
+
+def test_superglue_experiment_stream_formats_truncates_and_maps_labels(tmp_path, monkeypatch):
+  """The pod experiment's stream on fake TFDS records and a tiny word-level tokenizer."""
+  import importlib.util
+  import json
+  import pathlib
+
+  from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+  from clx.data import catalog
+
+  root = pathlib.Path(__file__).resolve().parents[2]
+  spec = importlib.util.spec_from_file_location("superglue_sparc",
+                                                root / "experiments" / "superglue_sparc.py")
+  exp = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(exp)
+  words = ("<pad> <s> </s> [UNK] yes no maybe 1 2 Question Answer or ? : , . the passage "
+           "premise hypothesis is long").split()
+  tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+  tok.save(str(tmp_path / "tokenizer.json"))
+  config = json.loads((root / "tests/models/fixtures/llama_tiny/config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps(config))  # pad 0, bos 1, eos 2
+
+  def fake_catalog(name, data_dir=None, *, splits, x_key, y_key):
+    assert y_key == "label" and splits == ["train", "validation"]
+    n = 6
+    text = np.array(["the passage is long " * (20 if i == 0 else 1) for i in range(n)], object)
+    other = {"boolq": {"question": np.array(["is the passage long"] * n, object)},
+             "cb": {"hypothesis": np.array(["the premise is long ."] * n, object)}}
+    other = other[name.split("/")[1]]
+    labels = np.arange(n) % (2 if "boolq" in name else 3)
+    make = lambda y: catalog.ArraySplit({"x": text, "y": y, **other})  # noqa: E731
+    return {"train": make(labels), "validation": make(np.where(labels == 0, -1, labels))}
+
+  monkeypatch.setattr(catalog, "load_catalog", fake_catalog)
+  stream = exp.super_glue_stream(model_path=str(tmp_path), tasks="boolq,cb", max_length=24)
+  boolq, cb = stream.tasks
+  assert stream.num_classes == 5 and boolq.classes == (0, 1) and cb.classes == (0, 1, 2)
+  np.testing.assert_array_equal(boolq.train.y, [exp.NO, exp.YES] * 3)  # TFDS False/True
+  np.testing.assert_array_equal(cb.train.y, [exp.YES, exp.NO, exp.MAYBE] * 2)
+  assert len(boolq.test) == 3  # unlabelled (-1) validation rows are dropped
+  x = boolq.train.x
+  assert x.shape == (6, 24) and np.all(x[:, 0] == 1)  # BOS first
+  vocab = {w: i for i, w in enumerate(words)}
+  _, cue_text = exp.format_example("boolq", {"passage": "p", "question": "is the passage long"})
+  cue = tok.encode(cue_text, add_special_tokens=False).ids
+  first = x[0][x[0] != 0]
+  assert len(first) == 24 and list(first[-len(cue):]) == cue  # passage cut, the cue survives
+  ids = sparc_lib._resolve_label_words(list(exp.LABEL_WORDS), str(tmp_path))
+  np.testing.assert_array_equal(ids, [vocab[w] for w in ("yes", "no", "maybe", "1", "2")])
+  with pytest.raises(ValueError, match="scenario"):
+    exp.super_glue_stream(model_path=str(tmp_path), scenario="class")
+
+
+def test_checkpoint_holds_z_basis_mean_lora_and_decisions_per_task(tmp_path):
+  from clx import checkpoint as ckpt
+  method = sparc_lib.sparc(tiny_bert(), num_prompt_tokens=2, num_components=4, lora_rank=2,
+                           train_basis=True, orthogonal_penalty=1.0)
+  states, spec = drive(method, make_stream("AC"), train=False)
+  initial = method.init(jax.random.fold_in(jax.random.PRNGKey(0), 0), spec)
+  with ckpt.TaskCheckpointer(tmp_path) as saver:
+    prev = jax.device_get(initial)
+    for t, state in enumerate(states):
+      delta, removed = ckpt.state_delta(prev, state)
+      assert set(delta["tasks"]) == {str(t)}  # only the new task's entry is written
+      assert {"z", "basis", "pca", "lora", "overlap"} <= set(delta["tasks"][str(t)])
+      saver.save(t, delta, removed, {"task": t})
+      prev = state
+    restored, _ = saver.restore_state(1, jax.device_get(initial))
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(states[-1])):
+    np.testing.assert_array_equal(a, b)
+  assert jax.tree.structure(restored) == jax.tree.structure(states[-1])
+
+
+def test_sequential_lora_baseline_with_label_words():
+  backbone = llama.llama((L,), pad_id=0, vocab_size=128, hidden_size=32, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+  method = sparc_lib.prompt_lora(backbone, lora_rank=2, label_words=[10, 11, 12, 13])
+  states, spec = drive(method, make_stream("AB"), train=False)
+  assert set(states[-1]) == {"lora"} and method.name == "prompt_lora"
+  diag = method.diagnostics(states[-1])
+  assert diag["prompt_params"] == 0 and diag["lora_params"] == diag["trainable_params_per_task"] > 0
+  with pytest.raises(ValueError, match="num_prompt_tokens >= 1 or lora_rank >= 1"):
+    sparc_lib.prompt_tuning(backbone, num_prompt_tokens=0)
