@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from clx.methods.base import ContinualMethod, StreamSpec, TaskContext
-from clx.methods import became, gpm, sequential, sparc
+from clx.methods import became, gpm, inflora, sequential, sparc
 
-REGISTRY = {**sequential.REGISTRY, **gpm.REGISTRY, **became.REGISTRY, **sparc.REGISTRY}
+REGISTRY = {**sequential.REGISTRY, **gpm.REGISTRY, **became.REGISTRY, **inflora.REGISTRY,
+            **sparc.REGISTRY}
 
 
 def build(name: str, backbone, **kwargs) -> ContinualMethod:

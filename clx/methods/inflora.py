@@ -38,7 +38,8 @@ State (nested dict; keys never contain '/'; site paths are escaped with '.')::
   heads:    {str(t): {"kernel", "bias"}}              (per-task heads; "shared" for domain-IL)
   branches: {str(t): {"a": {group: (d_in, r)},        designed, frozen (one per input group)
                       "b": {site: (r, d_out)}}}       trained on task t only
-  memory:   {group: {"basis": (d, d) zero-padded, "rank": int32, "kind": int32 (0 remove, 1 retain)}}
+  memory:   {group: {"basis": (d, d) zero-padded, "rank": int32,
+                     "kind": int32 (0 remove, 1 retain)}}
   folded:   {site: (d_in, d_out)}                     only with fold=True
 
 A *group* is a set of sites that read the same input. It is named by its
@@ -76,9 +77,10 @@ Official code vs paper (defaults follow the code; the paper form is an option):
 kept in the state (``folded``) and drops the branch. Inference then costs one
 dense add per site whatever T is, and the state no longer grows with T. The
 price is the checkpoint: each task's delta then holds a dense (d_in, d_out)
-matrix per adapted site (e.g. 24 × 768² floats ≈ 57 MB per task for ViT-B k/v)
-instead of r·(d_in + d_out) per site (≈ 1.5 MB). Predictions equal the
-unfolded ones up to float rounding.
+matrix per adapted site (24 × 768² floats ≈ 57 MB per task for ViT-B k/v)
+instead of the branch itself (12 a's + 24 b's at r = 10 ≈ 1.1 MB). The
+DualGPM memories add 12 × 768² floats ≈ 28 MB per task in both cases.
+Predictions equal the unfolded ones up to float rounding.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ Modules:
   sgp:      SGP importance-scaled memory updates and projections.
   gradient_projection: GPM/SGP projection applied through a layer's inputs.
   pca:      streaming second moments and PCA from moments.
+  dualgpm:  InfLoRA's designed down-projection and DualGPM memory updates.
 """
 
-from clx.ops import gradient_projection, lora, merging, metrics, pca, sgp, subspace
+from clx.ops import dualgpm, gradient_projection, lora, merging, metrics, pca, sgp, subspace
 
-__all__ = ["gradient_projection", "lora", "merging", "metrics", "pca", "sgp", "subspace"]
+__all__ = ["dualgpm", "gradient_projection", "lora", "merging", "metrics", "pca", "sgp", "subspace"]

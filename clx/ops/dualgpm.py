@@ -68,8 +68,9 @@ Energies (the ``energy`` option):
 InfLoRA-b5 and DomainNet. It is the same REMOVE rule with no switch, so the
 memory may grow to d columns.
 
-Differences from the official code. They are all numerical or corner cases,
-and none changes a result that the official code produces without crashing:
+Differences from the official code. They are numerical (same subspaces) or
+concern corner cases where the official code crashes or mislabels its memory;
+the only result-changing one is the zero design column noted below:
 
 * One symmetric eigendecomposition replaces the official code's SVDs (of Ĉ,
   of M for the switch, of (I − U_r U_rᵀ) M⊥ for the retain update).
@@ -88,8 +89,9 @@ and none changes a result that the official code produces without crashing:
     These are the same subspaces as the official SVDs give (bases within a
     subspace are arbitrary in both).
 * First task with r ≥ d/2: the official code stores U[:, :r] with type
-  'retain', i.e. it mislabels the memory as its complement, and then fails its
-  own assert (``≤ d/2``) when r > d/2. clx stores the complement U[:, r:].
+  'retain', i.e. it mislabels the memory as its complement. It then fails its
+  own assert (``≤ d/2``) when r > d/2, and silently protects the wrong space
+  when r = d/2. clx stores the complement U[:, r:].
 * RETAIN: r is capped at k, and REMOVE: r is capped at d − k, which is where
   the energy runs out. The official loop could only pass these caps through
   rounding error; it would then slice a negative width, or append null
