@@ -29,6 +29,7 @@ SUITE = {
     "quickstart": ((0, 1, 2), ()),
     "pmnist_gpm": ((2, 3, 4, 5, 6), ()),
     "pmnist_became": ((2, 3, 4), ("methods=became_gpm,sgp,became_sgp",)),
+    "text_inflora": ((0,), ()),
 }
 COLUMNS = ("acc", "aia", "bwt", "forgetting", "wall_time_s")
 # experiment -> (other experiment, methods): rows of the other run on the SAME seeds, so that
