@@ -126,7 +126,9 @@ def main() -> None:
             "Accuracies in percent; mean ± sample std over seeds. Wall times are per run on the "
             "machine that ran it (2-core CPU unless stated) and include whatever else ran there: "
             "take clean timings from BENCHMARKS.md.\n\n")
-  (HERE / "RESULTS.md").write_text(header + "\n".join(sections))
+  extra = HERE / "results_extra.md"  # results of experiments with their own drivers
+  tail = ("\n" + extra.read_text()) if extra.exists() else ""
+  (HERE / "RESULTS.md").write_text(header + "\n".join(sections) + tail)
   print(f"wrote {HERE / 'RESULTS.md'}")
 
 
