@@ -2,47 +2,47 @@
 
 Sources. The paper (Le, Bui, Hoang & Hoang, ICLR 2026 submission, OpenReview 5nVrMIl7vf)
 describes the method; the first author's public code ``Alisia0303/HESTIA``,
-``baselines/RanPAC`` (configs, ViT, RanPAC head, ``theories.py``, ``test.py``) fixes the
-defaults. The stored snapshot of that code does not contain the composition forward pass
-itself (only its checkpoint names ``Q/V_lora_pool_A/B``, ``W_Q``, ``W_V``,
-``new_Q/V_lora_A/B``), so the exact composition formula is the paper's, filled in as marked
-[R] below. What comes from where:
+``baselines/RanPAC`` (configs, ViT, RanPAC head, ``theories.py``, ``test.py``, ``use_RP.py``)
+fixes the defaults. The stored snapshot of that code does not contain the composition forward
+pass itself (only its checkpoint names ``Q/V_lora_pool_A/B``, ``W_Q``, ``W_V``,
+``new_Q/V_lora_A/B``, and a forward taking ``alpha``), so the composition formula is the
+paper's, with the gaps filled as marked [R]. Nothing is copied; clx's own implementation.
 
-===========================================  ==========================================
-Taken from the code                          Taken from the paper / reconstructed [R]
-===========================================  ==========================================
-LoRA on q and v of every block, output       ΔW_k = Σ_{j<k} w_{k,j} B_j A_j + B_k⊥A_k⊥
-scale 0.1 (``0.1 * (x @ units)``)            (paper); w per earlier unit *and per site*
-                                             [R: the code keeps ``W_Q``/``W_V``, their
-new unit rank ``added_units = 4``,           shape is not in the snapshot]
-up-projection zero, down N(0, 0.01²)
-                                             α multiplies the transfer term: ΔW_k =
-``reg_weight`` 0.006 (ℓ1 on w),              scale·(α Σ w_{k,j} a_j b_j + a_k b_k)
-``ortho_weight`` 0.004, ``alpha`` 0.3        [R: the code passes ``alpha`` to the
-                                             forward, its use is not in the snapshot;
-orthogonality loss ‖AᵀB‖²_F between          the ``lamdba0`` ablation config pairs
-factor matrices (``ortho_loss``)             reg 0 with α = 1]
+Taken from the code:
 
-DP-GMM signature: sklearn                    orthogonality between the new unit's
-``BayesianGaussianMixture`` with             down-projection and every earlier unit's,
-``n_components`` 100, concentration 0.01     Σ_{j<k} ‖a_jᵀ a_k‖²_F (+ ‖b_j b_kᵀ‖²_F with
-(CIFAR: 20 / 0.1), full covariances;         ``ortho_factors="ab"``) [R]
-scoring N(μ, Σ + 1e-4·I) (``test.py``)
-                                             w_{k,j} initialised to ``transfer_init`` = 1
-RanPAC head: W_rand (d, 10,000) N(0, 1),     [R]
-ReLU, G += HᵀH, Q += HᵀY over tasks,
-λ ∈ 10⁻⁸…10⁸ on an 80/20 split of the        k-means (K = 5) + nearest centroid (L1)
-current task, W_o = (G + λI)⁻¹Q; each        ablation (reviewers; S-Prompts style)
-test input goes through its retrieved
-task's backbone, one global W_o              screening stage (not in paper or code)
+- LoRA on the q and v projections of every block, output scale 0.1 (``0.1 * (x @ units)``);
+  new unit rank ``added_units`` = 4, up-projection zero, down-projection N(0, 0.01²).
+- ``reg_weight`` 0.006 (ℓ1 on the transfer weights), ``ortho_weight`` 0.004, ``alpha`` 0.3;
+  the orthogonality loss is a squared Frobenius norm of a product of factor matrices
+  (``ortho_loss(A, B) = ‖AᵀB‖²_F``).
+- Signature: sklearn ``BayesianGaussianMixture`` (Dirichlet process), ``n_components`` 100 and
+  concentration 0.01 (CIFAR-100: 20 / 0.1), full covariances; scoring with
+  N(μ, Σ + 1e-4·I) (``test.py``).
+- RanPAC head: W_rand (d, 10,000) N(0, 1), ReLU, G += HᵀH and Q += HᵀY over tasks, λ from
+  10⁻⁸…10⁸ by the MSE on the last 20 % of the current task's features with a fit on the first
+  80 %, W_o = (G + λI)⁻¹Q; each test input is classified through its retrieved task's backbone
+  with the one global W_o (``use_RP.py``).
+- Bound quantities δ, κ, the Eq. (28) threshold (``theories.py``; see :mod:`clx.ops.retrieval`
+  for the two places where clx differs: per-point Mahalanobis distances (the code averages the
+  full n×n matrix ``diff Σ⁻¹ diffᵀ``, cross terms included) and effective component counts).
+- Training: Adam, lr 5e-4 (ImageNet-R; 1e-3 in other configs), 20 epochs (5 on CIFAR-100),
+  batch 32, gradient clipping 1.0, a fresh optimiser per task.
 
-Adam, lr 5e-4 (ImageNet-R ``-ortho``         training head: one linear head per task
-config; 1e-3 elsewhere), 20 epochs (5 on     over its own classes (the code masks the
-CIFAR-100), batch 32, grad clip 1.0          other classes of a global head: the same
-                                             loss)
-bound quantities δ, κ, threshold
-(``theories.py``; see clx.ops.retrieval)
-===========================================  ==========================================
+From the paper, or reconstructed [R]:
+
+- ΔW_k = Σ_{j<k} w_{k,j} B_j A_j + B_k⊥ A_k⊥ (paper), with one w per earlier unit *and per
+  site* [R: the shape of ``W_Q``/``W_V`` is not in the snapshot], initialised to
+  ``transfer_init`` = 1 [R].
+- α multiplies the transfer term: ΔW_k = scale·(α Σ_j w_{k,j} a_j b_j + a_k b_k) [R: the
+  ``lamdba0`` ablation config pairs reg 0 with α = 1, consistent with α weighting the
+  transfer].
+- Orthogonality between the new unit's down-projection and every earlier unit's,
+  Σ_{j<k} ‖a_jᵀ a_k‖²_F (+ ‖b_j b_kᵀ‖²_F with ``ortho_factors="ab"``) [R].
+- Training head: one linear head per task over its own classes (the code masks the other
+  classes of a global head to −inf: the same loss).
+- k-means (K = 5) + nearest-centroid (L1) retrieval: the ablation the reviewers asked for,
+  S-Prompts style.
+- Screening (neither paper nor code): see ``route``.
 
 Per task k (sites = the q and v kernels of every block):
 
@@ -79,7 +79,6 @@ from __future__ import annotations
 import functools
 import math
 import time
-import zlib
 from collections.abc import Sequence
 
 import jax
@@ -125,9 +124,10 @@ class ProteusParts:
                ridge_grid: Sequence[float] = ridge_ops.RIDGE_GRID,
                ridge_fit_fraction: float = 0.8, ridge_with_history: bool = False,
                screen_top_m: int = 0, screen_covariance_type: str = "diag",
-               screen_components: int | None = None, restrict_head: bool = False,
+               screen_components: int | None = None, screen_signatures: bool = False,
+               restrict_head: bool = False,
                feature_batch: int = 256, task_batch: int | None = None,
-               example_batch: int = 32, verbose: bool = False):
+               example_batch: int = 32, score_batch: int = 8, verbose: bool = False):
     if signature not in SIGNATURES:
       raise ValueError(f"signature must be one of {SIGNATURES}, got {signature!r}")
     if ortho_factors not in ("a", "ab"):
@@ -160,8 +160,10 @@ class ProteusParts:
     self.ridge_fit_fraction, self.ridge_with_history = float(ridge_fit_fraction), ridge_with_history
     self.screen_top_m, self.screen_covariance_type = int(screen_top_m), screen_covariance_type
     self.screen_components = screen_components
+    self.fit_screen = bool(screen_top_m) or bool(screen_signatures)
     self.restrict_head, self.feature_batch = restrict_head, int(feature_batch)
     self.task_batch, self.example_batch = task_batch, int(example_batch)
+    self.score_batch = int(score_batch)
     self.verbose = verbose
     self._jit_cache: dict = {}
 
@@ -171,11 +173,12 @@ class ProteusParts:
     out = {}
     for s in self.sites:
       sk = site_key(s)
+      dtype = jnp.result_type(state["tasks"]["0"]["unit"][sk]["a"])
       rows = []
       for t in range(num_tasks):
         w = state["tasks"][str(t)].get("weights", {}).get(sk) if t > 0 else None
-        row = [self.alpha * jnp.asarray(w, jnp.float32)] if w is not None else []
-        row += [jnp.ones((1,), jnp.float32), jnp.zeros((num_tasks - t - 1,), jnp.float32)]
+        row = [self.alpha * jnp.asarray(w, dtype)] if w is not None else []
+        row += [jnp.ones((1,), dtype), jnp.zeros((num_tasks - t - 1,), dtype)]
         rows.append(jnp.concatenate(row))
       out[sk] = jnp.stack(rows)
     return out
@@ -291,8 +294,9 @@ class ProteusParts:
           sig = jax.tree.map(lambda a: a[ti], sigs)
           return self._score_one(sig, fi[None])[0]
 
+        # each example gathers its candidate's signature: chunks of score_batch examples
         scores_c.append(jax.lax.map(one, (f, cands[:, c]),
-                                    batch_size=min(self.example_batch, x.shape[0])))
+                                    batch_size=min(self.score_batch, x.shape[0])))
         feats_c.append(f)
       scores = jnp.stack(scores_c, axis=1)
       best = jnp.argmax(scores, axis=1)
@@ -315,12 +319,18 @@ class ProteusParts:
                       "w_out": jnp.zeros((self.rp_dim, spec.num_classes), jnp.float32)}}
 
   def new_unit(self, key, task_index: int) -> dict:
-    unit = {}
-    for s in self.sites:
+    """A new unit per site: down-projection a ~ N(0, std²), up-projection b = 0."""
+    sizes = [self.shapes[s][0] * self.rank for s in self.sites]
+    # one draw for all sites (one compiled shape), split on the host
+    draws = np.asarray(jax.random.normal(jax.random.fold_in(key, task_index), (sum(sizes),),
+                                         jnp.float32))
+    unit, offset = {}, 0
+    for s, size in zip(self.sites, sizes):
       d_in, d_out = self.shapes[s]
-      k = jax.random.fold_in(jax.random.fold_in(key, task_index), zlib.crc32(s.encode()) & 0x7FFFFFFF)
-      unit[site_key(s)] = {"a": self.unit_init_std * jax.random.normal(k, (d_in, self.rank)),
+      a = self.unit_init_std * draws[offset:offset + size].reshape(d_in, self.rank)
+      unit[site_key(s)] = {"a": jnp.asarray(a, jnp.float32),
                            "b": jnp.zeros((self.rank, d_out), jnp.float32)}
+      offset += size
     return unit
 
   def begin_task(self, state, ctx):
@@ -373,13 +383,15 @@ class ProteusParts:
     return np.concatenate(feats), np.concatenate(ys)
 
   def fit_signature(self, feats: np.ndarray, key, *, covariance_type: str | None = None,
-                    n_components: int | None = None) -> tuple[dict, dict]:
-    """A signature of features ``(n, d)`` and its fit statistics."""
+                    n_components: int | None = None, signature: str | None = None
+                    ) -> tuple[dict, dict]:
+    """A signature of features ``(n, d)`` and its fit statistics (``signature`` and
+    ``covariance_type``/``n_components`` override the configured ones, for ablations)."""
     feats = np.asarray(feats, np.float32)
     if self.max_signature_samples and feats.shape[0] > self.max_signature_samples:
       idx = np.random.default_rng(0).choice(feats.shape[0], self.max_signature_samples, False)
       feats = feats[np.sort(idx)]
-    if self.signature == "kmeans":
+    if (signature or self.signature) == "kmeans":
       sig = mixture.centroid_signature(feats, self.kmeans_clusters, key=key)
       return sig, {"components": int(sig["centers"].shape[0]), "n_iter": 0, "converged": True}
     cov_type = covariance_type or self.covariance_type
@@ -413,7 +425,7 @@ class ProteusParts:
     key = jax.random.fold_in(ctx.rng, 2)
     sig, fit = self.fit_signature(feats, key)
     entry["signature"] = sig
-    if self.screen_top_m:
+    if self.fit_screen:
       base_fn = self._jitted("base_features", lambda b, x: self.backbone.apply(b, x))
       base_feats, _ = self._collect(ctx, base_fn, base)
       entry["screen"], _ = self.fit_signature(
@@ -422,20 +434,23 @@ class ProteusParts:
 
     # RanPAC head: λ on this task's held-out 20 %, then accumulate and re-solve.
     r = state["ridge"]
-    h = ridge_ops.project(jnp.asarray(feats), r["w_rand"])
-    yy = ridge_ops.one_hot(jnp.asarray(y), ctx.spec.num_classes)
+    h = _project(jnp.asarray(feats), r["w_rand"])
+    yy = jax.nn.one_hot(jnp.asarray(y), ctx.spec.num_classes, dtype=h.dtype)
     perm = np.random.default_rng([t, 7]).permutation(h.shape[0])
     lam, _ = ridge_ops.select_ridge(
         h[perm], yy[perm], grid=self.ridge_grid, fit_fraction=self.ridge_fit_fraction,
         base_gram=r["gram"] if self.ridge_with_history else None,
         base_xty=r["xty"] if self.ridge_with_history else None)
-    stats = ridge_ops.accumulate({"gram": r["gram"], "xty": r["xty"], "count": r["count"]}, h, yy)
-    w_out = ridge_ops.solve(stats["gram"], stats["xty"], lam)
-    ridge_state = {**r, **stats, "w_out": w_out}
+    ridge_state = {**r, **_ridge_update(r, h, yy, jnp.asarray(lam, h.dtype))}
 
-    l1 = float(self.l1_penalty(params.get("weights", {})))
-    ortho = float(self.ortho_penalty(state, t, params["unit"]))
-    mean_w = (float(np.mean([np.mean(np.asarray(w)) for w in jax.tree.leaves(params["weights"])]))
+    host = jax.device_get({"unit": params["unit"], "weights": params.get("weights", {}),
+                           "pool": [state["tasks"][str(j)]["unit"] for j in range(t)]})
+    l1 = float(sum(np.abs(w).sum() for w in jax.tree.leaves(host["weights"])))
+    ortho = float(sum(np.sum((old[k]["a"].T @ host["unit"][k]["a"]) ** 2)
+                      + (np.sum((old[k]["b"] @ host["unit"][k]["b"].T) ** 2)
+                         if self.ortho_factors == "ab" else 0.0)
+                      for old in host["pool"] for k in host["unit"]))
+    mean_w = (float(np.mean([np.mean(w) for w in jax.tree.leaves(host["weights"])]))
               if t > 0 else 0.0)
     task_stats = {"components": jnp.asarray(fit["components"], jnp.int32),
                   "fit_iters": jnp.asarray(fit["n_iter"], jnp.int32),
@@ -487,102 +502,154 @@ class ProteusParts:
                            predict=self.predict, diagnostics=self.diagnostics)
 
   # -- reports (host, need the data) -------------------------------------------
+  def _cached(self, key, make):
+    if key not in self._jit_cache:
+      self._jit_cache[key] = make()
+    return self._jit_cache[key]
+
   def retrieval_report(self, state, base, stream, *, upto: int | None = None,
                        batch_size: int = 128, screen_m: Sequence[int] = (),
-                       bound_samples: int = 256, epsilon: float = 0.01) -> dict:
+                       ablations: dict | None = None, bound_samples: int = 256,
+                       epsilon: float = 0.01) -> dict:
     """Retrieval accuracy, accuracy and the bound's quantities per task, after task ``upto``.
 
     Args:
       state: the method state after task ``upto`` (default: the last task).
       base: the frozen backbone params.
-      stream: the task stream (test splits for accuracy, train splits for the bound).
-      batch_size: evaluation batch size.
-      screen_m: also measure screened retrieval with these m (needs ``screen`` signatures).
-      bound_samples: training examples per task used for the bound's clusters.
+      stream: the task stream (train splits for the ablation signatures and the bound's
+        clusters, test splits for everything measured).
+      batch_size: evaluation batch size (batches are padded to it: one compilation).
+      screen_m: also measure screened retrieval with these m (needs ``screen`` signatures:
+        build the method with ``screen_top_m > 0`` or ``screen_signatures=True``).
+      ablations: ``{name: fit_signature overrides}`` of other signatures to fit on the same
+        adapted features and compare, e.g. ``{"kmeans": {"signature": "kmeans"},
+        "diag": {"covariance_type": "diag"}}``.
+      bound_samples: training examples per task used for the bound's clusters (train side).
       epsilon: the bound's target error.
 
     Returns:
-      ``{"tasks": [per-task dict], "mean": {...}}`` with, per task: ``retrieval_acc`` (%),
-      ``acc`` (%, with the retrieved task), ``oracle_acc`` (%, with the true task),
-      ``screen`` {m: retrieval %}, and bound entries ``delta_min``, ``kappa_min``,
-      ``threshold_max``, ``clusters``, ``clusters_pass``.
+      ``{"tasks": [per task], "mean": {...}}``. Per task: ``retrieval_acc``, ``acc`` (with the
+      retrieved task), ``oracle_acc`` (with the true task), ``screen`` {m: retrieval},
+      ``ablations`` {name: {retrieval_acc, acc}} (all in %), and for DP-GMM signatures with
+      T > 1 ``bound_train``/``bound_test``: ``delta_min``, ``kappa_min``, ``threshold_max``,
+      ``clusters``, ``clusters_pass`` and ``delta_self`` (the same separation of the task's
+      points from their *own* nearest component: ≈ 0 when the clusters describe the points,
+      ≫ 0 when they do not, e.g. held-out points of an overfitted covariance).
     """
     spec = StreamSpec.from_stream(stream)
-    T = (len(stream.tasks) if upto is None else upto + 1)
-    route = jax.jit(lambda st, b, x: self.route(st, b, x, T, screen_top_m=0))
-    oracle = {}
+    T = len(stream.tasks) if upto is None else upto + 1
+    ablations = dict(ablations or {})
+    all_fn = self._cached(("all_feats", T), lambda: jax.jit(
+        lambda st, b, x: self.all_task_features(st, b, x, T)))
+    head_fn = self._cached(("heads", T, spec), lambda: jax.jit(
+        lambda st, f, tasks: jnp.argmax(self.head_logits(st, f, spec, T - 1, tasks), -1)))
+    screen_fns = {m: self._cached(("screen_route", m, T), lambda m=m: jax.jit(
+        lambda st, b, x: self.route(st, b, x, T, screen_top_m=m)[0])) for m in screen_m}
+    bounds_fn = jax.jit(retrieval.cluster_bounds,
+                        static_argnames=("num_tasks", "total_components", "epsilon"))
+
+    def feats_of(x_all, fn):
+      parts = []
+      for s in range(0, len(x_all), batch_size):
+        x, n = _padded(x_all[s:s + batch_size], batch_size)
+        parts.append(np.asarray(fn(x))[..., :n, :])
+      return np.concatenate(parts, axis=-2)
+
+    sigs = [state["tasks"][str(t)]["signature"] for t in range(T)]
+    stacked = mixture.stack_signatures(sigs)
+    with_bound = self.signature == "dpgmm" and T > 1
+    total_components = sum(int(s["means"].shape[0]) for s in sigs)
+
+    def bound(t, feats_all):
+      """Bound quantities of task t from its points under every backbone (T, n, d)."""
+      own = feats_all[t]
+      labels = jnp.argmax(mixture.component_log_prob(sigs[t], jnp.asarray(own)), 1)
+      others = [i for i in range(T) if i != t]
+      res = jax.device_get(bounds_fn(
+          jnp.asarray(feats_all[others]), labels, sigs[t]["log_det_cov"],
+          mixture.stack_signatures([sigs[i] for i in others]), num_tasks=T,
+          total_components=total_components, epsilon=float(epsilon)))
+      cov_type = mixture.signature_covariance_type(sigs[t])
+      maha = mixture.mahalanobis_sq(jnp.asarray(own), sigs[t]["means"], sigs[t]["prec_chol"],
+                                    cov_type)
+      ok = res["count"] >= 2
+      pick = (lambda v, f: float(f(v[ok])) if ok.any() else math.nan)
+      return {"delta_min": pick(res["delta"], np.min), "kappa_min": pick(res["kappa"], np.min),
+              "threshold_max": pick(res["threshold"], np.max), "clusters": int(ok.sum()),
+              "clusters_pass": int(np.sum(res["pass"])),
+              "delta_self": float(jnp.mean(jnp.min(maha, 1))) / own.shape[-1] - 1.0}
+
+    # Train side: ablation signatures (all training data, own backbone) and the bound.
+    abl_sigs = {name: [] for name in ablations}
+    bound_train = []
+    for t in range(T):
+      split = stream.tasks[t].train
+      if ablations:
+        own_fn = self._cached(("own", t, T), lambda t=t: jax.jit(
+            lambda st, b, x: self.task_features(st, b, x, t, T)))
+        own = feats_of(np.asarray(split.x), lambda x: own_fn(state, base, x))
+        for name, over in ablations.items():
+          abl_sigs[name].append(self.fit_signature(own, jax.random.PRNGKey(t), **over)[0])
+      if with_bound:
+        idx = np.sort(np.random.default_rng([t, 11]).choice(
+            len(split), min(bound_samples, len(split)), False))
+        bound_train.append(bound(t, feats_of(np.asarray(split.x[idx]),
+                                             lambda x: all_fn(state, base, x))))
+    abl_stacked = {name: mixture.stack_signatures(v) for name, v in abl_sigs.items()}
+
     rows = []
     for i in range(T):
       split = stream.tasks[i].test
-      hits = correct = correct_oracle = 0
-      screen_hits = {m: 0 for m in screen_m}
-      for s in range(0, len(split), batch_size):
-        x = jnp.asarray(split.x[s:s + batch_size])
-        y = np.asarray(split.y[s:s + batch_size])
-        tasks, feats, _ = route(state, base, x)
-        logits = self.head_logits(state, feats, spec, T - 1, tasks)
-        hits += int(np.sum(np.asarray(tasks) == i))
-        correct += int(np.sum(np.argmax(np.asarray(logits), -1) == y))
-        if i not in oracle:
-          oracle[i] = jax.jit(lambda st, b, x, i=i: self.task_features(st, b, x, i, T))
-        lo = self.head_logits(state, oracle[i](state, base, x), spec, T - 1)
-        correct_oracle += int(np.sum(np.argmax(np.asarray(lo), -1) == y))
-        for m in screen_m:
-          key = ("screen_route", m, T)
-          if key not in self._jit_cache:
-            self._jit_cache[key] = jax.jit(
-                lambda st, b, x, m=m: self.route(st, b, x, T, screen_top_m=m)[0])
-          screen_hits[m] += int(np.sum(np.asarray(self._jit_cache[key](state, base, x)) == i))
-      n = len(split)
-      rows.append({"task": i, "retrieval_acc": 100.0 * hits / n, "acc": 100.0 * correct / n,
-                   "oracle_acc": 100.0 * correct_oracle / n,
-                   "screen": {str(m): 100.0 * h / n for m, h in screen_hits.items()}})
-    if self.signature == "dpgmm" and T > 1:
-      bound = self.bound_report(state, base, stream, T, samples=bound_samples, epsilon=epsilon)
-      for row, b in zip(rows, bound):
-        row.update(b)
+      y = np.asarray(split.y)
+      feats_all = feats_of(np.asarray(split.x), lambda x: all_fn(state, base, x))  # (T, n, d)
+      fa = jnp.asarray(feats_all)
+      n = len(y)
+      idx = jnp.arange(n)
+
+      def retrieve_and_classify(sig_stack):
+        chosen = retrieval.retrieve(retrieval.score_tasks(sig_stack, fa, metric=self.kmeans_metric))
+        pred = np.asarray(head_fn(state, fa[chosen, idx], chosen))
+        return (100.0 * float(np.mean(np.asarray(chosen) == i)), 100.0 * float(np.mean(pred == y)))
+
+      retr, acc = retrieve_and_classify(stacked)
+      oracle = np.asarray(head_fn(state, fa[i], jnp.full((n,), i, jnp.int32)))
+      row = {"task": i, "retrieval_acc": retr, "acc": acc,
+             "oracle_acc": 100.0 * float(np.mean(oracle == y)), "screen": {}, "ablations": {}}
+      for m, fn in screen_fns.items():
+        chosen = feats_of(np.asarray(split.x), lambda x: fn(state, base, x)[:, None])[:, 0]
+        row["screen"][str(m)] = 100.0 * float(np.mean(chosen == i))
+      for name, st in abl_stacked.items():
+        r, a = retrieve_and_classify(st)
+        row["ablations"][name] = {"retrieval_acc": r, "acc": a}
+      if with_bound:
+        row["bound_train"] = bound_train[i]
+        row["bound_test"] = bound(i, feats_all)
+      rows.append(row)
     mean = {k: float(np.mean([r[k] for r in rows])) for k in ("retrieval_acc", "acc", "oracle_acc")}
     for m in screen_m:
       mean[f"screen_{m}"] = float(np.mean([r["screen"][str(m)] for r in rows]))
+    for name in ablations:
+      for k in ("retrieval_acc", "acc"):
+        mean[f"{name}_{k}"] = float(np.mean([r["ablations"][name][k] for r in rows]))
     return {"tasks": rows, "mean": mean}
 
-  def bound_report(self, state, base, stream, num_tasks: int, *, samples: int = 256,
-                   epsilon: float = 0.01) -> list[dict]:
-    """Per task: min δ, min κ, max threshold and how many of its clusters satisfy δ > threshold.
 
-    Clusters are the signature's components; a cluster's data are the task's training
-    examples (up to ``samples``) assigned to it by the plug-in posterior.
-    """
-    feats_fn = jax.jit(lambda st, b, x: self.all_task_features(st, b, x, num_tasks))
-    sigs = [state["tasks"][str(t)]["signature"] for t in range(num_tasks)]
-    total_components = sum(int(s["means"].shape[0]) for s in sigs)
-    out = []
-    for t in range(num_tasks):
-      split = stream.tasks[t].train
-      idx = np.random.default_rng([t, 11]).choice(len(split), min(samples, len(split)), False)
-      x = np.asarray(split.x[np.sort(idx)])
-      feats = np.concatenate([np.asarray(feats_fn(state, base, jnp.asarray(x[s:s + 128])))
-                              for s in range(0, len(x), 128)], axis=1)  # (T, n, d)
-      labels = np.asarray(jnp.argmax(mixture.component_log_prob(sigs[t], jnp.asarray(feats[t])), 1))
-      others = [i for i in range(num_tasks) if i != t]
-      other_sigs = mixture.stack_signatures([sigs[i] for i in others])
-      deltas, kappas, thresholds, passes = [], [], [], []
-      for c in np.unique(labels):
-        members = labels == c
-        if members.sum() < 2:
-          continue
-        res = retrieval.bound_check(jnp.asarray(feats[others][:, members]), other_sigs,
-                                    sigs[t]["log_det_cov"][c], num_tasks=num_tasks,
-                                    total_components=total_components, epsilon=epsilon)
-        deltas.append(float(res["delta"]))
-        kappas.append(float(res["kappa"]))
-        thresholds.append(float(res["threshold"]))
-        passes.append(bool(res["pass"]))
-      out.append({"delta_min": min(deltas) if deltas else math.nan,
-                  "kappa_min": min(kappas) if kappas else math.nan,
-                  "threshold_max": max(thresholds) if thresholds else math.nan,
-                  "clusters": len(deltas), "clusters_pass": int(sum(passes))})
-    return out
+_project = jax.jit(ridge_ops.project)
+
+
+@jax.jit
+def _ridge_update(r, h, yy, lam):
+  stats = ridge_ops.accumulate({"gram": r["gram"], "xty": r["xty"], "count": r["count"]}, h, yy)
+  return {**stats, "w_out": ridge_ops.solve(stats["gram"], stats["xty"], lam)}
+
+
+def _padded(x, size: int):
+  """``x`` padded with zero rows to ``size`` rows (one compiled shape), and its real length."""
+  x = np.asarray(x)
+  n = x.shape[0]
+  if n < size:
+    x = np.concatenate([x, np.zeros((size - n,) + x.shape[1:], x.dtype)])
+  return jnp.asarray(x), n
 
 
 def proteus(backbone: Backbone, *, name: str = "proteus", **kwargs) -> ContinualMethod:
@@ -602,8 +669,11 @@ def proteus(backbone: Backbone, *, name: str = "proteus", **kwargs) -> Continual
       ``rp_dim`` (10,000), ``ridge_grid`` (10⁻⁸…10⁸), ``ridge_fit_fraction`` (0.8),
       ``ridge_with_history`` (False: λ from the current task only, as the code),
       ``screen_top_m`` (0 = exhaustive), ``screen_covariance_type`` ("diag"),
-      ``screen_components``, ``restrict_head`` (False), ``feature_batch``, ``task_batch``
-      (tasks per vmap chunk, default all), ``example_batch`` (screened per-example chunk),
+      ``screen_components``, ``screen_signatures`` (fit the base-feature signatures even
+      with ``screen_top_m = 0``, for measuring screening later), ``restrict_head`` (False),
+      ``feature_batch``, ``task_batch`` (tasks per vmap chunk, default all),
+      ``example_batch`` (screened per-example forward chunk), ``score_batch`` (screened
+      per-example scoring chunk: each example gathers its candidate's (K, d, d) signature),
       ``verbose``.
   """
   return ProteusParts(backbone, **kwargs).method(name)

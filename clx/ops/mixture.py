@@ -47,7 +47,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +73,7 @@ def _mm(a, b):
 # ----------------------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnames=("covariance_type",))
 def precision_cholesky(covariances: Array, covariance_type: str) -> Array:
   """Cholesky factor U of each precision (Λ = U Uᵀ), from covariances.
 
@@ -103,6 +103,7 @@ def log_det_precision_cholesky(prec_chol: Array, covariance_type: str) -> Array:
   return jnp.sum(jnp.log(jnp.diagonal(prec_chol, axis1=-2, axis2=-1)), axis=-1)
 
 
+@functools.partial(jax.jit, static_argnames=("covariance_type",))
 def gaussian_log_prob(x: Array, means: Array, prec_chol: Array, covariance_type: str) -> Array:
   """``log N(x_n; μ_k, Σ_k)`` for every point and component, shape ``(n, K)``.
 
@@ -132,6 +133,7 @@ def gaussian_log_prob(x: Array, means: Array, prec_chol: Array, covariance_type:
   return -0.5 * (d * math.log(2.0 * math.pi) + maha) + log_det[None, :]
 
 
+@functools.partial(jax.jit, static_argnames=("covariance_type",))
 def mahalanobis_sq(x: Array, means: Array, prec_chol: Array, covariance_type: str) -> Array:
   """Squared Mahalanobis distances ``(x_n − μ_k)ᵀ Σ_k⁻¹ (x_n − μ_k)``, shape ``(n, K)``."""
   d = x.shape[-1]
@@ -281,8 +283,8 @@ def dpgmm_lower_bound(params: dict, log_resp: Array, covariance_type: str) -> Ar
           - 0.5 * d * jnp.sum(jnp.log(params["mean_precision"])))
 
 
-@functools.partial(jax.jit, static_argnames=("covariance_type", "max_iter", "reg_covar", "tol"))
-def _fit_loop(x, resp0, priors, *, covariance_type, max_iter, reg_covar, tol):
+@functools.partial(jax.jit, static_argnames=("covariance_type",))
+def _fit_loop(x, resp0, priors, max_iter, reg_covar, tol, *, covariance_type):
   m_step = functools.partial(dpgmm_m_step, reg_covar=reg_covar, covariance_type=covariance_type)
   params = m_step(x, resp0, priors)
 
@@ -356,10 +358,12 @@ def fit_dpgmm(x, *, n_components: int = 100, covariance_type: str = "full",
                           mean_precision_prior=mean_precision_prior, mean_prior=mean_prior,
                           degrees_of_freedom_prior=degrees_of_freedom_prior,
                           covariance_prior=covariance_prior)
-  return _fit_loop(x, init_resp, priors, covariance_type=covariance_type, max_iter=int(max_iter),
-                   reg_covar=float(reg_covar), tol=float(tol))
+  return _fit_loop(x, init_resp, priors, jnp.asarray(max_iter, jnp.int32),
+                   jnp.asarray(reg_covar, x.dtype), jnp.asarray(tol, x.dtype),
+                   covariance_type=covariance_type)
 
 
+@functools.partial(jax.jit, static_argnames=("covariance_type",))
 def dpgmm_score_samples(params: dict, x: Array, covariance_type: str) -> Array:
   """sklearn's ``score_samples``: logsumexp_k (E[log π_k] + E[log N(x | μ_k, Λ_k)]), ``(n,)``."""
   weighted = dpgmm_expected_log_prob(params, x, covariance_type) + \
@@ -367,6 +371,7 @@ def dpgmm_score_samples(params: dict, x: Array, covariance_type: str) -> Array:
   return jax.nn.logsumexp(weighted, axis=1)
 
 
+@functools.partial(jax.jit, static_argnames=("covariance_type",))
 def dpgmm_predict(params: dict, x: Array, covariance_type: str) -> Array:
   """Hard component labels (sklearn ``predict``), ``(n,)`` int32."""
   _, log_resp = dpgmm_e_step(params, x, covariance_type)
@@ -409,13 +414,19 @@ def signature_from_moments(weights, means, covariances, covariance_type: str, *,
   """A plug-in mixture signature from weights ``(K,)``, means and covariances."""
   _check_cov_type(covariance_type)
   means = jnp.asarray(means)
-  covariances = jnp.asarray(covariances, means.dtype)
+  return _signature_arrays(jnp.asarray(weights, means.dtype), means,
+                           jnp.asarray(covariances, means.dtype), covariance_type=covariance_type,
+                           jitter=float(jitter))
+
+
+@functools.partial(jax.jit, static_argnames=("covariance_type", "jitter"))
+def _signature_arrays(weights, means, covariances, *, covariance_type, jitter):
   d = means.shape[-1]
   if jitter:
     covariances = covariances + (jitter * jnp.eye(d, dtype=means.dtype)
                                  if covariance_type == "full" else jitter)
   prec_chol = precision_cholesky(covariances, covariance_type)
-  return {"log_weights": jnp.log(jnp.asarray(weights, means.dtype)), "means": means,
+  return {"log_weights": jnp.log(weights), "means": means,
           "covariances": covariances, "prec_chol": prec_chol,
           "log_det_cov": -2.0 * log_det_precision_cholesky(prec_chol, covariance_type)}
 
@@ -425,6 +436,7 @@ def signature_covariance_type(signature: dict) -> str:
   return "full" if signature["prec_chol"].ndim == signature["means"].ndim + 1 else "diag"
 
 
+@jax.jit
 def component_log_prob(signature: dict, x: Array) -> Array:
   """``log w_k + log N(x_n; m_k, Σ_k)``, shape ``(n, K)``."""
   cov_type = signature_covariance_type(signature)
@@ -432,6 +444,7 @@ def component_log_prob(signature: dict, x: Array) -> Array:
       + signature["log_weights"][None, :]
 
 
+@jax.jit
 def signature_log_prob(signature: dict, x: Array) -> Array:
   """Plug-in mixture log-density ``log Σ_k w_k N(x_n; m_k, Σ_k)``, shape ``(n,)``."""
   return jax.nn.logsumexp(component_log_prob(signature, x), axis=1)
@@ -498,8 +511,7 @@ def kmeans_plusplus(key: Array, x: Array, k: int, n_local_trials: int | None = N
   def body(i, carry):
     centers, closest, key = carry
     key, sub = jax.random.split(key)
-    p = closest / jnp.maximum(jnp.sum(closest), jnp.finfo(x.dtype).tiny)
-    cand = jax.random.choice(sub, n, (trials,), p=p)
+    cand = jax.random.categorical(sub, jnp.log(jnp.maximum(closest, 0.0)), shape=(trials,))
     d_cand = jnp.minimum(closest[None, :], _sq_dists(x[cand], x))  # (trials, n)
     best = jnp.argmin(jnp.sum(d_cand, axis=1))
     return centers.at[i].set(x[cand[best]]), d_cand[best], key
@@ -569,6 +581,7 @@ def kmeans(x, k: int, *, key: Array | None = None, init=None, max_iter: int = 30
   return lloyd(x, init, max_iter=int(max_iter), tol=float(tol))
 
 
+@functools.partial(jax.jit, static_argnames=("metric",))
 def nearest_centroid_score(centers: Array, x: Array, metric: str = "l1",
                            valid: Array | None = None) -> Array:
   """Minus the distance of each point to its nearest centroid, ``(n,)`` (higher = closer).
@@ -619,4 +632,3 @@ __all__ = [
     "signature_covariance_type", "signature_from_moments", "signature_log_prob",
     "stack_signatures", "to_signature",
 ]
-del Any

@@ -26,10 +26,14 @@ to the nearest centroid (:func:`clx.ops.mixture.nearest_centroid_score`).
   M = 3dσ² − κ (:func:`bound_threshold`, the code's "Eq. (28)").
 
 The guarantee reads: if δ > threshold for every cluster, the retrieval error is at most ε.
-Two deliberate choices where the code is silent or fragile: τ_i counts the *effective*
+Where clx differs from ``theories.py``: the Mahalanobis term is the mean over the cluster's
+points of each point's own distance (the code computes ``diff Σ⁻¹ diffᵀ`` for the whole
+(n, d) block and averages the n×n matrix, cross terms included); τ_i counts the *effective*
 components of each signature (the code passes the configured ``n_components`` for every
-task), and a negative radicand M² − 24dσ²κ is clamped at 0 (the code's ``torch.sqrt`` would
-return NaN).
+task); a negative radicand M² − 24dσ²κ is clamped at 0 (the code's ``torch.sqrt`` would
+return NaN). The code checks the bound on the *training* points of each cluster; evaluating
+the same quantities on held-out points (as :meth:`clx.methods.proteus.ProteusParts.
+retrieval_report` also does) shows whether the fitted clusters describe unseen data at all.
 
 **Screening** (beyond the paper, which runs the backbone once per task): score x's *base*
 backbone features under per-task base-feature signatures (one forward pass), keep the top-m
@@ -222,6 +226,53 @@ def bound_check(cluster_feats_other: Array, other_signatures: dict, own_log_det:
           "pass": delta > threshold}
 
 
-__all__ = ["bound_check", "bound_threshold", "candidate_recall", "cluster_separation",
+def cluster_bounds(feats_other: Array, labels: Array, own_log_dets: Array, other_signatures: dict,
+                   *, num_tasks: int, total_components: int, epsilon: float = 0.01,
+                   valid: Array | None = None) -> dict[str, Array]:
+  """:func:`bound_check` for every cluster of one task at once (masked, one compile).
+
+  Args:
+    feats_other: ``(T', n, d)`` the task's sample under each other task's backbone.
+    labels: ``(n,)`` cluster of each sample point (its own signature's components).
+    own_log_dets: ``(K,)`` log det Σ of the task's own components (K clusters).
+    other_signatures: the other tasks' mixture signatures, stacked ``(T', K', ...)``.
+    num_tasks, total_components, epsilon: see :func:`bound_threshold`.
+    valid: ``(T', K')`` mask of real components of the other tasks.
+
+  Returns:
+    Per cluster ``(K,)``: ``count``, ``delta``, ``kappa``, ``sigma2``, ``threshold``,
+    ``pass`` (clusters with fewer than 2 points have ``pass`` False and NaN entries).
+  """
+  k = own_log_dets.shape[0]
+  d = feats_other.shape[-1]
+  if valid is None:
+    valid = other_signatures["log_weights"] > 0.1 * mixture.LOG_ZERO
+  masks = jax.nn.one_hot(labels, k, dtype=feats_other.dtype).T          # (K, n)
+  counts = jnp.sum(masks, axis=1)                                         # (K,)
+
+  def maha(sig, f):
+    cov_type = mixture.signature_covariance_type(sig)
+    return mixture.mahalanobis_sq(f, sig["means"], sig["prec_chol"], cov_type)  # (n, K')
+
+  m = jax.vmap(maha)(other_signatures, feats_other)                      # (T', n, K')
+  mean_m = jnp.einsum("cn,tnk->ctk", masks, m) / jnp.maximum(counts, 1.0)[:, None, None]
+  delta = jnp.min(jnp.where(valid[None], mean_m, jnp.inf), axis=(1, 2)) / d - 1.0
+  diff = other_signatures["log_det_cov"][None] - own_log_dets[:, None, None]
+  kappa = jnp.min(jnp.where(valid[None], diff, jnp.inf), axis=(1, 2))
+  mean_f = jnp.einsum("cn,tnd->ctd", masks, feats_other) / jnp.maximum(counts, 1.0)[:, None, None]
+  sq = jnp.einsum("cn,tnd->ctd", masks, feats_other ** 2)
+  var = jnp.maximum(sq - counts[:, None, None] * mean_f ** 2, 0.0) \
+      / jnp.maximum(counts - 1.0, 1.0)[:, None, None]
+  sigma2 = jnp.max(var, axis=(1, 2))
+  threshold = jax.vmap(lambda s2, kp: bound_threshold(d, s2, kp, num_tasks, total_components,
+                                                      epsilon))(sigma2, kappa)
+  ok = counts >= 2
+  nan = jnp.full_like(delta, jnp.nan)
+  return {"count": counts, "delta": jnp.where(ok, delta, nan), "kappa": jnp.where(ok, kappa, nan),
+          "sigma2": jnp.where(ok, sigma2, nan), "threshold": jnp.where(ok, threshold, nan),
+          "pass": jnp.logical_and(ok, delta > threshold)}
+
+
+__all__ = ["bound_check", "cluster_bounds", "bound_threshold", "candidate_recall", "cluster_separation",
            "forward_passes", "log_det_ratio", "max_feature_variance", "rerank", "retrieval_accuracy",
            "retrieve", "score", "score_shared", "score_tasks", "signature_kind", "top_candidates"]

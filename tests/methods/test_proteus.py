@@ -1,0 +1,238 @@
+"""PROTEUS: composition, penalties (vs finite differences), retrieval, checkpoints."""
+
+from __future__ import annotations
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clx import checkpoint as ckpt
+from clx.methods import proteus as proteus_lib
+from clx.methods.base import StreamSpec
+from clx.models.mlp import mlp
+from clx.ops import lora as lora_ops
+from clx.train.loop import TrainConfig, run_method
+from tests.helpers import make_gaussian_stream
+
+SITES = ("lin1/kernel", "lin2/kernel")
+
+
+def small_parts(backbone, **kw):
+  kw = {"sites": SITES, "n_components": 4, "rp_dim": 96, "max_iter": 50, **kw}
+  return proteus_lib.ProteusParts(backbone, **kw)
+
+
+def ctx_for(t, spec, seed=0):
+  return types.SimpleNamespace(task_index=t, spec=spec, rng=jax.random.PRNGKey(100 + seed + t))
+
+
+def state_after_two_tasks(parts, spec, seed=0):
+  """A state with trained-looking (random, non-zero) units for tasks 0 and 1, in task 2."""
+  rng = np.random.default_rng(seed)
+  state = parts.init(jax.random.PRNGKey(0), spec)
+  for t in range(3):
+    state = parts.begin_task(state, ctx_for(t, spec))
+    entry = dict(state["tasks"][str(t)])
+    entry["unit"] = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.3), entry["unit"])
+    if t > 0:
+      entry["weights"] = jax.tree.map(lambda w: jnp.asarray(rng.uniform(0.2, 1.5, w.shape)),
+                                      entry["weights"])
+    state = {**state, "tasks": {**state["tasks"], str(t): entry}}
+  return state
+
+
+def spec3():
+  return StreamSpec(3, 6, "class", ((0, 1), (2, 3), (4, 5)), (7,))
+
+
+def test_composed_delta_is_the_weighted_sum_of_units():
+  with jax.enable_x64(True):
+    bb = mlp((7,), (5, 4))
+    parts = small_parts(bb, alpha=0.3, scale=0.1)
+    state = state_after_two_tasks(parts, spec3())
+    deltas = parts.deltas(state, 3)
+    for s in SITES:
+      k = proteus_lib.site_key(s)
+      u = [state["tasks"][str(j)]["unit"][k] for j in range(3)]
+      w2 = np.asarray(state["tasks"]["2"]["weights"][k])
+      ref = 0.1 * (0.3 * (w2[0] * u[0]["a"] @ u[0]["b"] + w2[1] * u[1]["a"] @ u[1]["b"])
+                   + u[2]["a"] @ u[2]["b"])
+      np.testing.assert_allclose(deltas[s][2], ref, rtol=1e-10)
+      np.testing.assert_allclose(deltas[s][0], 0.1 * u[0]["a"] @ u[0]["b"], rtol=1e-10)
+    # the training forward (apply_adapters over the frozen pool) is the same network
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(5, 7)))
+    base = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), bb.params)
+    entry = state["tasks"]["2"]
+    train = jax.jit(lambda st, b, x: bb.apply(lora_ops.apply_adapters(
+        b, parts.training_adapters(st, 2, entry["unit"], entry["weights"]), 0.1), x))(state, base, x)
+    one_task = jax.jit(parts.task_features, static_argnums=(3, 4))
+    np.testing.assert_allclose(one_task(state, base, x, 2, 3), train, rtol=1e-10)
+    # all tasks at once (vmap) and per-example tasks agree with one task at a time
+    every = jax.jit(parts.all_task_features, static_argnums=3)(state, base, x, 3)
+    tasks = [2, 0, 1, 1, 0]
+    per_ex = jax.jit(parts.per_example_features, static_argnums=4)(state, base, x,
+                                                                  jnp.asarray(tasks), 3)
+    np.testing.assert_allclose(every[2], one_task(state, base, x, 2, 3), rtol=1e-10)
+    np.testing.assert_allclose(per_ex, every[jnp.asarray(tasks), jnp.arange(5)], rtol=1e-10)
+
+
+def test_loss_gradients_match_finite_differences():
+  with jax.enable_x64(True):
+    bb = mlp((7,), (5, 4))
+    spec = spec3()
+    parts = small_parts(bb, reg_weight=0.05, ortho_weight=0.3, ortho_factors="ab")
+    state = state_after_two_tasks(parts, spec, seed=3)
+    state = {**state, "heads": jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), state["heads"])}
+    params = parts.trainable(state, 2)
+    base = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), bb.params)
+    rng = np.random.default_rng(4)
+    batch = {"x": jnp.asarray(rng.normal(size=(9, 7))), "y": jnp.asarray(rng.choice([4, 5], 9)),
+             "mask": jnp.ones((9,))}
+
+    proj = jnp.asarray(rng.normal(size=(9, 4)))
+
+    # The training forward through the composed adapters and both penalties, in float64
+    # (the cross-entropy itself is computed in float32 by clx.methods.heads).
+    @jax.jit
+    def f(p):
+      adapters = parts.training_adapters(state, 2, p["unit"], p["weights"])
+      feats = bb.apply(lora_ops.apply_adapters(base, adapters, parts.scale), batch["x"])
+      return (jnp.sum(jnp.tanh(feats) * proj) + parts.reg_weight * parts.l1_penalty(p["weights"])
+              + parts.ortho_weight * parts.ortho_penalty(state, 2, p["unit"]))
+
+    def full_loss(p):
+      return parts.loss(p, state, base, batch, None, task_index=2, spec=spec)[0]
+
+    grads = jax.grad(f)(params)
+    flat_p, unravel = jax.flatten_util.ravel_pytree(params)
+    flat_g, _ = jax.flatten_util.ravel_pytree(grads)
+    # every transfer weight and a sample of the unit's entries
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    sizes = [int(np.size(v)) for _, v in leaves]
+    offsets = np.cumsum([0] + sizes)
+    picks = []
+    for (path, _), off, size in zip(leaves, offsets, sizes):
+      name = jax.tree_util.keystr(path)
+      if "weights" in name:
+        picks += list(range(off, off + size))
+      elif "unit" in name:
+        picks += list(rng.choice(np.arange(off, off + size), 3, replace=False))
+    eps = 1e-6
+    for i in picks:
+      e = np.zeros_like(flat_p)
+      e[i] = eps
+      fd = (f(unravel(flat_p + e)) - f(unravel(flat_p - e))) / (2 * eps)
+      np.testing.assert_allclose(flat_g[i], fd, rtol=1e-6, atol=1e-9)
+    # the method's loss (float32 cross-entropy) agrees to float32 accuracy
+    full_g, _ = jax.flatten_util.ravel_pytree(jax.jit(jax.grad(full_loss))(params))
+    full = jax.jit(full_loss)
+    for i in picks[:6]:
+      e = np.zeros_like(flat_p)
+      e[i] = 1e-3
+      fd = (full(unravel(flat_p + e)) - full(unravel(flat_p - e))) / 2e-3
+      np.testing.assert_allclose(full_g[i], fd, rtol=2e-2, atol=2e-4)
+
+
+def test_penalty_gradients():
+  with jax.enable_x64(True):
+    bb = mlp((7,), (5, 4))
+    parts = small_parts(bb)
+    state = state_after_two_tasks(parts, spec3(), seed=5)
+    unit = state["tasks"]["2"]["unit"]
+    g = jax.grad(lambda u: parts.ortho_penalty(state, 2, u))(unit)
+    for s in SITES:
+      k = proteus_lib.site_key(s)
+      a_new = np.asarray(unit[k]["a"])
+      ref = sum(2 * np.asarray(state["tasks"][str(j)]["unit"][k]["a"])
+                @ np.asarray(state["tasks"][str(j)]["unit"][k]["a"]).T @ a_new for j in range(2))
+      np.testing.assert_allclose(g[k]["a"], ref, rtol=1e-10)
+      np.testing.assert_array_equal(g[k]["b"], 0.0)   # ortho_factors="a": b is free
+    w = state["tasks"]["2"]["weights"]
+    gw = jax.grad(parts.l1_penalty)(w)
+    for k in w:
+      np.testing.assert_array_equal(gw[k], np.sign(np.asarray(w[k])))
+    # orthogonality gradient is zero for the first task (nothing to be orthogonal to)
+    g0 = jax.grad(lambda u: parts.ortho_penalty(state, 0, u))(state["tasks"]["0"]["unit"])
+    assert all(float(jnp.abs(v).max()) == 0 for v in jax.tree.leaves(g0))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  stream = make_gaussian_stream(num_tasks=3, classes_per_task=2, dim=16, n_train=96, n_test=40,
+                                separation=3.0)
+  bb = mlp(stream.input_shape, (24, 16))
+  parts = small_parts(bb, screen_signatures=True)   # exhaustive in the loop, screening measured
+  workdir = tmp_path_factory.mktemp("proteus")
+  res = run_method(parts.method(), stream, TrainConfig(epochs=2, batch_size=16,
+                                                       learning_rate=5e-3, eval_batch_size=64),
+                   quiet=True, checkpoint_dir=str(workdir))
+  return stream, bb, parts, res, workdir
+
+
+def test_learns_retrieves_and_reports(trained):
+  stream, bb, parts, res, _ = trained
+  state = jax.device_get(res.state)
+  acc = res.acc_matrix
+  assert np.all(np.isfinite(acc[np.tril_indices(3)]))
+  assert acc[-1].mean() > 80, acc       # class-IL: retrieval + ridge head
+  report = parts.retrieval_report(state, bb.params, stream, screen_m=(1,), bound_samples=48,
+                                  batch_size=64, ablations={"kmeans": {"signature": "kmeans"}})
+  mean = report["mean"]
+  assert mean["retrieval_acc"] >= 95, report
+  assert mean["screen_1"] >= mean["retrieval_acc"] - 5, report
+  assert mean["kmeans_retrieval_acc"] >= 90, report
+  assert mean["acc"] > 80 and mean["oracle_acc"] >= mean["acc"] - 5
+  for row in report["tasks"]:
+    for side in ("bound_train", "bound_test"):
+      assert row[side]["clusters"] >= 1 and np.isfinite(row[side]["delta_min"])
+    # separated tasks: other tasks' clusters are far, the task's own are near
+    assert row["bound_train"]["delta_min"] > row["bound_train"]["delta_self"]
+  diag = parts.diagnostics(state)
+  assert set(diag["tasks"]) == {"0", "1", "2"}
+  assert all(d["components"] >= 1 for d in diag["tasks"].values())
+  # task-incremental prediction uses the given task's backbone
+  x = jnp.asarray(stream.tasks[1].test.x[:8])
+  logits = jax.jit(parts.predict, static_argnames=("current_task", "task_id", "spec"))(
+      state, bb.params, x, current_task=2, task_id=1, spec=StreamSpec.from_stream(stream))
+  assert logits.shape == (8, 6) and np.all(np.isfinite(np.asarray(logits)))
+
+
+def test_checkpoint_per_task_holds_weights_unit_signature_and_head(trained):
+  stream, bb, parts, res, workdir = trained
+  spec = StreamSpec.from_stream(stream)
+  init = parts.init(jax.random.fold_in(jax.random.PRNGKey(0), 0), spec)
+  with ckpt.TaskCheckpointer(workdir) as c:
+    delta, _ = c.restore_delta(1)
+    restored, _ = c.restore_state(2, init)
+  assert set(delta["tasks"]) == {"1"}
+  assert set(delta["tasks"]["1"]) == {"unit", "weights", "signature", "screen"}
+  assert {"gram", "xty", "w_out"} <= set(delta["ridge"])
+  assert "w_rand" not in delta["ridge"]        # drawn once at init from the seed
+  final = jax.device_get(res.state)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               restored, final)
+
+
+def test_kmeans_ablation_signature():
+  # retrieval with centroid signatures is covered by the report's "kmeans" ablation above
+  bb = mlp((7,), (5, 4))
+  method = proteus_lib.proteus_kmeans(bb, sites=SITES, kmeans_clusters=3, rp_dim=8)
+  assert method.name == "proteus_kmeans"
+  parts = small_parts(bb, signature="kmeans", kmeans_clusters=3)
+  feats = np.random.default_rng(7).normal(size=(30, 4)).astype(np.float32)
+  sig, fit = parts.fit_signature(feats, jax.random.PRNGKey(0))
+  assert sig["centers"].shape == (3, 4) and fit["components"] == 3
+  assert bool(np.all(np.asarray(sig["valid"])))
+
+
+def test_bad_configuration():
+  bb = mlp((7,), (5,))
+  with pytest.raises(ValueError, match="no site role"):
+    proteus_lib.proteus(bb)                      # the MLP has no q/v sites
+  with pytest.raises(ValueError, match="signature"):
+    proteus_lib.proteus(bb, sites=("lin1/kernel",), signature="gmm")
+  with pytest.raises(ValueError, match="not a 2-D kernel"):
+    proteus_lib.proteus(bb, sites=("lin1/bias",))
