@@ -97,6 +97,18 @@ class TaskContext(Protocol):
     """
 
 
+def site_key(site: str) -> str:
+  """State key of a site path: state paths use '/' as separator, so it is escaped as '.'."""
+  return site.replace("/", ".")
+
+
+def get_path(tree, path: str):
+  """The leaf of a nested dict at a '/'-separated path (e.g. a kernel by its site path)."""
+  for part in path.split("/"):
+    tree = tree[part]
+  return tree
+
+
 def identity_grads(grads, state):
   del state
   return grads

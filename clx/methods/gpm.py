@@ -34,23 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import heads as heads_lib
-from clx.methods.base import ContinualMethod, StreamSpec
+from clx.methods.base import ContinualMethod, StreamSpec, site_key
+from clx.methods.base import get_path as _get
 from clx.models.base import Backbone
 from clx.ops import sgp as sgp_ops
 from clx.ops import subspace
 
 HEAD_SITE = "head/kernel"
-
-
-def site_key(site: str) -> str:
-  """State key of a site (state paths use '/' as separator, so escape it)."""
-  return site.replace("/", ".")
-
-
-def _get(tree, path: str):
-  for part in path.split("/"):
-    tree = tree[part]
-  return tree
 
 
 def _set(tree, path: str, value):

@@ -94,7 +94,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import heads as heads_lib
-from clx.methods.base import ContinualMethod, StreamSpec, identity_grads
+from clx.methods.base import ContinualMethod, StreamSpec, identity_grads, site_key
+from clx.methods.base import get_path as _get
 from clx.models.base import Backbone
 from clx.ops import dualgpm
 from clx.ops import lora as lora_ops
@@ -102,17 +103,6 @@ from clx.ops import lora as lora_ops
 _HIGHEST = jax.lax.Precision.HIGHEST
 _SHARED_INPUT_ROLES = ("q", "k", "v")
 VARIANTS = ("dual", "gpm")
-
-
-def site_key(site: str) -> str:
-  """State key of a site path ('/' is the state path separator, so escape it)."""
-  return site.replace("/", ".")
-
-
-def _get(tree, path: str):
-  for part in path.split("/"):
-    tree = tree[part]
-  return tree
 
 
 def _add_at(tree, path: str, delta):

@@ -86,7 +86,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import heads as heads_lib
-from clx.methods.base import ContinualMethod, StreamSpec, identity_grads
+from clx.methods.base import ContinualMethod, StreamSpec, identity_grads, site_key
 from clx.models.base import Backbone
 from clx.ops import lora as lora_ops
 from clx.ops import mixture
@@ -94,11 +94,6 @@ from clx.ops import retrieval
 from clx.ops import ridge as ridge_ops
 
 SIGNATURES = ("dpgmm", "kmeans")
-
-
-def site_key(site: str) -> str:
-  """State key of a site (state keys may not contain '/')."""
-  return site.replace("/", ".")
 
 
 def _with_kernels(params, kernels: dict):

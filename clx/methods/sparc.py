@@ -120,7 +120,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import heads as heads_lib
-from clx.methods.base import ContinualMethod, StreamSpec, identity_grads
+from clx.methods.base import ContinualMethod, StreamSpec, identity_grads, site_key
+from clx.methods.base import get_path as _get
 from clx.models.base import Backbone
 from clx.ops import lora as lora_ops
 from clx.ops import pca as pca_ops
@@ -137,19 +138,6 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 # ---------------------------------------------------------------------------------------------
 # Helpers shared by SPARC and prompt tuning
-
-
-def site_key(site: str) -> str:
-  """State key of a kernel path ('/' is the state path separator, so it becomes '.')."""
-  if "." in site:
-    raise ValueError(f"site path {site!r} contains '.', which the state escaping reserves")
-  return site.replace("/", ".")
-
-
-def _get(tree, path: str):
-  for part in path.split("/"):
-    tree = tree[part]
-  return tree
 
 
 def find_embedding_path(params, path: str | None = None) -> str:
