@@ -65,8 +65,13 @@ class Backbone:
       replaced on every call; it is never mutated).
     params: frozen base parameters, nested dict of arrays with string keys.
     feature_dim: size of the pooled feature vector returned by ``apply``.
-    call: optional method name to call on the merged module (default
-      ``__call__``); it must return ``(features, taps)`` when ``taps=True``.
+    input_shape: shape of one input example.
+    sites: kernel paths of the adaptation/projection sites, grouped by role.
+    pad_id: token id of padding (text models), else None.
+    supports_grad_projection: whether ``apply(grad_projection=...)`` works.
+    grad_projection_sites: the sites it works for (None: every site).
+    train_kwargs: training-only call arguments the module takes (``"rng"``
+      for dropout, ``"mask"`` for batch statistics over the real rows).
   """
 
   name: str
@@ -78,14 +83,26 @@ class Backbone:
   sites: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
   pad_id: int | None = None
   supports_grad_projection: bool = False
+  grad_projection_sites: tuple[str, ...] | None = None
+  train_kwargs: tuple[str, ...] = ()
 
   @classmethod
   def from_module(cls, name: str, module: nnx.Module, feature_dim: int,
                   input_shape: tuple[int, ...], sites: Mapping[str, tuple[str, ...]] | None = None,
-                  pad_id: int | None = None, supports_grad_projection: bool = False) -> "Backbone":
+                  pad_id: int | None = None, supports_grad_projection: bool = False,
+                  grad_projection_sites: tuple[str, ...] | None = None,
+                  train_kwargs: tuple[str, ...] = ()) -> "Backbone":
     graphdef, template, params = split_params(module)
     return cls(name, graphdef, template, params, feature_dim, tuple(input_shape),
-               dict(sites or {}), pad_id, supports_grad_projection)
+               dict(sites or {}), pad_id, supports_grad_projection,
+               None if grad_projection_sites is None else tuple(grad_projection_sites),
+               tuple(train_kwargs))
+
+  def projects_through_inputs(self, site: str) -> bool:
+    """Whether ``apply(grad_projection={site: ...})`` projects that site's gradient."""
+    if not self.supports_grad_projection:
+      return False
+    return self.grad_projection_sites is None or site in self.grad_projection_sites
 
   def site_paths(self, roles: str | tuple[str, ...]) -> tuple[str, ...]:
     """Kernel paths of the sites with the given role(s), e.g. ``("k", "v")``."""
@@ -102,7 +119,7 @@ class Backbone:
     return nnx.merge(self.graphdef, state)
 
   def apply(self, params: Params, x: jax.Array, *, taps: str | None = None, prefix=None,
-            grad_projection=None, tap_sites=None):
+            grad_projection=None, tap_sites=None, rng=None, mask=None):
     """Pooled features ``(n, feature_dim)`` for inputs ``x`` of shape ``(n, *input_shape)``.
 
     ``taps`` (``"inputs"`` or ``"gram"``) also returns per-site input taps,
@@ -112,6 +129,10 @@ class Backbone:
     ``tap_sites`` (roles like ``("k", "v")`` or kernel paths) keeps only those
     taps; under ``jax.jit`` the others are dead code and never computed, so a
     Gram pass costs only what it returns.
+    ``rng`` (training passes) turns on dropout and ``mask`` (n,) marks the real
+    rows of a padded batch for batch statistics, on models that use them
+    (:attr:`train_kwargs`); other models ignore both, so methods pass them
+    unconditionally.
     """
     if taps not in (None, "inputs", "gram"):
       raise ValueError(f"taps must be None, 'inputs' or 'gram', got {taps!r}")
@@ -121,7 +142,15 @@ class Backbone:
     if grad_projection:
       if not self.supports_grad_projection:
         raise ValueError(f"{self.name} does not support grad_projection; project gradients instead")
+      unsupported = [s for s in grad_projection if not self.projects_through_inputs(s)]
+      if unsupported:
+        raise ValueError(f"{self.name} cannot project {unsupported} through inputs; "
+                         "project those gradients instead")
       kwargs["grad_projection"] = grad_projection
+    if rng is not None and "rng" in self.train_kwargs:
+      kwargs["rng"] = rng
+    if mask is not None and "mask" in self.train_kwargs:
+      kwargs["mask"] = mask
     out = self.merge(params)(x, **kwargs)
     if taps is None or tap_sites is None:
       return out
