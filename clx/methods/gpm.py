@@ -89,7 +89,8 @@ class GPMParts:
 
   def __init__(self, backbone: Backbone, *, threshold, threshold_increment: float,
                num_samples: int, sites, project_head: bool, head_bias: bool, head_mode,
-               variant: str, scale_coff: float, fast_projection: bool):
+               variant: str, scale_coff: float, fast_projection: bool,
+               site_samples: Mapping[str, int] | None = None, freeze_norm: bool = True):
     if variant not in ("gpm", "sgp"):
       raise ValueError(f"variant must be 'gpm' or 'sgp', got {variant!r}")
     if num_samples < 1:
@@ -104,7 +105,18 @@ class GPMParts:
       raise ValueError(f"{backbone.name} exposes no sites to project")
     for site in self.body_sites:
       _get(backbone.params, site)  # KeyError early for a wrong site path
-    self.fast = fast_projection and backbone.supports_grad_projection
+    self.fast_sites = tuple(s for s in self.body_sites
+                            if fast_projection and backbone.projects_through_inputs(s))
+    self.slow_sites = tuple(s for s in self.body_sites if s not in self.fast_sites)
+    self.site_samples = dict(site_samples or {})
+    unknown = sorted(set(self.site_samples) - set(self.body_sites))
+    if unknown:
+      raise ValueError(f"site_samples names sites {unknown} that are not projected; "
+                       f"projected: {list(self.body_sites)}")
+    too_many = {s: k for s, k in self.site_samples.items() if not 1 <= k <= num_samples}
+    if too_many:
+      raise ValueError(f"site_samples must lie in [1, num_samples={num_samples}], got {too_many}")
+    self.freeze_norm = freeze_norm
 
   # -- layout -----------------------------------------------------------------
   def mode(self, spec) -> str:
@@ -132,12 +144,14 @@ class GPMParts:
       if self.variant == "sgp":
         memory[site_key(site)]["scale"] = jnp.zeros((d,), jnp.float32)
     return {"backbone": jax.tree.map(jnp.array, self.backbone.params),
-            "heads": self._strip_bias(heads), "memory": memory}
+            "heads": self._strip_bias(heads), "memory": memory,
+            "task": jnp.zeros((), jnp.int32)}
 
   def begin_task(self, state, ctx):
     heads = heads_lib.add_task_head(state["heads"], jax.random.fold_in(ctx.rng, 0), ctx.spec,
                                     self.backbone.feature_dim, ctx.task_index, self.mode(ctx.spec))
-    return {**state, "heads": self._strip_bias(heads)}
+    return {**state, "heads": self._strip_bias(heads),
+            "task": jnp.asarray(ctx.task_index, jnp.int32)}
 
   def trainable(self, state, task_index):
     return {"backbone": state["backbone"], "head": state["heads"][self.head_key(state, task_index)]}
@@ -149,13 +163,14 @@ class GPMParts:
   def loss(self, params, state, base, batch, rng, *, task_index, spec, project: bool = True):
     """Cross-entropy; with ``project`` (and t > 0) kernel gradients are projected
     through the layer inputs where the backbone supports it."""
-    del base, rng
-    if project and task_index > 0 and self.fast:
+    del base
+    proj = None
+    if project and task_index > 0 and self.fast_sites:
       proj = {s: (state["memory"][site_key(s)]["basis"],
-                  state["memory"][site_key(s)].get("scale")) for s in self.body_sites}
-      feats = self.backbone.apply(params["backbone"], batch["x"], grad_projection=proj)
-    else:
-      feats = self.backbone.apply(params["backbone"], batch["x"])
+                  state["memory"][site_key(s)].get("scale")) for s in self.fast_sites}
+    # rng: dropout (models that have it); mask: padding rows out of batch statistics.
+    feats = self.backbone.apply(params["backbone"], batch["x"], grad_projection=proj, rng=rng,
+                                mask=batch["mask"])
     heads = {**state["heads"], self.head_key(state, task_index): params["head"]}
     logits, labels = heads_lib.train_logits_and_labels(heads, feats, batch["y"], spec, task_index,
                                                        self.mode(spec))
@@ -163,13 +178,20 @@ class GPMParts:
     return value, {"accuracy": heads_lib.masked_accuracy(logits, labels, batch["mask"])}
 
   def transform_grads(self, grads, state):
-    """Project what the forward did not: the shared head, and every site when
-    the backbone has no input-side projection. A zero memory (task 0) is a no-op."""
+    """Project what the forward did not: the shared head, and the sites the
+    backbone cannot project through its inputs (convs). A zero memory (task 0)
+    is a no-op. From the second task on, with ``freeze_norm``, the gradients of
+    every 1-D backbone parameter (batch-norm scales and biases) are zeroed, as
+    the official ``train_projected``."""
     memory = state["memory"]
     out = dict(grads)
-    if not self.fast:
-      out["backbone"] = project_gradients(grads["backbone"], memory, self.body_sites,
+    if self.slow_sites:
+      out["backbone"] = project_gradients(grads["backbone"], memory, self.slow_sites,
                                           variant=self.variant)
+    if self.freeze_norm:
+      later = state["task"] > 0
+      out["backbone"] = jax.tree.map(
+          lambda g: jnp.where(later, jnp.zeros_like(g), g) if g.ndim == 1 else g, out["backbone"])
     if site_key(HEAD_SITE) in memory:
       out["head"] = project_gradients({"head": grads["head"]}, memory, (HEAD_SITE,),
                                       variant=self.variant)["head"]
@@ -185,7 +207,10 @@ class GPMParts:
     # As the official code (x[r[0:300]]): all examples when the task has fewer.
     sample = ctx.sample(min(self.num_samples, len(ctx.arrays("train")["y"])), seed=1)
     feats, taps = _taps_fn(self.backbone)(state["backbone"], jnp.asarray(sample["x"]))
-    reps = {s: taps[s].reshape(taps[s].shape[0], -1).T for s in self.body_sites}
+    # A site's representation: the inputs (rows; patches for a conv) of its first
+    # site_samples[site] examples, as the official per-layer batch_list.
+    reps = {s: taps[s][:self.site_samples.get(s, len(sample["y"]))]
+            .reshape(-1, taps[s].shape[-1]).T for s in self.body_sites}
     if HEAD_SITE in self.sites(ctx.spec):
       reps[HEAD_SITE] = feats.T
     base_eps = resolve_thresholds(self.threshold, self.sites(ctx.spec))
@@ -236,6 +261,7 @@ def gpm(backbone: Backbone, *, threshold=0.97, threshold_increment: float = 0.0,
         num_samples: int = 300, sites: Sequence[str] | None = None, project_head: bool = True,
         head_bias: bool = False, head_mode: str | None = None, variant: str = "gpm",
         scale_coff: float = 10.0, fast_projection: bool = True,
+        site_samples: Mapping[str, int] | None = None, freeze_norm: bool = True,
         name: str | None = None) -> ContinualMethod:
   """GPM (``variant="gpm"``) or SGP (``variant="sgp"``) on every backbone site.
 
@@ -257,12 +283,20 @@ def gpm(backbone: Backbone, *, threshold=0.97, threshold_increment: float = 0.0,
     scale_coff: SGP's importance coefficient α in s = (α+1)σ / (ασ + σ_max).
     fast_projection: project through the layer inputs where the backbone
       supports it (same result, fewer flops).
+    site_samples: ``{site: k}``: build that site's representation from the
+      first k of the ``num_samples`` examples (official AlexNet: 24 for conv1,
+      100 for conv2/3, 125 for the FC layers,
+      :func:`clx.models.convnets.alexnet_gpm_samples`). A conv site's
+      representation holds every patch of those examples (im2col).
+    freeze_norm: from the second task on, zero the gradients of 1-D backbone
+      parameters (batch-norm scale/bias), as the official CNN code.
     name: registry/run name (default: the variant).
   """
   parts = GPMParts(backbone, threshold=threshold, threshold_increment=threshold_increment,
                    num_samples=num_samples, sites=sites, project_head=project_head,
                    head_bias=head_bias, head_mode=head_mode, variant=variant,
-                   scale_coff=scale_coff, fast_projection=fast_projection)
+                   scale_coff=scale_coff, fast_projection=fast_projection,
+                   site_samples=site_samples, freeze_norm=freeze_norm)
   return parts.method(name or variant)
 
 

@@ -20,8 +20,9 @@ from clx.models.base import Backbone
 from clx.ops import lora as lora_ops
 
 
-def _features(backbone: Backbone, params, x):
-  return backbone.apply(params, x)
+def _features(backbone: Backbone, params, x, rng=None, mask=None):
+  # rng/mask: dropout and batch statistics over real rows, on models that use them.
+  return backbone.apply(params, x, rng=rng, mask=mask)
 
 
 def _make(name: str, backbone: Backbone, *, effective_params, trainable_keys, init_extra,
@@ -63,9 +64,8 @@ def _make(name: str, backbone: Backbone, *, effective_params, trainable_keys, in
     return {**state, "heads": heads}
 
   def loss(params, state, base, batch, rng, *, task_index, spec):
-    del rng
     state = merged(state, params, task_index)
-    feats = _features(backbone, effective_params(state, base), batch["x"])
+    feats = _features(backbone, effective_params(state, base), batch["x"], rng, batch["mask"])
     logits, labels = heads_lib.train_logits_and_labels(
         state["heads"], feats, batch["y"], spec, task_index, mode_for(spec),
         cumulative=data_view == "cumulative")

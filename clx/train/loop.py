@@ -54,6 +54,14 @@ class TrainConfig:
     device_data_mb: a training split up to this size is placed on the
       devices (replicated) once per phase and batches are gathered there from
       index plans, instead of being gathered on the host per chunk (0 = off).
+    lr_patience: > 0 turns on the validation-loss schedule of the official
+      GPM/BECAME code: after every epoch the loss on the task's ``val`` split
+      (no dropout) is measured; after ``lr_patience`` epochs without a new
+      best, the learning rate is divided by ``lr_factor`` and training stops
+      once it falls below ``lr_min``. Needs the ``constant`` schedule.
+    lr_factor, lr_min: see ``lr_patience``.
+    restore_best: end the phase with the parameters of the epoch with the
+      lowest validation loss (GPM/BECAME stage 1; their stage 2 keeps the last).
   """
 
   epochs: int = 1
@@ -70,6 +78,14 @@ class TrainConfig:
   steps_per_call: int = 0
   max_chunk_mb: float = 64.0
   device_data_mb: float = 1024.0
+  lr_patience: int = 0
+  lr_factor: float = 2.0
+  lr_min: float = 0.0
+  restore_best: bool = False
+
+  @property
+  def uses_validation(self) -> bool:
+    return self.lr_patience > 0 or self.restore_best
 
   def __post_init__(self):
     if self.optimizer not in OPTIMIZERS:
@@ -81,10 +97,23 @@ class TrainConfig:
                        f"batch_size={self.batch_size}, eval_batch_size={self.eval_batch_size}")
     if not self.learning_rate > 0:
       raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+    if self.lr_patience < 0 or not self.lr_factor > 1.0 or self.lr_min < 0:
+      raise ValueError(f"need lr_patience >= 0, lr_factor > 1, lr_min >= 0; got "
+                       f"{self.lr_patience}, {self.lr_factor}, {self.lr_min}")
+    if self.lr_patience > 0 and self.schedule != "constant":
+      raise ValueError(f"lr_patience (validation-loss schedule) needs schedule='constant', "
+                       f"got {self.schedule!r}")
 
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-  """The optax transformation for ``cfg`` (a fresh one per task, as the official codes)."""
+  """The optax transformation for ``cfg`` (a fresh one per task, as the official codes).
+
+  With ``lr_patience`` the learning rate is an injected hyper-parameter
+  (``optax.inject_hyperparams``) that the loop lowers between epochs.
+  """
+  if cfg.lr_patience > 0:
+    return optax.inject_hyperparams(
+        lambda learning_rate: _optimizer(cfg, learning_rate))(learning_rate=cfg.learning_rate)
   total = max(1, cfg.epochs * steps_per_epoch)
   if cfg.schedule == "constant":
     lr = cfg.learning_rate
@@ -96,6 +125,10 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTran
     def lr(step):
       epoch = step // max(steps_per_epoch, 1)
       return cfg.learning_rate * jnp.cos(99 * jnp.pi * epoch / (200 * (epochs - 1)))
+  return _optimizer(cfg, lr)
+
+
+def _optimizer(cfg: TrainConfig, lr) -> optax.GradientTransformation:
   if cfg.optimizer == "sgd":
     opt = optax.sgd(lr)
   elif cfg.optimizer == "momentum":
@@ -156,6 +189,7 @@ class Fitter:
   mesh: jax.sharding.Mesh
   progress: bool | None = None
   quiet: bool = False
+  last_fit: dict = dataclasses.field(default_factory=dict)  # epochs run, LR/val history
 
   def plan(self, n: int, batch_size: int, shuffle: bool, seed_words: tuple[int, ...]) -> np.ndarray:
     padded = sharding.pad_to_multiple(batch_size, sharding.num_data_shards(self.mesh))
@@ -188,7 +222,7 @@ class Fitter:
   def fit(self, params, loss: Callable, split: ArraySplit, cfg: TrainConfig, *, state, base,
           rng: jax.Array, transform_grads: Callable | None = None,
           optimizer: optax.GradientTransformation | None = None, title: str = "train",
-          seed_words: tuple[int, ...] = (0,)):
+          seed_words: tuple[int, ...] = (0,), val_split: ArraySplit | None = None):
     """Train ``params`` for ``cfg.epochs`` epochs over ``split``; returns params.
 
     ``loss(params, state, base, batch, rng) -> (loss, aux)``. Every step sees a
@@ -198,6 +232,10 @@ class Fitter:
     """
     if len(split) == 0:
       raise ValueError(f"{title}: empty training split")
+    if cfg.uses_validation and (val_split is None or len(val_split) == 0):
+      raise ValueError(f"{title}: lr_patience/restore_best need the task's validation split "
+                       "('val'), and this task has none; build the stream with a validation "
+                       "fraction or turn them off")
     transform_grads = transform_grads or (lambda g, s: g)
     steps_per_epoch = math.ceil(len(split) / cfg.batch_size)
     optimizer = optimizer or make_optimizer(cfg, steps_per_epoch)
@@ -252,6 +290,9 @@ class Fitter:
 
     step = jax.device_put(jnp.zeros((), jnp.int32), rep)
     bar = TaskProgress(title, cfg.epochs * steps_per_epoch, enabled=self.progress, quiet=self.quiet)
+    plateau = ValidationPlateau(cfg) if cfg.uses_validation else None
+    val_fn = _validation_fn(loss) if plateau is not None else None
+    best = None
     for epoch in range(cfg.epochs):
       plan = self.plan(len(split), cfg.batch_size, True, (*seed_words, epoch))
       batches = (self.index_chunks(plan, chunk) if resident
@@ -263,8 +304,28 @@ class Fitter:
           if not math.isfinite(last):
             raise FloatingPointError(f"{title}: loss became {last} at epoch {epoch}")
           bar.update(steps, examples, last)
+      if plateau is not None:
+        action = plateau.update(self.validation_loss(params, val_fn, val_split, cfg, state, base))
+        if action == "best" and cfg.restore_best:
+          best = jax.tree.map(jnp.copy, params)
+        elif action == "lower":
+          opt_state = opt_state._replace(hyperparams={
+              **opt_state.hyperparams,
+              "learning_rate": jax.device_put(jnp.asarray(plateau.lr, jnp.float32), rep)})
+        elif action == "stop":
+          break
     bar.close()
-    return params
+    self.last_fit = {"title": title, "epochs": epoch + 1 if cfg.epochs else 0,
+                     **(plateau.summary() if plateau is not None else {})}
+    return best if best is not None else params
+
+  def validation_loss(self, params, fn: Callable, split: ArraySplit, cfg: TrainConfig,
+                      state, base) -> float:
+    """Mean loss over ``split``; ``fn`` from :func:`_validation_fn`."""
+    plan = self.plan(len(split), cfg.eval_batch_size, False, (0,))
+    sums = [fn(params, state, base, arrays) for arrays, _, _ in
+            self.device_batches(split, plan, "validation")]
+    return float(sum(float(a) for a, _ in sums) / max(sum(float(c) for _, c in sums), 1.0))
 
   def resident(self, split: ArraySplit, cfg: TrainConfig) -> bool:
     """Keep the split on device and gather batches there (small in-memory data)."""
@@ -281,6 +342,52 @@ class Fitter:
       rows = sharding.process_rows(plan.shape[1], self.mesh)
       local = {"idx": block[:, rows].astype(np.int32)}
       yield sharding.shard_arrays(local, self.mesh, 1, plan.shape[1]), steps, int((block >= 0).sum())
+
+
+def _validation_fn(loss: Callable) -> Callable:
+  """Jitted ``(params, state, base, batch) -> (loss · rows, rows)`` without dropout
+  (``rng=None``, as the official ``model.eval()`` validation pass)."""
+
+  def total(params, state, base, batch):
+    value, _ = loss(params, state, base, batch, None)
+    count = jnp.sum(batch["mask"])
+    return value * count, count
+
+  return jax.jit(total)
+
+
+class ValidationPlateau:
+  """The official GPM/BECAME per-epoch rule on the validation loss.
+
+  A new best resets the patience; otherwise the patience drops by one and at
+  zero the learning rate is divided by ``lr_factor``: below ``lr_min`` the
+  phase stops, else the patience restarts. :meth:`update` returns ``"best"``,
+  ``"lower"``, ``"stop"`` or ``None``.
+  """
+
+  def __init__(self, cfg: TrainConfig):
+    self.cfg, self.lr = cfg, cfg.learning_rate
+    self.best_loss, self.patience, self.history = math.inf, cfg.lr_patience, []
+
+  def update(self, val_loss: float) -> str | None:
+    self.history.append(val_loss)
+    if val_loss < self.best_loss:
+      self.best_loss, self.patience = val_loss, self.cfg.lr_patience
+      return "best"
+    if self.cfg.lr_patience <= 0:
+      return None
+    self.patience -= 1
+    if self.patience > 0:
+      return None
+    self.lr /= self.cfg.lr_factor
+    if self.lr < self.cfg.lr_min:
+      return "stop"
+    self.patience = self.cfg.lr_patience
+    return "lower"
+
+  def summary(self) -> dict:
+    return {"final_lr": self.lr, "best_val_loss": self.best_loss,
+            "val_losses": list(self.history)}
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
@@ -363,7 +470,8 @@ class _Context:
         params, loss, self.train_split, cfg, state=state, base=self.base,
         rng=jax.random.fold_in(self.rng, phase), transform_grads=transform_grads,
         optimizer=optimizer, title=title or f"task {self.task_index} phase {phase}",
-        seed_words=(*self.seed_words, phase))
+        seed_words=(*self.seed_words, phase),
+        val_split=self.splits.get("val") if cfg.uses_validation else None)
 
   def _split(self, name: str) -> ArraySplit:
     if name == "train":
