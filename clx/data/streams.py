@@ -323,6 +323,73 @@ def official_gpm_pmnist(splits: Splits, seed: int = 2, flatten: bool = True,
   return Stream(name=name, tasks=tasks, scenario="domain", num_classes=10)
 
 
+GPM_CIFAR_MEAN = tuple(v / 255 for v in (125.3, 123.0, 113.9))
+GPM_CIFAR_STD = tuple(v / 255 for v in (63.0, 62.1, 66.7))
+
+
+def official_gpm_cifar100(splits: Splits, num_tasks: int = 10, seed: int = 0,
+                          pc_valid: float = 0.05, name: str = "gpm_cifar100") -> Stream:
+  """10- (or 20-) split CIFAR-100 as the official GPM/BECAME ``dataloader/cifar100.py``.
+
+  * Pixels: ``ToTensor`` (uint8 / 255) then per-channel ``Normalize`` with
+    GPM's CIFAR mean/std, float32, NHWC (the official code is NCHW).
+  * Task i: classes ``[i·k, (i+1)·k)``, k = 100 / num_tasks, in class order
+    (``ids = arange(10)``); images in dataset order within a task.
+  * Validation: per task, ``shuffle(arange(n_train), random_state=seed)``,
+    the first ``int(pc_valid · n)`` indices (GPM/BECAME CIFAR: pc_valid 0.05).
+  * Scenario: task-incremental (one head per task, the official multi-head
+    setup); labels stay global here, the loop restricts each task's argmax.
+
+  TFDS's prepared ``cifar100`` stores the images in another order than
+  torchvision's pickles, so the same procedure selects other validation images
+  than the official run; the split sizes are the same (2,375 / 125 per task).
+
+  Args:
+    splits: ``train``/``test`` with uint8 images (n, 32, 32, 3) and fine labels
+      0..99 (``catalog.load_catalog("cifar100")``).
+    num_tasks: 10 or 20 (any divisor of 100).
+    seed: the official ``--seed`` (the validation shuffle).
+    pc_valid: validation fraction of each task's training images.
+    name: stream name.
+  """
+  who = f"official_gpm_cifar100({name!r})"
+  _check_splits(splits, who)
+  num_tasks = _check_positive_int(num_tasks, "num_tasks", who)
+  if 100 % num_tasks:
+    raise ValueError(f"{who}: num_tasks must divide 100, got {num_tasks}")
+  if not 0.0 <= pc_valid < 1.0:
+    raise ValueError(f"{who}: pc_valid must lie in [0, 1), got {pc_valid}")
+  for split_name in ("train", "test"):
+    x, y = np.asarray(splits[split_name].x), np.asarray(splits[split_name].y)
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+      raise ValueError(f"{who}: expects uint8 RGB images (n, H, W, 3); {split_name} has "
+                       f"{x.dtype} {x.shape}")
+    if y.min() < 0 or y.max() > 99:
+      raise ValueError(f"{who}: {split_name} labels must be fine labels 0..99, got "
+                       f"[{y.min()}, {y.max()}]")
+  mean = np.asarray(GPM_CIFAR_MEAN, np.float32)
+  std = np.asarray(GPM_CIFAR_STD, np.float32)
+
+  def normalized(x: np.ndarray) -> np.ndarray:
+    return (x.astype(np.float32) / np.float32(255.0) - mean) / std
+
+  k = 100 // num_tasks
+  tasks = []
+  for i in range(num_tasks):
+    classes = tuple(range(i * k, (i + 1) * k))
+    parts = {}
+    for split_name in ("train", "test"):
+      y = np.asarray(splits[split_name].y)
+      idx = np.flatnonzero((y >= classes[0]) & (y <= classes[-1]))
+      parts[split_name] = ArraySplit({"x": normalized(np.asarray(splits[split_name].x)[idx]),
+                                      "y": y[idx].astype(np.int32)})
+    order = sklearn_shuffle(np.arange(len(parts["train"])), random_state=seed)
+    n_valid = int(pc_valid * len(order))
+    tasks.append(Task(f"cifar100-{i}", parts["train"].take(order[n_valid:]), parts["test"],
+                      classes, val=parts["train"].take(order[:n_valid]) if n_valid else None))
+  return Stream(name=name, tasks=tuple(tasks), scenario="task", num_classes=100)
+
+
 def domain_sequence(domains: Sequence[tuple[str, Splits]], name: str = "domains",
                     scenario: str = "domain") -> Stream:
   """One task per dataset, all sharing one label space (e.g. MNIST -> Animal-MNIST).
@@ -403,6 +470,16 @@ def _permuted_mnist(*, flatten=True, data_dir=None, asset_cache=None, num_tasks=
                   **{"name": "permuted_mnist", **kwargs})
 
 
+def _gpm_cifar100(*, flatten=False, data_dir=None, asset_cache=None, seed=0, num_tasks=10,
+                  pc_valid=0.05, **kwargs) -> Stream:
+  """TFDS ``cifar100`` (prepared under ``data_dir``/$TFDS_DATA_DIR; never downloaded)."""
+  del flatten, asset_cache  # images stay NHWC; the catalog has no asset wheel
+  from clx.data import catalog  # pylint: disable=import-outside-toplevel
+  raw = catalog.load_catalog("cifar100", data_dir, splits=("train", "test"),
+                             x_key="image", y_key="label")
+  return official_gpm_cifar100(raw, num_tasks, seed=seed, pc_valid=pc_valid, **kwargs)
+
+
 def _mnist_animal_domains(*, flatten=True, data_dir=None, asset_cache=None, seed=None,
                           **kwargs) -> Stream:
   del seed  # accepted for a uniform interface; this stream has no randomness
@@ -418,6 +495,7 @@ STREAMS: dict[str, Callable[..., Stream]] = {
     "permuted_digits": _permuted_digits,
     "permuted_mnist": _permuted_mnist,
     "mnist_animal_domains": _mnist_animal_domains,
+    "gpm_cifar100": _gpm_cifar100,
 }
 
 
@@ -447,6 +525,8 @@ def get_stream(name: str, *, flatten: bool = True, data_dir: str | os.PathLike |
     permuted_mnist: MNIST in [0, 1], ``num_tasks`` permutations (domain
       scenario), optional ``train_per_task`` subset.
     mnist_animal_domains: MNIST -> Animal-MNIST (domain scenario, 10-way).
+    gpm_cifar100: :func:`official_gpm_cifar100` from a prepared TFDS
+      ``cifar100`` (pods; fails at once with how to prepare it when absent).
 
   Args:
     name: one of :func:`list_streams`.
@@ -462,7 +542,8 @@ def get_stream(name: str, *, flatten: bool = True, data_dir: str | os.PathLike |
 
 
 __all__ = [
-    "GPM_MNIST_MEAN", "GPM_MNIST_STD", "STREAMS", "class_incremental",
+    "GPM_CIFAR_MEAN", "GPM_CIFAR_STD", "GPM_MNIST_MEAN", "GPM_MNIST_STD", "STREAMS",
+    "class_incremental", "official_gpm_cifar100",
     "domain_sequence", "get_stream", "gpm_pmnist_permutation", "gpm_pmnist_task_order",
     "list_streams", "official_gpm_pmnist", "permuted", "register_stream", "sklearn_shuffle",
     "to_float_inputs",
