@@ -32,6 +32,10 @@ def maybe_initialize_distributed() -> None:
     return
   coord = os.environ.get("CLX_COORDINATOR")
   if coord:
+    missing = [k for k in ("CLX_NUM_PROCESSES", "CLX_PROCESS_ID") if not os.environ.get(k)]
+    if missing:
+      raise ValueError(f"CLX_COORDINATOR={coord} needs {' and '.join(missing)} too (every "
+                       "process gets the same CLX_NUM_PROCESSES and its own CLX_PROCESS_ID)")
     jax.distributed.initialize(coordinator_address=coord,
                                num_processes=int(os.environ["CLX_NUM_PROCESSES"]),
                                process_id=int(os.environ["CLX_PROCESS_ID"]))
@@ -43,6 +47,8 @@ def make_mesh(devices: Sequence[jax.Device] | int | None = None) -> Mesh:
   """A 1-D ``data`` mesh over ``devices`` (default: all global devices).
 
   An int ``n`` takes the first ``n`` devices (used to compare 1 vs 4 devices).
+  On multi-process runs the mesh must hold devices of every process, since
+  each process feeds its own rows of every batch.
   """
   if devices is None:
     devices = jax.devices()
@@ -50,6 +56,10 @@ def make_mesh(devices: Sequence[jax.Device] | int | None = None) -> Mesh:
     if not 1 <= devices <= jax.device_count():
       raise ValueError(f"asked for {devices} devices, {jax.device_count()} available")
     devices = jax.devices()[:devices]
+  absent = sorted(set(range(jax.process_count())) - {d.process_index for d in devices})
+  if absent:
+    raise ValueError(f"the mesh's {len(devices)} devices leave out processes {absent} of "
+                     f"{jax.process_count()}; every process must own devices of the mesh")
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
@@ -71,17 +81,30 @@ def num_data_shards(mesh: Mesh) -> int:
   return mesh.shape[DATA_AXIS]
 
 
-def process_rows(global_batch: int, mesh: Mesh) -> slice:
-  """The rows of a global batch this process supplies (contiguous block).
+def process_rows(global_batch: int, mesh: Mesh) -> slice | np.ndarray:
+  """The rows of a global batch that this process supplies, in increasing order.
 
-  With P processes each owning D/P of the mesh's devices, process ``p`` feeds
-  rows ``[p·B/P, (p+1)·B/P)``, matching the device order of the mesh.
+  They are the rows that :func:`data_sharding` places on this process's
+  devices of ``mesh``: ``jax.make_array_from_process_local_data`` puts the
+  local rows, in order, at exactly those positions, so the global batch on the
+  devices is the global batch of the index plan whatever the device order.
+  A slice when the rows are contiguous (always with one process; with several,
+  when each process's devices are adjacent in the mesh), else an index array.
   """
-  nproc = jax.process_count()
-  if global_batch % nproc:
-    raise ValueError(f"global batch {global_batch} not divisible by {nproc} processes")
-  per = global_batch // nproc
-  return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+  if jax.process_count() == 1:
+    return slice(0, global_batch)
+  shards = num_data_shards(mesh)
+  if global_batch % shards:
+    raise ValueError(f"global batch {global_batch} not divisible by the mesh's {shards} devices")
+  per = global_batch // shards
+  index_map = data_sharding(mesh).addressable_devices_indices_map((global_batch,))
+  starts = sorted({idx[0].start or 0 for idx in index_map.values()})
+  if not starts:
+    raise ValueError(f"process {jax.process_index()} owns no device of the mesh")
+  rows = np.concatenate([np.arange(s, s + per) for s in starts])
+  if rows[-1] - rows[0] + 1 == len(rows):
+    return slice(int(rows[0]), int(rows[-1]) + 1)
+  return rows
 
 
 def shard_arrays(local: dict[str, np.ndarray], mesh: Mesh, batch_axis: int, global_batch: int):
