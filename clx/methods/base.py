@@ -155,3 +155,16 @@ class ContinualMethod(NamedTuple):
   predict: Callable[..., jax.Array]
   data_view: str = "current"
   diagnostics: Callable[[State], dict] | None = None
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly multi-host sharded) array as one NumPy array on every process.
+
+  ``jax.device_get`` needs every shard on this process; on multi-host runs a
+  data-sharded batch from ``ctx.batches`` is gathered with
+  ``multihost_utils.process_allgather``.
+  """
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))

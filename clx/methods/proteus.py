@@ -86,7 +86,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import heads as heads_lib
-from clx.methods.base import ContinualMethod, StreamSpec, identity_grads, site_key
+from clx.methods.base import ContinualMethod, StreamSpec, identity_grads, site_key, to_host
 from clx.models.base import Backbone
 from clx.ops import lora as lora_ops
 from clx.ops import mixture
@@ -371,10 +371,11 @@ class ProteusParts:
     """Apply ``fn(*args, x)`` over the current task's training data; host ``(feats, y)``."""
     feats, ys = [], []
     for batch in ctx.batches("train", batch_size=self.feature_batch):
-      f = np.asarray(jax.device_get(fn(*args, batch["x"])))
-      keep = np.asarray(jax.device_get(batch["mask"])) > 0
+      # to_host: data-sharded batches span every process on multi-host runs.
+      f = to_host(fn(*args, batch["x"]))
+      keep = to_host(batch["mask"]) > 0
       feats.append(f[keep])
-      ys.append(np.asarray(jax.device_get(batch["y"]))[keep])
+      ys.append(to_host(batch["y"])[keep])
     return np.concatenate(feats), np.concatenate(ys)
 
   def fit_signature(self, feats: np.ndarray, key, *, covariance_type: str | None = None,

@@ -120,3 +120,4 @@ def shard_arrays(local: dict[str, np.ndarray], mesh: Mesh, batch_axis: int, glob
 
 def pad_to_multiple(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
+
