@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.extend import core as jax_core
 
 from clx.data.types import ArraySplit, Stream, concat_splits
 from clx.methods.base import ContinualMethod, StreamSpec
@@ -242,6 +243,8 @@ class Fitter:
     padded = sharding.pad_to_multiple(cfg.batch_size, sharding.num_data_shards(self.mesh))
     resident = self.resident(split, cfg)
     chunk = cfg.steps_per_call
+    if chunk <= 0 and _convolutions_on_cpu(loss, params, state, base, split, padded):
+      chunk = 1  # see run_chunk: XLA:CPU convolutions are slow inside loops
     if chunk <= 0:
       per_step = padded * 8 if resident else padded * split.x[0].nbytes + padded * 8
       chunk = int(max(1, min(steps_per_epoch, cfg.max_chunk_mb * 2**20 // per_step)))
@@ -260,7 +263,7 @@ class Fitter:
       check_finite_batch(split.arrays, title)
       data = jax.device_put({"x": split.x, "y": split.y.astype(np.int32)}, rep)
 
-    def one_step(carry, batch, data):
+    def one_step(carry, batch, data, state, base):
       params, opt_state, step = carry
       if data is not None:  # device-resident split: the batch is an index plan
         idx = batch["idx"]
@@ -281,11 +284,18 @@ class Fitter:
       opt_state = _tree_where(valid, new_opt_state, opt_state)
       return (params, opt_state, step + valid.astype(jnp.int32)), loss_value * valid
 
+    # state and base are arguments, not closed-over constants: XLA would embed
+    # them (the frozen backbone, GPM memories) in the program and compile slowly.
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def run_chunk(params, opt_state, step, chunk_arrays, data):
-      (params, opt_state, step), losses = jax.lax.scan(
-          lambda carry, batch: one_step(carry, batch, data), (params, opt_state, step),
-          chunk_arrays)
+    def run_chunk(params, opt_state, step, chunk_arrays, data, state, base):
+      body = lambda carry, batch: one_step(carry, batch, data, state, base)  # noqa: E731
+      if chunk == 1:
+        # No loop at all: XLA:CPU runs convolutions inside while loops an order of
+        # magnitude slower (AlexNet step: 2 s vs 0.2 s), so conv nets on CPU use
+        # steps_per_call=1 (experiments/BENCHMARKS.md).
+        carry, loss_value = body((params, opt_state, step), jax.tree.map(lambda a: a[0], chunk_arrays))
+        return (*carry, loss_value[None])
+      (params, opt_state, step), losses = jax.lax.scan(body, (params, opt_state, step), chunk_arrays)
       return params, opt_state, step, losses
 
     step = jax.device_put(jnp.zeros((), jnp.int32), rep)
@@ -298,7 +308,8 @@ class Fitter:
       batches = (self.index_chunks(plan, chunk) if resident
                  else self.device_batches(split, plan, title, chunk))
       for arrays, steps, examples in batches:
-        params, opt_state, step, losses = run_chunk(params, opt_state, step, arrays, data)
+        params, opt_state, step, losses = run_chunk(params, opt_state, step, arrays, data, state,
+                                                    base)
         if bar.enabled or not self.quiet:
           last = float(losses[steps - 1])
           if not math.isfinite(last):
@@ -388,6 +399,32 @@ class ValidationPlateau:
   def summary(self) -> dict:
     return {"final_lr": self.lr, "best_val_loss": self.best_loss,
             "val_losses": list(self.history)}
+
+
+def _convolutions_on_cpu(loss: Callable, params, state, base, split: ArraySplit, rows: int) -> bool:
+  """Whether this phase runs on CPU and its loss contains a convolution.
+
+  Automatic chunking then fuses one step per call: XLA:CPU executes
+  convolutions inside a ``while`` loop (``lax.scan``) about 10× slower than
+  the same step on its own (AlexNet, batch 64: 2.0 s vs 0.16 s per step).
+  """
+  if jax.default_backend() != "cpu":
+    return False
+  x = jax.ShapeDtypeStruct((rows, *split.x.shape[1:]), split.x.dtype)
+  batch = {"x": x, "y": jax.ShapeDtypeStruct((rows,), jnp.int32),
+           "mask": jax.ShapeDtypeStruct((rows,), jnp.float32)}
+  jaxpr = jax.make_jaxpr(lambda p, b: loss(p, state, base, b, None))(params, batch)
+  return _has_primitive(jaxpr.jaxpr, "conv_general_dilated")
+
+
+def _has_primitive(jaxpr, name: str) -> bool:
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == name:
+      return True
+    for sub in jax_core.jaxprs_in_params(eqn.params):
+      if _has_primitive(sub, name):
+        return True
+  return False
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
