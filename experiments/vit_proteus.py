@@ -61,8 +61,14 @@ DATASETS = ("cifar100", "imagenet_r", "imagenet_a")
 
 
 def vit_split_stream(*, dataset: str = "imagenet_r", num_tasks: int = 10, image_size: int = 224,
-                     test_fraction: float = 0.2, seed: int = 0, data_dir=None, **unused):
-  """A TFDS image dataset as a class-incremental stream of float32 images in [-1, 1]."""
+                     test_fraction: float = 0.2, seed: int = 0, data_dir=None,
+                     pixel_range: str = "-1,1", **unused):
+  """A TFDS image dataset as a class-incremental stream of float32 images.
+
+  ``pixel_range``: ``"-1,1"`` (the AugReg checkpoint's normalisation, the
+  PROTEUS code) or ``"0,1"`` (``ToTensor`` without normalisation, as the
+  official InfLoRA code).
+  """
   del unused
   import numpy as np
 
@@ -70,6 +76,9 @@ def vit_split_stream(*, dataset: str = "imagenet_r", num_tasks: int = 10, image_
   from clx.data.types import ArraySplit
   if dataset not in DATASETS:
     raise ValueError(f"vit_proteus: dataset must be one of {DATASETS}, got {dataset!r}")
+  if pixel_range not in ("-1,1", "0,1"):
+    raise ValueError(f"pixel_range must be '-1,1' or '0,1', got {pixel_range!r}")
+  scale, shift = (127.5, 1.0) if pixel_range == "-1,1" else (255.0, 0.0)
   size = (image_size, image_size)
   raw = catalog.load_catalog(dataset, data_dir, image_size=size)
 
@@ -77,7 +86,7 @@ def vit_split_stream(*, dataset: str = "imagenet_r", num_tasks: int = 10, image_
     x = np.asarray(split.x)
     out = np.empty(x.shape, np.float32)
     for s in range(0, len(x), 4096):  # chunks: no second full-size temporary
-      out[s:s + 4096] = x[s:s + 4096].astype(np.float32) / 127.5 - 1.0
+      out[s:s + 4096] = x[s:s + 4096].astype(np.float32) / scale - shift
     return ArraySplit({"x": out, "y": np.asarray(split.y, np.int32)})
 
   if "train" in raw:

@@ -1,4 +1,4 @@
-"""The CIFAR-100 AlexNet pod config runs end to end on a tiny synthetic stand-in."""
+"""Pod configs (CIFAR-100 AlexNet, ViT InfLoRA) validate and run on tiny synthetic stand-ins."""
 
 import dataclasses
 
@@ -35,3 +35,21 @@ def test_config_validates_and_every_method_runs_two_tasks():
       args.setdefault("verbose", False)
     result = run_method(methods.build(name, backbone, **args), stream, train, quiet=True)
     assert np.all(np.isfinite(result.acc_matrix[np.tril_indices(2)])), name
+
+
+def test_vit_inflora_config_is_the_official_setup_and_fails_fast_offline(tmp_path):
+  import pytest
+
+  from clx.data.catalog import DatasetNotPreparedError
+  from clx.experiment import build_stream
+  config = load_config("vit_inflora")
+  validate(config)
+  args = config["method_args"]["inflora"]
+  assert (args["rank"], args["lamb"], tuple(args["sites"])) == (10, 0.98, ("k", "v"))
+  assert config["train"]["schedule"] == "inflora_cosine" and config["train"]["batch_size"] == 128
+  config["stream"]["data_dir"] = str(tmp_path)
+  with pytest.raises(DatasetNotPreparedError, match="imagenet_r"):
+    build_stream(config)
+  config["stream"]["pixel_range"] = "0,255"
+  with pytest.raises(ValueError, match="pixel_range"):
+    build_stream(config)

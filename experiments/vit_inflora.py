@@ -1,0 +1,71 @@
+"""ViT-B/16 (pods): InfLoRA vs sequential LoRA on Split CIFAR-100 and ImageNet-R 5/10/20 tasks.
+
+Command:   CLX_VIT_WEIGHTS=/models/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz \
+             clx run vit_inflora --workdir runs/vit_inflora_inr10 --set seed=0
+           ImageNet-R 5 / 20 tasks: ``--set stream.num_tasks=5`` / ``=20``; CIFAR-100 (10 tasks):
+           ``--set stream.dataset=cifar100 --set train.epochs=20
+           --set method_args.inflora.lamb=0.95``.
+Needs:     TFDS ``imagenet_r`` / ``cifar100`` prepared as array_record under $TFDS_DATA_DIR
+           (clx never downloads: ``tfds build imagenet_r --data_dir $TFDS_DATA_DIR
+           --file_format=array_record`` on a machine with internet) and the AugReg ViT-B/16 in21k
+           ``.npz`` above (timm 0.6.7 ``vit_base_patch16_224_in21k``, the official backbone).
+           Offline the run stops at once with DatasetNotPreparedError / a missing-weights error.
+Hardware:  one GPU with >= 40 GB (H100 80 GB); host RAM for the float32 224×224 images
+           (ImageNet-R 30k images: 18 GB; CIFAR-100 60k: 36 GB).
+Run time:  NOT MEASURED (no accelerator, data or ViT weights on the development machine).
+           Estimate on one H100 (float32/TF32, ≈ 800 training images/s through a frozen
+           ViT-B/16 with LoRA on k and v): ImageNet-R, 24k training images × 50 epochs ≈ 25 min
+           per method, plus two Gram passes per task (≈ 1 min in all); CIFAR-100, 50k × 20 epochs
+           ≈ 21 min. The design + DualGPM update for 12 layers of 768-d costs < 1 s per task
+           (experiments/BENCHMARKS.md).
+Expected:  the InfLoRA paper (CVPR 2024, 5 seeds, ACC_T / mean ACC): ImageNet-R 5 tasks
+           77.52 ± 0.37 / 82.01 ± 0.12, 10 tasks 75.65 ± 0.14 / 80.82 ± 0.24, 20 tasks
+           71.01 ± 0.45 / 77.28 ± 0.45; CIFAR-100 10 tasks 86.51 ± 0.73 / 91.70 ± 0.32. The
+           official logs, seed 0: 74.93 (ImageNet-R 10) and 86.67 (CIFAR-100). Sequential LoRA
+           forgets most of the old tasks (class-incremental, no task id at test time).
+
+Setup, from the official code (liangyanshuo/InfLoRA ``configs/*.json``, details in
+../shared/research/inflora_became.md §1): classes in ascending order (unshuffled), per-task heads
+with class-incremental inference (all seen heads' logits concatenated), LoRA rank 10 on k and v
+of all 12 blocks, B_t designed from the task's input Gram matrix projected off the DualGPM
+memory (scale 1/√3, the σ⁴ energy criterion), threshold lamb + (1 − lamb)·t/T with lamb 0.98
+(ImageNet-R) / 0.95 (CIFAR-100); Adam (0.9, 0.999), lr 5e-4, no weight decay, batch 128, the
+per-epoch ``CosineSchedule`` (``inflora_cosine``), 50 epochs (ImageNet-R) / 20 (CIFAR-100);
+pixels in [0, 1] without normalisation (the official transforms), images resized to 224
+without augmentation (the official code trains CIFAR with RandomResizedCrop + flip; clx's
+loop has no augmentation: expect ≈ 1 point lower there). ImageNet-R: TFDS has one split; 80 %
+of each class (seeded) trains and 20 % tests, the official 24,000 / 6,000 proportions (the
+official split is a non-deterministic ``random_split``).
+DomainNet (5 × 69 classes, SGD, r 30) needs the official split files
+(``dataloaders/splits/domainnet_*.yaml``), which are not available offline; it is not
+configured here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+WEIGHTS = os.environ.get("CLX_VIT_WEIGHTS",
+                         "/models/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import vit_proteus  # noqa: E402  (registers the TFDS split stream "vit_proteus_split")
+
+
+def get_config():
+  return {
+      "name": "vit_inflora",
+      "stream": {"name": "vit_proteus_split", "dataset": "imagenet_r", "num_tasks": 10,
+                 "image_size": 224, "seed": 0, "pixel_range": "0,1"},
+      "model": {"name": "vit", "variant": "B/16", "weights": WEIGHTS, "pool": "token"},
+      "methods": ["inflora", "lora"],
+      "method_args": {
+          "inflora": {"rank": 10, "sites": ["k", "v"], "lamb": 0.98, "lame": 1.0},
+          "lora": {"rank": 10, "targets": ["*attn/key/kernel", "*attn/value/kernel"]},
+      },
+      "train": {"epochs": 50, "batch_size": 128, "optimizer": "adam", "learning_rate": 5e-4,
+                "schedule": "inflora_cosine", "eval_batch_size": 256},
+      "seed": 0,
+  }
