@@ -159,12 +159,15 @@ def main(argv=None) -> int:
   parser.add_argument("--workdir", default="runs/text_sparc")
   parser.add_argument("--scenarios", default="task,domain")
   parser.add_argument("--methods", default=None, help="comma-separated subset")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="run seed; the stream's sample of texts follows it")
   args = parser.parse_args(argv)
   from clx import experiment, report
   results = {}
   for scenario in args.scenarios.split(","):
     config = get_config()
     config["stream"]["scenario"] = scenario
+    config["seed"] = config["stream"]["seed"] = args.seed
     if args.methods:
       config["methods"] = args.methods.split(",")
     workdir = pathlib.Path(args.workdir) / scenario
