@@ -27,6 +27,7 @@ other sites are projected in ``transform_grads``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -248,7 +249,9 @@ _gpm_update = jax.jit(subspace.gpm_update_fixed)
 _sgp_update = jax.jit(sgp_ops.sgp_update_fixed, static_argnames=("scale_coff",))
 
 
+@functools.lru_cache(maxsize=16)
 def _taps_fn(backbone: Backbone):
+  # One jitted function per backbone, so every task's memory update reuses its compilation.
   return jax.jit(lambda params, x: backbone.apply(params, x, taps="inputs"))
 
 
