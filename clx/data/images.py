@@ -30,6 +30,10 @@ Split-list paths are relative to the official repository's working directory
 (``data/imagenet-r/n01443537/art_0.jpg``); clx maps them onto the user's dataset
 folder by dropping the leading ``data/<folder>/`` (or a given ``prefix``).
 
+Prepared TFDS datasets (``imagenet_r``, ``cifar100``, ... as ArrayRecord; TFDS
+decodes their images with PIL, no TensorFlow) are read per example the same way
+through :class:`TfdsImageSplit` / :func:`tfds_image_split`.
+
 Every reader checks that folders, list files and (by default) every listed
 image exist before returning, and raises :class:`ImageDataMissingError` naming
 what is missing — no image is decoded for that.
@@ -91,6 +95,12 @@ class ImageSplit:
   def relabel(self, label_map: np.ndarray) -> "ImageSplit":
     """Labels ``label_map[y]`` (e.g. PyCIL's class-order remapping)."""
     return ImageSplit(self.paths, np.asarray(label_map)[self.labels], self.classes)
+
+  def load_image(self, i: int):
+    """Example ``i`` as an RGB ``PIL.Image`` (the official ``pil_loader``)."""
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    with open(self.paths[i], "rb") as f:
+      return Image.open(f).convert("RGB")
 
   def missing(self, limit: int | None = None) -> list[str]:
     """Paths that are not files (stat only; nothing is opened), at most ``limit``."""
@@ -407,3 +417,92 @@ def domainnet(root: str | os.PathLike, list_dir: str | os.PathLike | None, *,
   if missing:
     raise _missing_error("domainnet", missing, hint=hint)
   return {s: split_list(p, root, check=check) for s, p in lists.items()}
+
+
+# ------------------------------------------------------------------ TFDS sources
+
+_SOURCES: dict = {}
+
+
+def _tfds_source(name: str, split: str, data_dir):
+  key = (name, split, None if data_dir is None else os.fspath(data_dir))
+  if key not in _SOURCES:  # one open data source per process (grain threads share it)
+    from clx.data.catalog import catalog_data_source  # pylint: disable=import-outside-toplevel
+    _SOURCES[key] = catalog_data_source(name, split, data_dir)
+  return _SOURCES[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsImageSplit:
+  """Examples of a prepared TFDS split, read (and decoded) one at a time.
+
+  The interface of :class:`ImageSplit` that the pipeline uses (``len``,
+  ``labels``, ``take``, ``relabel``, ``load_image``); ``rows[i]`` is the TFDS
+  record index of example ``i``.
+  """
+
+  name: str
+  split: str
+  data_dir: str | None
+  rows: np.ndarray
+  labels: np.ndarray
+  image_key: str = "image"
+  classes: tuple[str, ...] = ()
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  @property
+  def y(self) -> np.ndarray:
+    return self.labels
+
+  def take(self, indices) -> "TfdsImageSplit":
+    indices = np.asarray(indices, np.int64)
+    return dataclasses.replace(self, rows=self.rows[indices], labels=self.labels[indices])
+
+  def relabel(self, label_map: np.ndarray) -> "TfdsImageSplit":
+    return dataclasses.replace(self, labels=np.asarray(label_map)[self.labels].astype(np.int32))
+
+  def load_image(self, i: int):
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    image = np.asarray(_tfds_source(self.name, self.split, self.data_dir)[int(self.rows[i])][self.image_key])
+    if image.ndim == 3 and image.shape[-1] == 1:
+      image = image[..., 0]
+    return Image.fromarray(image).convert("RGB")
+
+
+def tfds_image_split(name: str, split: str, data_dir: str | os.PathLike | None = None, *,
+                     image_key: str = "image", label_key: str = "label",
+                     order_key: str | None = None) -> TfdsImageSplit:
+  """A prepared TFDS split as a per-example image source.
+
+  Labels (and ``order_key``) are read in one streaming pass over the records
+  (TFDS decodes every feature of a record it returns, so this decodes each
+  image once and drops it; nothing is kept but the labels).
+
+  Args:
+    name, split, data_dir: as ``clx.data.catalog.catalog_data_source``.
+    image_key, label_key: record keys.
+    order_key: sort the examples by this record key (e.g. ``"file_name"``, to
+      recover an ImageFolder order from TFDS's shuffled records before an
+      official ``random_split``); default: record order.
+
+  Raises:
+    DatasetNotPreparedError: not prepared (from the catalog, within milliseconds).
+  """
+  source = _tfds_source(name, split, data_dir)
+  labels, keys = [], []
+  for start in range(0, len(source), 1024):
+    for record in source.__getitems__(list(range(start, min(start + 1024, len(source))))):
+      for key in (image_key, label_key) + ((order_key,) if order_key else ()):
+        if key not in record:
+          raise KeyError(f"TFDS {name!r} records have no key {key!r}; keys: {sorted(record)}")
+      labels.append(int(record[label_key]))
+      if order_key:
+        value = record[order_key]
+        keys.append(value.decode("utf-8") if isinstance(value, bytes) else value)
+  rows = np.arange(len(labels), dtype=np.int64)
+  if order_key:
+    rows = np.array(sorted(rows, key=lambda r: keys[r]), dtype=np.int64)
+  return TfdsImageSplit(name, split, None if data_dir is None else os.fspath(data_dir), rows,
+                        np.asarray(labels, np.int32)[rows], image_key)

@@ -15,7 +15,8 @@ example ``i`` is augmented with its own RNG ``example_rng(seed, task, epoch, i)`
 so same ``(seed, task, epoch)`` -> same batches, bit for bit, including after
 a resume at a task boundary, with any number of processes or worker threads.
 
-Memory stays bounded: the split is a list of file paths; each image is read,
+Memory stays bounded: the split is a list of file paths (or of TFDS record
+indices, :class:`~clx.data.images.TfdsImageSplit`); each image is read,
 decoded (PIL), cropped/resized and flipped when its batch is assembled, in
 grain's prefetch threads (PIL releases the GIL while decoding and resampling),
 and only ``prefetch`` batches are buffered. Nothing holds a float copy of the
@@ -84,14 +85,6 @@ def batch_plan(n: int, batch_size: int, *, seed: int, task: int, epoch: int, shu
   return padded.reshape(steps, batch_size)[:, process_index * per:(process_index + 1) * per]
 
 
-def load_image(path: str):
-  """``pil_loader`` of the official code: open the file, decode, convert to RGB."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  with open(path, "rb") as f:
-    image = Image.open(f)
-    return image.convert("RGB")
-
-
 class _Rows:
   """Random-access source over this process's planned rows (flattened plan)."""
 
@@ -124,10 +117,10 @@ class _Example:
       return {"x": np.zeros((size, size, 3), np.uint8), "y": np.int32(0), "index": np.int64(-1),
               "mask": np.bool_(False)}
     rng = example_rng(self.seed, self.task, self.epoch, row) if self.transform.random else None
-    image = self.transform(load_image(self.split.paths[row]), rng)
+    image = self.transform(self.split.load_image(row), rng)
     if image.shape != (size, size, 3):
-      raise ValueError(f"transform {self.transform.name!r} gives {image.shape} for "
-                       f"{self.split.paths[row]}; batching needs ({size}, {size}, 3)")
+      raise ValueError(f"transform {self.transform.name!r} gives {image.shape} for example {row}; "
+                       f"batching needs ({size}, {size}, 3)")
     return {"x": image, "y": self.split.labels[row], "index": np.int64(row), "mask": np.bool_(True)}
 
 
@@ -141,7 +134,8 @@ def image_batches(split: ImageSplit, batch_size: int, *, transform: str | ImageT
   """Batches of one pass over ``split`` for this process, decoded and augmented per batch.
 
   Args:
-    split: the task's images (paths + labels).
+    split: the task's images: an ImageSplit (files) or TfdsImageSplit (a prepared
+      TFDS split), anything with ``len``, ``labels`` and ``load_image(i)``.
     batch_size: GLOBAL batch size ``B`` (divisible by ``process_count``).
     transform: a name in ``clx.data.transforms.TRANSFORMS`` or an ImageTransform
       (train: ``"rrc224_flip"``; test: ``"resize256_center224"`` ...).
@@ -164,8 +158,8 @@ def image_batches(split: ImageSplit, batch_size: int, *, transform: str | ImageT
   """
   if dtype not in ("float32", "uint8"):
     raise ValueError(f"dtype must be 'float32' or 'uint8', got {dtype!r}")
-  if not isinstance(split, ImageSplit):
-    raise TypeError(f"split must be an ImageSplit, got {type(split).__name__}")
+  if not hasattr(split, "load_image") or not hasattr(split, "labels"):
+    raise TypeError(f"split must be an ImageSplit or TfdsImageSplit, got {type(split).__name__}")
   if len(split) == 0:
     raise ValueError("split is empty")
   transform = get_transform(transform)

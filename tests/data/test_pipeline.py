@@ -115,3 +115,20 @@ def test_class_incremental_images_relabel_like_pycil(folder):
   np.testing.assert_array_equal(t0.labels, [1] * 5 + [0] * 5)
   np.testing.assert_array_equal(t0.paths, folder.paths[np.isin(folder.labels, [1, 3])])
   assert stream.input_shape == (224, 224, 3)
+
+
+def test_tfds_source_batches_equal_the_transform_of_each_record(digits_data_dir):
+  from clx.data import builders
+  split = images.tfds_image_split("clx_digits", "train", digits_data_dir)
+  ref = builders.load_builtin("clx_digits", digits_data_dir)["train"]
+  np.testing.assert_array_equal(split.labels, ref.y)
+  part = split.take(np.arange(10, 22))
+  (batch,) = _epoch(part, batch_size=12, transform=SMALL_RRC, seed=3, dtype="uint8")
+  for x, i in zip(batch["x"], batch["index"]):
+    image = Image.fromarray(ref.x[10 + i]).convert("RGB")  # 8x8 grayscale digits
+    np.testing.assert_array_equal(x, SMALL_RRC(image, example_rng(3, 0, 0, int(i))))
+  # a sort key recovers a chosen order (here: by label, stable on ties)
+  by_label = images.tfds_image_split("clx_digits", "train", digits_data_dir, order_key="label")
+  assert np.all(np.diff(by_label.labels) >= 0)
+  with pytest.raises(KeyError, match="no key 'file_name'"):
+    images.tfds_image_split("clx_digits", "train", digits_data_dir, order_key="file_name")
