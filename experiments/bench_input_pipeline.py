@@ -73,13 +73,17 @@ def run_one(folder: str, batch_size: int, threads: int, input_batches: int) -> d
   rss_setup = _rss_mb()
 
   # end-to-end: 1 epoch of task 0
-  start, seen, steps = time.perf_counter(), 0, 0
+  start, seen, steps, rss_steps, previous = time.perf_counter(), 0, 0, [], None
   for batch in pipeline.image_batches(task.train, batch_size, transform=stream.train_transform,
                                       seed=0, task=0, epoch=0, process_index=0, process_count=1,
                                       num_threads=threads, prefetch=2):
     params, loss = step(params, batch["x"], batch["y"], batch["mask"].astype(np.float32))
+    if previous is not None:  # at most 2 steps in flight (async dispatch would queue batches)
+      jax.block_until_ready(previous)
+    previous = loss
     seen += int(batch["mask"].sum())
     steps += 1
+    rss_steps.append(round(_rss_mb()))
   jax.block_until_ready(loss)
   epoch_s = time.perf_counter() - start
   peak_epoch = _peak_mb()
@@ -110,7 +114,7 @@ def run_one(folder: str, batch_size: int, threads: int, input_batches: int) -> d
           "rss_setup_mb": round(rss_setup), "peak_rss_mb": round(peak_epoch),
           "epoch_s": round(epoch_s, 1), "epoch_ips": round(seen / epoch_s, 1),
           "input_ips_1thread": round(input_1, 1), f"input_ips_{threads}threads": round(input_n, 1),
-          "step_ips": round(step_ips, 1), "cpu": os.cpu_count()}
+          "step_ips": round(step_ips, 1), "cpu": os.cpu_count(), "rss_per_step_mb": rss_steps}
 
 
 def main(argv=None) -> int:

@@ -44,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -473,7 +473,8 @@ class TfdsImageSplit:
 
 def tfds_image_split(name: str, split: str, data_dir: str | os.PathLike | None = None, *,
                      image_key: str = "image", label_key: str = "label",
-                     order_key: str | None = None) -> TfdsImageSplit:
+                     order_key: str | None = None,
+                     class_of_key: Callable[[str], str] | None = None) -> TfdsImageSplit:
   """A prepared TFDS split as a per-example image source.
 
   Labels (and ``order_key``) are read in one streaming pass over the records
@@ -486,6 +487,9 @@ def tfds_image_split(name: str, split: str, data_dir: str | os.PathLike | None =
     order_key: sort the examples by this record key (e.g. ``"file_name"``, to
       recover an ImageFolder order from TFDS's shuffled records before an
       official ``random_split``); default: record order.
+    class_of_key: with ``order_key``: labels become the index of
+      ``class_of_key(value)`` among the sorted distinct classes (ImageFolder's
+      labels), instead of the record's ``label_key``.
 
   Raises:
     DatasetNotPreparedError: not prepared (from the catalog, within milliseconds).
@@ -502,7 +506,34 @@ def tfds_image_split(name: str, split: str, data_dir: str | os.PathLike | None =
         value = record[order_key]
         keys.append(value.decode("utf-8") if isinstance(value, bytes) else value)
   rows = np.arange(len(labels), dtype=np.int64)
+  classes: tuple[str, ...] = ()
   if order_key:
     rows = np.array(sorted(rows, key=lambda r: keys[r]), dtype=np.int64)
+    if class_of_key is not None:
+      names = [class_of_key(k) for k in keys]
+      classes = tuple(sorted(set(names)))
+      index = {c: i for i, c in enumerate(classes)}
+      labels = [index[c] for c in names]
+  elif class_of_key is not None:
+    raise ValueError("class_of_key needs order_key")
   return TfdsImageSplit(name, split, None if data_dir is None else os.fspath(data_dir), rows,
-                        np.asarray(labels, np.int32)[rows], image_key)
+                        np.asarray(labels, np.int32)[rows], image_key, classes)
+
+
+def imagenet_r_tfds(data_dir: str | os.PathLike | None = None, *, seed: int = 0
+                    ) -> dict[str, TfdsImageSplit]:
+  """InfLoRA's ImageNet-R split from a prepared TFDS ``imagenet_r`` (0.2.0+).
+
+  TFDS stores the 30,000 images in one shuffled ``test`` split with
+  ``file_name = "<wnid>/<file>"`` and ImageNet-1k labels. Sorting by
+  ``file_name`` gives ``ImageFolder``'s order (wnids have equal length, so
+  the string order is (class, file) order), labels become the index of the
+  wnid among the 200 sorted wnids (ImageFolder's labels), then
+  :func:`random_split_indices` (80/20, ``torch.manual_seed(seed)``) splits it,
+  as ``iIMAGENET_R.download_data``. Not run on a real prepared ``imagenet_r``
+  here (none offline); tested on a stand-in source with the same keys.
+  """
+  whole = tfds_image_split("imagenet_r", "test", data_dir, order_key="file_name",
+                           class_of_key=lambda name: name.replace("\\", "/").split("/")[0])
+  train_idx, test_idx = random_split_indices(len(whole), 0.8, seed)
+  return {"train": whole.take(train_idx), "test": whole.take(test_idx)}

@@ -197,3 +197,25 @@ def test_domainnet_lists(tmp_path):
   splits = images.load_image_dataset("domainnet", root, list_dir=lists)
   np.testing.assert_array_equal(splits["train"].labels, [0, 344])
   assert splits["test"].paths[0] == str(root / "clipart/apple/img_1.jpg")
+
+
+def test_imagenet_r_tfds_recovers_the_image_folder_order_and_labels(tmp_path, monkeypatch):
+  # a stand-in for TFDS imagenet_r: shuffled records, ImageNet-1k labels, file_name = wnid/file
+  root = _folder(tmp_path / "imagenet-r", {"n0200": 4, "n0100": 3, "n0300": 3})
+  folder = images.image_folder(root)
+  records = [{"image": np.asarray(Image.open(p)), "label": 900 + int(y),
+              "file_name": os.path.relpath(p, root).encode()} for p, y in zip(folder.paths, folder.labels)]
+  records = [records[i] for i in np.random.default_rng(0).permutation(len(records))]
+
+  class Source(list):
+    def __getitems__(self, idx):
+      return [self[i] for i in idx]
+
+  monkeypatch.setattr(images, "_tfds_source", lambda *a: Source(records))
+  splits = images.imagenet_r_tfds(seed=0)
+  ref = images.load_image_dataset("imagenet_r", root, seed=0)
+  for s in ("train", "test"):
+    np.testing.assert_array_equal(splits[s].labels, ref[s].labels)
+    for i in range(len(ref[s])):
+      np.testing.assert_array_equal(np.asarray(splits[s].load_image(i)), np.asarray(ref[s].load_image(i)))
+  assert splits["train"].classes == ("n0100", "n0200", "n0300")
