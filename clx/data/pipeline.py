@@ -196,9 +196,11 @@ def _iterate(rows, per, example, num_threads, prefetch, dtype, pixel_range, mean
   if num_threads > 0:
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(1, prefetch) * per)
     iterable = dataset.to_iter_dataset(options).batch(per).map(finish)
-  else:
-    iterable = dataset.batch(per).map(finish)
-  return iter(iterable)
+    return iter(iterable)
+  # Sequential: iterating a grain MapDataset directly would call to_iter_dataset()
+  # with grain's defaults (16 threads, 500 elements = 500 *batches* prefetched).
+  batched = dataset.batch(per)
+  return (finish(batched[k]) for k in range(len(batched)))
 
 
 # ------------------------------------------------------------------ tasks

@@ -132,3 +132,28 @@ def test_tfds_source_batches_equal_the_transform_of_each_record(digits_data_dir)
   assert np.all(np.diff(by_label.labels) >= 0)
   with pytest.raises(KeyError, match="no key 'file_name'"):
     images.tfds_image_split("clx_digits", "train", digits_data_dir, order_key="file_name")
+
+
+class _Counting(images.ImageSplit):
+  """An ImageSplit that counts decoded images (a list shared by its copies)."""
+
+  def load_image(self, i):
+    _LOADED.append(i)
+    return super().load_image(i)
+
+
+_LOADED: list = []
+
+
+@pytest.mark.parametrize("num_threads,prefetch", [(0, 0), (2, 1)])
+def test_decoding_runs_at_most_prefetch_batches_ahead(folder, num_threads, prefetch):
+  split = _Counting(np.tile(folder.paths, 10), np.tile(folder.labels, 10))  # 200 images
+  _LOADED.clear()
+  it = pipeline.image_batches(split, 8, transform=SMALL_TEST, seed=0, process_index=0,
+                              process_count=1, num_threads=num_threads, prefetch=prefetch)
+  next(it)
+  import time
+  time.sleep(0.5)  # let prefetch threads run as far as they are allowed
+  ahead = len(_LOADED) - 8
+  # sequential: nothing ahead; threads: the buffer of prefetch·b images plus one per thread
+  assert ahead <= (0 if num_threads == 0 else prefetch * 8 + num_threads + 8), ahead
