@@ -163,9 +163,6 @@ def image_batches(split: ImageSplit, batch_size: int, *, transform: str | ImageT
   if len(split) == 0:
     raise ValueError("split is empty")
   transform = get_transform(transform)
-  if transform.kind == "resize_shorter":
-    raise ValueError(f"transform {transform.name!r} keeps the aspect ratio (variable shapes) and "
-                     f"cannot be batched; use it on square inputs (CIFAR) or add a crop")
   if num_threads < 0 or prefetch < 0:
     raise ValueError(f"num_threads and prefetch must be >= 0, got {num_threads}, {prefetch}")
   normalize_batch(np.zeros((1, 1, 1, 3), np.uint8), pixel_range, mean, std)  # validate early

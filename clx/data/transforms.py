@@ -257,6 +257,17 @@ TRANSFORMS: dict[str, ImageTransform] = {t.name: t for t in (
 )}
 
 
+# InfLoRA (liangyanshuo/InfLoRA utils/data.py) per dataset: (train, test). The train
+# transform also feeds its Gram / representation passes (they iterate train_loader).
+OFFICIAL_TRANSFORMS: dict[str, tuple[str, str]] = {
+    "cifar100": ("rrc224_flip", "resize224"),                           # iCIFAR100
+    "imagenet_r": ("rrc224_flip", "resize256_center224"),               # iIMAGENET_R
+    "domainnet": ("rrc224_flip", "resize256_center224"),                # iDomainNet
+    "imagenet_a": ("rrc224_s005_flip", "resize256bicubic_center224"),   # iIMAGENET_A
+    "cub": ("rrc224_s005_flip", "resize256bicubic_center224"),          # iCUB
+}
+
+
 def get_transform(transform: str | ImageTransform) -> ImageTransform:
   """A transform by name (``TRANSFORMS``) or an ``ImageTransform`` passed through."""
   if isinstance(transform, ImageTransform):

@@ -95,8 +95,8 @@ def test_batch_plan_partitions_the_split():
 def test_bad_arguments(folder):
   with pytest.raises(ValueError, match="batch_size"):
     _epoch(folder, batch_size=0)
-  with pytest.raises(ValueError, match="cannot be batched"):
-    _epoch(folder, transform="resize224")
+  with pytest.raises(ValueError, match=r"gives \(224, \d+, 3\) for example \d+; batching needs"):
+    _epoch(folder, transform="resize224")  # keeps the aspect ratio: square inputs only (CIFAR)
   with pytest.raises(ValueError, match="pixel_range"):
     _epoch(folder, pixel_range="0,255")
   with pytest.raises(ValueError, match="seed"):
@@ -127,6 +127,9 @@ def test_tfds_source_batches_equal_the_transform_of_each_record(digits_data_dir)
   for x, i in zip(batch["x"], batch["index"]):
     image = Image.fromarray(ref.x[10 + i]).convert("RGB")  # 8x8 grayscale digits
     np.testing.assert_array_equal(x, SMALL_RRC(image, example_rng(3, 0, 0, int(i))))
+  # InfLoRA's CIFAR test transform Resize(224) batches on square inputs
+  (square,) = _epoch(part, batch_size=12, transform="resize224", shuffle=False)
+  assert square["x"].shape == (12, 224, 224, 3)
   # a sort key recovers a chosen order (here: by label, stable on ties)
   by_label = images.tfds_image_split("clx_digits", "train", digits_data_dir, order_key="label")
   assert np.all(np.diff(by_label.labels) >= 0)

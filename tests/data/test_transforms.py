@@ -158,3 +158,10 @@ def test_named_transforms_shapes_and_determinism():
     T.get_transform("rrc224_flip")(img)
   with pytest.raises(KeyError, match="unknown image transform"):
     T.get_transform("random_crop")
+
+
+def test_official_transforms_per_dataset_are_named_transforms():
+  for dataset, (train, test) in T.OFFICIAL_TRANSFORMS.items():
+    assert T.get_transform(train).random and not T.get_transform(test).random, dataset
+  assert T.get_transform(T.OFFICIAL_TRANSFORMS["cub"][0]).scale == (0.05, 1.0)
+  assert T.get_transform(T.OFFICIAL_TRANSFORMS["cub"][1]).interpolation == "bicubic"
