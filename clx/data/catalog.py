@@ -12,7 +12,10 @@ Reading without TensorFlow needs a random-access file format
 
 Large data: :func:`catalog_data_source` gives a random-access source and
 :func:`grain_batches` turns any such source into shuffled, per-process sharded
-batches with grain, without holding the dataset in memory.
+batches with grain, without holding the dataset in memory. For image datasets
+with the official transforms and splits, use ``clx.data.images.tfds_image_split``
+(or ``imagenet_r_tfds``) with ``clx.data.pipeline.image_batches`` instead: images
+are decoded and augmented per batch there.
 """
 
 from __future__ import annotations
