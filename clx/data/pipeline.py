@@ -338,3 +338,48 @@ def materialize(stream: ImageStream, *, transform: str | None = None, batch_size
 
   tasks = tuple(Task(t.name, load(t.train), load(t.test), t.classes) for t in stream.tasks)
   return Stream(stream.name, tasks, stream.scenario, stream.num_classes)
+
+
+def official_image_stream(dataset: str, *, root=None, data_dir=None, list_dir=None,
+                          num_tasks: int = 10, seed: int = 0, split: str | None = None,
+                          check: bool = True) -> ImageStream:
+  """An InfLoRA benchmark as an ImageStream: the official split, transforms and task sizes.
+
+  Classes in ascending order (the official configs' ``shuffle: false``),
+  ``init_cls = increment = num_classes // num_tasks`` (InfLoRA's
+  ``DataManager``), train/test/Gram transforms from ``OFFICIAL_TRANSFORMS``,
+  pixels in [0, 1] (``ToTensor``, ``Normalize(0, 1)``).
+
+  Args:
+    dataset: ``cifar100`` (prepared TFDS), ``imagenet_r`` (``root`` folder, or
+      prepared TFDS when ``root`` is None), ``imagenet_a``, ``cub``, ``domainnet``.
+    root: the dataset folder (see ``clx.data.images``).
+    data_dir: TFDS data dir (``cifar100``; ``imagenet_r`` without ``root``).
+    list_dir: split-list folder (``domainnet``; ``imagenet_r`` with ``split="coda"``).
+    num_tasks: number of tasks (5/10/20 for ImageNet-R, 10 for CIFAR-100, 5 for DomainNet).
+    seed: the torch seed of ImageNet-R's ``random_split`` (0 in the official runs).
+    split: ``imagenet_r`` only: ``"inflora"`` or ``"coda"``.
+    check: stat every image file first.
+  """
+  from clx.data import images  # pylint: disable=import-outside-toplevel
+  from clx.data.transforms import OFFICIAL_TRANSFORMS  # pylint: disable=import-outside-toplevel
+  num_classes = {"cifar100": 100, **images.NUM_CLASSES}
+  if dataset not in num_classes:
+    raise KeyError(f"unknown dataset {dataset!r}; known: {sorted(num_classes)}")
+  if dataset == "cifar100":
+    splits = {s: images.tfds_image_split("cifar100", s, data_dir) for s in ("train", "test")}
+  elif dataset == "imagenet_r" and root is None and split in (None, "inflora"):
+    splits = images.imagenet_r_tfds(data_dir, seed=seed)
+  else:
+    if root is None:
+      raise ValueError(f"{dataset}: pass root, the dataset folder")
+    splits = images.load_image_dataset(dataset, root, split=split, seed=seed, list_dir=list_dir,
+                                       check=check)
+  total = num_classes[dataset]
+  if num_tasks <= 0 or total // num_tasks == 0:
+    raise ValueError(f"num_tasks must be in [1, {total}], got {num_tasks}")
+  per = total // num_tasks
+  train, test = OFFICIAL_TRANSFORMS[dataset]
+  return class_incremental_images(splits, inflora_increments(total, per, per),
+                                  class_order=range(total), name=dataset, train_transform=train,
+                                  test_transform=test, pixel_range="0,1")

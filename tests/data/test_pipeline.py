@@ -160,3 +160,18 @@ def test_decoding_runs_at_most_prefetch_batches_ahead(folder, num_threads, prefe
   ahead = len(_LOADED) - 8
   # sequential: nothing ahead; threads: the buffer of prefetch·b images plus one per thread
   assert ahead <= (0 if num_threads == 0 else prefetch * 8 + num_threads + 8), ahead
+
+
+def test_official_image_stream_imagenet_r_folder(tmp_path):
+  rng = np.random.default_rng(0)
+  root = tmp_path / "imagenet-r"
+  for c in range(200):
+    (root / f"n{c:08d}").mkdir(parents=True)
+    for i in range(5):
+      Image.fromarray(rng.integers(0, 256, (6, 7, 3), dtype=np.uint8)).save(root / f"n{c:08d}" / f"a_{i}.png")
+  stream = pipeline.official_image_stream("imagenet_r", root=root, num_tasks=20)
+  assert len(stream) == 20 and stream.tasks[19].classes == tuple(range(190, 200))
+  assert (stream.train_transform, stream.test_transform) == ("rrc224_flip", "resize256_center224")
+  assert sum(len(t.train) for t in stream.tasks) == 800 and sum(len(t.test) for t in stream.tasks) == 200
+  with pytest.raises(images.ImageDataMissingError, match="train"):
+    pipeline.official_image_stream("cub", root=tmp_path)
