@@ -129,8 +129,8 @@ def image_batches(split: ImageSplit, batch_size: int, *, transform: str | ImageT
                   process_index: int | None = None, process_count: int | None = None,
                   drop_remainder: bool = False, pixel_range: str = "0,1",
                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                  dtype: str = "float32", num_threads: int = 4,
-                  prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+                  dtype: str = "float32", num_threads: int = 4, prefetch: int = 2,
+                  start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """Batches of one pass over ``split`` for this process, decoded and augmented per batch.
 
   Args:
@@ -151,6 +151,8 @@ def image_batches(split: ImageSplit, batch_size: int, *, transform: str | ImageT
       consumer's thread, no prefetch).
     prefetch: decoded images buffered ahead, in batches (memory bound:
       ``prefetch · b · H·W·3`` bytes of uint8 in flight).
+    start_step: skip the first batches of the pass (a mid-epoch resume): the
+      batches from ``start_step`` on are those of an uninterrupted pass.
 
   Returns:
     An iterator of dicts ``x``, ``y``, ``index``, ``mask`` with leading axis
@@ -173,6 +175,10 @@ def image_batches(split: ImageSplit, batch_size: int, *, transform: str | ImageT
   plan = batch_plan(len(split), batch_size, seed=seed, task=task, epoch=epoch, shuffle=shuffle,
                     process_index=process_index, process_count=process_count,
                     drop_remainder=drop_remainder)
+  if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)) or not (
+      0 <= start_step <= len(plan)):
+    raise ValueError(f"start_step must be in [0, {len(plan)}] (steps in this pass), got {start_step!r}")
+  plan = plan[start_step:]
   per = plan.shape[1]
   example = _Example(split, transform, _nonneg(seed, "seed"), _nonneg(task, "task"),
                      _nonneg(epoch, "epoch"))

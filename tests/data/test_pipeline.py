@@ -59,6 +59,12 @@ def test_same_seed_same_batches_resume_and_threads(folder):
   c = _epoch(folder, task=1, epoch=0)
   for u, v in zip(a, c, strict=True):
     np.testing.assert_array_equal(u["x"], v["x"])
+  tail = _epoch(folder, task=1, epoch=0, start_step=2)  # mid-epoch resume
+  assert len(tail) == len(a) - 2
+  for u, v in zip(a[2:], tail, strict=True):
+    np.testing.assert_array_equal(u["x"], v["x"])
+  with pytest.raises(ValueError, match="start_step"):
+    _epoch(folder, start_step=5)
   d = _epoch(folder, task=1, epoch=1)
   assert not np.array_equal(a[0]["index"], d[0]["index"])
   assert not np.array_equal(a[0]["x"], d[0]["x"])
