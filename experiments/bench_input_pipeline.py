@@ -55,7 +55,8 @@ def run_one(folder: str, batch_size: int, threads: int, input_batches: int,
   task = stream.tasks[0]
 
   key1, key2 = jax.random.split(jax.random.PRNGKey(0))
-  params = {"w1": jax.random.normal(key1, (768, 64)) * 0.02, "w2": jax.random.normal(key2, (64, 200)) * 0.02}
+  params = {"w1": jax.random.normal(key1, (768, 64)) * 0.02,
+            "w2": jax.random.normal(key2, (64, 200)) * 0.02}
 
   def loss_fn(p, x, y, mask):
     if x.dtype == jnp.uint8:  # ToTensor on device: the host moves uint8 (4x fewer bytes)

@@ -1,4 +1,4 @@
-"""experiments/vit_inflora_domainnet.py: official settings, missing split lists named, tiny run of the stream."""
+"""experiments/vit_inflora_domainnet.py: official settings, missing lists named, a tiny stream."""
 
 from __future__ import annotations
 
