@@ -120,7 +120,8 @@ def run_one(folder: str, batch_size: int, threads: int, input_batches: int,
           "rss_setup_mb": round(rss_setup), "peak_rss_mb": round(peak_epoch),
           "epoch_s": round(epoch_s, 1), "epoch_ips": round(seen / epoch_s, 1),
           "input_ips_1thread": round(input_1, 1), f"input_ips_{threads}threads": round(input_n, 1),
-          "step_ips": round(step_ips, 1), "dtype": args_dtype, "cpu": os.cpu_count(), "rss_per_step_mb": rss_steps}
+          "step_ips": round(step_ips, 1), "dtype": args_dtype, "cpu": os.cpu_count(),
+          "rss_per_step_mb": rss_steps}
 
 
 def main(argv=None) -> int:
