@@ -145,8 +145,11 @@ def main(argv=None) -> int:
     out = subprocess.run([sys.executable, __file__, "--one", folder, "--batch-size",
                           str(args.batch_size), "--threads", str(args.threads),
                           "--input-batches", str(args.input_batches), "--dtype", args.dtype],
-                         check=True, capture_output=True, text=True,
+                         check=False, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    if out.returncode:
+      print(out.stderr, file=sys.stderr)
+      raise SystemExit(f"the measurement of {folder} failed (exit {out.returncode}); see above")
     rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(json.dumps(rows[-1]), flush=True)
   if len(rows) == 2:
