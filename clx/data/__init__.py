@@ -36,6 +36,8 @@ _LAZY = {
     "IMG_EXTENSIONS": "images", "ImageDataMissingError": "images", "ImageSplit": "images",
     "image_folder": "images", "load_image_dataset": "images", "random_split_indices": "images",
     "read_split_list": "images", "split_list": "images", "torch_randperm": "images",
+    "TfdsImageSplit": "images", "imagenet_r_tfds": "images", "tfds_image_split": "images",
+    "OFFICIAL_TRANSFORMS": "transforms", "official_image_stream": "pipeline",
     "TRANSFORMS": "transforms", "ImageTransform": "transforms", "example_rng": "transforms",
     "get_transform": "transforms", "normalize_batch": "transforms",
     "ImageStream": "pipeline", "ImageTask": "pipeline", "batch_plan": "pipeline",
