@@ -335,7 +335,10 @@ def imagenet_r(root: str | os.PathLike, *, split: str = "inflora", seed: int = 0
       over the ImageFolder order; pre-split ``train/``+``test/`` folders are
       read as they are, as the official code does) or ``"coda"`` (the CODA-Prompt
       lists ``imagenet-r_train.yaml`` / ``imagenet-r_test.yaml`` in ``list_dir``).
-    seed: the torch seed of the split (the official runs' first seed, 0).
+    seed: the torch seed of the split. The official code moves the files into
+      ``train/`` and ``test/`` on its first run and every later run (and seed)
+      reuses them, so all official seeds share the split of the first run's
+      seed: 0 in ``configs/mimg*_inflora.json`` (``"seed": [0, 1, 2, 3, 4]``).
     list_dir: folder with the CODA-P lists (``split="coda"``).
     check: stat every image before returning.
   """
