@@ -259,8 +259,11 @@ def grain_batches(data_source, batch_size: int, *, seed: int = 0, shard_index: i
       ``lambda r: {"x": r["image"], "y": r["label"]}``).
 
   Returns:
-    A ``grain.MapDataset`` of batches (dicts of stacked NumPy arrays); iterate
-    it directly or call ``.to_iter_dataset()`` for prefetching.
+    A ``grain.MapDataset`` of batches (dicts of stacked NumPy arrays). Index it
+    (``ds[k]``) to read sequentially, or call ``.to_iter_dataset(grain.ReadOptions(
+    num_threads=..., prefetch_buffer_size=...))`` for bounded prefetching. Do not
+    iterate it directly: ``MapDataset.__iter__`` uses grain's default read options,
+    16 threads and 500 *batches* buffered.
   """
   import grain  # pylint: disable=import-outside-toplevel
   if batch_size <= 0:
