@@ -1,4 +1,5 @@
-"""clx.data: offline assets, TFDS builders and catalog access, and task streams.
+"""clx.data: offline assets, TFDS builders and catalog access, image folders and the
+official image splits/transforms with a per-process batch pipeline, and task streams.
 
 Importing this package is cheap; TFDS and grain load only when the builder or
 catalog names are first used.
@@ -31,6 +32,17 @@ _LAZY = {
     "gpm_pmnist_task_order": "streams", "list_streams": "streams",
     "official_gpm_pmnist": "streams", "permuted": "streams", "register_stream": "streams",
     "sklearn_shuffle": "streams", "to_float_inputs": "streams",
+    # images on disk, official transforms, per-process batches
+    "IMG_EXTENSIONS": "images", "ImageDataMissingError": "images", "ImageSplit": "images",
+    "image_folder": "images", "load_image_dataset": "images", "random_split_indices": "images",
+    "read_split_list": "images", "split_list": "images", "torch_randperm": "images",
+    "TfdsImageSplit": "images", "imagenet_r_tfds": "images", "tfds_image_split": "images",
+    "OFFICIAL_TRANSFORMS": "transforms", "official_image_stream": "pipeline",
+    "TRANSFORMS": "transforms", "ImageTransform": "transforms", "example_rng": "transforms",
+    "get_transform": "transforms", "normalize_batch": "transforms",
+    "ImageStream": "pipeline", "ImageTask": "pipeline", "batch_plan": "pipeline",
+    "class_incremental_images": "pipeline", "image_batches": "pipeline",
+    "inflora_increments": "pipeline", "materialize": "pipeline",
     "load_text_dataset": "text", "text_stream": "text", "tokenize_text_stream": "text",
 }
 

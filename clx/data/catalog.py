@@ -12,7 +12,10 @@ Reading without TensorFlow needs a random-access file format
 
 Large data: :func:`catalog_data_source` gives a random-access source and
 :func:`grain_batches` turns any such source into shuffled, per-process sharded
-batches with grain, without holding the dataset in memory.
+batches with grain, without holding the dataset in memory. For image datasets
+with the official transforms and splits, use ``clx.data.images.tfds_image_split``
+(or ``imagenet_r_tfds``) with ``clx.data.pipeline.image_batches`` instead: images
+are decoded and augmented per batch there.
 """
 
 from __future__ import annotations
@@ -256,8 +259,11 @@ def grain_batches(data_source, batch_size: int, *, seed: int = 0, shard_index: i
       ``lambda r: {"x": r["image"], "y": r["label"]}``).
 
   Returns:
-    A ``grain.MapDataset`` of batches (dicts of stacked NumPy arrays); iterate
-    it directly or call ``.to_iter_dataset()`` for prefetching.
+    A ``grain.MapDataset`` of batches (dicts of stacked NumPy arrays). Index it
+    (``ds[k]``) to read sequentially, or call ``.to_iter_dataset(grain.ReadOptions(
+    num_threads=..., prefetch_buffer_size=...))`` for bounded prefetching. Do not
+    iterate it directly: ``MapDataset.__iter__`` uses grain's default read options,
+    16 threads and 500 *batches* buffered.
   """
   import grain  # pylint: disable=import-outside-toplevel
   if batch_size <= 0:
