@@ -275,8 +275,11 @@ def torch_randperm(n: int, seed: int) -> np.ndarray:
   ``u_i`` are consecutive 32-bit outputs of its MT19937 engine. ``manual_seed``
   initialises that engine with the standard ``init_genrand(seed & 0xffffffff)``,
   which is also NumPy's legacy ``RandomState(seed)`` seeding; so ``u_i`` are
-  ``RandomState(seed)``'s raw MT19937 outputs. Verified against an independent
-  pure-Python MT19937 in the tests, not against torch itself (not installed).
+  ``RandomState(seed)``'s raw MT19937 outputs. Tested against an independent
+  pure-Python MT19937; checked once against torch 2.13.0 (CPU) itself:
+  ``randperm`` equal for (n, seed) = (10, 0), (1000, 0), (30000, 0), (24000, 1993),
+  (5, 7), and ``random_split(range(24000), [19200, 4800])`` after
+  ``manual_seed(0)`` gives the same first part (torch is not a test dependency).
 
   Args:
     n: permutation length (``< 2**32 / 20``).
