@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from clx.methods import heads as heads_lib
 from clx.methods.base import ContinualMethod, StreamSpec, identity_grads
@@ -111,6 +112,11 @@ def lora(backbone: Backbone, *, rank: int = 8, targets: tuple[str, ...] = ("*ker
   with ``a`` (d_in, rank) Kaiming-uniform and ``b`` (rank, d_out) zero at init,
   so training starts from the base model. ``alpha`` defaults to ``rank``.
   """
+  if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+    raise ValueError(f"lora: rank must be a positive integer, got {rank!r}")
+  # Shape-only dry run of the adapter init: rank above a kernel's width (or no
+  # matched kernel) fails here, at build time, before any data loads.
+  jax.eval_shape(lambda: lora_ops.init_lora(jax.random.PRNGKey(0), backbone.params, targets, rank))
   scale = (alpha if alpha is not None else rank) / rank
 
   def init_extra(rng, base):
