@@ -260,6 +260,11 @@ def became_coefficient(
   GPM-based code skips heads), zero both of their Fishers or drop them from
   all four trees.
 
+  Numerics: each leaf's steps and Fishers are rescaled by their maxima and the
+  leaves combined in log-space, so λ stays in [0, 1] where the naive float32
+  sums would overflow to Inf/Inf = NaN (F·Δθ² beyond 3.4e38); on ordinary
+  magnitudes the value equals the direct formula up to float rounding.
+
   Args:
     theta_gp: θ_GP pytree (gradient-projection solution).
     theta_hat: θ̂ pytree (unconstrained solution), same structure.
@@ -277,33 +282,55 @@ def became_coefficient(
       fisher_cur=fisher_cur,
       fisher_old=fisher_old,
   )
-
-  def leaf_sums(gp, hat, f_cur, f_old):
-    step_sq = (hat - gp) ** 2
-    return jnp.sum(f_cur * step_sq), jnp.sum((f_cur + f_old) * step_sq)
-
   return _became_coefficient(
       theta_gp, theta_hat, fisher_cur, fisher_old, per_leaf
   )
+
+
+def _scaled_leaf_sums(gp, hat, f_cur, f_old):
+  """One leaf's sums with steps and Fishers rescaled to [−1, 1] and [0, 1].
+
+  Returns (num, den, log_scale) with the true sums equal to
+  exp(log_scale) · (num, den). The naive float32 sums overflow (to Inf, then
+  NaN = Inf/Inf) once F·Δθ² passes 3.4e38, e.g. Δθ ~ 1e20; scaled, every term
+  is ≤ 1 and λ stays in [0, 1]. Δθ is taken as θ̂/2 − θ_GP/2 (the factor
+  cancels in λ), so even opposite float32 extremes do not overflow.
+  """
+  step = hat / 2 - gp / 2
+  step_max = jnp.max(jnp.abs(step), initial=0.0)
+  fisher_max = jnp.maximum(jnp.max(f_cur, initial=0.0), jnp.max(f_old, initial=0.0))
+  live = (step_max > 0) & (fisher_max > 0)
+  step = step / jnp.where(live, step_max, 1.0)
+  step_sq = step * step
+  f_scale = jnp.where(live, fisher_max, 1.0)
+  num = jnp.sum((f_cur / f_scale) * step_sq)
+  den = jnp.sum((f_cur / f_scale + f_old / f_scale) * step_sq)
+  log_scale = jnp.where(
+      live, jnp.log(f_scale) + 2 * jnp.log(jnp.where(live, step_max, 1.0)), -jnp.inf
+  )
+  return (jnp.where(live, num, 0.0), jnp.where(live, den, 0.0), log_scale)
 
 
 # Checks run on host above; the arithmetic is one jitted call, so eager use
 # compiles once per tree signature instead of once per leaf op.
 @functools.partial(jax.jit, static_argnums=4)
 def _became_coefficient(theta_gp, theta_hat, fisher_cur, fisher_old, per_leaf):
-  def leaf_sums(gp, hat, f_cur, f_old):
-    step_sq = (hat - gp) ** 2
-    return jnp.sum(f_cur * step_sq), jnp.sum((f_cur + f_old) * step_sq)
-
-  sums = jax.tree.map(leaf_sums, theta_gp, theta_hat, fisher_cur, fisher_old)
-  is_pair = lambda x: isinstance(x, tuple)
-  if per_leaf:
+  sums = jax.tree.map(_scaled_leaf_sums, theta_gp, theta_hat, fisher_cur, fisher_old)
+  is_triple = lambda x: isinstance(x, tuple)
+  if per_leaf:  # each leaf's own scale cancels in its own ratio
     return jax.tree.map(
-        lambda s: jnp.clip(_safe_ratio(*s), 0.0, 1.0), sums, is_leaf=is_pair
+        lambda s: jnp.clip(_safe_ratio(s[0], s[1]), 0.0, 1.0), sums, is_leaf=is_triple
     )
-  pairs = jax.tree.leaves(sums, is_leaf=is_pair)
-  num = sum(p[0] for p in pairs)
-  den = sum(p[1] for p in pairs)
+  triples = jax.tree.leaves(sums, is_leaf=is_triple)
+  if not triples:
+    return jnp.zeros((), jnp.float32)
+  # Bring the leaves to a common scale relative to the largest one (log-space
+  # weights ≤ 1, so the sums cannot overflow either).
+  top = jnp.max(jnp.stack([t[2] for t in triples]))
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  weights = [jnp.where(jnp.isfinite(t[2]), jnp.exp(t[2] - top), 0.0) for t in triples]
+  num = sum(w * t[0] for w, t in zip(weights, triples))
+  den = sum(w * t[1] for w, t in zip(weights, triples))
   return jnp.clip(_safe_ratio(jnp.asarray(num), jnp.asarray(den)), 0.0, 1.0)
 
 
