@@ -109,6 +109,10 @@ class GPMParts:
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
       raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     _check_threshold_values(threshold, threshold_increment)
+    if isinstance(scale_coff, bool) or not np.isfinite(scale_coff) or scale_coff < 0:
+      raise ValueError(f"scale_coff (SGP α) must be a finite number >= 0, got {scale_coff!r}")
+    if head_mode not in (None, "shared", "per_task"):
+      raise ValueError(f"head_mode must be None, 'shared' or 'per_task', got {head_mode!r}")
     self.backbone = backbone
     self.threshold, self.threshold_increment = threshold, threshold_increment
     self.num_samples, self.variant, self.scale_coff = num_samples, variant, scale_coff

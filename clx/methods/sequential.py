@@ -33,6 +33,8 @@ def _make(name: str, backbone: Backbone, *, effective_params, trainable_keys, in
   ``trainable_keys`` are the top-level state entries optimised on every task
   (besides the current head); ``init_extra(rng, base)`` creates them.
   """
+  if head_mode not in (None, "shared", "per_task"):
+    raise ValueError(f"{name}: head_mode must be None, 'shared' or 'per_task', got {head_mode!r}")
 
   def mode_for(spec):
     return head_mode or heads_lib.default_mode(spec)
@@ -117,6 +119,8 @@ def lora(backbone: Backbone, *, rank: int = 8, targets: tuple[str, ...] = ("*ker
   # Shape-only dry run of the adapter init: rank above a kernel's width (or no
   # matched kernel) fails here, at build time, before any data loads.
   jax.eval_shape(lambda: lora_ops.init_lora(jax.random.PRNGKey(0), backbone.params, targets, rank))
+  if alpha is not None and (isinstance(alpha, bool) or not np.isfinite(alpha) or alpha <= 0):
+    raise ValueError(f"lora: alpha must be a positive finite number or None, got {alpha!r}")
   scale = (alpha if alpha is not None else rank) / rank
 
   def init_extra(rng, base):
