@@ -176,7 +176,8 @@ def validate(config: dict[str, Any], workdir: str | os.PathLike | None = None) -
   the run seed, the stream's arguments (``clx.data.streams.check_stream_args``),
   the model name and arguments, and the methods' arguments: for the builtin
   image streams and the cheap backbones (MLP, AlexNet, ResNet-18) the backbone
-  and every method are built on the stream's known input shape, so argument
+  and every method are built on the stream's known input shape (not before a
+  pending ``jax.distributed.initialize()``, which must come first), so argument
   errors of models and methods (zero-width layers, LoRA rank 0 or above a
   layer's width, GPM thresholds) surface here, in well under a second. Other
   backbones (pretrained, large) are built once, after the data loads, and a
@@ -241,10 +242,24 @@ def validate(config: dict[str, Any], workdir: str | os.PathLike | None = None) -
       raise ConfigError(f"method {name!r}: {e}") from None
 
   shape = provisional_input_shape(config)
-  if shape is not None and model_name in _CHEAP_MODELS:
+  if shape is not None and model_name in _CHEAP_MODELS and not _distributed_pending():
     build_model_and_methods(config, shape)
   if workdir is not None:
     check_workdir(workdir)
+
+
+def _distributed_pending() -> bool:
+  """A multi-process launch whose ``jax.distributed.initialize()`` has not run yet.
+
+  Building a backbone initialises JAX's backends, after which the processes
+  can no longer join; the CLI validates once before joining (no build then)
+  and again in :func:`run_experiment`, after joining (with the build).
+  """
+  if not (os.environ.get("CLX_COORDINATOR") or os.environ.get("CLX_DISTRIBUTED") == "1"):
+    return False
+  import jax
+  is_initialized = getattr(jax.distributed, "is_initialized", None)
+  return not (is_initialized() if is_initialized is not None else False)
 
 
 def _model_args(config: dict[str, Any]) -> dict[str, Any]:

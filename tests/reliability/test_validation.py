@@ -120,3 +120,37 @@ def test_train_per_task_above_the_data_is_an_error():
     mp.setattr(streams, "_builtin", fake)
     with pytest.raises(ValueError, match="exceeds"):
       streams.get_stream("permuted_mnist", num_tasks=2, train_per_task=51)
+
+
+BAD_METHOD_ARGS = [("lora", {"rank": 0}), ("lora", {"rank": 9}), ("lora", {"alpha": float("nan")}),
+                   ("finetune", {"head_mode": "bogus"}), ("gpm", {"threshold": 1.5}),
+                   ("gpm", {"threshold": [0.9, 0.0]}), ("gpm", {"num_samples": 0}),
+                   ("gpm", {"threshold_increment": -0.1}), ("sgp", {"scale_coff": -1.0}),
+                   ("became_gpm", {"fisher_batch_size": 0}),
+                   ("became_gpm", {"stage2": {"learning_rate": -1.0}}),
+                   ("became_gpm", {"stage2": {"learning_rat": 0.1}})]
+
+
+@pytest.mark.parametrize("name,kwargs", BAD_METHOD_ARGS, ids=[f"{n}-{k}" for n, k in BAD_METHOD_ARGS])
+def test_method_factories_reject_bad_arguments_at_build_time(name, kwargs):
+  from clx import methods
+  from clx.models.mlp import mlp
+  backbone = mlp((20,), (8,))  # widths 20 -> 8: rank 9 exceeds min(d_in, d_out) = 8
+  with pytest.raises(ValueError, match=next(iter(kwargs)).split("_")[0]):
+    methods.build(name, backbone, **kwargs)
+
+
+def test_validate_does_not_build_before_a_pending_distributed_join(monkeypatch):
+  # Building initialises JAX's backends; jax.distributed.initialize() must come first.
+  import jax
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("built a backbone before jax.distributed.initialize()")
+
+  monkeypatch.setattr(experiment, "build_model_and_methods", refuse)
+  monkeypatch.setenv("CLX_COORDINATOR", "127.0.0.1:1")
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+  experiment.validate(_config())
+  monkeypatch.delenv("CLX_COORDINATOR")
+  with pytest.raises(AssertionError, match="built a backbone"):
+    experiment.validate(_config())
