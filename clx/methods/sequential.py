@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from clx.methods import heads as heads_lib
 from clx.methods.base import ContinualMethod, StreamSpec, identity_grads
@@ -32,6 +33,8 @@ def _make(name: str, backbone: Backbone, *, effective_params, trainable_keys, in
   ``trainable_keys`` are the top-level state entries optimised on every task
   (besides the current head); ``init_extra(rng, base)`` creates them.
   """
+  if head_mode not in (None, "shared", "per_task"):
+    raise ValueError(f"{name}: head_mode must be None, 'shared' or 'per_task', got {head_mode!r}")
 
   def mode_for(spec):
     return head_mode or heads_lib.default_mode(spec)
@@ -111,6 +114,13 @@ def lora(backbone: Backbone, *, rank: int = 8, targets: tuple[str, ...] = ("*ker
   with ``a`` (d_in, rank) Kaiming-uniform and ``b`` (rank, d_out) zero at init,
   so training starts from the base model. ``alpha`` defaults to ``rank``.
   """
+  if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+    raise ValueError(f"lora: rank must be a positive integer, got {rank!r}")
+  # Shape-only dry run of the adapter init: rank above a kernel's width (or no
+  # matched kernel) fails here, at build time, before any data loads.
+  jax.eval_shape(lambda: lora_ops.init_lora(jax.random.PRNGKey(0), backbone.params, targets, rank))
+  if alpha is not None and (isinstance(alpha, bool) or not np.isfinite(alpha) or alpha <= 0):
+    raise ValueError(f"lora: alpha must be a positive finite number or None, got {alpha!r}")
   scale = (alpha if alpha is not None else rank) / rank
 
   def init_extra(rng, base):

@@ -260,6 +260,11 @@ def became_coefficient(
   GPM-based code skips heads), zero both of their Fishers or drop them from
   all four trees.
 
+  Numerics: each leaf's steps and Fishers are rescaled by powers of two near
+  their maxima and the leaves combined on a common exponent, so λ stays in [0, 1] where the naive float32
+  sums would overflow to Inf/Inf = NaN (F·Δθ² beyond 3.4e38); on ordinary
+  magnitudes the value equals the direct formula up to float rounding.
+
   Args:
     theta_gp: θ_GP pytree (gradient-projection solution).
     theta_hat: θ̂ pytree (unconstrained solution), same structure.
@@ -277,33 +282,69 @@ def became_coefficient(
       fisher_cur=fisher_cur,
       fisher_old=fisher_old,
   )
-
-  def leaf_sums(gp, hat, f_cur, f_old):
-    step_sq = (hat - gp) ** 2
-    return jnp.sum(f_cur * step_sq), jnp.sum((f_cur + f_old) * step_sq)
-
   return _became_coefficient(
       theta_gp, theta_hat, fisher_cur, fisher_old, per_leaf
   )
+
+
+def _pow2_exponent(x: Array) -> Array:
+  """e with x = m · 2^e, m in [0.5, 1) (0 for x = 0)."""
+  return jnp.frexp(x)[1].astype(jnp.int32)
+
+
+def _times_pow2(x: Array, e: Array) -> Array:
+  """x · 2^e as two multiplications by normal powers of two: exact, and no
+  denormal factor that XLA would flush to zero (1/3e38 is one)."""
+  half = e // 2
+  return x * jnp.exp2(half.astype(x.dtype)) * jnp.exp2((e - half).astype(x.dtype))
+
+
+def _scaled_leaf_sums(gp, hat, f_cur, f_old):
+  """One leaf's sums with steps and Fishers rescaled by powers of two to ≤ 1.
+
+  Returns (num, den, e) with the true sums equal to 2^e · (num, den) (e is an
+  int32; -2^30 for a leaf that contributes nothing). The naive float32 sums
+  overflow (to Inf, then NaN = Inf/Inf) once F·Δθ² passes 3.4e38, e.g.
+  Δθ ~ 1e20; scaled, every term is ≤ 1 and λ stays in [0, 1]. Δθ is taken as
+  θ̂/2 − θ_GP/2 (the factor cancels in λ), so even opposite float32 extremes
+  do not overflow.
+  """
+  step = jnp.asarray(hat) / 2 - jnp.asarray(gp) / 2
+  f_cur, f_old = jnp.asarray(f_cur), jnp.asarray(f_old)
+  step_max = jnp.max(jnp.abs(step), initial=0.0)
+  fisher_max = jnp.maximum(jnp.max(f_cur, initial=0.0), jnp.max(f_old, initial=0.0))
+  live = (step_max > 0) & (fisher_max > 0)
+  e_step, e_fisher = _pow2_exponent(step_max), _pow2_exponent(fisher_max)
+  step = _times_pow2(step, -e_step)
+  step_sq = step * step
+  f_cur, f_old = _times_pow2(f_cur, -e_fisher), _times_pow2(f_old, -e_fisher)
+  num = jnp.sum(f_cur * step_sq)
+  den = jnp.sum((f_cur + f_old) * step_sq)
+  e = jnp.where(live, e_fisher + 2 * e_step, -(2**30))
+  return (jnp.where(live, num, 0.0), jnp.where(live, den, 0.0), e)
 
 
 # Checks run on host above; the arithmetic is one jitted call, so eager use
 # compiles once per tree signature instead of once per leaf op.
 @functools.partial(jax.jit, static_argnums=4)
 def _became_coefficient(theta_gp, theta_hat, fisher_cur, fisher_old, per_leaf):
-  def leaf_sums(gp, hat, f_cur, f_old):
-    step_sq = (hat - gp) ** 2
-    return jnp.sum(f_cur * step_sq), jnp.sum((f_cur + f_old) * step_sq)
-
-  sums = jax.tree.map(leaf_sums, theta_gp, theta_hat, fisher_cur, fisher_old)
-  is_pair = lambda x: isinstance(x, tuple)
-  if per_leaf:
+  sums = jax.tree.map(_scaled_leaf_sums, theta_gp, theta_hat, fisher_cur, fisher_old)
+  is_triple = lambda x: isinstance(x, tuple)
+  if per_leaf:  # each leaf's own scale cancels in its own ratio
     return jax.tree.map(
-        lambda s: jnp.clip(_safe_ratio(*s), 0.0, 1.0), sums, is_leaf=is_pair
+        lambda s: jnp.clip(_safe_ratio(s[0], s[1]), 0.0, 1.0), sums, is_leaf=is_triple
     )
-  pairs = jax.tree.leaves(sums, is_leaf=is_pair)
-  num = sum(p[0] for p in pairs)
-  den = sum(p[1] for p in pairs)
+  triples = jax.tree.leaves(sums, is_leaf=is_triple)
+  if not triples:
+    return jnp.zeros((), jnp.float32)
+  # Bring the leaves to the scale of the largest one (weights 2^(e − top) ≤ 1,
+  # so the sums cannot overflow either; far smaller leaves underflow to 0).
+  top = jnp.max(jnp.stack([t[2] for t in triples]))
+  num, den = 0.0, 0.0
+  for leaf_num, leaf_den, e in triples:
+    shift = jnp.maximum(e - top, -300)  # keeps the exponent arithmetic in range
+    num = num + _times_pow2(leaf_num, shift)
+    den = den + _times_pow2(leaf_den, shift)
   return jnp.clip(_safe_ratio(jnp.asarray(num), jnp.asarray(den)), 0.0, 1.0)
 
 

@@ -23,6 +23,27 @@ Array = jax.Array
 
 def _as_matrix(a: Any) -> Array:
   """Validates a (T, T) accuracy matrix and returns it as a float array."""
+  if isinstance(a, (str, bytes)):
+    raise ValueError(f"accuracy matrix must be a (T, T) numeric array, got a string {a!r:.40}.")
+  dtype = getattr(a, "dtype", None)
+  if dtype is None:  # lists/tuples: let NumPy infer (None entries become NaN via float)
+    values = np.asarray(a)
+    if values.dtype == object:
+      try:
+        a = np.asarray(a, dtype=np.float64)
+      except (TypeError, ValueError):
+        raise ValueError(
+            "accuracy matrix must hold numbers, got non-numeric entries "
+            f"(e.g. {next(iter(values.ravel()), None)!r:.40})."
+        ) from None
+    else:
+      a = values
+    dtype = a.dtype
+  if not (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)):
+    raise ValueError(
+        f"accuracy matrix must hold numbers, got dtype {dtype} (e.g. strings from a CSV "
+        "or JSON file: convert with np.asarray(a, dtype=float))."
+    )
   _checks.check_ndim("accuracy matrix", a, 2)
   rows, cols = np.shape(a)
   if rows != cols or rows == 0:

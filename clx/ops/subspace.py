@@ -174,6 +174,7 @@ def gpm_update_fixed(
     threshold: Any,
     *,
     first_task: Any = None,
+    check_orthonormal: bool = True,
 ) -> tuple[Array, Array]:
   """One official-GPM memory update in a fixed (d, d) zero-padded layout.
 
@@ -199,6 +200,9 @@ def gpm_update_fixed(
       to be empty (k = 0) uses the inclusive loop. Default None means
       `rank == 0`, which is right unless the first task kept nothing; pass
       it explicitly to be exact in that corner case.
+    check_orthonormal: verify that the first `rank` columns are orthonormal
+      when basis and rank are concrete (a non-orthonormal M makes R − M MᵀR
+      a wrong residual and the update silently wrong); skipped under jit.
 
   Returns:
     (new basis_padded (d, d), new rank int32 scalar k' = min(k + r, d)).
@@ -220,6 +224,10 @@ def gpm_update_fixed(
         f"dimension {d} cannot hold more than {d} orthonormal columns)."
     )
   _checks.check_finite("basis_padded", basis_padded)
+  if check_orthonormal and _checks.is_concrete(rank):
+    check_orthonormal_basis(
+        jnp.asarray(basis_padded)[:, : int(rank)], name="basis_padded[:, :rank]"
+    )
   if (
       first_task is not None
       and _checks.is_concrete(first_task)
@@ -271,7 +279,11 @@ def _gpm_fixed(basis_padded, rank, representation, threshold, first_task):
 
 
 def gpm_update(
-    basis: Array | None, representation: Array, threshold: Any
+    basis: Array | None,
+    representation: Array,
+    threshold: Any,
+    *,
+    check_orthonormal: bool = True,
 ) -> Array:
   """Official GPM memory update, returning a basis of dynamic width.
 
@@ -286,6 +298,8 @@ def gpm_update(
     basis: M, (d, k) with orthonormal columns, or None before the first task.
     representation: R, (d, n), concrete.
     threshold: ε in (0, 1].
+    check_orthonormal: verify MᵀM = I first (see `check_orthonormal_basis`); a
+      non-orthonormal M would give a silently wrong residual R − M MᵀR.
 
   Returns:
     (d, k') orthonormal basis, k ≤ k' ≤ d.
@@ -311,7 +325,8 @@ def gpm_update(
       )
     padded, rank, first = _pad_columns(jnp.asarray(basis), d), k, False
   new_padded, new_rank = gpm_update_fixed(
-      padded, rank, representation, threshold, first_task=first
+      padded, rank, representation, threshold, first_task=first,
+      check_orthonormal=check_orthonormal,
   )
   return new_padded[:, : int(new_rank)]
 
@@ -334,6 +349,72 @@ def _check_basis(basis: Any, d: int | None = None, name: str = "basis") -> None:
         f"{name} dimension {d_b} does not match the data dimension {d} "
         f"({name} shape {np.shape(basis)})."
     )
+
+
+def _orthonormality_tolerance(dtype: Any, d: int) -> float:
+  """Allowed max |MᵀM − I| entry: a few hundred ulps, growing like √d (rounding
+  of d-term dot products), e.g. 8e-4 for float32 at d = 784, 2e-12 in float64."""
+  return 256 * float(jnp.finfo(dtype).eps) * max(1.0, float(np.sqrt(d)))
+
+
+@jax.jit
+def _orthonormality_error(basis: Array) -> Array:
+  m = jnp.asarray(basis)
+  gram = _mm(m.T, m)
+  # Exactly-zero columns are padding (the fixed-shape layouts), not a violation.
+  live = jnp.sum(m * m, axis=0) > 0
+  target = jnp.diag(live.astype(gram.dtype))
+  return jnp.max(jnp.abs(gram - target), initial=0.0)
+
+
+def check_orthonormal_basis(basis: Any, name: str = "basis") -> None:
+  """Raises ValueError unless a concrete basis has orthonormal columns.
+
+  Checks max |MᵀM − I| ≤ 256·eps·√d (exactly-zero columns count as padding);
+  one (k, k) Gram matrix, O(d k²). A no-op on tracers, so the ops that call
+  it stay jit-able: inside jit pass a basis you built orthonormal (e.g. from
+  `gpm_update_fixed` or `orthonormalize`).
+
+  Args:
+    basis: M, (d, k).
+    name: the argument name used in the message.
+  """
+  _checks.check_ndim(name, basis, 2)
+  if not _checks.is_concrete(basis) or 0 in np.shape(basis):
+    return
+  dtype = _float_dtype(basis)
+  error = float(_orthonormality_error(jnp.asarray(basis, dtype)))
+  tolerance = _orthonormality_tolerance(dtype, np.shape(basis)[0])
+  if not error <= tolerance:  # also catches NaN
+    raise ValueError(
+        f"{name} must have orthonormal columns (MᵀM = I), but max |MᵀM − I| = "
+        f"{error:.3g} > {tolerance:.3g} (shape {np.shape(basis)}); "
+        "orthonormalize it first (subspace.orthonormalize) or pass "
+        "check_orthonormal=False if it is orthonormal to a looser tolerance."
+    )
+
+
+def _check_axis(x: Any, axis: int, name: str = "x") -> int:
+  """The non-negative axis, or a ValueError naming x's rank."""
+  ndim = np.ndim(x)
+  if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+    raise ValueError(f"axis must be an int, got {axis!r}.")
+  if not -ndim <= axis < ndim:
+    raise ValueError(
+        f"axis {axis} is out of range for {name} of rank {ndim} (shape "
+        f"{np.shape(x)}); valid axes are {-ndim}..{ndim - 1}."
+    )
+  return int(axis) % ndim
+
+
+def _check_projection_inputs(x, basis, axis, check_orthonormal_: bool) -> int:
+  axis = _check_axis(x, axis)
+  _check_basis(basis, np.shape(x)[axis])
+  _checks.check_finite("x", x)
+  _checks.check_finite("basis", basis)
+  if check_orthonormal_:
+    check_orthonormal_basis(basis)
+  return axis
 
 
 def projector(basis: Array) -> Array:
@@ -359,41 +440,55 @@ def _project(x: Array, basis: Array, axis: int, remove: bool) -> Array:
   return jnp.moveaxis(moved - inside if remove else inside, -1, axis)
 
 
-def project_onto(x: Array, basis: Array, axis: int = -1) -> Array:
+def project_onto(
+    x: Array, basis: Array, axis: int = -1, *, check_orthonormal: bool = True
+) -> Array:
   """Component of `x` inside span(M) along `axis`.
 
   axis=-1: x M Mᵀ (x is (..., d));  axis=0: M Mᵀ x (x is (d, ...)).
   Computed as (x M) Mᵀ, O(dk) per vector instead of forming the d×d P.
+  M Mᵀ is a projector only for orthonormal M: concrete inputs are checked
+  (finite x and M, orthonormal M, see `check_orthonormal_basis`); traced inputs
+  (inside jit) are not.
 
   Args:
     x: array whose `axis` has size d.
-    basis: M, (d, k) orthonormal columns.
+    basis: M, (d, k) orthonormal columns (exactly-zero padding columns allowed).
     axis: the axis of `x` that lives in R^d.
+    check_orthonormal: verify MᵀM = I on concrete inputs (O(d k²)); False
+      skips it for a basis known to be orthonormal.
 
   Returns:
     Array of x's shape and dtype.
   """
-  _check_basis(basis, np.shape(x)[axis])
-  return _project(x, basis, axis % np.ndim(x), False)
+  axis = _check_projection_inputs(x, basis, axis, check_orthonormal)
+  return _project(x, basis, axis, False)
 
 
-def project_out(x: Array, basis: Array, axis: int = -1) -> Array:
+def project_out(
+    x: Array, basis: Array, axis: int = -1, *, check_orthonormal: bool = True
+) -> Array:
   """Removes the component of `x` along span(M) (the GPM gradient update).
 
   axis=-1: x − x M Mᵀ;  axis=0: x − M Mᵀ x, i.e. (I − P) applied on `axis`.
-  The result is orthogonal to every column of M, and the op is idempotent.
+  The result is orthogonal to every column of M, and the op is idempotent,
+  when M is orthonormal: concrete inputs are checked (finite x and M, as
+  `gpm_update`; orthonormal M, see `check_orthonormal_basis`); traced inputs
+  (inside jit) are not.
 
   Args:
     x: array whose `axis` has size d.
-    basis: M, (d, k) orthonormal columns.
+    basis: M, (d, k) orthonormal columns (exactly-zero padding columns allowed).
     axis: the axis of `x` that lives in R^d. Flax Dense kernels are
       (d_in, d_out): projecting a gradient off the *input* space is axis=0.
+    check_orthonormal: verify MᵀM = I on concrete inputs (O(d k²)); False
+      skips it for a basis known to be orthonormal.
 
   Returns:
     Array of x's shape and dtype.
   """
-  _check_basis(basis, np.shape(x)[axis])
-  return _project(x, basis, axis % np.ndim(x), True)
+  axis = _check_projection_inputs(x, basis, axis, check_orthonormal)
+  return _project(x, basis, axis, True)
 
 
 def project_kernel_gradient(grad: Array, basis: Array) -> Array:

@@ -89,15 +89,39 @@ class TrainConfig:
     return self.lr_patience > 0 or self.restore_best
 
   def __post_init__(self):
+    # Every value is range-checked here, at config time, so a bad value fails
+    # before any data loads instead of training silently wrong (a negative
+    # grad_clip flips the gradients, a negative weight_decay grows weights).
     if self.optimizer not in OPTIMIZERS:
       raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
     if self.schedule not in SCHEDULES:
       raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
+    for name in ("epochs", "batch_size", "eval_batch_size", "steps_per_call", "lr_patience"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    for name in ("learning_rate", "momentum", "weight_decay", "b1", "b2", "grad_clip",
+                 "max_chunk_mb", "device_data_mb", "lr_factor", "lr_min"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+      if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
     if self.epochs < 0 or self.batch_size < 1 or self.eval_batch_size < 1:
       raise ValueError(f"epochs must be >= 0 and batch sizes >= 1, got epochs={self.epochs}, "
                        f"batch_size={self.batch_size}, eval_batch_size={self.eval_batch_size}")
     if not self.learning_rate > 0:
       raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+    nonnegative = ("weight_decay", "grad_clip", "steps_per_call", "max_chunk_mb", "device_data_mb")
+    bad = {name: getattr(self, name) for name in nonnegative if getattr(self, name) < 0}
+    if bad:
+      raise ValueError(f"{', '.join(bad)} must be >= 0 (0 = off), got {bad}")
+    if not self.max_chunk_mb > 0:
+      raise ValueError(f"max_chunk_mb must be > 0, got {self.max_chunk_mb}")
+    bad = {name: getattr(self, name) for name in ("momentum", "b1", "b2")
+           if not 0 <= getattr(self, name) < 1}
+    if bad:
+      raise ValueError(f"{', '.join(bad)} must lie in [0, 1), got {bad}")
     if self.lr_patience < 0 or not self.lr_factor > 1.0 or self.lr_min < 0:
       raise ValueError(f"need lr_patience >= 0, lr_factor > 1, lr_min >= 0; got "
                        f"{self.lr_patience}, {self.lr_factor}, {self.lr_min}")
@@ -150,6 +174,23 @@ def check_finite_batch(arrays: dict[str, np.ndarray], where: str) -> None:
   if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
     bad = int(np.sum(~np.isfinite(x)))
     raise ValueError(f"{where}: inputs contain {bad} NaN/Inf values")
+
+
+class TrainingDivergedError(FloatingPointError):
+  """The training loss became NaN or Inf: the phase (method, task), epoch and
+  learning rate are in the message. Raised whatever the display settings."""
+
+  def __init__(self, title: str, epoch: int, cfg: TrainConfig):
+    self.title, self.epoch = title, epoch
+    super().__init__(
+        f"{title}: training diverged, the loss became NaN/Inf in epoch {epoch + 1}/{cfg.epochs} "
+        f"(optimizer {cfg.optimizer}, learning_rate {cfg.learning_rate:g}); lower the learning "
+        f"rate or set train.grad_clip")
+
+
+@jax.jit
+def _all_finite(losses: jax.Array) -> jax.Array:
+  return jnp.all(jnp.isfinite(losses))
 
 
 # ----------------------------------------------------------------------------
@@ -282,7 +323,10 @@ class Fitter:
       valid = jnp.sum(batch["mask"]) > 0
       params = _tree_where(valid, new_params, params)
       opt_state = _tree_where(valid, new_opt_state, opt_state)
-      return (params, opt_state, step + valid.astype(jnp.int32)), loss_value * valid
+      # where, not a product: a non-finite loss on a padded step must not leak
+      # into the divergence check (NaN · 0 = NaN).
+      return ((params, opt_state, step + valid.astype(jnp.int32)),
+              jnp.where(valid, loss_value, jnp.zeros_like(loss_value)))
 
     # state and base are arguments, not closed-over constants: XLA would embed
     # them (the frozen backbone, GPM memories) in the program and compile slowly.
@@ -307,14 +351,21 @@ class Fitter:
       plan = self.plan(len(split), cfg.batch_size, True, (*seed_words, epoch))
       batches = (self.index_chunks(plan, chunk) if resident
                  else self.device_batches(split, plan, title, chunk))
+      # Divergence check, independent of display: every step's loss is reduced
+      # on device into one flag, read once per epoch (no host sync per chunk).
+      finite = None
       for arrays, steps, examples in batches:
         params, opt_state, step, losses = run_chunk(params, opt_state, step, arrays, data, state,
                                                     base)
-        if bar.enabled or not self.quiet:
+        chunk_finite = _all_finite(losses)
+        finite = chunk_finite if finite is None else finite & chunk_finite
+        if bar.enabled or not self.quiet:  # the display reads the loss anyway: fail early
           last = float(losses[steps - 1])
           if not math.isfinite(last):
-            raise FloatingPointError(f"{title}: loss became {last} at epoch {epoch}")
+            raise TrainingDivergedError(title, epoch, cfg)
           bar.update(steps, examples, last)
+      if finite is not None and not bool(finite):
+        raise TrainingDivergedError(title, epoch, cfg)
       if plateau is not None:
         action = plateau.update(self.validation_loss(params, val_fn, val_split, cfg, state, base))
         if action == "best" and cfg.restore_best:

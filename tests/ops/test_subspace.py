@@ -207,7 +207,7 @@ def test_gpm_update_truncates_at_d(x64):
   r_mat = rng.normal(size=(d, 8))
   ref = official_update_gpm(memory, r_mat, 0.99)
   assert ref.shape == (d, d)  # 4 + r > 5 columns were cut back to d
-  got = subspace.gpm_update(memory, r_mat, 0.99)
+  got = subspace.gpm_update(memory, r_mat, 0.99, check_orthonormal=False)
   assert got.shape == (d, d)
   np.testing.assert_allclose(got[:, :4], memory)
   np.testing.assert_allclose(np.abs(np.sum(got[:, 4] * ref[:, 4])), 1.0)
