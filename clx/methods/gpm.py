@@ -198,9 +198,10 @@ class GPMParts:
                                       variant=self.variant)["head"]
     return out
 
-  def predict(self, state, base, x, *, current_task, task_id, spec):
+  def predict(self, state, base, x, *, current_task, task_id, spec, mask=None):
     del base, task_id
-    feats = self.backbone.apply(state["backbone"], x)
+    # mask: padding rows of an evaluation batch stay out of the batch statistics.
+    feats = self.backbone.apply(state["backbone"], x, mask=mask)
     return heads_lib.global_logits(state["heads"], feats, spec, self.mode(spec), current_task)
 
   def update_memory(self, state, ctx):
