@@ -221,3 +221,24 @@ def test_became_merge_switched_off_changes_old_task_responses(monkeypatch):
   assert changes[1.0] > 1e-2                    # merge off towards θ̂: unconstrained
   assert 0.0 < lam < 0.999
   assert changes["merge"] == pytest.approx(lam * changes[1.0], rel=1e-3)
+
+
+@pytest.mark.parametrize("variant", ["gpm", "sgp"])
+def test_thresholds_above_one_are_capped_and_memory_stays_a_projector(variant):
+  """ε_t = 0.98 + 0.02·t reaches 1.0 at t = 1 and 1.02 at t = 2 (as 0.97 + 0.003·t does
+  from task 10 of the 20-split). The official update then appends every remaining
+  column of Û, null directions included, and its M Mᵀ stops being a projector;
+  clx caps ε at 1, so the memory stays orthonormal and P = M Mᵀ idempotent."""
+  stream = _domain_stream(num_tasks=3)
+  backbone = mlp(stream.input_shape, (24, 24), seed=0)
+  method = build(variant, backbone, threshold=0.98, threshold_increment=0.02, num_samples=12)
+  res = run_method(method, stream, CFG, mesh=make_mesh(1), quiet=True)
+  for key, mem in res.state["memory"].items():
+    basis = np.asarray(mem["basis"], np.float64)
+    k = int(mem["rank"])
+    assert 0 < k <= basis.shape[0], key
+    m = basis[:, :k]
+    np.testing.assert_allclose(m.T @ m, np.eye(k), atol=1e-4, err_msg=key)
+    p = m @ m.T
+    np.testing.assert_allclose(p @ p, p, atol=1e-4, err_msg=key)
+    assert np.all(basis[:, k:] == 0), key  # nothing beyond the rank
