@@ -75,7 +75,9 @@ class TaskContext(Protocol):
 
   def batches(self, split: str = "train", *, batch_size: int | None = None,
               shuffle: bool = False, seed: int = 0) -> Iterator[Batch]:
-    """Sharded device batches ``{"x", "y", "mask"}`` of the current task."""
+    """Sharded device batches ``{"x", "y", "mask"}`` of the current task, in order; the
+    last one is padded: pass ``mask`` to ``backbone.apply`` and weight sums by it
+    (:mod:`clx.methods.passes`)."""
 
   def sample(self, n: int, *, split: str = "train", seed: int = 0) -> dict[str, np.ndarray]:
     """``n`` random training examples of the current task (host arrays)."""

@@ -98,6 +98,9 @@ def predict_fn(method, **static) -> Callable:
 def collect(fn: Callable, x: np.ndarray, batch_size: int) -> np.ndarray:
   """Host-side feature pass: ``fn(x_b, mask_b) -> (b, ...)`` over padded batches, real rows only.
 
+  Single-process helper for host arrays; inside the loop, ``ctx.batches`` yields
+  the same padded, masked batches sharded over the mesh.
+
   Args:
     fn: (jitted) ``(x (batch_size, ...), mask (batch_size,)) -> (batch_size, ...)``; it
       must pass ``mask`` to the model (batch statistics over the real rows).
