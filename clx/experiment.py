@@ -345,6 +345,7 @@ def run_experiment(config: dict[str, Any], workdir: str | os.PathLike, *,
   import jax
 
   from clx import checkpoint, report
+  from clx.ops import metrics
   from clx.train.loop import TrainConfig, run_method
 
   validate(config, workdir)
@@ -368,6 +369,9 @@ def run_experiment(config: dict[str, Any], workdir: str | os.PathLike, *,
                      run_info=run_info, progress=progress, quiet=quiet)
     entry = {"acc_matrix": report.matrix_to_json(res.acc_matrix), **summarize(res.acc_matrix),
              "wall_time_s": round(res.wall_time_s, 3)}
+    # acc weights tasks equally; acc_samples weights test examples (official InfLoRA).
+    entry["acc_samples"] = float(metrics.accuracy_over_samples(
+        res.acc_matrix, [len(task.test) for task in stream.tasks]))
     if res.resumed_from is not None:
       entry["resumed_from_task"] = res.resumed_from
     if method.diagnostics is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-METRIC_COLUMNS = ("acc", "aia", "bwt", "forgetting", "wall_time_s")
+METRIC_COLUMNS = ("acc", "acc_samples", "aia", "bwt", "forgetting", "wall_time_s")
 
 
 def matrix_to_json(acc: np.ndarray) -> list[list[float | None]]:

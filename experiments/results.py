@@ -31,7 +31,8 @@ SUITE = {
     "pmnist_became": ((2, 3, 4), ("methods=became_gpm,sgp,became_sgp",)),
     "text_inflora": ((0,), ()),
 }
-COLUMNS = ("acc", "aia", "bwt", "forgetting", "wall_time_s")
+# acc: mean over tasks; acc_samples: over all seen test samples (official InfLoRA).
+COLUMNS = ("acc", "acc_samples", "aia", "bwt", "forgetting", "wall_time_s")
 # experiment -> (other experiment, methods): rows of the other run on the SAME seeds, so that
 # methods split across experiments compare seed for seed.
 COMPARE = {"pmnist_became": ("pmnist_gpm", ("gpm",))}
@@ -59,7 +60,9 @@ def aggregate(workdirs: list[Path]) -> dict:
   return runs
 
 
-def fmt(values: list[float]) -> str:
+def fmt(values: list[float | None]) -> str:
+  if any(v is None for v in values):  # runs written before the column existed
+    return "—"
   if len(values) == 1:
     return f"{values[0]:.2f}"
   return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
@@ -73,7 +76,7 @@ def section(experiment: str, runs: dict) -> str:
            "| method | seeds | " + " | ".join(COLUMNS) + " |",
            "|---|---|" + "---|" * len(COLUMNS)]
   for method, entries in runs.items():
-    cells = [fmt([e[c] for e in entries]) for c in COLUMNS]
+    cells = [fmt([e.get(c) for e in entries]) for c in COLUMNS]
     lines.append(f"| {method} | {len(entries)} | " + " | ".join(cells) + " |")
   lines.append("")
   for method, entries in runs.items():

@@ -18,7 +18,9 @@ Run time:  NOT MEASURED (no TFDS super_glue and no Llama weights on the developm
            examples each, 2 epochs ≈ 25k example passes + evaluation on the validation sets
            after every task) ≈ 10-15 min per method, ≈ 45-60 min for the four methods;
            domain-IL similar.
-Expected:  NOT MEASURED; what the paper reports (SPARC, arXiv 2502.02909, base model not
+Expected:  Metric: the paper reports per-task accuracies and a forgetting ratio, not one ACC;
+           read the matrix rows (``acc`` and ``acc_samples`` differ here: unequal task sizes).
+           NOT MEASURED; what the paper reports (SPARC, arXiv 2502.02909, base model not
            stated): no forgetting in the task-incremental setting (per-task prompts: the
            accuracy matrix is constant down each column, which clx guarantees bit for bit),
            about 97 % of prior accuracy retained (forgetting ratio ≈ 3 %) in the

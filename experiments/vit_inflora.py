@@ -23,6 +23,8 @@ Expected:  the InfLoRA paper (CVPR 2024, 5 seeds, ACC_T / mean ACC): ImageNet-R 
            71.01 ± 0.45 / 77.28 ± 0.45; CIFAR-100 10 tasks 86.51 ± 0.73 / 91.70 ± 0.32. The
            official logs, seed 0: 74.93 (ImageNet-R 10) and 86.67 (CIFAR-100). Sequential LoRA
            forgets most of the old tasks (class-incremental, no task id at test time).
+           Metric: the paper's ACC_T is over all seen test samples (official utils/toolkit.py),
+           i.e. clx's ``acc_samples``; ``acc`` (mean over tasks) differs on ImageNet-R.
 
 Setup, from the official code (liangyanshuo/InfLoRA ``configs/*.json``, details in
 ../shared/research/inflora_became.md §1): classes in ascending order (unshuffled), per-task heads

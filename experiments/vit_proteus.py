@@ -30,7 +30,8 @@ Expected:  NOT MEASURED. The paper (arXiv 2603.13235, per its reviews) reports P
            average forgetting. For orientation, published 10-task class-IL accuracies with the
            same backbone (from memory, unverified): InfLoRA ≈ 86-87 % (CIFAR-100), ≈ 75-76 %
            (ImageNet-R); RanPAC ≈ 92 % (CIFAR-100), ≈ 78 % (ImageNet-R), ≈ 62 % (ImageNet-A).
-           Sequential LoRA forgets most of the earlier tasks. The retrieval report should show
+           Metric: which of ``acc`` (over tasks) / ``acc_samples`` (over samples) the paper's
+           numbers are is not established here; both are reported. Sequential LoRA forgets most of the earlier tasks. The retrieval report should show
            retrieval accuracy well above the 10 % chance level and, unlike the offline text
            run (experiments/text_proteus.py), whether the bound's δ > threshold still holds on
            held-out points (``bound_test``) with thousands of images per task.

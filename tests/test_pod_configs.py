@@ -53,3 +53,23 @@ def test_vit_inflora_config_is_the_official_setup_and_fails_fast_offline(tmp_pat
   config["stream"]["pixel_range"] = "0,255"
   with pytest.raises(ValueError, match="pixel_range"):
     build_stream(config)
+
+
+def test_cifar100_rows_run_the_settings_of_the_tables_they_quote():
+  def settings(config, method):
+    train = {**config["train"], **config.get("train_overrides", {}).get(method, {})}
+    return (train["learning_rate"], train["lr_min"],
+            config["method_args"].get(method, {}).get("scale_coff"))
+
+  papers, became = load_config("cifar100_gpm"), load_config("cifar100_became_table")
+  validate(papers), validate(became)
+  assert settings(papers, "gpm")[:2] == (0.01, 1e-5)          # GPM repo defaults
+  assert settings(papers, "sgp") == (0.05, 5e-5, 10.0)         # SGP repo defaults
+  assert settings(papers, "became_sgp") == (0.05, 5e-5, 5.0)   # BECAME scripts/run.sh
+  assert settings(papers, "became_gpm")[:2] == (0.05, 5e-5)
+  for method in became["methods"]:                             # BECAME's table: one setting
+    lr, lr_min, scale = settings(became, method)
+    assert (lr, lr_min) == (0.05, 5e-5) and scale in (None, 5.0), method
+  for config in (papers, became):
+    stage2 = config["method_args"]["became_gpm"]["stage2"]
+    assert (stage2["learning_rate"], stage2["lr_min"]) == (0.05, 5e-5)

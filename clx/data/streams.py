@@ -343,7 +343,8 @@ def official_gpm_cifar100(splits: Splits, num_tasks: int = 10, seed: int = 0,
 
   TFDS's prepared ``cifar100`` stores the images in another order than
   torchvision's pickles, so the same procedure selects other validation images
-  than the official run; the split sizes are the same (2,375 / 125 per task).
+  than the official run; the split sizes are the same (train / validation per task:
+  4,750 / 250 on the 10-split, 2,375 / 125 on the 20-split).
 
   Args:
     splits: ``train``/``test`` with uint8 images (n, 32, 32, 3) and fine labels

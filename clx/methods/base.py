@@ -15,7 +15,7 @@ The training loop drives a method like this, with no special case per method::
       params = method.trainable(state, t)                 # what the optimiser updates
       params = ctx.fit(params, partial(method.loss, task_index=t), method.transform_grads)
       state = method.end_task(state, params, ctx)         # host: memory updates, merges
-      logits = method.predict(state, base, x, current_task=t, task_id=None)  # (n, C)
+      logits = method.predict(state, base, x, current_task=t, task_id=None, mask=m)  # (n, C)
 
 ``loss``, ``transform_grads`` and ``predict`` are traced under ``jax.jit``
 (``task_index`` and ``spec`` are static). ``begin_task``/``end_task`` run on the host and may
@@ -75,7 +75,9 @@ class TaskContext(Protocol):
 
   def batches(self, split: str = "train", *, batch_size: int | None = None,
               shuffle: bool = False, seed: int = 0) -> Iterator[Batch]:
-    """Sharded device batches ``{"x", "y", "mask"}`` of the current task."""
+    """Sharded device batches ``{"x", "y", "mask"}`` of the current task, in order; the
+    last one is padded: pass ``mask`` to ``backbone.apply`` and weight sums by it
+    (:mod:`clx.methods.passes`)."""
 
   def sample(self, n: int, *, split: str = "train", seed: int = 0) -> dict[str, np.ndarray]:
     """``n`` random training examples of the current task (host arrays)."""
@@ -133,11 +135,15 @@ class ContinualMethod(NamedTuple):
     transform_grads: ``(grads, state) -> grads`` (e.g. gradient projection).
     end_task: ``(state, params, ctx) -> state`` (host): write the trained
       params back and do post-task work.
-    predict: ``(state, base, x, *, current_task, task_id, spec) -> logits (n, C)``
+    predict: ``(state, base, x, *, current_task, task_id, spec, mask=None) -> logits (n, C)``
       over the global label space of ``C`` classes; classes not available are
       at a large negative value. ``current_task`` is the last trained task;
       ``task_id`` is the test example's task in the task-incremental scenario
-      and ``None`` otherwise. Both are static (Python ints).
+      and ``None`` otherwise. Both are static (Python ints). ``mask`` (n,)
+      marks the real rows of a padded evaluation batch and must reach
+      ``backbone.apply(..., mask=mask)`` so batch-statistic layers ignore the
+      padding (:mod:`clx.methods.passes`); the loop refuses a ``predict``
+      without it on such a backbone.
     data_view: ``"current"`` (train on the current task) or ``"cumulative"``
       (all tasks so far: the joint upper bound).
     diagnostics: optional ``state -> dict`` of JSON-able numbers worth

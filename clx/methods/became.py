@@ -22,9 +22,24 @@ Per task t ≥ 1, on top of a gradient-projection method (GPM or SGP):
 The Fisher covers every trained parameter (backbone and the current head; a
 new head has F_old = 0, which pushes λ towards 1), uses the current head's
 outputs only, batched squared gradients with the training batch size
-(official ``compute_fisher_matrix_diag``). ``per_layer=True`` uses one
-coefficient per parameter leaf instead (an option, not the official form).
-λ per task is kept in the state (``lambdas``) and printed.
+(official ``compute_fisher_matrix_diag``: ``F += grad²·len(batch)`` over
+consecutive batches of the training split in order, then ``/ N``). As the
+official pass, which runs in ``model.train()``:
+
+- dropout is **on** (``fisher_dropout=True``, default). Its masks come from a
+  fixed key, ``fold_in(fold_in(task_rng, FISHER_RNG_TAG + k), b)`` for the
+  k-th Fisher pass of the task (0: F at θ̂ or θ_0, 1: F at the merged θ_t) and
+  batch b, so a run is reproducible; the official masks are PyTorch's global
+  RNG draws. ``fisher_dropout=False`` gives the deterministic Fisher clx used
+  before (dropout off), a documented departure;
+- batch norm normalises each batch over its **real** rows: the last, short
+  batch is padded to the batch size but the padding is masked out of the
+  batch statistics (before, the padding entered them and the padded batch
+  weighed about 6× a full one in ΣF on a random-weight AlexNet).
+
+``per_layer=True`` uses one coefficient per parameter leaf instead (an
+option, not the official form). λ per task is kept in the state
+(``lambdas``) and printed.
 """
 
 from __future__ import annotations
@@ -46,7 +61,8 @@ from clx.ops import merging
 
 def became(backbone: Backbone, *, base: str = "gpm", stage2: dict | None = None,
            fisher: str = "true", fisher_batch_size: int | None = None, gamma: float = 1.0,
-           per_layer: bool = False, name: str | None = None, verbose: bool = True,
+           per_layer: bool = False, fisher_dropout: bool = True, name: str | None = None,
+           verbose: bool = True,
            **gpm_kwargs) -> ContinualMethod:
   """BECAME on top of GPM (``base="gpm"``) or SGP (``base="sgp"``).
 
@@ -62,6 +78,8 @@ def became(backbone: Backbone, *, base: str = "gpm", stage2: dict | None = None,
       the training batch size, as the official code).
     gamma: decay of the accumulated Fisher, ``F_old ← F(θ_t) + γ F_old``.
     per_layer: one coefficient per parameter leaf instead of one global λ.
+    fisher_dropout: run the Fisher passes with dropout on (official
+      ``model.train()``) from a fixed per-task key; False: dropout off.
     **gpm_kwargs: the base method's settings (threshold, num_samples, …).
   """
   if base not in ("gpm", "sgp"):
@@ -89,22 +107,25 @@ def became(backbone: Backbone, *, base: str = "gpm", stage2: dict | None = None,
     state = parts.init(rng, spec)
     return {**state, "lambdas": jnp.zeros((spec.num_tasks,), jnp.float32)}
 
-  def fisher_of(params, state, ctx):
-    """Diagonal Fisher of the current head's CE at ``params`` on the task's data."""
+  def fisher_of(params, state, ctx, pass_index: int):
+    """Diagonal Fisher of the current head's CE at ``params`` on the task's data
+    (``pass_index`` picks this pass's dropout key)."""
     spec, t = ctx.spec, ctx.task_index
     mode, key = parts.mode(spec), parts.head_key(state, t)
     data = ctx.arrays("train")
     labels = None
     if fisher == "empirical":
       labels = np.asarray(heads_lib.train_labels(jnp.asarray(data["y"]), spec, t, mode))
+    rng = fisher_rng(ctx.rng, pass_index) if fisher_dropout else None
     return merging.diagonal_fisher(
         _head_logits_fn(backbone, spec, t, mode, key), params, data["x"], labels=labels,
-        kind=fisher, batch_size=fisher_batch_size or ctx.config.batch_size)
+        kind=fisher, batch_size=fisher_batch_size or ctx.config.batch_size, pass_mask=True,
+        rng=rng)
 
   def end_task(state, params, ctx):
     t = ctx.task_index
     if t == 0:
-      f_new = fisher_of(params, state, ctx)
+      f_new = fisher_of(params, state, ctx, 0)
       lam = jnp.float32(1.0)
       merged = params
     else:
@@ -113,11 +134,11 @@ def became(backbone: Backbone, *, base: str = "gpm", stage2: dict | None = None,
           p, s, b, batch, rng, task_index=t, spec=ctx.spec, project=False),
           state=state, config=stage2_cfg, title=f"{name} task {t + 1} stage 2",
           phase=2)
-      f_cur = fisher_of(theta_hat, state, ctx)
+      f_cur = fisher_of(theta_hat, state, ctx, 0)
       f_old = old_fisher(state, params, t)
       lam = merging.became_coefficient(params, theta_hat, f_cur, f_old, per_leaf=per_layer)
       merged = merging.interpolate(params, theta_hat, lam)
-      f_merged = fisher_of(merged, state, ctx)
+      f_merged = fisher_of(merged, state, ctx, 1)
       f_new = jax.tree.map(lambda a, b: a + gamma * b, f_merged, f_old)
       lam = jnp.mean(jnp.stack(jax.tree.leaves(lam))) if per_layer else lam
     if verbose and jax.process_index() == 0:
@@ -150,13 +171,22 @@ def became(backbone: Backbone, *, base: str = "gpm", stage2: dict | None = None,
   return parts.method(name, init=init, end_task=end_task, diagnostics=diagnostics)
 
 
+FISHER_RNG_TAG = 1000  # fold_in tag of the Fisher passes' dropout keys (other uses: < 10)
+
+
+def fisher_rng(task_rng: jax.Array, pass_index: int) -> jax.Array:
+  """Dropout key of a task's ``pass_index``-th Fisher pass (batch b folds in b)."""
+  return jax.random.fold_in(task_rng, FISHER_RNG_TAG + pass_index)
+
+
 @functools.lru_cache(maxsize=32)
 def _head_logits_fn(backbone, spec, task_index, mode, head_key):
-  """``(params, x) -> current-head logits``; one stable object per task so the
-  Fisher's jit (``logits_fn`` is a static argument) compiles once per task."""
+  """``(params, x, mask=, rng=) -> current-head logits``; one stable object per task
+  so the Fisher's jit (``logits_fn`` is a static argument) compiles once per task.
+  ``mask`` keeps padding rows out of batch statistics, ``rng`` turns dropout on."""
 
-  def logits_fn(p, x):
-    feats = backbone.apply(p["backbone"], x)
+  def logits_fn(p, x, mask=None, rng=None):
+    feats = backbone.apply(p["backbone"], x, mask=mask, rng=rng)
     logits, _ = heads_lib.train_logits_and_labels(
         {head_key: p["head"]}, feats, jnp.zeros(x.shape[0], jnp.int32), spec, task_index, mode)
     return logits

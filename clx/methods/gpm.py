@@ -215,9 +215,10 @@ class GPMParts:
                                       variant=self.variant)["head"]
     return out
 
-  def predict(self, state, base, x, *, current_task, task_id, spec):
+  def predict(self, state, base, x, *, current_task, task_id, spec, mask=None):
     del base, task_id
-    feats = self.backbone.apply(state["backbone"], x)
+    # mask: padding rows of an evaluation batch stay out of the batch statistics.
+    feats = self.backbone.apply(state["backbone"], x, mask=mask)
     return heads_lib.global_logits(state["heads"], feats, spec, self.mode(spec), current_task)
 
   def update_memory(self, state, ctx):
@@ -291,7 +292,13 @@ def gpm(backbone: Backbone, *, threshold=0.97, threshold_increment: float = 0.0,
       backbone's sites, then the shared head), or ``{site: ε}``. The official
       PMNIST setting is ``(0.95, 0.99, 0.99)``.
     threshold_increment: ε_t = ε + t·increment (BECAME's CIFAR schedule
-      ``0.97 + 0.003·t``), capped at 1.
+      ``0.97 + 0.003·t``), capped at 1. Departure from the official code: on
+      the 20-split that schedule reaches 1.0 at t = 10 and exceeds 1 for
+      t = 11…19 (0-based; 10 of the 20 tasks have ε_t ≥ 1). The official
+      ``update_GPM``/``update_SGP`` then append every remaining column of the
+      residual's U, null directions included, so its M Mᵀ stops being a
+      projector (eigenvalues up to 2 measured). clx caps ε at 1 and appends
+      only directions that carry energy: the memory stays orthonormal.
     num_samples: training examples per task for the representation matrices.
     sites: kernel paths to project (default: every site of the backbone).
     project_head: also project the shared output layer (official PMNIST);

@@ -78,9 +78,9 @@ def _make(name: str, backbone: Backbone, *, effective_params, trainable_keys, in
   def end_task(state, params, ctx):
     return merged(state, params, ctx.task_index)
 
-  def predict(state, base, x, *, current_task, task_id, spec):
+  def predict(state, base, x, *, current_task, task_id, spec, mask=None):
     del task_id  # the same network serves every task; the loop masks task-IL logits
-    feats = _features(backbone, effective_params(state, base), x)
+    feats = _features(backbone, effective_params(state, base), x, mask=mask)
     return heads_lib.global_logits(state["heads"], feats, spec, mode_for(spec), current_task)
 
   return ContinualMethod(name=name, backbone=backbone, init=init, begin_task=begin_task,

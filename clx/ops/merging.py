@@ -30,9 +30,10 @@ LogitsFn = Callable[[Any, Array], Array]
 # ----------------------------------------------------------------------------
 
 
-def _cross_entropy(logits_fn: LogitsFn, params: Any, x: Array, y: Array | None):
+def _cross_entropy(logits_fn: LogitsFn, params: Any, x: Array, y: Array | None,
+                   **model_kwargs):
   """Per-example CE (b,). y=None means the model's own argmax ("true")."""
-  logits = logits_fn(params, x)
+  logits = logits_fn(params, x, **model_kwargs)
   if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
     raise ValueError(
         f"logits_fn must return (batch, classes) = ({x.shape[0]}, C), got "
@@ -50,9 +51,11 @@ def _fisher_impl(
     inputs: Array,
     labels: Array,
     weights: Array,
+    rng: Array | None,
     kind: str,
     batch_size: int,
     per_sample: bool,
+    pass_mask: bool,
 ) -> Any:
   """Σ over padded batches (lax.scan) of |b|·ḡ_b² (or Σ_n g_n²), / Σ weights.
 
@@ -62,16 +65,24 @@ def _fisher_impl(
   n_batches = math.ceil(n / batch_size)
   flat_index = jnp.arange(n_batches * batch_size)
   # Pad the last batch by repeating the last example (not zeros, which could
-  # make logits_fn produce NaN) and give the padding weight 0.
+  # make logits_fn produce NaN) and give the padding weight 0; with pass_mask
+  # the model also leaves it out of its batch statistics, so the real rows see
+  # what they would see if the last batch ran alone (the official loop).
   batch_index = jnp.minimum(flat_index, n - 1).reshape(n_batches, batch_size)
   batch_weight = jnp.where(
       flat_index < n, jnp.take(weights, jnp.minimum(flat_index, n - 1)), 0.0
   ).reshape(n_batches, batch_size)
 
-  def squared_grads(index, weight):
+  def squared_grads(index, weight, b):
     x = jnp.take(inputs, index, axis=0)
     y = None if kind == "true" else jnp.take(labels, index, axis=0)
     count = jnp.sum(weight)
+    model_kwargs = {}
+    if pass_mask:
+      model_kwargs["mask"] = (flat_index.reshape(n_batches, batch_size)[b] < n).astype(
+          jnp.float32)
+    if rng is not None:
+      model_kwargs["rng"] = jax.random.fold_in(rng, b)
     if per_sample:
       def one_loss(p, x_n, y_n):
         y_n = None if y_n is None else y_n[None]
@@ -83,7 +94,7 @@ def _fisher_impl(
       )
 
     def mean_loss(p):
-      ce = _cross_entropy(logits_fn, p, x, y)
+      ce = _cross_entropy(logits_fn, p, x, y, **model_kwargs)
       return jnp.sum(weight * ce) / jnp.maximum(count, 1.0)
 
     grads = jax.grad(mean_loss)(params)
@@ -99,7 +110,8 @@ def _fisher_impl(
       lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)),
       params,
   )
-  total, _ = jax.lax.scan(step, zeros, (batch_index, batch_weight))
+  total, _ = jax.lax.scan(
+      step, zeros, (batch_index, batch_weight, jnp.arange(n_batches)))
   n_valid = jnp.sum(weights)
   return jax.tree.map(
       lambda f, p: (f / jnp.maximum(n_valid, 1.0)).astype(p.dtype),
@@ -110,7 +122,7 @@ def _fisher_impl(
 
 _fisher_jit = jax.jit(
     _fisher_impl,
-    static_argnames=("logits_fn", "kind", "batch_size", "per_sample"),
+    static_argnames=("logits_fn", "kind", "batch_size", "per_sample", "pass_mask"),
 )
 
 
@@ -124,6 +136,8 @@ def diagonal_fisher(
     batch_size: int = 64,
     per_sample: bool = False,
     mask: Array | None = None,
+    pass_mask: bool = False,
+    rng: Array | None = None,
 ) -> Any:
   """Diagonal Fisher information of a softmax classifier, as a params pytree.
 
@@ -138,13 +152,21 @@ def diagonal_fisher(
   the given `labels`.
 
   Batches are taken in input order (shuffle beforehand to match a shuffled
-  loader) and run in one jitted `lax.scan`; the last batch is padded and
-  masked so shapes stay static. `mask` drops examples from their batch and
-  from N. `logits_fn` is a static jit argument: pass the same function
+  loader) and run in one jitted `lax.scan`; the last batch is padded with
+  copies of the last example, weighted 0, so shapes stay static. On a model
+  with batch statistics (batch norm) the padding would still change the real
+  rows' outputs: `pass_mask=True` hands the batch's real-row mask to the model
+  (`logits_fn(params, x, mask=m)`, m (b,) float 0/1), and the result equals
+  the official loop, which runs the last `N mod batch_size` examples alone.
+  `rng` turns on the model's stochastic layers (the official pass runs in
+  `model.train()`, dropout on): batch b is called with
+  `logits_fn(params, x, rng=jax.random.fold_in(rng, b))`. `mask` drops
+  examples from their batch's loss and from N (not from the batch
+  statistics). `logits_fn` is a static jit argument: pass the same function
   object across calls to reuse the compilation.
 
   Args:
-    logits_fn: (params, x (b, ...)) -> logits (b, C). Must be pure.
+    logits_fn: (params, x (b, ...), [mask=, rng=]) -> logits (b, C). Must be pure.
     params: pytree of float arrays.
     inputs: (N, ...) examples.
     labels: (N,) int class ids; required for kind="empirical".
@@ -152,6 +174,9 @@ def diagonal_fisher(
     batch_size: examples per batch (≥ 1).
     per_sample: exact per-example squares via vmap instead of batched.
     mask: optional (N,) bool, False excludes an example.
+    pass_mask: call logits_fn with `mask=` (the real rows of each batch).
+    rng: PRNG key for dropout (logits_fn gets `rng=`, folded with the batch
+      index); None = deterministic model.
 
   Returns:
     Pytree like params (same dtypes) with F ≥ 0.
@@ -160,6 +185,9 @@ def diagonal_fisher(
     raise ValueError(f"kind must be 'true' or 'empirical', got {kind!r}.")
   if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
     raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+  if per_sample and (pass_mask or rng is not None):
+    raise ValueError("per_sample runs one example at a time: it takes neither "
+                     "pass_mask (no batch statistics over one row) nor rng.")
   if np.ndim(inputs) < 1 or np.shape(inputs)[0] < 1:
     raise ValueError(
         f"inputs must be (N, ...) with N ≥ 1, got shape {np.shape(inputs)}."
@@ -199,9 +227,11 @@ def diagonal_fisher(
       inputs=jnp.asarray(inputs),
       labels=jnp.asarray(labels),
       weights=weights,
+      rng=rng,
       kind=kind,
       batch_size=int(batch_size),
       per_sample=bool(per_sample),
+      pass_mask=bool(pass_mask),
   )
 
 
@@ -256,9 +286,11 @@ def became_coefficient(
   the minimiser of `became_objective`, and lies in [0, 1] because F ≥ 0
   (clipped against rounding). If the denominator is 0 (θ̂ = θ_GP wherever
   F_cur + F_old > 0) the objective is constant in λ, any λ minimises it, and
-  λ = 0 (keep θ_GP) is returned. To exclude leaves (the official
-  GPM-based code skips heads), zero both of their Fishers or drop them from
-  all four trees.
+  λ = 0 (keep θ_GP) is returned. The official GPM-based code sums over
+  every parameter, heads included (`fisher.py` `compute_fisher_merging`
+  over `named_parameters`); its NSCL-based code excludes the `last*` heads.
+  To exclude leaves, zero both of their Fishers or drop them from all four
+  trees.
 
   Numerics: each leaf's steps and Fishers are rescaled by powers of two near
   their maxima and the leaves combined on a common exponent, so λ stays in [0, 1] where the naive float32

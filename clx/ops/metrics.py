@@ -199,3 +199,34 @@ def summarize_to_floats(a: Any, reference: Any = None) -> dict[str, float]:
     {"acc", "aia", "bwt", "forgetting"} (+ "fwt") → float.
   """
   return {k: float(v) for k, v in summarize(a, reference).items()}
+
+
+def accuracy_over_samples(a: Any, test_counts: Any) -> Array:
+  """Final accuracy over all seen test **samples** (official InfLoRA ``utils/toolkit.py``).
+
+    acc_samples = Σ_i n_i · a[T−1, i] / Σ_i n_i
+
+  with n_i the number of test examples of task i: the share of all test
+  examples classified correctly after the last task (when a[T−1, i] is
+  100·correct_i / n_i). ``summarize``'s ``acc`` weights every task equally
+  instead; the two agree when all tasks have the same test size (split
+  CIFAR-100) and differ on unequal tasks (ImageNet-R's classes).
+
+  Args:
+    a: (T, T) accuracy matrix.
+    test_counts: (T,) test examples per task, each ≥ 1.
+
+  Returns:
+    Scalar array, in the unit of ``a``.
+  """
+  matrix = _as_matrix(a)
+  t = matrix.shape[0]
+  if not isinstance(test_counts, jax.Array):
+    test_counts = np.asarray(test_counts)
+  if np.shape(test_counts) != (t,):
+    raise ValueError(f"test_counts must have shape (T,) = ({t},), got {np.shape(test_counts)}.")
+  _checks.check_finite("test_counts", test_counts)
+  if _checks.is_concrete(test_counts) and not np.all(np.asarray(test_counts) >= 1):
+    raise ValueError(f"test_counts must be >= 1 per task, got {np.asarray(test_counts)}.")
+  counts = jnp.asarray(test_counts, matrix.dtype)
+  return jnp.sum(counts * matrix[t - 1]) / jnp.sum(counts)

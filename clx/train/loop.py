@@ -27,6 +27,7 @@ import optax
 from jax.extend import core as jax_core
 
 from clx.data.types import ArraySplit, Stream, concat_splits
+from clx.methods import passes
 from clx.methods.base import ContinualMethod, StreamSpec
 from clx.train import sharding
 from clx.train.progress import TaskProgress
@@ -204,13 +205,10 @@ def _epoch_order(n: int, shuffle: bool, seed_words: tuple[int, ...]) -> np.ndarr
 
 
 def _step_index_plan(order: np.ndarray, batch_size: int, padded: int) -> np.ndarray:
-  """(steps, padded) example indices, -1 for padding rows."""
-  steps = math.ceil(len(order) / batch_size)
-  plan = np.full((steps, padded), -1, np.int64)
-  for s in range(steps):
-    rows = order[s * batch_size:(s + 1) * batch_size]
-    plan[s, :len(rows)] = rows
-  return plan
+  """(steps, padded) example indices, -1 for padding rows (:func:`clx.methods.passes.index_plan`
+  over ``order``; the padding rows are masked out of the model's batch statistics)."""
+  plan = passes.index_plan(len(order), batch_size, padded)
+  return np.where(plan < 0, -1, np.asarray(order, np.int64)[np.maximum(plan, 0)])
 
 
 def _gather(split: ArraySplit, idx: np.ndarray) -> dict[str, np.ndarray]:
@@ -491,13 +489,16 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
 def make_counter(predict: Callable) -> Callable:
   """Jitted ``(state, base, x, y, mask, class_mask) -> number correct``.
 
-  ``predict(state, base, x) -> (n, C)``; ``class_mask`` (C,) restricts the
-  argmax to one task's classes (task-incremental scenario; all-True otherwise).
+  ``predict(state, base, x, mask) -> (n, C)`` (:func:`clx.methods.passes.predict_fn`):
+  the row mask reaches the model, so on batch-statistic backbones the padding
+  rows of the last batch do not change the real rows' logits (the official
+  code runs that batch alone). ``class_mask`` (C,) restricts the argmax to one
+  task's classes (task-incremental scenario; all-True otherwise).
   """
 
   @jax.jit
   def count(state, base, x, y, mask, class_mask):
-    logits = jnp.where(class_mask, predict(state, base, x), -jnp.inf)
+    logits = jnp.where(class_mask, predict(state, base, x, mask), -jnp.inf)
     return jnp.sum((jnp.argmax(logits, -1) == y) * mask)
 
   return count
@@ -506,6 +507,8 @@ def make_counter(predict: Callable) -> Callable:
 def evaluate_split(fitter: Fitter, count: Callable, state, base, split: ArraySplit,
                    batch_size: int, class_mask: np.ndarray) -> float:
   """Accuracy (percent) on ``split`` with a counter from :func:`make_counter`."""
+  if len(split) == 0:
+    raise ValueError("evaluate_split: empty split")
   plan = fitter.plan(len(split), batch_size, False, (0,))
   class_mask = jax.device_put(jnp.asarray(class_mask), sharding.replicated(fitter.mesh))
   correct = 0.0
@@ -581,8 +584,8 @@ def evaluate_row(method: ContinualMethod, state, base, stream: Stream, t: int, s
   for i in range(t + 1):
     task_id = i if spec.scenario == "task" else None
     if task_id not in counters:
-      counters[task_id] = make_counter(functools.partial(
-          method.predict, current_task=t, task_id=task_id, spec=spec))
+      counters[task_id] = make_counter(passes.predict_fn(
+          method, current_task=t, task_id=task_id, spec=spec))
     class_mask = np.ones(spec.num_classes, bool)
     if spec.scenario == "task":
       class_mask[:] = False

@@ -168,3 +168,77 @@ def test_sgp_update_matches_official_port(seed):
       np.testing.assert_allclose(np.asarray(scale)[:k], ref_imp, rtol=1e-8, atol=1e-10)
       assert np.all(np.asarray(scale)[k:] == 0)
       assert np.all((np.asarray(scale) >= 0) & (np.asarray(scale) <= 1 + 1e-12))
+
+
+# ----------------------------------------------------------------------------
+# Component switched off → the asserted outcome changes.
+
+
+def _old_memory_response_change(one_state, two_state, rng_seed=0):
+  """max over projected sites of ‖x(W₂ − W₁)‖/‖xW₁‖ for inputs x inside task 1's memory."""
+  rng = np.random.default_rng(rng_seed)
+  worst = 0.0
+  for site in ("lin1/kernel", "lin2/kernel"):
+    mem = one_state["memory"][site_key(site)]
+    basis = np.asarray(mem["basis"])[:, :int(mem["rank"])]
+    x = rng.normal(size=(32, basis.shape[1])) @ basis.T
+    w_old = np.asarray(one_state["backbone"][site.split("/")[0]]["kernel"])
+    w_new = np.asarray(two_state["backbone"][site.split("/")[0]]["kernel"])
+    worst = max(worst, np.linalg.norm(x @ (w_new - w_old)) / np.linalg.norm(x @ w_old))
+  return worst
+
+
+def test_gpm_projection_switched_off_changes_old_task_responses():
+  import functools
+  from clx.methods.base import identity_grads
+  stream = _domain_stream()
+  backbone = mlp(stream.input_shape, (24, 24), seed=0)
+  method = build("gpm", backbone, threshold=0.97, num_samples=64)
+  off = method._replace(loss=functools.partial(method.loss, project=False),
+                        transform_grads=identity_grads)
+  one = run_method(method, dataclasses.replace(stream, tasks=stream.tasks[:1]), CFG,
+                   mesh=make_mesh(1), quiet=True)
+  on_two = run_method(method, stream, CFG, mesh=make_mesh(1), quiet=True)
+  off_two = run_method(off, stream, CFG, mesh=make_mesh(1), quiet=True)
+  assert _old_memory_response_change(one.state, on_two.state) < 1e-4
+  assert _old_memory_response_change(one.state, off_two.state) > 1e-2
+
+
+def test_became_merge_switched_off_changes_old_task_responses(monkeypatch):
+  """λ = 0 keeps θ_GP (GPM's guarantee on old-memory inputs), λ = 1 keeps the
+  unconstrained θ̂; the real merge lands strictly between, by the factor λ."""
+  stream = _domain_stream()
+  one = _run("became_gpm", dataclasses.replace(stream, tasks=stream.tasks[:1]), verbose=False)
+  merged = _run("became_gpm", stream, verbose=False)
+  lam = float(merged.state["lambdas"][1])
+  changes = {"merge": _old_memory_response_change(one.state, merged.state)}
+  for forced in (0.0, 1.0):
+    monkeypatch.setattr(became_lib.merging, "became_coefficient",
+                        lambda *a, forced=forced, **k: jnp.float32(forced))
+    changes[forced] = _old_memory_response_change(
+        one.state, _run("became_gpm", stream, verbose=False).state)
+  assert changes[0.0] < 1e-4                    # merge off towards θ_GP: GPM
+  assert changes[1.0] > 1e-2                    # merge off towards θ̂: unconstrained
+  assert 0.0 < lam < 0.999
+  assert changes["merge"] == pytest.approx(lam * changes[1.0], rel=1e-3)
+
+
+@pytest.mark.parametrize("variant", ["gpm", "sgp"])
+def test_thresholds_above_one_are_capped_and_memory_stays_a_projector(variant):
+  """ε_t = 0.98 + 0.02·t reaches 1.0 at t = 1 and 1.02 at t = 2 (as 0.97 + 0.003·t does
+  from task 10 of the 20-split). The official update then appends every remaining
+  column of Û, null directions included, and its M Mᵀ stops being a projector;
+  clx caps ε at 1, so the memory stays orthonormal and P = M Mᵀ idempotent."""
+  stream = _domain_stream(num_tasks=3)
+  backbone = mlp(stream.input_shape, (24, 24), seed=0)
+  method = build(variant, backbone, threshold=0.98, threshold_increment=0.02, num_samples=12)
+  res = run_method(method, stream, CFG, mesh=make_mesh(1), quiet=True)
+  for key, mem in res.state["memory"].items():
+    basis = np.asarray(mem["basis"], np.float64)
+    k = int(mem["rank"])
+    assert 0 < k <= basis.shape[0], key
+    m = basis[:, :k]
+    np.testing.assert_allclose(m.T @ m, np.eye(k), atol=1e-4, err_msg=key)
+    p = m @ m.T
+    np.testing.assert_allclose(p @ p, p, atol=1e-4, err_msg=key)
+    assert np.all(basis[:, k:] == 0), key  # nothing beyond the rank

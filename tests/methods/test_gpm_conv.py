@@ -96,17 +96,99 @@ def test_conv_representation_uses_official_sample_counts(monkeypatch):
   assert seen[24] == (24, 20)
 
 
-def test_became_on_alexnet_trains_stage_two_and_logs_lambda():
-  stream = _image_stream()
-  method = build("became_gpm", _alexnet(), threshold=0.9, num_samples=20, verbose=False)
-  result = run_method(method, stream, CFG, mesh=make_mesh(1), quiet=True)
-  lam = float(np.asarray(result.state["lambdas"])[1])
-  assert 0.0 < lam <= 1.0
-  assert np.all(np.isfinite(result.acc_matrix[np.tril_indices(2)]))
-
-
 def test_bad_site_samples_are_named():
   with pytest.raises(ValueError, match="not projected"):
     build("gpm", _alexnet(), site_samples={"nope/kernel": 3})
   with pytest.raises(ValueError, match="num_samples"):
     build("gpm", _alexnet(), num_samples=10, site_samples={"conv1/kernel": 30})
+
+
+# ----------------------------------------------------------------------------
+# BECAME stage 2 and the models its Fishers are computed on (AlexNet: BN, dropout).
+
+
+_FISHER_BACKBONE = _alexnet()
+
+
+def _head_logits(p, xb, mask=None, rng=None):
+  # One function object: every recomputed Fisher below shares one compilation.
+  return _FISHER_BACKBONE.apply(p["backbone"], xb, mask=mask, rng=rng) @ p["head"]["kernel"]
+
+
+def _fisher_at(params, x, task_rng, pass_index):
+  """The official Fisher (dropout on, batches of 16 in order, the last one alone via
+  the real-row mask) at ``params``, recomputed here with the op directly."""
+  from clx.methods import became as became_lib
+  from clx.ops import merging
+  return jax.device_get(merging.diagonal_fisher(
+      _head_logits, params, x, batch_size=CFG.batch_size, pass_mask=True,
+      rng=became_lib.fisher_rng(task_rng, pass_index)))
+
+
+def _rel_diff(a, b):
+  a, b = jax.tree.leaves(a), jax.tree.leaves(b)
+  num = sum(float(np.sum((np.asarray(x) - np.asarray(y)) ** 2)) for x, y in zip(a, b))
+  return np.sqrt(num / sum(float(np.sum(np.asarray(y) ** 2)) for y in b))
+
+
+def test_became_stage_two_is_unprojected_trains_bn_and_fishers_use_the_right_models(monkeypatch):
+  from clx.methods import became as became_lib
+  from clx.methods import gpm as gpm_lib
+  captured, after_task = {}, []
+  real = became_lib.merging.became_coefficient
+  real_update = gpm_lib.GPMParts.update_memory
+
+  def memory_spy(self, state, ctx):  # the state at the end of each task (θ_t, memory)
+    out = real_update(self, state, ctx)
+    after_task.append(jax.device_get(out))
+    return out
+
+  def spy(theta_gp, theta_hat, f_cur, f_old, per_leaf=False):
+    captured.update(gp=jax.device_get(theta_gp), hat=jax.device_get(theta_hat),
+                    f_cur=jax.device_get(f_cur), f_old=jax.device_get(f_old))
+    return real(theta_gp, theta_hat, f_cur, f_old, per_leaf=per_leaf)
+
+  stream = _image_stream(n=40)  # 40 = 2·16 + 8: a ragged last Fisher batch
+  kw = dict(threshold=0.9, num_samples=20, verbose=False,
+            site_samples={"conv1/kernel": 4, "conv2/kernel": 10, "conv3/kernel": 10})
+  monkeypatch.setattr(became_lib.merging, "became_coefficient", spy)
+  monkeypatch.setattr(gpm_lib.GPMParts, "update_memory", memory_spy)
+  two = run_method(build("became_gpm", _alexnet(), **kw), stream, CFG, mesh=make_mesh(1),
+                   quiet=True)
+  gp, hat = captured["gp"]["backbone"], captured["hat"]["backbone"]
+  one = after_task[0]
+  theta0 = one["backbone"]
+  # Stage 1 froze BN; stage 2 (from θ_GP) trains it.
+  for bn in ("bn1", "bn2", "bn3", "bn4", "bn5"):
+    np.testing.assert_array_equal(_get(gp, f"{bn}/scale"), _get(theta0, f"{bn}/scale"))
+    assert np.abs(_get(hat, f"{bn}/scale") - _get(gp, f"{bn}/scale")).max() > 1e-4, bn
+  # Stage 2 is unprojected: its update has a real component inside the task-1 memory,
+  # where stage 1's has none.
+  for site in _alexnet().sites["conv"] + _alexnet().sites["mlp"]:
+    mem = one["memory"][site_key(site)]
+    basis = np.asarray(mem["basis"])[:, :int(mem["rank"])]
+    w0 = _get(theta0, site)
+    stage1 = (_get(gp, site) - w0).reshape(-1, w0.shape[-1])
+    stage2 = (_get(hat, site) - _get(gp, site)).reshape(-1, w0.shape[-1])
+    assert np.linalg.norm(basis.T @ stage1) < 1e-4 * np.linalg.norm(stage1), site
+    assert np.linalg.norm(basis.T @ stage2) > 0.05 * np.linalg.norm(stage2), site
+  # The Fishers, recomputed independently on the models the official code uses:
+  # F_cur at θ̂, F_old = F(θ_0) on task 1, the stored F = F(θ_t) + F_old at the merged θ_t.
+  x1 = stream.tasks[1].train.x
+  key = jax.random.PRNGKey(0)
+  f_hat = _fisher_at(captured["hat"], x1, jax.random.fold_in(key, 2), 0)
+  f_gp = _fisher_at(captured["gp"], x1, jax.random.fold_in(key, 2), 0)
+  assert _rel_diff(captured["f_cur"], f_hat) < 1e-4
+  assert _rel_diff(f_gp, f_hat) > 1e-2  # so F at θ_GP would have been caught
+  theta0_params = {"backbone": theta0, "head": one["heads"]["0"]}
+  f0 = _fisher_at(theta0_params, stream.tasks[0].train.x, jax.random.fold_in(key, 1), 0)
+  assert _rel_diff(captured["f_old"]["backbone"], f0["backbone"]) < 1e-4
+  merged = {"backbone": jax.device_get(two.state["backbone"]),
+            "head": jax.device_get(two.state["heads"]["1"])}
+  f_t = _fisher_at(merged, x1, jax.random.fold_in(key, 2), 1)
+  want = jax.tree.map(lambda a, b: a + b, f_t["backbone"], f0["backbone"])
+  assert _rel_diff(two.state["fisher"]["backbone"], want) < 1e-4
+  assert _rel_diff(captured["f_cur"]["backbone"], f_t["backbone"]) > 1e-2
+  # (Subsumes the former smoke test: λ logged in (0, 1], finite accuracies.)
+  assert 0.0 < float(np.asarray(two.state["lambdas"])[1]) <= 1.0
+  assert np.all(np.isfinite(two.acc_matrix[np.tril_indices(2)]))

@@ -322,3 +322,89 @@ def test_property_lambda_is_the_objective_minimiser(seed, log_scale):
         leaves[index] += step
         moved = jax.tree.unflatten(jax.tree.structure(per_leaf), leaves)
         assert float(merging.became_objective(moved, *trees)) >= base
+
+
+# ----------------------------------------------------------------------------
+# Fisher on a batch-norm + dropout model (AlexNet), ragged last batch
+# ----------------------------------------------------------------------------
+
+_DROPS = {1: 0.2, 2: 0.2, 3: 0.5, 11: 0.5, 12: 0.5}  # convnets.AlexNet key tags → rates
+
+
+def _ref_alexnet_logits(p, x, rng, padded_rows):
+  """Float64 AlexNet forward written out here: batch norm over the rows given
+  (the batch alone, as the official loop), dropout masks drawn as clx documents
+  them (``bernoulli(fold_in(rng, tag), keep, padded batch shape)``, first rows)."""
+  n = x.shape[0]
+
+  def bn(h, q):
+    axes = tuple(range(h.ndim - 1))
+    mean = h.mean(axes)
+    var = ((h - mean) ** 2).mean(axes)
+    return (h - mean) / jnp.sqrt(var + 1e-5) * q["scale"] + q["bias"]
+
+  def drop(h, tag):
+    # float32 p: under x64 a float64 p would draw different uniforms than the model.
+    keep = jax.random.bernoulli(jax.random.fold_in(rng, tag), jnp.float32(1 - _DROPS[tag]),
+                                (padded_rows, *h.shape[1:]))[:n]
+    return jnp.where(keep, h / (1 - _DROPS[tag]), 0.0)
+
+  for i in (1, 2, 3):
+    x = jax.lax.conv_general_dilated(x, p["backbone"][f"conv{i}"]["kernel"], (1, 1), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x = drop(jax.nn.relu(bn(x, p["backbone"][f"bn{i}"])), i)
+    h2, w2 = x.shape[1] // 2, x.shape[2] // 2
+    x = x[:, :2 * h2, :2 * w2].reshape(n, h2, 2, w2, 2, x.shape[-1]).max((2, 4))
+  h = x.reshape(n, -1)
+  for i in (1, 2):
+    h = h @ p["backbone"][f"fc{i}"]["kernel"]
+    h = drop(jax.nn.relu(bn(h, p["backbone"][f"bn{i + 3}"])), 10 + i)
+  return h @ p["head"]
+
+
+def _ref_became_fisher(params, x, batch_size, rng):
+  """Official ``compute_fisher_matrix_diag``: consecutive batches (the last one alone),
+  true labels = argmax of the same forward, F += grad²·len(batch), then / N."""
+  def loss(p, xb, key):
+    logits = _ref_alexnet_logits(p, xb, key, batch_size)
+    y = jnp.argmax(jax.lax.stop_gradient(logits), -1)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], -1))
+
+  grad = jax.jit(jax.grad(loss))  # one compilation per batch shape (full, last)
+  total = jax.tree.map(jnp.zeros_like, params)
+  for b, start in enumerate(range(0, len(x), batch_size)):
+    xb = x[start:start + batch_size]
+    g = grad(params, xb, jax.random.fold_in(rng, b))
+    total = jax.tree.map(lambda t, gi: t + len(xb) * gi**2, total, g)
+  return jax.tree.map(lambda t: t / len(x), total)
+
+
+def test_fisher_on_alexnet_matches_official_loop_with_dropout_and_ragged_batch():
+  from clx.models.convnets import alexnet
+  backbone = alexnet((32, 32, 3), channels=(4, 6, 8), hidden=12, seed=3)
+  rng = np.random.default_rng(5)
+  params = {"backbone": backbone.params,
+            "head": jnp.asarray(rng.normal(size=(12, 5)), jnp.float32)}
+  x = rng.normal(size=(11, 32, 32, 3)).astype(np.float32)  # batches of 4, 4 and 3 alone
+  key = jax.random.PRNGKey(7)
+
+  def logits_fn(p, xb, mask=None, rng=None):
+    return backbone.apply(p["backbone"], xb, mask=mask, rng=rng) @ p["head"]
+
+  got = merging.diagonal_fisher(logits_fn, params, x, batch_size=4, pass_mask=True, rng=key)
+  with jax.enable_x64(True):
+    p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+    want = jax.device_get(_ref_became_fisher(p64, jnp.asarray(x, jnp.float64), 4, key))
+  scale = max(float(np.max(w)) for w in jax.tree.leaves(want))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), w, rtol=2e-3, atol=1e-5 * scale)
+  # The old pass (padding rows inside the batch statistics) is measurably off.
+  old = merging.diagonal_fisher(logits_fn, params, x, batch_size=4, pass_mask=False, rng=key)
+  total = lambda tree: sum(float(np.sum(a)) for a in jax.tree.leaves(tree))  # noqa: E731
+  assert abs(total(old) - total(want)) > 1e-2 * total(want)
+
+
+def test_fisher_per_sample_rejects_batch_options():
+  params, inputs, _ = make_problem(0)
+  with pytest.raises(ValueError, match="per_sample"):
+    merging.diagonal_fisher(linear_logits, params, inputs, per_sample=True, pass_mask=True)

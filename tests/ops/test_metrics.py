@@ -156,3 +156,26 @@ def test_property_summary_matches_loops(seed, t_count, fill, with_reference):
     jitted = jax.jit(metrics.summarize)(a)
     for key, value in got.items():
       assert float(jitted[key]) == pytest.approx(value, abs=1e-12)
+
+
+def test_accuracy_over_samples_is_the_share_of_all_seen_test_examples_correct(x64):
+  rng = np.random.default_rng(11)
+  t = 5
+  counts = rng.integers(20, 400, t)
+  correct = np.tril((rng.random((t, t)) * counts).astype(int))
+  a = 100.0 * correct / counts                     # a[s, i] = 100 · correct / n_i
+  want = 100.0 * correct[-1].sum() / counts.sum()  # official toolkit: over all samples
+  got = float(metrics.accuracy_over_samples(a, counts))
+  assert got == pytest.approx(want, rel=1e-12)
+  # Unequal tasks: differs from the task mean; equal tasks: the same number.
+  assert abs(got - float(metrics.summarize(a)["acc"])) > 1e-3
+  same = float(metrics.accuracy_over_samples(a, np.full(t, 7)))
+  assert same == pytest.approx(float(metrics.summarize(a)["acc"]), rel=1e-12)
+
+
+def test_accuracy_over_samples_rejects_bad_counts():
+  a = np.eye(3) * 50
+  with pytest.raises(ValueError, match="shape"):
+    metrics.accuracy_over_samples(a, [1, 2])
+  with pytest.raises(ValueError, match=">= 1"):
+    metrics.accuracy_over_samples(a, [1, 0, 2])

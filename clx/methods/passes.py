@@ -1,0 +1,119 @@
+"""Host passes over data (evaluation, Fisher, representation and feature passes): one padding rule.
+
+Every pass batches a split in order into fixed-shape batches so that one jit
+compilation serves the whole split and the global batch divides the device
+count. The last batch is short; it is **padded** with copies of a real
+example, and the padding rows are **masked**:
+
+- the 0/1 ``mask`` (b,) marks the real rows;
+- the mask is handed to the model (``backbone.apply(..., mask=mask)``), so
+  batch-statistic layers (:class:`clx.models.convnets.BatchStatNorm`, which
+  normalise with the current batch's statistics also at test time) see the
+  real rows only;
+- sums over rows (correct counts, Fisher sums, Gram matrices) weight the
+  padding rows by 0.
+
+So each real example gets exactly the output of the official PyTorch loops,
+which run the last batch alone at its own size (GPM/BECAME ``test``,
+``compute_fisher_matrix_diag``). Models without batch statistics ignore the
+mask, so passing it is always safe.
+
+A method's ``predict`` takes ``mask=`` (see :class:`clx.methods.base.ContinualMethod`);
+:func:`predict_fn` adapts one that predates it and refuses it on a
+batch-statistic backbone, where its outputs would depend on the padding.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+
+def index_plan(n: int, batch_size: int, padded: int | None = None) -> np.ndarray:
+  """Consecutive batches of ``range(n)`` as an index matrix, ``-1`` for padding rows.
+
+  Args:
+    n: number of examples (≥ 0).
+    batch_size: real examples per batch (≥ 1); the last batch holds ``n mod batch_size``
+      of them when that is not 0.
+    padded: row count of every batch (≥ ``batch_size``; default ``batch_size``), e.g.
+      ``batch_size`` rounded up to the device count.
+
+  Returns:
+    (ceil(n / batch_size), padded) int64 indices; ``-1`` marks padding.
+  """
+  padded = batch_size if padded is None else padded
+  if batch_size < 1 or padded < batch_size:
+    raise ValueError(f"need batch_size >= 1 and padded >= batch_size, got {batch_size}, {padded}")
+  steps = math.ceil(n / batch_size)
+  plan = np.full((steps, padded), -1, np.int64)
+  for s in range(steps):
+    rows = np.arange(s * batch_size, min((s + 1) * batch_size, n))
+    plan[s, :len(rows)] = rows
+  return plan
+
+
+def gather(x: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Rows ``x[idx]`` with padding (``idx < 0``) filled by row 0, and the 0/1 float32 mask."""
+  return x[np.where(idx < 0, 0, idx)], (idx >= 0).astype(np.float32)
+
+
+def accepts_mask(fn: Callable) -> bool:
+  """Whether ``fn`` takes a ``mask`` keyword (or ``**kwargs``)."""
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return False
+  return any(p.name == "mask" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def uses_batch_statistics(backbone) -> bool:
+  """Whether the backbone normalises with batch statistics (takes a row ``mask``)."""
+  return "mask" in getattr(backbone, "train_kwargs", ())
+
+
+def predict_fn(method, **static) -> Callable:
+  """``(state, base, x, mask) -> logits`` of ``method.predict`` with ``static`` keywords.
+
+  The mask is forwarded when ``predict`` accepts it. A ``predict`` without a
+  ``mask`` keyword on a batch-statistic backbone is an error: its outputs for
+  real rows would depend on the padding rows.
+  """
+  predict = method.predict
+  if accepts_mask(predict):
+    return lambda state, base, x, mask: predict(state, base, x, mask=mask, **static)
+  if uses_batch_statistics(method.backbone):
+    raise ValueError(
+        f"method {method.name!r}: predict() takes no mask= but backbone {method.backbone.name!r} "
+        "normalises with batch statistics, so padding rows of the last evaluation batch would "
+        "change the real rows' predictions; add mask=None to predict and pass it to "
+        "backbone.apply(..., mask=mask)")
+  return lambda state, base, x, mask: predict(state, base, x, **static)
+
+
+def collect(fn: Callable, x: np.ndarray, batch_size: int) -> np.ndarray:
+  """Host-side feature pass: ``fn(x_b, mask_b) -> (b, ...)`` over padded batches, real rows only.
+
+  Single-process helper for host arrays; inside the loop, ``ctx.batches`` yields
+  the same padded, masked batches sharded over the mesh.
+
+  Args:
+    fn: (jitted) ``(x (batch_size, ...), mask (batch_size,)) -> (batch_size, ...)``; it
+      must pass ``mask`` to the model (batch statistics over the real rows).
+    x: (n, ...) host inputs, n ≥ 1.
+    batch_size: rows per call (one compilation).
+
+  Returns:
+    (n, ...) host array, row i the output for ``x[i]`` as if its batch had run alone.
+  """
+  if len(x) < 1:
+    raise ValueError("collect: no examples")
+  out = []
+  for idx in index_plan(len(x), batch_size):
+    xb, mask = gather(x, idx)
+    out.append(np.asarray(jax.device_get(fn(xb, mask)))[:int(mask.sum())])
+  return np.concatenate(out)
