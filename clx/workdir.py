@@ -548,7 +548,8 @@ class Workdir:
       if (p.is_dir() and p.name not in self._preexisting_method_dirs
           and p.name not in results):
         shutil.rmtree(p, ignore_errors=True)
-    if self._wrote_config and not results:
+    if self._wrote_config and set(results) == set(self.with_results):
+      # Nothing new was recorded: config.json goes back to what it was.
       if self._old_config is None:
         with contextlib.suppress(FileNotFoundError):
           (self.path / CONFIG_FILE).unlink()

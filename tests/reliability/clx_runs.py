@@ -9,9 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,8 +56,17 @@ def clx_popen(args: list[str], env: dict, log: Path | None = None, python_code: 
   """Starts ``python -m clx.cli ARGS`` (or ``python -c CODE ARGS``) with output to a file."""
   cmd = [sys.executable, "-m", "clx.cli", *args] if python_code is None else \
       [sys.executable, "-c", python_code, *args]
-  out = open(log, "w+b") if log is not None else subprocess.PIPE
-  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+  out = open(log, "w+b") if log is not None else subprocess.PIPE  # a file: no pipe deadlock
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+  proc.log = out if log is not None else None
+  return proc
+
+
+def output(proc) -> str:
+  """Everything a :func:`clx_popen` process with a log file has printed so far."""
+  proc.log.flush()
+  proc.log.seek(0)
+  return proc.log.read().decode(errors="replace")
 
 
 def clx_run(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -99,3 +111,34 @@ def flip_digit(path: Path, after: str, nth: int = 0) -> tuple[str, str]:
         path.write_bytes(bytes(data))
         return old, chr(data[i])
   raise AssertionError(f"no digit {nth} after {after!r} in {path}")
+
+
+_TINY_RUNS: dict[str, tuple[Path, Path]] = {}
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory):
+  """Finished tiny runs shared by the reliability tests (copy them before changing them).
+
+  Returns ``(root, experiments)`` with workdirs ``root/ft`` (finetune, seed 0),
+  ``root/both`` (``ft`` after adding lora under the same configuration) and
+  ``root/seed1`` (finetune, seed 1).
+  """
+  # Each test module that imports this fixture registers its own copy; the runs are made
+  # once per session all the same.
+  key = str(tmp_path_factory.getbasetemp())
+  if key in _TINY_RUNS:
+    return _TINY_RUNS[key]
+  from clx import cli
+  root = tmp_path_factory.mktemp("tiny_runs")
+  experiments = write_experiments(root / "experiments")
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("CLX_EXPERIMENTS_DIR", str(experiments))
+    for name, seed in (("ft", 0), ("seed1", 1)):
+      assert cli.main(["run", "tiny", "--workdir", str(root / name), "--quiet",
+                       "--set", "methods=finetune", "--set", f"seed={seed}"]) == 0
+    shutil.copytree(root / "ft", root / "both")
+    assert cli.main(["run", "tiny", "--workdir", str(root / "both"), "--quiet",
+                     "--set", "methods=lora"]) == 0
+  _TINY_RUNS[key] = root, experiments
+  return root, experiments

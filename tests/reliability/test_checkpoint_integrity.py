@@ -15,8 +15,8 @@ import pytest
 
 from clx import checkpoint as ckpt
 from clx import cli
-from tests.reliability.clx_runs import assert_one_error_line, flip_digit, metrics, snapshot, \
-    write_experiments
+from tests.reliability.clx_runs import assert_one_error_line, flip_digit, snapshot, \
+    tiny_runs  # noqa: F401 (fixture)
 
 
 def _state(rng, t):
@@ -160,23 +160,15 @@ def test_format_1_checkpoints_still_restore(tmp_path, caplog):
 # ----------------------------------------------------------------- end to end (clx run)
 
 
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-  """One finished ``tiny`` run (finetune, 2 tasks, seed 0) and its ``seed=1`` twin."""
-  root = tmp_path_factory.mktemp("integrity")
-  experiments = write_experiments(root / "experiments")
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setenv("CLX_EXPERIMENTS_DIR", str(experiments))
-    for seed in (0, 1):
-      assert cli.main(["run", "tiny", "--workdir", str(root / f"seed{seed}"), "--quiet",
-                       "--set", "methods=finetune", "--set", f"seed={seed}"]) == 0
-  return root, experiments
+@pytest.fixture
+def base_run(tiny_runs):
+  return tiny_runs
 
 
 def _copy(base_run, tmp_path, seed=0):
   root, experiments = base_run
   workdir = tmp_path / "w"
-  shutil.copytree(root / f"seed{seed}", workdir)
+  shutil.copytree(root / ("ft" if seed == 0 else "seed1"), workdir)
   return workdir, experiments
 
 
