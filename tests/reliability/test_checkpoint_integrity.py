@@ -186,12 +186,16 @@ def test_flipped_digit_in_stored_accuracy_matrix_never_reaches_metrics(base_run,
   assert snapshot(workdir) == before  # metrics.json untouched
 
 
-def test_task0_copied_from_another_seed_is_refused(base_run, tmp_path, monkeypatch, capsys):
-  """Probe 2: a seed-1 task 0 copied into a seed-0 run killed after task 0 used to resume."""
+@pytest.mark.parametrize("killed_after_task_0", [False, True])
+def test_task0_copied_from_another_seed_is_refused(base_run, tmp_path, monkeypatch, capsys,
+                                                   killed_after_task_0):
+  """Probe 2: a seed-1 task 0 copied into a seed-0 run was replayed without complaint
+  when a later task was the one whose fingerprint got checked."""
   workdir, experiments = _copy(base_run, tmp_path)
   monkeypatch.setenv("CLX_EXPERIMENTS_DIR", str(experiments))
   ckpts = workdir / "finetune" / "checkpoints"
-  shutil.rmtree(ckpts / "1")  # as if killed after task 0
+  if killed_after_task_0:
+    shutil.rmtree(ckpts / "1")
   (workdir / "metrics.json").unlink()
   shutil.rmtree(ckpts / "0")
   shutil.copytree(base_run[0] / "seed1" / "finetune" / "checkpoints" / "0", ckpts / "0")
