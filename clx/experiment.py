@@ -242,6 +242,9 @@ def run_experiment(config: dict[str, Any], workdir: str | os.PathLike, *,
              else "has no verified entry for them" if w.metrics is not None else "is missing")
       print(f"clx: note: {metrics_path} {why}; rebuilding the results of {', '.join(rebuild)} "
             "from their verified checkpoints", file=sys.stderr)
+    elif w.metrics_problem is not None and w.primary:
+      print(f"clx: note: {metrics_path} {w.metrics_problem}; it is rewritten from this run's "
+            "results (resumed from the verified checkpoints)", file=sys.stderr)
     to_run = {name: methods.build(name, backbone, **merged.get("method_args", {}).get(name, {}))
               for name in rebuild}
     to_run.update(built)

@@ -388,7 +388,7 @@ class Workdir:
   """
 
   def __init__(self, path: str | os.PathLike, config: dict[str, Any], *, command: str = "clx run"):
-    self.path = Path(path)
+    self.path = Path(path).absolute()  # compared with the absolute folders it creates
     self.config = _plain(config)
     self.primary = _process_index() == 0
     self._lock = WorkdirLock(self.path, command)

@@ -192,9 +192,9 @@ def test_failed_run_removes_only_what_it_created(copy_run, tmp_path, monkeypatch
   with pytest.raises(RuntimeError, match="injected"):
     _run(workdir, "methods=lora")
   assert snapshot(workdir) == before  # lora's folder and config.json's new method list gone
-  fresh = tmp_path / "new" / "fresh"
+  monkeypatch.chdir(tmp_path)  # a relative --workdir whose parent is new too
   with pytest.raises(RuntimeError, match="injected"):
-    _run(fresh, "methods=lora")
+    _run("new/fresh", "methods=lora")
   assert not (tmp_path / "new").exists()
 
 
