@@ -116,6 +116,23 @@ def test_report_never_mixes_configurations_silently(copy_run, capsys, damage, wh
   assert "method " not in out[:warning]  # no table claims they share one configuration
 
 
+def test_report_leaves_heatmaps_alone_while_a_run_holds_the_workdir(copy_run, capsys):
+  """A report must not write into a workdir a run is using (its temp files would be the
+  run's to clean up)."""
+  from clx import workdir as wd
+  workdir = copy_run("ft")
+  png = workdir / "finetune" / "acc_matrix.png"
+  png.write_bytes(b"old")
+  capsys.readouterr()
+  with wd.WorkdirLock(workdir, "a run"):
+    assert cli.main(["report", str(workdir)]) == 0
+    out = capsys.readouterr().out
+    assert "heatmaps not refreshed" in out and "in use by another clx process" in out
+    assert png.read_bytes() == b"old"
+  assert cli.main(["report", str(workdir)]) == 0
+  assert png.read_bytes()[:4] == b"\x89PNG" and not (workdir / LOCK_FILE).exists()
+
+
 # ------------------------------------------------------------ 9: damaged metrics.json
 
 
