@@ -395,7 +395,7 @@ class Workdir:
     self._created: list[Path] = []  # directories this process created, outermost first
     self._old_config: bytes | None = None
     self._wrote_config = False
-    self._preexisting_method_dirs: set[str] = set()
+    self._preexisting_method_dirs: set[str] | None = None  # None: not read yet
     self.recorded: dict[str, Any] | None = None
     self.with_results: list[str] = []
     self.merged: dict[str, Any] = self.config
@@ -544,14 +544,22 @@ class Workdir:
         with contextlib.suppress(OSError):
           os.rmdir(d)  # parents only if still empty: another run may use them
       return
+    if self._preexisting_method_dirs is None:
+      return  # failed before the workdir was read: nothing of ours to tell apart
     for p in self.path.iterdir():
       if (p.is_dir() and p.name not in self._preexisting_method_dirs
           and p.name not in results):
         shutil.rmtree(p, ignore_errors=True)
-    if self._wrote_config and set(results) == set(self.with_results):
+    if not self._wrote_config:
+      return
+    if set(results) == set(self.with_results):
       # Nothing new was recorded: config.json goes back to what it was.
       if self._old_config is None:
         with contextlib.suppress(FileNotFoundError):
           (self.path / CONFIG_FILE).unlink()
       else:
         write_atomic(self.path / CONFIG_FILE, self._old_config)
+    else:  # some methods finished before the failure: list only methods with results
+      record = {**self.merged, "methods": [m for m in self.merged["methods"] if m in results]}
+      write_atomic(self.path / CONFIG_FILE,
+                   (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))

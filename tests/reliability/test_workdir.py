@@ -194,16 +194,25 @@ def test_temp_files_of_killed_writes_are_removed_by_the_next_run(copy_run):
 # ------------------------------------------------------------ 8: cleanup of a failed run
 
 
-def test_failed_run_removes_only_what_it_created(copy_run, tmp_path, monkeypatch):
+def _fail_lora_at(monkeypatch, task):
+  """Makes lora raise at the end of ``task`` (before that task's checkpoint)."""
   from clx.train import loop
   real = loop.run_method
 
-  def failing(method, *args, **kwargs):
+  def run_method(method, *args, **kwargs):
     if method.name == "lora":
-      kwargs["on_task_end"] = lambda t, acc: (_ for _ in ()).throw(RuntimeError("injected"))
+      def boom(t, acc):
+        if t == task:
+          raise RuntimeError("injected")
+      kwargs["on_task_end"] = boom
     return real(method, *args, **kwargs)
 
-  monkeypatch.setattr(loop, "run_method", failing)
+  monkeypatch.setattr(loop, "run_method", run_method)
+  return real
+
+
+def test_failed_run_removes_only_what_it_created(copy_run, tmp_path, monkeypatch):
+  _fail_lora_at(monkeypatch, 0)
   workdir = copy_run("ft")
   before = snapshot(workdir)
   with pytest.raises(RuntimeError, match="injected"):
@@ -213,6 +222,21 @@ def test_failed_run_removes_only_what_it_created(copy_run, tmp_path, monkeypatch
   with pytest.raises(RuntimeError, match="injected"):
     _run("new/fresh", "methods=lora")
   assert not (tmp_path / "new").exists()
+
+
+def test_failed_run_keeps_its_finished_tasks(copy_run, monkeypatch):
+  real = _fail_lora_at(monkeypatch, 1)
+  workdir = copy_run("ft")
+  before = metrics(workdir)
+  with pytest.raises(RuntimeError, match="injected"):
+    _run(workdir, "methods=lora")
+  assert (workdir / "lora" / "checkpoints" / "0" / "meta" / "metadata").is_file()
+  assert json.loads((workdir / "config.json").read_text())["methods"] == ["finetune", "lora"]
+  assert metrics(workdir) == before
+  from clx.train import loop
+  monkeypatch.setattr(loop, "run_method", real)
+  assert _run(workdir, "methods=lora") == 0
+  assert metrics(workdir)["runs"]["lora"]["resumed_from_task"] == 0
 
 
 # ------------------------------------------------------------ 10: one line, not a traceback
