@@ -15,7 +15,9 @@ An experiment config is a nested dict::
 values are parsed to the type of the value they replace (lists from
 ``a,b,c``). The workdir holds ``metrics.json``, ``config.json``, per-method
 checkpoints (``<method>/checkpoints/<task>``) and heatmaps
-(``<method>/acc_matrix.png``); re-running the same command resumes.
+(``<method>/acc_matrix.png``); re-running the same command resumes. A workdir
+records one configuration and is locked while a run uses it (see
+:mod:`clx.workdir` for what it guarantees).
 """
 
 from __future__ import annotations
@@ -253,8 +255,8 @@ def run_experiment(config: dict[str, Any], workdir: str | os.PathLike, *,
     for name, method in to_run.items():
       overrides = merged.get("train_overrides", {}).get(name, {})
       train = TrainConfig(**{**merged["train"], **overrides})
-      run_info = {"experiment": merged["name"], "stream": merged["stream"],
-                  "model": merged["model"], "method_args": merged.get("method_args", {}).get(name, {})}
+      run_info = {"experiment": merged["name"], "stream": merged["stream"], "model": merged["model"],
+                  "method_args": merged.get("method_args", {}).get(name, {})}
       res = run_method(method, stream, train, seed=int(merged.get("seed", 0)), mesh=mesh,
                        checkpoint_dir=str((w.path / name / "checkpoints").resolve()),
                        run_info=run_info, progress=progress, quiet=quiet)

@@ -119,7 +119,8 @@ def render(workdir: str | os.PathLike, *, heatmaps: bool = True) -> str:
   runs = data["runs"]
   if config is None:
     same, other = {}, dict(runs)
-    why = f"{workdir / wd.CONFIG_FILE} is missing or unreadable, so no run can be matched to a configuration"
+    why = (f"{workdir / wd.CONFIG_FILE} is missing or unreadable, so no run can be matched to a "
+           "configuration")
   elif problem is not None:
     same, other = {}, dict(runs)
     why = f"{path} {problem}; `clx run` on this workdir re-verifies it"
@@ -144,7 +145,8 @@ def render(workdir: str | os.PathLike, *, heatmaps: bool = True) -> str:
       acc = matrix_from_json(run["acc_matrix"])
       parts += [format_matrix(acc, title=f"{name} accuracy matrix (%)"), ""]
       if lock is not None:
-        png = save_heatmap(acc, workdir / name / "acc_matrix.png", title=f"{data.get('experiment')}: {name}")
+        png = save_heatmap(acc, workdir / name / "acc_matrix.png",
+                           title=f"{data.get('experiment')}: {name}")
         parts.append(f"heatmap: {png}")
         parts.append("")
   finally:

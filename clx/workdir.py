@@ -203,8 +203,8 @@ def load_metrics(path: str | os.PathLike) -> tuple[dict[str, Any] | None, str | 
 def write_metrics(path: str | os.PathLike, data: dict[str, Any]) -> None:
   """Writes ``data`` (plus its ``sha256``) atomically, from process 0 only."""
   from clx import checkpoint  # JAX: only the run path writes metrics
-  clean = checkpoint._to_json({k: v for k, v in data.items() if k != "sha256"}, "metrics",  # pylint: disable=protected-access
-                              "error")
+  body = {k: v for k, v in data.items() if k != "sha256"}
+  clean = checkpoint._to_json(body, "metrics", "error")  # pylint: disable=protected-access
   clean["sha256"] = metrics_sha256(clean)
   checkpoint.atomic_write_json(path, clean)
 

@@ -36,7 +36,8 @@ def get_config():
 
 
 def write_experiments(folder: Path) -> Path:
-  """``tiny`` (2 tasks, 1 epoch), ``tiny_b`` (same, other name), ``tiny_slow`` (5 tasks, 60 epochs)."""
+  """Writes ``tiny`` (2 tasks, 1 epoch), ``tiny_b`` (same, other name) and ``tiny_slow``
+  (5 tasks, 60 epochs: seconds per task, for kills and races)."""
   folder.mkdir(parents=True, exist_ok=True)
   for name, tasks, epochs in [("tiny", 2, 1), ("tiny_b", 2, 1), ("tiny_slow", 5, 60)]:
     text = TINY.replace("NAME", name).replace("TASKS", str(tasks)).replace("EPOCHS", str(epochs))

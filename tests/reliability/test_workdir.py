@@ -17,8 +17,9 @@ import time
 import pytest
 
 from clx import cli
+from tests.reliability.clx_runs import tiny_runs  # noqa: F401 (session fixture)
 from tests.reliability.clx_runs import (assert_one_error_line, clx_popen, env_for, flip_digit,
-                                        metrics, output, snapshot, tiny_runs)  # noqa: F401 (fixture)
+                                        metrics, output, snapshot)
 
 
 @pytest.fixture
