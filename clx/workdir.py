@@ -270,9 +270,13 @@ class WorkdirLock:
                                "changing")
     info = {"pid": os.getpid(), "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": self._what}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(info).encode(), 0)
     self._fd = fd
+    try:
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, json.dumps(info).encode(), 0)
+    except OSError as e:  # e.g. disk full: do not run without a named holder
+      self.release()
+      raise _os_error(self.path.parent, e, "lock") from None
     return self
 
   @property
