@@ -49,21 +49,23 @@ def _run(workdir, *sets, experiment="tiny"):
 # ------------------------------------------------------------ 4, 5: one configuration
 
 
-@pytest.mark.parametrize("sets, experiment, key", [
-    (["seed=1"], "tiny", "seed: 0 → 1"),
-    (["train.epochs=2"], "tiny", "train.epochs: 1 → 2"),
-    (["stream.num_tasks=3"], "tiny", "stream.num_tasks: 2 → 3"),
-    (["model.hidden=8"], "tiny", "model.hidden"),
-    ([], "tiny_b", 'name: "tiny" → "tiny_b"'),
+@pytest.mark.parametrize("method, sets, experiment, key", [
+    ("lora", ["seed=1"], "tiny", "seed: 0 → 1"),
+    ("lora", ["train.epochs=2"], "tiny", "train.epochs: 1 → 2"),
+    ("lora", ["stream.num_tasks=3"], "tiny", "stream.num_tasks: 2 → 3"),
+    ("lora", ["model.hidden=8"], "tiny", "model.hidden"),
+    ("lora", [], "tiny_b", 'name: "tiny" → "tiny_b"'),
+    ("finetune", ["seed=1"], "tiny", "seed: 0 → 1"),  # a resume under another seed
 ])
-def test_run_under_another_configuration_is_refused_and_changes_nothing(copy_run, capsys, sets,
-                                                                        experiment, key):
+def test_run_under_another_configuration_is_refused_and_changes_nothing(copy_run, capsys, method,
+                                                                        sets, experiment, key):
   """Probes 4+5: another method under another config used to be added (and config.json
-  overwritten), leaving one table over two configurations."""
+  overwritten), leaving one table over two configurations; a resume under another seed
+  overwrote config.json before failing with a traceback."""
   workdir = copy_run("ft")
   before = snapshot(workdir)
   capsys.readouterr()
-  assert _run(workdir, "methods=lora", *sets, experiment=experiment) == 2
+  assert _run(workdir, f"methods={method}", *sets, experiment=experiment) == 2
   assert_one_error_line(capsys.readouterr().err, "records another configuration", key)
   assert snapshot(workdir) == before
 
