@@ -376,3 +376,43 @@ def test_race_of_two_runs_on_a_fresh_workdir(runs, tmp_path):
       if p.poll() is None:
         p.send_signal(signal.SIGKILL)
         p.wait()
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _two_process_run(runs, tmp_path, workdir, name, *sets):
+  """``clx run tiny`` as 2 JAX processes (1 CPU device each); returns their (rc, output)."""
+  env = {**env_for(runs[1]), "CLX_NUM_PROCESSES": "2",
+         "CLX_COORDINATOR": f"127.0.0.1:{_free_port()}"}
+  procs = [clx_popen(["run", "tiny", "--workdir", str(workdir), "--quiet", *sets],
+                     {**env, "CLX_PROCESS_ID": str(i)}, tmp_path / f"{name}_{i}.log")
+           for i in range(2)]
+  try:
+    for p in procs:
+      p.wait(240)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+  return [(p.returncode, output(p)) for p in procs]
+
+
+def test_multi_process_runs_are_refused_together(copy_run, runs, tmp_path):
+  """Process 0 alone locks and checks the workdir; its refusal (here: another seed; a held
+  lock takes the same path) reaches every process, so none waits forever in a collective,
+  and each ends with one error line. A 2-process run that is accepted is exercised by
+  tests/train/test_multiprocess.py (checkpoints) and the README's CLI example."""
+  workdir = copy_run("ft")
+  before = snapshot(workdir)
+  (rc0, out0), (rc1, out1) = _two_process_run(runs, tmp_path, workdir, "seed", "--set",
+                                              "methods=lora", "--set", "seed=1")
+  assert (rc0, rc1) == (2, 2), out0[-2000:] + out1[-2000:]
+  assert_one_error_line(out0, "records another configuration", "seed: 0 → 1")
+  assert_one_error_line(out1, "process 0 refused")
+  assert snapshot(workdir) == before
