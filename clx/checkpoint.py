@@ -35,11 +35,32 @@ save). ``meta/metadata`` holds the caller's metadata merged with::
 
     {"task": t, "removed": ["a/b", ...],
      "sha256": {path: hex}, "shapes": {path: [...]}, "dtypes": {path: name},
-     "empty_dicts": [path, ...], "format": 1}
+     "empty_dicts": [path, ...], "format": 2,
+     "prev_meta_sha256": hex | null, "meta_sha256": {field: hex}}
 
 where ``path`` is the ``/``-joined key path of every array leaf of the delta
 (zero-size ones included; those are rebuilt from ``shapes``/``dtypes``) and
 ``empty_dicts`` lists the delta's empty sub-dicts.
+
+The metadata is verified as strictly as the arrays, because callers build
+reported numbers from it (clx's loop stores the accuracy matrix there and a
+resume rebuilds ``metrics.json`` from it):
+
+* ``meta_sha256`` holds, for every other top-level field of ``meta`` (user
+  fields included), the sha256 of its canonical JSON (:func:`meta_field_sha256`).
+  A field whose value, name or presence differs from these hashes raises
+  :class:`CheckpointCorruptedError` naming the task and the field.
+* ``prev_meta_sha256`` chains the tasks: it is :func:`meta_sha256` of task
+  ``t - 1``'s whole ``meta`` (null for task 0), so a step copied in from
+  another run, or an earlier step redone after a later one was written, does
+  not replay: :meth:`TaskCheckpointer.restore_state` checks every link.
+* :meth:`TaskCheckpointer.restore_state` can also require user fields (e.g. a
+  config fingerprint) to have given values in EVERY replayed task
+  (``expect=``); a mismatch raises :class:`CheckpointMismatchError`.
+
+Format 1 steps (written before these hashes existed) still restore; their
+metadata cannot be verified, which is logged once per checkpointer. A format 2
+step after a format 1 one must chain to it.
 
 Paths: keys are joined with ``/``; a ``/`` or ``%`` inside a key is written
 ``%2F`` / ``%25`` (clx's LoRA adapters use keys such as ``"lin1/kernel"``, whose
@@ -100,18 +121,22 @@ from clx._io import write_atomic
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointCorruptedError",
+    "CheckpointMismatchError",
     "TaskCheckpointer",
     "apply_delta",
     "array_sha256",
     "atomic_write_bytes",
     "atomic_write_json",
+    "meta_field_sha256",
+    "meta_sha256",
     "state_delta",
 ]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-"""Version of the ``meta`` layout written by :meth:`TaskCheckpointer.save`."""
+FORMAT_VERSION = 2
+"""Version of the ``meta`` layout written by :meth:`TaskCheckpointer.save` (1 still restores)."""
+_READABLE_FORMATS = (1, 2)
 
 NonFinite = Literal["error", "null"]
 
@@ -123,7 +148,12 @@ _META_ITEM = "meta"
 _META_FILE = "metadata"  # file name used by Orbax's JsonCheckpointHandler
 _TMP_MARKER = ".orbax-checkpoint-tmp"
 _HASH_DOMAIN = b"clx.array_sha256.v1\0"
-_RESERVED_META_KEYS = ("task", "removed", "sha256", "shapes", "dtypes", "empty_dicts", "format")
+_RESERVED_META_KEYS_V1 = ("task", "removed", "sha256", "shapes", "dtypes", "empty_dicts", "format")
+_PREV_KEY = "prev_meta_sha256"
+_HASHES_KEY = "meta_sha256"
+_RESERVED_META_KEYS = (*_RESERVED_META_KEYS_V1, _PREV_KEY, _HASHES_KEY)
+_META_FIELD_DOMAIN = b"clx.meta_field_sha256.v1\0"
+_META_DOMAIN = b"clx.meta_sha256.v1\0"
 
 
 class CheckpointCorruptedError(RuntimeError):
@@ -134,15 +164,41 @@ class CheckpointCorruptedError(RuntimeError):
     path: the step directory.
     leaf: the ``/``-joined path of the offending leaf, or None when the damage
       is not tied to one leaf (e.g. unreadable ``meta`` JSON).
+    field: the top-level ``meta`` field whose value does not match its
+      recorded hash (or whose chain link is wrong), else None.
     detail: what is wrong, without the task/path prefix.
   """
 
-  def __init__(self, task: int, path: Any, detail: str, *, leaf: str | None = None):
+  def __init__(self, task: int, path: Any, detail: str, *, leaf: str | None = None,
+               field: str | None = None):
     self.task = task
     self.path = str(path)
     self.leaf = leaf
+    self.field = field
     self.detail = detail
     super().__init__(f"task {task} checkpoint at {path} is damaged: {detail}")
+
+
+class CheckpointMismatchError(ValueError):
+  """A task checkpoint is intact but was written by another run or configuration.
+
+  Raised by :meth:`TaskCheckpointer.restore_state` when a replayed task's
+  metadata field differs from the value the caller requires (``expect=``).
+
+  Attributes:
+    task: the task (Orbax step) index.
+    path: the step directory.
+    field: the metadata field that differs.
+    expected: the value the caller required.
+    found: the value stored in the checkpoint.
+  """
+
+  def __init__(self, task: int, path: Any, field: str, expected: Any, found: Any):
+    self.task, self.path, self.field = task, str(path), field
+    self.expected, self.found = expected, found
+    super().__init__(f"task {task} checkpoint at {path} was written by another run or "
+                     f"configuration: its {field!r} is {found!r}, this run's is {expected!r}; "
+                     "use another workdir (or delete this one) to start afresh")
 
 
 class _EmptyDict:
@@ -524,6 +580,40 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, nonfinite: NonFinite
   return atomic_write_bytes(path, text.encode("utf-8"), all_processes=all_processes)
 
 
+# ------------------------------------------------------------------ meta hashes
+
+
+def _canonical_json(obj: Any) -> bytes:
+  # Keys sorted, no whitespace, ASCII only: a JSON value read back from disk
+  # (floats round-trip exactly through repr) re-encodes to the same bytes.
+  return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                    allow_nan=False).encode("ascii")
+
+
+def meta_field_sha256(field: str, value: Any) -> str:
+  """The hash stored in ``meta["meta_sha256"][field]``.
+
+  Args:
+    field: the top-level ``meta`` key.
+    value: its JSON value (as stored, i.e. plain JSON types).
+
+  Returns:
+    hex sha256 of ``b"clx.meta_field_sha256.v1\\0" + field + b"\\0" +
+    canonical_json(value)`` (keys sorted, no whitespace, ASCII).
+  """
+  h = hashlib.sha256(_META_FIELD_DOMAIN)
+  h.update(field.encode("utf-8") + b"\0")
+  h.update(_canonical_json(value))
+  return h.hexdigest()
+
+
+def meta_sha256(meta: Mapping[str, Any]) -> str:
+  """hex sha256 of a whole ``meta`` dict's canonical JSON (the chain link to the next task)."""
+  h = hashlib.sha256(_META_DOMAIN)
+  h.update(_canonical_json(meta))
+  return h.hexdigest()
+
+
 # ----------------------------------------------------------------- checkpointer
 
 
@@ -609,6 +699,8 @@ class TaskCheckpointer:
                        _META_ITEM: ocp.JsonCheckpointHandler()})
     self._leaf_reader: ocp.Checkpointer | None = None
     self._closed = False
+    self._digests: dict[int, str] = {}  # task -> meta_sha256 of its verified/written meta
+    self._warned_v1 = False
 
   # ----------------------------------------------------------------- basics
 
@@ -720,8 +812,10 @@ class TaskCheckpointer:
       metadata: JSON-like user metadata (dict with str keys; numpy/jax scalars
         and arrays are converted). NaN/±inf follow the ``nonfinite`` option.
         It must not use the reserved keys ``task``, ``removed``, ``sha256``,
-        ``shapes``, ``dtypes``, ``empty_dicts``, ``format`` (except ``task``
-        with the same value as the ``task`` argument).
+        ``shapes``, ``dtypes``, ``empty_dicts``, ``format``,
+        ``prev_meta_sha256``, ``meta_sha256`` (except ``task`` with the same
+        value as the ``task`` argument). For ``task > 0`` the previous task's
+        ``meta`` is verified and chained (its hash is stored).
 
     Raises:
       ValueError: out-of-order task, existing complete step, reserved
@@ -762,10 +856,9 @@ class TaskCheckpointer:
     reserved = {"task": task, "removed": sorted(removed), "sha256": sha, "shapes": shapes,
                 "dtypes": dtypes, "empty_dicts": sorted(empties), "format": FORMAT_VERSION}
     for key in _RESERVED_META_KEYS:
-      if key in user and user[key] != reserved[key]:
+      if key in user and (key not in reserved or user[key] != reserved[key]):
         raise ValueError(f"metadata key {key!r} is reserved by TaskCheckpointer (it stores "
-                         f"{key} = {reserved[key]!r} itself); rename it")
-    meta = {**user, **reserved}
+                         f"{key} itself); rename it")
     # ---- order checks.
     steps = self._orbax_steps()
     complete = [s for s in steps if self._has_meta(s)]
@@ -776,6 +869,10 @@ class TaskCheckpointer:
     if task != expected:
       raise ValueError(f"tasks must be saved in order: the next task for {self._directory} is "
                        f"{expected} (complete tasks: {complete}), got {task}")
+    # ---- chain to the previous task's (verified) meta, then hash every field.
+    reserved[_PREV_KEY] = self._meta_digest(task - 1) if task else None
+    meta = {**user, **reserved}
+    meta[_HASHES_KEY] = {k: meta_field_sha256(k, v) for k, v in meta.items()}
     stale = [s for s in steps if s >= task]  # incomplete, since task == max(complete) + 1
     for s in stale:
       log.warning("removing incomplete checkpoint step %s (no %s item)",
@@ -797,6 +894,7 @@ class TaskCheckpointer:
       self._cleanup_failed_save(task)
       raise RuntimeError(f"Orbax did not write task {task} to {self._directory / str(task)} "
                          f"(CheckpointManager.save returned {saved})")
+    self._digests[task] = meta_sha256(meta)
 
   # ---------------------------------------------------------------- restore
 
@@ -840,23 +938,10 @@ class TaskCheckpointer:
       raise FileNotFoundError(f"task {task} has no checkpoint at {step_dir} "
                               f"(complete tasks: {self.complete_tasks()})")
 
-    def damaged(detail: str, leaf: str | None = None, cause: BaseException | None = None):
-      err = CheckpointCorruptedError(task, step_dir, detail, leaf=leaf)
-      if cause is not None:
-        err.__cause__ = cause
-      return err
-
+    damaged = self._damaged_fn(task)
     if task not in self._manager.all_steps():
       self._manager.reload()
-    # ---- meta.
-    if not (step_dir / _META_ITEM / _META_FILE).is_file():
-      raise damaged(f"its {_META_ITEM!r} item is missing (save never completed or the step was "
-                    "damaged); it is not a complete task")
-    try:
-      meta = self._manager.restore(task, args=ocp.args.Composite(
-          **{_META_ITEM: ocp.args.JsonRestore()}))[_META_ITEM]
-    except Exception as e:  # pylint: disable=broad-except
-      raise damaged(f"cannot read {_META_ITEM}/{_META_FILE} ({_short(e)})", cause=e) from e
+    meta = self._load_meta(task, damaged)
     entries, empties = self._validate_meta(meta, task, damaged)
     stored = {p: (shape, dtype) for p, (_, shape, dtype) in entries.items() if math.prod(shape)}
     # ---- delta arrays.
@@ -936,19 +1021,120 @@ class TaskCheckpointer:
       flat[p] = arr
     for p in empties:
       flat[p] = _EMPTY
+    self._verify_meta_hashes(meta, task, damaged)
     return _unflatten(flat), meta
+
+  def _damaged_fn(self, task: int):
+    step_dir = self._directory / str(task)
+
+    def damaged(detail: str, leaf: str | None = None, cause: BaseException | None = None, *,
+                field: str | None = None):
+      err = CheckpointCorruptedError(task, step_dir, detail, leaf=leaf, field=field)
+      if cause is not None:
+        err.__cause__ = cause
+      return err
+
+    return damaged
+
+  def _load_meta(self, task: int, damaged) -> Any:
+    """Reads a step's ``meta`` JSON (a plain file; no Orbax call, so no cross-process sync)."""
+    path = self._directory / str(task) / _META_ITEM / _META_FILE
+    if not path.is_file():
+      raise damaged(f"its {_META_ITEM!r} item is missing (save never completed or the step was "
+                    "damaged); it is not a complete task")
+    try:
+      return json.loads(path.read_text())
+    except Exception as e:  # pylint: disable=broad-except
+      raise damaged(f"cannot read {_META_ITEM}/{_META_FILE} ({_short(e)})", cause=e) from e
+
+  def _verify_meta_hashes(self, meta: dict[str, Any], task: int, damaged) -> None:
+    """Checks every top-level ``meta`` field against ``meta["meta_sha256"]``."""
+    hashes = meta.get(_HASHES_KEY, _MISSING)
+    if hashes is _MISSING and meta["format"] == 1:
+      if not self._warned_v1:
+        self._warned_v1 = True
+        log.warning("%s holds format 1 task checkpoints (written by an older clx): their "
+                    "metadata has no hashes and is not verified", self._directory)
+      return
+    if not (isinstance(hashes, dict) and all(isinstance(h, str) for h in hashes.values())):
+      raise damaged(f"meta field {_HASHES_KEY!r} is missing or malformed", field=_HASHES_KEY)
+    fields = set(meta) - {_HASHES_KEY}
+    for f in sorted(set(hashes) - fields):
+      raise damaged(f"meta field {f!r} is missing (meta_sha256 records it)", field=f)
+    for f in sorted(fields - set(hashes)):
+      raise damaged(f"meta field {f!r} is not covered by meta_sha256 (added or renamed)", field=f)
+    for f in sorted(fields):
+      if meta_field_sha256(f, meta[f]) != hashes[f]:
+        raise damaged(f"meta field {f!r} does not match its recorded sha256 (the metadata was "
+                      "altered)", field=f)
+
+  def read_meta(self, task: int) -> dict[str, Any]:
+    """Reads and verifies task ``task``'s ``meta`` without restoring its arrays.
+
+    Checks the reserved fields' structure and every field's hash (format 2);
+    the chain link to the previous task is checked by :meth:`restore_state`
+    and :meth:`last_good_task`.
+
+    Args:
+      task: a task index.
+
+    Returns:
+      The step's full ``meta`` dict.
+
+    Raises:
+      FileNotFoundError: there is no step directory for ``task``.
+      CheckpointCorruptedError: missing, unreadable or altered ``meta``.
+    """
+    self._check_open()
+    task = _check_task(task)
+    if not (self._directory / str(task)).is_dir():
+      raise FileNotFoundError(f"task {task} has no checkpoint at {self._directory / str(task)} "
+                              f"(complete tasks: {self.complete_tasks()})")
+    damaged = self._damaged_fn(task)
+    meta = self._load_meta(task, damaged)
+    self._validate_meta(meta, task, damaged)
+    self._verify_meta_hashes(meta, task, damaged)
+    return meta
+
+  def _meta_digest(self, task: int) -> str:
+    if task not in self._digests:
+      self._digests[task] = meta_sha256(self.read_meta(task))
+    return self._digests[task]
+
+  def _verify_link(self, task: int, meta: dict[str, Any], prev_meta: dict[str, Any] | None) -> None:
+    """Checks that ``meta`` (task ``task``) chains to ``prev_meta`` (task ``task - 1``)."""
+    damaged = self._damaged_fn(task)
+    if _PREV_KEY not in meta:  # format 1
+      if prev_meta is not None and prev_meta.get("format", 1) != 1:
+        raise damaged(f"meta is format 1 but task {task - 1}'s is format "
+                      f"{prev_meta.get('format')!r}: a step from an older run was copied in",
+                      field="format")
+      return
+    link = meta[_PREV_KEY]
+    if prev_meta is None:
+      if link is not None:
+        raise damaged(f"task 0's meta names a previous task ({_PREV_KEY} = {link!r})",
+                      field=_PREV_KEY)
+      return
+    if link != meta_sha256(prev_meta):
+      raise damaged(f"meta does not chain to task {task - 1}'s ({_PREV_KEY} = {link!r}, task "
+                    f"{task - 1}'s meta hashes to {meta_sha256(prev_meta)!r}): the steps come "
+                    "from different runs, or task "
+                    f"{task - 1} was redone after task {task} was written", field=_PREV_KEY)
 
   @staticmethod
   def _validate_meta(meta: Any, task: int, damaged):
     """Checks the reserved ``meta`` fields; returns ``({path: (sha, shape, dtype)}, empties)``."""
     if not isinstance(meta, dict):
       raise damaged(f"meta is a {type(meta).__name__}, not a JSON object")
-    missing = [k for k in _RESERVED_META_KEYS if k not in meta]
+    fmt = meta.get("format")
+    if "format" in meta and (isinstance(fmt, bool) or fmt not in _READABLE_FORMATS):
+      raise damaged(f"meta format {fmt!r} is not supported (readable formats: "
+                    f"{list(_READABLE_FORMATS)})", field="format")
+    required = _RESERVED_META_KEYS_V1 if fmt == 1 else _RESERVED_META_KEYS
+    missing = [k for k in required if k not in meta]
     if missing:
       raise damaged(f"meta lacks the keys {missing}")
-    if meta["format"] != FORMAT_VERSION:
-      raise damaged(f"meta format {meta['format']!r} is not supported (expected "
-                    f"{FORMAT_VERSION})")
     if meta["task"] != task:
       raise damaged(f"meta says task {meta['task']!r}")
     sha, shapes, dtypes = meta["sha256"], meta["shapes"], meta["dtypes"]
@@ -979,14 +1165,21 @@ class TaskCheckpointer:
       raise damaged(f"meta lists {clash[0]!r} both as a leaf and as an empty dict", leaf=clash[0])
     return entries, empties
 
-  def restore_state(self, upto_task: int,
-                    initial_state: Mapping) -> tuple[dict[str, Any], dict[str, Any]]:
+  def restore_state(self, upto_task: int, initial_state: Mapping, *,
+                    expect: Mapping[str, Any] | None = None
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Rebuilds the state after task ``upto_task`` by replaying deltas.
+
+    Before any array is read, every task's ``meta`` in 0..upto_task is
+    verified (field hashes), its chain link to the previous task is checked,
+    and each ``expect`` field must have the required value in every task.
 
     Args:
       upto_task: the last task to replay (inclusive).
       initial_state: the state before task 0, i.e. the ``prev_state`` that
         task 0's delta was computed against (typically ``method.init(...)``).
+      expect: ``{field: value}`` that every replayed task's ``meta`` must hold
+        (e.g. ``{"fingerprint": ...}`` of the run's configuration).
 
     Returns:
       ``(state, metadata)``: the state after ``upto_task`` (nested dict; the
@@ -995,14 +1188,27 @@ class TaskCheckpointer:
 
     Raises:
       FileNotFoundError: a task in 0..upto_task has no step.
-      CheckpointCorruptedError: a task's step is incomplete or damaged.
+      CheckpointCorruptedError: a task's step is incomplete or damaged, or the
+        chain of ``meta`` hashes is broken.
+      CheckpointMismatchError: an ``expect`` field differs in some task.
       ValueError: a delta does not apply (``initial_state`` is not the one the
         run started from).
     """
     self._check_open()
     upto_task = _check_task(upto_task, "upto_task")
+    expect = dict(expect or {})
     state = _copy_tree(initial_state, "initial_state")
-    meta: dict[str, Any] = {}
+    prev_meta = None
+    for t in range(upto_task + 1):  # metadata first: cheap, and names the first bad task
+      meta = self.read_meta(t)
+      for field, want in expect.items():
+        if meta.get(field, _MISSING) != want:
+          raise CheckpointMismatchError(t, self._directory / str(t), field, want,
+                                        meta.get(field))
+      self._verify_link(t, meta, prev_meta)
+      self._digests[t] = meta_sha256(meta)
+      prev_meta = meta
+    meta = {}
     for t in range(upto_task + 1):
       delta, meta = self.restore_delta(t)
       try:
@@ -1021,15 +1227,16 @@ class TaskCheckpointer:
     """
     self._check_open()
     complete = set(self.complete_tasks())
-    last = None
+    last, prev_meta = None, None
     t = 0
     while t in complete:
       try:
-        self.restore_delta(t)
+        _, meta = self.restore_delta(t)
+        self._verify_link(t, meta, prev_meta)
       except CheckpointCorruptedError as e:
         log.warning("%s", e)
         break
-      last, t = t, t + 1
+      last, t, prev_meta = t, t + 1, meta
     return last
 
   def delete_after(self, task: int) -> list[int]:
@@ -1061,4 +1268,5 @@ class TaskCheckpointer:
       self._manager.delete(s)
     self._remove_tmp_dirs(lambda s: s > task)
     self._manager.reload()
+    self._digests = {t: d for t, d in self._digests.items() if t <= task}
     return doomed

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -23,15 +22,10 @@ def _cmd_run(args) -> int:
   config = experiment.apply_overrides(experiment.load_config(args.experiment), args.set or [])
   experiment.validate(config)
   workdir = Path(args.workdir or os.path.join("runs", config["name"]))
-  created = not workdir.exists()
   maybe_initialize_distributed()
-  try:
-    result = experiment.run_experiment(config, workdir, progress=args.progress, quiet=args.quiet)
-  except BaseException:
-    # A run that failed before finishing its first task leaves nothing behind.
-    if created and workdir.exists() and not any(workdir.glob("*/checkpoints/*/meta")):
-      shutil.rmtree(workdir, ignore_errors=True)
-    raise
+  # The workdir is locked, checked and (on failure) cleaned inside run_experiment: a failed
+  # run removes only what it created, under its own lock (see clx/workdir.py).
+  result = experiment.run_experiment(config, workdir, progress=args.progress, quiet=args.quiet)
   print()
   print(report.format_table(result["runs"]))
   print(f"\nresults: {workdir / 'metrics.json'}")
@@ -67,14 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
-  from clx.checkpoint import CheckpointCorruptedError
+  from clx.checkpoint import CheckpointCorruptedError, CheckpointMismatchError
   from clx.data.assets import AssetChecksumError, AssetUnavailableError
   from clx.experiment import ConfigError
+  from clx.workdir import WorkdirError
   try:
     return args.func(args)
   except (ConfigError, OSError, FloatingPointError, AssetUnavailableError, AssetChecksumError,
-          CheckpointCorruptedError) as e:
-    # Expected failures (bad config, missing data/asset, damaged checkpoint): one clear line.
+          CheckpointCorruptedError, CheckpointMismatchError, WorkdirError) as e:
+    # Expected failures (bad config, missing data/asset, damaged or foreign checkpoint,
+    # workdir locked / of another configuration / unusable, diverged training): one clear line.
     print(f"clx: error: {e}", file=sys.stderr)
     return 2
 

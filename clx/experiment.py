@@ -15,7 +15,9 @@ An experiment config is a nested dict::
 values are parsed to the type of the value they replace (lists from
 ``a,b,c``). The workdir holds ``metrics.json``, ``config.json``, per-method
 checkpoints (``<method>/checkpoints/<task>``) and heatmaps
-(``<method>/acc_matrix.png``); re-running the same command resumes.
+(``<method>/acc_matrix.png``); re-running the same command resumes. A workdir
+records one configuration and is locked while a run uses it (see
+:mod:`clx.workdir` for what it guarantees).
 """
 
 from __future__ import annotations
@@ -336,51 +338,99 @@ def summarize(acc: np.ndarray) -> dict[str, float]:
   return metrics.summarize_to_floats(acc)
 
 
+def _command_line() -> str:
+  import shlex
+  return shlex.join(sys.argv)[:500]
+
+
 def run_experiment(config: dict[str, Any], workdir: str | os.PathLike, *,
                    progress: bool | None = None, quiet: bool = False, mesh=None) -> dict[str, Any]:
   """Run every method of ``config`` into ``workdir`` (resuming what is there).
 
-  Returns the ``metrics.json`` content.
+  The workdir is locked for the whole run and must record the same
+  configuration (see :mod:`clx.workdir`); nothing in it is written before the
+  data and models are built. Methods that have results in the workdir but are
+  not in ``config["methods"]`` keep their ``metrics.json`` entries when these
+  verify, else the entries are rebuilt from the verified checkpoints.
+
+  Returns:
+    The ``metrics.json`` content.
+
+  Raises:
+    ConfigError: bad config values.
+    clx.workdir.WorkdirError: the workdir is locked by another process,
+      records another configuration, or cannot be created/written.
+    clx.checkpoint.CheckpointCorruptedError / CheckpointMismatchError: a
+      checkpoint is damaged or was written by another run.
   """
   import jax
 
-  from clx import checkpoint, report
+  from clx import methods, report
+  from clx import workdir as wd
   from clx.ops import metrics
   from clx.train.loop import TrainConfig, run_method
 
   validate(config, workdir)
-  stream = build_stream(config)
-  _, built = build_model_and_methods(config, stream.input_shape)
+  with wd.Workdir(workdir, config, command=_command_line()) as w:
+    stream = build_stream(config)
+    backbone, built = build_model_and_methods(config, stream.input_shape)
 
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  checkpoint.atomic_write_json(workdir / "config.json", config)
-  metrics_path = workdir / "metrics.json"
-  result = {"experiment": config["name"], "runs": {}}
-  if metrics_path.exists():
-    previous = json.loads(metrics_path.read_text())
-    result["runs"] = dict(previous.get("runs", {}))  # keep methods not re-run this time
-  for name, method in built.items():
-    train = TrainConfig(**{**config["train"], **config.get("train_overrides", {}).get(name, {})})
-    run_info = {"experiment": config["name"], "stream": config["stream"], "model": config["model"],
-                "method_args": config.get("method_args", {}).get(name, {})}
-    res = run_method(method, stream, train, seed=int(config.get("seed", 0)), mesh=mesh,
-                     checkpoint_dir=str((workdir / name / "checkpoints").resolve()),
-                     run_info=run_info, progress=progress, quiet=quiet)
-    entry = {"acc_matrix": report.matrix_to_json(res.acc_matrix), **summarize(res.acc_matrix),
-             "wall_time_s": round(res.wall_time_s, 3)}
-    # acc weights tasks equally; acc_samples weights test examples (official InfLoRA).
-    entry["acc_samples"] = float(metrics.accuracy_over_samples(
-        res.acc_matrix, [len(task.test) for task in stream.tasks]))
-    if res.resumed_from is not None:
-      entry["resumed_from_task"] = res.resumed_from
-    if method.diagnostics is not None:
-      entry["diagnostics"] = method.diagnostics(jax.device_get(res.state))
-    result["runs"][name] = entry
-    checkpoint.atomic_write_json(metrics_path, result)
-    report.save_heatmap(res.acc_matrix, workdir / name / "acc_matrix.png",
-                        title=f"{config['name']}: {name}")
-    if not quiet:
-      print(report.format_matrix(res.acc_matrix, title=f"{name} accuracy matrix (%)"),
-            file=sys.stdout, flush=True)
+    removed = w.accept()  # the run is accepted: first write to the workdir
+    if removed:
+      print(f"clx: note: removed {len(removed)} temp file(s) left by an interrupted run in "
+            f"{w.path}", file=sys.stderr)
+    merged = w.merged
+    metrics_path = w.path / wd.METRICS_FILE
+    # Methods with results that this run does not re-run: keep their entries if metrics.json
+    # verifies and the entry was made under the recorded configuration, else rebuild them.
+    carried, rebuild = {}, []
+    previous = w.metrics["runs"] if (w.metrics is not None and w.metrics_problem is None) else {}
+    for name in w.with_results:
+      if name in built:
+        continue
+      entry = previous.get(name)
+      if entry is not None and entry.get("config_sha256") == wd.method_config_sha256(
+          w.recorded or {}, name):
+        carried[name] = {**entry, "config_sha256": wd.method_config_sha256(merged, name)}
+      elif len(wd.complete_tasks(w.path, name)) >= len(stream.tasks):
+        rebuild.append(name)
+    if rebuild and w.primary:
+      why = (w.metrics_problem if w.metrics_problem is not None
+             else "has no verified entry for them" if w.metrics is not None else "is missing")
+      print(f"clx: note: {metrics_path} {why}; rebuilding the results of {', '.join(rebuild)} "
+            "from their verified checkpoints", file=sys.stderr)
+    elif w.metrics_problem is not None and w.primary:
+      print(f"clx: note: {metrics_path} {w.metrics_problem}; it is rewritten from this run's "
+            "results (resumed from the verified checkpoints)", file=sys.stderr)
+    to_run = {name: methods.build(name, backbone, **merged.get("method_args", {}).get(name, {}))
+              for name in rebuild}
+    to_run.update(built)
+
+    result = {"experiment": config["name"], "runs": dict(carried)}
+    for name, method in to_run.items():
+      overrides = merged.get("train_overrides", {}).get(name, {})
+      train = TrainConfig(**{**merged["train"], **overrides})
+      run_info = {"experiment": merged["name"], "stream": merged["stream"], "model": merged["model"],
+                  "method_args": merged.get("method_args", {}).get(name, {})}
+      res = run_method(method, stream, train, seed=int(merged.get("seed", 0)), mesh=mesh,
+                       checkpoint_dir=str((w.path / name / "checkpoints").resolve()),
+                       run_info=run_info, progress=progress, quiet=quiet)
+      entry = {"acc_matrix": report.matrix_to_json(res.acc_matrix), **summarize(res.acc_matrix),
+               "wall_time_s": round(res.wall_time_s, 3)}
+      # acc weights tasks equally; acc_samples weights test examples (official InfLoRA).
+      entry["acc_samples"] = float(metrics.accuracy_over_samples(
+          res.acc_matrix, [len(task.test) for task in stream.tasks]))
+      if res.resumed_from is not None:
+        entry["resumed_from_task"] = res.resumed_from
+      if method.diagnostics is not None:
+        entry["diagnostics"] = method.diagnostics(jax.device_get(res.state))
+      entry["config_sha256"] = wd.method_config_sha256(merged, name)
+      result["runs"][name] = entry
+      wd.write_metrics(metrics_path, result)
+      if w.primary:
+        report.save_heatmap(res.acc_matrix, w.path / name / "acc_matrix.png",
+                            title=f"{config['name']}: {name}")
+      if not quiet:
+        print(report.format_matrix(res.acc_matrix, title=f"{name} accuracy matrix (%)"),
+              file=sys.stdout, flush=True)
   return result

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from clx._io import write_atomic
 
 METRIC_COLUMNS = ("acc", "acc_samples", "aia", "bwt", "forgetting", "wall_time_s")
 
@@ -69,33 +71,93 @@ def save_heatmap(acc: np.ndarray, path: str | os.PathLike, title: str = "") -> P
   fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="accuracy (%)")
   fig.tight_layout()
   path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-  os.close(fd)
+  buf = io.BytesIO()
   try:
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    fig.savefig(buf, format="png")
   finally:
     plt.close(fig)
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  write_atomic(path, buf.getvalue())  # temp ".<name>.<hex>.tmp": a killed write is cleaned up
   return path
 
 
 def render(workdir: str | os.PathLike, *, heatmaps: bool = True) -> str:
-  """The text report of a workdir's ``metrics.json`` (and refreshed heatmaps)."""
+  """The text report of a workdir's ``metrics.json`` (and refreshed heatmaps).
+
+  ``metrics.json`` must verify against its sha256 (else
+  :class:`clx.workdir.MetricsDamagedError`, one line naming the file). Each run
+  entry's ``config_sha256`` is compared with ``config.json``: runs made under
+  another (or an unrecorded) configuration are never merged into the main
+  table; they are listed in their own table under a warning. Heatmaps are
+  rewritten only while holding the workdir's lock (skipped, with a note, when
+  a run holds it).
+
+  Args:
+    workdir: the workdir.
+    heatmaps: rewrite ``<method>/acc_matrix.png``.
+
+  Returns:
+    The report text.
+  """
+  from clx import workdir as wd
+
   workdir = Path(workdir)
-  path = workdir / "metrics.json"
+  path = workdir / wd.METRICS_FILE
   if not path.is_file():
     raise FileNotFoundError(f"{workdir} has no metrics.json (run `clx run EXPERIMENT --workdir {workdir}` first)")
-  data = json.loads(path.read_text())
-  parts = [f"experiment: {data.get('experiment')}  ({workdir})", ""]
-  for name, run in data["runs"].items():
-    acc = matrix_from_json(run["acc_matrix"])
-    parts += [format_matrix(acc, title=f"{name} accuracy matrix (%)"), ""]
-    if heatmaps:
-      png = save_heatmap(acc, workdir / name / "acc_matrix.png", title=f"{data.get('experiment')}: {name}")
-      parts.append(f"heatmap: {png}")
+  data, problem = wd.load_metrics(path)
+  if data is None:
+    raise wd.MetricsDamagedError(
+        f"{path} {problem}; the results are safe in the verified checkpoints: re-run the same "
+        f"`clx run EXPERIMENT --workdir {workdir}` to rebuild it")
+  config = None
+  try:
+    config = json.loads((workdir / wd.CONFIG_FILE).read_text())
+    if not isinstance(config, dict):
+      config = None
+  except (OSError, ValueError):
+    pass
+  runs = data["runs"]
+  if config is None:
+    same, other = {}, dict(runs)
+    why = (f"{workdir / wd.CONFIG_FILE} is missing or unreadable, so no run can be matched to a "
+           "configuration")
+  elif problem is not None:
+    same, other = {}, dict(runs)
+    why = f"{path} {problem}; `clx run` on this workdir re-verifies it"
+  else:
+    same = {m: r for m, r in runs.items()
+            if r.get("config_sha256") == wd.method_config_sha256(config, m)}
+    other = {m: r for m, r in runs.items() if m not in same}
+    why = f"these runs were not produced under {workdir / wd.CONFIG_FILE}'s configuration"
+  header = f"experiment: {data.get('experiment')}  ({workdir})"
+  if config is not None:
+    header += f"\nconfiguration: {workdir / wd.CONFIG_FILE} (seed {config.get('seed')})"
+  parts = [header, ""]
+  lock = None
+  notes = []
+  if heatmaps:
+    try:
+      lock = wd.WorkdirLock(workdir, "clx report").acquire()
+    except wd.WorkdirError as e:
+      notes.append(f"heatmaps not refreshed: {e}")
+  try:
+    for name, run in runs.items():
+      acc = matrix_from_json(run["acc_matrix"])
+      parts += [format_matrix(acc, title=f"{name} accuracy matrix (%)"), ""]
+      if lock is not None:
+        png = save_heatmap(acc, workdir / name / "acc_matrix.png",
+                           title=f"{data.get('experiment')}: {name}")
+        parts.append(f"heatmap: {png}")
+        parts.append("")
+  finally:
+    if lock is not None:
+      lock.release()
+  if same:
+    parts.append(format_table(same))
+  if other:
+    if same:
       parts.append("")
-  parts.append(format_table(data["runs"]))
+    parts.append(f"WARNING: {why}; they are listed apart and must not be compared with other runs:")
+    parts.append(format_table(other))
+  parts += [f"note: {n}" for n in notes]
   return "\n".join(parts)

@@ -656,11 +656,9 @@ def run_method(method: ContinualMethod, stream: Stream, config: TrainConfig, *, 
   try:
     if checkpointer is not None and checkpointer.latest_task() is not None:
       last = checkpointer.latest_task()
-      state, meta = checkpointer.restore_state(last, state)
-      if meta.get("fingerprint") != fingerprint:
-        raise ValueError(
-            f"{checkpoint_dir} holds a {meta.get('method')!r} run with a different configuration "
-            f"(fingerprint {meta.get('fingerprint')} != {fingerprint}); use another workdir")
+      # Every task's fingerprint and meta-hash chain is checked (CheckpointMismatchError /
+      # CheckpointCorruptedError), not only the last task's.
+      state, meta = checkpointer.restore_state(last, state, expect={"fingerprint": fingerprint})
       rows = meta["acc_matrix"]
       for t, row in enumerate(rows):
         acc[t, :len(row)] = row

@@ -198,7 +198,7 @@ def test_round_trip_several_tasks(tmp_path):
       delta, meta = c.restore_delta(t)
       want_delta, want_removed = ckpt.state_delta(states[t], states[t + 1])
       chex.assert_trees_all_equal(delta, jax.tree.map(np.asarray, want_delta), strict=True)
-      assert meta["removed"] == want_removed and meta["task"] == t and meta["format"] == 1
+      assert meta["removed"] == want_removed and meta["task"] == t and meta["format"] == ckpt.FORMAT_VERSION
       assert meta["task_name"] == f"t{t + 1}" and isinstance(meta["acc"], float)
       assert set(meta["sha256"]) == set(meta["shapes"]) == set(meta["dtypes"])
     for t in range(3):
