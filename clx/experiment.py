@@ -304,7 +304,7 @@ def check_workdir(workdir: str | os.PathLike) -> None:
   path = Path(workdir).expanduser().absolute()
   if path.exists():
     if not path.is_dir():
-      raise ConfigError(f"workdir {str(path)!r} exists and is not a directory")
+      raise ConfigError(f"workdir {str(path)!r} is a file, not a directory")
     if not os.access(path, os.W_OK | os.X_OK):
       raise ConfigError(f"workdir {str(path)!r} is not writable")
     return
