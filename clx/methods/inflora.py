@@ -73,6 +73,11 @@ Official code vs paper (defaults follow the code; the paper form is an option):
   official per-epoch cosine. The heads are PyTorch-default ``nn.Linear``, as in
   the code.
 
+``params_for(state, base, site_groups(backbone, sites))`` is the adapted
+backbone of a state (W + Σ_j a_j b_j at every site), the forward ``loss`` and
+``predict`` use; other code (e.g. :mod:`clx.methods.inflora_ca`) runs it from a
+state alone. InfLoRA+CA (classifier alignment) is :mod:`clx.methods.inflora_ca`.
+
 ``fold=True`` folds each finished task's a_t b_t into one dense per-site delta
 kept in the state (``folded``) and drops the branch. Inference then costs one
 dense add per site whatever T is, and the state no longer grows with T. The
