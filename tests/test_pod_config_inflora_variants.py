@@ -1,4 +1,4 @@
-"""The InfLoRA-b5 pod config: the official settings, blocks 0-4 only, plain GPM, fails fast offline."""
+"""Pod configs of the official InfLoRA variants: InfLoRA-b5 (vit_inflora_b5) and InfLoRA+CA (vit_inflora)."""
 
 import pytest
 
@@ -60,3 +60,19 @@ def test_fails_fast_offline(tmp_path):
   config["stream"]["data_dir"] = str(tmp_path)
   with pytest.raises(DatasetNotPreparedError, match="imagenet_r"):
     build_stream(config)
+
+
+def test_vit_inflora_carries_the_official_imagenet_r_ca_row():
+  # configs/mimg10_infloraca.json: rank 10, lamb 0.95, SGD (momentum 0.9) lr 1e-3, wd 0, 50 ep.
+  config = load_config("vit_inflora")
+  validate(config)
+  args = config["method_args"]["inflora_ca"]
+  assert (args["rank"], args["lamb"], args["lame"], tuple(args["sites"])) == (
+      10, 0.95, 1.0, ("k", "v"))
+  train = {**config["train"], **config["train_overrides"]["inflora_ca"]}
+  assert (train["optimizer"], train["momentum"], train["learning_rate"]) == ("momentum", 0.9, 1e-3)
+  assert (train["epochs"], train["batch_size"], train.get("weight_decay", 0.0)) == (50, 128, 0.0)
+  method = methods.build("inflora_ca", vit((32, 32, 3), variant="test", depth=2, embed_dim=24,
+                                           num_heads=2, mlp_dim=48, patch_size=16, seed=0),
+                         **args)
+  assert method.name == "inflora_ca"
