@@ -1,4 +1,4 @@
-"""ViT-B/16 (pods): InfLoRA-b5 (branches in the first 5 blocks, plain GPM) on ImageNet-R / CIFAR-100.
+"""ViT-B/16 (pods): InfLoRA-b5 (LoRA in blocks 0-4 only, plain GPM) on ImageNet-R / CIFAR-100.
 
 Command:   CLX_VIT_WEIGHTS=/models/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz \
              clx run vit_inflora_b5 --workdir runs/vit_inflora_b5_inr10 --set seed=0

@@ -1,4 +1,4 @@
-"""Pod configs of the official InfLoRA variants: InfLoRA-b5 (vit_inflora_b5) and InfLoRA+CA (vit_inflora)."""
+"""Pod configs of the official InfLoRA variants: InfLoRA-b5 and InfLoRA+CA (vit_inflora)."""
 
 import pytest
 
