@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from clx.methods.base import ContinualMethod, StreamSpec, TaskContext
-from clx.methods import became, gpm, inflora, proteus, sequential, sparc
+from clx.methods import (became, became_nscl, gpm, inflora, inflora_ca, proteus, sequential,
+                         sparc)
 
 REGISTRY = {**sequential.REGISTRY, **gpm.REGISTRY, **became.REGISTRY, **inflora.REGISTRY,
-            **proteus.REGISTRY, **sparc.REGISTRY}
+            **inflora_ca.REGISTRY, **became_nscl.REGISTRY, **proteus.REGISTRY, **sparc.REGISTRY}
 
 
 def build(name: str, backbone, **kwargs) -> ContinualMethod:

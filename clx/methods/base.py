@@ -88,7 +88,7 @@ class TaskContext(Protocol):
   config: Any  # the run's clx.train.TrainConfig for this task's main phase
 
   def fit(self, params: Params, loss: Callable, *, transform_grads: Callable | None = None,
-          state: State | None = None, optimizer: optax.GradientTransformation | None = None,
+          transform_updates: Callable | None = None, state: State | None = None, optimizer: optax.GradientTransformation | None = None,
           epochs: int | None = None, config: Any = None, title: str | None = None,
           phase: int = 1) -> Params:
     """Train ``params`` on the current task with the loop's sharded, jitted step.
@@ -148,6 +148,9 @@ class ContinualMethod(NamedTuple):
       (all tasks so far: the joint upper bound).
     diagnostics: optional ``state -> dict`` of JSON-able numbers worth
       reporting (memory ranks, merge coefficients, …); stored in metrics.json.
+    transform_updates: optional ``(updates, state) -> updates`` applied to the
+      optimiser's updates before they are added to the params (e.g. Adam-NSCL's
+      null-space projection of the Adam step, per-group learning rates).
   """
 
   name: str
@@ -161,6 +164,7 @@ class ContinualMethod(NamedTuple):
   predict: Callable[..., jax.Array]
   data_view: str = "current"
   diagnostics: Callable[[State], dict] | None = None
+  transform_updates: Callable[[Params, State], Params] | None = None
 
 
 def to_host(x) -> np.ndarray:

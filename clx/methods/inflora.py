@@ -73,6 +73,11 @@ Official code vs paper (defaults follow the code; the paper form is an option):
   official per-epoch cosine. The heads are PyTorch-default ``nn.Linear``, as in
   the code.
 
+``params_for(state, base, site_groups(backbone, sites))`` is the adapted
+backbone of a state (W + Σ_j a_j b_j at every site), the forward ``loss`` and
+``predict`` use; other code (e.g. :mod:`clx.methods.inflora_ca`) runs it from a
+state alone. InfLoRA+CA (classifier alignment) is :mod:`clx.methods.inflora_ca`.
+
 ``fold=True`` folds each finished task's a_t b_t into one dense per-site delta
 kept in the state (``folded``) and drops the branch. Inference then costs one
 dense add per site whatever T is, and the state no longer grows with T. The
@@ -169,6 +174,44 @@ def memory_summary(state) -> dict[str, tuple[int, str]]:
           for g, m in state["memory"].items()}
 
 
+def site_groups(backbone: Backbone, sites: str | Sequence[str]) -> dict[str, str]:
+  """``{site path: group key}`` of the kernels ``sites`` resolves to (see :func:`input_groups`)."""
+  groups = input_groups(backbone, resolve_sites(backbone, sites))
+  return {s: g for g, members in groups.items() for s in members}
+
+
+def params_for(state, base, site_group: dict[str, str], *, current_b=None, task_index=None):
+  """The effective backbone params of an InfLoRA state: W + (folded) + Σ_j a_j b_j per site.
+
+  Pure and jit-able; the same forward :func:`inflora`'s ``loss`` and ``predict``
+  use, exposed so that other code (e.g. :mod:`clx.methods.inflora_ca`, feature
+  extraction) can run the adapted backbone from a state alone.
+
+  Args:
+    state: an InfLoRA state (``branches``, optionally ``folded``).
+    base: the frozen backbone params.
+    site_group: ``{site path: group key}`` (:func:`site_groups`).
+    current_b: if given, replaces branch ``task_index``'s ``b`` (training).
+    task_index: the branch ``current_b`` belongs to.
+
+  Returns:
+    A params pytree like ``base``: at every site W + Σ_j a_j[group] b_j[site].
+  """
+  adapters: dict[str, list] = {}
+  for tk in sorted(state["branches"], key=int):
+    branch = state["branches"][tk]
+    ups = current_b if (current_b is not None and int(tk) == task_index) else branch["b"]
+    for s, g in site_group.items():
+      adapters.setdefault(s, []).append({"a": branch["a"][g], "b": ups[site_key(s)]})
+  params = base
+  if "folded" in state:
+    for s in site_group:
+      params = _add_at(params, s, state["folded"][site_key(s)])
+  if adapters:
+    params = lora_ops.apply_adapters(params, adapters, 1.0)
+  return params
+
+
 def inflora(backbone: Backbone, *, rank: int = 10, sites: str | Sequence[str] = ("k", "v"),
             lamb: float = 0.95, lame: float = 1.0, scale: float = dualgpm.DEFAULT_SCALE,
             energy: str = "official", design: str = "official", variant: str = "dual",
@@ -228,20 +271,7 @@ def inflora(backbone: Backbone, *, rank: int = 10, sites: str | Sequence[str] = 
   # -- forward --------------------------------------------------------------
   def effective_params(state, base, current_b=None, task_index=None):
     """base (+ folded) + Σ_j a_j b_j at every site; ``current_b`` replaces b_t."""
-    adapters: dict[str, list] = {}
-    for tk in sorted(state["branches"], key=int):
-      branch = state["branches"][tk]
-      ups = current_b if (current_b is not None and int(tk) == task_index) else branch["b"]
-      for s in site_paths:
-        adapters.setdefault(s, []).append({"a": branch["a"][site_group[s]],
-                                           "b": ups[site_key(s)]})
-    params = base
-    if fold:
-      for s in site_paths:
-        params = _add_at(params, s, state["folded"][site_key(s)])
-    if adapters:
-      params = lora_ops.apply_adapters(params, adapters, 1.0)
-    return params
+    return params_for(state, base, site_group, current_b=current_b, task_index=task_index)
 
   effective_jit = jax.jit(effective_params)
 

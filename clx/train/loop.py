@@ -261,6 +261,7 @@ class Fitter:
 
   def fit(self, params, loss: Callable, split: ArraySplit, cfg: TrainConfig, *, state, base,
           rng: jax.Array, transform_grads: Callable | None = None,
+          transform_updates: Callable | None = None,
           optimizer: optax.GradientTransformation | None = None, title: str = "train",
           seed_words: tuple[int, ...] = (0,), val_split: ArraySplit | None = None):
     """Train ``params`` for ``cfg.epochs`` epochs over ``split``; returns params.
@@ -314,6 +315,8 @@ class Fitter:
           params, state, base, batch, step_rng)
       grads = transform_grads(grads, state)
       updates, new_opt_state = optimizer.update(grads, opt_state, params)
+      if transform_updates is not None:
+        updates = transform_updates(updates, state)
       new_params = optax.apply_updates(params, updates)
       if not may_pad:
         return (new_params, new_opt_state, step + 1), loss_value
@@ -552,15 +555,17 @@ class _Context:
     data = self._split(split)
     return {"x": data.x, "y": data.y.astype(np.int32)}
 
-  def fit(self, params, loss, *, transform_grads=None, state=None, optimizer=None,
-          epochs=None, config: TrainConfig | None = None, title: str | None = None, phase: int = 1):
+  def fit(self, params, loss, *, transform_grads=None, transform_updates=None, state=None,
+          optimizer=None, epochs=None, config: TrainConfig | None = None,
+          title: str | None = None, phase: int = 1):
     cfg = config or self.config
     if epochs is not None:
       cfg = dataclasses.replace(cfg, epochs=epochs)
     return self.fitter.fit(
         params, loss, self.train_split, cfg, state=state, base=self.base,
         rng=jax.random.fold_in(self.rng, phase), transform_grads=transform_grads,
-        optimizer=optimizer, title=title or f"task {self.task_index} phase {phase}",
+        transform_updates=transform_updates, optimizer=optimizer,
+        title=title or f"task {self.task_index} phase {phase}",
         seed_words=(*self.seed_words, phase),
         val_split=self.splits.get("val") if cfg.uses_validation else None)
 
@@ -676,7 +681,8 @@ def run_method(method: ContinualMethod, stream: Stream, config: TrainConfig, *, 
       state = jax.device_put(state, rep)
       params = method.trainable(state, t)
       loss = functools.partial(method.loss, task_index=t, spec=spec)
-      params = ctx.fit(params, loss, transform_grads=method.transform_grads, state=state,
+      params = ctx.fit(params, loss, transform_grads=method.transform_grads,
+                       transform_updates=method.transform_updates, state=state,
                        title=f"{method.name} task {t + 1}/{T}", phase=0)
       state = method.end_task(state, params, ctx)
 

@@ -136,6 +136,9 @@ def run_seeds(method: ContinualMethod, streams: Sequence[Stream], config: TrainC
   ``streams[s]`` is seed ``seeds[s]``'s stream (same task sizes and classes).
   Returns one :class:`RunResult` per seed; ``wall_time_s`` is the shared wall time.
   """
+  if method.transform_updates is not None:
+    raise ValueError(f"run_seeds does not batch methods with transform_updates ({method.name}); "
+                     "use run_method per seed")
   if len(streams) != len(seeds) or not seeds:
     raise ValueError(f"need one stream per seed, got {len(streams)} streams for seeds {list(seeds)}")
   mesh = mesh or sharding.make_mesh()
