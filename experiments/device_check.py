@@ -4,7 +4,7 @@ Command:   python experiments/device_check.py [--out device_check.json] [--steps
            [--batch 128] [--image-size 224] [--torch-python /path/to/python-with-torch]
            [--pmnist-tasks 10] [--skip-torch] [--skip-pmnist] [--quick]
            ``--quick``: tiny shapes (ViT "test" variant at 32², batch 8, 3 steps, 2 PMNIST tasks
-           on 1,000 training images each) so the whole script runs on a CPU in well under a
+           on 300 training / 500 test images each) so the whole script runs on a CPU in well under a
            minute; that is how CI checks it (tests/test_device_check.py). Its numbers are a
            smoke figure, not a measurement.
 Hardware:  one accelerator (written for one NVIDIA H200 / H100); runs anywhere JAX runs.
@@ -423,13 +423,15 @@ def torch_inflora_step(torch_python: str, variant: str, image_size: int, batch: 
 # ----------------------------------------------------------------------------
 
 
-def pmnist_gpm_run(tasks: int, train_per_task: int | None, seed: int = 2) -> dict:
+def pmnist_gpm_run(tasks: int, train_per_task: int | None, test_per_task: int | None = None,
+                   seed: int = 2) -> dict:
   """Wall time of clx's GPM run on PMNIST with experiments/pmnist_gpm.py's config (item 4).
 
   Args:
     tasks: the first ``tasks`` tasks of the 10.
     train_per_task: keep only the first this many training images per task (``None``:
       all 54,000, the official run).
+    test_per_task: keep only the first this many test images per task (``None``: all 10,000).
     seed: run seed (the official anchor uses 2).
 
   Returns:
@@ -445,10 +447,10 @@ def pmnist_gpm_run(tasks: int, train_per_task: int | None, seed: int = 2) -> dic
 
   stream = get_stream("pmnist", seed=seed)
   picked = stream.tasks[:tasks]
-  if train_per_task is not None:
-    picked = tuple(dataclasses.replace(
-        t, train=ArraySplit({k: v[:train_per_task] for k, v in t.train.arrays.items()}))
-        for t in picked)
+  head = lambda split, n: split if n is None else ArraySplit(
+      {k: v[:n] for k, v in split.arrays.items()})
+  picked = tuple(dataclasses.replace(t, train=head(t.train, train_per_task),
+                                     test=head(t.test, test_per_task)) for t in picked)
   stream = dataclasses.replace(stream, tasks=picked)
   backbone = mlp(stream.input_shape, (100, 100), use_bias=False, seed=seed)
   method = gpm(backbone, threshold=(0.95, 0.99, 0.99), num_samples=300)
@@ -459,10 +461,12 @@ def pmnist_gpm_run(tasks: int, train_per_task: int | None, seed: int = 2) -> dic
   wall = time.perf_counter() - start
   steps = sum(5 * math.ceil(len(t.train) / 10) for t in stream.tasks)
   summary = metrics.summarize_to_floats(result.acc_matrix)
-  return {"tasks": tasks, "train_per_task": len(stream.tasks[0].train), "seed": seed,
+  return {"tasks": tasks, "train_per_task": len(stream.tasks[0].train),
+          "test_per_task": len(stream.tasks[0].test), "seed": seed,
           "wall_s": wall, "train_steps": steps, "ms_per_step_incl_eval": 1e3 * wall / steps,
           "acc": summary["acc"], "bwt": summary["bwt"],
-          "official_anchor_s": 617.2 if tasks == 10 and train_per_task is None else None}
+          "official_anchor_s": 617.2 if tasks == 10 and train_per_task is None
+          and test_per_task is None else None}
 
 
 # ----------------------------------------------------------------------------
@@ -508,6 +512,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--pmnist-tasks", type=int, default=None, help="PMNIST tasks (10)")
   parser.add_argument("--pmnist-train", type=int, default=None,
                       help="training images per PMNIST task (all 54,000)")
+  parser.add_argument("--pmnist-test", type=int, default=None,
+                      help="test images per PMNIST task (all 10,000)")
   parser.add_argument("--skip-pmnist", action="store_true")
   parser.add_argument("--quick", action="store_true",
                       help="tiny shapes for a CPU smoke run (< 1 minute); not a measurement")
@@ -515,7 +521,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   quick = args.quick
   defaults = dict(steps=3 if quick else 20, batch=8 if quick else 128,
                   image_size=32 if quick else 224, variant="test" if quick else "B/16",
-                  pmnist_tasks=2 if quick else 10, pmnist_train=1000 if quick else None)
+                  pmnist_tasks=2 if quick else 10, pmnist_train=300 if quick else None,
+                  pmnist_test=500 if quick else None)
   for k, v in defaults.items():
     if getattr(args, k) is None:
       setattr(args, k, v)
@@ -523,8 +530,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   bad = [s for s in args.dtypes if s not in DTYPES]
   if bad or not args.dtypes:
     parser.error(f"--dtypes must be a comma list of {DTYPES}, got {bad or args.dtypes}")
-  for name in ("steps", "batch", "image_size", "gram_batches", "pmnist_tasks"):
-    if getattr(args, name) < 1:
+  for name in ("steps", "batch", "image_size", "gram_batches", "pmnist_tasks", "pmnist_train",
+               "pmnist_test", "matmul_n"):
+    if getattr(args, name) is not None and getattr(args, name) < 1:
       parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
   if args.image_size % 16:
     parser.error(f"--image-size must be a multiple of the patch size 16, got {args.image_size}")
@@ -573,7 +581,8 @@ def print_table(report: dict) -> None:
   if "error" in pm or "skipped" in pm:
     print(f"PMNIST GPM: {pm.get('error') or pm.get('skipped')}")
   else:
-    print(f"PMNIST GPM ({pm['tasks']} tasks x {pm['train_per_task']} train images): wall "
+    print(f"PMNIST GPM ({pm['tasks']} tasks x {pm['train_per_task']} train / "
+          f"{pm['test_per_task']} test images): wall "
           f"{pm['wall_s']:.1f} s, {pm['ms_per_step_incl_eval']:.3f} ms/step incl. evaluation; "
           f"ACC {pm['acc']:.2f} BWT {pm['bwt']:.2f}"
           + (f"; official PyTorch anchor 617.2 s on 2 CPU cores" if pm["official_anchor_s"] else ""))
@@ -624,7 +633,7 @@ def main(argv=None) -> dict:
     report["pmnist_gpm"] = {"skipped": "--skip-pmnist"}
   else:
     try:
-      report["pmnist_gpm"] = pmnist_gpm_run(args.pmnist_tasks, args.pmnist_train)
+      report["pmnist_gpm"] = pmnist_gpm_run(args.pmnist_tasks, args.pmnist_train, args.pmnist_test)
     except Exception as e:  # e.g. the MNIST asset is not in the cache on this machine
       report["pmnist_gpm"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
 
