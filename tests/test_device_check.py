@@ -29,7 +29,8 @@ def _check_step_rows(report: dict, dtypes) -> None:
     assert 0 < row["mfu"] <= 1, row["mfu"]
     assert row["mfu"] == pytest.approx(row["flops_per_step"] / row["s_per_step"]
                                        / peak["flops_per_s"])
-    assert row["flops_source"] in ("xla_cost_analysis", "analytic")
+    assert row["flops_source"] in ("xla_cost_analysis", "analytic",
+                                   "analytic (xla_cost_analysis implausible)")
     # XLA's count and the analytic one describe the same step: they must roughly agree.
     if row["xla_flops_per_step"] is not None:
       assert 0.7 < row["xla_flops_per_step"] / row["analytic_flops_per_step"] < 1.5
