@@ -136,20 +136,23 @@ def test_loss_gradients_match_finite_differences():
       np.testing.assert_allclose(full_g[i], fd, rtol=2e-2, atol=2e-4)
 
 
-def test_penalty_gradients():
+@pytest.mark.parametrize("factors", ["b", "a", "ab"])
+def test_penalty_gradients(factors):
   with jax.enable_x64(True):
     bb = mlp((7,), (5, 4))
-    parts = small_parts(bb)
+    parts = small_parts(bb, ortho_factors=factors)
     state = state_after_two_tasks(parts, spec3(), seed=5)
     unit = state["tasks"]["2"]["unit"]
     g = jax.grad(lambda u: parts.ortho_penalty(state, 2, u))(unit)
     for s in SITES:
       k = proteus_lib.site_key(s)
-      a_new = np.asarray(unit[k]["a"])
-      ref = sum(2 * np.asarray(state["tasks"][str(j)]["unit"][k]["a"])
-                @ np.asarray(state["tasks"][str(j)]["unit"][k]["a"]).T @ a_new for j in range(2))
-      np.testing.assert_allclose(g[k]["a"], ref, rtol=1e-10)
-      np.testing.assert_array_equal(g[k]["b"], 0.0)   # ortho_factors="a": b is free
+      a_new, b_new = np.asarray(unit[k]["a"]), np.asarray(unit[k]["b"])
+      old = [{f: np.asarray(state["tasks"][str(j)]["unit"][k][f]) for f in "ab"} for j in range(2)]
+      # d/da_k Σ_j ‖a_jᵀa_k‖² = 2 Σ_j a_j a_jᵀ a_k;  d/db_k Σ_j ‖b_j b_kᵀ‖² = 2 Σ_j b_k b_jᵀ b_j
+      ref_a = sum(2 * o["a"] @ o["a"].T @ a_new for o in old)
+      ref_b = sum(2 * b_new @ o["b"].T @ o["b"] for o in old)
+      np.testing.assert_allclose(g[k]["a"], ref_a if "a" in factors else 0.0, rtol=1e-10)
+      np.testing.assert_allclose(g[k]["b"], ref_b if "b" in factors else 0.0, rtol=1e-10)
     w = state["tasks"]["2"]["weights"]
     gw = jax.grad(parts.l1_penalty)(w)
     for k in w:
@@ -157,6 +160,20 @@ def test_penalty_gradients():
     # orthogonality gradient is zero for the first task (nothing to be orthogonal to)
     g0 = jax.grad(lambda u: parts.ortho_penalty(state, 0, u))(state["tasks"]["0"]["unit"])
     assert all(float(jnp.abs(v).max()) == 0 for v in jax.tree.leaves(g0))
+
+
+def test_new_unit_sides_and_defaults_follow_the_code():
+  """The code: input-side ``*_lora_pool_B`` = 0, output-side ``*_lora_pool_A`` ~ N(0, 0.01²);
+  main ImageNet-R config: no orthogonality weight, α 0.3, ℓ1 0.006."""
+  bb = mlp((300,), (200, 4))
+  parts = proteus_lib.ProteusParts(bb, sites=("lin1/kernel",), rp_dim=8)
+  unit = parts.new_unit(jax.random.PRNGKey(3), 0)["lin1.kernel"]
+  assert unit["a"].shape == (300, 4) and unit["b"].shape == (4, 200)
+  assert float(jnp.abs(unit["a"]).max()) == 0.0                    # input side: zeros
+  b = np.asarray(unit["b"])
+  assert abs(b.std() - 0.01) < 0.0005 and abs(b.mean()) < 0.0005   # output side: N(0, 0.01²)
+  assert parts.ortho_weight == 0.0 and parts.ortho_factors == "b"
+  assert parts.alpha == 0.3 and parts.reg_weight == 0.006 and parts.scale == 0.1
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +253,5 @@ def test_bad_configuration():
     proteus_lib.proteus(bb, sites=("lin1/kernel",), signature="gmm")
   with pytest.raises(ValueError, match="not a 2-D kernel"):
     proteus_lib.proteus(bb, sites=("lin1/bias",))
+  with pytest.raises(ValueError, match="ortho_factors"):
+    proteus_lib.proteus(bb, sites=("lin1/kernel",), ortho_factors="c")
