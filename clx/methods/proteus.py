@@ -158,7 +158,7 @@ class ProteusParts:
                ridge_fit_fraction: float = 0.8, ridge_with_history: bool = False,
                screen_top_m: int = 0, screen_covariance_type: str = "diag",
                screen_components: int | None = None, screen_signatures: bool = False,
-               restrict_head: bool = False,
+               restrict_head: bool = False, delta_form: str = "cluster_mean",
                feature_batch: int = 256, task_batch: int | None = None,
                example_batch: int = 32, score_batch: int = 8, verbose: bool = False):
     if signature not in SIGNATURES:
@@ -170,6 +170,9 @@ class ProteusParts:
                        f"rp_dim={rp_dim}, screen_top_m={screen_top_m}")
     mixture._check_cov_type(covariance_type)
     mixture._check_cov_type(screen_covariance_type)
+    if delta_form not in retrieval.DELTA_FORMS:
+      raise ValueError(f"delta_form must be one of {retrieval.DELTA_FORMS}, got {delta_form!r}")
+    self.delta_form = delta_form
     self.backbone = backbone
     self.sites = tuple(sites) if sites is not None else backbone.site_paths(tuple(roles))
     if not self.sites:
@@ -584,8 +587,11 @@ class ProteusParts:
       ``ablations`` {name: {retrieval_acc, acc}} (all in %), and for DP-GMM signatures with
       T > 1 ``bound_train``/``bound_test``: ``delta_min``, ``kappa_min``, ``threshold_max``,
       ``clusters``, ``clusters_pass`` and ``delta_self`` (the same separation of the task's
-      points from their *own* nearest component: ≈ 0 when the clusters describe the points,
-      ≫ 0 when they do not, e.g. held-out points of an overfitted covariance).
+      points from their *own* nearest component: ≈ 0 (per point) / ≈ −1 (cluster mean) when
+      the clusters describe the points, ≫ 0 when they do not, e.g. held-out points of an
+      overfitted covariance), all under ``delta_form``; and both forms explicitly:
+      ``delta_min_<form>``, ``clusters_pass_<form>``, ``delta_self_<form>`` for
+      form in (``cluster_mean``, ``per_point``).
     """
     spec = StreamSpec.from_stream(stream)
     T = len(stream.tasks) if upto is None else upto + 1
@@ -596,7 +602,7 @@ class ProteusParts:
         lambda st, f, tasks: jnp.argmax(self.head_logits(st, f, spec, T - 1, tasks), -1)))
     screen_fns = {m: self._cached(("screen_route", m, T), lambda m=m: jax.jit(
         lambda st, b, x: self.route(st, b, x, T, screen_top_m=m)[0])) for m in screen_m}
-    bounds_fn = jax.jit(retrieval.cluster_bounds,
+    bounds_fn = jax.jit(functools.partial(retrieval.cluster_bounds, delta_form=self.delta_form),
                         static_argnames=("num_tasks", "total_components", "epsilon"))
 
     def feats_of(x_all, fn):
@@ -621,14 +627,33 @@ class ProteusParts:
           mixture.stack_signatures([sigs[i] for i in others]), num_tasks=T,
           total_components=total_components, epsilon=float(epsilon)))
       cov_type = mixture.signature_covariance_type(sigs[t])
-      maha = mixture.mahalanobis_sq(jnp.asarray(own), sigs[t]["means"], sigs[t]["prec_chol"],
-                                    cov_type)
+      d = own.shape[-1]
+      maha = np.asarray(mixture.mahalanobis_sq(jnp.asarray(own), sigs[t]["means"],
+                                               sigs[t]["prec_chol"], cov_type))
       ok = res["count"] >= 2
       pick = (lambda v, f: float(f(v[ok])) if ok.any() else math.nan)
-      return {"delta_min": pick(res["delta"], np.min), "kappa_min": pick(res["kappa"], np.min),
-              "threshold_max": pick(res["threshold"], np.max), "clusters": int(ok.sum()),
-              "clusters_pass": int(np.sum(res["pass"])),
-              "delta_self": float(jnp.mean(jnp.min(maha, 1))) / own.shape[-1] - 1.0}
+      # own-component separation, both forms: per point (mean of each point's distance to its
+      # nearest own component) and cluster mean (each cluster's mean point to its component)
+      labels_np = np.asarray(labels)
+      own_cm = []
+      for c in np.flatnonzero(ok):
+        mean_c = own[labels_np == c].mean(0, keepdims=True)
+        own_cm.append(float(np.asarray(mixture.mahalanobis_sq(
+            jnp.asarray(mean_c), sigs[t]["means"][c:c + 1], sigs[t]["prec_chol"][c:c + 1],
+            cov_type))[0, 0]) / d - 1.0)
+      ths = res["threshold"]
+      out = {"delta_min": pick(res["delta"], np.min), "kappa_min": pick(res["kappa"], np.min),
+             "threshold_max": pick(ths, np.max), "clusters": int(ok.sum()),
+             "clusters_pass": int(np.sum(res["pass"])), "delta_form": self.delta_form,
+             "delta_self": (float(np.mean(own_cm)) if own_cm else math.nan)
+             if self.delta_form == "cluster_mean" else float(np.mean(maha.min(1))) / d - 1.0}
+      for form in retrieval.DELTA_FORMS:
+        dv = np.asarray(res[f"delta_{form}"])
+        out[f"delta_min_{form}"] = pick(dv, np.min)
+        out[f"clusters_pass_{form}"] = int(np.sum(ok & (dv > np.asarray(ths))))
+      out["delta_self_per_point"] = float(np.mean(maha.min(1))) / d - 1.0
+      out["delta_self_cluster_mean"] = float(np.mean(own_cm)) if own_cm else math.nan
+      return out
 
     # Train side: ablation signatures (all training data, own backbone) and the bound.
     abl_sigs = {name: [] for name in ablations}
@@ -721,6 +746,7 @@ def proteus(backbone: Backbone, *, name: str = "proteus", **kwargs) -> Continual
       ``max_signature_samples``, ``kmeans_clusters`` (5), ``kmeans_metric`` ("l1"),
       ``rp_dim`` (10,000), ``ridge_grid`` (10⁻⁸…10⁸), ``ridge_fit_fraction`` (0.8),
       ``ridge_with_history`` (False: λ from the current task only, as the code),
+      ``delta_form`` ("cluster_mean": the bound's δ as ``theories.py``; "per_point"),
       ``screen_top_m`` (0 = exhaustive), ``screen_covariance_type`` ("diag"),
       ``screen_components``, ``screen_signatures`` (fit the base-feature signatures even
       with ``screen_top_m = 0``, for measuring screening later), ``restrict_head`` (False),
