@@ -99,9 +99,10 @@ def get_config():
       "stream": {"name": "wordnet_supersense", "num_tasks": 5, "classes_per_task": 4,
                  "per_class_train": 64, "per_class_test": 32, "max_length": 32, "seed": None},
       "model": {"name": "minilm"},
-      "methods": ["proteus", "inflora", "lora"],
+      "methods": ["proteus", "proteus_independent", "inflora", "lora"],
       "method_args": {
           "proteus": proteus_args,
+          "proteus_independent": {**proteus_args, "alpha": 0.0, "screen_signatures": False},
           "proteus_kmeans": {"rp_dim": 2000, "kmeans_clusters": 5},
           "inflora": {"rank": 10, "sites": ["k", "v"], "lamb": 0.95, "lame": 1.0},
           "lora": {"rank": 8, "targets": ["*attention/query/kernel", "*attention/value/kernel"]},
@@ -119,6 +120,7 @@ def _ensure_registered(config) -> list[str]:
   from clx.methods import proteus
   for name, fn in proteus.REGISTRY.items():
     methods.REGISTRY.setdefault(name, fn)
+  methods.REGISTRY.setdefault("proteus_independent", proteus.proteus_independent)
   if "inflora" not in methods.REGISTRY:
     try:
       from clx.methods import inflora
@@ -133,7 +135,8 @@ def _ensure_registered(config) -> list[str]:
 ABLATIONS = {"kmeans": {"signature": "kmeans"}, "diag": {"covariance_type": "diag"}}
 
 
-def proteus_report(config, workdir: Path, name: str = "proteus", screen_m=SCREEN_M) -> dict:
+def proteus_report(config, workdir: Path, name: str = "proteus", screen_m=SCREEN_M,
+                   ablations: bool = True) -> dict:
   """Restore the final PROTEUS state from its checkpoints; measure retrieval (exhaustive,
   screened, with k-means and diagonal-covariance signatures refitted on the same adapted
   features) and the bound's quantities on train and test data."""
@@ -158,7 +161,144 @@ def proteus_report(config, workdir: Path, name: str = "proteus", screen_m=SCREEN
   have_screen = "screen" in state["tasks"]["0"]
   return parts.retrieval_report(state, backbone.params, stream,
                                 screen_m=screen_m if have_screen else (),
-                                ablations=ABLATIONS if parts.signature == "dpgmm" else None)
+                                ablations=ABLATIONS if ablations and parts.signature == "dpgmm"
+                                else None)
+
+
+def _setup(config):
+  """Stream, backbone and StreamSpec of ``config`` (as run_experiment builds them)."""
+  from clx import experiment, models
+  from clx.methods.base import StreamSpec
+  stream = experiment.build_stream(config)
+  model_args = {k: v for k, v in config["model"].items() if k != "name"}
+  if models.accepts_seed(config["model"]["name"]):
+    model_args.setdefault("seed", config.get("seed", 0))
+  backbone = models.build(config["model"]["name"], stream.input_shape, **model_args)
+  return stream, backbone, StreamSpec.from_stream(stream)
+
+
+def _features(fn, x_all, batch_size: int = 128):
+  """``fn(x)`` over ``x_all`` in zero-padded batches of one shape, host ``(n, d)``."""
+  import numpy as np
+  from clx.methods.proteus import _padded
+  parts = []
+  for s in range(0, len(x_all), batch_size):
+    x, n = _padded(x_all[s:s + batch_size], batch_size)
+    parts.append(np.asarray(fn(x))[:n])
+  return np.concatenate(parts)
+
+
+def inflora_effective_params(backbone, state, base, sites):
+  """InfLoRA's network after the tasks in ``state``: base + Σ_j a_j b_j at every site.
+
+  Recomputed here from the state (``branches/<j>/a/<input group>`` (d_in, r), scale included,
+  and ``branches/<j>/b/<site>`` (r, d_out); all branches active, as InfLoRA's forward) so that
+  clx/methods/inflora.py is not touched; ``tests/methods/test_proteus.py::
+  test_inflora_effective_params_match_its_forward`` checks it against InfLoRA's ``predict``.
+
+  Args:
+    backbone: the frozen backbone InfLoRA was built on.
+    state: InfLoRA's state (``branches``).
+    base: the frozen params.
+    sites: InfLoRA's ``sites`` argument (roles or kernel paths).
+
+  Returns:
+    The params pytree with every adapted kernel W replaced by W + Σ_j a_j b_j.
+  """
+  from clx.methods import inflora
+  from clx.methods.base import site_key
+  from clx.ops import lora as lora_ops
+  paths = inflora.resolve_sites(backbone, sites)
+  group_of = {s: g for g, members in inflora.input_groups(backbone, paths).items() for s in members}
+  order = sorted(state["branches"], key=int)
+  if not order:
+    return base
+  adapters = {s: [{"a": state["branches"][j]["a"][group_of[s]],
+                   "b": state["branches"][j]["b"][site_key(s)]} for j in order] for s in paths}
+  return lora_ops.apply_adapters(base, adapters, 1.0)
+
+
+def controlled_rows(config, workdir: Path) -> dict:
+  """Head-matched and component-off rows: accuracy matrices (%) on the run's stream.
+
+  - ``ridge_frozen``: PROTEUS's RanPAC head (same W_rand size and seed, λ rule, statistics)
+    on the frozen backbone, no adapters (RanPAC without its first-session adaptation).
+  - ``inflora_ridge``: the same head on InfLoRA's adapted backbone: after task k, task k's
+    training features through InfLoRA's network after task k (all branches ≤ k active, as
+    InfLoRA's own forward) update G and Q; the tests of tasks ≤ k go through that same
+    network (one network, no retrieval needed).
+  - ``<proteus run>_oracle``: a PROTEUS run's own states after each task k; each test input
+    goes through its *true* task's composed backbone (no retrieval), the run's own head.
+
+  Also returns the mean relative feature drift ‖h_i(x) − h_base(x)‖ / ‖h_base(x)‖ of each
+  PROTEUS run's final backbones on their own tasks' test inputs.
+  """
+  import jax
+  import numpy as np
+
+  from clx import checkpoint, methods, report
+  from clx.experiment import summarize
+  from clx.methods import proteus
+
+  stream, backbone, spec = _setup(config)
+  base = backbone.params
+  seed = int(config.get("seed", 0))
+  T = len(stream.tasks)
+  parts = proteus.ProteusParts(backbone, **dict(config["method_args"]["proteus"]))
+  init_key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
+  apply = jax.jit(backbone.apply)
+
+  def ridge_matrix(params_after):
+    """The RanPAC continual head over a per-task network ``params_after(k)``."""
+    ridge = parts.init(init_key, spec)["ridge"]
+    acc = np.full((T, T), np.nan)
+    for k in range(T):
+      params = params_after(k)
+      tr = stream.tasks[k].train
+      feats = _features(lambda x: apply(params, x), np.asarray(tr.x))
+      ridge, _ = parts.ridge_head_update(ridge, feats, np.asarray(tr.y), spec.num_classes, k)
+      for i in range(k + 1):
+        te = stream.tasks[i].test
+        f = _features(lambda x: apply(params, x), np.asarray(te.x))
+        pred = np.asarray(parts.head_logits({"ridge": ridge}, f, spec, k)).argmax(-1)
+        acc[k, i] = 100.0 * float(np.mean(pred == np.asarray(te.y)))
+    return acc
+
+  out = {"ridge_frozen": ridge_matrix(lambda k: base)}
+  if "inflora" in config["methods"]:
+    iargs = dict(config["method_args"].get("inflora", {}))
+    iinit = methods.build("inflora", backbone, **iargs).init(init_key, spec)
+    with checkpoint.TaskCheckpointer(workdir / "inflora" / "checkpoints") as ck:
+      states = [ck.restore_state(k, iinit)[0] for k in range(T)]
+    out["inflora_ridge"] = ridge_matrix(lambda k: inflora_effective_params(
+        backbone, states[k], base, iargs.get("sites", ("k", "v"))))
+  drift = {}
+  for name in ("proteus", "proteus_independent"):
+    if name not in config["methods"]:
+      continue
+    p = proteus.ProteusParts(backbone, **dict(config["method_args"][name]))
+    pinit = p.init(init_key, spec)
+    with checkpoint.TaskCheckpointer(workdir / name / "checkpoints") as ck:
+      states = [ck.restore_state(k, pinit)[0] for k in range(T)]
+    # one compiled forward: task i's composed delta after task k is an argument
+    feat_fn = jax.jit(lambda d_i, x: backbone.apply(p._params_with(base, d_i), x))
+    acc = np.full((T, T), np.nan)
+    rel = []
+    for k in range(T):
+      deltas = p.deltas(states[k], k + 1)
+      for i in range(k + 1):
+        te = stream.tasks[i].test
+        d_i = {s: d[i] for s, d in deltas.items()}
+        f = _features(lambda x: feat_fn(d_i, x), np.asarray(te.x))
+        pred = np.asarray(p.head_logits(states[k], f, spec, k)).argmax(-1)
+        acc[k, i] = 100.0 * float(np.mean(pred == np.asarray(te.y)))
+        if k == T - 1:
+          f0 = _features(lambda x: apply(base, x), np.asarray(te.x))
+          rel.append(float(np.mean(np.linalg.norm(f - f0, axis=1) / np.linalg.norm(f0, axis=1))))
+    out[f"{name}_oracle"] = acc
+    drift[name] = rel
+  runs = {k: {"acc_matrix": report.matrix_to_json(v), **summarize(v)} for k, v in out.items()}
+  return {"runs": runs, "feature_drift": drift}
 
 
 def format_report(report: dict) -> str:
@@ -179,15 +319,20 @@ def format_report(report: dict) -> str:
                + "".join(f"{m[a + '_retrieval_acc']:7.1f}{m[a + '_acc']:6.1f}" for a in abls))
   if "bound_train" in first:
     lines += ["", "bound (per task; train = the code's check on training clusters, test = the "
-              "same on held-out points)",
-              f"{'task':>4} {'side':>5} {'delta':>8} {'self':>8} {'kappa':>8} {'thresh':>7} "
-              f"{'pass':>7} {'retr err':>8}"]
+              "same on held-out points; cm = the code's cluster-mean delta, pp = per-point)",
+              f"{'task':>4} {'side':>5} {'delta cm':>9} {'self cm':>8} {'pass cm':>8} "
+              f"{'delta pp':>9} {'self pp':>8} {'pass pp':>8} {'kappa':>8} {'thresh':>7} "
+              f"{'retr err':>8}"]
     for r in report["tasks"]:
       for side in ("train", "test"):
         b = r[f"bound_{side}"]
-        lines.append(f"{r['task']:>4} {side:>5} {b['delta_min']:8.2f} {b['delta_self']:8.2f} "
-                     f"{b['kappa_min']:8.1f} {b['threshold_max']:7.3f} "
-                     f"{b['clusters_pass']:>3}/{b['clusters']:<3} {100 - r['retrieval_acc']:8.1f}")
+        cells = ""
+        for form in ("cluster_mean", "per_point"):
+          passed = f"{b[f'clusters_pass_{form}']}/{b['clusters']}"
+          cells += (f" {b[f'delta_min_{form}']:9.2f} {b[f'delta_self_{form}']:8.2f} "
+                    f"{passed:>8}")
+        lines.append(f"{r['task']:>4} {side:>5}{cells} {b['kappa_min']:8.1f} "
+                     f"{b['threshold_max']:7.3f} {100 - r['retrieval_acc']:8.1f}")
   return "\n".join(lines)
 
 
@@ -197,8 +342,13 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default=os.path.join("runs", "text_proteus"))
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  parser.add_argument("--light", action="store_true",
+                      help="skip the screening signatures and the refitted-signature ablations "
+                           "(k-means, diagonal) of the retrieval report")
   args = parser.parse_args(argv)
   config = experiment.apply_overrides(get_config(), args.set)
+  if args.light:
+    config["method_args"]["proteus"]["screen_signatures"] = False
   dropped = _ensure_registered(config)
   if dropped:
     print(f"not registered, skipped: {dropped}", flush=True)
@@ -206,14 +356,21 @@ def main(argv=None) -> int:
   result = experiment.run_experiment(config, workdir, quiet=True)
   print(report.format_table(result["runs"]))
   retrieval = {}
-  for name in ("proteus", "proteus_kmeans"):
+  for name in ("proteus", "proteus_independent", "proteus_kmeans"):
     if name in config["methods"]:
       retrieval[name] = proteus_report(config, workdir, name,
-                                       screen_m=SCREEN_M if name == "proteus" else ())
+                                       screen_m=SCREEN_M if name == "proteus" else (),
+                                       ablations=name == "proteus" and not args.light)
       print(f"\n{name}:")
       print(format_report(retrieval[name]), flush=True)
   checkpoint.atomic_write_json(workdir / "retrieval.json", retrieval)
-  print(f"\nresults: {workdir / 'metrics.json'}, {workdir / 'retrieval.json'}")
+  controlled = controlled_rows(config, workdir)
+  checkpoint.atomic_write_json(workdir / "controlled.json", controlled)
+  print("\nhead-matched and component-off rows:")
+  print(report.format_table(controlled["runs"]))
+  print("feature drift of the final PROTEUS backbones (per task):", controlled["feature_drift"])
+  print(f"\nresults: {workdir / 'metrics.json'}, {workdir / 'retrieval.json'}, "
+        f"{workdir / 'controlled.json'}")
   return 0
 
 

@@ -764,4 +764,13 @@ def proteus_kmeans(backbone: Backbone, *, name: str = "proteus_kmeans", **kwargs
   return ProteusParts(backbone, **kwargs).method(name)
 
 
-REGISTRY = {"proteus": proteus, "proteus_kmeans": proteus_kmeans}
+def proteus_independent(backbone: Backbone, *, name: str = "proteus_independent",
+                        **kwargs) -> ContinualMethod:
+  """PROTEUS without composition: α = 0, so ΔW_k = scale·a_k b_k (independent units), with the
+  same signatures, retrieval and RanPAC head (the ablation that isolates composition)."""
+  kwargs.setdefault("alpha", 0.0)
+  return ProteusParts(backbone, **kwargs).method(name)
+
+
+REGISTRY = {"proteus": proteus, "proteus_kmeans": proteus_kmeans,
+            "proteus_independent": proteus_independent}

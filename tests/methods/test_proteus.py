@@ -255,3 +255,110 @@ def test_bad_configuration():
     proteus_lib.proteus(bb, sites=("lin1/bias",))
   with pytest.raises(ValueError, match="ortho_factors"):
     proteus_lib.proteus(bb, sites=("lin1/kernel",), ortho_factors="c")
+
+
+# ----------------------------------------------------------------------------
+# Component switched off: composition and retrieval must change an outcome.
+# ----------------------------------------------------------------------------
+
+
+def _direction_stream(directions, offsets, n_train=96, n_test=64, dim=6, seed=0):
+  """Class-IL stream: task t has classes (2t, 2t+1) split by the side of x along the unit
+  vector directions[t] (pushed ±1 along it: a margin), inputs otherwise N(offsets[t], I)."""
+  from clx.data.types import ArraySplit, Stream, Task
+  rng = np.random.default_rng(seed)
+  tasks = []
+  for t, (u, off) in enumerate(zip(directions, offsets)):
+    def split(n):
+      x = rng.normal(size=(n, dim))
+      side = (x @ u > 0).astype(np.int32)
+      x = x + off + np.where(side, 1.0, -1.0)[:, None] * u   # a margin of 2 along u
+      y = 2 * t + side
+      return ArraySplit({"x": x.astype(np.float32), "y": y.astype(np.int32)})
+    tasks.append(Task(f"t{t}", split(n_train), split(n_test), (2 * t, 2 * t + 1)))
+  return Stream("directions", tuple(tasks), "class", 2 * len(directions))
+
+
+def _blank_mlp(dim=6):
+  """An MLP whose *base* features carry no information about x: the adapted first kernel is
+  zero and its bias 1, so h = relu(relu(1 + x ΔW) W2 + b2) is constant until a unit moves ΔW."""
+  import dataclasses
+  bb = mlp((dim,), (12, 8), use_bias=True)
+  params = jax.tree.map(lambda a: a, bb.params)
+  params["lin1"]["kernel"] = jnp.zeros_like(params["lin1"]["kernel"])
+  params["lin1"]["bias"] = jnp.ones_like(params["lin1"]["bias"])
+  return dataclasses.replace(bb, params=params)
+
+
+def _train(parts, stream, epochs=3):
+  return run_method(parts.method(), stream, TrainConfig(epochs=epochs, batch_size=16,
+                                                        learning_rate=5e-2, eval_batch_size=64),
+                    quiet=True)
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.0])
+def test_composition_carries_an_earlier_unit_into_a_new_task(alpha):
+  """Task 1 asks the same direction as task 0 (new labels, shifted inputs). Right after
+  ``begin_task`` (the new unit is still zero on its input side), task 1's backbone is
+  base + α·w·unit_0: with composition it already separates task 1's classes (the ridge head
+  fitted on it reaches ≥ 90 %); with α = 0 it is the blank base (constant features, chance)."""
+  u = np.eye(6)[0]
+  stream = _direction_stream([u, u], [np.zeros(6), 0.5 * np.eye(6)[3]])
+  bb = _blank_mlp()
+  parts = small_parts(bb, sites=("lin1/kernel",), alpha=alpha, rp_dim=64, n_components=2,
+                      unit_init_std=0.5)
+  first = type(stream)(stream.name, stream.tasks[:1], "class", stream.num_classes)
+  res = _train(parts, first)
+  assert res.acc_matrix[0, 0] >= 90, res.acc_matrix      # unit 0 learned the direction
+  spec = StreamSpec.from_stream(stream)
+  state = parts.begin_task(jax.device_get(res.state), ctx_for(1, spec))
+  task = stream.tasks[1]
+  feats = jax.jit(parts.task_features, static_argnums=(3, 4))
+  f_train = np.asarray(feats(state, bb.params, jnp.asarray(task.train.x), 1, 2))
+  f_test = np.asarray(feats(state, bb.params, jnp.asarray(task.test.x), 1, 2))
+  ridge, _ = parts.ridge_head_update(state["ridge"], f_train, np.asarray(task.train.y),
+                                     spec.num_classes, 1)
+  pred = np.asarray(parts.head_logits({"ridge": ridge}, f_test, spec, 1)).argmax(-1)
+  acc = 100 * np.mean(pred == np.asarray(task.test.y))
+  if alpha:
+    assert acc >= 90, acc
+  else:
+    assert np.ptp(f_test, axis=0).max() < 1e-6           # nothing but the blank base
+    assert acc <= 70, acc
+
+
+def test_retrieval_routes_each_input_to_the_backbone_that_knows_its_task():
+  """Independent units (α = 0) on orthogonal directions with separated inputs: each task's
+  classes are readable only through its own backbone and the head is restricted to the
+  routed task's classes. Signature retrieval finds the task (≥ 90 %) and the class-IL
+  accuracy follows; always routing to the last task, or to a random task, does not."""
+  dirs = [np.eye(6)[0], np.eye(6)[1]]
+  offs = [3.0 * np.eye(6)[4], -3.0 * np.eye(6)[4]]
+  stream = _direction_stream(dirs, offs)
+  bb = _blank_mlp()
+  parts = small_parts(bb, sites=("lin1/kernel",), alpha=0.0, rp_dim=64, n_components=2,
+                      unit_init_std=0.5, restrict_head=True)
+  res = _train(parts, stream)
+  state = jax.device_get(res.state)
+  spec = StreamSpec.from_stream(stream)
+  x = jnp.asarray(np.concatenate([t.test.x for t in stream.tasks]))
+  y = np.concatenate([t.test.y for t in stream.tasks])
+  true_task = np.concatenate([np.full(len(t.test.y), i) for i, t in enumerate(stream.tasks)])
+  every = jax.jit(parts.all_task_features, static_argnums=3)(state, bb.params, x, 2)
+  chosen, feats, _ = jax.jit(parts.route, static_argnums=3)(state, bb.params, x, 2)
+
+  def acc_with(tasks):
+    tasks = jnp.asarray(tasks, jnp.int32)
+    f = every[tasks, jnp.arange(len(y))]
+    pred = np.asarray(parts.head_logits(state, f, spec, 1, tasks)).argmax(-1)
+    return 100 * np.mean(pred == y)
+
+  retrieval_acc = 100 * np.mean(np.asarray(chosen) == true_task)
+  acc_retrieved = acc_with(chosen)
+  acc_last = acc_with(np.ones_like(true_task))
+  acc_random = acc_with(np.random.default_rng(0).integers(0, 2, len(y)))
+  assert retrieval_acc >= 90, retrieval_acc
+  assert acc_retrieved >= 85, acc_retrieved
+  np.testing.assert_allclose(res.acc_matrix[-1].mean(), acc_retrieved, atol=1e-3)  # = the loop's
+  assert acc_last <= 60 and acc_random <= 70, (acc_last, acc_random)
+  assert acc_retrieved - max(acc_last, acc_random) >= 20
