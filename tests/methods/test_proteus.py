@@ -316,9 +316,11 @@ def test_composition_carries_an_earlier_unit_into_a_new_task(alpha):
   feats = jax.jit(parts.task_features, static_argnums=(3, 4))
   f_train = np.asarray(feats(state, bb.params, jnp.asarray(task.train.x), 1, 2))
   f_test = np.asarray(feats(state, bb.params, jnp.asarray(task.test.x), 1, 2))
-  ridge, _ = parts.ridge_head_update(state["ridge"], f_train, np.asarray(task.train.y),
-                                     spec.num_classes, 1)
-  pred = np.asarray(parts.head_logits({"ridge": ridge}, f_test, spec, 1)).argmax(-1)
+  # a ridge head of task 1 alone, read over task 1's two classes (the features are the point)
+  fresh = parts.init(jax.random.PRNGKey(0), spec)["ridge"]
+  ridge, _ = parts.ridge_head_update(fresh, f_train, np.asarray(task.train.y), spec.num_classes, 1)
+  logits = np.asarray(parts.head_logits({"ridge": ridge}, f_test, spec, 1))
+  pred = 2 + logits[:, 2:4].argmax(-1)
   acc = 100 * np.mean(pred == np.asarray(task.test.y))
   if alpha:
     assert acc >= 90, acc
@@ -362,3 +364,33 @@ def test_retrieval_routes_each_input_to_the_backbone_that_knows_its_task():
   np.testing.assert_allclose(res.acc_matrix[-1].mean(), acc_retrieved, atol=1e-3)  # = the loop's
   assert acc_last <= 60 and acc_random <= 70, (acc_last, acc_random)
   assert acc_retrieved - max(acc_last, acc_random) >= 20
+
+
+def test_inflora_effective_params_match_its_forward():
+  """experiments/text_proteus.py rebuilds InfLoRA's network for the head-matched row (InfLoRA +
+  the RanPAC head) from InfLoRA's state; its features must be InfLoRA's own."""
+  import importlib.util
+  from pathlib import Path
+
+  from clx.methods import heads as heads_lib
+  from clx.methods import inflora
+  path = Path(__file__).resolve().parents[2] / "experiments" / "text_proteus.py"
+  spec_ = importlib.util.spec_from_file_location("text_proteus_under_test", path)
+  module = importlib.util.module_from_spec(spec_)
+  spec_.loader.exec_module(module)
+  stream = make_gaussian_stream(num_tasks=2, classes_per_task=2, dim=8, n_train=48, n_test=16)
+  bb = mlp(stream.input_shape, (12, 10))
+  sites = ("lin1/kernel", "lin2/kernel")
+  method = inflora.inflora(bb, rank=2, sites=sites)
+  res = run_method(method, stream, TrainConfig(epochs=1, batch_size=16, learning_rate=1e-2,
+                                               eval_batch_size=32), quiet=True)
+  state = jax.device_get(res.state)
+  assert any(float(np.abs(b).max()) > 0 for b in jax.tree.leaves(state["branches"]["1"]["b"]))
+  params = module.inflora_effective_params(bb, state, bb.params, sites)
+  x = jnp.asarray(stream.tasks[0].test.x)
+  spec = StreamSpec.from_stream(stream)
+  feats = bb.apply(params, x)
+  assert float(jnp.abs(feats - bb.apply(bb.params, x)).max()) > 1e-6   # the branches act
+  mine = heads_lib.global_logits(state["heads"], feats, spec, "per_task", 1)
+  theirs = method.predict(state, bb.params, x, current_task=1, task_id=None, spec=spec)
+  np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), rtol=1e-5, atol=1e-5)
