@@ -394,3 +394,24 @@ def test_inflora_effective_params_match_its_forward():
   mine = heads_lib.global_logits(state["heads"], feats, spec, "per_task", 1)
   theirs = method.predict(state, bb.params, x, current_task=1, task_id=None, spec=spec)
   np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), rtol=1e-5, atol=1e-5)
+
+
+def test_vit_proteus_config_is_the_authors_main_config():
+  """experiments/vit_proteus.py: the main ImageNet-R config (lr 1e-3, no orthogonality), pixels
+  in [0, 1], the authors' crop/flip transforms named, the original in21k weights; a stream
+  asked for transforms it cannot apply refuses to run instead of silently dropping them."""
+  import importlib.util
+  from pathlib import Path
+  path = Path(__file__).resolve().parents[2] / "experiments" / "vit_proteus.py"
+  spec_ = importlib.util.spec_from_file_location("vit_proteus_under_test", path)
+  module = importlib.util.module_from_spec(spec_)
+  spec_.loader.exec_module(module)
+  config = module.get_config()
+  assert config["train"]["learning_rate"] == 1e-3
+  assert config["method_args"]["proteus"]["ortho_weight"] == 0.0
+  assert config["stream"]["pixel_range"] == "0,1"
+  assert config["stream"]["train_transform"] == "rrc224_s005_flip"
+  assert config["stream"]["test_transform"] == "resize256bicubic_center224"
+  assert config["model"]["weights"].endswith("ViT-B_16.npz")
+  with pytest.raises(NotImplementedError, match="rrc224_s005_flip"):
+    module.vit_split_stream(**{k: v for k, v in config["stream"].items() if k != "name"})
