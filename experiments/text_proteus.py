@@ -301,6 +301,100 @@ def controlled_rows(config, workdir: Path) -> dict:
   return {"runs": runs, "feature_drift": drift}
 
 
+ROWS = (  # (run key, source, adapters, head, task at test)
+    ("ridge_frozen", "controlled", "none (frozen)", "RanPAC ridge", "-"),
+    ("inflora_ridge", "controlled", "InfLoRA", "RanPAC ridge", "-"),
+    ("proteus_independent_oracle", "controlled", "independent units (α = 0)", "RanPAC ridge",
+     "true"),
+    ("proteus_independent", "metrics", "independent units (α = 0)", "RanPAC ridge", "retrieved"),
+    ("proteus_oracle", "controlled", "composed units (α = 0.3)", "RanPAC ridge", "true"),
+    ("proteus", "metrics", "composed units (α = 0.3)", "RanPAC ridge", "retrieved"),
+    ("inflora", "metrics", "InfLoRA", "per-task linear", "-"),
+    ("lora", "metrics", "sequential LoRA", "per-task linear", "-"),
+)
+# (name, a, b): paired per-seed difference a − b of ACC
+EFFECTS = (
+    ("composition, retrieved task (proteus − proteus_independent)", "proteus",
+     "proteus_independent"),
+    ("composition, true task (proteus_oracle − proteus_independent_oracle)", "proteus_oracle",
+     "proteus_independent_oracle"),
+    ("retrieval vs true task (proteus − proteus_oracle)", "proteus", "proteus_oracle"),
+    ("adapters + retrieval vs frozen (proteus − ridge_frozen)", "proteus", "ridge_frozen"),
+    ("head, InfLoRA backbone (inflora_ridge − inflora)", "inflora_ridge", "inflora"),
+    ("PROTEUS vs InfLoRA, same head (proteus − inflora_ridge)", "proteus", "inflora_ridge"),
+)
+
+
+def summarize_seeds(workdirs) -> str:
+  """The RESULTS.md tables of several seeds' workdirs (metrics.json, controlled.json,
+  retrieval.json): accuracy rows, paired effects, retrieval, feature drift and the bound."""
+  import json
+
+  import numpy as np
+
+  def ms(values, fmt="{:.2f}"):
+    v = np.asarray(values, float)
+    sd = v.std(ddof=1) if len(v) > 1 else float("nan")
+    return (fmt + " ± " + fmt).format(v.mean(), sd).replace("-", "−")
+
+  seeds = []
+  for wd in workdirs:
+    wd = Path(wd)
+    seeds.append({"metrics": json.loads((wd / "metrics.json").read_text())["runs"],
+                  "controlled": json.loads((wd / "controlled.json").read_text()),
+                  "retrieval": json.loads((wd / "retrieval.json").read_text())})
+
+  def run(s, key, source):
+    return s["metrics"][key] if source == "metrics" else s["controlled"]["runs"][key]
+
+  rows = [r for r in ROWS if all(r[0] in (s["metrics"] if r[1] == "metrics"
+                                          else s["controlled"]["runs"]) for s in seeds)]
+  out = [f"| row | adapters | head | task at test | ACC | AIA | BWT |", "|---|---|---|---|---|---|---|"]
+  for key, src, adapters, head, task in rows:
+    vals = [run(s, key, src) for s in seeds]
+    out.append(f"| {key} | {adapters} | {head} | {task} | {ms([v['acc'] for v in vals])} | "
+               f"{ms([v['aia'] for v in vals])} | {ms([v['bwt'] for v in vals])} |")
+  src_of = {r[0]: r[1] for r in rows}
+  out += ["", "Paired differences of ACC (points, mean ± std over seeds; per seed in brackets):", "",
+          "| effect | ΔACC | per seed |", "|---|---|---|"]
+  for name, a, b in EFFECTS:
+    if a in src_of and b in src_of:
+      d = [run(s, a, src_of[a])["acc"] - run(s, b, src_of[b])["acc"] for s in seeds]
+      out.append(f"| {name} | {ms(d)} | {' / '.join(f'{x:+.1f}' for x in d)} |")
+  out += ["", "Retrieval accuracy after the last task (% of test glosses routed to their task; "
+          "chance 20 %) and mean relative feature drift ‖h_t(x) − h_base(x)‖/‖h_base(x)‖ of "
+          "the final backbones on their own tasks' test glosses:", "",
+          "| run | retrieval | drift |", "|---|---|---|"]
+  for name in ("proteus", "proteus_independent"):
+    if all(name in s["retrieval"] for s in seeds):
+      r = [s["retrieval"][name]["mean"]["retrieval_acc"] for s in seeds]
+      dr = [100 * np.mean(s["controlled"]["feature_drift"][name]) for s in seeds]
+      out.append(f"| {name} | {ms(r, '{:.1f}')} | {ms(dr, '{:.2f}')} % |")
+  # the bound, both δ forms, main run
+  out += ["", "The bound's check (PROTEUS run; per task, clusters = the task's DP-GMM components "
+          "with ≥ 2 sample points; cm = the authors' theories.py δ (cluster-mean Mahalanobis), "
+          "pp = clx's earlier per-point δ; train = training points, as theories.py; test = "
+          "held-out glosses). Over all seeds and tasks:", "",
+          "| side | δ cm (min over clusters, mean over tasks) | clusters passing, cm | "
+          "δ pp | clusters passing, pp | threshold (max) | own-component δ cm / pp |",
+          "|---|---|---|---|---|---|---|"]
+  for side in ("train", "test"):
+    b = [t[f"bound_{side}"] for s in seeds for t in s["retrieval"]["proteus"]["tasks"]
+         if f"bound_{side}" in t]
+    if not b:
+      continue
+    tot = sum(x["clusters"] for x in b)
+    pc = sum(x["clusters_pass_cluster_mean"] for x in b)
+    pp = sum(x["clusters_pass_per_point"] for x in b)
+    out.append(
+        f"| {side} | {ms([x['delta_min_cluster_mean'] for x in b])} | {pc}/{tot} | "
+        f"{ms([x['delta_min_per_point'] for x in b])} | {pp}/{tot} | "
+        f"{ms([x['threshold_max'] for x in b], '{:.3f}')} | "
+        f"{ms([x['delta_self_cluster_mean'] for x in b])} / "
+        f"{ms([x['delta_self_per_point'] for x in b])} |")
+  return "\n".join(out)
+
+
 def format_report(report: dict) -> str:
   first = report["tasks"][0]
   screens = list(first["screen"])
@@ -342,10 +436,15 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default=os.path.join("runs", "text_proteus"))
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  parser.add_argument("--summarize", nargs="+", metavar="WORKDIR",
+                      help="print the RESULTS.md tables of finished seed workdirs and exit")
   parser.add_argument("--light", action="store_true",
                       help="skip the screening signatures and the refitted-signature ablations "
                            "(k-means, diagonal) of the retrieval report")
   args = parser.parse_args(argv)
+  if args.summarize:
+    print(summarize_seeds(args.summarize))
+    return 0
   config = experiment.apply_overrides(get_config(), args.set)
   if args.light:
     config["method_args"]["proteus"]["screen_signatures"] = False
