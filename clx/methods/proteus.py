@@ -43,9 +43,10 @@ From the paper, or reconstructed [R]:
 - ΔW_k = Σ_{j<k} w_{k,j} B_j A_j + B_k⊥ A_k⊥ (paper), with one w per earlier unit *and per
   site* [R: the shape of ``W_Q``/``W_V`` is not in the snapshot], initialised to
   ``transfer_init`` = 1 [R].
-- α multiplies the transfer term: ΔW_k = scale·(α Σ_j w_{k,j} a_j b_j + a_k b_k) [R: the
-  ``lamdba0`` ablation config pairs reg 0 with α = 1, consistent with α weighting the
-  transfer].
+- α multiplies the transfer term: ΔW_k = scale·(α Σ_j w_{k,j} a_j b_j + a_k b_k) [R, on weak
+  evidence: the configs only show α passed to the forward (0.3 main, 1.0 in ``-alpha1``,
+  ``-lamdba0`` and ``-S1``); a convex blend or a global LoRA scale fits them as well].
+  ``alpha=0`` (:func:`proteus_independent`) switches composition off.
 - Orthogonality (off by default, as in the main configs): between the new unit's *random,
   output-side* factor and every earlier unit's, Σ_{j<k} ‖b_j b_kᵀ‖²_F (``ortho_factors="b"``,
   default) [R: which tensors the code passes to ``ortho_loss`` is not in the snapshot; its
