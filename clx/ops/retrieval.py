@@ -34,7 +34,8 @@ to the nearest centroid (:func:`clx.ops.mixture.nearest_centroid_score`).
 
 The guarantee reads: if δ > threshold for every cluster, the retrieval error is at most ε.
 Where clx differs from ``theories.py``: Σ⁻¹ is that of the signature (Σ + jitter·I; the code
-inverts the stored covariance); τ_i counts the *effective*
+inverts the stored covariance); d is the true feature dimension (the code hard-codes 768);
+τ_i counts the *effective*
 components of each signature (the code passes the configured ``n_components`` for every
 task); a negative radicand M² − 24dσ²κ is clamped at 0 (the code's ``torch.sqrt`` would
 return NaN). The code checks the bound on the *training* points of each cluster; evaluating
