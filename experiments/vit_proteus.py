@@ -1,6 +1,6 @@
 """ViT-B/16 (pods): PROTEUS vs InfLoRA vs sequential LoRA on Split CIFAR-100, ImageNet-R, ImageNet-A.
 
-Command:   CLX_VIT_WEIGHTS=/models/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz \
+Command:   CLX_VIT_WEIGHTS=/models/ViT-B_16.npz \
              python experiments/vit_proteus.py --set stream.dataset=imagenet_r
            (cifar100 | imagenet_r | imagenet_a; the script also writes the retrieval report,
            retrieval.json, as experiments/text_proteus.py does; ``clx run vit_proteus`` gives
@@ -8,9 +8,14 @@ Command:   CLX_VIT_WEIGHTS=/models/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-d
 Needs:     TFDS ``cifar100``, ``imagenet_r``, ``imagenet_a`` prepared as array_record under
            $TFDS_DATA_DIR (clx never downloads; on a machine with internet:
            ``tfds build imagenet_r --data_dir $TFDS_DATA_DIR --file_format=array_record``), and
-           the ViT-B/16 ImageNet-21k AugReg checkpoint above (the backbone of the authors' code:
-           timm ``vit_base_patch16_224`` with the in21k ``ViT-B_16.npz``). Offline the run stops
-           at once with the catalog's DatasetNotPreparedError.
+           the checkpoint the authors' code names: the *original* ImageNet-21k ViT-B/16,
+           ``https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz``
+           (``models/vision_transformer.py`` ``default_cfgs``; the AugReg file
+           ``B_16-i21k-300ep-…npz`` appears there only in a commented-out line). NOT VERIFIED:
+           that clx's ``vit`` loader reads this older file (it is parity-tested on AugReg
+           ``.npz`` files; the original in21k file carries an extra ``pre_logits`` layer the
+           authors' model does not use). Offline the run stops at once with the catalog's
+           DatasetNotPreparedError.
 Hardware:  one GPU with >= 40 GB (H100 80 GB). Host memory: the images are held as float32
            224x224x3 arrays (CIFAR-100 60k images: 36 GB; ImageNet-R 30k: 18 GB; ImageNet-A
            7.5k: 4.5 GB), so 64 GB+ of host RAM for CIFAR-100.
@@ -36,18 +41,31 @@ Expected:  NOT MEASURED. The paper (arXiv 2603.13235, per its reviews) reports P
            run (experiments/text_proteus.py), whether the bound's δ > threshold still holds on
            held-out points (``bound_test``) with thousands of images per task.
 
-Setup, from the authors' code (``Alisia0303/HESTIA``, ``baselines/RanPAC/config``): 10 tasks
-(classes in ascending order, as their loaders), Adam lr 5e-4, batch 32, 20 epochs, gradient
-clipping 1.0, rank-4 units on q and v of all 12 blocks at scale 0.1, alpha 0.3, l1 0.006,
-orthogonality 0.004, DP-GMM signatures with 100 full-covariance components and concentration
-0.01, RanPAC head with 10,000 random features and λ from 10⁻⁸…10⁸ on an 80/20 split. The
-code's CIFAR-100 config differs: 5 epochs, lr 1e-3, 20 components, concentration 0.1 — set
-them with ``--set stream.dataset=cifar100 --set train.epochs=5 --set train.learning_rate=0.001
---set method_args.proteus.n_components=20 --set method_args.proteus.weight_concentration_prior=0.1``.
-Images are resized to 224x224 and scaled to [-1, 1] (the in21k checkpoint's normalisation); no
-augmentation. ImageNet-R and ImageNet-A have only a ``test`` split in TFDS: 80 % of each class
-(seeded) is used for training and 20 % for testing, the usual 24,000/6,000 split of ImageNet-R.
-InfLoRA: official ImageNet-R settings (rank 10 on k and v, epsilon 0.98; 0.95 on CIFAR-100).
+Setup, from the authors' main ImageNet-R config (``Alisia0303/HESTIA``,
+``baselines/RanPAC/config/imgn-r-seed-15.yml``): 10 tasks (classes in ascending order, as their
+loaders), Adam lr 1e-3, batch 32, 20 epochs, gradient clipping 1.0, rank-4 units on q and v of
+all 12 blocks at scale 0.1, alpha 0.3, l1 0.006, *no* orthogonality penalty, DP-GMM signatures
+with 100 full-covariance components and concentration 0.01, RanPAC head with 10,000 random
+features and λ from 10⁻⁸…10⁸ on an 80/20 split. The ``-ortho`` ablation config
+(``imgn-r-seed-15-ortho.yml``) adds ``ortho_weight`` 0.004 and lowers lr to 5e-4:
+``--set method_args.proteus.ortho_weight=0.004 --set train.learning_rate=0.0005``. The code's
+CIFAR-100 config: 5 epochs, lr 1e-3, 20 components, concentration 0.1 — ``--set
+stream.dataset=cifar100 --set train.epochs=5 --set method_args.proteus.n_components=20 --set
+method_args.proteus.weight_concentration_prior=0.1``.
+
+Images, as the authors' ``data/dataset.py`` ``build_transform``: pixels in [0, 1]
+(``ToTensor``, no ``Normalize``); training images ``RandomResizedCrop(224, scale=(0.05, 1),
+ratio=(3/4, 4/3))`` + ``RandomHorizontalFlip(0.5)``, test images ``Resize(256, bicubic)`` +
+``CenterCrop(224)``. In clx these are the named transforms ``rrc224_s005_flip`` and
+``resize256bicubic_center224`` of the image input pipeline (``clx.data.transforms``, built
+under issue 13); the config names them (``stream.train_transform`` / ``stream.test_transform``).
+This stream builder resizes statically and does not apply per-epoch transforms, so it refuses
+to run with them set until the pipeline is wired in, saying so; ``--set
+stream.train_transform=none --set stream.test_transform=none`` runs the static 224x224 resize
+without augmentation (NOT the authors' pipeline). ImageNet-R and ImageNet-A have only a
+``test`` split in TFDS: 80 % of each class (seeded) is used for training and 20 % for testing,
+the usual 24,000/6,000 split of ImageNet-R. InfLoRA: official ImageNet-R settings (rank 10 on
+k and v, epsilon 0.98; 0.95 on CIFAR-100).
 """
 
 from __future__ import annotations
@@ -56,21 +74,36 @@ import os
 import sys
 from pathlib import Path
 
-WEIGHTS = os.environ.get("CLX_VIT_WEIGHTS",
-                         "/models/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz")
+# the original ImageNet-21k ViT-B/16 the authors' code names (not AugReg)
+WEIGHTS = os.environ.get("CLX_VIT_WEIGHTS", "/models/ViT-B_16.npz")
+# the authors' build_transform, by name in clx's image pipeline (clx.data.transforms)
+TRAIN_TRANSFORM, TEST_TRANSFORM = "rrc224_s005_flip", "resize256bicubic_center224"
 DATASETS = ("cifar100", "imagenet_r", "imagenet_a")
 
 
 def vit_split_stream(*, dataset: str = "imagenet_r", num_tasks: int = 10, image_size: int = 224,
                      test_fraction: float = 0.2, seed: int = 0, data_dir=None,
-                     pixel_range: str = "-1,1", **unused):
+                     pixel_range: str = "0,1", train_transform: str | None = None,
+                     test_transform: str | None = None, **unused):
   """A TFDS image dataset as a class-incremental stream of float32 images.
 
-  ``pixel_range``: ``"-1,1"`` (the AugReg checkpoint's normalisation, the
-  PROTEUS code) or ``"0,1"`` (``ToTensor`` without normalisation, as the
-  official InfLoRA code).
+  ``pixel_range``: ``"0,1"`` (``ToTensor`` without normalisation: the PROTEUS and
+  InfLoRA code) or ``"-1,1"`` (the AugReg checkpoints' normalisation).
+  ``train_transform``/``test_transform``: names of per-epoch image transforms of
+  clx's image pipeline; this builder applies none, so any name other than
+  ``None``/``"none"`` is refused with an error that says what to do.
   """
   del unused
+  wanted = {k: v for k, v in (("train_transform", train_transform),
+                              ("test_transform", test_transform))
+            if v not in (None, "none")}
+  if wanted:
+    raise NotImplementedError(
+        f"vit_proteus: {wanted} are per-epoch transforms of clx's image input pipeline "
+        "(clx.data.transforms, issue 13), which this static-resize stream builder does not "
+        "apply. Wire the stream to that pipeline, or run without augmentation (not the "
+        "authors' pipeline) with --set stream.train_transform=none --set "
+        "stream.test_transform=none.")
   import numpy as np
 
   from clx.data import catalog, streams
@@ -120,19 +153,20 @@ def get_config():
   return {
       "name": "vit_proteus",
       "stream": {"name": "vit_proteus_split", "dataset": "imagenet_r", "num_tasks": 10,
-                 "image_size": 224, "seed": 0},
+                 "image_size": 224, "seed": 0, "pixel_range": "0,1",
+                 "train_transform": TRAIN_TRANSFORM, "test_transform": TEST_TRANSFORM},
       "model": {"name": "vit", "variant": "B/16", "weights": WEIGHTS, "pool": "token"},
       "methods": ["proteus", "inflora", "lora"],
       "method_args": {
           "proteus": {"rank": 4, "scale": 0.1, "alpha": 0.3, "reg_weight": 0.006,
-                      "ortho_weight": 0.004, "n_components": 100,
+                      "ortho_weight": 0.0, "n_components": 100,
                       "weight_concentration_prior": 0.01, "covariance_type": "full",
                       "rp_dim": 10000, "screen_signatures": True, "feature_batch": 256,
                       "task_batch": 5, "example_batch": 32},
           "inflora": {"rank": 10, "sites": ["k", "v"], "lamb": 0.98, "lame": 1.0},
           "lora": {"rank": 8, "targets": ["*attn/query/kernel", "*attn/value/kernel"]},
       },
-      "train": {"epochs": 20, "batch_size": 32, "optimizer": "adam", "learning_rate": 5e-4,
+      "train": {"epochs": 20, "batch_size": 32, "optimizer": "adam", "learning_rate": 1e-3,
                 "grad_clip": 1.0, "eval_batch_size": 256},
       "seed": 0,
   }

@@ -11,10 +11,17 @@ paper's, with the gaps filled as marked [R]. Nothing is copied; clx's own implem
 Taken from the code:
 
 - LoRA on the q and v projections of every block, output scale 0.1 (``0.1 * (x @ units)``);
-  new unit rank ``added_units`` = 4, up-projection zero, down-projection N(0, 0.01²).
-- ``reg_weight`` 0.006 (ℓ1 on the transfer weights), ``ortho_weight`` 0.004, ``alpha`` 0.3;
-  the orthogonality loss is a squared Frobenius norm of a product of factor matrices
-  (``ortho_loss(A, B) = ‖AᵀB‖²_F``).
+  new unit rank ``added_units`` = 4. Factor sides (``models/vision_transformer.py``): the
+  code's pool tensors are ``*_lora_pool_B`` (depth, d_in, r) = 0 and ``*_lora_pool_A``
+  (depth, d_out, r) ~ N(0, 0.01²), and the forward adds ``x @ (B Aᵀ)``. So the zero factor
+  sits on the *input* side and the random one on the *output* side. In clx's Flax layout
+  ΔW = a b with a (d_in, r) = the code's B (zero) and b (r, d_out) = the code's Aᵀ (random).
+- ``reg_weight`` 0.006 (ℓ1 on the transfer weights), ``alpha`` 0.3: the main configs
+  (``imgn-r-seed-15.yml``, ``cifar-100-seed-15.yml``). The main configs set *no*
+  orthogonality weight: ``ortho_weight`` defaults to 0. The value 0.004 comes from the
+  ablation configs ``imgn-r-seed-15-ortho.yml`` (with lr 5e-4) and ``imgn-r-seed-15-S1.yml``;
+  pass ``ortho_weight=0.004`` to run that ablation. The code's orthogonality loss is a
+  squared Frobenius norm of a product of factor tensors (``ortho_loss(A, B) = ‖AᵀB‖²_F``).
 - Signature: sklearn ``BayesianGaussianMixture`` (Dirichlet process), ``n_components`` 100 and
   concentration 0.01 (CIFAR-100: 20 / 0.1), full covariances; scoring with
   N(μ, Σ + 1e-4·I) (``test.py``).
@@ -22,22 +29,30 @@ Taken from the code:
   10⁻⁸…10⁸ by the MSE on the last 20 % of the current task's features with a fit on the first
   80 %, W_o = (G + λI)⁻¹Q; each test input is classified through its retrieved task's backbone
   with the one global W_o (``use_RP.py``).
-- Bound quantities δ, κ, the Eq. (28) threshold (``theories.py``; see :mod:`clx.ops.retrieval`
-  for the two places where clx differs: per-point Mahalanobis distances (the code averages the
-  full n×n matrix ``diff Σ⁻¹ diffᵀ``, cross terms included) and effective component counts).
-- Training: Adam, lr 5e-4 (ImageNet-R; 1e-3 in other configs), 20 epochs (5 on CIFAR-100),
-  batch 32, gradient clipping 1.0, a fresh optimiser per task.
+- Bound quantities δ, κ, the Eq. (28) threshold (``theories.py``): by default δ is the code's
+  (the mean of the n×n matrix ``diff Σ⁻¹ diffᵀ``, i.e. the Mahalanobis distance of the
+  cluster mean); clx's per-point mean is an option (see :mod:`clx.ops.retrieval`, which also
+  lists where τ and the radicand differ).
+- Training (main configs): Adam, lr 1e-3 (ImageNet-R and CIFAR-100; 5e-4 only in the
+  ``-ortho`` ablation, 3e-4 in ``-S1``/``-lamdba0``), 20 epochs (5 on CIFAR-100), batch 32,
+  gradient clipping 1.0, a fresh optimiser per task. These are loop settings
+  (:class:`clx.train.TrainConfig`), not method options.
 
 From the paper, or reconstructed [R]:
 
 - ΔW_k = Σ_{j<k} w_{k,j} B_j A_j + B_k⊥ A_k⊥ (paper), with one w per earlier unit *and per
   site* [R: the shape of ``W_Q``/``W_V`` is not in the snapshot], initialised to
   ``transfer_init`` = 1 [R].
-- α multiplies the transfer term: ΔW_k = scale·(α Σ_j w_{k,j} a_j b_j + a_k b_k) [R: the
-  ``lamdba0`` ablation config pairs reg 0 with α = 1, consistent with α weighting the
-  transfer].
-- Orthogonality between the new unit's down-projection and every earlier unit's,
-  Σ_{j<k} ‖a_jᵀ a_k‖²_F (+ ‖b_j b_kᵀ‖²_F with ``ortho_factors="ab"``) [R].
+- α multiplies the transfer term: ΔW_k = scale·(α Σ_j w_{k,j} a_j b_j + a_k b_k) [R, on weak
+  evidence: the configs only show α passed to the forward (0.3 main, 1.0 in ``-alpha1``,
+  ``-lamdba0`` and ``-S1``); a convex blend or a global LoRA scale fits them as well].
+  ``alpha=0`` (:func:`proteus_independent`) switches composition off.
+- Orthogonality (off by default, as in the main configs): between the new unit's *random,
+  output-side* factor and every earlier unit's, Σ_{j<k} ‖b_j b_kᵀ‖²_F (``ortho_factors="b"``,
+  default) [R: which tensors the code passes to ``ortho_loss`` is not in the snapshot; its
+  random factors are the output-side ``*_lora_pool_A`` (d_out, r), and ‖A_jᵀA_k‖²_F of those
+  is ‖b_j b_kᵀ‖²_F in clx's layout]. ``ortho_factors="a"`` constrains the input-side factors
+  instead (Σ ‖a_jᵀ a_k‖²_F), ``"ab"`` both.
 - Training head: one linear head per task over its own classes (the code masks the other
   classes of a global head to −inf: the same loss).
 - k-means (K = 5) + nearest-centroid (L1) retrieval: the ablation the reviewers asked for,
@@ -46,10 +61,11 @@ From the paper, or reconstructed [R]:
 
 Per task k (sites = the q and v kernels of every block):
 
-1. ``begin_task``: a new unit (a_k (d_in, 4) ~ N(0, 0.01²), b_k (4, d_out) = 0) and, for
+1. ``begin_task``: a new unit (a_k (d_in, 4) = 0, b_k (4, d_out) ~ N(0, 0.01²)) and, for
    k > 0, transfer weights w_{k,j} (one per site and earlier unit).
 2. Training (the loop's ``ctx.fit``): cross-entropy of the task's own head on
-   h_k(x) = backbone(W + ΔW_k)(x), plus ``reg_weight``·Σ|w| plus ``ortho_weight``·Σ_{j<k}‖a_jᵀa_k‖².
+   h_k(x) = backbone(W + ΔW_k)(x), plus ``reg_weight``·Σ|w| plus ``ortho_weight``·Σ_{j<k}‖b_j b_kᵀ‖²
+   (0 by default).
    Earlier units are frozen (they are not trainable parameters).
 3. ``end_task``: features h_k of the task's training data → signature (DP-GMM, pruned to
    components of weight ≥ ``min_component_weight``, or k-means centroids); with screening,
@@ -94,6 +110,29 @@ from clx.ops import retrieval
 from clx.ops import ridge as ridge_ops
 
 SIGNATURES = ("dpgmm", "kmeans")
+# which factors the orthogonality penalty constrains: "b" the random output-side factors (the
+# code's random ``*_lora_pool_A``), "a" the input-side ones, "ab" both
+ORTHO_FACTORS = ("b", "a", "ab")
+
+
+def ortho_terms(old: dict, new: dict, factors: str = "b"):
+  """Orthogonality penalty between one earlier unit and the new one at one site.
+
+  Args:
+    old: ``{"a": (d_in, r), "b": (r, d_out)}``, an earlier unit (ΔW = a b).
+    new: the new unit, same shapes.
+    factors: ``"b"``: ‖b_old b_newᵀ‖²_F (output-side factors); ``"a"``: ‖a_oldᵀ a_new‖²_F
+      (input-side factors); ``"ab"``: their sum.
+
+  Returns:
+    A scalar (works on jax and NumPy arrays alike).
+  """
+  total = 0.0
+  if "a" in factors:
+    total = total + ((old["a"].T @ new["a"]) ** 2).sum()
+  if "b" in factors:
+    total = total + ((old["b"] @ new["b"].T) ** 2).sum()
+  return total
 
 
 def _with_kernels(params, kernels: dict):
@@ -109,7 +148,7 @@ class ProteusParts:
   def __init__(self, backbone: Backbone, *, rank: int = 4, roles: Sequence[str] = ("q", "v"),
                sites: Sequence[str] | None = None, scale: float = 0.1, alpha: float = 0.3,
                transfer_init: float = 1.0, reg_weight: float = 0.006,
-               ortho_weight: float = 0.004, ortho_factors: str = "a",
+               ortho_weight: float = 0.0, ortho_factors: str = "b",
                unit_init_std: float = 0.01, signature: str = "dpgmm", n_components: int = 100,
                weight_concentration_prior: float = 0.01, covariance_type: str = "full",
                max_iter: int = 100, tol: float = 1e-3, reg_covar: float = 1e-4,
@@ -120,18 +159,21 @@ class ProteusParts:
                ridge_fit_fraction: float = 0.8, ridge_with_history: bool = False,
                screen_top_m: int = 0, screen_covariance_type: str = "diag",
                screen_components: int | None = None, screen_signatures: bool = False,
-               restrict_head: bool = False,
+               restrict_head: bool = False, delta_form: str = "cluster_mean",
                feature_batch: int = 256, task_batch: int | None = None,
                example_batch: int = 32, score_batch: int = 8, verbose: bool = False):
     if signature not in SIGNATURES:
       raise ValueError(f"signature must be one of {SIGNATURES}, got {signature!r}")
-    if ortho_factors not in ("a", "ab"):
-      raise ValueError(f"ortho_factors must be 'a' or 'ab', got {ortho_factors!r}")
+    if ortho_factors not in ORTHO_FACTORS:
+      raise ValueError(f"ortho_factors must be one of {ORTHO_FACTORS}, got {ortho_factors!r}")
     if rank < 1 or rp_dim < 1 or screen_top_m < 0:
       raise ValueError(f"rank and rp_dim must be >= 1 and screen_top_m >= 0, got rank={rank}, "
                        f"rp_dim={rp_dim}, screen_top_m={screen_top_m}")
     mixture._check_cov_type(covariance_type)
     mixture._check_cov_type(screen_covariance_type)
+    if delta_form not in retrieval.DELTA_FORMS:
+      raise ValueError(f"delta_form must be one of {retrieval.DELTA_FORMS}, got {delta_form!r}")
+    self.delta_form = delta_form
     self.backbone = backbone
     self.sites = tuple(sites) if sites is not None else backbone.site_paths(tuple(roles))
     if not self.sites:
@@ -212,16 +254,14 @@ class ProteusParts:
     return out
 
   def ortho_penalty(self, state, task_index: int, unit) -> jax.Array:
-    """Σ_sites Σ_{j<k} ‖a_jᵀ a_k‖²_F (+ ‖b_j b_kᵀ‖²_F with ``ortho_factors="ab"``)."""
+    """Σ_sites Σ_{j<k} ‖b_j b_kᵀ‖²_F (``ortho_factors="b"``; ``"a"``: ‖a_jᵀ a_k‖²_F; ``"ab"``:
+    both), earlier units held constant."""
     total = jnp.zeros((), jnp.float32)
     for s in self.sites:
       sk = site_key(s)
       for j in range(task_index):
-        old = state["tasks"][str(j)]["unit"][sk]
-        total = total + jnp.sum(jnp.matmul(jax.lax.stop_gradient(old["a"]).T, unit[sk]["a"]) ** 2)
-        if self.ortho_factors == "ab":
-          total = total + jnp.sum(
-              jnp.matmul(jax.lax.stop_gradient(old["b"]), unit[sk]["b"].T) ** 2)
+        old = jax.lax.stop_gradient(state["tasks"][str(j)]["unit"][sk])
+        total = total + ortho_terms(old, unit[sk], self.ortho_factors)
     return total
 
   @staticmethod
@@ -314,17 +354,18 @@ class ProteusParts:
                       "w_out": jnp.zeros((self.rp_dim, spec.num_classes), jnp.float32)}}
 
   def new_unit(self, key, task_index: int) -> dict:
-    """A new unit per site: down-projection a ~ N(0, std²), up-projection b = 0."""
-    sizes = [self.shapes[s][0] * self.rank for s in self.sites]
+    """A new unit per site, as the code: input-side a (d_in, r) = 0, output-side b (r, d_out)
+    ~ N(0, std²) (the code's ``*_lora_pool_B`` = 0 and ``*_lora_pool_A`` random)."""
+    sizes = [self.rank * self.shapes[s][1] for s in self.sites]
     # one draw for all sites (one compiled shape), split on the host
     draws = np.asarray(jax.random.normal(jax.random.fold_in(key, task_index), (sum(sizes),),
                                          jnp.float32))
     unit, offset = {}, 0
     for s, size in zip(self.sites, sizes):
       d_in, d_out = self.shapes[s]
-      a = self.unit_init_std * draws[offset:offset + size].reshape(d_in, self.rank)
-      unit[site_key(s)] = {"a": jnp.asarray(a, jnp.float32),
-                           "b": jnp.zeros((self.rank, d_out), jnp.float32)}
+      b = self.unit_init_std * draws[offset:offset + size].reshape(self.rank, d_out)
+      unit[site_key(s)] = {"a": jnp.zeros((d_in, self.rank), jnp.float32),
+                           "b": jnp.asarray(b, jnp.float32)}
       offset += size
     return unit
 
@@ -428,23 +469,12 @@ class ProteusParts:
           base_feats, jax.random.fold_in(key, 1), covariance_type=self.screen_covariance_type,
           n_components=self.screen_components)
 
-    # RanPAC head: λ on this task's held-out 20 %, then accumulate and re-solve.
-    r = state["ridge"]
-    h = _project(jnp.asarray(feats), r["w_rand"])
-    yy = jax.nn.one_hot(jnp.asarray(y), ctx.spec.num_classes, dtype=h.dtype)
-    perm = np.random.default_rng([t, 7]).permutation(h.shape[0])
-    lam, _ = ridge_ops.select_ridge(
-        h[perm], yy[perm], grid=self.ridge_grid, fit_fraction=self.ridge_fit_fraction,
-        base_gram=r["gram"] if self.ridge_with_history else None,
-        base_xty=r["xty"] if self.ridge_with_history else None)
-    ridge_state = {**r, **_ridge_update(r, h, yy, jnp.asarray(lam, h.dtype))}
+    ridge_state, lam = self.ridge_head_update(state["ridge"], feats, y, ctx.spec.num_classes, t)
 
     host = jax.device_get({"unit": params["unit"], "weights": params.get("weights", {}),
                            "pool": [state["tasks"][str(j)]["unit"] for j in range(t)]})
     l1 = float(sum(np.abs(w).sum() for w in jax.tree.leaves(host["weights"])))
-    ortho = float(sum(np.sum((old[k]["a"].T @ host["unit"][k]["a"]) ** 2)
-                      + (np.sum((old[k]["b"] @ host["unit"][k]["b"].T) ** 2)
-                         if self.ortho_factors == "ab" else 0.0)
+    ortho = float(sum(ortho_terms(old[k], host["unit"][k], self.ortho_factors)
                       for old in host["pool"] for k in host["unit"]))
     mean_w = (float(np.mean([np.mean(w) for w in jax.tree.leaves(host["weights"])]))
               if t > 0 else 0.0)
@@ -461,6 +491,35 @@ class ProteusParts:
             f"ridge {lam:g}, mean w {mean_w:.3f}, ortho {ortho:.3g}", flush=True)
     return {**state, "tasks": {**state["tasks"], str(t): entry}, "ridge": ridge_state,
             "stats": {**state["stats"], str(t): task_stats}}
+
+  def ridge_head_update(self, ridge_state: dict, feats, y, num_classes: int, task_index: int
+                        ) -> tuple[dict, float]:
+    """The RanPAC head after one more task (host; also used by the head-matched baselines).
+
+    λ is chosen on this task's features alone (fit on a shuffled 80 %, MSE on the other 20 %,
+    as ``optimise_ridge_parameter``; with ``ridge_with_history`` the earlier statistics are
+    added to the fit part), then G += HᵀH, Q += HᵀY with H = ReLU(feats W_rand) and
+    W_o = (G + λI)⁻¹Q.
+
+    Args:
+      ridge_state: ``{"w_rand" (d, M), "gram" (M, M), "xty" (M, C), "count", "w_out" (M, C)}``.
+      feats: ``(n, d)`` the task's training features.
+      y: ``(n,)`` their global labels.
+      num_classes: C.
+      task_index: seeds the 80/20 shuffle.
+
+    Returns:
+      ``(new ridge state, λ)``.
+    """
+    r = ridge_state
+    h = _project(jnp.asarray(feats), r["w_rand"])
+    yy = jax.nn.one_hot(jnp.asarray(y), num_classes, dtype=h.dtype)
+    perm = np.random.default_rng([task_index, 7]).permutation(h.shape[0])
+    lam, _ = ridge_ops.select_ridge(
+        h[perm], yy[perm], grid=self.ridge_grid, fit_fraction=self.ridge_fit_fraction,
+        base_gram=r["gram"] if self.ridge_with_history else None,
+        base_xty=r["xty"] if self.ridge_with_history else None)
+    return {**r, **_ridge_update(r, h, yy, jnp.asarray(lam, h.dtype))}, lam
 
   def head_logits(self, state, feats, spec: StreamSpec, current_task: int, tasks=None):
     r = state["ridge"]
@@ -529,8 +588,11 @@ class ProteusParts:
       ``ablations`` {name: {retrieval_acc, acc}} (all in %), and for DP-GMM signatures with
       T > 1 ``bound_train``/``bound_test``: ``delta_min``, ``kappa_min``, ``threshold_max``,
       ``clusters``, ``clusters_pass`` and ``delta_self`` (the same separation of the task's
-      points from their *own* nearest component: ≈ 0 when the clusters describe the points,
-      ≫ 0 when they do not, e.g. held-out points of an overfitted covariance).
+      points from their *own* nearest component: ≈ 0 (per point) / ≈ −1 (cluster mean) when
+      the clusters describe the points, ≫ 0 when they do not, e.g. held-out points of an
+      overfitted covariance), all under ``delta_form``; and both forms explicitly:
+      ``delta_min_<form>``, ``clusters_pass_<form>``, ``delta_self_<form>`` for
+      form in (``cluster_mean``, ``per_point``).
     """
     spec = StreamSpec.from_stream(stream)
     T = len(stream.tasks) if upto is None else upto + 1
@@ -541,7 +603,7 @@ class ProteusParts:
         lambda st, f, tasks: jnp.argmax(self.head_logits(st, f, spec, T - 1, tasks), -1)))
     screen_fns = {m: self._cached(("screen_route", m, T), lambda m=m: jax.jit(
         lambda st, b, x: self.route(st, b, x, T, screen_top_m=m)[0])) for m in screen_m}
-    bounds_fn = jax.jit(retrieval.cluster_bounds,
+    bounds_fn = jax.jit(functools.partial(retrieval.cluster_bounds, delta_form=self.delta_form),
                         static_argnames=("num_tasks", "total_components", "epsilon"))
 
     def feats_of(x_all, fn):
@@ -566,14 +628,33 @@ class ProteusParts:
           mixture.stack_signatures([sigs[i] for i in others]), num_tasks=T,
           total_components=total_components, epsilon=float(epsilon)))
       cov_type = mixture.signature_covariance_type(sigs[t])
-      maha = mixture.mahalanobis_sq(jnp.asarray(own), sigs[t]["means"], sigs[t]["prec_chol"],
-                                    cov_type)
+      d = own.shape[-1]
+      maha = np.asarray(mixture.mahalanobis_sq(jnp.asarray(own), sigs[t]["means"],
+                                               sigs[t]["prec_chol"], cov_type))
       ok = res["count"] >= 2
       pick = (lambda v, f: float(f(v[ok])) if ok.any() else math.nan)
-      return {"delta_min": pick(res["delta"], np.min), "kappa_min": pick(res["kappa"], np.min),
-              "threshold_max": pick(res["threshold"], np.max), "clusters": int(ok.sum()),
-              "clusters_pass": int(np.sum(res["pass"])),
-              "delta_self": float(jnp.mean(jnp.min(maha, 1))) / own.shape[-1] - 1.0}
+      # own-component separation, both forms: per point (mean of each point's distance to its
+      # nearest own component) and cluster mean (each cluster's mean point to its component)
+      labels_np = np.asarray(labels)
+      own_cm = []
+      for c in np.flatnonzero(ok):
+        mean_c = own[labels_np == c].mean(0, keepdims=True)
+        own_cm.append(float(np.asarray(mixture.mahalanobis_sq(
+            jnp.asarray(mean_c), sigs[t]["means"][c:c + 1], sigs[t]["prec_chol"][c:c + 1],
+            cov_type))[0, 0]) / d - 1.0)
+      ths = res["threshold"]
+      out = {"delta_min": pick(res["delta"], np.min), "kappa_min": pick(res["kappa"], np.min),
+             "threshold_max": pick(ths, np.max), "clusters": int(ok.sum()),
+             "clusters_pass": int(np.sum(res["pass"])), "delta_form": self.delta_form,
+             "delta_self": (float(np.mean(own_cm)) if own_cm else math.nan)
+             if self.delta_form == "cluster_mean" else float(np.mean(maha.min(1))) / d - 1.0}
+      for form in retrieval.DELTA_FORMS:
+        dv = np.asarray(res[f"delta_{form}"])
+        out[f"delta_min_{form}"] = pick(dv, np.min)
+        out[f"clusters_pass_{form}"] = int(np.sum(ok & (dv > np.asarray(ths))))
+      out["delta_self_per_point"] = float(np.mean(maha.min(1))) / d - 1.0
+      out["delta_self_cluster_mean"] = float(np.mean(own_cm)) if own_cm else math.nan
+      return out
 
     # Train side: ablation signatures (all training data, own backbone) and the bound.
     abl_sigs = {name: [] for name in ablations}
@@ -655,8 +736,10 @@ def proteus(backbone: Backbone, *, name: str = "proteus", **kwargs) -> Continual
     backbone: the frozen backbone (sites with roles ``q`` and ``v``).
     name: registry/run name.
     **kwargs: :class:`ProteusParts` options: ``rank`` (4), ``roles`` (q, v), ``scale`` (0.1),
-      ``alpha`` (0.3), ``transfer_init`` (1), ``reg_weight`` (0.006), ``ortho_weight``
-      (0.004), ``ortho_factors`` ("a"), ``unit_init_std`` (0.01), ``signature``
+      ``alpha`` (0.3; 0 switches composition off: independent units), ``transfer_init`` (1),
+      ``reg_weight`` (0.006), ``ortho_weight`` (0, the main configs; 0.004 is the ``-ortho``
+      ablation config's), ``ortho_factors`` ("b": the random output-side factors; "a", "ab"),
+      ``unit_init_std`` (0.01, the output-side factor's std), ``signature``
       ("dpgmm" | "kmeans"), ``n_components`` (100), ``weight_concentration_prior`` (0.01),
       ``covariance_type`` ("full"), ``max_iter`` (100), ``tol`` (1e-3), ``reg_covar``
       (1e-4; sklearn's 1e-6 is too small for float32 full covariances in d = 384/768),
@@ -664,6 +747,7 @@ def proteus(backbone: Backbone, *, name: str = "proteus", **kwargs) -> Continual
       ``max_signature_samples``, ``kmeans_clusters`` (5), ``kmeans_metric`` ("l1"),
       ``rp_dim`` (10,000), ``ridge_grid`` (10⁻⁸…10⁸), ``ridge_fit_fraction`` (0.8),
       ``ridge_with_history`` (False: λ from the current task only, as the code),
+      ``delta_form`` ("cluster_mean": the bound's δ as ``theories.py``; "per_point"),
       ``screen_top_m`` (0 = exhaustive), ``screen_covariance_type`` ("diag"),
       ``screen_components``, ``screen_signatures`` (fit the base-feature signatures even
       with ``screen_top_m = 0``, for measuring screening later), ``restrict_head`` (False),
@@ -681,4 +765,13 @@ def proteus_kmeans(backbone: Backbone, *, name: str = "proteus_kmeans", **kwargs
   return ProteusParts(backbone, **kwargs).method(name)
 
 
-REGISTRY = {"proteus": proteus, "proteus_kmeans": proteus_kmeans}
+def proteus_independent(backbone: Backbone, *, name: str = "proteus_independent",
+                        **kwargs) -> ContinualMethod:
+  """PROTEUS without composition: α = 0, so ΔW_k = scale·a_k b_k (independent units), with the
+  same signatures, retrieval and RanPAC head (the ablation that isolates composition)."""
+  kwargs.setdefault("alpha", 0.0)
+  return ProteusParts(backbone, **kwargs).method(name)
+
+
+REGISTRY = {"proteus": proteus, "proteus_kmeans": proteus_kmeans,
+            "proteus_independent": proteus_independent}

@@ -14,9 +14,16 @@ to the nearest centroid (:func:`clx.ops.mixture.nearest_centroid_score`).
 **The bound** (Theorems 3.4/3.5 of the paper, as checked by the authors' ``theories.py``,
 ``Alisia0303/HESTIA/baselines/RanPAC``). For the data D_{t,s} of cluster s of task t:
 
-- separation δ = min over other tasks i ≠ t and their clusters s' of
-  ``mean_{x ∈ D_{t,s}} (h_i(x) − μ_{i,s'})ᵀ Σ_{i,s'}⁻¹ (h_i(x) − μ_{i,s'}) / d − 1``
-  (:func:`cluster_separation`; for points of the component itself this is ≈ 0);
+- separation δ = min over other tasks i ≠ t and their clusters s' of ``m_{i,s'} / d − 1``
+  (:func:`cluster_separation`), where, by default (``delta_form="cluster_mean"``, the code's),
+  m is the mean of the n×n matrix ``diff Σ⁻¹ diffᵀ`` with ``diff`` the (n, d) block of
+  h_i(x) − μ_{i,s'} over x ∈ D_{t,s}, i.e. the squared Mahalanobis distance of the cluster's
+  mean point: m = (h̄ − μ)ᵀ Σ⁻¹ (h̄ − μ), h̄ = mean_x h_i(x). With ``delta_form="per_point"``
+  (clx's earlier form, an option) m is the mean of the points' own distances,
+  mean_x (h_i(x) − μ)ᵀ Σ⁻¹ (h_i(x) − μ) = cluster-mean form + tr(Σ⁻¹ S) with S the points'
+  biased covariance. For the component's own points the per-point form is ≈ 0 and the
+  cluster-mean form ≈ −1; against a component much tighter than the points the per-point
+  form can be large while the cluster-mean form stays near −1;
 - log-determinant ratio κ = min_{i ≠ t, s'} ``log det Σ_{i,s'} − log det Σ_{t,s}``
   (:func:`log_det_ratio`);
 - σ² = max over i ≠ t of the largest per-dimension (unbiased) variance of h_i(D_{t,s})
@@ -26,9 +33,9 @@ to the nearest centroid (:func:`clx.ops.mixture.nearest_centroid_score`).
   M = 3dσ² − κ (:func:`bound_threshold`, the code's "Eq. (28)").
 
 The guarantee reads: if δ > threshold for every cluster, the retrieval error is at most ε.
-Where clx differs from ``theories.py``: the Mahalanobis term is the mean over the cluster's
-points of each point's own distance (the code computes ``diff Σ⁻¹ diffᵀ`` for the whole
-(n, d) block and averages the n×n matrix, cross terms included); τ_i counts the *effective*
+Where clx differs from ``theories.py``: Σ⁻¹ is that of the signature (Σ + jitter·I; the code
+inverts the stored covariance); d is the true feature dimension (the code hard-codes 768);
+τ_i counts the *effective*
 components of each signature (the code passes the configured ``n_components`` for every
 task); a negative radicand M² − 24dσ²κ is clamped at 0 (the code's ``torch.sqrt`` would
 return NaN). The code checks the bound on the *training* points of each cluster; evaluating
@@ -139,21 +146,37 @@ def forward_passes(num_tasks: int, m: int | None = None) -> int:
 # ----------------------------------------------------------------------------
 
 
-def cluster_separation(feats: Array, signatures: dict, valid: Array | None = None) -> Array:
+DELTA_FORMS = ("cluster_mean", "per_point")
+
+
+def _check_delta_form(delta_form: str) -> None:
+  if delta_form not in DELTA_FORMS:
+    raise ValueError(f"delta_form must be one of {DELTA_FORMS}, got {delta_form!r}")
+
+
+def cluster_separation(feats: Array, signatures: dict, valid: Array | None = None,
+                       delta_form: str = "cluster_mean") -> Array:
   """δ of one cluster's data against other tasks' clusters.
 
   Args:
     feats: ``(T', n, d)``: the cluster's points under each other task's backbone, h_i(x).
     signatures: the other tasks' mixture signatures stacked ``(T', K, ...)``.
     valid: ``(T', K)`` bool mask of real components (default: log-weight > −1e29).
+    delta_form: ``"cluster_mean"`` (``theories.py``: mean of the n×n matrix
+      ``diff Σ⁻¹ diffᵀ`` = maha² of the mean point) or ``"per_point"`` (mean of the points'
+      own maha²).
 
   Returns:
-    ``min_{i,s} mean_x maha²(h_i(x); μ_{i,s}, Σ_{i,s}) / d − 1``.
+    ``min_{i,s} maha²(mean_x h_i(x); μ_{i,s}, Σ_{i,s}) / d − 1`` (cluster_mean) or
+    ``min_{i,s} mean_x maha²(h_i(x); μ_{i,s}, Σ_{i,s}) / d − 1`` (per_point).
   """
+  _check_delta_form(delta_form)
   d = feats.shape[-1]
 
   def per_task(sig, f):
     cov_type = mixture.signature_covariance_type(sig)
+    if delta_form == "cluster_mean":
+      f = jnp.mean(f, axis=0, keepdims=True)
     return jnp.mean(mixture.mahalanobis_sq(f, sig["means"], sig["prec_chol"], cov_type), axis=0)
 
   mean_maha = jax.vmap(per_task)(signatures, feats)  # (T', K)
@@ -205,7 +228,7 @@ def bound_threshold(d: int, sigma2, kappa, num_tasks: int, total_components: int
 
 def bound_check(cluster_feats_other: Array, other_signatures: dict, own_log_det: Array, *,
                 num_tasks: int, total_components: int, epsilon: float = 0.01,
-                valid: Array | None = None) -> dict[str, Array]:
+                valid: Array | None = None, delta_form: str = "cluster_mean") -> dict[str, Array]:
   """All bound quantities of one cluster: ``delta``, ``kappa``, ``sigma2``, ``threshold``, ``pass``.
 
   Args:
@@ -214,10 +237,11 @@ def bound_check(cluster_feats_other: Array, other_signatures: dict, own_log_det:
     own_log_det: log det Σ of the cluster's own component.
     num_tasks, total_components, epsilon: see :func:`bound_threshold`.
     valid: ``(T', K)`` mask of real components.
+    delta_form: see :func:`cluster_separation`.
   """
   if valid is None:
     valid = other_signatures["log_weights"] > 0.1 * mixture.LOG_ZERO
-  delta = cluster_separation(cluster_feats_other, other_signatures, valid)
+  delta = cluster_separation(cluster_feats_other, other_signatures, valid, delta_form)
   kappa = log_det_ratio(own_log_det, other_signatures["log_det_cov"], valid)
   sigma2 = max_feature_variance(cluster_feats_other)
   threshold = bound_threshold(cluster_feats_other.shape[-1], sigma2, kappa, num_tasks,
@@ -228,7 +252,8 @@ def bound_check(cluster_feats_other: Array, other_signatures: dict, own_log_det:
 
 def cluster_bounds(feats_other: Array, labels: Array, own_log_dets: Array, other_signatures: dict,
                    *, num_tasks: int, total_components: int, epsilon: float = 0.01,
-                   valid: Array | None = None) -> dict[str, Array]:
+                   valid: Array | None = None, delta_form: str = "cluster_mean"
+                   ) -> dict[str, Array]:
   """:func:`bound_check` for every cluster of one task at once (masked, one compile).
 
   Args:
@@ -238,11 +263,16 @@ def cluster_bounds(feats_other: Array, labels: Array, own_log_dets: Array, other
     other_signatures: the other tasks' mixture signatures, stacked ``(T', K', ...)``.
     num_tasks, total_components, epsilon: see :func:`bound_threshold`.
     valid: ``(T', K')`` mask of real components of the other tasks.
+    delta_form: ``"cluster_mean"`` (``delta``, the code's) or ``"per_point"``; both forms are
+      returned as ``delta_cluster_mean`` and ``delta_per_point``, ``delta``/``pass`` follow
+      ``delta_form``.
 
   Returns:
-    Per cluster ``(K,)``: ``count``, ``delta``, ``kappa``, ``sigma2``, ``threshold``,
-    ``pass`` (clusters with fewer than 2 points have ``pass`` False and NaN entries).
+    Per cluster ``(K,)``: ``count``, ``delta``, ``delta_cluster_mean``, ``delta_per_point``,
+    ``kappa``, ``sigma2``, ``threshold``, ``pass`` (clusters with fewer than 2 points have
+    ``pass`` False and NaN entries).
   """
+  _check_delta_form(delta_form)
   k = own_log_dets.shape[0]
   d = feats_other.shape[-1]
   if valid is None:
@@ -256,10 +286,17 @@ def cluster_bounds(feats_other: Array, labels: Array, own_log_dets: Array, other
 
   m = jax.vmap(maha)(other_signatures, feats_other)                      # (T', n, K')
   mean_m = jnp.einsum("cn,tnk->ctk", masks, m) / jnp.maximum(counts, 1.0)[:, None, None]
-  delta = jnp.min(jnp.where(valid[None], mean_m, jnp.inf), axis=(1, 2)) / d - 1.0
+  mean_f = jnp.einsum("cn,tnd->ctd", masks, feats_other) / jnp.maximum(counts, 1.0)[:, None, None]
+  # maha² of each cluster's mean point under each other component: (K, T', K')
+  m_of_mean = jnp.swapaxes(jax.vmap(maha)(other_signatures, jnp.swapaxes(mean_f, 0, 1)), 0, 1)
+
+  def min_over_others(v):
+    return jnp.min(jnp.where(valid[None], v, jnp.inf), axis=(1, 2)) / d - 1.0
+
+  delta_pp, delta_cm = min_over_others(mean_m), min_over_others(m_of_mean)
+  delta = delta_cm if delta_form == "cluster_mean" else delta_pp
   diff = other_signatures["log_det_cov"][None] - own_log_dets[:, None, None]
   kappa = jnp.min(jnp.where(valid[None], diff, jnp.inf), axis=(1, 2))
-  mean_f = jnp.einsum("cn,tnd->ctd", masks, feats_other) / jnp.maximum(counts, 1.0)[:, None, None]
   sq = jnp.einsum("cn,tnd->ctd", masks, feats_other ** 2)
   var = jnp.maximum(sq - counts[:, None, None] * mean_f ** 2, 0.0) \
       / jnp.maximum(counts - 1.0, 1.0)[:, None, None]
@@ -268,11 +305,13 @@ def cluster_bounds(feats_other: Array, labels: Array, own_log_dets: Array, other
                                                       epsilon))(sigma2, kappa)
   ok = counts >= 2
   nan = jnp.full_like(delta, jnp.nan)
-  return {"count": counts, "delta": jnp.where(ok, delta, nan), "kappa": jnp.where(ok, kappa, nan),
+  return {"count": counts, "delta": jnp.where(ok, delta, nan),
+          "delta_cluster_mean": jnp.where(ok, delta_cm, nan),
+          "delta_per_point": jnp.where(ok, delta_pp, nan), "kappa": jnp.where(ok, kappa, nan),
           "sigma2": jnp.where(ok, sigma2, nan), "threshold": jnp.where(ok, threshold, nan),
           "pass": jnp.logical_and(ok, delta > threshold)}
 
 
-__all__ = ["bound_check", "cluster_bounds", "bound_threshold", "candidate_recall", "cluster_separation",
+__all__ = ["DELTA_FORMS", "bound_check", "cluster_bounds", "bound_threshold", "candidate_recall", "cluster_separation",
            "forward_passes", "log_det_ratio", "max_feature_variance", "rerank", "retrieval_accuracy",
            "retrieve", "score", "score_shared", "score_tasks", "signature_kind", "top_candidates"]

@@ -136,20 +136,23 @@ def test_loss_gradients_match_finite_differences():
       np.testing.assert_allclose(full_g[i], fd, rtol=2e-2, atol=2e-4)
 
 
-def test_penalty_gradients():
+@pytest.mark.parametrize("factors", ["b", "a", "ab"])
+def test_penalty_gradients(factors):
   with jax.enable_x64(True):
     bb = mlp((7,), (5, 4))
-    parts = small_parts(bb)
+    parts = small_parts(bb, ortho_factors=factors)
     state = state_after_two_tasks(parts, spec3(), seed=5)
     unit = state["tasks"]["2"]["unit"]
     g = jax.grad(lambda u: parts.ortho_penalty(state, 2, u))(unit)
     for s in SITES:
       k = proteus_lib.site_key(s)
-      a_new = np.asarray(unit[k]["a"])
-      ref = sum(2 * np.asarray(state["tasks"][str(j)]["unit"][k]["a"])
-                @ np.asarray(state["tasks"][str(j)]["unit"][k]["a"]).T @ a_new for j in range(2))
-      np.testing.assert_allclose(g[k]["a"], ref, rtol=1e-10)
-      np.testing.assert_array_equal(g[k]["b"], 0.0)   # ortho_factors="a": b is free
+      a_new, b_new = np.asarray(unit[k]["a"]), np.asarray(unit[k]["b"])
+      old = [{f: np.asarray(state["tasks"][str(j)]["unit"][k][f]) for f in "ab"} for j in range(2)]
+      # d/da_k Σ_j ‖a_jᵀa_k‖² = 2 Σ_j a_j a_jᵀ a_k;  d/db_k Σ_j ‖b_j b_kᵀ‖² = 2 Σ_j b_k b_jᵀ b_j
+      ref_a = sum(2 * o["a"] @ o["a"].T @ a_new for o in old)
+      ref_b = sum(2 * b_new @ o["b"].T @ o["b"] for o in old)
+      np.testing.assert_allclose(g[k]["a"], ref_a if "a" in factors else 0.0, rtol=1e-10)
+      np.testing.assert_allclose(g[k]["b"], ref_b if "b" in factors else 0.0, rtol=1e-10)
     w = state["tasks"]["2"]["weights"]
     gw = jax.grad(parts.l1_penalty)(w)
     for k in w:
@@ -157,6 +160,20 @@ def test_penalty_gradients():
     # orthogonality gradient is zero for the first task (nothing to be orthogonal to)
     g0 = jax.grad(lambda u: parts.ortho_penalty(state, 0, u))(state["tasks"]["0"]["unit"])
     assert all(float(jnp.abs(v).max()) == 0 for v in jax.tree.leaves(g0))
+
+
+def test_new_unit_sides_and_defaults_follow_the_code():
+  """The code: input-side ``*_lora_pool_B`` = 0, output-side ``*_lora_pool_A`` ~ N(0, 0.01²);
+  main ImageNet-R config: no orthogonality weight, α 0.3, ℓ1 0.006."""
+  bb = mlp((300,), (200, 4))
+  parts = proteus_lib.ProteusParts(bb, sites=("lin1/kernel",), rp_dim=8)
+  unit = parts.new_unit(jax.random.PRNGKey(3), 0)["lin1.kernel"]
+  assert unit["a"].shape == (300, 4) and unit["b"].shape == (4, 200)
+  assert float(jnp.abs(unit["a"]).max()) == 0.0                    # input side: zeros
+  b = np.asarray(unit["b"])
+  assert abs(b.std() - 0.01) < 0.0005 and abs(b.mean()) < 0.0005   # output side: N(0, 0.01²)
+  assert parts.ortho_weight == 0.0 and parts.ortho_factors == "b"
+  assert parts.alpha == 0.3 and parts.reg_weight == 0.006 and parts.scale == 0.1
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +253,165 @@ def test_bad_configuration():
     proteus_lib.proteus(bb, sites=("lin1/kernel",), signature="gmm")
   with pytest.raises(ValueError, match="not a 2-D kernel"):
     proteus_lib.proteus(bb, sites=("lin1/bias",))
+  with pytest.raises(ValueError, match="ortho_factors"):
+    proteus_lib.proteus(bb, sites=("lin1/kernel",), ortho_factors="c")
+
+
+# ----------------------------------------------------------------------------
+# Component switched off: composition and retrieval must change an outcome.
+# ----------------------------------------------------------------------------
+
+
+def _direction_stream(directions, offsets, n_train=96, n_test=64, dim=6, seed=0):
+  """Class-IL stream: task t has classes (2t, 2t+1) split by the side of x along the unit
+  vector directions[t] (pushed ±1 along it: a margin), inputs otherwise N(offsets[t], I)."""
+  from clx.data.types import ArraySplit, Stream, Task
+  rng = np.random.default_rng(seed)
+  tasks = []
+  for t, (u, off) in enumerate(zip(directions, offsets)):
+    def split(n):
+      x = rng.normal(size=(n, dim))
+      side = (x @ u > 0).astype(np.int32)
+      x = x + off + np.where(side, 1.0, -1.0)[:, None] * u   # a margin of 2 along u
+      y = 2 * t + side
+      return ArraySplit({"x": x.astype(np.float32), "y": y.astype(np.int32)})
+    tasks.append(Task(f"t{t}", split(n_train), split(n_test), (2 * t, 2 * t + 1)))
+  return Stream("directions", tuple(tasks), "class", 2 * len(directions))
+
+
+def _blank_mlp(dim=6):
+  """An MLP whose *base* features carry no information about x: the adapted first kernel is
+  zero and its bias 1, so h = relu(relu(1 + x ΔW) W2 + b2) is constant until a unit moves ΔW."""
+  import dataclasses
+  bb = mlp((dim,), (12, 8), use_bias=True)
+  params = jax.tree.map(lambda a: a, bb.params)
+  params["lin1"]["kernel"] = jnp.zeros_like(params["lin1"]["kernel"])
+  params["lin1"]["bias"] = jnp.ones_like(params["lin1"]["bias"])
+  return dataclasses.replace(bb, params=params)
+
+
+def _train(parts, stream, epochs=3):
+  return run_method(parts.method(), stream, TrainConfig(epochs=epochs, batch_size=16,
+                                                        learning_rate=5e-2, eval_batch_size=64),
+                    quiet=True)
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.0])
+def test_composition_carries_an_earlier_unit_into_a_new_task(alpha):
+  """Task 1 asks the same direction as task 0 (new labels, shifted inputs). Right after
+  ``begin_task`` (the new unit is still zero on its input side), task 1's backbone is
+  base + α·w·unit_0: with composition it already separates task 1's classes (the ridge head
+  fitted on it reaches ≥ 90 %); with α = 0 it is the blank base (constant features, chance)."""
+  u = np.eye(6)[0]
+  stream = _direction_stream([u, u], [np.zeros(6), 0.5 * np.eye(6)[3]])
+  bb = _blank_mlp()
+  parts = small_parts(bb, sites=("lin1/kernel",), alpha=alpha, rp_dim=64, n_components=2,
+                      unit_init_std=0.5)
+  first = type(stream)(stream.name, stream.tasks[:1], "class", stream.num_classes)
+  res = _train(parts, first)
+  assert res.acc_matrix[0, 0] >= 90, res.acc_matrix      # unit 0 learned the direction
+  spec = StreamSpec.from_stream(stream)
+  state = parts.begin_task(jax.device_get(res.state), ctx_for(1, spec))
+  task = stream.tasks[1]
+  feats = jax.jit(parts.task_features, static_argnums=(3, 4))
+  f_train = np.asarray(feats(state, bb.params, jnp.asarray(task.train.x), 1, 2))
+  f_test = np.asarray(feats(state, bb.params, jnp.asarray(task.test.x), 1, 2))
+  # a ridge head of task 1 alone, read over task 1's two classes (the features are the point)
+  fresh = parts.init(jax.random.PRNGKey(0), spec)["ridge"]
+  ridge, _ = parts.ridge_head_update(fresh, f_train, np.asarray(task.train.y), spec.num_classes, 1)
+  logits = np.asarray(parts.head_logits({"ridge": ridge}, f_test, spec, 1))
+  pred = 2 + logits[:, 2:4].argmax(-1)
+  acc = 100 * np.mean(pred == np.asarray(task.test.y))
+  if alpha:
+    assert acc >= 90, acc
+  else:
+    assert np.ptp(f_test, axis=0).max() < 1e-6           # nothing but the blank base
+    assert acc <= 70, acc
+
+
+def test_retrieval_routes_each_input_to_the_backbone_that_knows_its_task():
+  """Independent units (α = 0) on orthogonal directions with separated inputs: each task's
+  classes are readable only through its own backbone and the head is restricted to the
+  routed task's classes. Signature retrieval finds the task (≥ 90 %) and the class-IL
+  accuracy follows; always routing to the last task, or to a random task, does not."""
+  dirs = [np.eye(6)[0], np.eye(6)[1]]
+  offs = [3.0 * np.eye(6)[4], -3.0 * np.eye(6)[4]]
+  stream = _direction_stream(dirs, offs)
+  bb = _blank_mlp()
+  parts = small_parts(bb, sites=("lin1/kernel",), alpha=0.0, rp_dim=64, n_components=2,
+                      unit_init_std=0.5, restrict_head=True)
+  res = _train(parts, stream)
+  state = jax.device_get(res.state)
+  spec = StreamSpec.from_stream(stream)
+  x = jnp.asarray(np.concatenate([t.test.x for t in stream.tasks]))
+  y = np.concatenate([t.test.y for t in stream.tasks])
+  true_task = np.concatenate([np.full(len(t.test.y), i) for i, t in enumerate(stream.tasks)])
+  every = jax.jit(parts.all_task_features, static_argnums=3)(state, bb.params, x, 2)
+  chosen, feats, _ = jax.jit(parts.route, static_argnums=3)(state, bb.params, x, 2)
+
+  def acc_with(tasks):
+    tasks = jnp.asarray(tasks, jnp.int32)
+    f = every[tasks, jnp.arange(len(y))]
+    pred = np.asarray(parts.head_logits(state, f, spec, 1, tasks)).argmax(-1)
+    return 100 * np.mean(pred == y)
+
+  retrieval_acc = 100 * np.mean(np.asarray(chosen) == true_task)
+  acc_retrieved = acc_with(chosen)
+  acc_last = acc_with(np.ones_like(true_task))
+  acc_random = acc_with(np.random.default_rng(0).integers(0, 2, len(y)))
+  assert retrieval_acc >= 90, retrieval_acc
+  assert acc_retrieved >= 85, acc_retrieved
+  np.testing.assert_allclose(res.acc_matrix[-1].mean(), acc_retrieved, atol=1e-3)  # = the loop's
+  assert acc_last <= 60 and acc_random <= 70, (acc_last, acc_random)
+  assert acc_retrieved - max(acc_last, acc_random) >= 20
+
+
+def test_inflora_effective_params_match_its_forward():
+  """experiments/text_proteus.py rebuilds InfLoRA's network for the head-matched row (InfLoRA +
+  the RanPAC head) from InfLoRA's state; its features must be InfLoRA's own."""
+  import importlib.util
+  from pathlib import Path
+
+  from clx.methods import heads as heads_lib
+  from clx.methods import inflora
+  path = Path(__file__).resolve().parents[2] / "experiments" / "text_proteus.py"
+  spec_ = importlib.util.spec_from_file_location("text_proteus_under_test", path)
+  module = importlib.util.module_from_spec(spec_)
+  spec_.loader.exec_module(module)
+  stream = make_gaussian_stream(num_tasks=2, classes_per_task=2, dim=8, n_train=48, n_test=16)
+  bb = mlp(stream.input_shape, (12, 10))
+  sites = ("lin1/kernel", "lin2/kernel")
+  method = inflora.inflora(bb, rank=2, sites=sites)
+  res = run_method(method, stream, TrainConfig(epochs=1, batch_size=16, learning_rate=1e-2,
+                                               eval_batch_size=32), quiet=True)
+  state = jax.device_get(res.state)
+  assert any(float(np.abs(b).max()) > 0 for b in jax.tree.leaves(state["branches"]["1"]["b"]))
+  params = module.inflora_effective_params(bb, state, bb.params, sites)
+  x = jnp.asarray(stream.tasks[0].test.x)
+  spec = StreamSpec.from_stream(stream)
+  feats = bb.apply(params, x)
+  assert float(jnp.abs(feats - bb.apply(bb.params, x)).max()) > 1e-6   # the branches act
+  mine = heads_lib.global_logits(state["heads"], feats, spec, "per_task", 1)
+  theirs = method.predict(state, bb.params, x, current_task=1, task_id=None, spec=spec)
+  np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), rtol=1e-5, atol=1e-5)
+
+
+def test_vit_proteus_config_is_the_authors_main_config():
+  """experiments/vit_proteus.py: the main ImageNet-R config (lr 1e-3, no orthogonality), pixels
+  in [0, 1], the authors' crop/flip transforms named, the original in21k weights; a stream
+  asked for transforms it cannot apply refuses to run instead of silently dropping them."""
+  import importlib.util
+  from pathlib import Path
+  path = Path(__file__).resolve().parents[2] / "experiments" / "vit_proteus.py"
+  spec_ = importlib.util.spec_from_file_location("vit_proteus_under_test", path)
+  module = importlib.util.module_from_spec(spec_)
+  spec_.loader.exec_module(module)
+  config = module.get_config()
+  assert config["train"]["learning_rate"] == 1e-3
+  assert config["method_args"]["proteus"]["ortho_weight"] == 0.0
+  assert config["stream"]["pixel_range"] == "0,1"
+  assert config["stream"]["train_transform"] == "rrc224_s005_flip"
+  assert config["stream"]["test_transform"] == "resize256bicubic_center224"
+  assert config["model"]["weights"].endswith("ViT-B_16.npz")
+  with pytest.raises(NotImplementedError, match="rrc224_s005_flip"):
+    module.vit_split_stream(**{k: v for k, v in config["stream"].items() if k != "name"})

@@ -72,27 +72,91 @@ def test_retrieval_is_perfect_when_separated_and_degrades_with_delta_as_the_boun
       assert acc >= 99.0
 
 
-def test_delta_is_mean_mahalanobis_over_d_minus_one():
+def _random_full_signatures(rng, t, k, d, scale=1.0):
+  """``t`` stacked full-covariance signatures of ``k`` components, and their (t, k, d, d) Σ."""
+  means = rng.normal(size=(t, k, d)) * 2
+  root = rng.normal(size=(t, k, d, d))
+  covs = scale * (root @ np.swapaxes(root, -1, -2) / d + 0.3 * np.eye(d))
+  sigs = mixture.stack_signatures([mixture.signature_from_moments(np.ones(k) / k, means[i],
+                                                                  covs[i], "full")
+                                   for i in range(t)])
+  return sigs, means, covs
+
+
+def _delta_theories_reference(feats, means, covs):
+  """theories.py's δ in float64 NumPy: for each other task's component, ``diff = x − μ`` as an
+  (n, d) block, the mean of the n×n matrix ``diff Σ⁻¹ diffᵀ``, over d, minus 1; the min."""
+  d = feats.shape[-1]
+  vals = []
+  for i in range(feats.shape[0]):
+    for s in range(means.shape[1]):
+      diff = feats[i] - means[i, s]
+      vals.append(np.mean(diff @ np.linalg.inv(covs[i, s]) @ diff.T) / d - 1)
+  return min(vals)
+
+
+def _delta_per_point_reference(feats, means, covs):
+  d = feats.shape[-1]
+  vals = []
+  for i in range(feats.shape[0]):
+    for s in range(means.shape[1]):
+      diff = feats[i] - means[i, s]
+      vals.append(np.mean(np.einsum("nd,de,ne->n", diff, np.linalg.inv(covs[i, s]), diff)) / d - 1)
+  return min(vals)
+
+
+def test_delta_forms_match_float64_references(x64):
   rng = np.random.default_rng(1)
-  feats = rng.normal(size=(2, 30, 3))
-  means = rng.normal(size=(2, 2, 3)) * 2
-  covs = rng.uniform(0.5, 2.0, size=(2, 2, 3))
-  sigs = mixture.stack_signatures([mixture.signature_from_moments(np.ones(2) / 2, means[i],
-                                                                  covs[i], "diag")
-                                   for i in range(2)])
-  maha = np.stack([[((feats[i] - means[i, s]) ** 2 / covs[i, s]).sum(1).mean() for s in range(2)]
-                   for i in range(2)])
-  ref = maha.min() / 3 - 1
-  np.testing.assert_allclose(float(retrieval.cluster_separation(jnp.asarray(feats, jnp.float32),
-                                                                sigs)), ref, rtol=1e-4)
-  # κ: smallest log-det difference to the other clusters
-  np.testing.assert_allclose(float(retrieval.log_det_ratio(0.3, sigs["log_det_cov"])),
-                             np.log(covs).sum(-1).min() - 0.3, rtol=1e-5)
-  np.testing.assert_allclose(float(retrieval.max_feature_variance(jnp.asarray(feats))),
-                             feats.var(1, ddof=1).max(), rtol=1e-5)
+  feats = rng.normal(size=(2, 30, 5))
+  sigs, means, covs = _random_full_signatures(rng, 2, 3, 5)
+  f = jnp.asarray(feats)
+  code = _delta_theories_reference(feats, means, covs)
+  per_point = _delta_per_point_reference(feats, means, covs)
+  np.testing.assert_allclose(float(retrieval.cluster_separation(f, sigs)), code, rtol=1e-9)
+  np.testing.assert_allclose(float(retrieval.cluster_separation(f, sigs, delta_form="per_point")),
+                             per_point, rtol=1e-9)
+  # the two forms differ by tr(Σ⁻¹ S)/d > 0 (S the points' biased covariance)
+  assert per_point > code + 0.1
+  with pytest.raises(ValueError, match="delta_form"):
+    retrieval.cluster_separation(f, sigs, delta_form="mean")
+  # diagonal signatures, the same two references
+  dcov = rng.uniform(0.5, 2.0, size=(2, 2, 5))
+  dmeans = rng.normal(size=(2, 2, 5)) * 2
+  dsigs = mixture.stack_signatures([mixture.signature_from_moments(np.ones(2) / 2, dmeans[i],
+                                                                   dcov[i], "diag")
+                                    for i in range(2)])
+  full = np.einsum("tkd,de->tkde", dcov, np.eye(5))
+  np.testing.assert_allclose(float(retrieval.cluster_separation(f, dsigs)),
+                             _delta_theories_reference(feats, dmeans, full), rtol=1e-9)
+  np.testing.assert_allclose(float(retrieval.cluster_separation(f, dsigs, delta_form="per_point")),
+                             _delta_per_point_reference(feats, dmeans, full), rtol=1e-9)
+  # κ: smallest log-det difference to the other clusters; σ²: largest unbiased variance
+  np.testing.assert_allclose(float(retrieval.log_det_ratio(0.3, dsigs["log_det_cov"])),
+                             np.log(dcov).sum(-1).min() - 0.3, rtol=1e-9)
+  np.testing.assert_allclose(float(retrieval.max_feature_variance(f)),
+                             feats.var(1, ddof=1).max(), rtol=1e-9)
 
 
-def test_cluster_bounds_equal_bound_check_per_cluster():
+def test_delta_forms_disagree_against_a_tight_component(x64):
+  """Points spread around a component 20x tighter than they are: the per-point δ is large
+  (each point is far in the tight metric), the code's cluster-mean δ is ≈ −1 (their mean sits
+  on the component's mean). This is the overfit regime of full covariances with n < d."""
+  rng = np.random.default_rng(2)
+  d, n = 6, 400
+  mu = rng.normal(size=d)
+  pts = mu + rng.normal(size=(n, d))
+  sig = mixture.stack_signatures([mixture.signature_from_moments(
+      np.ones(1), mu[None], (np.eye(d) / 20.0)[None], "full")])
+  f = jnp.asarray(pts[None])
+  cm = float(retrieval.cluster_separation(f, sig))
+  pp = float(retrieval.cluster_separation(f, sig, delta_form="per_point"))
+  np.testing.assert_allclose(cm, _delta_theories_reference(pts[None], mu[None, None],
+                                                           (np.eye(d) / 20)[None, None]), rtol=1e-9)
+  assert cm < -0.5 and pp > 15.0, (cm, pp)
+
+
+@pytest.mark.parametrize("delta_form", ["cluster_mean", "per_point"])
+def test_cluster_bounds_equal_bound_check_per_cluster(delta_form):
   x, _, sigs = synthetic_tasks(6.0, seed=3)
   t = 1
   others = [i for i in range(T) if i != t]
@@ -102,13 +166,17 @@ def test_cluster_bounds_equal_bound_check_per_cluster():
   labels[:3] = 1                              # a few points in the other cluster
   feats = jnp.broadcast_to(jnp.asarray(pts, jnp.float32), (T - 1, S * N, D))
   allc = retrieval.cluster_bounds(feats, jnp.asarray(labels), sigs[t]["log_det_cov"], other_sigs,
-                                  num_tasks=T, total_components=T * S)
+                                  num_tasks=T, total_components=T * S, delta_form=delta_form)
   for c in range(S):
     one = retrieval.bound_check(feats[:, labels == c], other_sigs, sigs[t]["log_det_cov"][c],
-                                num_tasks=T, total_components=T * S)
+                                num_tasks=T, total_components=T * S, delta_form=delta_form)
     for k in ("delta", "kappa", "sigma2", "threshold"):
       np.testing.assert_allclose(allc[k][c], one[k], rtol=2e-4, err_msg=k)
     assert bool(allc["pass"][c]) == bool(one["pass"])
+    # both forms are always reported
+    for form in retrieval.DELTA_FORMS:
+      other = retrieval.cluster_separation(feats[:, labels == c], other_sigs, delta_form=form)
+      np.testing.assert_allclose(allc[f"delta_{form}"][c], other, rtol=2e-4, err_msg=form)
   assert list(np.asarray(allc["count"])) == [N - 3, N + 3]
 
 
