@@ -217,9 +217,10 @@ class NSCLParts:
   def end_task(self, state, params, ctx):
     return self.update_covariance(self.write_back(state, params, ctx.task_index), ctx)
 
-  def predict(self, state, base, x, *, current_task, task_id, spec):
+  def predict(self, state, base, x, *, current_task, task_id, spec, mask=None):
     del base, task_id
-    feats = self.backbone.apply(state["backbone"], x)
+    # mask: padding rows of an evaluation batch stay out of batch statistics (conv backbones).
+    feats = self.backbone.apply(state["backbone"], x, mask=mask)
     return heads_lib.global_logits(state["heads"], feats, spec, self.mode(spec), current_task)
 
   def method(self, name: str, **overrides) -> ContinualMethod:
