@@ -562,7 +562,13 @@ def test_sharded_forward_and_train_step_match_unsharded(unsharded_run, layout):
   assert grad_err < 1e-5 * grad_scale
   param_err = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
                                                p_shd, p_ref)))
-  assert param_err < 1e-5
+  # Relative to how far training moved the parameters (3 Adam steps of lr 1e-2): Adam divides
+  # by sqrt(v) + eps, so float32 reduction-order noise in small gradients reaches the update
+  # scaled up. The absolute 1e-5 bound this replaced failed at 1.7e-5 (tensor-parallel) on an
+  # AVX-512 Xeon with jax 0.10.2, on the unchanged code of commit 91610c0 too.
+  moved = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
+                                           p_ref, bb.params)))
+  assert param_err < 1e-3 * moved, (param_err, moved)
 
 
 def test_2d_rules_and_sharded_loading(ref):
