@@ -379,6 +379,46 @@ def orthogonal_coordinates(z, basis, directions, num_tokens: int, tol: float = 1
   return z - (z @ w) @ w.T, q
 
 
+def token_pca(backbone: Backbone, x, num_components: int, *, embedding_source: str = "input",
+              special_tokens="auto", embedding_path: str | None = None,
+              batch_size: int = 256) -> dict[str, np.ndarray]:
+  """The PCA SPARC's ``begin_task`` computes (``pooling="token"``), for token ids ``x`` (n, L).
+
+  A host helper for calibrating τ outside a run (e.g. split-half overlaps of
+  one task at the sample size of a task, on a validation stream).
+
+  Args:
+    backbone: a text backbone (BERT, Llama).
+    x: int token ids ``(n, L)``.
+    num_components: k.
+    embedding_source, special_tokens, embedding_path: as in :func:`sparc`.
+    batch_size: rows per jitted accumulation.
+
+  Returns:
+    ``{"mean" (d,), "components" (d, k), "eigenvalues" (k,), "total_variance" ()}``.
+  """
+  embed = _Embedder(backbone, embedding_source, embedding_path, special_tokens)
+  x = np.asarray(x)
+  if x.ndim != 2 or len(x) == 0:
+    raise ValueError(f"x must be non-empty token ids (n, L), got shape {x.shape}")
+
+  @jax.jit
+  def rows_of(xb):
+    return embed(backbone.params, xb)
+
+  def pad(xb):
+    fill = np.full((batch_size - len(xb), x.shape[1]), embed.pad_id, x.dtype)
+    return np.concatenate([xb, fill]) if len(xb) < batch_size else xb
+
+  e, w = rows_of(pad(x[:batch_size]))
+  shift = jnp.sum(e * w[..., None], (0, 1)) / jnp.maximum(jnp.sum(w), 1.0)
+  moments = pca_ops.init_moments(embed.dim, shift=shift)
+  step = jax.jit(lambda m, xb: pca_ops.accumulate(m, *rows_of(xb)))
+  for i in range(0, len(x), batch_size):
+    moments = step(moments, pad(x[i:i + batch_size]))  # padded rows have weight 0
+  return jax.device_get(pca_ops.pca_from_moments(moments, int(num_components)))
+
+
 # ---------------------------------------------------------------------------------------------
 # SPARC
 

@@ -585,3 +585,14 @@ def test_linear_probe_trains_only_the_head():
   assert diag["trainable_params_per_task"] == 0 and diag["trainable_pct"] == 0
   assert diag["trainable_pct_with_head"] == pytest.approx(
       100 * (32 * 2 + 2) / tiny_bert().num_params(), abs=1e-5)
+
+
+def test_token_pca_equals_the_pca_begin_task_stores():
+  stream = make_stream("A")
+  method = sparc_lib.sparc(tiny_bert(), num_prompt_tokens=2, num_components=4)
+  states, _ = drive(method, stream, train=False)
+  got = sparc_lib.token_pca(tiny_bert(), stream.tasks[0].train.x, 4, batch_size=20)
+  want = states[-1]["tasks"]["0"]["pca"]
+  np.testing.assert_allclose(got["mean"], want["mean"], atol=1e-5)
+  np.testing.assert_allclose(got["eigenvalues"], want["eigenvalues"], rtol=1e-4)
+  assert sparc_lib.overlap_score(got["components"], want["components"]) == pytest.approx(1, abs=1e-4)
