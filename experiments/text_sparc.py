@@ -288,7 +288,8 @@ def table(workdir: pathlib.Path) -> str:
       diag = runs[0]["diagnostics"]
       pct = diag.get("trainable_pct")
       if row == "lora":  # clx.methods.sequential.lora reports no diagnostics: computed
-        pct_s = "0.327 (head +0.003)"
+        # 6 layers × (q, v) × 8 × (384 + 384) = 73,728; a 2-way head 770; of 22,565,376
+        pct_s = f"{100 * 73728 / 22565376:.4f} ({100 * (73728 + 770) / 22565376:.4f})"
       else:
         pct_s = f"{pct:.4f} ({diag.get('trainable_pct_with_head', 0):.4f})"
       fr = np.mean([r["forgetting_ratio_pct"] for r in runs], axis=0)

@@ -41,13 +41,17 @@ Per task ``t`` (``begin_task``, on the host, one jitted pass over the data):
    ``s*`` and its score are recorded. *Why "subspace" by default:* it does not
    depend on how the basis is rotated inside the subspace, while single
    principal directions of real embeddings are unstable (nearly equal
-   eigenvalues). Measured on MiniLM word embeddings, k = 100, 128-text tasks
-   (``experiments/text_sparc.py``): two random halves of one task score
+   eigenvalues). Measured on MiniLM, k = 100, 128 texts per task: with the
+   default inputs (post-LayerNorm real tokens), two random halves of one
+   WordNet ``wordnet_living`` task score 0.73-0.80 and two different tasks
+   0.61-0.71 (``experiments/text_sparc.py --calibrate``, validation stream);
+   on word-table rows (the earlier default) two halves of one task scored
    0.67-0.70 ("subspace") but only 0.31-0.33 ("mean_max_cosine", vs 0.14 for
-   a random subspace); RT sentiment vs RT subjectivity (same review corpus)
-   0.75; RT vs convention speeches 0.64-0.66; a random 100-dim subspace k/d =
-   0.26. Scores shrink with fewer samples (noisier components): calibrate τ
-   against a split-half overlap of your tasks.
+   a random subspace), RT sentiment vs RT subjectivity 0.75, RT vs convention
+   speeches 0.64-0.66; a random 100-dim subspace scores k/d = 0.26. Scores
+   shrink with fewer samples (noisier components): calibrate τ against
+   split-half overlaps of your tasks at the size of a task, on data you do
+   not evaluate on (``text_sparc.calibrate_tau``).
 3. **Initialisation.** If ``score(s*) ≥ τ`` (``overlap_threshold``, default
    0.7 with "subspace": the paper gives no value) the prompt is *re-used*: task ``t`` gets its
    own copy of ``s*``'s prompt re-expressed in the new basis, ``Z_t = (P_s* −
