@@ -226,6 +226,40 @@ def calibrate_tau(workdir: pathlib.Path, seed: int = 0, k: int = 100, repeats: i
   return record
 
 
+def routing(workdir: pathlib.Path, seeds=(0, 1, 2), ks=(10, 100)) -> dict:
+  """How often SPARC's task choice without a task id (PCA reconstruction) picks the true task.
+
+  Recomputes each task's PCA from its training texts exactly as ``begin_task`` does
+  (:func:`clx.methods.sparc.token_pca`) and routes every test text of the domain stream to
+  the task with the smallest mean squared residual over its real tokens (``selection=
+  "subspace"``). Embedding layer only, no training. Returns ``{k: {seed: [per-task %]}}``.
+  """
+  import jax.numpy as jnp
+  from clx.methods import sparc as sparc_lib
+  out = {}
+  for k in ks:
+    out[k] = {}
+    for seed in seeds:
+      stream = text_sparc_stream(scenario="domain", seed=seed)
+      backbone = _backbone(stream.input_shape[0])
+      embed = sparc_lib._Embedder(backbone, "input", None, "auto")  # pylint: disable=protected-access
+      pcs = [sparc_lib.token_pca(backbone, t.train.x, k) for t in stream.tasks]
+      per_task = []
+      for true, task in enumerate(stream.tasks):
+        e, w = embed(backbone.params, jnp.asarray(task.test.x))
+        e, w = np.asarray(e, np.float64), np.asarray(w, np.float64)
+        errs = []
+        for pc in pcs:
+          c = e - np.asarray(pc["mean"], np.float64)
+          r = np.sum(c**2, -1) - np.sum((c @ np.asarray(pc["components"], np.float64))**2, -1)
+          errs.append(np.sum(r * w, -1) / np.maximum(np.sum(w, -1), 1.0))
+        per_task.append(round(100.0 * float(np.mean(np.argmin(errs, 0) == true)), 1))
+      out[k][seed] = per_task
+  (workdir / "routing.json").write_text(json.dumps(out, indent=1))
+  print(json.dumps(out))
+  return out
+
+
 def validate(workdir: pathlib.Path, seed: int = 0) -> dict:
   """Learning rates per row kind and τ for SPARC, chosen on the validation stream (domain-IL).
 
@@ -314,6 +348,8 @@ def main(argv=None) -> int:
   parser.add_argument("--calibrate", action="store_true",
                       help="τ from split-half vs cross-domain overlaps on the validation stream")
   parser.add_argument("--table", action="store_true", help="print the table over seeds")
+  parser.add_argument("--routing", action="store_true",
+                      help="accuracy of SPARC's task choice without task id (domain stream)")
   args = parser.parse_args(argv)
   workdir = pathlib.Path(args.workdir)
   if args.table:
@@ -324,6 +360,9 @@ def main(argv=None) -> int:
     return 0
   if args.calibrate:
     calibrate_tau(workdir, args.seed)
+    return 0
+  if args.routing:
+    routing(workdir)
     return 0
   specs = rows()
   wanted = args.rows.split(",") if args.rows else list(specs)
