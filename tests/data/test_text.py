@@ -528,6 +528,85 @@ def test_token_cache_is_reused(synthetic, monkeypatch):
   assert not again.flags.writeable
 
 
+SYN_PAIRS = (("noun.animal", "noun.artifact"), ("noun.person", "noun.act"))
+
+
+def test_wordnet_living_labels_keep_their_meaning_across_tasks(synthetic):
+  data = text.load_text_dataset("clx_wordnet_supersense", **_opts(synthetic))
+  stream = streams.get_stream("wordnet_living", **_opts(
+      synthetic, pairs=SYN_PAIRS, per_class_train=10, per_class_test=4, max_length=16,
+      tokenizer=synthetic["tokenizer"]))
+  raw = text.text_stream("wordnet_living", **_opts(synthetic, pairs=SYN_PAIRS, per_class_train=10,
+                                                   per_class_test=4))
+  assert (stream.scenario, stream.num_classes, len(stream)) == ("domain", 2, 2)
+  assert raw.class_names == ("non-living", "living")
+  for (living, nonliving), task, ids in zip(SYN_PAIRS, raw.tasks, stream.tasks):
+    assert task.classes == ids.classes == (0, 1)
+    for s in ("train", "test"):
+      split = getattr(task, s)
+      lexnames = np.asarray(text.SUPERSENSES)[data[s]["label"][split.index]]
+      # label 1 is the living supersense and 0 the non-living one, in every task
+      assert set(lexnames[split.y == 1]) == {living}
+      assert set(lexnames[split.y == 0]) == {nonliving}
+      np.testing.assert_array_equal(np.bincount(split.y), [10 if s == "train" else 4] * 2)
+      np.testing.assert_array_equal(getattr(ids, s).y, split.y)
+      np.testing.assert_array_equal(
+          synthetic["tokenizer"](list(split.texts), 16, bucket=False, length=16), getattr(ids, s).x)
+
+
+def test_wordnet_living_validation_is_disjoint_deterministic_and_seeded(synthetic):
+  kwargs = _opts(synthetic, pairs=SYN_PAIRS, per_class_train=2, per_class_test=3)
+  used = {"train": set(), "test": set()}  # rows of the dataset's splits used by evaluated streams
+  for seed in range(3):
+    stream = text.text_stream("wordnet_living", seed=seed, **kwargs)
+    for task in stream.tasks:
+      for s in ("train", "test"):
+        assert getattr(task, s).source is None
+        used[s] |= set(getattr(task, s).index.tolist())
+  val_rows = set()
+  for seed in range(3):
+    val = text.text_stream("wordnet_living", seed=seed, validation=True, **kwargs)
+    again = text.text_stream("wordnet_living", seed=seed, validation=True, **kwargs)
+    rows = []
+    for task, twin in zip(val.tasks, again.tasks):
+      assert task.train.source == task.test.source == "train"
+      np.testing.assert_array_equal(np.bincount(task.train.y), [2, 2])
+      np.testing.assert_array_equal(np.bincount(task.test.y), [3, 3])
+      for s in ("train", "test"):
+        np.testing.assert_array_equal(getattr(task, s).index, getattr(twin, s).index)
+        rows.append(getattr(task, s).index)
+    rows = np.concatenate(rows)
+    assert len(set(rows.tolist())) == len(rows)  # train/test and tasks disjoint
+    assert not set(rows.tolist()) & used["train"]  # never a text of an evaluated stream
+    val_rows |= set(rows.tolist())
+  # the held-out part is one fixed set: later seeds draw from the same pool (5 per class here)
+  assert len(val_rows) <= 4 * 5
+  seed0 = text.text_stream("wordnet_living", seed=0, **kwargs)
+  seed1 = text.text_stream("wordnet_living", seed=1, **kwargs)
+  assert not np.array_equal(seed0.tasks[0].train.index, seed1.tasks[0].train.index)
+  ids = text.tokenize_text_stream(text.text_stream("wordnet_living", validation=True, **kwargs),
+                                  tokenizer=synthetic["tokenizer"], max_length=12,
+                                  **_opts(synthetic))
+  task = text.text_stream("wordnet_living", validation=True, **kwargs).tasks[0]
+  np.testing.assert_array_equal(  # the validation test texts are tokenised from the train split
+      synthetic["tokenizer"](list(task.test.texts), 12, bucket=False, length=12),
+      ids.tasks[0].test.x)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"pairs": (("noun.animal", "noun.artifact"), ("noun.animal", "noun.act"))}, "two pairs"),
+    ({"pairs": (("noun.animal",),)}, "every pair"),
+    ({"pairs": (("noun.animal", "noun.bogus"),)}, "unknown supersense"),
+    ({"scenario": "task"}, "must be 'domain'"),
+    ({"num_tasks": 2}, "not options of this stream"),
+    ({"validation": True, "per_class_train": 4, "per_class_test": 4}, "validation holds 5"),
+])
+def test_wordnet_living_option_errors(synthetic, kwargs, match):
+  kwargs = {"pairs": SYN_PAIRS, "per_class_train": 2, "per_class_test": 2, **kwargs}
+  with pytest.raises(ValueError, match=match):
+    text.text_stream("wordnet_living", **_opts(synthetic, **kwargs))
+
+
 @pytest.mark.parametrize("name,kwargs,error,match", [
     ("nope", {}, KeyError, "unknown text stream"),
     ("wordnet_supersense", {"num_tasks": 7}, ValueError, "only 6 have"),
@@ -543,6 +622,7 @@ def test_token_cache_is_reused(synthetic, monkeypatch):
     ("rotten_tomatoes", {"tasks": ("sentiment", "topic")}, ValueError, "distinct names"),
     ("text_tasks", {"num_tasks": 2, "political": True}, ValueError, "num_tasks must be >= 3"),
     ("wordnet_supersense", {"political": True}, ValueError, "only available in 'text_tasks'"),
+    ("rotten_tomatoes", {"validation": True}, ValueError, "'wordnet_living' options"),
 ])
 def test_text_stream_option_errors(synthetic, name, kwargs, error, match):
   kwargs = {"per_class_train": 10, "per_class_test": 3, **kwargs}
@@ -558,7 +638,7 @@ def test_tokenizer_resolution_errors(tmp_path):
 
 
 def test_streams_are_registered():
-  for name in ("wordnet_supersense", "rotten_tomatoes", "text_tasks"):
+  for name in ("wordnet_supersense", "rotten_tomatoes", "text_tasks", "wordnet_living"):
     assert name in streams.list_streams()
 
 
@@ -598,6 +678,18 @@ def test_real_rotten_tomatoes_and_political_counts():
   assert np.bincount(records["label"]).tolist() == [5384, 7368, 5669]
   political = text.political_records(text.read_political(paths["political"]))
   assert np.bincount(political["label"]).tolist() == [4520, 3490]
+
+
+def test_real_wordnet_living_sizes():
+  _cached_or_skip(text.fetch_wordnet, "WordNet (Debian wordnet-base)")
+  stream = text.text_stream("wordnet_living")
+  val = text.text_stream("wordnet_living", validation=True)
+  assert [t.name for t in stream.tasks] == [f"living: {a} vs {b}" for a, b in text.LIVING_PAIRS]
+  for task, vtask in zip(stream.tasks, val.tasks):
+    assert np.bincount(task.test.y).tolist() == [500, 500]  # >= 500 test texts per class
+    assert np.bincount(task.train.y).tolist() == [128, 128]
+    assert np.bincount(vtask.test.y).tolist() == [200, 200]
+    assert not set(task.train.index) & (set(vtask.train.index) | set(vtask.test.index))
 
 
 def test_real_minilm_tokenizer_key_and_ids():

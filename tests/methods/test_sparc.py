@@ -3,7 +3,10 @@
 Token groups have embeddings confined to known coordinate blocks of R^32, so
 the PCA subspace of a task (and its overlap with another task) is known in
 advance: group A (ids 1-40) spans dims 0-9, B (41-80) dims 10-19, C (81-120)
-dims 5-14 (half of A's, half of B's).
+dims 5-14 (half of A's, half of B's). The known blocks are in the word table,
+so the tests that rely on them run SPARC on table rows (:func:`table_sparc`);
+the default geometry (post-LayerNorm inputs, special tokens left out) has its
+own float64 reference test.
 """
 
 from __future__ import annotations
@@ -42,6 +45,13 @@ def tiny_bert():
   return dataclasses.replace(backbone, params=params)
 
 
+@functools.lru_cache(maxsize=None)
+def pooled_prefix_bert():
+  return bert.bert((L,), config=bert.BertConfig(
+      vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+      intermediate_size=64, max_position_embeddings=32), pool_prefix=True)
+
+
 def _split(rng, n, group, classes):
   lo, hi, _ = GROUPS[group]
   x = np.zeros((n, L), np.int32)
@@ -70,7 +80,13 @@ def make_stream(groups, scenario="task", n_train=48, n_test=24, same_data=()):
   return Stream("synthetic_text", tuple(tasks), scenario, num_classes)
 
 
-def drive(method, stream, *, train=True):
+def table_sparc(backbone=None, **kwargs):
+  """SPARC whose PCA runs on word-table rows with every token kept (the known-block fixture)."""
+  return sparc_lib.sparc(backbone or tiny_bert(), embedding_source="table", special_tokens="none",
+                         **kwargs)
+
+
+def drive(method, stream, *, train=True, cfg=CFG):
   """The loop's protocol calls; returns the state after each task.
 
   ``train``: True/False, or the indices of the tasks to train (others keep their init).
@@ -84,7 +100,7 @@ def drive(method, stream, *, train=True):
   states = []
   for t, task in enumerate(stream.tasks):
     ctx = loop._Context(t, spec, jax.random.fold_in(key, 1 + t), base, fitter, task.train,
-                        {"test": task.test, "val": None}, CFG, (0, t))
+                        {"test": task.test, "val": None}, cfg, (0, t))
     state = method.begin_task(state, ctx)
     params = method.trainable(state, t)
     if train is True or (train and t in train):
@@ -112,7 +128,7 @@ def in_span_residual(rows, basis):
 
 @pytest.mark.parametrize("use_mean,train", [(True, (1,)), (False, False)])
 def test_prompt_lies_in_the_task_pca_span_after_training(use_mean, train):
-  method = sparc_lib.sparc(tiny_bert(), num_prompt_tokens=3, num_components=4, use_mean=use_mean)
+  method = table_sparc(num_prompt_tokens=3, num_components=4, use_mean=use_mean)
   states, _ = drive(method, make_stream("AB"), train=train)
   for t in range(2):
     entry = states[-1]["tasks"][str(t)]
@@ -144,8 +160,8 @@ def test_overlap_is_one_for_same_data_and_zero_for_orthogonal_subspaces():
 @pytest.mark.parametrize("tau,expected", [(0.9, [False, True, False]), (float("inf"), [False] * 3),
                                           (0.0, [False, True, True])])
 def test_reuse_or_new_follows_the_threshold(tau, expected):
-  method = sparc_lib.sparc(tiny_bert(), num_prompt_tokens=2, num_components=4,
-                           overlap="subspace", overlap_threshold=tau)
+  method = table_sparc(num_prompt_tokens=2, num_components=4, overlap="subspace",
+                       overlap_threshold=tau)
   states, _ = drive(method, make_stream("AAB", same_data=(1,)), train=False)
   last = states[-1]["tasks"]
   assert [bool(last[str(t)]["overlap"]["reused"]) for t in range(3)] == expected
@@ -159,8 +175,7 @@ def test_reuse_or_new_follows_the_threshold(tau, expected):
 
 
 def test_new_prompt_is_orthogonal_to_stored_prompts_inside_its_subspace():
-  method = sparc_lib.sparc(tiny_bert(), num_prompt_tokens=2, num_components=6,
-                           overlap_threshold=1.0)
+  method = table_sparc(num_prompt_tokens=2, num_components=6, overlap_threshold=1.0)
   states, _ = drive(method, make_stream("AC"), train=False)  # C half-overlaps A
   p0, p1 = prompt(states[-1], 0), prompt(states[-1], 1)
   u1 = states[-1]["tasks"]["1"]["pca"]["components"]
@@ -226,8 +241,7 @@ def test_prompt_tuning_baseline_shares_one_drifting_prompt():
 def test_domain_il_subspace_selection_picks_the_matching_task_prompt():
   stream = make_stream("AB", scenario="domain")
   for lora_rank in (0, 2):
-    method = sparc_lib.sparc(tiny_bert(), num_prompt_tokens=2, num_components=4,
-                             lora_rank=lora_rank)
+    method = table_sparc(num_prompt_tokens=2, num_components=4, lora_rank=lora_rank)
     states, spec = drive(method, stream, train=False)
     assert set(states[-1]["heads"]) == {"shared"}
     base = method.backbone.params
@@ -243,7 +257,7 @@ def test_domain_il_subspace_selection_picks_the_matching_task_prompt():
 
     free, given = both(states[-1], x)  # a mixed batch: every example finds its own task
     np.testing.assert_allclose(free, given, rtol=1e-5, atol=1e-5)
-  latest = sparc_lib.sparc(tiny_bert(), num_prompt_tokens=2, num_components=4, selection="latest")
+  latest = table_sparc(num_prompt_tokens=2, num_components=4, selection="latest")
   free, last = jax.jit(lambda state, x: [
       latest.predict(state, base, x, current_task=1, task_id=t, spec=spec) for t in (None, 1)])(
           states[-1], x)
@@ -382,5 +396,203 @@ def test_sequential_lora_baseline_with_label_words():
   assert set(states[-1]) == {"lora"} and method.name == "prompt_lora"
   diag = method.diagnostics(states[-1])
   assert diag["prompt_params"] == 0 and diag["lora_params"] == diag["trainable_params_per_task"] > 0
-  with pytest.raises(ValueError, match="num_prompt_tokens >= 1 or lora_rank >= 1"):
-    sparc_lib.prompt_tuning(backbone, num_prompt_tokens=0)
+  with pytest.raises(ValueError, match="only the head"):
+    sparc_lib.prompt_tuning(backbone, num_prompt_tokens=0, label_words=[10, 11, 12, 13])
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry: the PCA describes the space the prompt is inserted into
+
+
+CLS, SEP = 1, 2
+
+
+def _random_ln_bert():
+  """A tiny BERT with random word/position embeddings and a non-trivial embedding LayerNorm."""
+  backbone = bert.bert((L,), config=bert.BertConfig(
+      vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+      intermediate_size=32, max_position_embeddings=32), seed=3)
+  rng = np.random.default_rng(7)
+  params = jax.tree.map(lambda v: v, backbone.params)
+  emb = params["embeddings"]
+  emb["word_embeddings"]["embedding"] = jnp.asarray(rng.normal(0, 0.05, (64, 16)), jnp.float32)
+  emb["position_embeddings"]["embedding"] = jnp.asarray(rng.normal(0, 0.05, (32, 16)), jnp.float32)
+  emb["layer_norm"]["scale"] = jnp.asarray(rng.uniform(0.5, 1.5, 16), jnp.float32)
+  emb["layer_norm"]["bias"] = jnp.asarray(rng.normal(0, 0.3, 16), jnp.float32)
+  return dataclasses.replace(backbone, params=params)
+
+
+def _bert_rows(n, rng):
+  """[CLS] w_1 .. w_m [SEP] then padding, m random in [2, L - 2]."""
+  x = np.zeros((n, L), np.int32)
+  for i, m in enumerate(rng.integers(2, L - 1, n)):
+    x[i, 0], x[i, 1:m + 1], x[i, m + 1] = CLS, rng.integers(3, 64, m), SEP
+  return x
+
+
+def _embedding_layer_f64(params, x):
+  """float64 reference of BERT's embedding layer: LN(word + position + type 0)."""
+  emb = jax.tree.map(lambda v: np.asarray(v, np.float64), params["embeddings"])
+  h = (emb["word_embeddings"]["embedding"][x] + emb["position_embeddings"]["embedding"][:L][None]
+       + emb["token_type_embeddings"]["embedding"][0])
+  mu = h.mean(-1, keepdims=True)
+  var = ((h - mu) ** 2).mean(-1, keepdims=True)
+  return (h - mu) / np.sqrt(var + 1e-12) * emb["layer_norm"]["scale"] + emb["layer_norm"]["bias"]
+
+
+def _top_k(rows, k):
+  mean = rows.mean(0)
+  cov = (rows - mean).T @ (rows - mean) / len(rows)
+  vals, vecs = np.linalg.eigh(cov)
+  return mean, vecs[:, ::-1][:, :k], vals[::-1][:k]
+
+
+def test_pca_runs_on_the_post_layernorm_real_tokens_the_prompt_sits_among():
+  backbone = _random_ln_bert()
+  rng = np.random.default_rng(0)
+  x = _bert_rows(40, rng)
+  y = rng.integers(0, 2, 40).astype(np.int32)
+  stream = Stream("bert_rows", (Task("t0", ArraySplit({"x": x, "y": y}),
+                                     ArraySplit({"x": x[:8], "y": y[:8]}), (0, 1)),), "task", 2)
+  k = 4
+  method = sparc_lib.sparc(backbone, num_prompt_tokens=3, num_components=k)
+  states, _ = drive(method, stream, train=False)
+  pc = states[-1]["tasks"]["0"]["pca"]
+  # float64 reference: embedding-layer outputs of the real tokens (no [CLS], [SEP], padding)
+  h = _embedding_layer_f64(backbone.params, x)
+  real = (x != 0) & (x != CLS) & (x != SEP)
+  mean, u_ref, vals_ref = _top_k(h[real], k)
+  u = np.asarray(pc["components"], np.float64)
+  np.testing.assert_allclose(np.asarray(pc["mean"]), mean, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(pc["eigenvalues"]), vals_ref, rtol=1e-3, atol=1e-6)
+  np.testing.assert_allclose(u @ u.T, u_ref @ u_ref.T, atol=1e-4)
+  # the fixture can tell: with [CLS]/[SEP] in, or on word-table rows, the subspace differs
+  _, u_special, _ = _top_k(h[x != 0], k)
+  assert np.abs(u_special @ u_special.T - u_ref @ u_ref.T).max() > 1e-2
+  table = np.asarray(backbone.params["embeddings"]["word_embeddings"]["embedding"], np.float64)
+  _, u_table, _ = _top_k(table[x[real]], k)
+  assert np.abs(u_table @ u_table.T - u_ref @ u_ref.T).max() > 1e-2
+  # those reference rows are exactly the vectors the prompt is inserted among (layer-0 inputs)
+  p = prompt(states[-1], 0)
+  _, taps = backbone.apply(backbone.params, jnp.asarray(x), taps="inputs",
+                           prefix=jnp.asarray(p, jnp.float32))
+  layer0 = np.asarray(taps["encoder/layers/0/attention/query/kernel"], np.float64)
+  np.testing.assert_allclose(layer0[:, 1:4], np.broadcast_to(p, (40, 3, 16)), atol=1e-5)
+  np.testing.assert_allclose(np.delete(layer0, [1, 2, 3], axis=1), h, atol=1e-4)
+  # and the initial prompt has the scale of those rows (table rows are ~50x smaller here)
+  token_norm = np.linalg.norm(h[real] - mean, axis=1).mean()
+  assert 0.2 < np.linalg.norm(p, axis=1).mean() / token_norm < 1.5
+
+
+def test_special_tokens_option():
+  backbone = _random_ln_bert()
+  x = _bert_rows(6, np.random.default_rng(1))
+  by_ids = sparc_lib._Embedder(backbone, "input", None, special=[CLS, SEP]).mask(x)
+  edges = sparc_lib._Embedder(backbone, "input", None, special="auto").mask(x)
+  none = sparc_lib._Embedder(backbone, "input", None, special="none").mask(x)
+  np.testing.assert_array_equal(by_ids, (x != 0) & (x != CLS) & (x != SEP))
+  np.testing.assert_array_equal(edges, by_ids)
+  np.testing.assert_array_equal(none, x != 0)
+  with pytest.raises(ValueError, match="special_tokens"):
+    sparc_lib.sparc(backbone, num_components=4, special_tokens="cls")
+
+
+# ---------------------------------------------------------------------------------------------
+# Components switched off change the outcome
+
+
+def test_subspace_off_lets_the_prompt_leave_the_pca_span():
+  stream = make_stream("AB")
+  cfg = dataclasses.replace(CFG, epochs=2, learning_rate=3e-2)
+  kw = dict(num_prompt_tokens=3, num_components=4, overlap_threshold=float("inf"))
+  on, _ = drive(table_sparc(**kw), stream, cfg=cfg)
+  off, _ = drive(table_sparc(in_subspace=False, **kw), stream, cfg=cfg)
+  untrained, _ = drive(table_sparc(in_subspace=False, **kw), stream, train=False)
+  for t in range(2):
+    u = on[-1]["tasks"][str(t)]["pca"]["components"]
+    assert in_span_residual(prompt(on[-1], t), u) < 1e-5  # constrained: stays in span(U_t)
+    # same start (the free prompt is initialised as SPARC's, inside the span) ...
+    start = np.asarray(untrained[-1]["tasks"][str(t)]["z"], np.float64)
+    assert in_span_residual(start, u) < 1e-5
+    free = np.asarray(off[-1]["tasks"][str(t)]["z"], np.float64)
+    assert free.shape == (3, 32)
+    # ... but once trained the free prompt leaves the span
+    assert in_span_residual(free, u) > 1e-2
+
+
+def test_reuse_off_starts_a_repeated_task_from_scratch():
+  """Domain-IL, task 1 = task 0's data: with re-use it starts where task 0 ended."""
+  stream = make_stream("AA", scenario="domain", same_data=(1,))
+  cfg = dataclasses.replace(CFG, epochs=6, learning_rate=5e-2)
+  # prompt positions pooled too, so the prompt the shared head was trained with matters
+  backbone = dataclasses.replace(tiny_bert(), graphdef=pooled_prefix_bert().graphdef)
+  spec = StreamSpec.from_stream(stream)
+  train = stream.tasks[1].train
+  batch = {"x": jnp.asarray(train.x), "y": jnp.asarray(train.y),
+           "mask": jnp.ones(len(train.y))}
+  losses = {}
+  for tau in (0.0, float("inf")):
+    method = table_sparc(backbone, num_prompt_tokens=4, num_components=6, overlap_threshold=tau)
+    states, _ = drive(method, stream, train=(0,), cfg=cfg)  # task 1 not trained: its start
+    state = states[-1]
+    loss_fn = jax.jit(functools.partial(method.loss, task_index=1, spec=spec))
+    start, _ = loss_fn(method.trainable(state, 1), state, method.backbone.params, batch, None)
+    # what task 0's own trained prompt scores on the same texts with the same shared head
+    state0 = {**state, "tasks": {**state["tasks"], "1": {**state["tasks"]["1"],
+                                                         "z": state["tasks"]["0"]["z"]}}}
+    end0, _ = loss_fn(method.trainable(state0, 1), state0, method.backbone.params, batch, None)
+    losses[tau] = (float(start), float(end0))
+    assert bool(state["tasks"]["1"]["overlap"]["reused"]) == (tau == 0.0)
+  (reuse_start, end0), (fresh_start, _) = losses[0.0], losses[float("inf")]
+  assert reuse_start == pytest.approx(end0, abs=1e-5)  # re-use: starts at the trained prompt
+  assert fresh_start > reuse_start + 0.05  # re-use off: a new prompt, a higher starting loss
+
+
+def test_lora_lr_scale_moves_lora_c_times_as_far_as_the_prompt_under_adam():
+  import optax
+  stream = make_stream("A")
+  c, lr = 0.1, 1e-2
+  method = table_sparc(num_prompt_tokens=2, num_components=4, lora_rank=2, lora_lr_scale=c)
+  states, spec = drive(method, stream, train=False)
+  state = states[-1]
+  params = method.trainable(state, 0)
+  ctx0 = type("Ctx", (), {"task_index": 0})()
+  # round trip: the stored state keeps natural units
+  back = method.end_task(state, params, ctx0)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  train = stream.tasks[0].train
+  batch = {"x": jnp.asarray(train.x[:16]), "y": jnp.asarray(train.y[:16]), "mask": jnp.ones(16)}
+  grads = jax.grad(lambda p: method.loss(p, state, method.backbone.params, batch, None,
+                                         task_index=0, spec=spec)[0])(params)
+  opt = optax.adam(lr)
+  updates, _ = opt.update(grads, opt.init(params), params)
+  new = method.end_task(state, optax.apply_updates(params, updates), ctx0)
+  dz = np.abs(np.asarray(new["tasks"]["0"]["z"]) - np.asarray(state["tasks"]["0"]["z"]))
+  db = [np.abs(np.asarray(new["tasks"]["0"]["lora"][s]["b"]) -
+               np.asarray(state["tasks"]["0"]["lora"][s]["b"])) for s in state["tasks"]["0"]["lora"]]
+  # Adam's first step moves every coordinate with a non-zero gradient by lr (its sign)
+  assert dz.max() == pytest.approx(lr, rel=1e-3)
+  assert max(d.max() for d in db) == pytest.approx(c * lr, rel=1e-3)
+
+
+def test_linear_probe_trains_only_the_head():
+  stream = make_stream("AB")
+  method = sparc_lib.linear_probe(tiny_bert())
+  states, _ = drive(method, stream, train=(0,))
+  assert set(states[-1]) == {"heads"}
+  diag = method.diagnostics(states[-1])
+  assert diag["trainable_params_per_task"] == 0 and diag["trainable_pct"] == 0
+  assert diag["trainable_pct_with_head"] == pytest.approx(
+      100 * (32 * 2 + 2) / tiny_bert().num_params(), abs=1e-5)
+
+
+def test_token_pca_equals_the_pca_begin_task_stores():
+  stream = make_stream("A")
+  method = sparc_lib.sparc(tiny_bert(), num_prompt_tokens=2, num_components=4)
+  states, _ = drive(method, stream, train=False)
+  got = sparc_lib.token_pca(tiny_bert(), stream.tasks[0].train.x, 4, batch_size=20)
+  want = states[-1]["tasks"]["0"]["pca"]
+  np.testing.assert_allclose(got["mean"], want["mean"], atol=1e-5)
+  np.testing.assert_allclose(got["eigenvalues"], want["eigenvalues"], rtol=1e-4)
+  assert sparc_lib.overlap_score(got["components"], want["components"]) == pytest.approx(1, abs=1e-4)
