@@ -225,7 +225,7 @@ def test_state_rule_splits_only_large_arrays():
            "head": np.zeros((16, 4), np.float32), "odd": np.zeros((3, 3 + sharding.STATE_SHARD_MIN_ELEMENTS)),
            "task": 3}
   specs = jax.tree.map(lambda s: tuple(s.spec), sharding.state_shardings(state, mesh, "fsdp"))
-  assert specs["memory"] == (None, ("data",))  # the larger divisible dimension
+  assert specs["memory"] in ((None, "data"), (None, ("data",)))  # the larger divisible dimension
   assert specs["head"] == () and specs["odd"] == () and specs["task"] == ()
   assert all(s == () for s in jax.tree.leaves(
       jax.tree.map(lambda s: tuple(s.spec), sharding.state_shardings(state, mesh, "replicated")),
