@@ -3,7 +3,7 @@
 Runs in one subprocess with 8 simulated CPU devices (the suite's conftest sets
 4): per-device parameter bytes of ViT-L/16 and a Llama-3.2-1B-shaped model at
 their real shapes (abstract arrays, nothing materialised), and small ViT and
-Llama InfLoRA runs through ``run_method`` whose numbers must match the
+Llama LoRA runs through ``run_method`` whose numbers must match the
 replicated run under every sharding mode.
 """
 
@@ -83,7 +83,13 @@ def _token_stream(rng, vocab, num_tasks=2, classes=2, n=48, length=12):
 
 
 def _run_all_modes(backbone, stream) -> dict:
-  """InfLoRA on ``stream`` under every mode: acc matrices, final adapters, placed bytes."""
+  """Sequential LoRA (k, v) on ``stream`` under every mode: acc matrices, final state, bytes.
+
+  LoRA, not InfLoRA: InfLoRA's designed down-projections come from an
+  eigendecomposition whose signs flip under float-order changes (its accuracy
+  matrices matched exactly in every mode, its raw states did not), while
+  LoRA's parameters are comparable element by element.
+  """
   import jax
 
   from clx import methods
@@ -102,7 +108,7 @@ def _run_all_modes(backbone, stream) -> dict:
   results = {}
   try:
     for mode, model in MESHES.items():
-      method = methods.build("inflora", backbone, rank=2, sites=["k", "v"])
+      method = methods.build("lora", backbone, rank=2, targets=backbone.site_paths(("k", "v")))
       cfg = loop.TrainConfig(epochs=1, batch_size=16, eval_batch_size=32, learning_rate=1e-2,
                              param_sharding=mode, model_parallel=model)
       res = loop.run_method(method, stream, cfg, seed=0, quiet=True, progress=False)
@@ -168,7 +174,7 @@ def report():
 
 @pytest.fixture(scope="module")
 def runs():
-  """Small InfLoRA runs under every mode (several minutes on 2 cores: marked slow)."""
+  """Small LoRA runs under every mode (several minutes on 2 cores: marked slow)."""
   return _subprocess("runs")
 
 
@@ -188,9 +194,10 @@ def test_run_method_places_base_sharded(runs, model, mode):
   got = report[model][mode]
   assert got["bytes_devices"] == DEVICES
   assert got["mesh"]["data"] * got["mesh"].get("model", 1) == DEVICES
-  # Small models keep biases / norms / position embeddings whole, so allow
-  # more than 1/8 here, but far less than the replicated copy.
-  assert got["bytes_max"] < 0.4 * report[model]["total"], got["bytes_max"]
+  # Small models keep biases / norms / embeddings whole (the tiny ViT's patch
+  # embedding is 42 % of it and tensor rules replicate it), so allow more than
+  # 1/8 here, but far less than the replicated copy.
+  assert got["bytes_max"] < 0.6 * report[model]["total"], got["bytes_max"]
   assert report[model]["replicated"]["bytes_max"] == report[model]["total"]
 
 
