@@ -49,7 +49,8 @@ DATA_AXIS = "data"
 MODEL_AXIS = "model"
 PARAM_SHARDINGS = ("replicated", "fsdp", "tensor", "tensor_fsdp")
 STATE_SHARD_MIN_ELEMENTS = 1 << 18
-"""Method-state arrays this large (1 MiB of float32) or larger are sharded (non-replicated modes)."""
+"""Method-state arrays of at least this many elements (1 MiB of float32) are sharded
+(non-replicated modes)."""
 
 
 def maybe_initialize_distributed() -> None:

@@ -109,7 +109,7 @@ def test_bf16_gram_taps_float32(pair):
 
 
 def test_adapter_merge_on_bf16_backbone_has_float32_grads():
-  """A LoRA branch merged into the float32 kernel (W + a·b, as the methods do) trains in float32."""
+  """A LoRA branch merged into the float32 kernel (W + a·b) trains in float32."""
   backbone = _vit("bfloat16")
   site = "blocks/0/attn/key/kernel"
   kernel = backbone.params["blocks"]["0"]["attn"]["key"]["kernel"]

@@ -43,7 +43,8 @@ def _bytes_report(params) -> dict:
   out = {"total": total}
   for mode, model in MESHES.items():
     mesh = sharding.make_mesh(model_parallel=model)
-    per = partitioning.abstract_bytes_per_device(params, sharding.base_shardings(params, mesh, mode))
+    shardings = sharding.base_shardings(params, mesh, mode)
+    per = partitioning.abstract_bytes_per_device(params, shardings)
     assert len(per) == DEVICES
     out[mode] = max(per.values())
   return out
@@ -229,7 +230,8 @@ def test_state_rule_splits_only_large_arrays():
   mesh = sharding.make_mesh()
   n = mesh.size
   state = {"memory": np.zeros((8 * n, sharding.STATE_SHARD_MIN_ELEMENTS // n), np.float32),
-           "head": np.zeros((16, 4), np.float32), "odd": np.zeros((3, 3 + sharding.STATE_SHARD_MIN_ELEMENTS)),
+           "head": np.zeros((16, 4), np.float32),
+           "odd": np.zeros((3, 3 + sharding.STATE_SHARD_MIN_ELEMENTS)),
            "task": 3}
   specs = jax.tree.map(lambda s: tuple(s.spec), sharding.state_shardings(state, mesh, "fsdp"))
   assert specs["memory"] in ((None, "data"), (None, ("data",)))  # the larger divisible dimension
