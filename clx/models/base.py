@@ -38,9 +38,45 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 Params = dict[str, Any]
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+"""Compute dtypes of the transformer backbones (ViT, BERT, Llama).
+
+The mixed-precision policy: parameters stay float32 masters (trainable ones
+are updated in float32 and the gradients are float32); each layer casts its
+kernel to the compute dtype where it is used, so activations and matmuls run
+in ``bfloat16``; LayerNorm/RMSNorm statistics, the attention softmax, pooling
+and the Gram / input taps are computed in float32, and every subspace, Fisher
+and merge op downstream (``clx.ops``) receives float32. Set it per experiment
+with the model argument ``dtype`` (``"model": {"name": "minilm", "dtype":
+"bfloat16"}``).
+"""
+
+
+def compute_dtype(dtype, who: str = "model") -> jnp.dtype:
+  """``dtype`` (a name or dtype) checked against :data:`COMPUTE_DTYPES`.
+
+  Args:
+    dtype: ``"bfloat16"``, ``jnp.bfloat16``, ``"float32"``, ...
+    who: the model, for the error message.
+
+  Returns:
+    The ``jnp.dtype``.
+
+  Raises:
+    ValueError: not a floating compute dtype clx supports.
+  """
+  try:
+    resolved = jnp.dtype(dtype)
+  except TypeError:
+    resolved = None
+  if resolved is None or resolved.name not in COMPUTE_DTYPES:
+    raise ValueError(f"{who}: compute dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}")
+  return resolved
 
 
 def to_str_keys(tree: Mapping) -> Params:

@@ -53,7 +53,7 @@ import numpy as np
 from flax import nnx
 
 from clx.models import hub
-from clx.models.base import Backbone, Params
+from clx.models.base import Backbone, Params, compute_dtype
 from clx.models.tokenize import BUCKETS, TextTokenizer, bucket_length
 
 ACTIVATIONS = {
@@ -311,7 +311,7 @@ class Bert(nnx.Module):
     self.pooling = pooling
     self.normalize = bool(normalize)
     self.pool_prefix = bool(pool_prefix)
-    self.dtype = dtype
+    self.dtype = dtype = compute_dtype(dtype, "BERT")
     self.pad_id = int(config.pad_token_id)
     self.embeddings = Embeddings(config, dtype, rngs)
     self.encoder = Encoder(config, dtype, rngs)

@@ -97,7 +97,7 @@ import numpy as np
 from flax import nnx
 
 from clx.models import partitioning
-from clx.models.base import Backbone, Params
+from clx.models.base import Backbone, Params, compute_dtype
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 ATTENTION_IMPLS = ("einsum", "dot_product_attention")
@@ -644,7 +644,7 @@ class Llama(nnx.Module):
       raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
     self.config = config
     self.pad_id = int(pad_id)
-    self.dtype = dtype
+    self.dtype = dtype = compute_dtype(dtype, "Llama")
     self.remat = bool(remat)
     self.embed_tokens = nnx.Embed(
         config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from clx.models.base import Backbone, Params, to_str_keys
+from clx.models.base import Backbone, Params, compute_dtype, to_str_keys
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 Head = dict[str, np.ndarray]
@@ -308,7 +308,7 @@ class ViT(nnx.Module):
 
   def __init__(self, config: ViTConfig, *, dtype: Any = jnp.float32,
                param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-    self.config, self.dtype = config, jnp.dtype(dtype)
+    self.config, self.dtype = config, compute_dtype(dtype, "ViT")
     d = config.embed_dim
     self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, d, dtype=self.dtype,
                                   param_dtype=param_dtype, rngs=rngs)

@@ -64,6 +64,11 @@ class TrainConfig:
     lr_factor, lr_min: see ``lr_patience``.
     restore_best: end the phase with the parameters of the epoch with the
       lowest validation loss (GPM/BECAME stage 1; their stage 2 keeps the last).
+    param_sharding: where :func:`run_method` puts the frozen backbone and the
+      method state: ``replicated``, ``fsdp``, ``tensor`` or ``tensor_fsdp``
+      (:mod:`clx.train.sharding`); the numbers do not depend on it.
+    model_parallel: size of the mesh's ``model`` axis when :func:`run_method`
+      builds the mesh (> 1 only with ``tensor``/``tensor_fsdp``).
   """
 
   epochs: int = 1
@@ -84,6 +89,8 @@ class TrainConfig:
   lr_factor: float = 2.0
   lr_min: float = 0.0
   restore_best: bool = False
+  param_sharding: str = "replicated"
+  model_parallel: int = 1
 
   @property
   def uses_validation(self) -> bool:
@@ -123,6 +130,15 @@ class TrainConfig:
            if not 0 <= getattr(self, name) < 1}
     if bad:
       raise ValueError(f"{', '.join(bad)} must lie in [0, 1), got {bad}")
+    if self.param_sharding not in sharding.PARAM_SHARDINGS:
+      raise ValueError(f"param_sharding must be one of {sharding.PARAM_SHARDINGS}, "
+                       f"got {self.param_sharding!r}")
+    if isinstance(self.model_parallel, bool) or not isinstance(self.model_parallel, int) \
+        or self.model_parallel < 1 or (self.model_parallel > 1
+                                       and not self.param_sharding.startswith("tensor")):
+      raise ValueError(f"model_parallel must be an integer >= 1, and > 1 only with "
+                       f"param_sharding='tensor' or 'tensor_fsdp'; got {self.model_parallel!r} "
+                       f"with {self.param_sharding!r}")
     if self.lr_patience < 0 or not self.lr_factor > 1.0 or self.lr_min < 0:
       raise ValueError(f"need lr_patience >= 0, lr_factor > 1, lr_min >= 0; got "
                        f"{self.lr_patience}, {self.lr_factor}, {self.lr_min}")
@@ -616,6 +632,9 @@ class RunResult:
   resumed_from: int | None = None
 
 
+PLACEMENT_FIELDS = ("param_sharding", "model_parallel")  # TrainConfig fields not fingerprinted
+
+
 def config_fingerprint(obj: Any) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -641,17 +660,21 @@ def run_method(method: ContinualMethod, stream: Stream, config: TrainConfig, *, 
   Returns:
     A :class:`RunResult` with the (T, T) accuracy matrix in percent.
   """
-  mesh = mesh or sharding.make_mesh()
+  mesh = mesh or sharding.make_mesh(model_parallel=config.model_parallel)
   spec = StreamSpec.from_stream(stream)
   T = spec.num_tasks
   key = jax.random.PRNGKey(seed)
   fitter = Fitter(mesh, progress=progress, quiet=quiet)
-  rep = sharding.replicated(mesh)
-  base = jax.device_put(method.backbone.params, rep)
+  # Backbone and method state are placed as config.param_sharding says (clx/train/sharding.py).
+  base = sharding.place_base(method.backbone.params, mesh, config.param_sharding)
   state = method.init(jax.random.fold_in(key, 0), spec)
   acc = np.full((T, T), np.nan)
   start, elapsed_before, resumed_from = 0, 0.0, None
-  fingerprint = config_fingerprint({"method": method.name, "config": dataclasses.asdict(config),
+  # Placement fields are left out: they change where arrays live, not the numbers (up to float
+  # reduction order), so a run may resume on another layout, and workdirs written before those
+  # fields existed keep resuming.
+  numeric = {k: v for k, v in dataclasses.asdict(config).items() if k not in PLACEMENT_FIELDS}
+  fingerprint = config_fingerprint({"method": method.name, "config": numeric,
                                     "seed": seed, "run": run_info or {}})
 
   checkpointer = None
@@ -676,9 +699,9 @@ def run_method(method: ContinualMethod, stream: Stream, config: TrainConfig, *, 
       ctx = _Context(t, spec, rng_t, base, fitter, train_split_for(method, stream, t),
                      {"test": task.test, "val": task.val}, config, (seed, t))
       prev_state = state
-      state = jax.device_put(state, rep)
+      state = sharding.place_state(state, mesh, config.param_sharding)
       state = method.begin_task(state, ctx)
-      state = jax.device_put(state, rep)
+      state = sharding.place_state(state, mesh, config.param_sharding)
       params = method.trainable(state, t)
       loss = functools.partial(method.loss, task_index=t, spec=spec)
       params = ctx.fit(params, loss, transform_grads=method.transform_grads,
