@@ -70,6 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import heads as heads_lib
+from clx.methods.became import _head_logits_fn  # the same current-head logits (mask-aware)
 from clx.methods.base import ContinualMethod, StreamSpec, site_key
 from clx.methods.base import get_path as _get
 from clx.models.base import Backbone
@@ -312,7 +313,8 @@ def became_nscl(backbone: Backbone, *, stage2: dict | None = None, fisher: str =
       labels = np.asarray(heads_lib.train_labels(jnp.asarray(data["y"]), spec, t, mode))
     full = merging.diagonal_fisher(
         _head_logits_fn(backbone, spec, t, mode, key), params, data["x"], labels=labels,
-        kind=fisher, batch_size=fisher_batch_size or ctx.config.batch_size)
+        kind=fisher, batch_size=fisher_batch_size or ctx.config.batch_size,
+        pass_mask=True)  # padding rows of the last batch stay out of batch statistics
     return full["backbone"]
 
   def end_task(state, params, ctx):
@@ -342,19 +344,6 @@ def became_nscl(backbone: Backbone, *, stage2: dict | None = None, fisher: str =
             "lambdas": [round(float(v), 6) for v in np.asarray(state["lambdas"])]}
 
   return parts.method(name, init=init, end_task=end_task, diagnostics=diagnostics)
-
-
-@functools.lru_cache(maxsize=32)
-def _head_logits_fn(backbone, spec, task_index, mode, head_key):
-  """``(params, x) -> current-head logits`` (stable per task so the Fisher's jit is reused)."""
-
-  def logits_fn(p, x):
-    feats = backbone.apply(p["backbone"], x)
-    logits, _ = heads_lib.train_logits_and_labels(
-        {head_key: p["head"]}, feats, jnp.zeros(x.shape[0], jnp.int32), spec, task_index, mode)
-    return logits
-
-  return logits_fn
 
 
 REGISTRY = {"adam_nscl": adam_nscl, "became_nscl": became_nscl}
