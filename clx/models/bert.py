@@ -509,7 +509,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
   except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("loading BERT checkpoints needs the `safetensors` package "
-                      "(pip install 'clx[text]')") from e
+                      "(a core dependency of clx: pip install safetensors)") from e
   return load_file(os.fspath(path))
 
 

@@ -61,7 +61,7 @@ class TextTokenizer:
       from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
     except ImportError as e:  # pragma: no cover - depends on the environment
       raise ImportError("clx text models need the `tokenizers` package "
-                        "(pip install 'clx[text]')") from e
+                        "(a core dependency of clx: pip install tokenizers)") from e
     tokenizer = Tokenizer.from_file(os.fspath(path))
     padding = tokenizer.padding
     file_pad = padding["pad_id"] if padding else tokenizer.token_to_id("[PAD]")

@@ -810,7 +810,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     from safetensors import safe_open  # pylint: disable=import-outside-toplevel
   except ImportError as err:
     raise ImportError(f"reading {path} needs the 'safetensors' package "
-                      "(pip install safetensors, or clx[text])") from err
+                      "(a core dependency of clx: pip install safetensors)") from err
 
   out = {}
   with safe_open(path, framework="flax") as f:  # "flax" handles bfloat16/float16 too
