@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import heads as heads_lib
-from clx.methods.base import ContinualMethod, StreamSpec, site_key
+from clx.methods import sequential
+from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo, site_key
 from clx.methods.base import get_path as _get
 from clx.models.base import Backbone
 from clx.ops import sgp as sgp_ops
@@ -147,9 +148,6 @@ class GPMParts:
   def _strip_bias(self, heads):
     return heads if self.head_bias else {k: {"kernel": v["kernel"]} for k, v in heads.items()}
 
-  def head_key(self, state, task_index) -> str:
-    return "shared" if "shared" in state["heads"] else str(task_index)
-
   # -- protocol functions -----------------------------------------------------
   def init(self, rng, spec: StreamSpec):
     heads = heads_lib.init_heads(rng, spec, self.backbone.feature_dim, self.mode(spec))
@@ -171,29 +169,28 @@ class GPMParts:
     return {**state, "heads": self._strip_bias(heads),
             "task": jnp.asarray(ctx.task_index, jnp.int32)}
 
-  def trainable(self, state, task_index):
-    return {"backbone": state["backbone"], "head": state["heads"][self.head_key(state, task_index)]}
+  def trainable(self, state, info: TaskInfo):
+    return {"backbone": state["backbone"],
+            "head": state["heads"][heads_lib.head_key(state["heads"], info.task)]}
 
-  def write_back(self, state, params, task_index):
-    heads = {**state["heads"], self.head_key(state, task_index): params["head"]}
-    return {**state, "backbone": params["backbone"], "heads": heads}
+  def combine(self, state, params, info: TaskInfo):
+    return heads_lib.with_head({**state, "backbone": params["backbone"]}, params["head"], info.task)
 
-  def loss(self, params, state, base, batch, rng, *, task_index, spec, project: bool = True):
+  def grad_projection(self, state, info: TaskInfo) -> dict:
+    """``backbone.apply`` arguments projecting the fast sites' gradients through their
+    inputs (from the second task on; none on task 0, whose memory is empty)."""
+    if info.task == 0 or not self.fast_sites:
+      return {}
+    return {"grad_projection": {s: (state["memory"][site_key(s)]["basis"],
+                                    state["memory"][site_key(s)].get("scale"))
+                                for s in self.fast_sites}}
+
+  def loss_fn(self, project: bool = True):
     """Cross-entropy; with ``project`` (and t > 0) kernel gradients are projected
     through the layer inputs where the backbone supports it."""
-    del base
-    proj = None
-    if project and task_index > 0 and self.fast_sites:
-      proj = {s: (state["memory"][site_key(s)]["basis"],
-                  state["memory"][site_key(s)].get("scale")) for s in self.fast_sites}
-    # rng: dropout (models that have it); mask: padding rows out of batch statistics.
-    feats = self.backbone.apply(params["backbone"], batch["x"], grad_projection=proj, rng=rng,
-                                mask=batch["mask"])
-    heads = {**state["heads"], self.head_key(state, task_index): params["head"]}
-    logits, labels = heads_lib.train_logits_and_labels(heads, feats, batch["y"], spec, task_index,
-                                                       self.mode(spec))
-    value = heads_lib.masked_cross_entropy(logits, labels, batch["mask"])
-    return value, {"accuracy": heads_lib.masked_accuracy(logits, labels, batch["mask"])}
+    return heads_lib.classification_loss(
+        self.backbone, sequential.full_params, self.combine, head_mode=self.head_mode,
+        forward_kwargs=self.grad_projection if project else None)
 
   def transform_grads(self, grads, state):
     """Project what the forward did not: the shared head, and the sites the
@@ -214,12 +211,6 @@ class GPMParts:
       out["head"] = project_gradients({"head": grads["head"]}, memory, (HEAD_SITE,),
                                       variant=self.variant)["head"]
     return out
-
-  def predict(self, state, base, x, *, current_task, task_id, spec, mask=None):
-    del base, task_id
-    # mask: padding rows of an evaluation batch stay out of the batch statistics.
-    feats = self.backbone.apply(state["backbone"], x, mask=mask)
-    return heads_lib.global_logits(state["heads"], feats, spec, self.mode(spec), current_task)
 
   def update_memory(self, state, ctx):
     """Grow each site's memory from ``num_samples`` random training examples."""
@@ -252,13 +243,13 @@ class GPMParts:
         memory[site_key(site)] = {"basis": basis, "rank": rank, "scale": scale}
     return {**state, "memory": memory}
 
-  def end_task(self, state, params, ctx):
-    return self.update_memory(self.write_back(state, params, ctx.task_index), ctx)
-
   def method(self, name: str, **overrides) -> ContinualMethod:
     fns = dict(init=self.init, begin_task=self.begin_task, trainable=self.trainable,
-               loss=self.loss, transform_grads=self.transform_grads, end_task=self.end_task,
-               predict=self.predict, diagnostics=lambda state: {"memory_ranks": memory_ranks(state)})
+               loss=self.loss_fn(), combine=self.combine, transform_grads=self.transform_grads,
+               end_task=self.update_memory, params_for=sequential.full_params,
+               predict=heads_lib.classification_predict(self.backbone, sequential.full_params,
+                                                        head_mode=self.head_mode),
+               diagnostics=lambda state: {"memory_ranks": memory_ranks(state)})
     fns.update(overrides)
     return ContinualMethod(name=name, backbone=self.backbone, **fns)
 
