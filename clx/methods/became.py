@@ -131,7 +131,7 @@ def became(backbone: Backbone, *, base: str = "gpm", stage2: dict | None = None,
       merged = params
     else:
       stage2_cfg = dataclasses.replace(ctx.config, **(stage2 or {}))
-      theta_hat = ctx.fit(params, functools.partial(parts.loss_fn(project=False), info=ctx.info),
+      theta_hat = ctx.fit(params, functools.partial(parts.loss, info=ctx.info, project=False),
                           state=state, config=stage2_cfg, title=f"{name} task {t + 1} stage 2",
                           phase=2)
       f_cur = fisher_of(theta_hat, state, ctx, 0)

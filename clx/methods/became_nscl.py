@@ -72,23 +72,15 @@ import numpy as np
 from clx.methods import heads as heads_lib
 from clx.methods.became import _head_logits_fn  # the same current-head logits (mask-aware)
 from clx.methods import sequential
-from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo, site_key
-from clx.methods.base import get_path as _get
+from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo
 from clx.models.base import Backbone
-from clx.ops import merging, null_space
+from clx.ops import merging, null_space, tree
 
 OFFICIAL_LEARNING_RATES = {"first": 1e-4, "body": 5e-5, "head": 1e-3, "norm": 5e-4}
 
 
-def _set(tree, path: str, value):
-  head, _, rest = path.partition("/")
-  if not rest:
-    return {**tree, head: value}
-  return {**tree, head: _set(tree[head], rest, value)}
-
-
-def _l2(tree) -> jax.Array:
-  return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)),
+def _l2(params) -> jax.Array:
+  return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(params)),
              jnp.zeros((), jnp.float32))
 
 
@@ -119,11 +111,11 @@ class NSCLParts:
     if not self.sites:
       raise ValueError(f"{backbone.name} exposes no sites to project")
     for site in self.sites:
-      if np.ndim(_get(backbone.params, site)) < 2:
+      if np.ndim(tree.get(backbone.params, site)) < 2:
         raise ValueError(f"site {site!r} is not a kernel (shape "
-                         f"{np.shape(_get(backbone.params, site))})")
+                         f"{np.shape(tree.get(backbone.params, site))})")
     self.cov_batch_size = cov_batch_size
-    self.dims = {s: int(np.prod(np.shape(_get(backbone.params, s))[:-1])) for s in self.sites}
+    self.dims = {s: int(np.prod(np.shape(tree.get(backbone.params, s))[:-1])) for s in self.sites}
     self.loss = heads_lib.classification_loss(backbone, sequential.full_params, self.combine,
                                               head_mode=head_mode, penalty=self.l2_penalty)
 
@@ -134,10 +126,10 @@ class NSCLParts:
   def init(self, rng, spec):
     return {"backbone": jax.tree.map(jnp.array, self.backbone.params),
             "heads": heads_lib.init_heads(rng, spec, self.backbone.feature_dim, self.mode(spec)),
-            "cov": {site_key(s): jnp.zeros((d, d), jnp.float32) for s, d in self.dims.items()},
-            "projector": {site_key(s): jnp.zeros((d, d), jnp.float32)
+            "cov": {tree.to_key(s): jnp.zeros((d, d), jnp.float32) for s, d in self.dims.items()},
+            "projector": {tree.to_key(s): jnp.zeros((d, d), jnp.float32)
                           for s, d in self.dims.items()},
-            "null_dim": {site_key(s): jnp.zeros((), jnp.int32) for s in self.sites},
+            "null_dim": {tree.to_key(s): jnp.zeros((), jnp.int32) for s in self.sites},
             "task": jnp.zeros((), jnp.int32),
             "lr_scale": {k: jnp.ones((), jnp.float32) for k in ("body", "head", "norm")}}
 
@@ -179,9 +171,9 @@ class NSCLParts:
     body = updates["backbone"]
     later = state["task"] > 0
     for site in self.sites:
-      u = _get(body, site)
-      projected = null_space.project_update(u, state["projector"][site_key(site)])
-      body = _set(body, site, jnp.where(later, projected, u))
+      u = tree.get(body, site)
+      projected = null_space.project_update(u, state["projector"][tree.to_key(site)])
+      body = tree.set(body, site, jnp.where(later, projected, u))
     return {**updates, "backbone": body}
 
   def update_covariance(self, state, ctx):
@@ -198,13 +190,13 @@ class NSCLParts:
       x = batch["x"][:valid] if valid < batch["x"].shape[0] else batch["x"]
       taps = taps_fn(state["backbone"], x)
       for site in self.sites:
-        cov[site_key(site)] = cov[site_key(site)] + term(taps[site])
+        cov[tree.to_key(site)] = cov[tree.to_key(site)] + term(taps[site])
     projector, null_dim = {}, {}
     for site in self.sites:
-      c = cov[site_key(site)]
+      c = cov[tree.to_key(site)]
       if not bool(jnp.all(jnp.isfinite(c))):
         raise ValueError(f"task {ctx.task_index}: the input covariance of {site!r} has NaN/Inf")
-      projector[site_key(site)], null_dim[site_key(site)] = null_space.null_space_projector(
+      projector[tree.to_key(site)], null_dim[tree.to_key(site)] = null_space.null_space_projector(
           c, self.threshold)
     return {**state, "cov": cov, "projector": projector, "null_dim": null_dim}
 
@@ -227,7 +219,7 @@ def _taps_fn(backbone: Backbone, sites: tuple[str, ...]):
 
 def null_dims(state) -> dict[str, int]:
   """``{site: k}``: the null-space dimension of each projected site."""
-  return {k.replace(".", "/"): int(v) for k, v in state["null_dim"].items()}
+  return {tree.to_path(tree.from_key(k)): int(v) for k, v in state["null_dim"].items()}
 
 
 def adam_nscl(backbone: Backbone, *, threshold: float = 10.0, covariance: str = "batch_mean",
