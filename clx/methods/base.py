@@ -32,6 +32,7 @@ Methods that only change the backbone's parameters write ``params_for`` and get
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, Protocol
 
@@ -144,6 +145,38 @@ def site_key(site) -> str:
 def get_path(tree, path):
   """Deprecated alias of :func:`clx.ops.tree.get`."""
   return tree_ops.get(tree, path)
+
+
+def check_positive_int(value: Any, name: str) -> int:
+  """``value`` as an int if it is a positive integer (not a bool), else a ValueError naming ``name``."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  return int(value)
+
+
+def renamed(kwargs: dict[str, Any], names: dict[str, str], who: str) -> dict[str, Any]:
+  """``kwargs`` with deprecated keyword names replaced by their new names (one release).
+
+  Args:
+    kwargs: the keyword arguments a factory received.
+    names: ``{old name: new name}``.
+    who: the method, for the messages.
+
+  Returns:
+    A new dict; a :class:`DeprecationWarning` is issued for every old name used.
+
+  Raises:
+    TypeError: both the old and the new name were given.
+  """
+  out = dict(kwargs)
+  for old, new in names.items():
+    if old in out:
+      if new in out:
+        raise TypeError(f"{who}: got both {old!r} and its new name {new!r}; pass only {new!r}")
+      warnings.warn(f"{who}: {old!r} is renamed {new!r}; the old name goes away in the next "
+                    "release", DeprecationWarning, stacklevel=3)
+      out[new] = out.pop(old)
+  return out
 
 
 def identity_grads(grads: Params, state: State) -> Params:

@@ -128,6 +128,9 @@ class MemoryRule(NamedTuple):
       axis: Q = I − M Mᵀ (REMOVE), M⊥ M⊥ᵀ (RETAIN), I − M diag(s) Mᵀ (SGP).
     project_grad: ``(grad, memory) -> grad``: ``allowed(memory) @ grad`` on the
       kernel's input axes (all but the last), computed by the family's op.
+    through_inputs: ``memory -> (basis, scale | None)``: the arguments of
+      :func:`clx.ops.gradient_projection.projected_dense`, which applies the
+      same map to a linear layer's inputs in the backward pass (the fast path).
   """
 
   name: str
@@ -135,6 +138,7 @@ class MemoryRule(NamedTuple):
   update: Callable[..., Memory]
   allowed: Callable[[Memory], Array]
   project_grad: Callable[[Array, Memory], Array]
+  through_inputs: Callable[[Memory], tuple[Array, Array | None]]
 
 
 # -- GPM (representation, hard projection) -----------------------------------------
@@ -160,7 +164,12 @@ def _gpm_project(grad: Array, memory: Memory) -> Array:
   return subspace.project_kernel_gradient(grad, memory.columns())
 
 
-GPM = MemoryRule("gpm", empty, _gpm_update, _remove_projector, _gpm_project)
+def _gpm_through_inputs(memory: Memory) -> tuple[Array, None]:
+  # The basis is zero past its rank (gpm_update_fixed pads with zeros), so it is passed as is.
+  return memory.basis, None
+
+
+GPM = MemoryRule("gpm", empty, _gpm_update, _remove_projector, _gpm_project, _gpm_through_inputs)
 """GPM (Saha et al. 2021): grow M from R with the energy criterion; g ← (I − M Mᵀ) g."""
 
 
@@ -202,7 +211,10 @@ def sgp(scale_coff: float = 10.0) -> MemoryRule:
     _check_grad(grad, memory, "sgp project_grad")
     return sgp_ops.scaled_projection_out(grad, memory.basis, memory.rank, memory.scale)
 
-  return MemoryRule("sgp", empty, update, allowed, project_grad)
+  def through_inputs(memory: Memory) -> tuple[Array, Array]:
+    return memory.basis, memory.scale
+
+  return MemoryRule("sgp", empty, update, allowed, project_grad, through_inputs)
 
 
 # -- DualGPM (Gram matrix, remove/retain) -------------------------------------------
@@ -239,7 +251,12 @@ def dualgpm_rule(*, energy: str = "official", dual: bool = True) -> MemoryRule:
     _check_grad(grad, memory, "dualgpm project_grad")
     return _apply_on_inputs(allowed(memory), grad)
 
-  return MemoryRule("dualgpm" if dual else "gpm_gram", empty, update, allowed, project_grad)
+  def through_inputs(memory: Memory):
+    raise ValueError("DualGPM memories (remove/retain) are applied as a projector "
+                     "(project_grad), not through a layer's inputs")
+
+  return MemoryRule("dualgpm" if dual else "gpm_gram", empty, update, allowed, project_grad,
+                    through_inputs)
 
 
 DUALGPM = dualgpm_rule()
