@@ -67,7 +67,8 @@ class StreamSpec:
   input_shape: tuple[int, ...]
 
   @classmethod
-  def from_stream(cls, stream) -> "StreamSpec":
+  def from_stream(cls, stream: Any) -> "StreamSpec":
+    """The spec of a :class:`clx.data.types.Stream` (its tasks' classes, scenario, shapes)."""
     return cls(len(stream.tasks), stream.num_classes, stream.scenario,
                tuple(tuple(int(c) for c in t.classes) for t in stream.tasks),
                tuple(stream.input_shape))
@@ -137,12 +138,12 @@ class TaskContext(Protocol):
     """
 
 
-def site_key(site) -> str:
+def site_key(site: Any) -> str:
   """Deprecated alias of :func:`clx.ops.tree.to_key` (the one string form of a site)."""
   return tree_ops.to_key(site)
 
 
-def get_path(tree, path):
+def get_path(tree: Any, path: Any) -> Any:
   """Deprecated alias of :func:`clx.ops.tree.get`."""
   return tree_ops.get(tree, path)
 

@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -232,7 +232,7 @@ def null_dims(state: State) -> dict[str, int]:
   return {tree.to_path(tree.from_key(k)): int(v) for k, v in state["null_dim"].items()}
 
 
-def loss_fn(su: Setup):
+def loss_fn(su: Setup) -> Callable:
   """Cross-entropy of the current head + the official L2 decay on the body and norm groups."""
   def penalty(params):
     return 0.5 * su.cfg.weight_decay * _l2(params["backbone"])

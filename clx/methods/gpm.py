@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, TypedDict
 
 import jax
@@ -344,7 +344,7 @@ def method(su: Setup, name: str, **overrides: Any) -> ContinualMethod:
   return ContinualMethod(name=name, backbone=su.backbone, **{**fns, **overrides})
 
 
-def plain_loss(su: Setup):
+def plain_loss(su: Setup) -> Callable:
   """The loss without projection through inputs (BECAME's stage 2, ablations)."""
   return heads_lib.classification_loss(su.backbone, sequential.full_params, combine,
                                        head_mode=su.cfg.head_mode)

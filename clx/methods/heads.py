@@ -78,7 +78,8 @@ def _seen_class_mask(spec: StreamSpec, upto: int) -> np.ndarray:
 
 
 def train_logits_and_labels(heads: dict, feats: jax.Array, y: jax.Array, spec: StreamSpec,
-                            task_index: int, mode: str, *, cumulative: bool = False):
+                            task_index: int, mode: str, *,
+                            cumulative: bool = False) -> tuple[jax.Array, jax.Array]:
   """Logits and integer labels for the training loss of task ``task_index``.
 
   Per-task mode returns the current head's logits and local labels; shared mode

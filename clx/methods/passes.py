@@ -28,6 +28,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -71,12 +72,12 @@ def accepts_mask(fn: Callable) -> bool:
   return any(p.name == "mask" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
-def uses_batch_statistics(backbone) -> bool:
+def uses_batch_statistics(backbone: Any) -> bool:
   """Whether the backbone normalises with batch statistics (takes a row ``mask``)."""
   return "mask" in getattr(backbone, "train_kwargs", ())
 
 
-def predict_fn(method, info) -> Callable:
+def predict_fn(method: Any, info: Any) -> Callable:
   """``(state, base, x, mask) -> logits`` of ``method.predict`` for a static ``TaskInfo``.
 
   The mask is forwarded when ``predict`` accepts it. A ``predict`` without a

@@ -177,3 +177,27 @@ def test_task_info_is_static_and_checked():
   with pytest.raises(ValueError, match="TaskInfo.task"):
     TaskInfo(-1, spec)
   assert dataclasses.replace(TaskInfo(1, spec), task_id=1).task_id == 1
+
+
+def test_old_keyword_names_warn_and_build_the_same_method():
+  """One name per concept: ``lora_rank``/``lora_alpha``/``sites``/``aux_batch_size``; the old
+  names still build the same method for one release, with a DeprecationWarning."""
+  backbone = _backbone("lora")
+  spec = StreamSpec.from_stream(_vector_stream())
+  with pytest.warns(DeprecationWarning, match="'rank' is renamed 'lora_rank'"):
+    old = build("lora", backbone, rank=2, alpha=4.0, targets=("lin1/kernel",))
+  new = build("lora", backbone, lora_rank=2, lora_alpha=4.0, sites=("lin1/kernel",))
+  key = jax.random.PRNGKey(3)
+  chex.assert_trees_all_equal(old.init(key, spec), new.init(key, spec))
+  state = new.init(key, spec)
+  chex.assert_trees_all_equal(old.params_for(state, backbone.params, TaskInfo(0, spec)),
+                              new.params_for(state, backbone.params, TaskInfo(0, spec)))
+  # a backbone role is a site too: "mlp" names every kernel of the MLP
+  roles = build("lora", backbone, lora_rank=2, sites=("mlp",))
+  assert set(roles.init(key, spec)["adapters"]) == set(backbone.sites["mlp"])
+  with pytest.raises(ValueError, match="both 'rank' and its new name 'lora_rank'"):
+    build("lora", backbone, rank=2, lora_rank=2)
+  with pytest.warns(DeprecationWarning, match="fisher_batch_size"):
+    build("became_gpm", backbone, fisher_batch_size=4, verbose=False)
+  with pytest.warns(DeprecationWarning, match="cov_batch_size"):
+    build("adam_nscl", backbone, cov_batch_size=4)
