@@ -67,10 +67,10 @@ def nscl_rows(seed: int) -> list[dict]:
                            seed=seed, separation=1.0)
   stream = Stream(s.name, s.tasks, "task", s.num_classes)
   backbone = mlp((16,), (32, 32), seed=seed)
-  parts = nl.NSCLParts(backbone, threshold=10.0, covariance="batch_mean", learning_rates=rates,
-                       weight_decay=5e-5, head_mode=None)
-  methods = {"unprojected": parts.method("unprojected", transform_updates=parts.scale_updates),
-             "adam_nscl": parts.method("adam_nscl"),
+  su = nl.setup(backbone, nl.NSCLConfig(threshold=10.0, covariance="batch_mean",
+                                        learning_rates=rates, weight_decay=5e-5))
+  methods = {"unprojected": nl.method(su, "unprojected", transform_updates=nl.scale_updates),
+             "adam_nscl": nl.method(su, "adam_nscl"),
              "became_nscl": nl.became_nscl(backbone, threshold=10.0, learning_rates=rates,
                                            verbose=False)}
   rows = []

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from clx.methods.base import ContinualMethod, StreamSpec, TaskContext
+from typing import Any
+
+from clx.models.base import Backbone
+from clx.methods.base import ContinualMethod, StreamSpec, TaskContext, TaskInfo
 from clx.methods import (became, became_nscl, gpm, inflora, inflora_ca, proteus, sequential,
                          sparc)
 
@@ -10,7 +13,7 @@ REGISTRY = {**sequential.REGISTRY, **gpm.REGISTRY, **became.REGISTRY, **inflora.
             **inflora_ca.REGISTRY, **became_nscl.REGISTRY, **proteus.REGISTRY, **sparc.REGISTRY}
 
 
-def build(name: str, backbone, **kwargs) -> ContinualMethod:
+def build(name: str, backbone: Backbone, **kwargs: Any) -> ContinualMethod:
   """Construct a registered method by name (``clx.methods.REGISTRY``)."""
   if name not in REGISTRY:
     raise ValueError(f"unknown method {name!r}; known methods: {sorted(REGISTRY)}")
@@ -20,4 +23,4 @@ def build(name: str, backbone, **kwargs) -> ContinualMethod:
     raise ValueError(f"bad arguments for method {name!r}: {e}") from None
 
 
-__all__ = ["ContinualMethod", "REGISTRY", "StreamSpec", "TaskContext", "build"]
+__all__ = ["ContinualMethod", "REGISTRY", "StreamSpec", "TaskContext", "TaskInfo", "build"]

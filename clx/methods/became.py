@@ -40,6 +40,9 @@ official pass, which runs in ``model.train()``:
 ``per_layer=True`` uses one coefficient per parameter leaf instead (an
 option, not the official form). λ per task is kept in the state
 (``lambdas``) and printed.
+
+The Fisher pass (:func:`current_head_fisher`) is shared with BECAME on
+Adam-NSCL (:mod:`clx.methods.became_nscl`).
 """
 
 from __future__ import annotations
@@ -47,131 +50,58 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clx.methods import gpm as gpm_lib
 from clx.methods import heads as heads_lib
-from clx.methods.base import ContinualMethod
-from clx.methods.gpm import GPMParts, memory_ranks
+from clx.methods.base import (ContinualMethod, Params, State, StreamSpec, TaskContext,
+                              check_positive_int, renamed)
 from clx.models.base import Backbone
 from clx.ops import merging
 
+FISHER_KINDS = ("true", "empirical")
+FISHER_RNG_TAG = 1000  # fold_in tag of the Fisher passes' dropout keys (other uses: < 10)
 
-def became(backbone: Backbone, *, base: str = "gpm", stage2: dict | None = None,
-           fisher: str = "true", fisher_batch_size: int | None = None, gamma: float = 1.0,
-           per_layer: bool = False, fisher_dropout: bool = True, name: str | None = None,
-           verbose: bool = True,
-           **gpm_kwargs) -> ContinualMethod:
-  """BECAME on top of GPM (``base="gpm"``) or SGP (``base="sgp"``).
 
-  Args:
-    backbone: the network (fully trained, as in the base method).
-    base: ``"gpm"`` or ``"sgp"``.
-    stage2: :class:`clx.train.TrainConfig` fields overriding the run's training
-      settings for the unconstrained stage (official: its own ``lr2``; the
-      default re-uses the stage-1 settings).
-    fisher: ``"true"`` (labels = the model's argmax, official default) or
-      ``"empirical"`` (ground-truth labels).
-    fisher_batch_size: batch size of the batched squared gradients (default:
-      the training batch size, as the official code).
-    gamma: decay of the accumulated Fisher, ``F_old ← F(θ_t) + γ F_old``.
-    per_layer: one coefficient per parameter leaf instead of one global λ.
-    fisher_dropout: run the Fisher passes with dropout on (official
-      ``model.train()``) from a fixed per-task key; False: dropout off.
-    **gpm_kwargs: the base method's settings (threshold, num_samples, …).
-  """
-  if base not in ("gpm", "sgp"):
-    raise ValueError(f"became base must be 'gpm' or 'sgp', got {base!r}")
-  if fisher not in ("true", "empirical"):
-    raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
-  if not gamma >= 0:
-    raise ValueError(f"gamma must be >= 0, got {gamma}")
-  if fisher_batch_size is not None and (isinstance(fisher_batch_size, bool) or not isinstance(
-      fisher_batch_size, (int, np.integer)) or fisher_batch_size < 1):
-    raise ValueError(f"fisher_batch_size must be None or a positive integer, got {fisher_batch_size!r}")
-  if stage2:  # its keys and ranges, at build time rather than after stage 1 of task 0
+def check_stage2(stage2: dict | None) -> None:
+  """Build-time check of ``stage2`` TrainConfig overrides (keys and ranges)."""
+  if stage2:  # at build time rather than after stage 1 of task 0
     from clx.train.loop import TrainConfig  # pylint: disable=import-outside-toplevel
     try:
       dataclasses.replace(TrainConfig(), **stage2)
     except (TypeError, ValueError) as e:
       raise ValueError(f"stage2: {e}") from None
-  name = name or f"became_{base}"
-  parts = GPMParts(backbone, variant=base, **{
-      "threshold": 0.97, "threshold_increment": 0.0, "num_samples": 300, "sites": None,
-      "project_head": True, "head_bias": False, "head_mode": None, "scale_coff": 10.0,
-      "fast_projection": True, **gpm_kwargs})
-
-  def init(rng, spec):
-    state = parts.init(rng, spec)
-    return {**state, "lambdas": jnp.zeros((spec.num_tasks,), jnp.float32)}
-
-  def fisher_of(params, state, ctx, pass_index: int):
-    """Diagonal Fisher of the current head's CE at ``params`` on the task's data
-    (``pass_index`` picks this pass's dropout key)."""
-    spec, t = ctx.spec, ctx.task_index
-    mode, key = parts.mode(spec), parts.head_key(state, t)
-    data = ctx.arrays("train")
-    labels = None
-    if fisher == "empirical":
-      labels = np.asarray(heads_lib.train_labels(jnp.asarray(data["y"]), spec, t, mode))
-    rng = fisher_rng(ctx.rng, pass_index) if fisher_dropout else None
-    return merging.diagonal_fisher(
-        _head_logits_fn(backbone, spec, t, mode, key), params, data["x"], labels=labels,
-        kind=fisher, batch_size=fisher_batch_size or ctx.config.batch_size, pass_mask=True,
-        rng=rng)
-
-  def end_task(state, params, ctx):
-    t = ctx.task_index
-    if t == 0:
-      f_new = fisher_of(params, state, ctx, 0)
-      lam = jnp.float32(1.0)
-      merged = params
-    else:
-      stage2_cfg = dataclasses.replace(ctx.config, **(stage2 or {}))
-      theta_hat = ctx.fit(params, lambda p, s, b, batch, rng: parts.loss(
-          p, s, b, batch, rng, task_index=t, spec=ctx.spec, project=False),
-          state=state, config=stage2_cfg, title=f"{name} task {t + 1} stage 2",
-          phase=2)
-      f_cur = fisher_of(theta_hat, state, ctx, 0)
-      f_old = old_fisher(state, params, t)
-      lam = merging.became_coefficient(params, theta_hat, f_cur, f_old, per_leaf=per_layer)
-      merged = merging.interpolate(params, theta_hat, lam)
-      f_merged = fisher_of(merged, state, ctx, 1)
-      f_new = jax.tree.map(lambda a, b: a + gamma * b, f_merged, f_old)
-      lam = jnp.mean(jnp.stack(jax.tree.leaves(lam))) if per_layer else lam
-    if verbose and jax.process_index() == 0:
-      print(f"{name} task {t + 1}: merge coefficient λ = {float(lam):.4f}",
-            file=sys.stderr, flush=True)
-    state = parts.write_back(state, merged, t)
-    state = {**state, "fisher": store_fisher(state, f_new, t),
-             "lambdas": state["lambdas"].at[t].set(lam)}
-    return parts.update_memory(state, ctx)
-
-  def old_fisher(state, params, t):
-    """F_old laid out like the trainable params (zeros for a new head)."""
-    stored = state.get("fisher")
-    key = parts.head_key(state, t)
-    if stored is None:
-      return jax.tree.map(jnp.zeros_like, params)
-    head = stored["heads"].get(key)
-    return {"backbone": stored["backbone"],
-            "head": head if head is not None else jax.tree.map(jnp.zeros_like, params["head"])}
-
-  def store_fisher(state, f_new, t):
-    stored = state.get("fisher") or {"backbone": None, "heads": {}}
-    return {"backbone": f_new["backbone"],
-            "heads": {**stored["heads"], parts.head_key(state, t): f_new["head"]}}
-
-  def diagnostics(state):
-    return {"memory_ranks": memory_ranks(state),
-            "lambdas": [round(float(v), 6) for v in np.asarray(state["lambdas"])]}
-
-  return parts.method(name, init=init, end_task=end_task, diagnostics=diagnostics)
 
 
-FISHER_RNG_TAG = 1000  # fold_in tag of the Fisher passes' dropout keys (other uses: < 10)
+def check_fisher(fisher: str, gamma: float, aux_batch_size: int | None) -> None:
+  """Build-time check of the Fisher settings shared by BECAME and BECAME-NSCL."""
+  if fisher not in FISHER_KINDS:
+    raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
+  if not gamma >= 0:
+    raise ValueError(f"gamma must be >= 0, got {gamma}")
+  if aux_batch_size is not None:
+    check_positive_int(aux_batch_size, "aux_batch_size (fisher_batch_size)")
+
+
+@dataclasses.dataclass(frozen=True)
+class BECAMEConfig:
+  """BECAME's own settings (see :func:`became`); the base method's are a :class:`GPMConfig`."""
+
+  stage2: dict | None = None
+  fisher: str = "true"
+  aux_batch_size: int | None = None
+  gamma: float = 1.0
+  per_layer: bool = False
+  fisher_dropout: bool = True
+  verbose: bool = True
+
+  def __post_init__(self):
+    check_fisher(self.fisher, self.gamma, self.aux_batch_size)
+    check_stage2(self.stage2)
 
 
 def fisher_rng(task_rng: jax.Array, pass_index: int) -> jax.Array:
@@ -192,6 +122,138 @@ def _head_logits_fn(backbone, spec, task_index, mode, head_key):
     return logits
 
   return logits_fn
+
+
+def current_head_fisher(backbone: Backbone, mode: str, params: Params, state: State,
+                        ctx: TaskContext, *, kind: str, batch_size: int,
+                        rng: jax.Array | None = None) -> Params:
+  """Diagonal Fisher of the current head's cross-entropy at ``params`` on the task's train split.
+
+  Official ``compute_fisher_matrix_diag``: batched squared gradients over consecutive
+  batches of ``batch_size``, the last batch's padding kept out of batch statistics.
+
+  Args:
+    backbone: the network.
+    mode: the head layout (``"per_task"``/``"shared"``).
+    params: ``{"backbone", "head"}`` at which the Fisher is taken.
+    state: the method state (for the head key).
+    ctx: the task context (data, task index, spec).
+    kind: ``"true"`` (labels = argmax, official) or ``"empirical"`` (ground truth).
+    batch_size: rows per batch (the official code: the training batch size).
+    rng: dropout key (dropout on, as ``model.train()``), or None (dropout off).
+
+  Returns:
+    The Fisher, laid out like ``params``.
+  """
+  spec, t = ctx.spec, ctx.task_index
+  data = ctx.arrays("train")
+  labels = None
+  if kind == "empirical":
+    labels = np.asarray(heads_lib.train_labels(jnp.asarray(data["y"]), spec, t, mode))
+  logits_fn = _head_logits_fn(backbone, spec, t, mode, heads_lib.head_key(state["heads"], t))
+  return merging.diagonal_fisher(logits_fn, params, data["x"], labels=labels, kind=kind,
+                                 batch_size=batch_size, pass_mask=True, rng=rng)
+
+
+def old_fisher(state: State, params: Params, task: int) -> Params:
+  """F_old laid out like the trainable params (zeros for a new head)."""
+  stored = state.get("fisher")
+  if stored is None:
+    return jax.tree.map(jnp.zeros_like, params)
+  head = stored["heads"].get(heads_lib.head_key(state["heads"], task))
+  return {"backbone": stored["backbone"],
+          "head": head if head is not None else jax.tree.map(jnp.zeros_like, params["head"])}
+
+
+def store_fisher(state: State, f_new: Params, task: int) -> dict:
+  """The state's ``fisher`` entry with the backbone's and the current head's Fisher replaced."""
+  stored = state.get("fisher") or {"backbone": None, "heads": {}}
+  return {"backbone": f_new["backbone"],
+          "heads": {**stored["heads"], heads_lib.head_key(state["heads"], task): f_new["head"]}}
+
+
+def report_lambda(name: str, task: int, lam: jax.Array, verbose: bool) -> None:
+  """Print a task's merge coefficient (process 0 only)."""
+  if verbose and jax.process_index() == 0:
+    print(f"{name} task {task + 1}: merge coefficient λ = {float(lam):.4f}",
+          file=sys.stderr, flush=True)
+
+
+def init(su: gpm_lib.Setup, rng: jax.Array, spec: StreamSpec) -> State:
+  """The base method's state plus λ per task."""
+  return {**gpm_lib.init(su, rng, spec), "lambdas": jnp.zeros((spec.num_tasks,), jnp.float32)}
+
+
+def end_task(su: gpm_lib.Setup, cfg: BECAMEConfig, name: str, state: State,
+             ctx: TaskContext) -> State:
+  """Stage 2, the Fisher merge and the base method's memory update (see the module docstring)."""
+  t = ctx.task_index
+  params = gpm_lib.trainable(state, ctx.info)  # θ_GP: the stage-1 result, combined by the loop
+  fisher_of = functools.partial(
+      current_head_fisher, su.backbone, gpm_lib.head_mode(su.cfg, ctx.spec), state=state,
+      ctx=ctx, kind=cfg.fisher, batch_size=cfg.aux_batch_size or ctx.config.batch_size)
+  rng = (lambda k: fisher_rng(ctx.rng, k)) if cfg.fisher_dropout else (lambda k: None)
+  if t == 0:
+    f_new, lam, merged = fisher_of(params, rng=rng(0)), jnp.float32(1.0), params
+  else:
+    stage2_cfg = dataclasses.replace(ctx.config, **(cfg.stage2 or {}))
+    theta_hat = ctx.fit(params, functools.partial(gpm_lib.plain_loss(su), info=ctx.info),
+                        state=state, config=stage2_cfg, title=f"{name} task {t + 1} stage 2",
+                        phase=2)
+    f_cur = fisher_of(theta_hat, rng=rng(0))
+    f_old = old_fisher(state, params, t)
+    lam = merging.became_coefficient(params, theta_hat, f_cur, f_old, per_leaf=cfg.per_layer)
+    merged = merging.interpolate(params, theta_hat, lam)
+    f_new = jax.tree.map(lambda a, b: a + cfg.gamma * b, fisher_of(merged, rng=rng(1)), f_old)
+    lam = jnp.mean(jnp.stack(jax.tree.leaves(lam))) if cfg.per_layer else lam
+  report_lambda(name, t, lam, cfg.verbose)
+  state = gpm_lib.combine(state, merged, ctx.info)
+  state = {**state, "fisher": store_fisher(state, f_new, t),
+           "lambdas": state["lambdas"].at[t].set(lam)}
+  return gpm_lib.update_memory(su, state, ctx)
+
+
+def diagnostics(state: State) -> dict:
+  """Memory ranks and λ per task."""
+  return {"memory_ranks": gpm_lib.memory_ranks(state),
+          "lambdas": [round(float(v), 6) for v in np.asarray(state["lambdas"])]}
+
+
+def became(backbone: Backbone, *, base: str = "gpm", name: str | None = None,
+           **kwargs: Any) -> ContinualMethod:
+  """BECAME on top of GPM (``base="gpm"``) or SGP (``base="sgp"``).
+
+  Args:
+    backbone: the network (fully trained, as in the base method).
+    base: ``"gpm"`` or ``"sgp"``.
+    name: registry/run name (default ``became_<base>``).
+    **kwargs: :class:`BECAMEConfig` fields, then the base method's
+      :class:`clx.methods.gpm.GPMConfig` fields (threshold, num_samples, …):
+
+      - stage2: :class:`clx.train.TrainConfig` fields overriding the run's training
+        settings for the unconstrained stage (official: its own ``lr2``; the
+        default re-uses the stage-1 settings).
+      - fisher: ``"true"`` (labels = the model's argmax, official default) or
+        ``"empirical"`` (ground-truth labels).
+      - aux_batch_size (formerly ``fisher_batch_size``): batch size of the batched
+        squared gradients (default: the training batch size, as the official code).
+      - gamma: decay of the accumulated Fisher, ``F_old ← F(θ_t) + γ F_old``.
+      - per_layer: one coefficient per parameter leaf instead of one global λ.
+      - fisher_dropout: run the Fisher passes with dropout on (official
+        ``model.train()``) from a fixed per-task key; False: dropout off.
+      - verbose: print λ per task.
+  """
+  if base not in gpm_lib.FAMILIES:
+    raise ValueError(f"became base must be 'gpm' or 'sgp', got {base!r}")
+  kwargs = renamed(kwargs, {"fisher_batch_size": "aux_batch_size"}, "became")
+  own = {f.name for f in dataclasses.fields(BECAMEConfig)}
+  cfg = BECAMEConfig(**{k: v for k, v in kwargs.items() if k in own})
+  su = gpm_lib.setup(backbone, gpm_lib.GPMConfig(
+      family=base, **{k: v for k, v in kwargs.items() if k not in own}))
+  name = name or f"became_{base}"
+  return gpm_lib.method(su, name, init=functools.partial(init, su),
+                        end_task=functools.partial(end_task, su, cfg, name),
+                        diagnostics=diagnostics)
 
 
 REGISTRY = {"became": became,

@@ -63,174 +63,163 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clx.methods import became as became_lib
+from clx.methods import gpm as gpm_lib
 from clx.methods import heads as heads_lib
-from clx.methods.became import _head_logits_fn  # the same current-head logits (mask-aware)
-from clx.methods.base import ContinualMethod, StreamSpec, site_key
-from clx.methods.base import get_path as _get
+from clx.methods import sequential
+from clx.methods.base import (ContinualMethod, Params, State, StreamSpec, TaskContext,
+                              check_positive_int, renamed)
 from clx.models.base import Backbone
-from clx.ops import merging, null_space
+from clx.ops import merging, null_space, tree
 
 OFFICIAL_LEARNING_RATES = {"first": 1e-4, "body": 5e-5, "head": 1e-3, "norm": 5e-4}
+RENAMED = {"cov_batch_size": "aux_batch_size"}
 
 
-def _set(tree, path: str, value):
-  head, _, rest = path.partition("/")
-  if not rest:
-    return {**tree, head: value}
-  return {**tree, head: _set(tree[head], rest, value)}
+@dataclasses.dataclass(frozen=True)
+class NSCLConfig:
+  """Settings of Adam-NSCL (see :func:`adam_nscl`); validated on construction."""
 
+  threshold: float = 10.0
+  covariance: str = "batch_mean"
+  learning_rates: Mapping[str, float] | None = None
+  weight_decay: float = 5e-5
+  head_mode: str | None = None
+  sites: tuple[str, ...] | None = None
+  aux_batch_size: int | None = None
 
-def _l2(tree) -> jax.Array:
-  return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)),
-             jnp.zeros((), jnp.float32))
-
-
-class NSCLParts:
-  """The pieces of Adam-NSCL, shared with BECAME-NSCL."""
-
-  def __init__(self, backbone: Backbone, *, threshold: float, covariance: str,
-               learning_rates: dict | None, weight_decay: float, head_mode: str | None,
-               sites=None, cov_batch_size: int | None = None):
-    if covariance not in null_space.COVARIANCES:
-      raise ValueError(f"covariance must be one of {null_space.COVARIANCES}, got {covariance!r}")
-    if not threshold >= 1.0:
-      raise ValueError(f"threshold (svd_thres) must be >= 1, got {threshold}")
-    if not weight_decay >= 0:
-      raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    rates = dict(OFFICIAL_LEARNING_RATES if learning_rates is None else learning_rates)
-    unknown = sorted(set(rates) - set(OFFICIAL_LEARNING_RATES))
-    if unknown or set(rates) != set(OFFICIAL_LEARNING_RATES):
+  def __post_init__(self):
+    if self.covariance not in null_space.COVARIANCES:
+      raise ValueError(f"covariance must be one of {null_space.COVARIANCES}, "
+                       f"got {self.covariance!r}")
+    if not self.threshold >= 1.0:
+      raise ValueError(f"threshold (svd_thres) must be >= 1, got {self.threshold}")
+    if not self.weight_decay >= 0:
+      raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+    rates = self.rates()
+    if set(rates) != set(OFFICIAL_LEARNING_RATES):
       raise ValueError(f"learning_rates needs exactly the keys {sorted(OFFICIAL_LEARNING_RATES)}, "
                        f"got {sorted(rates)}")
     bad = {k: v for k, v in rates.items() if not v > 0}
     if bad:
       raise ValueError(f"learning_rates must be > 0, got {bad}")
-    self.backbone, self.threshold, self.covariance = backbone, float(threshold), covariance
-    self.rates, self.weight_decay, self.head_mode = rates, float(weight_decay), head_mode
-    self.sites = (tuple(sites) if sites is not None
-                  else tuple(p for ps in backbone.sites.values() for p in ps))
-    if not self.sites:
-      raise ValueError(f"{backbone.name} exposes no sites to project")
-    for site in self.sites:
-      if np.ndim(_get(backbone.params, site)) < 2:
-        raise ValueError(f"site {site!r} is not a kernel (shape "
-                         f"{np.shape(_get(backbone.params, site))})")
-    self.cov_batch_size = cov_batch_size
-    self.dims = {s: int(np.prod(np.shape(_get(backbone.params, s))[:-1])) for s in self.sites}
+    heads_lib.check_mode(self.head_mode, "adam_nscl")
+    if self.aux_batch_size is not None:
+      check_positive_int(self.aux_batch_size, "aux_batch_size (cov_batch_size)")
+    if self.sites is not None:
+      object.__setattr__(self, "sites", tuple(self.sites))
 
-  def mode(self, spec: StreamSpec) -> str:
-    return self.head_mode or heads_lib.default_mode(spec)
+  def rates(self) -> dict[str, float]:
+    """The absolute learning rates ``{"first", "body", "head", "norm"}``."""
+    return dict(OFFICIAL_LEARNING_RATES if self.learning_rates is None else self.learning_rates)
 
-  def head_key(self, state, task_index) -> str:
-    return "shared" if "shared" in state["heads"] else str(task_index)
 
-  # -- protocol ---------------------------------------------------------------
-  def init(self, rng, spec):
-    return {"backbone": jax.tree.map(jnp.array, self.backbone.params),
-            "heads": heads_lib.init_heads(rng, spec, self.backbone.feature_dim, self.mode(spec)),
-            "cov": {site_key(s): jnp.zeros((d, d), jnp.float32) for s, d in self.dims.items()},
-            "projector": {site_key(s): jnp.zeros((d, d), jnp.float32)
-                          for s, d in self.dims.items()},
-            "null_dim": {site_key(s): jnp.zeros((), jnp.int32) for s in self.sites},
-            "task": jnp.zeros((), jnp.int32),
-            "lr_scale": {k: jnp.ones((), jnp.float32) for k in ("body", "head", "norm")}}
+class Setup(NamedTuple):
+  """Settings, backbone and the projected sites with their input sizes d."""
 
-  def begin_task(self, state, ctx):
-    cfg = ctx.config
-    if cfg.weight_decay:
-      raise ValueError(f"adam_nscl applies its own per-group L2 decay (weight_decay="
-                       f"{self.weight_decay}); set train.weight_decay=0 (got {cfg.weight_decay})")
-    t = ctx.task_index
-    heads = heads_lib.add_task_head(state["heads"], jax.random.fold_in(ctx.rng, 0), ctx.spec,
-                                    self.backbone.feature_dim, t, self.mode(ctx.spec))
-    body = self.rates["first"] if t == 0 else self.rates["body"]
-    scale = {"body": body, "head": self.rates["head"], "norm": self.rates["norm"]}
-    return {**state, "heads": heads, "task": jnp.asarray(t, jnp.int32),
-            "lr_scale": {k: jnp.asarray(v / cfg.learning_rate, jnp.float32)
-                         for k, v in scale.items()}}
+  cfg: NSCLConfig
+  backbone: Backbone
+  sites: tuple[str, ...]
+  dims: dict[str, int]
 
-  def trainable(self, state, task_index):
-    return {"backbone": state["backbone"], "head": state["heads"][self.head_key(state, task_index)]}
 
-  def write_back(self, state, params, task_index):
-    heads = {**state["heads"], self.head_key(state, task_index): params["head"]}
-    return {**state, "backbone": params["backbone"], "heads": heads}
+def setup(backbone: Backbone, cfg: NSCLConfig) -> Setup:
+  """Resolve the projected kernels (default: every backbone site); errors name a non-kernel."""
+  sites = gpm_lib.projected_sites(backbone, cfg.sites)
+  for site in sites:
+    if np.ndim(tree.get(backbone.params, site)) < 2:
+      raise ValueError(f"site {site!r} is not a kernel (shape "
+                       f"{np.shape(tree.get(backbone.params, site))})")
+  dims = {s: int(np.prod(np.shape(tree.get(backbone.params, s))[:-1])) for s in sites}
+  return Setup(cfg, backbone, sites, dims)
 
-  def loss(self, params, state, base, batch, rng, *, task_index, spec):
-    """Cross-entropy of the current head + the official L2 decay on body and norm groups."""
-    del base
-    feats = self.backbone.apply(params["backbone"], batch["x"], rng=rng, mask=batch["mask"])
-    heads = {**state["heads"], self.head_key(state, task_index): params["head"]}
-    logits, labels = heads_lib.train_logits_and_labels(heads, feats, batch["y"], spec,
-                                                       task_index, self.mode(spec))
-    value = heads_lib.masked_cross_entropy(logits, labels, batch["mask"])
-    total = value + 0.5 * self.weight_decay * _l2(params["backbone"])
-    return total, {"accuracy": heads_lib.masked_accuracy(logits, labels, batch["mask"])}
 
-  def scale_updates(self, updates, state):
-    """Per-group learning rates: body/norm/head updates × lr_group / train.learning_rate."""
-    scale = state["lr_scale"]
-    body = jax.tree.map(lambda u: u * (scale["norm"] if u.ndim <= 1 else scale["body"]),
-                        updates["backbone"])
-    return {"backbone": body, "head": jax.tree.map(lambda u: u * scale["head"], updates["head"])}
+def _l2(params: Params) -> jax.Array:
+  return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(params)),
+             jnp.zeros((), jnp.float32))
 
-  def project_updates(self, updates, state):
-    """Scaled updates, with every site kernel's update projected (P Δ) from task 1 on."""
-    updates = self.scale_updates(updates, state)
-    body = updates["backbone"]
-    later = state["task"] > 0
-    for site in self.sites:
-      u = _get(body, site)
-      projected = null_space.project_update(u, state["projector"][site_key(site)])
-      body = _set(body, site, jnp.where(later, projected, u))
-    return {**updates, "backbone": body}
 
-  def update_covariance(self, state, ctx):
-    """Accumulate each site's covariance over the task's batches; recompute projectors."""
-    taps_fn = _taps_fn(self.backbone, self.sites)
-    term = null_space.batch_mean_covariance if self.covariance == "batch_mean" else (
-        null_space.sample_covariance)
-    cov = dict(state["cov"])
-    batch_size = self.cov_batch_size or ctx.config.batch_size
-    for batch in ctx.batches("train", batch_size=batch_size, shuffle=True, seed=11):
-      valid = int(jnp.sum(batch["mask"]))
-      if valid == 0:
-        continue
-      x = batch["x"][:valid] if valid < batch["x"].shape[0] else batch["x"]
-      taps = taps_fn(state["backbone"], x)
-      for site in self.sites:
-        cov[site_key(site)] = cov[site_key(site)] + term(taps[site])
-    projector, null_dim = {}, {}
-    for site in self.sites:
-      c = cov[site_key(site)]
-      if not bool(jnp.all(jnp.isfinite(c))):
-        raise ValueError(f"task {ctx.task_index}: the input covariance of {site!r} has NaN/Inf")
-      projector[site_key(site)], null_dim[site_key(site)] = null_space.null_space_projector(
-          c, self.threshold)
-    return {**state, "cov": cov, "projector": projector, "null_dim": null_dim}
+def init(su: Setup, rng: jax.Array, spec: StreamSpec) -> State:
+  """Backbone copy, heads, zero covariances and projectors per site, unit lr scales."""
+  mode = heads_lib.mode_for(su.cfg.head_mode, spec)
+  return {"backbone": jax.tree.map(jnp.array, su.backbone.params),
+          "heads": heads_lib.init_heads(rng, spec, su.backbone.feature_dim, mode),
+          "cov": {tree.to_key(s): jnp.zeros((d, d), jnp.float32) for s, d in su.dims.items()},
+          "projector": {tree.to_key(s): jnp.zeros((d, d), jnp.float32)
+                        for s, d in su.dims.items()},
+          "null_dim": {tree.to_key(s): jnp.zeros((), jnp.int32) for s in su.sites},
+          "task": jnp.zeros((), jnp.int32),
+          "lr_scale": {k: jnp.ones((), jnp.float32) for k in ("body", "head", "norm")}}
 
-  def end_task(self, state, params, ctx):
-    return self.update_covariance(self.write_back(state, params, ctx.task_index), ctx)
 
-  def predict(self, state, base, x, *, current_task, task_id, spec, mask=None):
-    del base, task_id
-    # mask: padding rows of an evaluation batch stay out of batch statistics (conv backbones).
-    feats = self.backbone.apply(state["backbone"], x, mask=mask)
-    return heads_lib.global_logits(state["heads"], feats, spec, self.mode(spec), current_task)
+def begin_task(su: Setup, state: State, ctx: TaskContext) -> State:
+  """Add the task's head; set the groups' lr scales (lr_group / train.learning_rate)."""
+  cfg = ctx.config
+  if cfg.weight_decay:
+    raise ValueError(f"adam_nscl applies its own per-group L2 decay (weight_decay="
+                     f"{su.cfg.weight_decay}); set train.weight_decay=0 (got {cfg.weight_decay})")
+  t = ctx.task_index
+  heads = heads_lib.add_task_head(state["heads"], jax.random.fold_in(ctx.rng, 0), ctx.spec,
+                                  su.backbone.feature_dim, t,
+                                  heads_lib.mode_for(su.cfg.head_mode, ctx.spec))
+  rates = su.cfg.rates()
+  scale = {"body": rates["first"] if t == 0 else rates["body"], "head": rates["head"],
+           "norm": rates["norm"]}
+  return {**state, "heads": heads, "task": jnp.asarray(t, jnp.int32),
+          "lr_scale": {k: jnp.asarray(v / cfg.learning_rate, jnp.float32)
+                       for k, v in scale.items()}}
 
-  def method(self, name: str, **overrides) -> ContinualMethod:
-    fns = dict(init=self.init, begin_task=self.begin_task, trainable=self.trainable,
-               loss=self.loss, transform_grads=lambda g, s: g, end_task=self.end_task,
-               predict=self.predict, transform_updates=self.project_updates,
-               diagnostics=lambda state: {"null_dims": null_dims(state)})
-    fns.update(overrides)
-    return ContinualMethod(name=name, backbone=self.backbone, **fns)
+
+def scale_updates(updates: Params, state: State) -> Params:
+  """Per-group learning rates: body/norm/head updates × lr_group / train.learning_rate."""
+  scale = state["lr_scale"]
+  body = jax.tree.map(lambda u: u * (scale["norm"] if u.ndim <= 1 else scale["body"]),
+                      updates["backbone"])
+  return {"backbone": body, "head": jax.tree.map(lambda u: u * scale["head"], updates["head"])}
+
+
+def project_updates(su: Setup, updates: Params, state: State) -> Params:
+  """Scaled updates, with every site kernel's update projected (P Δ) from task 1 on."""
+  updates = scale_updates(updates, state)
+  body = updates["backbone"]
+  later = state["task"] > 0
+  for site in su.sites:
+    u = tree.get(body, site)
+    projected = null_space.project_update(u, state["projector"][tree.to_key(site)])
+    body = tree.set(body, site, jnp.where(later, projected, u))
+  return {**updates, "backbone": body}
+
+
+def update_covariance(su: Setup, state: State, ctx: TaskContext) -> State:
+  """Accumulate each site's covariance over the task's batches; recompute projectors."""
+  taps_fn = _taps_fn(su.backbone, su.sites)
+  term = null_space.batch_mean_covariance if su.cfg.covariance == "batch_mean" else (
+      null_space.sample_covariance)
+  cov = dict(state["cov"])
+  batch_size = su.cfg.aux_batch_size or ctx.config.batch_size
+  for batch in ctx.batches("train", batch_size=batch_size, shuffle=True, seed=11):
+    valid = int(jnp.sum(batch["mask"]))
+    if valid == 0:
+      continue
+    x = batch["x"][:valid] if valid < batch["x"].shape[0] else batch["x"]
+    taps = taps_fn(state["backbone"], x)
+    for site in su.sites:
+      cov[tree.to_key(site)] = cov[tree.to_key(site)] + term(taps[site])
+  projector, null_dim = {}, {}
+  for site in su.sites:
+    c = cov[tree.to_key(site)]
+    if not bool(jnp.all(jnp.isfinite(c))):
+      raise ValueError(f"task {ctx.task_index}: the input covariance of {site!r} has NaN/Inf")
+    projector[tree.to_key(site)], null_dim[tree.to_key(site)] = null_space.null_space_projector(
+        c, su.cfg.threshold)
+  return {**state, "cov": cov, "projector": projector, "null_dim": null_dim}
 
 
 @functools.lru_cache(maxsize=16)
@@ -238,112 +227,121 @@ def _taps_fn(backbone: Backbone, sites: tuple[str, ...]):
   return jax.jit(lambda params, x: backbone.apply(params, x, taps="inputs", tap_sites=sites)[1])
 
 
-def null_dims(state) -> dict[str, int]:
+def null_dims(state: State) -> dict[str, int]:
   """``{site: k}``: the null-space dimension of each projected site."""
-  return {k.replace(".", "/"): int(v) for k, v in state["null_dim"].items()}
+  return {tree.to_path(tree.from_key(k)): int(v) for k, v in state["null_dim"].items()}
 
 
-def adam_nscl(backbone: Backbone, *, threshold: float = 10.0, covariance: str = "batch_mean",
-              learning_rates: dict | None = None, weight_decay: float = 5e-5,
-              head_mode: str | None = None, sites=None, cov_batch_size: int | None = None,
-              name: str = "adam_nscl") -> ContinualMethod:
+def loss_fn(su: Setup) -> Callable:
+  """Cross-entropy of the current head + the official L2 decay on the body and norm groups."""
+  def penalty(params):
+    return 0.5 * su.cfg.weight_decay * _l2(params["backbone"])
+  return heads_lib.classification_loss(su.backbone, sequential.full_params, gpm_lib.combine,
+                                       head_mode=su.cfg.head_mode, penalty=penalty)
+
+
+def method(su: Setup, name: str, **overrides: Any) -> ContinualMethod:
+  """The :class:`ContinualMethod` of an Adam-NSCL setup; ``overrides`` replace protocol fields."""
+  fns = dict(init=functools.partial(init, su), begin_task=functools.partial(begin_task, su),
+             trainable=gpm_lib.trainable, loss=loss_fn(su), combine=gpm_lib.combine,
+             end_task=functools.partial(update_covariance, su),
+             params_for=sequential.full_params,
+             predict=heads_lib.classification_predict(su.backbone, sequential.full_params,
+                                                      head_mode=su.cfg.head_mode),
+             transform_updates=functools.partial(project_updates, su),
+             diagnostics=lambda state: {"null_dims": null_dims(state)})
+  return ContinualMethod(name=name, backbone=su.backbone, **{**fns, **overrides})
+
+
+def adam_nscl(backbone: Backbone, *, name: str = "adam_nscl", **kwargs: Any) -> ContinualMethod:
   """Adam-NSCL (see the module docstring).
 
   Args:
     backbone: the network (fully trained).
-    threshold: ``svd_thres``: null space = eigenvectors with s ≤ s_min·threshold
-      (official 10 on CIFAR-100 10 tasks and TinyImageNet, 30 on 20 tasks).
-    covariance: ``"batch_mean"`` (official ``SVDAgentAvg``) or ``"sample"``.
-    learning_rates: ``{"first", "body", "head", "norm"}`` absolute learning rates
-      (official CIFAR-100: 1e-4, 5e-5, 1e-3, 5e-4); the run's
-      ``train.learning_rate`` is divided out.
-    weight_decay: L2 decay of the body and norm groups (official 5e-5); the
-      head has none. ``train.weight_decay`` must be 0.
-    head_mode: ``"per_task"``/``"shared"`` (default by scenario).
-    sites: kernels to project (default: every backbone site).
-    cov_batch_size: batch size of the covariance pass (default: the training
-      batch size, which the batch-mean form depends on).
     name: registry/run name.
+    **kwargs: :class:`NSCLConfig` fields:
+
+      - threshold: ``svd_thres``: null space = eigenvectors with s ≤ s_min·threshold
+        (official 10 on CIFAR-100 10 tasks and TinyImageNet, 30 on 20 tasks).
+      - covariance: ``"batch_mean"`` (official ``SVDAgentAvg``) or ``"sample"``.
+      - learning_rates: ``{"first", "body", "head", "norm"}`` absolute learning rates
+        (official CIFAR-100: 1e-4, 5e-5, 1e-3, 5e-4); the run's
+        ``train.learning_rate`` is divided out.
+      - weight_decay: L2 decay of the body and norm groups (official 5e-5); the
+        head has none. ``train.weight_decay`` must be 0.
+      - head_mode: ``"per_task"``/``"shared"`` (default by scenario).
+      - sites: kernels to project (default: every backbone site).
+      - aux_batch_size (formerly ``cov_batch_size``): batch size of the covariance
+        pass (default: the training batch size, which the batch-mean form depends on).
   """
-  parts = NSCLParts(backbone, threshold=threshold, covariance=covariance,
-                    learning_rates=learning_rates, weight_decay=weight_decay, head_mode=head_mode,
-                    sites=sites, cov_batch_size=cov_batch_size)
-  return parts.method(name)
+  kwargs = renamed(kwargs, RENAMED, name)
+  return method(setup(backbone, NSCLConfig(**kwargs)), name)
 
 
-def became_nscl(backbone: Backbone, *, stage2: dict | None = None, fisher: str = "true",
-                fisher_batch_size: int | None = None, gamma: float = 1.0,
-                name: str = "became_nscl", verbose: bool = True, **nscl_kwargs) -> ContinualMethod:
+def fisher_end_task(su: Setup, cfg: became_lib.BECAMEConfig, name: str, state: State,
+                    ctx: TaskContext) -> State:
+  """BECAME-NSCL's end of task: stage 2, the backbone-only Fisher merge, the covariance update."""
+  t = ctx.task_index
+  params = gpm_lib.trainable(state, ctx.info)  # θ_GP: the stage-1 result, combined by the loop
+  # The official Fisher skips the heads (agent.py L372-373): backbone leaves only.
+  fisher_of = lambda p: became_lib.current_head_fisher(  # noqa: E731
+      su.backbone, heads_lib.mode_for(su.cfg.head_mode, ctx.spec), p, state, ctx,
+      kind=cfg.fisher, batch_size=cfg.aux_batch_size or ctx.config.batch_size)["backbone"]
+  if t == 0:
+    merged, lam = params, jnp.float32(1.0)
+    f_old = jax.tree.map(jnp.zeros_like, state["fisher"])
+  else:
+    stage2_cfg = dataclasses.replace(ctx.config, **(cfg.stage2 or {}))
+    theta_hat = ctx.fit(params, functools.partial(loss_fn(su), info=ctx.info),
+                        transform_updates=scale_updates, state=state, config=stage2_cfg,
+                        title=f"{name} task {t + 1} stage 2", phase=2)
+    f_old = state["fisher"]
+    lam = merging.became_coefficient(params["backbone"], theta_hat["backbone"],
+                                     fisher_of(theta_hat), f_old)
+    merged = merging.interpolate(params, theta_hat, lam)  # heads too, with the same λ
+  became_lib.report_lambda(name, t, lam, cfg.verbose)
+  f_new = jax.tree.map(lambda a, b: a + cfg.gamma * b, fisher_of(merged), f_old)
+  state = gpm_lib.combine(state, merged, ctx.info)
+  state = {**state, "fisher": f_new, "lambdas": state["lambdas"].at[t].set(lam)}
+  return update_covariance(su, state, ctx)
+
+
+def fisher_diagnostics(state: State) -> dict:
+  """Null-space dimensions and λ per task."""
+  return {"null_dims": null_dims(state),
+          "lambdas": [round(float(v), 6) for v in np.asarray(state["lambdas"])]}
+
+
+def became_nscl(backbone: Backbone, *, name: str = "became_nscl",
+                **kwargs: Any) -> ContinualMethod:
   """BECAME on Adam-NSCL (see the module docstring).
 
   Args:
     backbone: the network.
-    stage2: TrainConfig fields overriding the run's for the unprojected stage
-      (official: 80 epochs with early stopping).
-    fisher: ``"true"`` (argmax labels, official) or ``"empirical"``.
-    fisher_batch_size: batch size of the Fisher pass (default: training batch).
-    gamma: F_old ← F(θ_t) + γ F_old (official 1).
     name: registry/run name.
-    verbose: print λ per task.
-    **nscl_kwargs: :func:`adam_nscl` arguments.
+    **kwargs: :class:`clx.methods.became.BECAMEConfig` fields (``stage2``: the
+      unprojected stage's TrainConfig overrides, official 80 epochs with early
+      stopping; ``fisher``; ``gamma``: F_old ← F(θ_t) + γ F_old, official 1;
+      ``verbose``) and :func:`adam_nscl`'s :class:`NSCLConfig` fields.
+      ``aux_batch_size`` (formerly ``fisher_batch_size`` / ``cov_batch_size``) is
+      the batch size of both host passes (default: the training batch size).
   """
-  if fisher not in ("true", "empirical"):
-    raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
-  if not gamma >= 0:
-    raise ValueError(f"gamma must be >= 0, got {gamma}")
-  nscl_kwargs.setdefault("threshold", 10.0)
-  nscl_kwargs.setdefault("covariance", "batch_mean")
-  nscl_kwargs.setdefault("learning_rates", None)
-  nscl_kwargs.setdefault("weight_decay", 5e-5)
-  nscl_kwargs.setdefault("head_mode", None)
-  parts = NSCLParts(backbone, **nscl_kwargs)
+  kwargs = renamed(renamed(kwargs, {"fisher_batch_size": "aux_batch_size"}, name), RENAMED, name)
+  own = {f.name for f in dataclasses.fields(became_lib.BECAMEConfig)} - {"aux_batch_size",
+                                                                          "per_layer",
+                                                                          "fisher_dropout"}
+  cfg = became_lib.BECAMEConfig(aux_batch_size=kwargs.get("aux_batch_size"),
+                                **{k: v for k, v in kwargs.items() if k in own})
+  su = setup(backbone, NSCLConfig(**{k: v for k, v in kwargs.items() if k not in own}))
 
-  def init(rng, spec):
-    state = parts.init(rng, spec)
+  def fisher_init(rng, spec):
+    state = init(su, rng, spec)
     return {**state, "fisher": jax.tree.map(jnp.zeros_like, state["backbone"]),
             "lambdas": jnp.zeros((spec.num_tasks,), jnp.float32)}
 
-  def fisher_of(params, state, ctx):
-    """Diagonal Fisher of the current head's CE, backbone leaves only (heads excluded)."""
-    spec, t = ctx.spec, ctx.task_index
-    mode, key = parts.mode(spec), parts.head_key(state, t)
-    data = ctx.arrays("train")
-    labels = None
-    if fisher == "empirical":
-      labels = np.asarray(heads_lib.train_labels(jnp.asarray(data["y"]), spec, t, mode))
-    full = merging.diagonal_fisher(
-        _head_logits_fn(backbone, spec, t, mode, key), params, data["x"], labels=labels,
-        kind=fisher, batch_size=fisher_batch_size or ctx.config.batch_size,
-        pass_mask=True)  # padding rows of the last batch stay out of batch statistics
-    return full["backbone"]
-
-  def end_task(state, params, ctx):
-    t = ctx.task_index
-    if t == 0:
-      merged, lam = params, jnp.float32(1.0)
-      f_old = jax.tree.map(jnp.zeros_like, state["fisher"])
-    else:
-      stage2_cfg = dataclasses.replace(ctx.config, **(stage2 or {}))
-      theta_hat = ctx.fit(params, functools.partial(parts.loss, task_index=t, spec=ctx.spec),
-                          transform_updates=parts.scale_updates, state=state, config=stage2_cfg,
-                          title=f"{name} task {t + 1} stage 2", phase=2)
-      f_cur = fisher_of(theta_hat, state, ctx)
-      f_old = state["fisher"]
-      lam = merging.became_coefficient(params["backbone"], theta_hat["backbone"], f_cur, f_old)
-      merged = merging.interpolate(params, theta_hat, lam)  # heads too, with the same λ
-    if verbose and jax.process_index() == 0:
-      print(f"{name} task {t + 1}: merge coefficient λ = {float(lam):.4f}", file=sys.stderr,
-            flush=True)
-    f_new = jax.tree.map(lambda a, b: a + gamma * b, fisher_of(merged, state, ctx), f_old)
-    state = parts.write_back(state, merged, t)
-    state = {**state, "fisher": f_new, "lambdas": state["lambdas"].at[t].set(lam)}
-    return parts.update_covariance(state, ctx)
-
-  def diagnostics(state):
-    return {"null_dims": null_dims(state),
-            "lambdas": [round(float(v), 6) for v in np.asarray(state["lambdas"])]}
-
-  return parts.method(name, init=init, end_task=end_task, diagnostics=diagnostics)
+  return method(su, name, init=fisher_init,
+                end_task=functools.partial(fisher_end_task, su, cfg, name),
+                diagnostics=fisher_diagnostics)
 
 
 REGISTRY = {"adam_nscl": adam_nscl, "became_nscl": became_nscl}

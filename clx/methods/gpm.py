@@ -27,31 +27,140 @@ other sites are projected in ``transform_grads``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, TypedDict
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import heads as heads_lib
-from clx.methods.base import ContinualMethod, StreamSpec, site_key
-from clx.methods.base import get_path as _get
+from clx.methods import sequential
+from clx.methods.base import (ContinualMethod, Params, State, StreamSpec, TaskContext, TaskInfo,
+                              check_positive_int)
 from clx.models.base import Backbone
-from clx.ops import sgp as sgp_ops
-from clx.ops import subspace
+from clx.ops import memory as memory_ops
+from clx.ops import tree
 
 HEAD_SITE = "head/kernel"
+FAMILIES = ("gpm", "sgp")
+
+Threshold = float | Sequence[float] | Mapping[str, float]
 
 
-def _set(tree, path: str, value):
-  parts = path.split("/")
-  if len(parts) == 1:
-    return {**tree, parts[0]: value}
-  return {**tree, parts[0]: _set(tree[parts[0]], "/".join(parts[1:]), value)}
+def _check_threshold_values(threshold: Threshold, increment: float) -> None:
+  """Build-time range check of the thresholds (their count needs the stream's head layout)."""
+  values = (list(threshold.values()) if isinstance(threshold, Mapping)
+            else [threshold] if isinstance(threshold, (int, float)) else list(threshold))
+  bad = [v for v in values
+         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0]
+  if bad or not values:
+    raise ValueError(f"GPM thresholds must lie in (0, 1], got {threshold!r}")
+  if isinstance(increment, bool) or not isinstance(increment, (int, float)) or not 0 <= increment < 1:
+    raise ValueError(f"threshold_increment must lie in [0, 1), got {increment!r}")
 
 
-def resolve_thresholds(threshold, sites: Sequence[str]) -> dict[str, float]:
+@dataclasses.dataclass(frozen=True)
+class GPMConfig:
+  """Settings of GPM / SGP (see :func:`gpm` for their meaning); validated on construction."""
+
+  threshold: Threshold = 0.97
+  threshold_increment: float = 0.0
+  num_samples: int = 300
+  sites: tuple[str, ...] | None = None
+  project_head: bool = True
+  head_bias: bool = False
+  head_mode: str | None = None
+  family: str = "gpm"
+  scale_coff: float = 10.0
+  fast_projection: bool = True
+  site_samples: Mapping[str, int] | None = None
+  freeze_norm: bool = True
+
+  def __post_init__(self):
+    if self.family not in FAMILIES:
+      raise ValueError(f"variant must be 'gpm' or 'sgp', got {self.family!r}")
+    check_positive_int(self.num_samples, "num_samples")
+    _check_threshold_values(self.threshold, self.threshold_increment)
+    if isinstance(self.scale_coff, bool) or not np.isfinite(self.scale_coff) or self.scale_coff < 0:
+      raise ValueError(f"scale_coff (SGP α) must be a finite number >= 0, got {self.scale_coff!r}")
+    heads_lib.check_mode(self.head_mode, self.family)
+    if self.sites is not None:
+      object.__setattr__(self, "sites", tuple(self.sites))
+
+  def rule(self) -> memory_ops.MemoryRule:
+    """The memory rule of the family: :data:`clx.ops.memory.GPM` or ``memory.sgp(scale_coff)``."""
+    return memory_ops.GPM if self.family == "gpm" else memory_ops.sgp(self.scale_coff)
+
+
+class GPMState(TypedDict):
+  """The state of GPM/SGP (a nested dict, as checkpoints store it).
+
+  Attributes:
+    backbone: the fully trained backbone parameters.
+    heads: ``{"shared" | str(t): {"kernel"(, "bias")}}``.
+    memory: ``{site key: Memory as dict}`` (:func:`clx.ops.memory.as_dict`), (d, d) padded.
+    task: () int32, the current task (zero-norm-gradient rule from task 1 on).
+  """
+
+  backbone: Params
+  heads: dict
+  memory: dict[str, dict[str, jax.Array]]
+  task: jax.Array
+
+
+class Setup(NamedTuple):
+  """What the pure functions below need besides the state: settings, backbone, layout, rule.
+
+  Attributes:
+    cfg: the method's :class:`GPMConfig`.
+    backbone: the network.
+    body_sites: projected backbone kernels (``/`` paths).
+    fast_sites: those projected through their inputs in the backward pass.
+    slow_sites: those projected in ``transform_grads`` (convs).
+    rule: the :class:`clx.ops.memory.MemoryRule` of the family.
+  """
+
+  cfg: GPMConfig
+  backbone: Backbone
+  body_sites: tuple[str, ...]
+  fast_sites: tuple[str, ...]
+  slow_sites: tuple[str, ...]
+  rule: memory_ops.MemoryRule
+
+
+def projected_sites(backbone: Backbone, sites: tuple[str, ...] | None) -> tuple[str, ...]:
+  """``sites`` (default: every site of the backbone), each checked to exist.
+
+  Raises:
+    ValueError: no site to project. KeyError: a path that is not in the params.
+  """
+  sites = sites if sites is not None else tuple(p for ps in backbone.sites.values() for p in ps)
+  if not sites:
+    raise ValueError(f"{backbone.name} exposes no sites to project")
+  for site in sites:
+    tree.get(backbone.params, site)  # KeyError early for a wrong site path
+  return sites
+
+
+def setup(backbone: Backbone, cfg: GPMConfig) -> Setup:
+  """Resolve the projected sites of ``backbone`` under ``cfg`` (errors name a wrong site)."""
+  body = projected_sites(backbone, cfg.sites)
+  fast = tuple(s for s in body if cfg.fast_projection and backbone.projects_through_inputs(s))
+  samples = dict(cfg.site_samples or {})
+  unknown = sorted(set(samples) - set(body))
+  if unknown:
+    raise ValueError(f"site_samples names sites {unknown} that are not projected; "
+                     f"projected: {list(body)}")
+  too_many = {s: k for s, k in samples.items() if not 1 <= k <= cfg.num_samples}
+  if too_many:
+    raise ValueError(f"site_samples must lie in [1, num_samples={cfg.num_samples}], got {too_many}")
+  return Setup(cfg, backbone, body, fast, tuple(s for s in body if s not in fast), cfg.rule())
+
+
+def resolve_thresholds(threshold: Threshold, sites: Sequence[str]) -> dict[str, float]:
   """Per-site base thresholds from a float, a sequence (site order) or a mapping."""
   if isinstance(threshold, Mapping):
     missing = [s for s in sites if s not in threshold]
@@ -71,200 +180,141 @@ def resolve_thresholds(threshold, sites: Sequence[str]) -> dict[str, float]:
   return out
 
 
-def _check_threshold_values(threshold, increment) -> None:
-  """Build-time range check of the thresholds (their count needs the stream's head layout)."""
-  values = (list(threshold.values()) if isinstance(threshold, Mapping)
-            else [threshold] if isinstance(threshold, (int, float)) else list(threshold))
-  bad = [v for v in values
-         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0]
-  if bad or not values:
-    raise ValueError(f"GPM thresholds must lie in (0, 1], got {threshold!r}")
-  if isinstance(increment, bool) or not isinstance(increment, (int, float)) or not 0 <= increment < 1:
-    raise ValueError(f"threshold_increment must lie in [0, 1), got {increment!r}")
+def head_mode(cfg: GPMConfig, spec: StreamSpec) -> str:
+  """The head layout in use (``cfg.head_mode`` or the scenario's default)."""
+  return heads_lib.mode_for(cfg.head_mode, spec)
 
 
-def project_gradients(grads, memory, sites, *, variant: str):
-  """Project ``grads[site]`` (Flax kernels) off each site's memory."""
+def memory_sites(su: Setup, spec: StreamSpec) -> tuple[str, ...]:
+  """Projected sites: the body's, then the shared head's kernel (``project_head``, shared heads)."""
+  head = (HEAD_SITE,) if (su.cfg.project_head and head_mode(su.cfg, spec) == "shared") else ()
+  return su.body_sites + head
+
+
+def _strip_bias(cfg: GPMConfig, heads: dict) -> dict:
+  return heads if cfg.head_bias else {k: {"kernel": v["kernel"]} for k, v in heads.items()}
+
+
+def init(su: Setup, rng: jax.Array, spec: StreamSpec) -> GPMState:
+  """Backbone copy, heads, an empty (d, d) memory per projected site, task 0."""
+  heads = heads_lib.init_heads(rng, spec, su.backbone.feature_dim, head_mode(su.cfg, spec))
+  memory = {}
+  for site in memory_sites(su, spec):
+    d = (su.backbone.feature_dim if site == HEAD_SITE
+         else int(np.prod(tree.get(su.backbone.params, site).shape[:-1])))
+    memory[tree.to_key(site)] = memory_ops.as_dict(su.rule.init(d))
+  return {"backbone": jax.tree.map(jnp.array, su.backbone.params),
+          "heads": _strip_bias(su.cfg, heads), "memory": memory,
+          "task": jnp.zeros((), jnp.int32)}
+
+
+def begin_task(su: Setup, state: GPMState, ctx: TaskContext) -> GPMState:
+  """Add the task's head (per-task heads) and record the task index."""
+  heads = heads_lib.add_task_head(state["heads"], jax.random.fold_in(ctx.rng, 0), ctx.spec,
+                                  su.backbone.feature_dim, ctx.task_index,
+                                  head_mode(su.cfg, ctx.spec))
+  return {**state, "heads": _strip_bias(su.cfg, heads),
+          "task": jnp.asarray(ctx.task_index, jnp.int32)}
+
+
+def trainable(state: State, info: TaskInfo) -> Params:
+  """``{"backbone", "head"}``: the whole backbone and the current head (full fine-tuning)."""
+  return {"backbone": state["backbone"],
+          "head": state["heads"][heads_lib.head_key(state["heads"], info.task)]}
+
+
+def combine(state: State, params: Params, info: TaskInfo) -> State:
+  """Write the trained backbone and current head back into the state."""
+  return heads_lib.with_head({**state, "backbone": params["backbone"]}, params["head"], info.task)
+
+
+def _memory(state: State, site: str) -> memory_ops.Memory:
+  return memory_ops.from_dict(state["memory"][tree.to_key(site)])
+
+
+def grad_projection(su: Setup, state: State, info: TaskInfo) -> dict:
+  """``backbone.apply`` arguments projecting the fast sites' gradients through their inputs
+  (from the second task on; task 0's memory is empty)."""
+  if info.task == 0 or not su.fast_sites:
+    return {}
+  return {"grad_projection": {s: su.rule.through_inputs(_memory(state, s)) for s in su.fast_sites}}
+
+
+def project_gradients(rule: memory_ops.MemoryRule, grads: Params, memory: Mapping,
+                      sites: Sequence[str]) -> Params:
+  """``grads`` with the kernel at each site projected by ``rule`` off that site's memory.
+
+  Args:
+    rule: the memory rule (GPM: (I − M Mᵀ) g; SGP: (I − M diag(s) Mᵀ) g).
+    grads: nested dict holding the kernels' gradients at ``sites``.
+    memory: ``{site key: memory dict}``.
+    sites: ``/`` paths into ``grads``.
+
+  Returns:
+    ``grads`` with those leaves replaced (pure).
+  """
   for site in sites:
-    mem = memory[site_key(site)]
-    basis = jnp.where(jnp.arange(mem["basis"].shape[1]) < mem["rank"], mem["basis"], 0.0)
-    g = _get(grads, site)
-    if variant == "sgp":
-      g = sgp_ops.scaled_projection_out(g, mem["basis"], mem["rank"], mem["scale"])
-    else:
-      g = subspace.project_kernel_gradient(g, basis)
-    grads = _set(grads, site, g)
+    mem = memory_ops.from_dict(memory[tree.to_key(site)])
+    grads = tree.set(grads, site, rule.project_grad(tree.get(grads, site), mem))
   return grads
 
 
-class GPMParts:
-  """The pieces of a GPM/SGP method, shared with BECAME (which re-uses them)."""
-
-  def __init__(self, backbone: Backbone, *, threshold, threshold_increment: float,
-               num_samples: int, sites, project_head: bool, head_bias: bool, head_mode,
-               variant: str, scale_coff: float, fast_projection: bool,
-               site_samples: Mapping[str, int] | None = None, freeze_norm: bool = True):
-    if variant not in ("gpm", "sgp"):
-      raise ValueError(f"variant must be 'gpm' or 'sgp', got {variant!r}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
-      raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    _check_threshold_values(threshold, threshold_increment)
-    if isinstance(scale_coff, bool) or not np.isfinite(scale_coff) or scale_coff < 0:
-      raise ValueError(f"scale_coff (SGP α) must be a finite number >= 0, got {scale_coff!r}")
-    if head_mode not in (None, "shared", "per_task"):
-      raise ValueError(f"head_mode must be None, 'shared' or 'per_task', got {head_mode!r}")
-    self.backbone = backbone
-    self.threshold, self.threshold_increment = threshold, threshold_increment
-    self.num_samples, self.variant, self.scale_coff = num_samples, variant, scale_coff
-    self.project_head, self.head_bias, self.head_mode = project_head, head_bias, head_mode
-    self.body_sites = (tuple(sites) if sites is not None
-                       else tuple(p for ps in backbone.sites.values() for p in ps))
-    if not self.body_sites:
-      raise ValueError(f"{backbone.name} exposes no sites to project")
-    for site in self.body_sites:
-      _get(backbone.params, site)  # KeyError early for a wrong site path
-    self.fast_sites = tuple(s for s in self.body_sites
-                            if fast_projection and backbone.projects_through_inputs(s))
-    self.slow_sites = tuple(s for s in self.body_sites if s not in self.fast_sites)
-    self.site_samples = dict(site_samples or {})
-    unknown = sorted(set(self.site_samples) - set(self.body_sites))
-    if unknown:
-      raise ValueError(f"site_samples names sites {unknown} that are not projected; "
-                       f"projected: {list(self.body_sites)}")
-    too_many = {s: k for s, k in self.site_samples.items() if not 1 <= k <= num_samples}
-    if too_many:
-      raise ValueError(f"site_samples must lie in [1, num_samples={num_samples}], got {too_many}")
-    self.freeze_norm = freeze_norm
-
-  # -- layout -----------------------------------------------------------------
-  def mode(self, spec) -> str:
-    return self.head_mode or heads_lib.default_mode(spec)
-
-  def sites(self, spec) -> tuple[str, ...]:
-    head = (HEAD_SITE,) if (self.project_head and self.mode(spec) == "shared") else ()
-    return self.body_sites + head
-
-  def _strip_bias(self, heads):
-    return heads if self.head_bias else {k: {"kernel": v["kernel"]} for k, v in heads.items()}
-
-  def head_key(self, state, task_index) -> str:
-    return "shared" if "shared" in state["heads"] else str(task_index)
-
-  # -- protocol functions -----------------------------------------------------
-  def init(self, rng, spec: StreamSpec):
-    heads = heads_lib.init_heads(rng, spec, self.backbone.feature_dim, self.mode(spec))
-    memory = {}
-    for site in self.sites(spec):
-      d = (self.backbone.feature_dim if site == HEAD_SITE
-           else int(np.prod(_get(self.backbone.params, site).shape[:-1])))
-      memory[site_key(site)] = {"basis": jnp.zeros((d, d), jnp.float32),
-                                "rank": jnp.zeros((), jnp.int32)}
-      if self.variant == "sgp":
-        memory[site_key(site)]["scale"] = jnp.zeros((d,), jnp.float32)
-    return {"backbone": jax.tree.map(jnp.array, self.backbone.params),
-            "heads": self._strip_bias(heads), "memory": memory,
-            "task": jnp.zeros((), jnp.int32)}
-
-  def begin_task(self, state, ctx):
-    heads = heads_lib.add_task_head(state["heads"], jax.random.fold_in(ctx.rng, 0), ctx.spec,
-                                    self.backbone.feature_dim, ctx.task_index, self.mode(ctx.spec))
-    return {**state, "heads": self._strip_bias(heads),
-            "task": jnp.asarray(ctx.task_index, jnp.int32)}
-
-  def trainable(self, state, task_index):
-    return {"backbone": state["backbone"], "head": state["heads"][self.head_key(state, task_index)]}
-
-  def write_back(self, state, params, task_index):
-    heads = {**state["heads"], self.head_key(state, task_index): params["head"]}
-    return {**state, "backbone": params["backbone"], "heads": heads}
-
-  def loss(self, params, state, base, batch, rng, *, task_index, spec, project: bool = True):
-    """Cross-entropy; with ``project`` (and t > 0) kernel gradients are projected
-    through the layer inputs where the backbone supports it."""
-    del base
-    proj = None
-    if project and task_index > 0 and self.fast_sites:
-      proj = {s: (state["memory"][site_key(s)]["basis"],
-                  state["memory"][site_key(s)].get("scale")) for s in self.fast_sites}
-    # rng: dropout (models that have it); mask: padding rows out of batch statistics.
-    feats = self.backbone.apply(params["backbone"], batch["x"], grad_projection=proj, rng=rng,
-                                mask=batch["mask"])
-    heads = {**state["heads"], self.head_key(state, task_index): params["head"]}
-    logits, labels = heads_lib.train_logits_and_labels(heads, feats, batch["y"], spec, task_index,
-                                                       self.mode(spec))
-    value = heads_lib.masked_cross_entropy(logits, labels, batch["mask"])
-    return value, {"accuracy": heads_lib.masked_accuracy(logits, labels, batch["mask"])}
-
-  def transform_grads(self, grads, state):
-    """Project what the forward did not: the shared head, and the sites the
-    backbone cannot project through its inputs (convs). A zero memory (task 0)
-    is a no-op. From the second task on, with ``freeze_norm``, the gradients of
-    every 1-D backbone parameter (batch-norm scales and biases) are zeroed, as
-    the official ``train_projected``."""
-    memory = state["memory"]
-    out = dict(grads)
-    if self.slow_sites:
-      out["backbone"] = project_gradients(grads["backbone"], memory, self.slow_sites,
-                                          variant=self.variant)
-    if self.freeze_norm:
-      later = state["task"] > 0
-      out["backbone"] = jax.tree.map(
-          lambda g: jnp.where(later, jnp.zeros_like(g), g) if g.ndim == 1 else g, out["backbone"])
-    if site_key(HEAD_SITE) in memory:
-      out["head"] = project_gradients({"head": grads["head"]}, memory, (HEAD_SITE,),
-                                      variant=self.variant)["head"]
-    return out
-
-  def predict(self, state, base, x, *, current_task, task_id, spec, mask=None):
-    del base, task_id
-    # mask: padding rows of an evaluation batch stay out of the batch statistics.
-    feats = self.backbone.apply(state["backbone"], x, mask=mask)
-    return heads_lib.global_logits(state["heads"], feats, spec, self.mode(spec), current_task)
-
-  def update_memory(self, state, ctx):
-    """Grow each site's memory from ``num_samples`` random training examples."""
-    # As the official code (x[r[0:300]]): all examples when the task has fewer.
-    sample = ctx.sample(min(self.num_samples, len(ctx.arrays("train")["y"])), seed=1)
-    feats, taps = _taps_fn(self.backbone)(state["backbone"], jnp.asarray(sample["x"]))
-    # A site's representation: the inputs (rows; patches for a conv) of its first
-    # site_samples[site] examples, as the official per-layer batch_list.
-    reps = {s: taps[s][:self.site_samples.get(s, len(sample["y"]))]
-            .reshape(-1, taps[s].shape[-1]).T for s in self.body_sites}
-    if HEAD_SITE in self.sites(ctx.spec):
-      reps[HEAD_SITE] = feats.T
-    base_eps = resolve_thresholds(self.threshold, self.sites(ctx.spec))
-    memory = dict(state["memory"])
-    first = ctx.task_index == 0
-    for site, rep in reps.items():
-      eps = min(1.0, base_eps[site] + self.threshold_increment * ctx.task_index)
-      mem = memory[site_key(site)]
-      rep = jnp.asarray(rep, jnp.float32)
-      if not bool(jnp.all(jnp.isfinite(rep))):
-        raise ValueError(f"task {ctx.task_index}: representation of site {site!r} has NaN/Inf")
-      if self.variant == "gpm":
-        basis, rank = _gpm_update(mem["basis"], mem["rank"], rep, eps,
-                                                first_task=first)
-        memory[site_key(site)] = {"basis": basis, "rank": rank}
-      else:
-        basis, rank, scale = _sgp_update(
-            mem["basis"], mem["rank"], mem["scale"], rep, eps, scale_coff=self.scale_coff,
-            first_task=first)
-        memory[site_key(site)] = {"basis": basis, "rank": rank, "scale": scale}
-    return {**state, "memory": memory}
-
-  def end_task(self, state, params, ctx):
-    return self.update_memory(self.write_back(state, params, ctx.task_index), ctx)
-
-  def method(self, name: str, **overrides) -> ContinualMethod:
-    fns = dict(init=self.init, begin_task=self.begin_task, trainable=self.trainable,
-               loss=self.loss, transform_grads=self.transform_grads, end_task=self.end_task,
-               predict=self.predict, diagnostics=lambda state: {"memory_ranks": memory_ranks(state)})
-    fns.update(overrides)
-    return ContinualMethod(name=name, backbone=self.backbone, **fns)
+def transform_grads(su: Setup, grads: Params, state: State) -> Params:
+  """Project what the forward did not: the shared head, and the sites the backbone cannot
+  project through its inputs (convs). A zero memory (task 0) is a no-op. From the second
+  task on, with ``freeze_norm``, the gradients of every 1-D backbone parameter (batch-norm
+  scales and biases) are zeroed, as the official ``train_projected``."""
+  memory = state["memory"]
+  out = dict(grads)
+  if su.slow_sites:
+    out["backbone"] = project_gradients(su.rule, grads["backbone"], memory, su.slow_sites)
+  if su.cfg.freeze_norm:
+    later = state["task"] > 0
+    out["backbone"] = jax.tree.map(
+        lambda g: jnp.where(later, jnp.zeros_like(g), g) if g.ndim == 1 else g, out["backbone"])
+  if tree.to_key(HEAD_SITE) in memory:
+    out["head"] = project_gradients(su.rule, {"head": grads["head"]}, memory, (HEAD_SITE,))["head"]
+  return out
 
 
-_gpm_update = jax.jit(subspace.gpm_update_fixed)
-_sgp_update = jax.jit(sgp_ops.sgp_update_fixed, static_argnames=("scale_coff",))
+def representations(su: Setup, params: Params, ctx: TaskContext) -> dict[str, jax.Array]:
+  """``{site: R (d, m)}`` from ``num_samples`` random training examples of the task.
+
+  A site's representation holds the inputs (rows; every patch for a conv) of its first
+  ``site_samples[site]`` examples, as the official per-layer ``batch_list``; the shared
+  head's is the features of all of them.
+  """
+  # As the official code (x[r[0:300]]): all examples when the task has fewer.
+  sample = ctx.sample(min(su.cfg.num_samples, len(ctx.arrays("train")["y"])), seed=1)
+  feats, taps = _taps_fn(su.backbone)(params, jnp.asarray(sample["x"]))
+  samples = dict(su.cfg.site_samples or {})
+  reps = {s: taps[s][:samples.get(s, len(sample["y"]))].reshape(-1, taps[s].shape[-1]).T
+          for s in su.body_sites}
+  if HEAD_SITE in memory_sites(su, ctx.spec):
+    reps[HEAD_SITE] = feats.T
+  return reps
+
+
+def update_memory(su: Setup, state: GPMState, ctx: TaskContext) -> GPMState:
+  """Grow each site's memory from the task's representations (``end_task``), ε_t capped at 1."""
+  reps = representations(su, state["backbone"], ctx)
+  base_eps = resolve_thresholds(su.cfg.threshold, memory_sites(su, ctx.spec))
+  memory = dict(state["memory"])
+  update = _jitted_update(su.rule)
+  for site, rep in reps.items():
+    eps = min(1.0, base_eps[site] + su.cfg.threshold_increment * ctx.task_index)
+    rep = jnp.asarray(rep, jnp.float32)
+    if not bool(jnp.all(jnp.isfinite(rep))):
+      raise ValueError(f"task {ctx.task_index}: representation of site {site!r} has NaN/Inf")
+    new = update(_memory(state, site), rep, eps, first_task=ctx.task_index == 0)
+    memory[tree.to_key(site)] = memory_ops.as_dict(new)
+  return {**state, "memory": memory}
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_update(rule: memory_ops.MemoryRule):
+  # One jitted update per rule, so every task and site of a run reuses its compilations.
+  return jax.jit(rule.update)
 
 
 @functools.lru_cache(maxsize=16)
@@ -273,61 +323,76 @@ def _taps_fn(backbone: Backbone):
   return jax.jit(lambda params, x: backbone.apply(params, x, taps="inputs"))
 
 
-def memory_ranks(state) -> dict[str, int]:
+def memory_ranks(state: State) -> dict[str, int]:
   """``{site: rank}`` of a GPM/SGP/BECAME state (for logs and reports)."""
-  return {k.replace(".", "/"): int(v["rank"]) for k, v in state["memory"].items()}
+  return {tree.to_path(tree.from_key(k)): int(v["rank"]) for k, v in state["memory"].items()}
 
 
-def gpm(backbone: Backbone, *, threshold=0.97, threshold_increment: float = 0.0,
-        num_samples: int = 300, sites: Sequence[str] | None = None, project_head: bool = True,
-        head_bias: bool = False, head_mode: str | None = None, variant: str = "gpm",
-        scale_coff: float = 10.0, fast_projection: bool = True,
-        site_samples: Mapping[str, int] | None = None, freeze_norm: bool = True,
-        name: str | None = None) -> ContinualMethod:
+def method(su: Setup, name: str, **overrides: Any) -> ContinualMethod:
+  """The :class:`ContinualMethod` of a GPM setup; ``overrides`` replace protocol fields (BECAME)."""
+  params_for = sequential.full_params
+  loss = heads_lib.classification_loss(su.backbone, params_for, combine,
+                                       head_mode=su.cfg.head_mode,
+                                       forward_kwargs=functools.partial(grad_projection, su))
+  fns = dict(init=functools.partial(init, su), begin_task=functools.partial(begin_task, su),
+             trainable=trainable, loss=loss, combine=combine,
+             transform_grads=functools.partial(transform_grads, su),
+             end_task=functools.partial(update_memory, su), params_for=params_for,
+             predict=heads_lib.classification_predict(su.backbone, params_for,
+                                                      head_mode=su.cfg.head_mode),
+             diagnostics=lambda state: {"memory_ranks": memory_ranks(state)})
+  return ContinualMethod(name=name, backbone=su.backbone, **{**fns, **overrides})
+
+
+def plain_loss(su: Setup) -> Callable:
+  """The loss without projection through inputs (BECAME's stage 2, ablations)."""
+  return heads_lib.classification_loss(su.backbone, sequential.full_params, combine,
+                                       head_mode=su.cfg.head_mode)
+
+
+def gpm(backbone: Backbone, *, variant: str = "gpm", name: str | None = None,
+        **kwargs: Any) -> ContinualMethod:
   """GPM (``variant="gpm"``) or SGP (``variant="sgp"``) on every backbone site.
 
   Args:
     backbone: the network; all of it is trained (GPM is full fine-tuning).
-    threshold: ε per projected site: a float, a sequence in site order (the
-      backbone's sites, then the shared head), or ``{site: ε}``. The official
-      PMNIST setting is ``(0.95, 0.99, 0.99)``.
-    threshold_increment: ε_t = ε + t·increment (BECAME's CIFAR schedule
-      ``0.97 + 0.003·t``), capped at 1. Departure from the official code: on
-      the 20-split that schedule reaches 1.0 at t = 10 and exceeds 1 for
-      t = 11…19 (0-based; 10 of the 20 tasks have ε_t ≥ 1). The official
-      ``update_GPM``/``update_SGP`` then append every remaining column of the
-      residual's U, null directions included, so its M Mᵀ stops being a
-      projector (eigenvalues up to 2 measured). clx caps ε at 1 and appends
-      only directions that carry energy: the memory stays orthonormal.
-    num_samples: training examples per task for the representation matrices.
-    sites: kernel paths to project (default: every site of the backbone).
-    project_head: also project the shared output layer (official PMNIST);
-      per-task heads are never projected (each task owns its head).
-    head_bias: whether heads have a bias (the GPM MLP has none).
-    head_mode: ``"per_task"``/``"shared"`` (default: shared for the domain
-      scenario, per-task otherwise).
-    variant: ``"gpm"`` or ``"sgp"`` (importance-scaled projection).
-    scale_coff: SGP's importance coefficient α in s = (α+1)σ / (ασ + σ_max).
-    fast_projection: project through the layer inputs where the backbone
-      supports it (same result, fewer flops).
-    site_samples: ``{site: k}``: build that site's representation from the
-      first k of the ``num_samples`` examples (official AlexNet: 24 for conv1,
-      100 for conv2/3, 125 for the FC layers,
-      :func:`clx.models.convnets.alexnet_gpm_samples`). A conv site's
-      representation holds every patch of those examples (im2col).
-    freeze_norm: from the second task on, zero the gradients of 1-D backbone
-      parameters (batch-norm scale/bias), as the official CNN code.
+    variant: ``"gpm"`` or ``"sgp"`` (importance-scaled projection): the memory rule.
     name: registry/run name (default: the variant).
+    **kwargs: :class:`GPMConfig` fields:
+
+      - threshold: ε per projected site: a float, a sequence in site order (the
+        backbone's sites, then the shared head), or ``{site: ε}``. The official
+        PMNIST setting is ``(0.95, 0.99, 0.99)``.
+      - threshold_increment: ε_t = ε + t·increment (BECAME's CIFAR schedule
+        ``0.97 + 0.003·t``), capped at 1. Departure from the official code: on
+        the 20-split that schedule reaches 1.0 at t = 10 and exceeds 1 for
+        t = 11…19 (0-based; 10 of the 20 tasks have ε_t ≥ 1). The official
+        ``update_GPM``/``update_SGP`` then append every remaining column of the
+        residual's U, null directions included, so its M Mᵀ stops being a
+        projector (eigenvalues up to 2 measured). clx caps ε at 1 and appends
+        only directions that carry energy: the memory stays orthonormal.
+      - num_samples: training examples per task for the representation matrices.
+      - sites: kernel paths to project (default: every site of the backbone).
+      - project_head: also project the shared output layer (official PMNIST);
+        per-task heads are never projected (each task owns its head).
+      - head_bias: whether heads have a bias (the GPM MLP has none).
+      - head_mode: ``"per_task"``/``"shared"`` (default: shared for the domain
+        scenario, per-task otherwise).
+      - scale_coff: SGP's importance coefficient α in s = (α+1)σ / (ασ + σ_max).
+      - fast_projection: project through the layer inputs where the backbone
+        supports it (same result, fewer flops).
+      - site_samples: ``{site: k}``: build that site's representation from the
+        first k of the ``num_samples`` examples (official AlexNet: 24 for conv1,
+        100 for conv2/3, 125 for the FC layers,
+        :func:`clx.models.convnets.alexnet_gpm_samples`). A conv site's
+        representation holds every patch of those examples (im2col).
+      - freeze_norm: from the second task on, zero the gradients of 1-D backbone
+        parameters (batch-norm scale/bias), as the official CNN code.
   """
-  parts = GPMParts(backbone, threshold=threshold, threshold_increment=threshold_increment,
-                   num_samples=num_samples, sites=sites, project_head=project_head,
-                   head_bias=head_bias, head_mode=head_mode, variant=variant,
-                   scale_coff=scale_coff, fast_projection=fast_projection,
-                   site_samples=site_samples, freeze_norm=freeze_norm)
-  return parts.method(name or variant)
+  return method(setup(backbone, GPMConfig(family=variant, **kwargs)), name or variant)
 
 
-def sgp(backbone: Backbone, **kwargs) -> ContinualMethod:
+def sgp(backbone: Backbone, **kwargs: Any) -> ContinualMethod:
   """SGP: GPM with importance-scaled projection (see :func:`gpm`)."""
   return gpm(backbone, variant="sgp", **kwargs)
 

@@ -10,127 +10,163 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import heads as heads_lib
-from clx.methods.base import ContinualMethod, StreamSpec, identity_grads
+from clx.methods.base import (ContinualMethod, Params, State, StreamSpec, TaskContext, TaskInfo,
+                              check_positive_int, no_host_hook, renamed)
 from clx.models.base import Backbone
 from clx.ops import lora as lora_ops
 
-
-def _features(backbone: Backbone, params, x, rng=None, mask=None):
-  # rng/mask: dropout and batch statistics over real rows, on models that use them.
-  return backbone.apply(params, x, rng=rng, mask=mask)
+LORA_RENAMED = {"rank": "lora_rank", "alpha": "lora_alpha", "targets": "sites"}
 
 
-def _make(name: str, backbone: Backbone, *, effective_params, trainable_keys, init_extra,
-          head_mode: str | None, data_view: str = "current") -> ContinualMethod:
-  """Build a method whose forward is ``backbone(effective_params(state, base))``.
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+  """Sequential LoRA's settings (see :func:`lora`); validated on construction."""
 
-  ``trainable_keys`` are the top-level state entries optimised on every task
-  (besides the current head); ``init_extra(rng, base)`` creates them.
-  """
-  if head_mode not in (None, "shared", "per_task"):
-    raise ValueError(f"{name}: head_mode must be None, 'shared' or 'per_task', got {head_mode!r}")
+  lora_rank: int = 8
+  sites: tuple[str, ...] = ("*kernel",)
+  lora_alpha: float | None = None
+  head_mode: str | None = None
 
-  def mode_for(spec):
-    return head_mode or heads_lib.default_mode(spec)
+  def __post_init__(self):
+    check_positive_int(self.lora_rank, "lora: lora_rank (rank)")
+    alpha = self.lora_alpha
+    if alpha is not None and (isinstance(alpha, bool) or not np.isfinite(alpha) or alpha <= 0):
+      raise ValueError(f"lora: lora_alpha (alpha) must be a positive finite number or None, "
+                       f"got {alpha!r}")
+    heads_lib.check_mode(self.head_mode, "lora")
+    object.__setattr__(self, "sites", (self.sites,) if isinstance(self.sites, str)
+                       else tuple(self.sites))
 
-  def init(rng, spec: StreamSpec):
-    k_head, k_extra = jax.random.split(rng)
-    state = {"heads": heads_lib.init_heads(k_head, spec, backbone.feature_dim, mode_for(spec))}
-    state.update(init_extra(k_extra, backbone.params))
-    return state
+  @property
+  def scale(self) -> float:
+    """The adapter scale ``lora_alpha / lora_rank`` (1 when ``lora_alpha`` is None)."""
+    return (self.lora_alpha if self.lora_alpha is not None else self.lora_rank) / self.lora_rank
 
-  def begin_task(state, ctx):
-    mode = mode_for(ctx.spec)
-    key = jax.random.fold_in(ctx.rng, 0)
-    heads = heads_lib.add_task_head(state["heads"], key, ctx.spec, backbone.feature_dim,
-                                    ctx.task_index, mode)
-    return {**state, "heads": heads}
 
-  def head_key(state, task_index):
-    return "shared" if "shared" in state["heads"] else str(task_index)
+def lora_patterns(backbone: Backbone, sites: tuple[str, ...]) -> tuple[str, ...]:
+  """Kernel globs of ``sites``: a backbone role (``"k"``) stands for its kernel paths,
+  anything else is a glob / path over the parameter tree (``"*attention/key/kernel"``)."""
+  out: list[str] = []
+  for entry in sites:
+    out.extend(backbone.sites[entry] if entry in backbone.sites else (entry,))
+  return tuple(dict.fromkeys(out))
 
-  def trainable(state, task_index):
-    params = {k: state[k] for k in trainable_keys}
-    params["head"] = state["heads"][head_key(state, task_index)]
-    return params
 
-  def merged(state, params, task_index):
-    state = {**state, **{k: params[k] for k in trainable_keys}}
-    heads = dict(state["heads"])
-    heads[head_key(state, task_index)] = params["head"]
-    return {**state, "heads": heads}
+def init(backbone: Backbone, head_mode: str | None, init_extra: Callable, rng: jax.Array,
+         spec: StreamSpec) -> State:
+  """Heads (empty for per-task heads) and the trained entries ``init_extra(rng, base)``."""
+  k_head, k_extra = jax.random.split(rng)
+  mode = heads_lib.mode_for(head_mode, spec)
+  state = {"heads": heads_lib.init_heads(k_head, spec, backbone.feature_dim, mode)}
+  state.update(init_extra(k_extra, backbone.params))
+  return state
 
-  def loss(params, state, base, batch, rng, *, task_index, spec):
-    state = merged(state, params, task_index)
-    feats = _features(backbone, effective_params(state, base), batch["x"], rng, batch["mask"])
-    logits, labels = heads_lib.train_logits_and_labels(
-        state["heads"], feats, batch["y"], spec, task_index, mode_for(spec),
-        cumulative=data_view == "cumulative")
-    loss_value = heads_lib.masked_cross_entropy(logits, labels, batch["mask"])
-    return loss_value, {"accuracy": heads_lib.masked_accuracy(logits, labels, batch["mask"])}
 
-  def end_task(state, params, ctx):
-    return merged(state, params, ctx.task_index)
+def begin_task(backbone: Backbone, head_mode: str | None, state: State,
+               ctx: TaskContext) -> State:
+  """Add the task's head (per-task heads; shared heads exist from the start)."""
+  heads = heads_lib.add_task_head(state["heads"], jax.random.fold_in(ctx.rng, 0), ctx.spec,
+                                  backbone.feature_dim, ctx.task_index,
+                                  heads_lib.mode_for(head_mode, ctx.spec))
+  return {**state, "heads": heads}
 
-  def predict(state, base, x, *, current_task, task_id, spec, mask=None):
-    del task_id  # the same network serves every task; the loop masks task-IL logits
-    feats = _features(backbone, effective_params(state, base), x, mask=mask)
-    return heads_lib.global_logits(state["heads"], feats, spec, mode_for(spec), current_task)
 
-  return ContinualMethod(name=name, backbone=backbone, init=init, begin_task=begin_task,
-                         trainable=trainable, loss=loss, transform_grads=identity_grads,
-                         end_task=end_task, predict=predict, data_view=data_view)
+def trainable(keys: tuple[str, ...], state: State, info: TaskInfo) -> Params:
+  """The state entries ``keys`` and the current head."""
+  params = {k: state[k] for k in keys}
+  params["head"] = state["heads"][heads_lib.head_key(state["heads"], info.task)]
+  return params
+
+
+def combine(keys: tuple[str, ...], state: State, params: Params, info: TaskInfo) -> State:
+  """Write the trained entries ``keys`` and the current head back."""
+  state = {**state, **{k: params[k] for k in keys}}
+  return heads_lib.with_head(state, params["head"], info.task)
+
+
+def full_params(state: State, base: Params, info: TaskInfo) -> Params:
+  """Effective backbone params of full fine-tuning: the trained copy in ``state["backbone"]``."""
+  del base, info
+  return state["backbone"]
+
+
+def lora_params(scale: float, state: State, base: Params, info: TaskInfo) -> Params:
+  """Effective backbone params of sequential LoRA: W + scale · a @ b at every adapted kernel."""
+  del info
+  return lora_ops.apply_adapters(base, state["adapters"], scale)
+
+
+def _copy_of_base(rng: jax.Array, base: Params) -> State:
+  del rng
+  return {"backbone": jax.tree.map(jnp.array, base)}
+
+
+def _make(name: str, backbone: Backbone, *, params_for: Callable, trainable_keys: tuple[str, ...],
+          init_extra: Callable, head_mode: str | None,
+          data_view: str = "current") -> ContinualMethod:
+  """A method whose forward is ``backbone(params_for(state, base, info))``, training
+  ``trainable_keys`` of the state (made by ``init_extra(rng, base)``) and the current head."""
+  heads_lib.check_mode(head_mode, name)
+  comb = functools.partial(combine, trainable_keys)
+  return ContinualMethod(
+      name=name, backbone=backbone, init=functools.partial(init, backbone, head_mode, init_extra),
+      begin_task=functools.partial(begin_task, backbone, head_mode),
+      trainable=functools.partial(trainable, trainable_keys),
+      loss=heads_lib.classification_loss(backbone, params_for, comb, head_mode=head_mode,
+                                         cumulative=data_view == "cumulative"),
+      combine=comb, end_task=no_host_hook, params_for=params_for,
+      predict=heads_lib.classification_predict(backbone, params_for, head_mode=head_mode),
+      data_view=data_view)
 
 
 def finetune(backbone: Backbone, *, head_mode: str | None = None) -> ContinualMethod:
   """Sequential full fine-tuning of the backbone and the current head."""
-  return _make("finetune", backbone,
-               effective_params=lambda state, base: state["backbone"],
-               trainable_keys=("backbone",),
-               init_extra=lambda rng, base: {"backbone": jax.tree.map(jnp.array, base)},
-               head_mode=head_mode)
+  return _make("finetune", backbone, params_for=full_params, trainable_keys=("backbone",),
+               init_extra=_copy_of_base, head_mode=head_mode)
 
 
 def joint(backbone: Backbone) -> ContinualMethod:
   """Joint training on all tasks seen so far, one shared head (upper bound)."""
-  return _make("joint", backbone,
-               effective_params=lambda state, base: state["backbone"],
-               trainable_keys=("backbone",),
-               init_extra=lambda rng, base: {"backbone": jax.tree.map(jnp.array, base)},
-               head_mode="shared", data_view="cumulative")
+  return _make("joint", backbone, params_for=full_params, trainable_keys=("backbone",),
+               init_extra=_copy_of_base, head_mode="shared", data_view="cumulative")
 
 
-def lora(backbone: Backbone, *, rank: int = 8, targets: tuple[str, ...] = ("*kernel",),
-         alpha: float | None = None, head_mode: str | None = None) -> ContinualMethod:
-  """Sequential LoRA: one adapter set on ``targets``, trained on every task in turn.
+def lora(backbone: Backbone, **kwargs: Any) -> ContinualMethod:
+  """Sequential LoRA: one adapter set on ``sites``, trained on every task in turn.
 
-  The delta on a matched kernel ``W`` (d_in, d_out) is ``(alpha / rank) · a @ b``
-  with ``a`` (d_in, rank) Kaiming-uniform and ``b`` (rank, d_out) zero at init,
-  so training starts from the base model. ``alpha`` defaults to ``rank``.
+  The delta on a matched kernel ``W`` (d_in, d_out) is ``(lora_alpha / lora_rank) · a @ b``
+  with ``a`` (d_in, lora_rank) Kaiming-uniform and ``b`` (lora_rank, d_out) zero at init,
+  so training starts from the base model.
+
+  Args:
+    backbone: the network (frozen; only adapters and heads train).
+    **kwargs: :class:`LoRAConfig` fields: ``lora_rank`` (formerly ``rank``, default 8),
+      ``sites`` (formerly ``targets``: backbone roles such as ``"k"`` and/or kernel globs,
+      default every kernel), ``lora_alpha`` (formerly ``alpha``; default ``lora_rank``),
+      ``head_mode``. The old names still work for one release (DeprecationWarning).
   """
-  if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
-    raise ValueError(f"lora: rank must be a positive integer, got {rank!r}")
-  # Shape-only dry run of the adapter init: rank above a kernel's width (or no
+  cfg = LoRAConfig(**renamed(kwargs, LORA_RENAMED, "lora"))
+  patterns = lora_patterns(backbone, cfg.sites)
+  # Shape-only dry run of the adapter init: a rank above a kernel's width (or no
   # matched kernel) fails here, at build time, before any data loads.
-  jax.eval_shape(lambda: lora_ops.init_lora(jax.random.PRNGKey(0), backbone.params, targets, rank))
-  if alpha is not None and (isinstance(alpha, bool) or not np.isfinite(alpha) or alpha <= 0):
-    raise ValueError(f"lora: alpha must be a positive finite number or None, got {alpha!r}")
-  scale = (alpha if alpha is not None else rank) / rank
+  jax.eval_shape(lambda: lora_ops.init_lora(jax.random.PRNGKey(0), backbone.params, patterns,
+                                            cfg.lora_rank))
 
   def init_extra(rng, base):
-    return {"adapters": lora_ops.init_lora(rng, base, targets, rank)}
+    return {"adapters": lora_ops.init_lora(rng, base, patterns, cfg.lora_rank)}
 
-  return _make("lora", backbone,
-               effective_params=lambda state, base: lora_ops.apply_adapters(
-                   base, state["adapters"], scale),
-               trainable_keys=("adapters",), init_extra=init_extra, head_mode=head_mode)
+  return _make("lora", backbone, params_for=functools.partial(lora_params, cfg.scale),
+               trainable_keys=("adapters",), init_extra=init_extra, head_mode=cfg.head_mode)
 
 
 REGISTRY = {"finetune": finetune, "lora": lora, "joint": joint}
-

@@ -32,11 +32,11 @@ def _stream(num_tasks):
 @functools.cache
 def runs():
   backbone = mlp((16,), (32, 32), seed=0)
-  parts = nscl_lib.NSCLParts(backbone, threshold=THRESHOLD, covariance="batch_mean",
-                             learning_rates=RATES, weight_decay=5e-5, head_mode=None)
-  projected = parts.method("adam_nscl")
+  su = nscl_lib.setup(backbone, nscl_lib.NSCLConfig(
+      threshold=THRESHOLD, covariance="batch_mean", learning_rates=RATES, weight_decay=5e-5))
+  projected = nscl_lib.method(su, "adam_nscl")
   # Projection switched off: the same groups and learning rates, the update left as is.
-  unprojected = parts.method("adam_unprojected", transform_updates=parts.scale_updates)
+  unprojected = nscl_lib.method(su, "adam_unprojected", transform_updates=nscl_lib.scale_updates)
   out = {}
   for key, method, tasks in (("after0", projected, 1), ("nscl", projected, 2),
                              ("off", unprojected, 2)):

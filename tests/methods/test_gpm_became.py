@@ -11,7 +11,7 @@ import pytest
 from clx.data.types import ArraySplit, Stream
 from clx.methods import became as became_lib
 from clx.methods import build
-from clx.methods.gpm import site_key
+from clx.ops.tree import to_key as site_key
 from clx.models.mlp import mlp
 from clx.ops import sgp as sgp_ops
 from clx.train.loop import TrainConfig, run_method

@@ -9,7 +9,7 @@ import pytest
 
 from clx.data.types import ArraySplit, Stream, Task
 from clx.methods import build
-from clx.methods.gpm import site_key
+from clx.ops.tree import to_key as site_key
 from clx.models import convnets
 from clx.train.loop import TrainConfig, run_method
 from clx.train.sharding import make_mesh
@@ -80,13 +80,14 @@ def test_conv_representation_uses_official_sample_counts(monkeypatch):
   """conv1's representation holds every patch of its first k examples (im2col)."""
   from clx.methods import gpm as gpm_lib
   seen = {}
-  real = gpm_lib._gpm_update
+  real = gpm_lib.representations
 
-  def spy(basis, rank, rep, eps, **kw):
-    seen[rep.shape[0]] = rep.shape
-    return real(basis, rank, rep, eps, **kw)
+  def spy(*args, **kw):
+    reps = real(*args, **kw)
+    seen.update({rep.shape[0]: rep.shape for rep in reps.values()})
+    return reps
 
-  monkeypatch.setattr(gpm_lib, "_gpm_update", spy)
+  monkeypatch.setattr(gpm_lib, "representations", spy)
   stream = _image_stream(num_tasks=1)
   kw = dict(threshold=0.9, num_samples=20, site_samples={"conv1/kernel": 3})
   run_method(build("gpm", _alexnet(), **kw), stream, CFG, mesh=make_mesh(1), quiet=True)
@@ -136,10 +137,10 @@ def test_became_stage_two_is_unprojected_trains_bn_and_fishers_use_the_right_mod
   from clx.methods import gpm as gpm_lib
   captured, after_task = {}, []
   real = became_lib.merging.became_coefficient
-  real_update = gpm_lib.GPMParts.update_memory
+  real_update = gpm_lib.update_memory
 
-  def memory_spy(self, state, ctx):  # the state at the end of each task (θ_t, memory)
-    out = real_update(self, state, ctx)
+  def memory_spy(su, state, ctx):  # the state at the end of each task (θ_t, memory)
+    out = real_update(su, state, ctx)
     after_task.append(jax.device_get(out))
     return out
 
@@ -152,7 +153,7 @@ def test_became_stage_two_is_unprojected_trains_bn_and_fishers_use_the_right_mod
   kw = dict(threshold=0.9, num_samples=20, verbose=False,
             site_samples={"conv1/kernel": 4, "conv2/kernel": 10, "conv3/kernel": 10})
   monkeypatch.setattr(became_lib.merging, "became_coefficient", spy)
-  monkeypatch.setattr(gpm_lib.GPMParts, "update_memory", memory_spy)
+  monkeypatch.setattr(gpm_lib, "update_memory", memory_spy)
   two = run_method(build("became_gpm", _alexnet(), **kw), stream, CFG, mesh=make_mesh(1),
                    quiet=True)
   gp, hat = captured["gp"]["backbone"], captured["hat"]["backbone"]
