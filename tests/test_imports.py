@@ -234,3 +234,29 @@ def test_lazy_model_registry_resolves_every_factory():
   from clx import models  # pylint: disable=import-outside-toplevel
   for name in models._FACTORIES:  # pylint: disable=protected-access
     assert callable(models._FACTORIES[name]), name  # pylint: disable=protected-access
+
+
+def test_building_one_method_by_name_imports_only_that_method():
+  loaded = _loaded_after("import clx.methods as m\n"
+                         "assert 'sparc' in m.REGISTRY and 'gpm' in sorted(m.REGISTRY)\n"
+                         "m.REGISTRY['gpm']")
+  assert "clx.methods.gpm" in loaded
+  unexpected = sorted((_backbones_and_methods() - {"clx.methods.gpm", "clx.methods.heads"}) & loaded)
+  assert not unexpected, f"looking up 'gpm' loads {unexpected}"
+
+
+def test_lazy_registry_semantics():
+  from clx._lazy import LazyRegistry  # pylint: disable=import-outside-toplevel
+  registry = LazyRegistry("thing", {"dumps": "json:dumps", "broken": "json"})
+  assert "dumps" in registry and "nope" not in registry and len(registry) == 2
+  assert registry["dumps"] is json.dumps
+  with pytest.raises(KeyError):
+    registry["nope"]  # pylint: disable=pointless-statement
+  with pytest.raises(LookupError, match="json.REGISTRY has no thing 'broken'"):
+    registry["broken"]  # pylint: disable=pointless-statement
+  assert registry.setdefault("dumps", len) is json.dumps  # a table entry is kept
+  registry["extra"] = len  # a caller's entry wins and is listed after the table
+  registry.update({"dumps": repr})
+  assert list(registry) == ["dumps", "broken", "extra"] and registry["dumps"] is repr
+  del registry["broken"]
+  assert sorted(registry) == ["dumps", "extra"] and registry.module_of("extra") is None
