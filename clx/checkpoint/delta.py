@@ -4,6 +4,12 @@
 :func:`apply_delta` replays it. Keys are joined with ``/``; a ``/`` or ``%``
 inside a key is written ``%2F`` / ``%25``; in the Orbax tree a ``.`` or ``%``
 inside a key is written ``%2E`` / ``%25`` (see :mod:`clx.checkpoint`).
+
+This is the encoding of arbitrary ``str`` keys, not a spelling of sites: a site key made by
+:func:`clx.ops.tree.to_key` (``"lin1.kernel"``) is one key, stored as one path component
+unchanged. Joining state paths with ``.`` instead would make ``{"lin1.kernel": x}`` and
+``{"lin1": {"kernel": x}}`` the same path, and would change the paths recorded in every
+format 1 and 2 ``meta`` (``tests/train/test_checkpoint_fixture.py`` restores such steps).
 """
 
 from __future__ import annotations
