@@ -280,3 +280,23 @@ def test_lazy_registry_semantics():
   assert list(registry) == ["dumps", "broken", "extra"] and registry["dumps"] is repr
   del registry["broken"]
   assert sorted(registry) == ["dumps", "extra"] and registry.module_of("extra") is None
+
+
+@pytest.mark.parametrize("old, new, names", [
+    ("clx.data.assets", "clx.assets.wheels",
+     ("AssetChecksumError", "AssetUnavailableError", "CacheDirError", "WheelAsset", "ASSETS",
+      "cache_dir", "fetch_asset", "fetch_wheel_member", "fetch_wheel_members", "is_offline")),
+    ("clx.models.hub", "clx.assets.hub",
+     ("PRETRAINED", "ModelFolder", "check_folder", "fetch_pretrained", "known_models", "resolve")),
+    ("clx.models.tokenize", "clx.assets.tokenize", ("BUCKETS", "TextTokenizer", "bucket_length")),
+    ("clx.data.text", "clx.assets.debs",
+     ("DebAsset", "deb_control", "deb_members", "fetch_deb_members", "read_ar")),
+    ("clx.data.text", "clx.data.text.streams", ("text_stream", "tokenize_text_stream", "TextStream")),
+    ("clx.checkpoint", "clx.checkpoint.checkpointer", ("TaskCheckpointer",)),
+    ("clx.checkpoint", "clx.checkpoint.delta", ("state_delta", "apply_delta")),
+])
+def test_old_import_paths_give_the_moved_objects(old, new, names):
+  import importlib  # pylint: disable=import-outside-toplevel
+  old_module, new_module = importlib.import_module(old), importlib.import_module(new)
+  for name in names:
+    assert getattr(old_module, name) is getattr(new_module, name), f"{old}.{name}"
