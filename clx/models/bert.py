@@ -52,9 +52,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from clx.models import hub
+from clx.assets import hub
+from clx.assets.tokenize import BUCKETS, TextTokenizer, bucket_length
 from clx.models.base import Backbone, Params, compute_dtype, shared_input_groups
-from clx.models.tokenize import BUCKETS, TextTokenizer, bucket_length
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact erf GELU, as torch
@@ -573,7 +573,7 @@ class SentenceEncoder:
 
   Attributes:
     backbone: the clx :class:`~clx.models.base.Backbone` (frozen params, sites, ``pad_id``).
-    tokenizer: the :class:`~clx.models.tokenize.TextTokenizer`.
+    tokenizer: the :class:`~clx.assets.tokenize.TextTokenizer`.
     config: the :class:`BertConfig`.
     max_length: default truncation length (the model's ``max_seq_length``).
     path: the folder the weights came from.
@@ -615,7 +615,7 @@ class SentenceEncoder:
     """Sentence embeddings ``(n, d)`` float32, in the order of ``texts``.
 
     Texts are sorted by length, split into batches of ``batch_size`` and each
-    batch is padded to its length bucket (:data:`~clx.models.tokenize.BUCKETS`)
+    batch is padded to its length bucket (:data:`~clx.assets.tokenize.BUCKETS`)
     and to ``batch_size`` rows (a final short batch to the next power of two),
     so the forward compiles once per (bucket, rows) and then runs from cache.
 

