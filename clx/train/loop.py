@@ -156,18 +156,42 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTran
   if cfg.lr_patience > 0:
     return optax.inject_hyperparams(
         lambda learning_rate: _optimizer(cfg, learning_rate))(learning_rate=cfg.learning_rate)
-  total = max(1, cfg.epochs * steps_per_epoch)
-  if cfg.schedule == "constant":
-    lr = cfg.learning_rate
-  elif cfg.schedule == "cosine":
-    lr = optax.cosine_decay_schedule(cfg.learning_rate, total)
-  else:
-    epochs = max(cfg.epochs, 2)
+  return _optimizer(cfg, learning_rate_schedule(cfg, steps_per_epoch))
 
-    def lr(step):
-      epoch = step // max(steps_per_epoch, 1)
-      return cfg.learning_rate * jnp.cos(99 * jnp.pi * epoch / (200 * (epochs - 1)))
-  return _optimizer(cfg, lr)
+
+def learning_rate_schedule(cfg: TrainConfig, steps_per_epoch: int) -> float | optax.Schedule:
+  """The learning rate of ``cfg`` as optax takes it: a float or ``step -> lr``.
+
+  (With ``lr_patience`` the rate is an injected hyper-parameter instead; see
+  :func:`make_optimizer`.)
+  """
+  if cfg.schedule == "constant":
+    return cfg.learning_rate
+  if cfg.schedule == "cosine":
+    return optax.cosine_decay_schedule(cfg.learning_rate, max(1, cfg.epochs * steps_per_epoch))
+  epochs = max(cfg.epochs, 2)
+
+  def lr(step):
+    epoch = step // max(steps_per_epoch, 1)
+    return cfg.learning_rate * jnp.cos(99 * jnp.pi * epoch / (200 * (epochs - 1)))
+  return lr
+
+
+def _current_learning_rate(schedule, opt_state, step: jax.Array) -> jax.Array:
+  """The learning rate the next update uses, for the logs (NaN when unknown).
+
+  ``schedule`` is :func:`learning_rate_schedule`'s value, or ``None`` when the
+  rate lives in the optimiser state (``optax.inject_hyperparams``) or a method
+  passed its own optimiser.
+  """
+  if schedule is None:
+    hyper = getattr(opt_state, "hyperparams", None)
+    if isinstance(hyper, dict) and "learning_rate" in hyper:
+      return jnp.asarray(hyper["learning_rate"], jnp.float32)
+    return jnp.asarray(jnp.nan, jnp.float32)
+  if callable(schedule):
+    return jnp.asarray(schedule(step), jnp.float32)
+  return jnp.asarray(schedule, jnp.float32)
 
 
 def _optimizer(cfg: TrainConfig, lr) -> optax.GradientTransformation:
@@ -246,6 +270,8 @@ class Fitter:
   progress: bool | None = None
   quiet: bool = False
   last_fit: dict = dataclasses.field(default_factory=dict)  # epochs run, LR/val history
+  logger: Any = None  # clx.train.logging.RunLogger: per-step scalars, read once per chunk
+  profiler: Any = None  # clx.train.logging.StepProfiler: a jax.profiler trace after warm-up
 
   def plan(self, n: int, batch_size: int, shuffle: bool, seed_words: tuple[int, ...]) -> np.ndarray:
     padded = sharding.pad_to_multiple(batch_size, sharding.num_data_shards(self.mesh))
@@ -295,7 +321,12 @@ class Fitter:
                        "fraction or turn them off")
     transform_grads = transform_grads or (lambda g, s: g)
     steps_per_epoch = math.ceil(len(split) / cfg.batch_size)
+    schedule = None if (optimizer is not None or cfg.lr_patience > 0) else \
+        learning_rate_schedule(cfg, steps_per_epoch)
     optimizer = optimizer or make_optimizer(cfg, steps_per_epoch)
+    # Per-step scalars are computed inside the jitted chunk only when something logs them
+    # (the program, and so every number, is otherwise the one without logs).
+    log = self.logger is not None and self.logger.enabled
     padded = sharding.pad_to_multiple(cfg.batch_size, sharding.num_data_shards(self.mesh))
     resident = self.resident(split, cfg)
     chunk = cfg.steps_per_call
@@ -330,12 +361,16 @@ class Fitter:
       (loss_value, aux), grads = jax.value_and_grad(loss, has_aux=True)(
           params, state, base, batch, step_rng)
       grads = transform_grads(grads, state)
+      out = loss_value
+      if log:  # the norm of the gradient the optimiser receives (after transform_grads)
+        out = {"loss": loss_value, "grad_norm": optax.global_norm(grads),
+               "learning_rate": _current_learning_rate(schedule, opt_state, step)}
       updates, new_opt_state = optimizer.update(grads, opt_state, params)
       if transform_updates is not None:
         updates = transform_updates(updates, state)
       new_params = optax.apply_updates(params, updates)
       if not may_pad:
-        return (new_params, new_opt_state, step + 1), loss_value
+        return (new_params, new_opt_state, step + 1), out
       # Fully padded steps (end of the last chunk) must not move the optimiser.
       valid = jnp.sum(batch["mask"]) > 0
       params = _tree_where(valid, new_params, params)
@@ -343,7 +378,7 @@ class Fitter:
       # where, not a product: a non-finite loss on a padded step must not leak
       # into the divergence check (NaN · 0 = NaN).
       return ((params, opt_state, step + valid.astype(jnp.int32)),
-              jnp.where(valid, loss_value, jnp.zeros_like(loss_value)))
+              jax.tree.map(lambda v: jnp.where(valid, v, jnp.zeros_like(v)), out))
 
     # state and base are arguments, not closed-over constants: XLA would embed
     # them (the frozen backbone, GPM memories) in the program and compile slowly.
@@ -354,8 +389,8 @@ class Fitter:
         # No loop at all: XLA:CPU runs convolutions inside while loops an order of
         # magnitude slower (AlexNet step: 2 s vs 0.2 s), so conv nets on CPU use
         # steps_per_call=1 (experiments/BENCHMARKS.md).
-        carry, loss_value = body((params, opt_state, step), jax.tree.map(lambda a: a[0], chunk_arrays))
-        return (*carry, loss_value[None])
+        carry, out = body((params, opt_state, step), jax.tree.map(lambda a: a[0], chunk_arrays))
+        return (*carry, jax.tree.map(lambda v: v[None], out))
       (params, opt_state, step), losses = jax.lax.scan(body, (params, opt_state, step), chunk_arrays)
       return params, opt_state, step, losses
 
@@ -364,6 +399,8 @@ class Fitter:
     plateau = ValidationPlateau(cfg) if cfg.uses_validation else None
     val_fn = _validation_fn(loss) if plateau is not None else None
     best = None
+    logs = _ChunkLog(self.logger, title) if log else None
+    chunk_index = 0
     for epoch in range(cfg.epochs):
       plan = self.plan(len(split), cfg.batch_size, True, (*seed_words, epoch))
       batches = (self.index_chunks(plan, chunk) if resident
@@ -372,8 +409,16 @@ class Fitter:
       # on device into one flag, read once per epoch (no host sync per chunk).
       finite = None
       for arrays, steps, examples in batches:
-        params, opt_state, step, losses = run_chunk(params, opt_state, step, arrays, data, state,
-                                                    base)
+        if self.profiler is not None:
+          self.profiler.before_chunk(chunk_index)
+        params, opt_state, step, out = run_chunk(params, opt_state, step, arrays, data, state,
+                                                 base)
+        chunk_index += 1
+        if self.profiler is not None:
+          self.profiler.after_chunk(steps, params)
+        losses = out["loss"] if log else out
+        if logs is not None:  # reads the previous chunk: the device keeps working meanwhile
+          logs.add(out, steps, examples, epoch)
         chunk_finite = _all_finite(losses)
         finite = chunk_finite if finite is None else finite & chunk_finite
         if bar.enabled or not self.quiet:  # the display reads the loss anyway: fail early
@@ -381,6 +426,8 @@ class Fitter:
           if not math.isfinite(last):
             raise TrainingDivergedError(title, epoch, cfg)
           bar.update(steps, examples, last)
+      if logs is not None:
+        logs.flush()
       if finite is not None and not bool(finite):
         raise TrainingDivergedError(title, epoch, cfg)
       if plateau is not None:
@@ -394,6 +441,8 @@ class Fitter:
         elif action == "stop":
           break
     bar.close()
+    if self.profiler is not None:
+      self.profiler.end_fit(params)
     self.last_fit = {"title": title, "epochs": epoch + 1 if cfg.epochs else 0,
                      **(plateau.summary() if plateau is not None else {})}
     return best if best is not None else params
@@ -421,6 +470,36 @@ class Fitter:
       rows = sharding.process_rows(plan.shape[1], self.mesh)
       local = {"idx": block[:, rows].astype(np.int32)}
       yield sharding.shard_arrays(local, self.mesh, 1, plan.shape[1]), steps, int((block >= 0).sum())
+
+
+class _ChunkLog:
+  """Hands each chunk's per-step scalars to a logger, one chunk late.
+
+  A chunk's outputs are read after the next chunk is dispatched, so the read
+  waits for work that is already done and the device never idles for the
+  logs; examples/s is the chunk's examples over the time between reads.
+  """
+
+  def __init__(self, logger, title: str):
+    self.logger, self.title = logger, title
+    self.pending = None
+    self.last = time.perf_counter()
+
+  def add(self, out: dict[str, jax.Array], steps: int, examples: int, epoch: int) -> None:
+    self.flush()
+    self.pending = (out, steps, examples, epoch)
+
+  def flush(self) -> None:
+    if self.pending is None:
+      return
+    out, steps, examples, epoch = self.pending
+    self.pending = None
+    host = jax.device_get(out)
+    now = time.perf_counter()
+    rate = examples / max(now - self.last, 1e-9)
+    self.last = now
+    self.logger.log_steps({k: np.asarray(v)[:steps] for k, v in host.items()}, phase=self.title,
+                          epoch=epoch, examples_per_s=rate)
 
 
 def _validation_fn(loss: Callable) -> Callable:
@@ -642,7 +721,8 @@ def config_fingerprint(obj: Any) -> str:
 def run_method(method: ContinualMethod, stream: Stream, config: TrainConfig, *, seed: int = 0,
                mesh: jax.sharding.Mesh | None = None, checkpoint_dir: str | None = None,
                run_info: dict | None = None, progress: bool | None = None, quiet: bool = False,
-               on_task_end: Callable[[int, np.ndarray], None] | None = None) -> RunResult:
+               on_task_end: Callable[[int, np.ndarray], None] | None = None,
+               logger=None, profiler=None) -> RunResult:
   """Train ``method`` on every task of ``stream`` in order and evaluate after each.
 
   Args:
@@ -656,6 +736,10 @@ def run_method(method: ContinualMethod, stream: Stream, config: TrainConfig, *, 
     run_info: JSON metadata stored with each checkpoint (e.g. the experiment
       config); a resumed run must present the same fingerprint.
     progress: force the progress bar on/off (default: on for a TTY).
+    logger: a :class:`clx.train.logging.RunLogger` (per-step scalars and per-task
+      metrics); opened here at the first task to train (the lines of tasks
+      not checkpointed are dropped) and closed at the end.
+    profiler: a :class:`clx.train.logging.StepProfiler` (a trace of a few steps).
 
   Returns:
     A :class:`RunResult` with the (T, T) accuracy matrix in percent.
@@ -664,7 +748,7 @@ def run_method(method: ContinualMethod, stream: Stream, config: TrainConfig, *, 
   spec = StreamSpec.from_stream(stream)
   T = spec.num_tasks
   key = jax.random.PRNGKey(seed)
-  fitter = Fitter(mesh, progress=progress, quiet=quiet)
+  fitter = Fitter(mesh, progress=progress, quiet=quiet, logger=logger, profiler=profiler)
   # Backbone and method state are placed as config.param_sharding says (clx/train/sharding.py).
   base = sharding.place_base(method.backbone.params, mesh, config.param_sharding)
   state = method.init(jax.random.fold_in(key, 0), spec)
@@ -691,10 +775,14 @@ def run_method(method: ContinualMethod, stream: Stream, config: TrainConfig, *, 
       for t, row in enumerate(rows):
         acc[t, :len(row)] = row
       start, elapsed_before, resumed_from = last + 1, float(meta.get("wall_time_s", 0.0)), last
+    if logger is not None:
+      logger.open(start)
 
     t0 = time.perf_counter()
     for t in range(start, T):
       task = stream.tasks[t]
+      if logger is not None:
+        logger.task = t
       rng_t = jax.random.fold_in(key, 1 + t)
       ctx = _Context(t, spec, rng_t, base, fitter, train_split_for(method, stream, t),
                      {"test": task.test, "val": task.val}, config, (seed, t))
@@ -707,9 +795,13 @@ def run_method(method: ContinualMethod, stream: Stream, config: TrainConfig, *, 
       params = ctx.fit(params, loss, transform_grads=method.transform_grads,
                        transform_updates=method.transform_updates, state=state,
                        title=f"{method.name} task {t + 1}/{T}", phase=0)
+      fit_log = dict(fitter.last_fit)
       state = method.end_task(state, params, ctx)
 
       acc[t, :t + 1] = evaluate_row(method, state, base, stream, t, spec, fitter, config)
+      if logger is not None:  # before the checkpoint: a task's lines exist once it is complete
+        logger.log_task(t, acc[t, :t + 1], fit=fit_log,
+                        wall_time_s=elapsed_before + time.perf_counter() - t0)
       if on_task_end is not None:
         on_task_end(t, acc)
       if checkpointer is not None:
@@ -722,4 +814,6 @@ def run_method(method: ContinualMethod, stream: Stream, config: TrainConfig, *, 
   finally:
     if checkpointer is not None:
       checkpointer.close()
+    if logger is not None:
+      logger.close()
   return RunResult(method.name, acc, wall, state, resumed_from)
