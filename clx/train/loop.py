@@ -363,7 +363,7 @@ class Fitter:
       grads = transform_grads(grads, state)
       out = loss_value
       if log:  # the norm of the gradient the optimiser receives (after transform_grads)
-        out = {"loss": loss_value, "grad_norm": optax.global_norm(grads),
+        out = {"loss": loss_value, "grad_norm": optax.tree.norm(grads),
                "learning_rate": _current_learning_rate(schedule, opt_state, step)}
       updates, new_opt_state = optimizer.update(grads, opt_state, params)
       if transform_updates is not None:
