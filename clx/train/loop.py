@@ -24,12 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.extend import core as jax_core
 
 from clx.data.types import ArraySplit, Stream, concat_splits
 from clx.methods import passes
 from clx.methods.base import ContinualMethod, StreamSpec
 from clx.train import sharding
+from clx.train.fit import chunk_steps, convolutions_on_cpu, gather_rows, make_train_step
 from clx.train.progress import TaskProgress
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
@@ -177,23 +177,6 @@ def learning_rate_schedule(cfg: TrainConfig, steps_per_epoch: int) -> float | op
   return lr
 
 
-def _current_learning_rate(schedule, opt_state, step: jax.Array) -> jax.Array:
-  """The learning rate the next update uses, for the logs (NaN when unknown).
-
-  ``schedule`` is :func:`learning_rate_schedule`'s value, or ``None`` when the
-  rate lives in the optimiser state (``optax.inject_hyperparams``) or a method
-  passed its own optimiser.
-  """
-  if schedule is None:
-    hyper = getattr(opt_state, "hyperparams", None)
-    if isinstance(hyper, dict) and "learning_rate" in hyper:
-      return jnp.asarray(hyper["learning_rate"], jnp.float32)
-    return jnp.asarray(jnp.nan, jnp.float32)
-  if callable(schedule):
-    return jnp.asarray(schedule(step), jnp.float32)
-  return jnp.asarray(schedule, jnp.float32)
-
-
 def _optimizer(cfg: TrainConfig, lr) -> optax.GradientTransformation:
   if cfg.optimizer == "sgd":
     opt = optax.sgd(lr)
@@ -258,10 +241,6 @@ def _gather(split: ArraySplit, idx: np.ndarray) -> dict[str, np.ndarray]:
   return out
 
 
-def _tree_where(pred, new, old):
-  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
-
-
 @dataclasses.dataclass
 class Fitter:
   """Runs training phases on a mesh; caches nothing across phases but the mesh."""
@@ -270,6 +249,7 @@ class Fitter:
   progress: bool | None = None
   quiet: bool = False
   last_fit: dict = dataclasses.field(default_factory=dict)  # epochs run, LR/val history
+  last_fits: list = dataclasses.field(default_factory=list)  # per seed, of a seed-batched fit
   logger: Any = None  # clx.train.logging.RunLogger: per-step scalars, read once per chunk
   profiler: Any = None  # clx.train.logging.StepProfiler: a jax.profiler trace after warm-up
 
@@ -319,7 +299,6 @@ class Fitter:
       raise ValueError(f"{title}: lr_patience/restore_best need the task's validation split "
                        "('val'), and this task has none; build the stream with a validation "
                        "fraction or turn them off")
-    transform_grads = transform_grads or (lambda g, s: g)
     steps_per_epoch = math.ceil(len(split) / cfg.batch_size)
     schedule = None if (optimizer is not None or cfg.lr_patience > 0) else \
         learning_rate_schedule(cfg, steps_per_epoch)
@@ -329,14 +308,9 @@ class Fitter:
     log = self.logger is not None and self.logger.enabled
     padded = sharding.pad_to_multiple(cfg.batch_size, sharding.num_data_shards(self.mesh))
     resident = self.resident(split, cfg)
-    chunk = cfg.steps_per_call
-    if chunk <= 0 and _convolutions_on_cpu(loss, params, state, base, split, padded):
-      chunk = 1  # see run_chunk: XLA:CPU convolutions are slow inside loops
-    if chunk <= 0:
-      per_step = padded * 8 if resident else padded * split.x[0].nbytes + padded * 8
-      chunk = int(max(1, min(steps_per_epoch, cfg.max_chunk_mb * 2**20 // per_step)))
-      chunk = _largest_divisor_at_most(steps_per_epoch, chunk)
-    chunk = min(chunk, steps_per_epoch)
+    per_step = padded * 8 if resident else padded * split.x[0].nbytes + padded * 8
+    chunk = chunk_steps(cfg, steps_per_epoch, per_step, convolutions_on_cpu=(
+        cfg.steps_per_call <= 0 and convolutions_on_cpu(loss, params, state, base, split, padded)))
     # Chunks that tile the epoch exactly never contain fully padded steps.
     may_pad = steps_per_epoch % chunk != 0
 
@@ -349,36 +323,16 @@ class Fitter:
     if resident:
       check_finite_batch(split.arrays, title)
       data = jax.device_put({"x": split.x, "y": split.y.astype(np.int32)}, rep)
+    train_step = make_train_step(loss, optimizer, transform_grads=transform_grads,
+                                 transform_updates=transform_updates, schedule=schedule,
+                                 masked=may_pad, log=log)
 
     def one_step(carry, batch, data, state, base):
       params, opt_state, step = carry
       if data is not None:  # device-resident split: the batch is an index plan
-        idx = batch["idx"]
-        safe = jnp.maximum(idx, 0)
-        batch = {"x": data["x"][safe], "y": data["y"][safe],
-                 "mask": (idx >= 0).astype(jnp.float32)}
-      step_rng = jax.random.fold_in(rng, step)
-      (loss_value, aux), grads = jax.value_and_grad(loss, has_aux=True)(
-          params, state, base, batch, step_rng)
-      grads = transform_grads(grads, state)
-      out = loss_value
-      if log:  # the norm of the gradient the optimiser receives (after transform_grads)
-        out = {"loss": loss_value, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": _current_learning_rate(schedule, opt_state, step)}
-      updates, new_opt_state = optimizer.update(grads, opt_state, params)
-      if transform_updates is not None:
-        updates = transform_updates(updates, state)
-      new_params = optax.apply_updates(params, updates)
-      if not may_pad:
-        return (new_params, new_opt_state, step + 1), out
-      # Fully padded steps (end of the last chunk) must not move the optimiser.
-      valid = jnp.sum(batch["mask"]) > 0
-      params = _tree_where(valid, new_params, params)
-      opt_state = _tree_where(valid, new_opt_state, opt_state)
-      # where, not a product: a non-finite loss on a padded step must not leak
-      # into the divergence check (NaN · 0 = NaN).
-      return ((params, opt_state, step + valid.astype(jnp.int32)),
-              jax.tree.map(lambda v: jnp.where(valid, v, jnp.zeros_like(v)), out))
+        batch = gather_rows(data, batch["idx"])
+      params, opt_state, step, out = train_step(params, opt_state, step, batch, state, base, rng)
+      return (params, opt_state, step), out
 
     # state and base are arguments, not closed-over constants: XLA would embed
     # them (the frozen backbone, GPM memories) in the program and compile slowly.
@@ -546,38 +500,6 @@ class ValidationPlateau:
   def summary(self) -> dict:
     return {"final_lr": self.lr, "best_val_loss": self.best_loss,
             "val_losses": list(self.history)}
-
-
-def _convolutions_on_cpu(loss: Callable, params, state, base, split: ArraySplit, rows: int) -> bool:
-  """Whether this phase runs on CPU and its loss contains a convolution.
-
-  Automatic chunking then fuses one step per call: XLA:CPU executes
-  convolutions inside a ``while`` loop (``lax.scan``) about 10× slower than
-  the same step on its own (AlexNet, batch 64: 2.0 s vs 0.16 s per step).
-  """
-  if jax.default_backend() != "cpu":
-    return False
-  x = jax.ShapeDtypeStruct((rows, *split.x.shape[1:]), split.x.dtype)
-  batch = {"x": x, "y": jax.ShapeDtypeStruct((rows,), jnp.int32),
-           "mask": jax.ShapeDtypeStruct((rows,), jnp.float32)}
-  jaxpr = jax.make_jaxpr(lambda p, b: loss(p, state, base, b, None))(params, batch)
-  return _has_primitive(jaxpr.jaxpr, "conv_general_dilated")
-
-
-def _has_primitive(jaxpr, name: str) -> bool:
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == name:
-      return True
-    for sub in jax_core.jaxprs_in_params(eqn.params):
-      if _has_primitive(sub, name):
-        return True
-  return False
-
-
-def _largest_divisor_at_most(n: int, cap: int) -> int:
-  """The largest divisor of ``n`` that is ≤ ``cap``, unless it is tiny (then ``cap``)."""
-  best = max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
-  return best if best * 4 >= min(n, cap) else min(n, cap)
 
 
 # ----------------------------------------------------------------------------
