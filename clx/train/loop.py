@@ -17,8 +17,8 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Generator, Iterator
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -217,6 +217,11 @@ def _all_finite(losses: jax.Array) -> jax.Array:
   return jnp.all(jnp.isfinite(losses))
 
 
+@jax.jit
+def _sum(losses: jax.Array) -> jax.Array:
+  return jnp.sum(losses.astype(jnp.float32))
+
+
 # ----------------------------------------------------------------------------
 # Batches: global index plans → per-process rows → sharded device arrays.
 
@@ -250,6 +255,7 @@ class Fitter:
   quiet: bool = False
   last_fit: dict = dataclasses.field(default_factory=dict)  # epochs run, LR/val history
   last_fits: list = dataclasses.field(default_factory=list)  # per seed, of a seed-batched fit
+  fits: list = dataclasses.field(default_factory=list)  # the log of every fit, in order
   logger: Any = None  # clx.train.logging.RunLogger: per-step scalars, read once per chunk
   profiler: Any = None  # clx.train.logging.StepProfiler: a jax.profiler trace after warm-up
 
@@ -353,6 +359,7 @@ class Fitter:
     plateau = ValidationPlateau(cfg) if cfg.uses_validation else None
     val_fn = _validation_fn(loss) if plateau is not None else None
     best = None
+    epoch_losses = []  # mean training loss of each epoch (read with the divergence flag)
     logs = _ChunkLog(self.logger, title) if log else None
     chunk_index = 0
     for epoch in range(cfg.epochs):
@@ -361,7 +368,7 @@ class Fitter:
                  else self.device_batches(split, plan, title, chunk))
       # Divergence check, independent of display: every step's loss is reduced
       # on device into one flag, read once per epoch (no host sync per chunk).
-      finite = None
+      finite = loss_sum = None
       for arrays, steps, examples in batches:
         if self.profiler is not None:
           self.profiler.before_chunk(chunk_index)
@@ -375,6 +382,8 @@ class Fitter:
           logs.add(out, steps, examples, epoch)
         chunk_finite = _all_finite(losses)
         finite = chunk_finite if finite is None else finite & chunk_finite
+        chunk_sum = _sum(losses)  # padded steps hold 0: the sum is over real steps
+        loss_sum = chunk_sum if loss_sum is None else loss_sum + chunk_sum
         if bar.enabled or not self.quiet:  # the display reads the loss anyway: fail early
           last = float(losses[steps - 1])
           if not math.isfinite(last):
@@ -384,6 +393,7 @@ class Fitter:
         logs.flush()
       if finite is not None and not bool(finite):
         raise TrainingDivergedError(title, epoch, cfg)
+      epoch_losses.append(float(loss_sum) / steps_per_epoch)
       if plateau is not None:
         action = plateau.update(self.validation_loss(params, val_fn, val_split, cfg, state, base))
         if action == "best" and cfg.restore_best:
@@ -398,7 +408,9 @@ class Fitter:
     if self.profiler is not None:
       self.profiler.end_fit(params)
     self.last_fit = {"title": title, "epochs": epoch + 1 if cfg.epochs else 0,
+                     "epoch_losses": epoch_losses,
                      **(plateau.summary() if plateau is not None else {})}
+    self.fits.append(self.last_fit)
     return best if best is not None else params
 
   def validation_loss(self, params, fn: Callable, split: ArraySplit, cfg: TrainConfig,
@@ -631,6 +643,30 @@ class RunResult:
   wall_time_s: float
   state: Any = None
   resumed_from: int | None = None
+  tasks: list = dataclasses.field(default_factory=list)  # TaskResult of each task trained here
+
+
+class TaskResult(NamedTuple):
+  """What :func:`run` yields after each task.
+
+  Attributes:
+    task: 0-based task index.
+    state: the method's state after the task (device arrays).
+    acc_row: (task + 1,) test accuracies in percent on tasks 0..task.
+    fit_log: the main training phase's log (``title``, ``epochs`` run,
+      ``epoch_losses`` (mean training loss per epoch), and with a validation
+      schedule ``final_lr``, ``best_val_loss``, ``val_losses``), plus
+      ``phases``: the logs of every fit of the task in order (e.g. BECAME's
+      second stage inside ``end_task``).
+    diagnostics: ``method.diagnostics(state)`` (JSON-able numbers), or ``None``
+      for a method without diagnostics.
+  """
+
+  task: int
+  state: Any
+  acc_row: np.ndarray
+  fit_log: dict
+  diagnostics: dict | None
 
 
 PLACEMENT_FIELDS = ("param_sharding", "model_parallel")  # TrainConfig fields not fingerprinted
@@ -644,8 +680,41 @@ def run_method(method: ContinualMethod, stream: Stream, config: TrainConfig, *, 
                mesh: jax.sharding.Mesh | None = None, checkpoint_dir: str | None = None,
                run_info: dict | None = None, progress: bool | None = None, quiet: bool = False,
                on_task_end: Callable[[int, np.ndarray], None] | None = None,
-               logger=None, profiler=None) -> RunResult:
+               logger=None, profiler=None, keep_states: bool = False) -> RunResult:
   """Train ``method`` on every task of ``stream`` in order and evaluate after each.
+
+  Collects :func:`run` (same arguments); ``keep_states`` keeps every task's
+  state in ``RunResult.tasks`` (by default only the last state is kept there,
+  the earlier :class:`TaskResult` s hold ``state=None``).
+  """
+  gen = run(method, stream, config, seed=seed, mesh=mesh, checkpoint_dir=checkpoint_dir,
+            run_info=run_info, progress=progress, quiet=quiet, on_task_end=on_task_end,
+            logger=logger, profiler=profiler)
+  tasks = []
+  while True:
+    try:
+      result = next(gen)
+    except StopIteration as stop:
+      summary: RunResult = stop.value
+      break
+    if tasks and not keep_states:
+      tasks[-1] = tasks[-1]._replace(state=None)
+    tasks.append(result)
+  summary.tasks = tasks
+  return summary
+
+
+def run(method: ContinualMethod, stream: Stream, config: TrainConfig, *, seed: int = 0,
+        mesh: jax.sharding.Mesh | None = None, checkpoint_dir: str | None = None,
+        run_info: dict | None = None, progress: bool | None = None, quiet: bool = False,
+        on_task_end: Callable[[int, np.ndarray], None] | None = None,
+        logger=None, profiler=None) -> Generator[TaskResult, None, RunResult]:
+  """Train ``method`` on every task of ``stream`` in order, yielding after each task.
+
+  ``for r in run(...)``: ``r`` is a :class:`TaskResult` (the task's state,
+  accuracy row, fit log and diagnostics), yielded after the task's checkpoint
+  is committed; tasks restored from ``checkpoint_dir`` are not yielded. The
+  generator's return value (``StopIteration.value``) is the :class:`RunResult`.
 
   Args:
     method: the continual method.
@@ -709,6 +778,7 @@ def run_method(method: ContinualMethod, stream: Stream, config: TrainConfig, *, 
       ctx = _Context(t, spec, rng_t, base, fitter, train_split_for(method, stream, t),
                      {"test": task.test, "val": task.val}, config, (seed, t))
       prev_state = state
+      first_fit = len(fitter.fits)
       state = sharding.place_state(state, mesh, config.param_sharding)
       state = method.begin_task(state, ctx)
       state = sharding.place_state(state, mesh, config.param_sharding)
@@ -719,6 +789,8 @@ def run_method(method: ContinualMethod, stream: Stream, config: TrainConfig, *, 
                        title=f"{method.name} task {t + 1}/{T}", phase=0)
       fit_log = dict(fitter.last_fit)
       state = method.end_task(state, params, ctx)
+
+      fit_log["phases"] = fitter.fits[first_fit:]
 
       acc[t, :t + 1] = evaluate_row(method, state, base, stream, t, spec, fitter, config)
       if logger is not None:  # before the checkpoint: a task's lines exist once it is complete
@@ -732,6 +804,9 @@ def run_method(method: ContinualMethod, stream: Stream, config: TrainConfig, *, 
                 "acc_matrix": [acc[r, :r + 1].tolist() for r in range(t + 1)],
                 "wall_time_s": elapsed_before + time.perf_counter() - t0, "run": run_info or {}}
         checkpointer.save(t, delta, removed, meta)
+      diagnostics = (method.diagnostics(jax.device_get(state))
+                     if method.diagnostics is not None else None)
+      yield TaskResult(t, state, acc[t, :t + 1].copy(), fit_log, diagnostics)
     wall = elapsed_before + time.perf_counter() - t0
   finally:
     if checkpointer is not None:
