@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -126,34 +127,71 @@ class TrainConfig:
                        f"got {self.schedule!r}")
 
 
-def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+ScheduleFactory = Callable[[int], "float | optax.Schedule"]  # steps_per_epoch → learning rate
+
+
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int,
+                   lr_schedule: ScheduleFactory | None = None) -> optax.GradientTransformation:
   """The optax transformation for ``cfg`` (a fresh one per task, as the official codes).
 
   With ``lr_patience`` the learning rate is an injected hyper-parameter
   (``optax.inject_hyperparams``) that the loop lowers between epochs.
+
+  Args:
+    cfg: the phase's settings.
+    steps_per_epoch: optimiser steps of one epoch.
+    lr_schedule: a schedule supplied by the method or the experiment
+      (``steps_per_epoch -> float | optax.Schedule``), used instead of
+      ``cfg.schedule`` (not with ``lr_patience``).
   """
   if cfg.lr_patience > 0:
+    if lr_schedule is not None:
+      raise ValueError("lr_patience (validation-loss schedule) cannot be combined with a "
+                       "supplied lr_schedule")
     return optax.inject_hyperparams(
         lambda learning_rate: _optimizer(cfg, learning_rate))(learning_rate=cfg.learning_rate)
-  return _optimizer(cfg, learning_rate_schedule(cfg, steps_per_epoch))
+  return _optimizer(cfg, learning_rate_schedule(cfg, steps_per_epoch, lr_schedule))
 
 
-def learning_rate_schedule(cfg: TrainConfig, steps_per_epoch: int) -> float | optax.Schedule:
+def learning_rate_schedule(cfg: TrainConfig, steps_per_epoch: int,
+                           lr_schedule: ScheduleFactory | None = None) -> float | optax.Schedule:
   """The learning rate of ``cfg`` as optax takes it: a float or ``step -> lr``.
 
-  (With ``lr_patience`` the rate is an injected hyper-parameter instead; see
-  :func:`make_optimizer`.)
+  ``lr_schedule(steps_per_epoch)`` when a schedule is supplied, else
+  ``cfg.schedule``. (With ``lr_patience`` the rate is an injected
+  hyper-parameter instead; see :func:`make_optimizer`.)
   """
+  if lr_schedule is not None:
+    return lr_schedule(steps_per_epoch)
   if cfg.schedule == "constant":
     return cfg.learning_rate
   if cfg.schedule == "cosine":
     return optax.cosine_decay_schedule(cfg.learning_rate, max(1, cfg.epochs * steps_per_epoch))
-  epochs = max(cfg.epochs, 2)
+  return epoch_cosine(cfg.learning_rate, cfg.epochs)(steps_per_epoch)
 
-  def lr(step):
-    epoch = step // max(steps_per_epoch, 1)
-    return cfg.learning_rate * jnp.cos(99 * jnp.pi * epoch / (200 * (epochs - 1)))
-  return lr
+
+def epoch_cosine(learning_rate: float, epochs: int) -> ScheduleFactory:
+  """A per-epoch cosine, ``lr·cos(99π·e / (200(E−1)))`` at epoch ``e`` of ``E``.
+
+  The official InfLoRA ``CosineSchedule`` (stepped once per epoch), as a
+  schedule factory for :func:`make_optimizer`'s ``lr_schedule``
+  (``TrainConfig(schedule="inflora_cosine")`` is the same schedule by name).
+
+  Args:
+    learning_rate: the rate of epoch 0.
+    epochs: E (at least 2 is used, so E = 1 keeps the full rate).
+
+  Returns:
+    ``steps_per_epoch -> (step -> lr)``.
+  """
+  epochs = max(epochs, 2)
+
+  def factory(steps_per_epoch: int) -> optax.Schedule:
+    def lr(step):
+      epoch = step // max(steps_per_epoch, 1)
+      return learning_rate * jnp.cos(99 * jnp.pi * epoch / (200 * (epochs - 1)))
+    return lr
+  return factory
 
 
 def _optimizer(cfg: TrainConfig, lr) -> optax.GradientTransformation:

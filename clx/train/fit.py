@@ -215,6 +215,8 @@ class Fitter:
   last_fit: dict = dataclasses.field(default_factory=dict)  # epochs run, LR/val history
   last_fits: list = dataclasses.field(default_factory=list)  # per seed, of a seed-batched fit
   fits: list = dataclasses.field(default_factory=list)  # the log of every fit, in order
+  # steps_per_epoch → learning rate, supplied by the method or experiment (else cfg.schedule)
+  lr_schedule: Callable | None = None
   logger: Any = None  # clx.train.logging.RunLogger: per-step scalars, read once per chunk
   profiler: Any = None  # clx.train.logging.StepProfiler: a jax.profiler trace after warm-up
 
@@ -266,8 +268,8 @@ class Fitter:
                        "fraction or turn them off")
     steps_per_epoch = math.ceil(len(split) / cfg.batch_size)
     schedule = None if (optimizer is not None or cfg.lr_patience > 0) else \
-        learning_rate_schedule(cfg, steps_per_epoch)
-    optimizer = optimizer or make_optimizer(cfg, steps_per_epoch)
+        learning_rate_schedule(cfg, steps_per_epoch, self.lr_schedule)
+    optimizer = optimizer or make_optimizer(cfg, steps_per_epoch, self.lr_schedule)
     # Per-step scalars are computed inside the jitted chunk only when something logs them
     # (the program, and so every number, is otherwise the one without logs).
     log = self.logger is not None and self.logger.enabled

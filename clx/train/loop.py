@@ -152,7 +152,8 @@ def run_method(method: ContinualMethod, stream: Stream, config: TrainConfig, *, 
                mesh: jax.sharding.Mesh | None = None, checkpoint_dir: str | None = None,
                run_info: dict | None = None, progress: bool | None = None, quiet: bool = False,
                on_task_end: Callable[[int, np.ndarray], None] | None = None,
-               logger=None, profiler=None, keep_states: bool = False) -> RunResult:
+               logger=None, profiler=None, keep_states: bool = False,
+               lr_schedule=None) -> RunResult:
   """Train ``method`` on every task of ``stream`` in order and evaluate after each.
 
   Collects :func:`run` (same arguments); ``keep_states`` keeps every task's
@@ -161,7 +162,7 @@ def run_method(method: ContinualMethod, stream: Stream, config: TrainConfig, *, 
   """
   gen = run(method, stream, config, seed=seed, mesh=mesh, checkpoint_dir=checkpoint_dir,
             run_info=run_info, progress=progress, quiet=quiet, on_task_end=on_task_end,
-            logger=logger, profiler=profiler)
+            logger=logger, profiler=profiler, lr_schedule=lr_schedule)
   tasks = []
   while True:
     try:
@@ -180,7 +181,7 @@ def run(method: ContinualMethod, stream: Stream, config: TrainConfig, *, seed: i
         mesh: jax.sharding.Mesh | None = None, checkpoint_dir: str | None = None,
         run_info: dict | None = None, progress: bool | None = None, quiet: bool = False,
         on_task_end: Callable[[int, np.ndarray], None] | None = None,
-        logger=None, profiler=None) -> Generator[TaskResult, None, RunResult]:
+        logger=None, profiler=None, lr_schedule=None) -> Generator[TaskResult, None, RunResult]:
   """Train ``method`` on every task of ``stream`` in order, yielding after each task.
 
   ``for r in run(...)``: ``r`` is a :class:`TaskResult` (the task's state,
@@ -203,6 +204,10 @@ def run(method: ContinualMethod, stream: Stream, config: TrainConfig, *, seed: i
       metrics); opened here at the first task to train (the lines of tasks
       not checkpointed are dropped) and closed at the end.
     profiler: a :class:`clx.train.logging.StepProfiler` (a trace of a few steps).
+    lr_schedule: the learning-rate schedule of every phase trained with the
+      run's ``config``, supplied by the method or the experiment:
+      ``steps_per_epoch -> float | optax.Schedule`` (e.g.
+      :func:`clx.train.config.epoch_cosine`); replaces ``config.schedule``.
 
   Returns:
     A :class:`RunResult` with the (T, T) accuracy matrix in percent.
@@ -211,7 +216,8 @@ def run(method: ContinualMethod, stream: Stream, config: TrainConfig, *, seed: i
   spec = StreamSpec.from_stream(stream)
   T = spec.num_tasks
   key = jax.random.PRNGKey(seed)
-  fitter = Fitter(mesh, progress=progress, quiet=quiet, logger=logger, profiler=profiler)
+  fitter = Fitter(mesh, progress=progress, quiet=quiet, logger=logger, profiler=profiler,
+                  lr_schedule=lr_schedule)
   # Backbone and method state are placed as config.param_sharding says (clx/train/sharding.py).
   base = sharding.place_base(method.backbone.params, mesh, config.param_sharding)
   state = method.init(jax.random.fold_in(key, 0), spec)

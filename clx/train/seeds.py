@@ -79,7 +79,7 @@ def fit_seeds(fitter: Fitter, params, loss, splits: Sequence[ArraySplit], cfg: T
     raise ValueError(f"{title}: lr_patience/restore_best need every seed's validation split "
                      "('val'); build the streams with a validation fraction or turn them off")
   steps_per_epoch = math.ceil(n / cfg.batch_size)
-  optimizer = make_optimizer(cfg, steps_per_epoch)
+  optimizer = make_optimizer(cfg, steps_per_epoch, fitter.lr_schedule)
   padded = sharding.pad_to_multiple(cfg.batch_size, sharding.num_data_shards(fitter.mesh))
   chunk = chunk_steps(cfg, steps_per_epoch, num * padded * 8, convolutions_on_cpu=(
       cfg.steps_per_call <= 0 and convolutions_on_cpu(
@@ -174,7 +174,7 @@ def fit_seeds(fitter: Fitter, params, loss, splits: Sequence[ArraySplit], cfg: T
 
 def run_seeds(method: ContinualMethod, streams: Sequence[Stream], config: TrainConfig,
               seeds: Sequence[int], *, mesh=None, progress: bool | None = None,
-              quiet: bool = False) -> list[RunResult]:
+              quiet: bool = False, lr_schedule=None) -> list[RunResult]:
   """``run_method`` for each (stream, seed) pair, with the training phases batched.
 
   ``streams[s]`` is seed ``seeds[s]``'s stream (same task sizes and classes).
@@ -191,7 +191,7 @@ def run_seeds(method: ContinualMethod, streams: Sequence[Stream], config: TrainC
     raise ValueError("the seeds' streams differ in tasks, classes or shapes; they cannot be batched")
   spec = specs[0]
   T = spec.num_tasks
-  fitter = Fitter(mesh, progress=progress, quiet=quiet)
+  fitter = Fitter(mesh, progress=progress, quiet=quiet, lr_schedule=lr_schedule)
   rep = sharding.replicated(mesh)
   base = jax.device_put(method.backbone.params, rep)
   keys = [jax.random.PRNGKey(s) for s in seeds]

@@ -59,3 +59,19 @@ def test_run_method_keeps_every_state_on_request():
   assert all(r.state is not None for r in kept.tasks) and kept.tasks[0].diagnostics is None
   light = run_method(_method("finetune", stream), stream, CFG, mesh=make_mesh(1), quiet=True)
   assert light.tasks[0].state is None and light.tasks[-1].state is light.state
+
+
+def test_a_supplied_schedule_replaces_the_named_one():
+  from clx.train.config import epoch_cosine
+  stream = make_gaussian_stream(num_tasks=2)
+  cfg = dataclasses.replace(CFG, epochs=3, optimizer="adam", learning_rate=0.01)
+  named = run_method(_method("finetune", stream), stream,
+                     dataclasses.replace(cfg, schedule="inflora_cosine"), mesh=make_mesh(1),
+                     quiet=True)
+  supplied = run_method(_method("finetune", stream), stream, cfg, mesh=make_mesh(1), quiet=True,
+                        lr_schedule=epoch_cosine(cfg.learning_rate, cfg.epochs))
+  constant = run_method(_method("finetune", stream), stream, cfg, mesh=make_mesh(1), quiet=True)
+  chex.assert_trees_all_equal(jax.device_get(named.state), jax.device_get(supplied.state))
+  leaves = zip(jax.tree.leaves(jax.device_get(constant.state)),
+               jax.tree.leaves(jax.device_get(supplied.state)))
+  assert any(not np.array_equal(a, b) for a, b in leaves)
