@@ -10,7 +10,7 @@ import numpy as np
 
 from clx.data.types import ArraySplit, Stream
 from clx.methods import passes
-from clx.methods.base import ContinualMethod, StreamSpec
+from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo
 from clx.train import sharding
 from clx.train.config import TrainConfig
 from clx.train.fit import Fitter
@@ -54,8 +54,7 @@ def evaluate_row(method: ContinualMethod, state, base, stream: Stream, t: int, s
   for i in range(t + 1):
     task_id = i if spec.scenario == "task" else None
     if task_id not in counters:
-      counters[task_id] = make_counter(passes.predict_fn(
-          method, current_task=t, task_id=task_id, spec=spec))
+      counters[task_id] = make_counter(passes.predict_fn(method, TaskInfo(t, spec, task_id)))
     class_mask = np.ones(spec.num_classes, bool)
     if spec.scenario == "task":
       class_mask[:] = False

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from clx.data.types import ArraySplit, Stream, concat_splits
-from clx.methods.base import ContinualMethod, StreamSpec
+from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo
 from clx.train import sharding
 from clx.train.batches import (_epoch_order, _gather, _step_index_plan,  # noqa: F401
                                check_finite_batch)
@@ -54,6 +54,11 @@ class _Context:
   splits: dict[str, ArraySplit | None]
   config: TrainConfig
   seed_words: tuple[int, ...]
+
+  @property
+  def info(self) -> TaskInfo:
+    """The static :class:`TaskInfo` of this task (``task_id`` None: training)."""
+    return TaskInfo(self.task_index, self.spec)
 
   def batches(self, split: str = "train", *, batch_size: int | None = None,
               shuffle: bool = False, seed: int = 0):
@@ -260,13 +265,14 @@ def run(method: ContinualMethod, stream: Stream, config: TrainConfig, *, seed: i
       state = sharding.place_state(state, mesh, config.param_sharding)
       state = method.begin_task(state, ctx)
       state = sharding.place_state(state, mesh, config.param_sharding)
-      params = method.trainable(state, t)
-      loss = functools.partial(method.loss, task_index=t, spec=spec)
+      params = method.trainable(state, ctx.info)
+      loss = functools.partial(method.loss, info=ctx.info)
       params = ctx.fit(params, loss, transform_grads=method.transform_grads,
                        transform_updates=method.transform_updates, state=state,
                        title=f"{method.name} task {t + 1}/{T}", phase=0)
       fit_log = dict(fitter.last_fit)
-      state = method.end_task(state, params, ctx)
+      state = method.combine(state, params, ctx.info)
+      state = method.end_task(state, ctx)
 
       fit_log["phases"] = fitter.fits[first_fit:]
 
