@@ -14,6 +14,13 @@ must have the same structure and shapes across seeds at every task (true for
 clx's fixed-shape methods: GPM/SGP/BECAME memories are zero-padded (d, d)).
 No checkpoints are written on this path; use ``run_method`` per seed for
 resumable runs.
+
+The step itself is the single run's (:func:`clx.train.fit.make_train_step`,
+vmapped), chunked by the same rule (:func:`clx.train.fit.chunk_steps`, conv-on-
+CPU included), and the validation schedule (``lr_patience`` / ``restore_best``)
+runs per seed. The training split is always kept on the device here (stacked
+over seeds), whatever ``device_data_mb`` says; that changes where batches are
+gathered, not their values.
 """
 
 from __future__ import annotations
