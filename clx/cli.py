@@ -34,7 +34,15 @@ def _cmd_run(args) -> int:
 
 def _cmd_report(args) -> int:
   from clx import report
-  print(report.render(args.workdir, heatmaps=not args.no_plots))
+  from clx._io import write_atomic
+  text = report.render(*args.workdir, heatmaps=not args.no_plots, fmt=args.format)
+  print(text)
+  if args.output:
+    # The table alone (no matrices), in --format's format, for a paper or a spreadsheet.
+    workdirs = report.expand_workdirs(args.workdir)
+    table = report.table_of(workdirs, args.format)
+    write_atomic(Path(args.output), table.encode("utf-8"))
+    print(f"\ntable ({args.format}): {args.output}")
   return 0
 
 
@@ -52,9 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
   run.set_defaults(func=_cmd_run)
   lst = sub.add_parser("list", help="list the experiments")
   lst.set_defaults(func=_cmd_list)
-  rep = sub.add_parser("report", help="render a workdir's results (table + heatmaps)")
-  rep.add_argument("workdir")
-  rep.add_argument("--no-plots", action="store_true", help="do not rewrite the heatmap PNGs")
+  rep = sub.add_parser("report", help="render results (tables, heatmaps, loss curves); several "
+                       "workdirs of one configuration (or a folder of seed workdirs): mean ± std")
+  rep.add_argument("workdir", nargs="+")
+  rep.add_argument("--no-plots", action="store_true",
+                   help="do not rewrite the heatmap and loss-curve PNGs")
+  rep.add_argument("--format", choices=("text", "md", "csv", "latex"), default="text",
+                   help="the metrics table's format (default: text)")
+  rep.add_argument("--output", metavar="PATH", help="also write the table alone to PATH")
   rep.set_defaults(func=_cmd_report)
   return parser
 
@@ -64,10 +77,11 @@ def main(argv: list[str] | None = None) -> int:
   from clx.checkpoint import CheckpointCorruptedError, CheckpointMismatchError
   from clx.data.assets import AssetChecksumError, AssetUnavailableError
   from clx.experiment import ConfigError
+  from clx.report import ReportError
   from clx.workdir import WorkdirError
   try:
     return args.func(args)
-  except (ConfigError, OSError, FloatingPointError, AssetUnavailableError, AssetChecksumError,
+  except (ConfigError, ReportError, OSError, FloatingPointError, AssetUnavailableError, AssetChecksumError,
           CheckpointCorruptedError, CheckpointMismatchError, WorkdirError) as e:
     # Expected failures (bad config, missing data/asset, damaged or foreign checkpoint,
     # workdir locked / of another configuration / unusable, diverged training): one clear line.

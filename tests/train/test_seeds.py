@@ -13,6 +13,15 @@ from clx.train.sharding import make_mesh
 from tests.helpers import make_gaussian_stream
 
 
+def _assert_batched_equal_single(method, streams, cfg, seeds):
+  batched = run_seeds(method, streams, cfg, seeds, mesh=make_mesh(1), quiet=True)
+  for res, stream, seed in zip(batched, streams, seeds):
+    single = run_method(method, stream, cfg, seed=seed, mesh=make_mesh(1), quiet=True)
+    np.testing.assert_allclose(res.acc_matrix, single.acc_matrix, atol=1e-6)
+    chex.assert_trees_all_close(jax.device_get(res.state), jax.device_get(single.state),
+                                rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["finetune", "gpm"])
 def test_batched_seeds_equal_single_runs(name):
   seeds = [0, 1]
@@ -31,12 +40,7 @@ def test_batched_seeds_equal_single_runs(name):
   backbone = mlp(shared[0].input_shape, (16,), seed=0)
   method = build(name, backbone)
   cfg = TrainConfig(epochs=2, batch_size=8, optimizer="sgd", learning_rate=0.05)
-  batched = run_seeds(method, shared, cfg, seeds, mesh=make_mesh(1), quiet=True)
-  for res, stream, seed in zip(batched, shared, seeds):
-    single = run_method(method, stream, cfg, seed=seed, mesh=make_mesh(1), quiet=True)
-    np.testing.assert_allclose(res.acc_matrix, single.acc_matrix, atol=1e-6)
-    chex.assert_trees_all_close(jax.device_get(res.state), jax.device_get(single.state),
-                                rtol=1e-5, atol=1e-6)
+  _assert_batched_equal_single(method, shared, cfg, seeds)
 
 
 def test_mismatched_streams_are_rejected():
@@ -45,3 +49,24 @@ def test_mismatched_streams_are_rejected():
   method = build("finetune", mlp(a.input_shape, (8,)))
   with pytest.raises(ValueError, match="cannot be batched"):
     run_seeds(method, [a, b], TrainConfig(), [0, 1], mesh=make_mesh(1), quiet=True)
+
+
+def _stream_with_val(seed):
+  from clx.data.types import ArraySplit, Stream, Task
+  base = make_gaussian_stream(num_tasks=2, n_train=120, seed=seed, separation=1.0)
+  tasks = tuple(Task(t.name, ArraySplit({"x": t.train.x[:90], "y": t.train.y[:90]}), t.test,
+                     t.classes, val=ArraySplit({"x": t.train.x[90:], "y": t.train.y[90:]}))
+                for t in base.tasks)
+  return Stream(base.name, tasks, base.scenario, base.num_classes)
+
+
+def test_batched_seeds_follow_the_validation_schedule_of_single_runs():
+  # lr_patience / restore_best: each seed lowers its own learning rate, stops on its own and
+  # ends with its own best epoch, exactly as its single run (ignored by run_seeds before).
+  seeds = [0, 1, 2]
+  streams = [_stream_with_val(s) for s in seeds]
+  backbone = mlp(streams[0].input_shape, (16,), seed=0)
+  method = build("finetune", backbone)
+  cfg = TrainConfig(epochs=14, batch_size=10, optimizer="sgd", learning_rate=0.5,
+                    lr_patience=1, lr_factor=4, lr_min=0.02, restore_best=True)
+  _assert_batched_equal_single(method, streams, cfg, seeds)
