@@ -38,7 +38,7 @@ KWARGS = {
     "became_gpm": {"threshold": 0.97, "num_samples": 16, "verbose": False},
     "became_sgp": {"threshold": 0.97, "num_samples": 16, "verbose": False},
     "became_nscl": {"verbose": False},
-    "lora": {"rank": 2},
+    "lora": {"lora_rank": 2},
     "inflora": {"rank": 2, "sites": ("mlp",)},
     "inflora_ca": {"rank": 2, "sites": ("mlp",), "ca_epochs": 1, "ca_samples": 4},
     "inflora_b5": {"rank": 2, "blocks": 1},
