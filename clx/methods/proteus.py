@@ -102,9 +102,11 @@ from typing import Any, NamedTuple, TypedDict
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from clx.methods import heads as heads_lib
-from clx.methods.base import ContinualMethod, StreamSpec, identity_grads, site_key, to_host
+from clx.methods.base import (Batch, ContinualMethod, Params, StreamSpec, TaskContext,
+                              identity_grads, site_key, to_host)
 from clx.models.base import Backbone
 from clx.ops import lora as lora_ops
 from clx.ops import mixture
@@ -305,7 +307,7 @@ def _cached(setup: ProteusSetup, key, make: Callable[[], Callable]) -> Callable:
 # Composition (pure)
 
 
-def ortho_terms(old: dict, new: dict, factors: str = "b"):
+def ortho_terms(old: Mapping, new: Mapping, factors: str = "b") -> Any:
   """Orthogonality penalty between one earlier unit and the new one at one site.
 
   Args:
@@ -325,7 +327,7 @@ def ortho_terms(old: dict, new: dict, factors: str = "b"):
   return total
 
 
-def params_with(base, deltas_t: Mapping[str, jax.Array]):
+def params_with(base: Params, deltas_t: Mapping[str, jax.Array]) -> Params:
   """``base`` with ``ΔW`` added to the kernels at the given paths (pure).
 
   Args:
@@ -410,7 +412,7 @@ def ortho_penalty(setup: ProteusSetup, state: Mapping, task_index: int, unit: Ma
   return total
 
 
-def l1_penalty(weights) -> jax.Array:
+def l1_penalty(weights: Params) -> jax.Array:
   """Σ |w| over every transfer weight (scalar float32; 0 for none)."""
   leaves = jax.tree.leaves(weights)
   return sum((jnp.sum(jnp.abs(w)) for w in leaves), jnp.zeros((), jnp.float32))
@@ -420,7 +422,7 @@ def l1_penalty(weights) -> jax.Array:
 # Features and retrieval (pure, jit-able)
 
 
-def task_features(setup: ProteusSetup, state: Mapping, base, x: jax.Array, task_index: int,
+def task_features(setup: ProteusSetup, state: Mapping, base: Params, x: jax.Array, task_index: int,
                   num_tasks: int | None = None) -> jax.Array:
   """h_t(x): features ``(n, d)`` under task ``task_index``'s composed adapters."""
   num_tasks = task_index + 1 if num_tasks is None else num_tasks
@@ -428,7 +430,8 @@ def task_features(setup: ProteusSetup, state: Mapping, base, x: jax.Array, task_
   return setup.backbone.apply(params_with(base, {s: d[task_index] for s, d in d_all.items()}), x)
 
 
-def all_task_features(setup: ProteusSetup, state: Mapping, base, x: jax.Array, num_tasks: int
+def all_task_features(setup: ProteusSetup, state: Mapping, base: Params, x: jax.Array,
+                      num_tasks: int
                       ) -> jax.Array:
   """h_i(x) for every task i < ``num_tasks`` at once, ``(T, n, d)`` (``lax.map`` over tasks)."""
   d_all = deltas(setup, state, num_tasks)
@@ -440,7 +443,7 @@ def all_task_features(setup: ProteusSetup, state: Mapping, base, x: jax.Array, n
   return jax.lax.map(one, d_all, batch_size=min(batch, num_tasks))
 
 
-def per_example_features(setup: ProteusSetup, state: Mapping, base, x: jax.Array,
+def per_example_features(setup: ProteusSetup, state: Mapping, base: Params, x: jax.Array,
                          task_ids: jax.Array, num_tasks: int) -> jax.Array:
   """h_{task_ids[i]}(x_i) with a different task per example, ``(n, d)``.
 
@@ -462,7 +465,7 @@ def stacked_signatures(state: Mapping, num_tasks: int, field: str = "signature")
   return mixture.stack_signatures([state["tasks"][str(t)][field] for t in range(num_tasks)])
 
 
-def route(setup: ProteusSetup, state: Mapping, base, x: jax.Array, num_tasks: int,
+def route(setup: ProteusSetup, state: Mapping, base: Params, x: jax.Array, num_tasks: int,
           screen_top_m: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """PROTEUS' retrieval: a task per example, its features and the scores.
 
@@ -583,7 +586,8 @@ def _ridge_update(r, h, yy, lam):
   return {**stats, "w_out": ridge_ops.solve(stats["gram"], stats["xty"], lam)}
 
 
-def ridge_head_update(cfg: ProteusConfig, ridge_state: Mapping, feats, y, num_classes: int,
+def ridge_head_update(cfg: ProteusConfig, ridge_state: Mapping, feats: ArrayLike, y: ArrayLike,
+                      num_classes: int,
                       task_index: int) -> tuple[dict, float]:
   """The RanPAC head after one more task (host; also used by the head-matched baselines).
 
@@ -614,7 +618,8 @@ def ridge_head_update(cfg: ProteusConfig, ridge_state: Mapping, feats, y, num_cl
   return {**r, **_ridge_update(r, h, yy, jnp.asarray(lam, h.dtype))}, lam
 
 
-def collect_features(ctx, fn: Callable, *args, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def collect_features(ctx: TaskContext, fn: Callable, *args: Any, batch_size: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
   """``fn(*args, x)`` over the current task's training data, padding dropped (host).
 
   Returns:
@@ -664,7 +669,7 @@ def new_unit(setup: ProteusSetup, key: jax.Array, task_index: int) -> dict:
   return unit
 
 
-def begin_task(setup: ProteusSetup, state: ProteusState, ctx) -> ProteusState:
+def begin_task(setup: ProteusSetup, state: ProteusState, ctx: TaskContext) -> ProteusState:
   """Add the task's head, its new unit and (k > 0) its transfer weights."""
   t = ctx.task_index
   heads = heads_lib.add_task_head(state["heads"], jax.random.fold_in(ctx.rng, 0), ctx.spec,
@@ -698,7 +703,8 @@ def combine(setup: ProteusSetup, state: ProteusState, params: Mapping, task_inde
           "tasks": {**state["tasks"], str(task_index): entry}}
 
 
-def loss(setup: ProteusSetup, params, state: ProteusState, base, batch, rng, *,
+def loss(setup: ProteusSetup, params: Params, state: ProteusState, base: Params, batch: Batch,
+         rng: jax.Array, *,
          task_index: int, spec: StreamSpec) -> tuple[jax.Array, dict]:
   """CE of the task's own head on h_k + ``reg_weight``·Σ|w| + ``ortho_weight``·ortho."""
   del rng
@@ -741,7 +747,8 @@ def _task_stats(cfg: ProteusConfig, state: ProteusState, params: Mapping, t: int
           "end_task_s": jnp.asarray(time.perf_counter() - t0, jnp.float32)}
 
 
-def end_task(setup: ProteusSetup, state: ProteusState, params, ctx) -> ProteusState:
+def end_task(setup: ProteusSetup, state: ProteusState, params: Params, ctx: TaskContext
+             ) -> ProteusState:
   """Write back, then the task's signature(s) and the RanPAC head update (host passes)."""
   t, cfg = ctx.task_index, setup.cfg
   t0 = time.perf_counter()
@@ -765,7 +772,8 @@ def end_task(setup: ProteusSetup, state: ProteusState, params, ctx) -> ProteusSt
           "stats": {**state["stats"], str(t): stats}}
 
 
-def predict(setup: ProteusSetup, state: ProteusState, base, x: jax.Array, *, current_task: int,
+def predict(setup: ProteusSetup, state: ProteusState, base: Params, x: jax.Array, *,
+            current_task: int,
             task_id: int | None, spec: StreamSpec) -> jax.Array:
   """Global logits ``(n, C)`` through the given task's or each example's retrieved backbone."""
   num_tasks = current_task + 1
@@ -790,7 +798,74 @@ def diagnostics(setup: ProteusSetup, state: ProteusState) -> dict:
 # Reports (host, need the data)
 
 
-def retrieval_report(setup: ProteusSetup, state: Mapping, base, stream, *,
+def _in_batches(x_all: np.ndarray, fn: Callable, batch_size: int) -> np.ndarray:
+  """``fn`` over ``x_all`` in zero-padded batches of ``batch_size`` rows (one compilation),
+  padding dropped; outputs ``(..., n, d)`` are joined on axis −2."""
+  parts = []
+  for s in range(0, len(x_all), batch_size):
+    x, n = _padded(x_all[s:s + batch_size], batch_size)
+    parts.append(np.asarray(fn(x))[..., :n, :])
+  return np.concatenate(parts, axis=-2)
+
+
+def bound_quantities(sigs: Sequence[Mapping], t: int, feats_all: np.ndarray,
+                     bounds_fn: Callable, *, total_components: int, epsilon: float,
+                     delta_form: str) -> dict:
+  """The retrieval bound's quantities of task ``t``'s points under every task's backbone.
+
+  Args:
+    sigs: the T tasks' DP-GMM signatures.
+    t: the task whose points are checked.
+    feats_all: ``(T, n, d)`` task t's points under every task's adapted backbone.
+    bounds_fn: jitted :func:`clx.ops.retrieval.cluster_bounds` (``delta_form`` bound).
+    total_components: Σ components over the T signatures.
+    epsilon: the bound's target error.
+    delta_form: ``"cluster_mean"`` or ``"per_point"`` (the headline ``delta_self``).
+
+  Returns:
+    ``delta_min``, ``kappa_min``, ``threshold_max``, ``clusters``, ``clusters_pass``,
+    ``delta_form``, ``delta_self`` and both forms' ``delta_min_<form>``,
+    ``clusters_pass_<form>``, ``delta_self_<form>`` (see :func:`retrieval_report`).
+  """
+  T = len(sigs)
+  own = feats_all[t]
+  labels = jnp.argmax(mixture.component_log_prob(sigs[t], jnp.asarray(own)), 1)
+  others = [i for i in range(T) if i != t]
+  res = jax.device_get(bounds_fn(
+      jnp.asarray(feats_all[others]), labels, sigs[t]["log_det_cov"],
+      mixture.stack_signatures([sigs[i] for i in others]), num_tasks=T,
+      total_components=total_components, epsilon=float(epsilon)))
+  cov_type = mixture.signature_covariance_type(sigs[t])
+  d = own.shape[-1]
+  maha = np.asarray(mixture.mahalanobis_sq(jnp.asarray(own), sigs[t]["means"],
+                                           sigs[t]["prec_chol"], cov_type))
+  ok = res["count"] >= 2
+  pick = (lambda v, f: float(f(v[ok])) if ok.any() else math.nan)
+  # own-component separation, both forms: per point (mean of each point's distance to its
+  # nearest own component) and cluster mean (each cluster's mean point to its component)
+  labels_np = np.asarray(labels)
+  own_cm = []
+  for c in np.flatnonzero(ok):
+    mean_c = own[labels_np == c].mean(0, keepdims=True)
+    own_cm.append(float(np.asarray(mixture.mahalanobis_sq(
+        jnp.asarray(mean_c), sigs[t]["means"][c:c + 1], sigs[t]["prec_chol"][c:c + 1],
+        cov_type))[0, 0]) / d - 1.0)
+  ths = res["threshold"]
+  out = {"delta_min": pick(res["delta"], np.min), "kappa_min": pick(res["kappa"], np.min),
+         "threshold_max": pick(ths, np.max), "clusters": int(ok.sum()),
+         "clusters_pass": int(np.sum(res["pass"])), "delta_form": delta_form,
+         "delta_self": (float(np.mean(own_cm)) if own_cm else math.nan)
+         if delta_form == "cluster_mean" else float(np.mean(maha.min(1))) / d - 1.0}
+  for form in retrieval.DELTA_FORMS:
+    dv = np.asarray(res[f"delta_{form}"])
+    out[f"delta_min_{form}"] = pick(dv, np.min)
+    out[f"clusters_pass_{form}"] = int(np.sum(ok & (dv > np.asarray(ths))))
+  out["delta_self_per_point"] = float(np.mean(maha.min(1))) / d - 1.0
+  out["delta_self_cluster_mean"] = float(np.mean(own_cm)) if own_cm else math.nan
+  return out
+
+
+def retrieval_report(setup: ProteusSetup, state: Mapping, base: Params, stream: Any, *,
                      upto: int | None = None,
                      batch_size: int = 128, screen_m: Sequence[int] = (),
                      ablations: dict | None = None, bound_samples: int = 256,
@@ -836,55 +911,17 @@ def retrieval_report(setup: ProteusSetup, state: Mapping, base, stream, *,
   bounds_fn = jax.jit(functools.partial(retrieval.cluster_bounds, delta_form=setup.cfg.delta_form),
                       static_argnames=("num_tasks", "total_components", "epsilon"))
 
-  def feats_of(x_all, fn):
-    parts = []
-    for s in range(0, len(x_all), batch_size):
-      x, n = _padded(x_all[s:s + batch_size], batch_size)
-      parts.append(np.asarray(fn(x))[..., :n, :])
-    return np.concatenate(parts, axis=-2)
-
   sigs = [state["tasks"][str(t)]["signature"] for t in range(T)]
   stacked = mixture.stack_signatures(sigs)
   with_bound = setup.cfg.signature == "dpgmm" and T > 1
   total_components = sum(int(s["means"].shape[0]) for s in sigs)
 
   def bound(t, feats_all):
-    """Bound quantities of task t from its points under every backbone (T, n, d)."""
-    own = feats_all[t]
-    labels = jnp.argmax(mixture.component_log_prob(sigs[t], jnp.asarray(own)), 1)
-    others = [i for i in range(T) if i != t]
-    res = jax.device_get(bounds_fn(
-        jnp.asarray(feats_all[others]), labels, sigs[t]["log_det_cov"],
-        mixture.stack_signatures([sigs[i] for i in others]), num_tasks=T,
-        total_components=total_components, epsilon=float(epsilon)))
-    cov_type = mixture.signature_covariance_type(sigs[t])
-    d = own.shape[-1]
-    maha = np.asarray(mixture.mahalanobis_sq(jnp.asarray(own), sigs[t]["means"],
-                                             sigs[t]["prec_chol"], cov_type))
-    ok = res["count"] >= 2
-    pick = (lambda v, f: float(f(v[ok])) if ok.any() else math.nan)
-    # own-component separation, both forms: per point (mean of each point's distance to its
-    # nearest own component) and cluster mean (each cluster's mean point to its component)
-    labels_np = np.asarray(labels)
-    own_cm = []
-    for c in np.flatnonzero(ok):
-      mean_c = own[labels_np == c].mean(0, keepdims=True)
-      own_cm.append(float(np.asarray(mixture.mahalanobis_sq(
-          jnp.asarray(mean_c), sigs[t]["means"][c:c + 1], sigs[t]["prec_chol"][c:c + 1],
-          cov_type))[0, 0]) / d - 1.0)
-    ths = res["threshold"]
-    out = {"delta_min": pick(res["delta"], np.min), "kappa_min": pick(res["kappa"], np.min),
-           "threshold_max": pick(ths, np.max), "clusters": int(ok.sum()),
-           "clusters_pass": int(np.sum(res["pass"])), "delta_form": setup.cfg.delta_form,
-           "delta_self": (float(np.mean(own_cm)) if own_cm else math.nan)
-           if setup.cfg.delta_form == "cluster_mean" else float(np.mean(maha.min(1))) / d - 1.0}
-    for form in retrieval.DELTA_FORMS:
-      dv = np.asarray(res[f"delta_{form}"])
-      out[f"delta_min_{form}"] = pick(dv, np.min)
-      out[f"clusters_pass_{form}"] = int(np.sum(ok & (dv > np.asarray(ths))))
-    out["delta_self_per_point"] = float(np.mean(maha.min(1))) / d - 1.0
-    out["delta_self_cluster_mean"] = float(np.mean(own_cm)) if own_cm else math.nan
-    return out
+    return bound_quantities(sigs, t, feats_all, bounds_fn, total_components=total_components,
+                            epsilon=epsilon, delta_form=setup.cfg.delta_form)
+
+  def feats_of(x_all, fn):
+    return _in_batches(x_all, fn, batch_size)
 
   # Train side: ablation signatures (all training data, own backbone) and the bound.
   abl_sigs = {name: [] for name in ablations}
@@ -914,7 +951,8 @@ def retrieval_report(setup: ProteusSetup, state: Mapping, base, stream, *,
     idx = jnp.arange(n)
 
     def retrieve_and_classify(sig_stack):
-      chosen = retrieval.retrieve(retrieval.score_tasks(sig_stack, fa, metric=setup.cfg.kmeans_metric))
+      chosen = retrieval.retrieve(retrieval.score_tasks(sig_stack, fa,
+                                                        metric=setup.cfg.kmeans_metric))
       pred = np.asarray(head_fn(state, fa[chosen, idx], chosen))
       return (100.0 * float(np.mean(np.asarray(chosen) == i)), 100.0 * float(np.mean(pred == y)))
 
@@ -971,7 +1009,7 @@ class ProteusParts:
   besides the setup.
   """
 
-  def __init__(self, backbone: Backbone, **kwargs):
+  def __init__(self, backbone: Backbone, **kwargs: Any):
     self.setup = resolve(backbone, ProteusConfig(**_renamed(kwargs)))
     self.cfg, self.backbone = self.setup.cfg, backbone
     self.sites, self.shapes = self.setup.sites, self.setup.shapes
@@ -1004,7 +1042,7 @@ def _method(setup: ProteusSetup, name: str) -> ContinualMethod:
       predict=bind(predict, setup), diagnostics=bind(diagnostics, setup))
 
 
-def proteus(backbone: Backbone, *, name: str = "proteus", **kwargs) -> ContinualMethod:
+def proteus(backbone: Backbone, *, name: str = "proteus", **kwargs: Any) -> ContinualMethod:
   """PROTEUS with the code's defaults (see the module docstring and :class:`ProteusConfig`).
 
   Args:
@@ -1020,13 +1058,14 @@ def proteus(backbone: Backbone, *, name: str = "proteus", **kwargs) -> Continual
   return _method(resolve(backbone, ProteusConfig(**_renamed(kwargs))), name)
 
 
-def proteus_kmeans(backbone: Backbone, *, name: str = "proteus_kmeans", **kwargs) -> ContinualMethod:
+def proteus_kmeans(backbone: Backbone, *, name: str = "proteus_kmeans", **kwargs: Any
+                   ) -> ContinualMethod:
   """The k-means + nearest-centroid retrieval ablation (K = 5, L1)."""
   return proteus(backbone, name=name, **{"signature": "kmeans", **kwargs})
 
 
 def proteus_independent(backbone: Backbone, *, name: str = "proteus_independent",
-                        **kwargs) -> ContinualMethod:
+                        **kwargs: Any) -> ContinualMethod:
   """PROTEUS without composition: α = 0, so ΔW_k = scale·a_k b_k (independent units), with the
   same signatures, retrieval and RanPAC head (the ablation that isolates composition)."""
   kwargs = _renamed(kwargs)

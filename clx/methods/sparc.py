@@ -134,9 +134,11 @@ from typing import Any, NamedTuple, TypedDict
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from clx.methods import heads as heads_lib
-from clx.methods.base import ContinualMethod, StreamSpec, identity_grads, site_key
+from clx.methods.base import (Batch, ContinualMethod, Params, StreamSpec, TaskContext,
+                              identity_grads, site_key)
 from clx.methods.base import get_path as _get
 from clx.models.base import Backbone
 from clx.ops import lora as lora_ops
@@ -157,7 +159,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # Helpers shared by SPARC and prompt tuning
 
 
-def find_embedding_path(params, path: str | None = None) -> str:
+def find_embedding_path(params: Params, path: str | None = None) -> str:
   """The word-embedding table's path in ``params`` (given, or one of :data:`EMBEDDING_PATHS`)."""
   candidates = (path,) if path is not None else EMBEDDING_PATHS
   for cand in candidates:
@@ -206,7 +208,7 @@ class _Embedder:
     self.pad_id = int(backbone.pad_id)
     self.special = _special_rule(special, self.path)
 
-  def mask(self, x):
+  def mask(self, x: ArrayLike) -> jax.Array:
     """``(n, L)`` bool: the positions whose embeddings are PCA samples."""
     x = jnp.asarray(x)
     valid = x != self.pad_id
@@ -281,25 +283,30 @@ class _Scorer:
 
   @property
   def uses_heads(self) -> bool:
+    """Whether logits come from trained heads (False: label-word scores)."""
     return self.label_ids is None
 
   def mode(self, spec: StreamSpec) -> str:
+    """``"per_task"`` or ``"shared"`` heads (label words: per task in task-IL, else shared)."""
     if self.label_ids is not None:
       return "per_task" if spec.scenario == "task" else "shared"
     return self.head_mode or heads_lib.default_mode(spec)
 
-  def check(self, spec: StreamSpec):
+  def check(self, spec: StreamSpec) -> None:
+    """Refuse label words whose count is not the stream's number of classes."""
     if self.label_ids is not None and len(self.label_ids) != spec.num_classes:
       raise ValueError(f"label_words has {len(self.label_ids)} entries but the stream has "
                        f"{spec.num_classes} classes (one label word per global class)")
 
-  def forward(self, params, x, prefix):
+  def forward(self, params: Params, x: ArrayLike, prefix: jax.Array | None) -> jax.Array:
     """Features ``(n, f)`` or global label-word scores ``(n, C)``."""
     if self.label_ids is None:
       return self.backbone.apply(params, x, prefix=prefix)
     return self.backbone.label_word_scores(params, x, jnp.asarray(self.label_ids), prefix=prefix)
 
-  def train_logits(self, heads, out, y, spec, task_index):
+  def train_logits(self, heads: Mapping | None, out: jax.Array, y: ArrayLike, spec: StreamSpec,
+                   task_index: int) -> tuple[jax.Array, jax.Array]:
+    """Training logits and the labels they are scored against (the task's classes)."""
     mode = self.mode(spec)
     if self.label_ids is None:
       return heads_lib.train_logits_and_labels(heads, out, y, spec, task_index, mode)
@@ -310,7 +317,8 @@ class _Scorer:
         spec, task_index))
     return jnp.where(seen, out, heads_lib.NEG_INF), y
 
-  def task_logits(self, heads, out, spec, task: int, seen_upto: int):
+  def task_logits(self, heads: Mapping | None, out: jax.Array, spec: StreamSpec, task: int,
+                  seen_upto: int) -> jax.Array:
     """Global logits ``(n, C)`` using only task ``task``'s head (per-task) or the shared one."""
     mode = self.mode(spec)
     if self.label_ids is not None:
@@ -467,6 +475,7 @@ class SPARCConfig:
 
   @property
   def default_name(self) -> str:
+    """``name``, or the run name by what is trained."""
     if self.name:
       return self.name
     if self.in_subspace:
@@ -529,7 +538,7 @@ class SPARCSetup(NamedTuple):
 # Overlap and re-use
 
 
-def overlap_score(new_basis, old_basis, kind: str = "subspace") -> float:
+def overlap_score(new_basis: ArrayLike, old_basis: ArrayLike, kind: str = "subspace") -> float:
   """Overlap in [0, 1] of two orthonormal bases; see the module docstring.
 
   Args:
@@ -568,7 +577,7 @@ class ReuseDecision(NamedTuple):
   reused: bool
 
 
-def reuse_decision(new_basis, old_bases: Mapping[int, Any], num_tasks: int, *,
+def reuse_decision(new_basis: ArrayLike, old_bases: Mapping[int, Any], num_tasks: int, *,
                    overlap: str = "subspace", threshold: float = 0.7) -> ReuseDecision:
   """Overlap of a new task's PCA basis with every stored one, and whether to re-use.
 
@@ -594,7 +603,8 @@ def reuse_decision(new_basis, old_bases: Mapping[int, Any], num_tasks: int, *,
   return ReuseDecision(scores, matched, best, best >= float(threshold))
 
 
-def orthogonal_coordinates(z, basis, directions, num_tokens: int, tol: float = 1e-6
+def orthogonal_coordinates(z: ArrayLike, basis: ArrayLike, directions: ArrayLike, num_tokens: int,
+                           tol: float = 1e-6
                            ) -> tuple[np.ndarray, np.ndarray]:
   """``z`` with ``z basisᵀ`` made orthogonal to the row space of ``directions`` (float64, host).
 
@@ -630,7 +640,7 @@ def orthogonal_coordinates(z, basis, directions, num_tokens: int, tol: float = 1
 # The PCA pass
 
 
-def pca_samples(embed: _Embedder, pooling: str, base, x: jax.Array, mask: jax.Array
+def pca_samples(embed: _Embedder, pooling: str, base: Params, x: jax.Array, mask: jax.Array
                 ) -> tuple[jax.Array, jax.Array]:
   """PCA rows and their weights for a batch of token ids (pure, jit-able).
 
@@ -665,7 +675,7 @@ def _moments_pass(batches: Iterable[tuple], dim: int, first_mean: Callable,
   return moments
 
 
-def task_pca(setup: SPARCSetup, base, batches: Iterable[Mapping[str, Any]]
+def task_pca(setup: SPARCSetup, base: Params, batches: Iterable[Mapping[str, Any]]
              ) -> dict[str, np.ndarray]:
   """SPARC's PCA pass: the task's subspace of its frozen input token embeddings (host).
 
@@ -685,8 +695,8 @@ def task_pca(setup: SPARCSetup, base, batches: Iterable[Mapping[str, Any]]
   return jax.device_get(pca_ops.pca_from_moments(moments, int(setup.cfg.num_components)))
 
 
-def token_pca(backbone: Backbone, x, num_components: int, *, embedding_source: str = "input",
-              special_tokens="auto", embedding_path: str | None = None,
+def token_pca(backbone: Backbone, x: ArrayLike, num_components: int, *,
+              embedding_source: str = "input", special_tokens: str | Sequence[int] = "auto", embedding_path: str | None = None,
               batch_size: int = 256) -> dict[str, np.ndarray]:
   """The PCA SPARC's ``begin_task`` computes (``pooling="token"``), for token ids ``x`` (n, L).
 
@@ -745,7 +755,7 @@ def prompt_of(cfg: SPARCConfig, entry: Mapping) -> jax.Array:
   return p + entry["pca"]["mean"] if cfg.use_mean else p
 
 
-def effective_params(setup: SPARCSetup, base, entry: Mapping):
+def effective_params(setup: SPARCSetup, base: Params, entry: Mapping) -> Params:
   """The backbone params a task's examples run through: ``base`` + its LoRA (if any)."""
   if not setup.lora_paths:
     return base
@@ -753,7 +763,7 @@ def effective_params(setup: SPARCSetup, base, entry: Mapping):
   return lora_ops.apply_adapters(base, adapters, setup.cfg.lora_scale)
 
 
-def reconstruction_errors(setup: SPARCSetup, state: Mapping, base, x: jax.Array, upto: int
+def reconstruction_errors(setup: SPARCSetup, state: Mapping, base: Params, x: jax.Array, upto: int
                           ) -> jax.Array:
   """Per example and stored task ``s ≤ upto``, the PCA reconstruction error ``(n, upto + 1)``.
 
@@ -775,7 +785,7 @@ def reconstruction_errors(setup: SPARCSetup, state: Mapping, base, x: jax.Array,
   return jnp.stack(errs, -1)
 
 
-def route(setup: SPARCSetup, state: Mapping, base, x: jax.Array, upto: int) -> jax.Array:
+def route(setup: SPARCSetup, state: Mapping, base: Params, x: jax.Array, upto: int) -> jax.Array:
   """SPARC's routing: per example, the stored task whose PCA reconstructs it best ``(n,)``."""
   return jnp.argmin(reconstruction_errors(setup, state, base, x, upto), -1)
 
@@ -878,7 +888,7 @@ def new_task_entry(setup: SPARCSetup, comp: Mapping, tasks: Mapping[str, Mapping
   return entry
 
 
-def begin_task(setup: SPARCSetup, state: SPARCState, ctx) -> SPARCState:
+def begin_task(setup: SPARCSetup, state: SPARCState, ctx: TaskContext) -> SPARCState:
   """Add the task's head, run the PCA pass and store the task's new entry (host)."""
   t, spec = ctx.task_index, ctx.spec
   key = jax.random.fold_in(ctx.rng, 0)
@@ -923,7 +933,8 @@ def combine(setup: SPARCSetup, state: SPARCState, params: Mapping, task_index: i
   return state
 
 
-def loss(setup: SPARCSetup, params, state: SPARCState, base, batch, rng, *, task_index: int,
+def loss(setup: SPARCSetup, params: Params, state: SPARCState, base: Params, batch: Batch,
+         rng: jax.Array, *, task_index: int,
          spec: StreamSpec) -> tuple[jax.Array, dict]:
   """Masked cross-entropy of the task's prompt (+ LoRA) forward (+ λ‖Z U_tᵀ Q‖_F²)."""
   del rng
@@ -944,12 +955,12 @@ def loss(setup: SPARCSetup, params, state: SPARCState, base, batch, rng, *, task
   return value, aux
 
 
-def end_task(setup: SPARCSetup, state: SPARCState, params, ctx) -> SPARCState:
+def end_task(setup: SPARCSetup, state: SPARCState, params: Params, ctx: TaskContext) -> SPARCState:
   """Write the trained params back (:func:`combine`)."""
   return combine(setup, state, params, ctx.task_index)
 
 
-def predict(setup: SPARCSetup, state: SPARCState, base, x: jax.Array, *, current_task: int,
+def predict(setup: SPARCSetup, state: SPARCState, base: Params, x: jax.Array, *, current_task: int,
             task_id: int | None, spec: StreamSpec) -> jax.Array:
   """Global logits ``(n, C)``: the given task's prompt, or each example's routed task's."""
   cfg, scorer = setup.cfg, setup.scorer
@@ -1012,7 +1023,7 @@ def diagnostics(setup: SPARCSetup, state: SPARCState) -> dict:
   return out
 
 
-def sparc(backbone: Backbone, **kwargs) -> ContinualMethod:
+def sparc(backbone: Backbone, **kwargs: Any) -> ContinualMethod:
   """SPARC (and SPARC+LoRA with ``lora_rank=8``); see the module docstring.
 
   Args:
@@ -1032,12 +1043,12 @@ def sparc(backbone: Backbone, **kwargs) -> ContinualMethod:
       diagnostics=bind(diagnostics, s))
 
 
-def sparc_lora(backbone: Backbone, *, lora_rank: int = 8, **kwargs) -> ContinualMethod:
+def sparc_lora(backbone: Backbone, *, lora_rank: int = 8, **kwargs: Any) -> ContinualMethod:
   """SPARC with per-task LoRA (rank 8 on q and v by default); see :func:`sparc`."""
   return sparc(backbone, lora_rank=lora_rank, **kwargs)
 
 
-def free_prompt(backbone: Backbone, **kwargs) -> ContinualMethod:
+def free_prompt(backbone: Backbone, **kwargs: Any) -> ContinualMethod:
   """SPARC with the PCA-subspace constraint switched off (per-task free prompts).
 
   The control that isolates the subspace: everything else (PCA, overlap,
@@ -1102,6 +1113,7 @@ class PromptTuningConfig:
 
   @property
   def default_name(self) -> str:
+    """``name``, or the run name by what is trained."""
     if self.name:
       return self.name
     if not self.lora_rank:
@@ -1230,7 +1242,7 @@ def _pt_diagnostics(setup: PromptTuningSetup, state: Mapping) -> dict:
           "trainable_pct_with_head": round(100.0 * (shared + head) / backbone_params, 5)}
 
 
-def prompt_tuning(backbone: Backbone, **kwargs) -> ContinualMethod:
+def prompt_tuning(backbone: Backbone, **kwargs: Any) -> ContinualMethod:
   """One shared soft prompt ``P`` (n, d), trained on every task in turn (no protection).
 
   The prompt is free (no subspace) and prepended like SPARC's; the backbone is frozen. Heads
@@ -1258,7 +1270,7 @@ def prompt_tuning(backbone: Backbone, **kwargs) -> ContinualMethod:
 
 
 def prompt_lora(backbone: Backbone, *, num_prompt_tokens: int = 0, lora_rank: int = 8,
-                name: str = "prompt_lora", **kwargs) -> ContinualMethod:
+                name: str = "prompt_lora", **kwargs: Any) -> ContinualMethod:
   """Sequential LoRA (rank 8 on q, v) with an optional shared prompt; see :func:`prompt_tuning`.
 
   With the defaults (no prompt) it is ``clx.methods.sequential.lora`` on q/v,
