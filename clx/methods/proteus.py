@@ -104,6 +104,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from clx.methods import _options
 from clx.methods import heads as heads_lib
 from clx.methods.base import (Batch, ContinualMethod, Params, StreamSpec, TaskContext,
                               identity_grads, site_key, to_host)
@@ -239,14 +240,8 @@ _LEGACY_NAMES = {"rank": "lora_rank", "roles": "sites", "scale": "lora_scale",
 
 
 def _renamed(kwargs: Mapping[str, Any]) -> dict:
-  """``kwargs`` with legacy option names mapped to the current ones (both given: an error)."""
-  out = dict(kwargs)
-  for old, new in _LEGACY_NAMES.items():
-    if old in out:
-      if new in out:
-        raise ValueError(f"pass {new}= only ({old}= is its old name), not both")
-      out[new] = out.pop(old)
-  return out
+  """``kwargs`` with PROTEUS' legacy option names mapped to the current ones."""
+  return _options.renamed(kwargs, _LEGACY_NAMES)
 
 
 class ProteusState(TypedDict):

@@ -136,6 +136,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from clx.methods import _options
 from clx.methods import heads as heads_lib
 from clx.methods.base import (Batch, ContinualMethod, Params, StreamSpec, TaskContext,
                               identity_grads, site_key)
@@ -490,14 +491,8 @@ _PT_LEGACY_NAMES = {"lora_sites": "sites", "init": "prompt_init"}
 
 
 def _renamed(kwargs: Mapping[str, Any], names: Mapping[str, str] = _LEGACY_NAMES) -> dict:
-  """``kwargs`` with legacy option names mapped to the current ones (both given: an error)."""
-  out = dict(kwargs)
-  for old, new in names.items():
-    if old in out:
-      if new in out:
-        raise ValueError(f"pass {new}= only ({old}= is its old name), not both")
-      out[new] = out.pop(old)
-  return out
+  """``kwargs`` with SPARC's legacy option names (or ``names``) mapped to the current ones."""
+  return _options.renamed(kwargs, names)
 
 
 class SPARCState(TypedDict, total=False):
