@@ -85,6 +85,17 @@ heads), ``ridge`` (``w_rand``, ``gram``, ``xty``, ``w_out``, ``count``), ``tasks
 (diagnostics). A task's checkpoint therefore holds its composition weights, its new unit, its
 signature(s) and the head statistics.
 
+Code shape. :class:`ProteusConfig` (frozen, validated; the old names ``rank``, ``roles``,
+``scale``, ``alpha``, ``feature_batch`` are still accepted for ``lora_rank``, ``sites``,
+``lora_scale``, ``transfer_alpha``, ``aux_batch_size``) holds the options; :func:`resolve`
+binds it to a backbone (:class:`ProteusSetup`); every function is module-level: composition
+(:func:`coefficients`, :func:`deltas`, :func:`params_with`), features
+(:func:`task_features`, :func:`all_task_features`), the signature fit
+(:func:`fit_signature`), retrieval (:func:`route`), the RanPAC head
+(:func:`ridge_head_update`, :func:`head_logits`) and the protocol's functions, bound by
+:func:`proteus`. :class:`ProteusParts` binds them to one setup for scripts
+(``parts.route(state, base, x, T)``).
+
 Retrieval accuracy and the bound's quantities need the test/train data of every task, so
 they are computed after a run by :func:`retrieval_report` (see
 ``experiments/text_proteus.py``).
@@ -1067,6 +1078,9 @@ def proteus_independent(backbone: Backbone, *, name: str = "proteus_independent"
   kwargs.setdefault("transfer_alpha", 0.0)
   return proteus(backbone, name=name, **kwargs)
 
+
+for _factory in (proteus, proteus_kmeans, proteus_independent):
+  _options.config_signature(_factory, ProteusConfig, _LEGACY_NAMES)
 
 REGISTRY = {"proteus": proteus, "proteus_kmeans": proteus_kmeans,
             "proteus_independent": proteus_independent}

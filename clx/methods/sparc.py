@@ -75,7 +75,7 @@ Per task ``t`` (``begin_task``, on the host, one jitted pass over the data):
    Llama: before the first token). *Default use_mean=False*: the paper writes
    ``Z Uᵀ``; the mean offset is an option.
 5. **LoRA** (``lora_rank > 0``; the paper's SPARC+LoRA): per-task adapters on
-   ``lora_sites`` (roles, default q and v), ``ΔW = (α/r)·a b``, trained jointly
+   ``sites`` (roles, default q and v), ``ΔW = (α/r)·a b``, trained jointly
    with ``Z_t`` and stored per task.
 
 Prediction. *Task-incremental* (task id given): the task's prompt, LoRA and
@@ -117,6 +117,15 @@ adds the task's head (``feature_dim × classes + classes``), which the
 encoder runs train too. MiniLM (22.57 M): 2,000 = 0.009 % (n = 20, k = 100),
 0.18 % with ``train_basis``, 0.336 % with rank-8 LoRA on q/v; a 2-way head
 adds 770 (0.0034 %).
+
+Code shape. :class:`SPARCConfig` (frozen, validated) holds the options; :func:`resolve` binds
+it to a backbone (:class:`SPARCSetup`); the protocol's functions (:func:`init`,
+:func:`begin_task`, :func:`trainable`, :func:`combine`, :func:`loss`, :func:`end_task`,
+:func:`predict`, :func:`diagnostics`) are module-level and :func:`sparc` binds them. The pieces
+a notebook or test wants are public: :func:`task_pca` (the PCA pass over a task's batches),
+:func:`token_pca` (the same from token ids), :func:`reuse_decision`, :func:`new_task_entry`,
+:func:`prompt_of`, :func:`effective_params`, :func:`reconstruction_errors` and :func:`route`.
+The old option names ``lora_sites`` and ``pca_batch_size`` are still accepted.
 
 Baselines in this file: :func:`prompt_tuning` (one shared free prompt trained
 in turn) and :func:`prompt_lora` (sequential LoRA, optionally with a shared
@@ -348,7 +357,7 @@ def _lora_paths(backbone: Backbone, sites: Sequence[str]) -> tuple[str, ...]:
     try:
       _get(backbone.params, p)
     except (KeyError, TypeError):
-      raise ValueError(f"lora_sites entry {p!r} is neither a site role of {backbone.name} "
+      raise ValueError(f"sites entry {p!r} is neither a site role of {backbone.name} "
                        f"({sorted(backbone.sites)}) nor a kernel path in its params") from None
     site_key(p)
   return paths
@@ -1285,6 +1294,11 @@ def linear_probe(backbone: Backbone, *, head_mode: str | None = None,
   return prompt_tuning(backbone, num_prompt_tokens=0, lora_rank=0, head_mode=head_mode,
                        name=name)
 
+
+for _factory in (sparc, sparc_lora, free_prompt):
+  _options.config_signature(_factory, SPARCConfig, _LEGACY_NAMES)
+for _factory in (prompt_tuning, prompt_lora):
+  _options.config_signature(_factory, PromptTuningConfig, _PT_LEGACY_NAMES)
 
 REGISTRY = {"sparc": sparc, "sparc_lora": sparc_lora, "free_prompt": free_prompt,
             "prompt_tuning": prompt_tuning, "prompt_lora": prompt_lora,

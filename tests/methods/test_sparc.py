@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -617,6 +618,11 @@ def test_config_validates_without_a_backbone_and_maps_old_names():
     sparc_lib.sparc(tiny_bert(), num_components=4, lora_sites=("q",), sites=("q",))
   with pytest.raises(dataclasses.FrozenInstanceError):
     cfg.lora_rank = 3  # type: ignore[misc]
+  # the factory's signature names every option (the experiment validator binds to it)
+  signature = inspect.signature(sparc_lib.sparc)
+  signature.bind(None, num_components=4, lora_sites=("q",), pca_batch_size=8)
+  with pytest.raises(TypeError, match="num_componets"):
+    signature.bind(None, num_componets=4)
 
 
 def test_reuse_decision_matches_a_float64_reference():
