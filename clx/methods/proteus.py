@@ -117,13 +117,14 @@ from jax.typing import ArrayLike
 
 from clx.methods import _options
 from clx.methods import heads as heads_lib
-from clx.methods.base import (Batch, ContinualMethod, Params, StreamSpec, TaskContext,
-                              identity_grads, site_key, to_host)
+from clx.methods.base import (Batch, ContinualMethod, Params, StreamSpec, TaskContext, TaskInfo,
+                              to_host)
 from clx.models.base import Backbone
 from clx.ops import lora as lora_ops
 from clx.ops import mixture
 from clx.ops import retrieval
 from clx.ops import ridge as ridge_ops
+from clx.ops import tree as tree_ops
 
 SIGNATURES = ("dpgmm", "kmeans")
 # which factors the orthogonality penalty constrains: "b" the random output-side factors (the
@@ -294,11 +295,15 @@ def resolve(backbone: Backbone, cfg: ProteusConfig) -> ProteusSetup:
       p for s in cfg.sites for p in (backbone.site_paths(s) if "/" not in s else (s,))))
   if not sites:
     raise ValueError(f"{backbone.name}: no sites for {cfg.sites}")
-  flat = lora_ops.flatten_paths(backbone.params)
+  shapes = {}
   for s in sites:
-    if s not in flat or np.ndim(flat[s]) != 2:
+    try:
+      kernel = tree_ops.get(backbone.params, s)
+    except (KeyError, TypeError):
+      kernel = None
+    if np.ndim(kernel) != 2:
       raise ValueError(f"site {s!r} is not a 2-D kernel of {backbone.name}")
-  shapes = {s: tuple(np.shape(flat[s])) for s in sites}
+    shapes[s] = tuple(np.shape(kernel))
   return ProteusSetup(cfg, backbone, tuple(sites), shapes, {})
 
 
@@ -343,16 +348,16 @@ def params_with(base: Params, deltas_t: Mapping[str, jax.Array]) -> Params:
   Returns:
     The params a task's examples run through.
   """
-  flat = lora_ops.flatten_paths(base)
-  flat.update({s: flat[s] + d.astype(flat[s].dtype) for s, d in deltas_t.items()})
-  return lora_ops.unflatten_paths(flat)
+  for site, delta in deltas_t.items():
+    base = tree_ops.add(base, site, delta.astype(tree_ops.get(base, site).dtype))
+  return base
 
 
 def coefficients(setup: ProteusSetup, state: Mapping, num_tasks: int) -> dict[str, jax.Array]:
   """``{site_key: C (T, T)}``: C[t, j] = α·w_{t,j} (j < t), 1 (j = t), 0 (j > t)."""
   out = {}
   for s in setup.sites:
-    sk = site_key(s)
+    sk = tree_ops.to_key(s)
     dtype = jnp.result_type(state["tasks"]["0"]["unit"][sk]["a"])
     rows = []
     for t in range(num_tasks):
@@ -369,7 +374,7 @@ def deltas(setup: ProteusSetup, state: Mapping, num_tasks: int) -> dict[str, jax
   coef = coefficients(setup, state, num_tasks)
   out = {}
   for s in setup.sites:
-    sk = site_key(s)
+    sk = tree_ops.to_key(s)
     a = jnp.stack([state["tasks"][str(j)]["unit"][sk]["a"] for j in range(num_tasks)])
     b = jnp.stack([state["tasks"][str(j)]["unit"][sk]["b"] for j in range(num_tasks)])
     out[s] = setup.cfg.lora_scale * jnp.einsum("tj,jdr,jre->tde", coef[sk], a, b,
@@ -393,7 +398,7 @@ def training_adapters(setup: ProteusSetup, state: Mapping, task_index: int, unit
   """
   out = {}
   for s in setup.sites:
-    sk = site_key(s)
+    sk = tree_ops.to_key(s)
     adapters = []
     if task_index > 0:
       a = jnp.stack([state["tasks"][str(j)]["unit"][sk]["a"] for j in range(task_index)])
@@ -411,7 +416,7 @@ def ortho_penalty(setup: ProteusSetup, state: Mapping, task_index: int, unit: Ma
   """Σ_sites Σ_{j<k} ``ortho_terms(unit_j, unit_k)``, earlier units held constant (scalar)."""
   total = jnp.zeros((), jnp.float32)
   for s in setup.sites:
-    sk = site_key(s)
+    sk = tree_ops.to_key(s)
     for j in range(task_index):
       old = jax.lax.stop_gradient(state["tasks"][str(j)]["unit"][sk])
       total = total + ortho_terms(old, unit[sk], setup.cfg.ortho_factors)
@@ -669,7 +674,7 @@ def new_unit(setup: ProteusSetup, key: jax.Array, task_index: int) -> dict:
   for s, size in zip(setup.sites, sizes):
     d_in, d_out = setup.shapes[s]
     b = setup.cfg.unit_init_std * draws[offset:offset + size].reshape(rank, d_out)
-    unit[site_key(s)] = {"a": jnp.zeros((d_in, rank), jnp.float32),
+    unit[tree_ops.to_key(s)] = {"a": jnp.zeros((d_in, rank), jnp.float32),
                          "b": jnp.asarray(b, jnp.float32)}
     offset += size
   return unit
@@ -682,14 +687,15 @@ def begin_task(setup: ProteusSetup, state: ProteusState, ctx: TaskContext) -> Pr
                                   setup.backbone.feature_dim, t, "per_task")
   entry = {"unit": new_unit(setup, jax.random.fold_in(ctx.rng, 1), t)}
   if t > 0:
-    entry["weights"] = {site_key(s): jnp.full((t,), setup.cfg.transfer_init, jnp.float32)
+    entry["weights"] = {tree_ops.to_key(s): jnp.full((t,), setup.cfg.transfer_init, jnp.float32)
                         for s in setup.sites}
   return {**state, "heads": heads, "tasks": {**state["tasks"], str(t): entry}}
 
 
-def trainable(setup: ProteusSetup, state: ProteusState, task_index: int) -> dict:
-  """The new unit, the task's head and (k > 0) its transfer weights."""
+def trainable(setup: ProteusSetup, state: ProteusState, info: TaskInfo) -> dict:
+  """Task ``info.task``'s new unit, head and (k > 0) transfer weights."""
   del setup
+  task_index = info.task
   entry = state["tasks"][str(task_index)]
   params = {"unit": entry["unit"], "head": state["heads"][str(task_index)]}
   if task_index > 0:
@@ -697,10 +703,11 @@ def trainable(setup: ProteusSetup, state: ProteusState, task_index: int) -> dict
   return params
 
 
-def combine(setup: ProteusSetup, state: ProteusState, params: Mapping, task_index: int
+def combine(setup: ProteusSetup, state: ProteusState, params: Mapping, info: TaskInfo
             ) -> ProteusState:
-  """The pure write-back of the trained unit, weights and head."""
+  """The pure write-back of task ``info.task``'s trained unit, weights and head."""
   del setup
+  task_index = info.task
   entry = dict(state["tasks"][str(task_index)])
   entry["unit"] = params["unit"]
   if task_index > 0:
@@ -710,11 +717,11 @@ def combine(setup: ProteusSetup, state: ProteusState, params: Mapping, task_inde
 
 
 def loss(setup: ProteusSetup, params: Params, state: ProteusState, base: Params, batch: Batch,
-         rng: jax.Array, *,
-         task_index: int, spec: StreamSpec) -> tuple[jax.Array, dict]:
+         rng: jax.Array, info: TaskInfo) -> tuple[jax.Array, dict]:
   """CE of the task's own head on h_k + ``reg_weight``·Σ|w| + ``ortho_weight``·ortho."""
   del rng
   cfg = setup.cfg
+  task_index, spec = info.task, info.spec
   weights = params.get("weights", {})
   adapters = training_adapters(setup, state, task_index, params["unit"], weights)
   feats = setup.backbone.apply(lora_ops.apply_adapters(base, adapters, cfg.lora_scale),
@@ -753,12 +760,11 @@ def _task_stats(cfg: ProteusConfig, state: ProteusState, params: Mapping, t: int
           "end_task_s": jnp.asarray(time.perf_counter() - t0, jnp.float32)}
 
 
-def end_task(setup: ProteusSetup, state: ProteusState, params: Params, ctx: TaskContext
-             ) -> ProteusState:
-  """Write back, then the task's signature(s) and the RanPAC head update (host passes)."""
+def end_task(setup: ProteusSetup, state: ProteusState, ctx: TaskContext) -> ProteusState:
+  """The task's signature(s) and the RanPAC head update (host passes, on the combined state)."""
   t, cfg = ctx.task_index, setup.cfg
   t0 = time.perf_counter()
-  state = combine(setup, state, params, t)
+  params = trainable(setup, state, ctx.info)  # as trained: the loop has combined them
   entry = dict(state["tasks"][str(t)])
   feat_fn = _cached(setup, ("task_features", t),
                     lambda: jax.jit(functools.partial(task_features, setup, task_index=t)))
@@ -778,10 +784,23 @@ def end_task(setup: ProteusSetup, state: ProteusState, params: Params, ctx: Task
           "stats": {**state["stats"], str(t): stats}}
 
 
-def predict(setup: ProteusSetup, state: ProteusState, base: Params, x: jax.Array, *,
-            current_task: int,
-            task_id: int | None, spec: StreamSpec) -> jax.Array:
-  """Global logits ``(n, C)`` through the given task's or each example's retrieved backbone."""
+def params_for(setup: ProteusSetup, state: ProteusState, base: Params, info: TaskInfo) -> Params:
+  """Task ``info.task``'s backbone parameters: ``base`` + its composed ΔW at every site.
+
+  The backbone a task-IL example of task ``info.task`` runs through (class-IL routes each
+  example to its retrieved task's parameters: :func:`route`).
+  """
+  d_all = deltas(setup, state, info.task + 1)
+  return params_with(base, {s: d[info.task] for s, d in d_all.items()})
+
+
+def predict(setup: ProteusSetup, state: ProteusState, base: Params, x: jax.Array,
+            info: TaskInfo) -> jax.Array:
+  """Global logits ``(n, C)`` through the given task's or each example's retrieved backbone.
+
+  ``info.task`` is the last trained task, ``info.task_id`` the test task (task-IL) or None.
+  """
+  current_task, task_id, spec = info.task, info.task_id, info.spec
   num_tasks = current_task + 1
   if task_id is not None:
     feats = task_features(setup, state, base, x, task_id, num_tasks)
@@ -1002,7 +1021,7 @@ def _padded(x, size: int) -> tuple[jax.Array, int]:
 _SETUP_FUNCTIONS = ("coefficients", "deltas", "training_adapters", "ortho_penalty",
                     "task_features", "all_task_features", "per_example_features", "route",
                     "init", "new_unit", "begin_task", "trainable", "combine", "loss", "end_task",
-                    "predict", "diagnostics", "retrieval_report")
+                    "params_for", "predict", "diagnostics", "retrieval_report")
 _CONFIG_FUNCTIONS = ("fit_signature", "ridge_head_update", "head_logits")
 
 
@@ -1044,8 +1063,9 @@ def _method(setup: ProteusSetup, name: str) -> ContinualMethod:
   return ContinualMethod(
       name=name, backbone=setup.backbone, init=bind(init, setup),
       begin_task=bind(begin_task, setup), trainable=bind(trainable, setup),
-      loss=bind(loss, setup), transform_grads=identity_grads, end_task=bind(end_task, setup),
-      predict=bind(predict, setup), diagnostics=bind(diagnostics, setup))
+      loss=bind(loss, setup), combine=bind(combine, setup), end_task=bind(end_task, setup),
+      predict=bind(predict, setup), params_for=bind(params_for, setup),
+      diagnostics=bind(diagnostics, setup))
 
 
 def proteus(backbone: Backbone, *, name: str = "proteus", **kwargs: Any) -> ContinualMethod:

@@ -120,8 +120,11 @@ adds 770 (0.0034 %).
 
 Code shape. :class:`SPARCConfig` (frozen, validated) holds the options; :func:`resolve` binds
 it to a backbone (:class:`SPARCSetup`); the protocol's functions (:func:`init`,
-:func:`begin_task`, :func:`trainable`, :func:`combine`, :func:`loss`, :func:`end_task`,
-:func:`predict`, :func:`diagnostics`) are module-level and :func:`sparc` binds them. The pieces
+:func:`begin_task`, :func:`trainable`, :func:`combine`, :func:`loss`, :func:`predict`,
+:func:`diagnostics`; nothing to do in ``end_task``) are module-level and :func:`sparc` binds
+them. ``params_for`` is None: the forward adds a soft prompt (and routes per example), so no
+single backbone parameter set describes it; :func:`effective_params` gives a task's LoRA'd
+backbone. The pieces
 a notebook or test wants are public: :func:`task_pca` (the PCA pass over a task's batches),
 :func:`token_pca` (the same from token ids), :func:`reuse_decision`, :func:`new_task_entry`,
 :func:`prompt_of`, :func:`effective_params`, :func:`reconstruction_errors` and :func:`route`.
@@ -147,21 +150,19 @@ from jax.typing import ArrayLike
 
 from clx.methods import _options
 from clx.methods import heads as heads_lib
-from clx.methods.base import (Batch, ContinualMethod, Params, StreamSpec, TaskContext,
-                              identity_grads, site_key)
-from clx.methods.base import get_path as _get
+from clx.methods.base import (Batch, ContinualMethod, Params, StreamSpec, TaskContext, TaskInfo,
+                              no_host_hook)
 from clx.models.base import Backbone
 from clx.ops import lora as lora_ops
 from clx.ops import pca as pca_ops
 from clx.ops import subspace
+from clx.ops import tree as tree_ops
 
 POOLINGS = ("token", "mean")
 OVERLAPS = ("subspace", "mean_max_cosine", "principal")
 SELECTIONS = ("subspace", "latest")
 EMBEDDING_SOURCES = ("table", "input")
 SPECIAL_TOKENS = ("auto", "edges", "none")
-# Word-embedding tables of the clx text backbones (BERT/MiniLM, Llama).
-EMBEDDING_PATHS = ("embeddings/word_embeddings/embedding", "embed_tokens/embedding")
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -169,18 +170,20 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # Helpers shared by SPARC and prompt tuning
 
 
-def find_embedding_path(params: Params, path: str | None = None) -> str:
-  """The word-embedding table's path in ``params`` (given, or one of :data:`EMBEDDING_PATHS`)."""
-  candidates = (path,) if path is not None else EMBEDDING_PATHS
-  for cand in candidates:
-    try:
-      table = _get(params, cand)
-    except (KeyError, TypeError):
-      continue
-    if np.ndim(table) == 2:
-      return cand
-  raise ValueError(f"no 2-D word-embedding table at {list(candidates)}; pass embedding_path= "
-                   f"(the backbone's params have top-level keys {sorted(params)})")
+def embedding_path(backbone: Backbone, path: str | None = None) -> str:
+  """The word-embedding table's path: ``path`` if given, else the backbone's declared
+  :attr:`~clx.models.base.Backbone.embedding`; checked to be a 2-D array of ``backbone.params``."""
+  path = path if path is not None else backbone.embedding
+  if path is None:
+    raise ValueError(f"{backbone.name} declares no token-embedding table (Backbone.embedding); "
+                     f"pass embedding_path=")
+  try:
+    table = tree_ops.get(backbone.params, path)
+  except (KeyError, TypeError):
+    table = None
+  if np.ndim(table) != 2:
+    raise ValueError(f"no 2-D word-embedding table at {path!r} of {backbone.name}")
+  return path
 
 
 def _special_rule(special_tokens, path: str):
@@ -213,8 +216,8 @@ class _Embedder:
     if backbone.pad_id is None:
       raise ValueError(f"{backbone.name} has no pad_id: SPARC needs a token-id (text) backbone")
     self.backbone, self.source = backbone, source
-    self.path = find_embedding_path(backbone.params, path)
-    self.dim = int(np.shape(_get(backbone.params, self.path))[1])
+    self.path = embedding_path(backbone, path)
+    self.dim = int(np.shape(tree_ops.get(backbone.params, self.path))[1])
     self.pad_id = int(backbone.pad_id)
     self.special = _special_rule(special, self.path)
 
@@ -230,20 +233,21 @@ class _Embedder:
       return valid
     return valid & ~jnp.isin(x, jnp.asarray(self.special))
 
-  def __call__(self, base, x):
+  def __call__(self, base: Params, x: ArrayLike) -> tuple[jax.Array, jax.Array]:
+    """Embeddings ``(n, L, d)`` float32 of token ids ``x`` (n, L) and the PCA mask ``(n, L)``.
+
+    ``"input"``: the output of the embedding layer, i.e. the top-level module that holds the
+    declared table (BERT: ``embeddings``, word + position + type embeddings and LayerNorm;
+    Llama: ``embed_tokens``, the table itself); ``"table"``: the table's rows.
+    """
     x = jnp.asarray(x)
     valid = x != self.pad_id
     keep = self.mask(x)
+    ids = jnp.where(valid, x, 0)  # padding positions get weight 0; any id in range will do
     if self.source == "table":
-      table = _get(base, self.path)
-      return table[jnp.where(valid, x, 0)].astype(jnp.float32), keep
-    module = self.backbone.merge(base)
-    if hasattr(module, "embeddings"):  # BERT: word + position + type, LayerNorm
-      return module.embeddings(x).astype(jnp.float32), keep
-    if hasattr(module, "embed_tokens"):  # Llama: the table is the input
-      return module.embed_tokens(jnp.where(valid, x, 0)).astype(jnp.float32), keep
-    raise ValueError(f"embedding_source='input' does not know {self.backbone.name}'s embedding "
-                     f"layer; use embedding_source='table'")
+      return tree_ops.get(base, self.path)[ids].astype(jnp.float32), keep
+    layer = getattr(self.backbone.merge(base), tree_ops.as_site(self.path)[0])
+    return layer(ids).astype(jnp.float32), keep
 
 
 def _resolve_label_words(label_words, tokenizer) -> np.ndarray | None:
@@ -345,21 +349,17 @@ class _Scorer:
         heads_lib.linear(heads[str(task)], out))
 
 
-def _head_key(state, task_index) -> str:
-  return "shared" if "shared" in state["heads"] else str(task_index)
-
-
 def _lora_paths(backbone: Backbone, sites: Sequence[str]) -> tuple[str, ...]:
   """Kernel paths of ``sites`` (roles of ``backbone.sites`` or kernel paths), checked."""
   paths = tuple(dict.fromkeys(
       p for s in sites for p in (backbone.site_paths(s) if s in backbone.sites else (s,))))
   for p in paths:
     try:
-      _get(backbone.params, p)
+      tree_ops.get(backbone.params, p)
     except (KeyError, TypeError):
       raise ValueError(f"sites entry {p!r} is neither a site role of {backbone.name} "
                        f"({sorted(backbone.sites)}) nor a kernel path in its params") from None
-    site_key(p)
+    tree_ops.to_key(p)
   return paths
 
 
@@ -763,7 +763,7 @@ def effective_params(setup: SPARCSetup, base: Params, entry: Mapping) -> Params:
   """The backbone params a task's examples run through: ``base`` + its LoRA (if any)."""
   if not setup.lora_paths:
     return base
-  adapters = {p: entry["lora"][site_key(p)] for p in setup.lora_paths}
+  adapters = {p: entry["lora"][tree_ops.to_key(p)] for p in setup.lora_paths}
   return lora_ops.apply_adapters(base, adapters, setup.cfg.lora_scale)
 
 
@@ -882,7 +882,7 @@ def new_task_entry(setup: SPARCSetup, comp: Mapping, tasks: Mapping[str, Mapping
     else:
       fresh = lora_ops.init_lora(jax.random.fold_in(key, 2), setup.backbone.params,
                                  list(setup.lora_paths), int(cfg.lora_rank))
-      entry["lora"] = {site_key(p): fresh[p] for p in setup.lora_paths}
+      entry["lora"] = {tree_ops.to_key(p): fresh[p] for p in setup.lora_paths}
   if penalty > 0 and ortho is not None:
     entry["ortho"] = jnp.asarray(ortho, jnp.float32)
   entry["overlap"] = {"scores": jnp.asarray(decision.scores),
@@ -911,8 +911,9 @@ def begin_task(setup: SPARCSetup, state: SPARCState, ctx: TaskContext) -> SPARCS
   return state
 
 
-def trainable(setup: SPARCSetup, state: SPARCState, task_index: int) -> dict:
-  """The task's ``z`` (+ ``basis``, LoRA / c, head) to optimise."""
+def trainable(setup: SPARCSetup, state: SPARCState, info: TaskInfo) -> dict:
+  """Task ``info.task``'s ``z`` (+ ``basis``, LoRA / c, head) to optimise."""
+  task_index = info.task
   entry = state["tasks"][str(task_index)]
   params = {"z": entry["z"]}
   if setup.cfg.train_basis:
@@ -920,30 +921,31 @@ def trainable(setup: SPARCSetup, state: SPARCState, task_index: int) -> dict:
   if setup.lora_paths:  # trained as lora / c (see lora_lr_scale)
     params["lora"] = jax.tree.map(lambda v: v / setup.cfg.lora_lr_scale, entry["lora"])
   if setup.scorer.uses_heads:
-    params["head"] = state["heads"][_head_key(state, task_index)]
+    params["head"] = state["heads"][heads_lib.head_key(state["heads"], task_index)]
   return params
 
 
-def combine(setup: SPARCSetup, state: SPARCState, params: Mapping, task_index: int
+def combine(setup: SPARCSetup, state: SPARCState, params: Mapping, info: TaskInfo
             ) -> SPARCState:
-  """The pure write-back of trained ``params`` into the task's entry (and head)."""
+  """The pure write-back of trained ``params`` into task ``info.task``'s entry (and head)."""
+  task_index = info.task
   entry = dict(state["tasks"][str(task_index)])
   entry.update({kk: params[kk] for kk in ("z", "basis") if kk in params})
   if "lora" in params:
     entry["lora"] = jax.tree.map(lambda v: v * setup.cfg.lora_lr_scale, params["lora"])
   state = {**state, "tasks": {**state["tasks"], str(task_index): entry}}
   if setup.scorer.uses_heads:
-    state["heads"] = {**state["heads"], _head_key(state, task_index): params["head"]}
+    state = heads_lib.with_head(state, params["head"], task_index)
   return state
 
 
 def loss(setup: SPARCSetup, params: Params, state: SPARCState, base: Params, batch: Batch,
-         rng: jax.Array, *, task_index: int,
-         spec: StreamSpec) -> tuple[jax.Array, dict]:
+         rng: jax.Array, info: TaskInfo) -> tuple[jax.Array, dict]:
   """Masked cross-entropy of the task's prompt (+ LoRA) forward (+ λ‖Z U_tᵀ Q‖_F²)."""
   del rng
   cfg, scorer = setup.cfg, setup.scorer
-  state = combine(setup, state, params, task_index)
+  task_index, spec = info.task, info.spec
+  state = combine(setup, state, params, info)
   entry = state["tasks"][str(task_index)]
   out = scorer.forward(effective_params(setup, base, entry), batch["x"], prompt_of(cfg, entry))
   logits, labels = scorer.train_logits(state.get("heads"), out, batch["y"], spec, task_index)
@@ -959,15 +961,14 @@ def loss(setup: SPARCSetup, params: Params, state: SPARCState, base: Params, bat
   return value, aux
 
 
-def end_task(setup: SPARCSetup, state: SPARCState, params: Params, ctx: TaskContext) -> SPARCState:
-  """Write the trained params back (:func:`combine`)."""
-  return combine(setup, state, params, ctx.task_index)
+def predict(setup: SPARCSetup, state: SPARCState, base: Params, x: jax.Array, info: TaskInfo
+            ) -> jax.Array:
+  """Global logits ``(n, C)``: the given task's prompt, or each example's routed task's.
 
-
-def predict(setup: SPARCSetup, state: SPARCState, base: Params, x: jax.Array, *, current_task: int,
-            task_id: int | None, spec: StreamSpec) -> jax.Array:
-  """Global logits ``(n, C)``: the given task's prompt, or each example's routed task's."""
+  ``info.task`` is the last trained task, ``info.task_id`` the test task (task-IL) or None.
+  """
   cfg, scorer = setup.cfg, setup.scorer
+  current_task, task_id, spec = info.task, info.task_id, info.spec
   heads = state.get("heads")
 
   def task_forward(s):
@@ -1004,7 +1005,7 @@ def diagnostics(setup: SPARCSetup, state: SPARCState) -> dict:
     lora_n = _num(entry.get("lora", {}))
     head_n = 0
     if "heads" in state:
-      head_n = _num(state["heads"].get(_head_key(state, int(t)), {}))
+      head_n = _num(state["heads"].get(heads_lib.head_key(state["heads"], int(t)), {}))
     ev = np.asarray(entry["pca"]["eigenvalues"], np.float64)
     tv = float(np.asarray(entry["pca"]["total_variance"]))
     ov = entry["overlap"]
@@ -1043,7 +1044,7 @@ def sparc(backbone: Backbone, **kwargs: Any) -> ContinualMethod:
   return ContinualMethod(
       name=s.cfg.default_name, backbone=backbone, init=bind(init, s),
       begin_task=bind(begin_task, s), trainable=bind(trainable, s), loss=bind(loss, s),
-      transform_grads=identity_grads, end_task=bind(end_task, s), predict=bind(predict, s),
+      combine=bind(combine, s), end_task=no_host_hook, predict=bind(predict, s),
       diagnostics=bind(diagnostics, s))
 
 
@@ -1137,7 +1138,7 @@ class PromptTuningSetup(NamedTuple):
 
 def resolve_prompt_tuning(backbone: Backbone, cfg: PromptTuningConfig) -> PromptTuningSetup:
   """Resolve the embedding table, the scorer and the LoRA paths of ``cfg`` on ``backbone``."""
-  path = find_embedding_path(backbone.params, cfg.embedding_path)
+  path = embedding_path(backbone, cfg.embedding_path)
   scorer = _Scorer(backbone, cfg.head_mode, _resolve_label_words(cfg.label_words, cfg.tokenizer))
   lora_paths = _lora_paths(backbone, cfg.sites) if cfg.lora_rank else ()
   return PromptTuningSetup(cfg, backbone, scorer, lora_paths, path)
@@ -1150,7 +1151,7 @@ def _pt_init(setup: PromptTuningSetup, rng: jax.Array, spec: StreamSpec) -> dict
   k_head, k_prompt = jax.random.split(rng)
   state = {}
   if n_tok:
-    table = np.asarray(_get(backbone.params, setup.embedding_path), np.float32)
+    table = np.asarray(tree_ops.get(backbone.params, setup.embedding_path), np.float32)
     if cfg.prompt_init == "vocab":
       rows = np.asarray(jax.random.choice(k_prompt, table.shape[0] - 1, (n_tok,), replace=False))
       pad = backbone.pad_id if backbone.pad_id is not None else -1
@@ -1162,7 +1163,7 @@ def _pt_init(setup: PromptTuningSetup, rng: jax.Array, spec: StreamSpec) -> dict
   if cfg.lora_rank:
     fresh = lora_ops.init_lora(jax.random.fold_in(k_prompt, 1), backbone.params,
                                list(setup.lora_paths), int(cfg.lora_rank))
-    state["lora"] = {site_key(p): fresh[p] for p in setup.lora_paths}
+    state["lora"] = {tree_ops.to_key(p): fresh[p] for p in setup.lora_paths}
   if setup.scorer.uses_heads:
     state["heads"] = heads_lib.init_heads(k_head, spec, backbone.feature_dim,
                                           setup.scorer.mode(spec))
@@ -1174,7 +1175,7 @@ def _pt_forward(setup: PromptTuningSetup, state: Mapping, base, x: jax.Array) ->
   params = base
   if setup.cfg.lora_rank:
     params = lora_ops.apply_adapters(
-        base, {p: state["lora"][site_key(p)] for p in setup.lora_paths},
+        base, {p: state["lora"][tree_ops.to_key(p)] for p in setup.lora_paths},
         _lora_scale(setup.cfg.lora_rank, setup.cfg.lora_alpha))
   return setup.scorer.forward(params, x, state["prompt"] if setup.cfg.num_prompt_tokens else None)
 
@@ -1188,25 +1189,26 @@ def _pt_begin_task(setup: PromptTuningSetup, state: dict, ctx) -> dict:
   return {**state, "heads": heads}
 
 
-def _pt_trainable(setup: PromptTuningSetup, state: Mapping, task_index: int) -> dict:
+def _pt_trainable(setup: PromptTuningSetup, state: Mapping, info: TaskInfo) -> dict:
   params = {k: state[k] for k in setup.cfg.shared_keys}
   if setup.scorer.uses_heads:
-    params["head"] = state["heads"][_head_key(state, task_index)]
+    params["head"] = state["heads"][heads_lib.head_key(state["heads"], info.task)]
   return params
 
 
-def _pt_combine(setup: PromptTuningSetup, state: Mapping, params: Mapping, task_index: int
+def _pt_combine(setup: PromptTuningSetup, state: Mapping, params: Mapping, info: TaskInfo
                 ) -> dict:
   state = {**state, **{k: params[k] for k in setup.cfg.shared_keys}}
   if setup.scorer.uses_heads:
-    state["heads"] = {**state["heads"], _head_key(state, task_index): params["head"]}
+    state = heads_lib.with_head(state, params["head"], info.task)
   return state
 
 
-def _pt_loss(setup: PromptTuningSetup, params, state, base, batch, rng, *, task_index: int,
-             spec: StreamSpec) -> tuple[jax.Array, dict]:
+def _pt_loss(setup: PromptTuningSetup, params: Params, state: Mapping, base: Params, batch: Batch,
+             rng: jax.Array, info: TaskInfo) -> tuple[jax.Array, dict]:
   del rng
-  state = _pt_combine(setup, state, params, task_index)
+  task_index, spec = info.task, info.spec
+  state = _pt_combine(setup, state, params, info)
   out = _pt_forward(setup, state, base, batch["x"])
   logits, labels = setup.scorer.train_logits(state.get("heads"), out, batch["y"], spec,
                                              task_index)
@@ -1214,13 +1216,10 @@ def _pt_loss(setup: PromptTuningSetup, params, state, base, batch, rng, *, task_
   return value, {"accuracy": heads_lib.masked_accuracy(logits, labels, batch["mask"])}
 
 
-def _pt_end_task(setup: PromptTuningSetup, state, params, ctx) -> dict:
-  return _pt_combine(setup, state, params, ctx.task_index)
-
-
-def _pt_predict(setup: PromptTuningSetup, state, base, x: jax.Array, *, current_task: int,
-                task_id: int | None, spec: StreamSpec) -> jax.Array:
+def _pt_predict(setup: PromptTuningSetup, state: Mapping, base: Params, x: jax.Array,
+                info: TaskInfo) -> jax.Array:
   scorer = setup.scorer
+  current_task, task_id, spec = info.task, info.task_id, info.spec
   out = _pt_forward(setup, state, base, x)
   mode = scorer.mode(spec)
   if not scorer.uses_heads:
@@ -1269,7 +1268,7 @@ def prompt_tuning(backbone: Backbone, **kwargs: Any) -> ContinualMethod:
   return ContinualMethod(
       name=s.cfg.default_name, backbone=backbone, init=bind(_pt_init, s),
       begin_task=bind(_pt_begin_task, s), trainable=bind(_pt_trainable, s),
-      loss=bind(_pt_loss, s), transform_grads=identity_grads, end_task=bind(_pt_end_task, s),
+      loss=bind(_pt_loss, s), combine=bind(_pt_combine, s), end_task=no_host_hook,
       predict=bind(_pt_predict, s), diagnostics=bind(_pt_diagnostics, s))
 
 
