@@ -131,6 +131,8 @@ SIGNATURES = ("dpgmm", "kmeans")
 # code's random ``*_lora_pool_A``), "a" the input-side ones, "ab" both
 ORTHO_FACTORS = ("b", "a", "ab")
 _HIGHEST = jax.lax.Precision.HIGHEST
+# the old name of tree_ops.to_key, still imported from here (tests, experiments/bench_retrieval.py)
+site_key = tree_ops.to_key
 
 
 # ---------------------------------------------------------------------------------------------
