@@ -415,3 +415,49 @@ def test_vit_proteus_config_is_the_authors_main_config():
   assert config["model"]["weights"].endswith("ViT-B_16.npz")
   with pytest.raises(NotImplementedError, match="rrc224_s005_flip"):
     module.vit_split_stream(**{k: v for k, v in config["stream"].items() if k != "name"})
+
+
+def test_config_is_validated_once_and_old_names_still_read():
+  bb = mlp((7,), (5, 4))
+  parts = proteus_lib.ProteusParts(bb, sites=SITES, rank=2, scale=0.2, alpha=0.5,
+                                   feature_batch=64)
+  assert parts.cfg == proteus_lib.ProteusConfig(sites=SITES, lora_rank=2, lora_scale=0.2,
+                                                transfer_alpha=0.5, aux_batch_size=64)
+  assert (parts.rank, parts.scale, parts.alpha) == (2, 0.2, 0.5)
+  with pytest.raises(ValueError, match="not both"):
+    proteus_lib.proteus(bb, sites=SITES, rank=2, lora_rank=2)
+  with pytest.raises(ValueError, match="lora_rank"):
+    proteus_lib.ProteusConfig(lora_rank=0)
+  with pytest.raises(ValueError, match="delta_form"):
+    proteus_lib.ProteusConfig(delta_form="median")
+  with pytest.raises(AttributeError, match="no attribute"):
+    parts.not_an_option  # pylint: disable=pointless-statement
+
+
+def test_public_fit_signature_and_route_are_the_methods_own():
+  # the module functions are what the method runs: a trained state routed by the public
+  # route() gives the method's class-IL prediction
+  stream = make_gaussian_stream(num_tasks=2, classes_per_task=2, dim=8, n_train=48, n_test=16,
+                                separation=4.0)
+  bb = mlp(stream.input_shape, (12, 8))
+  parts = small_parts(bb)
+  res = run_method(parts.method(), stream, TrainConfig(epochs=1, batch_size=16,
+                                                       learning_rate=5e-3, eval_batch_size=32),
+                   quiet=True)
+  state = jax.device_get(res.state)
+  spec = StreamSpec.from_stream(stream)
+  x = jnp.asarray(np.concatenate([t.test.x for t in stream.tasks]))
+  tasks, feats, scores = proteus_lib.route(parts.setup, state, bb.params, x, 2)
+  assert scores.shape == (x.shape[0], 2)
+  np.testing.assert_array_equal(tasks, np.argmax(np.asarray(scores), 1))
+  want = parts.method().predict(state, bb.params, x, TaskInfo(1, spec))
+  got = proteus_lib.head_logits(parts.cfg, state, feats, spec, 1, tasks)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  x0 = jnp.asarray(stream.tasks[0].train.x)
+  feats0 = np.asarray(proteus_lib.task_features(parts.setup, state, bb.params, x0, 0, 2))
+  # params_for: the task's composed backbone, the one task_features runs
+  np.testing.assert_allclose(
+      bb.apply(parts.method().params_for(state, bb.params, TaskInfo(0, spec)), x0), feats0,
+      rtol=1e-6, atol=1e-6)
+  sig, fit = proteus_lib.fit_signature(parts.cfg, feats0, jax.random.PRNGKey(0))
+  assert fit["components"] == sig["means"].shape[0] >= 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -594,3 +595,78 @@ def test_token_pca_equals_the_pca_begin_task_stores():
   np.testing.assert_allclose(got["mean"], want["mean"], atol=1e-5)
   np.testing.assert_allclose(got["eigenvalues"], want["eigenvalues"], rtol=1e-4)
   assert sparc_lib.overlap_score(got["components"], want["components"]) == pytest.approx(1, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The public pieces: config, re-use decision, routing
+
+
+def test_config_validates_without_a_backbone_and_maps_old_names():
+  with pytest.raises(ValueError, match="pooling"):
+    sparc_lib.SPARCConfig(pooling="max")
+  with pytest.raises(ValueError, match="lora_rank"):
+    sparc_lib.SPARCConfig(lora_rank=-1)
+  with pytest.raises(ValueError, match="train_basis"):
+    sparc_lib.SPARCConfig(train_basis=True, in_subspace=False)
+  with pytest.raises(ValueError, match="aux_batch_size"):
+    sparc_lib.SPARCConfig(aux_batch_size=0)
+  cfg = sparc_lib.SPARCConfig(**sparc_lib._renamed({"lora_sites": ["k"], "pca_batch_size": 7}))
+  assert cfg.sites == ("k",) and cfg.aux_batch_size == 7
+  with pytest.raises(ValueError, match="not both"):
+    sparc_lib.sparc(tiny_bert(), num_components=4, lora_sites=("q",), sites=("q",))
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    cfg.lora_rank = 3  # type: ignore[misc]
+  # the factory's signature names every option (the experiment validator binds to it)
+  signature = inspect.signature(sparc_lib.sparc)
+  signature.bind(None, num_components=4, lora_sites=("q",), pca_batch_size=8)
+  with pytest.raises(TypeError, match="num_componets"):
+    signature.bind(None, num_componets=4)
+
+
+def test_reuse_decision_matches_a_float64_reference():
+  rng = np.random.default_rng(3)
+  d, k = 12, 3
+  basis = lambda: np.linalg.qr(rng.normal(size=(d, k)))[0]  # noqa: E731
+  new, olds = basis(), {0: basis(), 1: basis(), 2: basis()}
+  want = np.array([np.sum((new.T @ olds[s]) ** 2) / k for s in range(3)])
+  best = int(np.argmax(want))
+  for tau, reused in ((want[best] - 1e-3, True), (want[best] + 1e-3, False)):
+    got = sparc_lib.reuse_decision(new, olds, 5, threshold=tau)
+    np.testing.assert_allclose(got.scores[:3], want, atol=1e-5)
+    np.testing.assert_array_equal(got.scores[3:], [-1.0, -1.0])
+    assert (got.matched, got.reused) == (best, reused)
+    assert got.score == pytest.approx(want[best], abs=1e-5)
+  first = sparc_lib.reuse_decision(new, {}, 4)
+  assert (first.matched, first.score, first.reused) == (-1, -1.0, False)
+  np.testing.assert_array_equal(first.scores, -np.ones(4))
+
+
+@pytest.mark.parametrize("pooling", ["token", "mean"])
+def test_route_picks_the_task_with_the_smallest_float64_reconstruction_error(pooling):
+  backbone = tiny_bert()
+  setup = sparc_lib.resolve(backbone, sparc_lib.SPARCConfig(
+      num_components=4, embedding_source="table", special_tokens="none", pooling=pooling))
+  rng = np.random.default_rng(4)
+  tasks = {str(s): {"pca": {"mean": jnp.asarray(rng.normal(size=32) * 0.3, jnp.float32),
+                            "components": jnp.asarray(np.linalg.qr(rng.normal(size=(32, 4)))[0],
+                                                      jnp.float32)}} for s in range(3)}
+  x = np.zeros((10, L), np.int32)
+  for i, length in enumerate(rng.integers(2, L + 1, 10)):
+    x[i, :length] = rng.integers(1, 121, length)
+  table = np.asarray(backbone.params["embeddings"]["word_embeddings"]["embedding"], np.float64)
+  rows, valid = table[x], (x != backbone.pad_id).astype(np.float64)
+  if pooling == "mean":
+    rows = (np.einsum("nld,nl->nd", rows, valid) / valid.sum(1, keepdims=True))[:, None]
+    valid = np.ones((10, 1))
+  want = np.zeros((10, 3))
+  for s in range(3):
+    mu = np.asarray(tasks[str(s)]["pca"]["mean"], np.float64)
+    u = np.asarray(tasks[str(s)]["pca"]["components"], np.float64)
+    c = rows - mu
+    resid = np.sum((c - c @ u @ u.T) ** 2, -1)
+    want[:, s] = np.sum(resid * valid, 1) / valid.sum(1)
+  state = {"tasks": tasks}
+  got = sparc_lib.reconstruction_errors(setup, state, backbone.params, jnp.asarray(x), 2)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(
+      sparc_lib.route(setup, state, backbone.params, jnp.asarray(x), 2), np.argmin(want, 1))
