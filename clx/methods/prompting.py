@@ -63,7 +63,8 @@ def init_head(key: Array, d: int, num_classes: int, kind: str) -> dict[str, Arra
   raise ValueError(f"head_init must be 'zeros' or 'torch', got {kind!r}")
 
 
-def _class_mask(spec: StreamSpec, tasks) -> np.ndarray:
+def class_mask(spec: StreamSpec, tasks) -> np.ndarray:
+  """``(C,)`` bool: the classes of ``tasks``."""
   mask = np.zeros(spec.num_classes, bool)
   for t in tasks:
     mask[list(spec.task_classes[t])] = True
@@ -73,7 +74,7 @@ def _class_mask(spec: StreamSpec, tasks) -> np.ndarray:
 def current_task_loss(head: dict, feats: Array, y: Array, mask: Array, spec: StreamSpec,
                       task_index: int) -> tuple[Array, Array]:
   """Cross-entropy and accuracy of the global head with logits outside task ``t`` at −∞."""
-  allowed = jnp.asarray(_class_mask(spec, [task_index]))
+  allowed = jnp.asarray(class_mask(spec, [task_index]))
   logits = jnp.where(allowed, heads_lib.linear(head, feats), heads_lib.NEG_INF)
   return (heads_lib.masked_cross_entropy(logits, y, mask),
           heads_lib.masked_accuracy(logits, y, mask))
@@ -81,7 +82,7 @@ def current_task_loss(head: dict, feats: Array, y: Array, mask: Array, spec: Str
 
 def seen_logits(head: dict, feats: Array, spec: StreamSpec, current_task: int) -> Array:
   """``(n, C)`` logits with classes not seen up to ``current_task`` at −∞."""
-  seen = jnp.asarray(_class_mask(spec, range(current_task + 1)))
+  seen = jnp.asarray(class_mask(spec, range(current_task + 1)))
   return jnp.where(seen, heads_lib.linear(head, feats), heads_lib.NEG_INF)
 
 
