@@ -85,14 +85,10 @@ def smoke(config: dict) -> dict:
 
 
 def _setup(config):
-  from clx import experiment, models
-  from clx.methods.base import StreamSpec
-  stream = experiment.build_stream(config)
-  args = {k: v for k, v in config["model"].items() if k != "name"}
-  if models.accepts_seed(config["model"]["name"]):
-    args.setdefault("seed", config.get("seed", 0))
-  backbone = models.build(config["model"]["name"], stream.input_shape, **args)
-  return stream, backbone, StreamSpec.from_stream(stream)
+  """Stream, backbone and StreamSpec as run_experiment builds them (text_proteus' helper)."""
+  sys.path.insert(0, str(Path(__file__).resolve().parent))
+  from text_proteus import _setup as setup  # pylint: disable=import-outside-toplevel
+  return setup(config)
 
 
 def _dir_bytes(path: Path) -> int:

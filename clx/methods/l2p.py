@@ -118,7 +118,7 @@ def end_task(cfg: L2PConfig, backbone: Backbone, state, params, ctx):
                                             top_k=cfg.top_k))
     real = to_host(batch["mask"]) > 0
     counts += np.bincount(ids[real].ravel(), minlength=cfg.pool_size)
-  return {**state, "usage": state["usage"].at[ctx.task_index].set(jnp.asarray(counts))}
+  return {**state, "usage": jnp.asarray(state["usage"]).at[ctx.task_index].set(counts)}
 
 
 def predict(cfg: L2PConfig, backbone: Backbone, state, base, x, *, current_task, task_id, spec,
