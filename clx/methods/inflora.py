@@ -99,7 +99,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import heads as heads_lib
-from clx.methods.base import ContinualMethod, StreamSpec, identity_grads, site_key
+from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo, identity_grads, site_key
 from clx.methods.base import get_path as _get
 from clx.models.base import Backbone
 from clx.ops import dualgpm
@@ -346,7 +346,8 @@ def inflora(backbone: Backbone, *, rank: int = 10, sites: str | Sequence[str] = 
     return {**state, "heads": heads,
             "branches": {**state["branches"], str(t): {"a": downs, "b": ups}}}
 
-  def trainable(state, task_index):
+  def trainable(state, info: TaskInfo):
+    task_index = info.task
     return {"b": state["branches"][str(task_index)]["b"],
             "head": state["heads"][head_key(state, task_index)]}
 
@@ -355,8 +356,12 @@ def inflora(backbone: Backbone, *, rank: int = 10, sites: str | Sequence[str] = 
     heads = {**state["heads"], head_key(state, task_index): params["head"]}
     return {**state, "heads": heads, "branches": {**state["branches"], str(task_index): branch}}
 
-  def loss(params, state, base, batch, rng, *, task_index, spec):
+  def combine(state, params, info: TaskInfo):
+    return write_back(state, params, info.task)
+
+  def loss(params, state, base, batch, rng, info: TaskInfo):
     del rng
+    task_index, spec = info.task, info.spec
     eff = effective_params(state, base, current_b=params["b"], task_index=task_index)
     feats = backbone.apply(eff, batch["x"])
     heads = {**state["heads"], head_key(state, task_index): params["head"]}
@@ -365,9 +370,8 @@ def inflora(backbone: Backbone, *, rank: int = 10, sites: str | Sequence[str] = 
     value = heads_lib.masked_cross_entropy(logits, labels, batch["mask"])
     return value, {"accuracy": heads_lib.masked_accuracy(logits, labels, batch["mask"])}
 
-  def end_task(state, params, ctx):
+  def end_task(state, ctx):  # the loop has combined the trained params into the state
     t = ctx.task_index
-    state = write_back(state, params, t)
     grams = gram_pass(effective_jit(state, ctx.base), ctx)
     eps = dualgpm.task_threshold(t, ctx.spec.num_tasks, lamb, lame)
     memory = dict(state["memory"])
@@ -387,14 +391,16 @@ def inflora(backbone: Backbone, *, rank: int = 10, sites: str | Sequence[str] = 
       state = {**state, "branches": branches, "folded": folded}
     return state
 
-  def predict(state, base, x, *, current_task, task_id, spec):
-    del task_id  # one network for every task; the loop masks task-IL logits
+  def predict(state, base, x, info: TaskInfo):
+    # one network for every task; the loop masks task-IL logits (info.task_id unused)
+    current_task, spec = info.task, info.spec
     feats = backbone.apply(effective_params(state, base), x)
     return heads_lib.global_logits(state["heads"], feats, spec, mode_for(spec), current_task)
 
   return ContinualMethod(name=name, backbone=backbone, init=init, begin_task=begin_task,
-                         trainable=trainable, loss=loss, transform_grads=identity_grads,
-                         end_task=end_task, predict=predict)
+                         trainable=trainable, loss=loss, combine=combine,
+                         transform_grads=identity_grads, end_task=end_task, predict=predict,
+                         params_for=lambda state, base, info: effective_params(state, base))
 
 
 def inflora_b5(backbone: Backbone, *, blocks: int = 5, name: str = "inflora_b5",

@@ -133,9 +133,9 @@ def inflora_ca(backbone: Backbone, *, rank: int = 5, sites: str | Sequence[str] 
     y = np.concatenate(labels)
     return np.concatenate(feats).astype(np.float32), np.searchsorted(classes, y).astype(np.int32)
 
-  def end_task(state, params, ctx):
+  def end_task(state, ctx):
     t = ctx.task_index
-    state = inner.end_task(state, params, ctx)
+    state = inner.end_task(state, ctx)
     feats, local = task_features(state, ctx)
     n_t = len(ctx.spec.task_classes[t])
     means, covs = alignment.class_statistics(feats, local, n_t, ridge=ridge)
