@@ -102,6 +102,7 @@ def report(config: dict, workdir: Path) -> dict:
   import numpy as np
   from clx import checkpoint, methods
   from clx.methods import coda_prompt, dualprompt, l2p
+  from clx.methods.base import TaskInfo
 
   stream, backbone, spec = _setup(config)
   libs = {"l2p": (l2p, l2p.L2PConfig), "dualprompt": (dualprompt, dualprompt.DualPromptConfig),
@@ -120,15 +121,15 @@ def report(config: dict, workdir: Path) -> dict:
       last = ckpt.latest_task()
       states = [ckpt.restore_state(t, init)[0] for t in range(last + 1)]
     row["trainable_params"] = int(sum(np.size(v) for v in jax.tree.leaves(
-        method.trainable(states[-1], last))))
+        method.trainable(states[-1], TaskInfo(last, spec)))))
     if name in libs:
       lib, cfg_cls = libs[name]
       cfg = cfg_cls(**args)
-      extra = {"spec": spec} if name == "coda_prompt" else {}
       matrix = np.full((last + 1, last + 1), np.nan)
       for t, state in enumerate(states):
-        fn = jax.jit(lambda s, base, x, t=t: lib.retrieved_task(cfg, backbone, s, base, x, t,
-                                                                **extra))
+        info = TaskInfo(t, spec)
+        fn = jax.jit(lambda s, base, x, info=info: lib.retrieved_task(cfg, backbone, s, base, x,
+                                                                      info))
         for j in range(t + 1):
           x = jnp.asarray(stream.tasks[j].test.x)
           matrix[t, j] = 100.0 * float(np.mean(np.asarray(fn(state, backbone.params, x)) == j))

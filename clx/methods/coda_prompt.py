@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import prompting
-from clx.methods.base import ContinualMethod, StreamSpec, identity_grads
+from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo, no_host_hook
 from clx.models.base import Backbone
 from clx.ops import prompts as prompt_ops
 
@@ -119,8 +119,9 @@ def features(cfg, backbone, params, base, x, mask, *, upto: int, frozen: int):
   return prompting.prompted_features(backbone, base, x, kv_prefix=kv), (K, A, P)
 
 
-def loss(cfg, backbone, params, state, base, batch, rng, *, task_index, spec):
+def loss(cfg, backbone, params, state, base, batch, rng, info: TaskInfo):
   del state, rng
+  task_index, spec = info.task, info.spec
   pt = per_task(cfg, spec)
   feats, (K, A, P) = features(cfg, backbone, params, base, batch["x"], batch["mask"],
                               upto=(task_index + 1) * pt, frozen=task_index * pt)
@@ -134,17 +135,16 @@ def loss(cfg, backbone, params, state, base, batch, rng, *, task_index, spec):
   return ce + ortho, {"accuracy": acc, "ortho": ortho}
 
 
-def predict(cfg, backbone, state, base, x, *, current_task, task_id, spec, mask=None):
-  del task_id
-  upto = (current_task + 1) * per_task(cfg, spec)
+def predict(cfg, backbone, state, base, x, info: TaskInfo, mask=None):
+  upto = (info.task + 1) * per_task(cfg, info.spec)
   feats, _ = features(cfg, backbone, state, base, x, mask, upto=upto, frozen=0)
-  return prompting.seen_logits(state["head"], feats, spec, current_task)
+  return prompting.seen_logits(state["head"], feats, info.spec, info.task)
 
 
 def retrieved_task(cfg: CodaPromptConfig, backbone: Backbone, state, base, x: Array,
-                   current_task: int, spec: StreamSpec) -> Array:
+                   info: TaskInfo) -> Array:
   """``(n,)`` the task whose components get the largest mean |α| over the layers."""
-  pt = per_task(cfg, spec)
+  current_task, pt = info.task, per_task(cfg, info.spec)
   q = prompting.query(backbone, base, x)
   K, A, _ = _components(state, (current_task + 1) * pt, 0)
   alpha = jnp.mean(jnp.abs(weights(K, A, q)), axis=0)            # (n, (t+1)·pt)
@@ -160,9 +160,9 @@ def coda_prompt(backbone: Backbone, **kwargs) -> ContinualMethod:
   return ContinualMethod(
       name="coda_prompt", backbone=backbone, init=bound(init),
       begin_task=functools.partial(begin_task, cfg),
-      trainable=lambda state, t: {k: state[k] for k in ("head", "K", "A", "P")},
-      loss=bound(loss), transform_grads=identity_grads,
-      end_task=lambda state, params, ctx: {**state, **params}, predict=bound(predict))
+      trainable=functools.partial(prompting.select_keys, ("head", "K", "A", "P")),
+      loss=bound(loss), combine=prompting.write_back, end_task=no_host_hook,
+      predict=bound(predict))
 
 
 REGISTRY = {"coda_prompt": coda_prompt}

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import prompting
-from clx.methods.base import ContinualMethod, StreamSpec, identity_grads
+from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo, no_host_hook
 from clx.models.base import Backbone
 from clx.ops import prompts as prompt_ops
 
@@ -131,8 +131,9 @@ def features(cfg, backbone, params, base, x, mask, task_index):
   return feats, q, idx
 
 
-def loss(cfg, backbone, params, state, base, batch, rng, *, task_index, spec):
+def loss(cfg, backbone, params, state, base, batch, rng, info: TaskInfo):
   del state, rng
+  task_index, spec = info.task, info.spec
   feats, q, idx = features(cfg, backbone, params, base, batch["x"], batch["mask"], task_index)
   ce, acc = prompting.current_task_loss(params["head"], feats, batch["y"], batch["mask"], spec,
                                         task_index)
@@ -140,16 +141,15 @@ def loss(cfg, backbone, params, state, base, batch, rng, *, task_index, spec):
   return ce - cfg.pull_coeff * pull, {"accuracy": acc, "reduce_sim": pull}
 
 
-def predict(cfg, backbone, state, base, x, *, current_task, task_id, spec, mask=None):
-  del task_id
+def predict(cfg, backbone, state, base, x, info: TaskInfo, mask=None):
   feats, _, _ = features(cfg, backbone, state, base, x, mask, None)
-  return prompting.seen_logits(state["head"], feats, spec, current_task)
+  return prompting.seen_logits(state["head"], feats, info.spec, info.task)
 
 
 def retrieved_task(cfg: DualPromptConfig, backbone: Backbone, state, base, x: Array,
-                   current_task: int) -> Array:
+                   info: TaskInfo) -> Array:
   """``(n,)`` task of each row's most similar E-prompt key (slot // top_k), per row."""
-  del current_task
+  del info
   q = prompting.query(backbone, base, x)
   top1 = prompt_ops.select_prompts(prompt_ops.key_similarity(q, state["e_key"]), top_k=1)
   return top1[:, 0] // cfg.top_k
@@ -165,9 +165,9 @@ def dualprompt(backbone: Backbone, **kwargs) -> ContinualMethod:
   return ContinualMethod(
       name="dualprompt", backbone=backbone, init=bound(init),
       begin_task=functools.partial(begin_task, cfg),
-      trainable=lambda state, t: {k: state[k] for k in ("head", "g_prompt", "e_prompt", "e_key")},
-      loss=bound(loss), transform_grads=identity_grads,
-      end_task=lambda state, params, ctx: {**state, **params}, predict=bound(predict))
+      trainable=functools.partial(prompting.select_keys, ("head", "g_prompt", "e_prompt", "e_key")),
+      loss=bound(loss), combine=prompting.write_back, end_task=no_host_hook,
+      predict=bound(predict))
 
 
 REGISTRY = {"dualprompt": dualprompt}

@@ -39,11 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import prompting
-from clx.methods.base import ContinualMethod, StreamSpec, identity_grads, to_host
+from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo, no_host_hook, to_host
 from clx.models.base import Backbone
 from clx.ops import prompts as prompt_ops
 
 Array = jax.Array
+TRAINED = ("head", "prompt", "key")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,9 +98,9 @@ def features(cfg: L2PConfig, backbone: Backbone, params: dict, base, x: Array,
   return prompting.prompted_features(backbone, base, x, prefix=prefix), q, idx
 
 
-def loss(cfg: L2PConfig, backbone: Backbone, params, state, base, batch, rng, *, task_index,
-         spec):
+def loss(cfg: L2PConfig, backbone: Backbone, params, state, base, batch, rng, info: TaskInfo):
   del state, rng
+  task_index, spec = info.task, info.spec
   feats, q, idx = features(cfg, backbone, params, base, batch["x"], batch["mask"])
   ce, acc = prompting.current_task_loss(params["head"], feats, batch["y"], batch["mask"], spec,
                                         task_index)
@@ -107,9 +108,8 @@ def loss(cfg: L2PConfig, backbone: Backbone, params, state, base, batch, rng, *,
   return ce - cfg.pull_coeff * pull, {"accuracy": acc, "reduce_sim": pull}
 
 
-def end_task(cfg: L2PConfig, backbone: Backbone, state, params, ctx):
-  """Write back the trained params and count which prompts this task's data selects."""
-  state = {**state, **params}
+def end_task(cfg: L2PConfig, backbone: Backbone, state, ctx):
+  """Count which prompts this task's training data selects (``usage[t]``)."""
   query_fn = jax.jit(functools.partial(prompting.query, backbone))
   counts = np.zeros(cfg.pool_size, np.float32)
   for batch in ctx.batches("train", batch_size=cfg.aux_batch_size):
@@ -121,19 +121,17 @@ def end_task(cfg: L2PConfig, backbone: Backbone, state, params, ctx):
   return {**state, "usage": jnp.asarray(state["usage"]).at[ctx.task_index].set(counts)}
 
 
-def predict(cfg: L2PConfig, backbone: Backbone, state, base, x, *, current_task, task_id, spec,
-            mask=None):
-  del task_id
+def predict(cfg: L2PConfig, backbone: Backbone, state, base, x, info: TaskInfo, mask=None):
   feats, _, _ = features(cfg, backbone, state, base, x, mask)
-  return prompting.seen_logits(state["head"], feats, spec, current_task)
+  return prompting.seen_logits(state["head"], feats, info.spec, info.task)
 
 
 def retrieved_task(cfg: L2PConfig, backbone: Backbone, state, base, x: Array,
-                   current_task: int) -> Array:
+                   info: TaskInfo) -> Array:
   """``(n,)`` the task owning each row's top-1 prompt (owner: most selections in training)."""
   q = prompting.query(backbone, base, x)
   top1 = prompt_ops.select_prompts(prompt_ops.key_similarity(q, state["key"]), top_k=1)[:, 0]
-  owner = jnp.argmax(state["usage"][:current_task + 1], axis=0)
+  owner = jnp.argmax(state["usage"][:info.task + 1], axis=0)
   return owner[top1]
 
 
@@ -148,9 +146,8 @@ def l2p(backbone: Backbone, **kwargs) -> ContinualMethod:
   bound = lambda fn: functools.partial(fn, cfg, backbone)
   return ContinualMethod(
       name="l2p", backbone=backbone, init=bound(init),
-      begin_task=lambda state, ctx: state,
-      trainable=lambda state, t: {k: state[k] for k in ("head", "prompt", "key")},
-      loss=bound(loss), transform_grads=identity_grads, end_task=bound(end_task),
+      begin_task=no_host_hook, trainable=functools.partial(prompting.select_keys, TRAINED),
+      loss=bound(loss), combine=prompting.write_back, end_task=bound(end_task),
       predict=bound(predict), diagnostics=diagnostics)
 
 

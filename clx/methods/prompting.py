@@ -22,6 +22,18 @@ from clx.models.base import Backbone
 Array = jax.Array
 
 
+def select_keys(keys: tuple[str, ...], state, info) -> dict:
+  """``trainable``: the state entries ``keys`` (the same on every task)."""
+  del info
+  return {k: state[k] for k in keys}
+
+
+def write_back(state, params, info) -> dict:
+  """``combine``: the trained entries replace the state's."""
+  del info
+  return {**state, **params}
+
+
 def num_layers(backbone: Backbone) -> int:
   """Transformer depth: the number of query kernels the backbone declares."""
   return len(backbone.site_paths("q"))

@@ -26,8 +26,8 @@ import numpy as np
 
 from clx.methods import heads as heads_lib
 from clx.methods import prompting
-from clx.methods.base import ContinualMethod, StreamSpec, identity_grads, to_host
-from clx.methods.simplecil import no_loss
+from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo, no_host_hook, to_host
+from clx.methods.simplecil import no_loss, nothing_trained
 from clx.models.base import Backbone
 from clx.ops import ridge as ridge_ops
 
@@ -69,8 +69,7 @@ def hidden(state, feats):
   return ridge_ops.project(feats, state["w_rand"]) if "w_rand" in state else feats
 
 
-def end_task(cfg: RanPACConfig, backbone: Backbone, state, params, ctx) -> dict:
-  del params
+def end_task(cfg: RanPACConfig, backbone: Backbone, state, ctx) -> dict:
   fn = jax.jit(lambda base, x, m: hidden(state, prompting.query(backbone, base, x, m)))
   hs, ys = [], []
   for batch in ctx.batches("train", batch_size=cfg.aux_batch_size):
@@ -88,11 +87,11 @@ def end_task(cfg: RanPACConfig, backbone: Backbone, state, params, ctx) -> dict:
   return {**state, **stats, "ridge_lambda": lams}
 
 
-def predict(cfg, backbone, state, base, x, *, current_task, task_id, spec, mask=None):
-  del cfg, task_id
+def predict(cfg, backbone, state, base, x, info: TaskInfo, mask=None):
+  del cfg
   h = hidden(state, prompting.query(backbone, base, x, mask))
   logits = jnp.matmul(h, state["w_out"], precision=jax.lax.Precision.HIGHEST)
-  seen = prompting.class_mask(spec, range(current_task + 1))
+  seen = prompting.class_mask(info.spec, range(info.task + 1))
   return jnp.where(jnp.asarray(seen), logits, heads_lib.NEG_INF)
 
 
@@ -105,8 +104,8 @@ def ranpac(backbone: Backbone, **kwargs) -> ContinualMethod:
   cfg = RanPACConfig(**kwargs)
   bound = lambda fn: functools.partial(fn, cfg, backbone)
   return ContinualMethod(
-      name="ranpac", backbone=backbone, init=bound(init), begin_task=lambda state, ctx: state,
-      trainable=lambda state, t: {}, loss=no_loss, transform_grads=identity_grads,
+      name="ranpac", backbone=backbone, init=bound(init), begin_task=no_host_hook,
+      trainable=nothing_trained, loss=no_loss, combine=lambda state, params, info: state,
       end_task=bound(end_task), predict=bound(predict), diagnostics=diagnostics)
 
 

@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import prompting
-from clx.methods.base import ContinualMethod, StreamSpec, identity_grads, site_key
+from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo, no_host_hook
+from clx.ops.tree import to_key as site_key
 from clx.models.base import Backbone
 from clx.ops import lora as lora_ops
 from clx.ops import sd_lora as sd_ops
@@ -106,12 +107,14 @@ def effective_params(cfg: SDLoRAConfig, backbone: Backbone, base, directions: di
   return lora_ops.apply_adapters(base, adapters) if adapters else base
 
 
-def trainable(state, task_index: int) -> dict:
+def trainable(state, info) -> dict:
+  del info
   return {"head": state["head"], "lora": state["lora"], "magnitudes": state["magnitudes"]}
 
 
-def loss(cfg, backbone, params, state, base, batch, rng, *, task_index, spec):
+def loss(cfg, backbone, params, state, base, batch, rng, info: TaskInfo):
   del rng
+  task_index, spec = info.task, info.spec
   eff = effective_params(cfg, backbone, base, state["directions"], params["lora"],
                          params["magnitudes"], task_index, current=True)
   feats = backbone.apply(eff, batch["x"], mask=batch["mask"]).astype(jnp.float32)
@@ -120,22 +123,24 @@ def loss(cfg, backbone, params, state, base, batch, rng, *, task_index, spec):
   return ce, {"accuracy": acc}
 
 
-def end_task(cfg, state, params, ctx) -> dict:
+def combine(state, params, info: TaskInfo) -> dict:
   """Write back; the finished task's LoRA becomes a frozen direction."""
-  del cfg
-  t = ctx.task_index
+  t = info.task
   return {**state, "head": params["head"], "magnitudes": params["magnitudes"], "lora": {},
           "directions": {**state["directions"], str(t): params["lora"]}}
 
 
-def predict(cfg, backbone, state, base, x, *, current_task, task_id, spec, mask=None):
+def params_for(cfg, backbone, state, base, info: TaskInfo):
+  """The backbone parameters used after task ``info.task`` (see :func:`predict`)."""
+  return effective_params(cfg, backbone, base, state["directions"],
+                          state["directions"][str(info.task)], state["magnitudes"], info.task,
+                          current=True)
+
+
+def predict(cfg, backbone, state, base, x, info: TaskInfo, mask=None):
   """The live network after task ``t``: tasks < t as directions, task t's LoRA unnormalised."""
-  del task_id
-  eff = effective_params(cfg, backbone, base, state["directions"],
-                         state["directions"][str(current_task)], state["magnitudes"], current_task,
-                         current=True)
-  feats = backbone.apply(eff, x, mask=mask).astype(jnp.float32)
-  return prompting.seen_logits(state["head"], feats, spec, current_task)
+  feats = backbone.apply(params_for(cfg, backbone, state, base, info), x, mask=mask)
+  return prompting.seen_logits(state["head"], feats.astype(jnp.float32), info.spec, info.task)
 
 
 def state_bytes_per_task(state) -> dict[str, int]:
@@ -156,8 +161,8 @@ def sd_lora(backbone: Backbone, **kwargs) -> ContinualMethod:
   bound = lambda fn: functools.partial(fn, cfg, backbone)
   return ContinualMethod(
       name="sd_lora", backbone=backbone, init=bound(init), begin_task=bound(begin_task),
-      trainable=trainable, loss=bound(loss), transform_grads=identity_grads,
-      end_task=functools.partial(end_task, cfg), predict=bound(predict), diagnostics=diagnostics)
+      trainable=trainable, loss=bound(loss), combine=combine, end_task=no_host_hook,
+      predict=bound(predict), params_for=bound(params_for), diagnostics=diagnostics)
 
 
 REGISTRY = {"sd_lora": sd_lora}

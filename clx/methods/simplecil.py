@@ -22,7 +22,7 @@ import numpy as np
 
 from clx.methods import heads as heads_lib
 from clx.methods import prompting
-from clx.methods.base import ContinualMethod, StreamSpec, identity_grads
+from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo, no_host_hook
 from clx.models.base import Backbone
 from clx.ops import prototypes as proto_ops
 
@@ -55,8 +55,7 @@ def class_feature_sums(backbone: Backbone, ctx, num_classes: int, batch_size: in
   return sums, counts
 
 
-def end_task(cfg: SimpleCILConfig, backbone: Backbone, state, params, ctx) -> dict:
-  del params
+def end_task(cfg: SimpleCILConfig, backbone: Backbone, state, ctx) -> dict:
   sums, counts = class_feature_sums(backbone, ctx, ctx.spec.num_classes, cfg.aux_batch_size)
   new = np.asarray(counts) > 0
   protos = jnp.where(jnp.asarray(new)[:, None], proto_ops.prototypes(sums, counts),
@@ -64,16 +63,22 @@ def end_task(cfg: SimpleCILConfig, backbone: Backbone, state, params, ctx) -> di
   return {**state, "prototypes": protos}
 
 
-def predict(cfg, backbone, state, base, x, *, current_task, task_id, spec, mask=None):
-  del cfg, task_id
+def predict(cfg, backbone, state, base, x, info: TaskInfo, mask=None):
+  del cfg
   logits = proto_ops.cosine_logits(prompting.query(backbone, base, x, mask), state["prototypes"])
-  seen = prompting.class_mask(spec, range(current_task + 1))
+  seen = prompting.class_mask(info.spec, range(info.task + 1))
   return jnp.where(jnp.asarray(seen), logits, heads_lib.NEG_INF)
 
 
-def no_loss(params, state, base, batch, rng, *, task_index, spec):
+def nothing_trained(state, info) -> dict:
+  """``trainable`` of a method that trains nothing."""
+  del state, info
+  return {}
+
+
+def no_loss(params, state, base, batch, rng, info):
   """Nothing to train: a zero loss on the empty parameter dict."""
-  del params, state, base, rng, task_index, spec
+  del params, state, base, rng, info
   return jnp.zeros(()), {"accuracy": jnp.zeros(()) * batch["mask"][0]}
 
 
@@ -82,8 +87,8 @@ def simplecil(backbone: Backbone, **kwargs) -> ContinualMethod:
   cfg = SimpleCILConfig(**kwargs)
   bound = lambda fn: functools.partial(fn, cfg, backbone)
   return ContinualMethod(
-      name="simplecil", backbone=backbone, init=bound(init), begin_task=lambda state, ctx: state,
-      trainable=lambda state, t: {}, loss=no_loss, transform_grads=identity_grads,
+      name="simplecil", backbone=backbone, init=bound(init), begin_task=no_host_hook,
+      trainable=nothing_trained, loss=no_loss, combine=lambda state, params, info: state,
       end_task=bound(end_task), predict=bound(predict))
 
 

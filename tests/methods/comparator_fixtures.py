@@ -56,12 +56,13 @@ def loss_grads(method, stream, task_index: int = 0, rows: int = 16):
   """Gradients of ``method.loss`` w.r.t. its trainable params at init (after ``begin_task``
   is skipped: the init state), on the first ``rows`` training rows of ``task_index``."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from clx.methods.base import StreamSpec  # pylint: disable=import-outside-toplevel
+  from clx.methods.base import StreamSpec, TaskInfo  # pylint: disable=import-outside-toplevel
   spec = StreamSpec.from_stream(stream)
+  info = TaskInfo(task_index, spec)
   state = method.init(jax.random.PRNGKey(0), spec)
   split = stream.tasks[task_index].train
   batch = {"x": jnp.asarray(split.x[:rows]), "y": jnp.asarray(split.y[:rows]),
            "mask": jnp.ones(rows)}
-  loss = functools.partial(method.loss, task_index=task_index, spec=spec)
-  grad = jax.jit(jax.grad(lambda p, base: loss(p, state, base, batch, jax.random.PRNGKey(1))[0]))
-  return jax.device_get(grad(method.trainable(state, task_index), method.backbone.params))
+  grad = jax.jit(jax.grad(lambda p, base: method.loss(p, state, base, batch,
+                                                      jax.random.PRNGKey(1), info)[0]))
+  return jax.device_get(grad(method.trainable(state, info), method.backbone.params))

@@ -6,15 +6,16 @@ import pytest
 
 from clx.methods import coda_prompt as coda_lib
 from clx.methods import dualprompt as dual_lib
-from clx.methods.base import StreamSpec
+from clx.methods.base import StreamSpec, TaskInfo
 from tests.methods.comparator_fixtures import loss_grads, run, tiny_bert, token_stream
 
 
-def _retrieval(lib, cfg, state, stream, **kw):
+def _retrieval(lib, cfg, state, stream):
   backbone = tiny_bert()
+  info = TaskInfo(len(stream.tasks) - 1, StreamSpec.from_stream(stream))
   return [float(np.mean(np.asarray(lib.retrieved_task(
-      cfg, backbone, state, backbone.params, jnp.asarray(task.test.x), len(stream.tasks) - 1,
-      **kw)) == t)) for t, task in enumerate(stream.tasks)]
+      cfg, backbone, state, backbone.params, jnp.asarray(task.test.x), info)) == t))
+          for t, task in enumerate(stream.tasks)]
 
 
 def test_dualprompt_learns_and_keys_retrieve_the_task():
@@ -43,7 +44,7 @@ def test_coda_learns_and_its_weighting_trains_the_task_components_only():
   state, acc = run(coda_lib.coda_prompt(tiny_bert(), **kw), stream)
   assert np.nanmean(acc[-1]) > 50, acc
   cfg = coda_lib.CodaPromptConfig(**kw)
-  r = _retrieval(coda_lib, cfg, state, stream, spec=StreamSpec.from_stream(stream))
+  r = _retrieval(coda_lib, cfg, state, stream)
   assert len(r) == 2 and all(0.0 <= v <= 1.0 for v in r)
   # task 1 (components 2-3 of 4): earlier components detached, later ones unused; the
   # attention vectors A reach the loss only through the weighting alpha = cos(q*A, K)
