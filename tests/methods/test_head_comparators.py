@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from clx.methods import build
 from clx.methods import sd_lora as sd_lib
@@ -10,6 +11,7 @@ from clx.methods.base import TaskInfo
 from tests.methods.comparator_fixtures import run, tiny_bert, token_stream
 
 
+@pytest.mark.slow
 def test_simplecil_prototypes_are_the_class_means_and_classify():
   stream = token_stream(num_tasks=2)
   backbone = tiny_bert()
@@ -21,6 +23,7 @@ def test_simplecil_prototypes_are_the_class_means_and_classify():
                              atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ranpac_random_projection_and_ridge_head():
   stream = token_stream(num_tasks=2)
   state, acc = run(build("ranpac", tiny_bert(), rp_dim=256), stream)
@@ -32,6 +35,7 @@ def test_ranpac_random_projection_and_ridge_head():
   assert "w_rand" not in plain and plain["gram"].shape == (32, 32)
 
 
+@pytest.mark.slow
 def test_sd_lora_learns_and_freezes_directions_but_learns_magnitudes():
   stream = token_stream(num_tasks=2)
   backbone = tiny_bert()

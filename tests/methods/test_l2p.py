@@ -13,6 +13,7 @@ def _key_grad(method, stream):
   return np.abs(np.asarray(loss_grads(method, stream)["key"])).sum()
 
 
+@pytest.mark.slow
 def test_l2p_learns_a_tiny_stream():
   stream = token_stream(num_tasks=2)
   state, acc = run(l2p_lib.l2p(tiny_bert(), **KW), stream)
