@@ -51,6 +51,11 @@ def test_coda_learns_and_its_weighting_trains_the_task_components_only():
   cfg = coda_lib.CodaPromptConfig(**kw)
   r = _retrieval(coda_lib, cfg, state, stream)
   assert len(r) == 2 and all(0.0 <= v <= 1.0 for v in r)
+
+
+def test_coda_weighting_trains_the_current_task_components_only():
+  stream = token_stream(num_tasks=2)
+  kw = dict(pool_size=4, length=2, layers=(0, 1))
   # task 1 (components 2-3 of 4): earlier components detached, later ones unused; the
   # attention vectors A reach the loss only through the weighting alpha = cos(q*A, K)
   grads = loss_grads(coda_lib.coda_prompt(tiny_bert(), **kw), stream, task_index=1)
