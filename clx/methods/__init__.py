@@ -28,6 +28,13 @@ _METHOD_MODULES = {
     "proteus": ("proteus", "proteus_kmeans", "proteus_independent"),
     "sparc": ("sparc", "sparc_lora", "free_prompt", "prompt_tuning", "prompt_lora",
               "linear_probe"),
+    # comparators (issue 15)
+    "l2p": ("l2p",),
+    "dualprompt": ("dualprompt",),
+    "coda_prompt": ("coda_prompt",),
+    "ranpac": ("ranpac",),
+    "simplecil": ("simplecil",),
+    "sd_lora": ("sd_lora",),
 }
 REGISTRY = LazyRegistry("method", {name: f"clx.methods.{module}"
                                    for module, names in _METHOD_MODULES.items()

@@ -230,13 +230,22 @@ class Attention(nnx.Module):
     self.output = _dense(d, d, dtype, rngs)
     self.layer_norm = LayerNorm(d, config.layer_norm_eps, dtype)
 
-  def __call__(self, h: jax.Array, bias: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``h`` (n, L, d), additive mask ``bias`` (n, 1, 1, L) → (new h, attention context)."""
+  def __call__(self, h: jax.Array, bias: jax.Array, kv_prefix=None) -> tuple[jax.Array, jax.Array]:
+    """``h`` (n, L, d), additive mask ``bias`` (n, 1, 1, L) → (new h, attention context).
+
+    ``kv_prefix``: optional prefix-tuning ``(key prefix (n, p, d), value prefix (n, p, d))``
+    put in front of the projected keys and values, always attended (DualPrompt's form).
+    """
     n, length, d = h.shape
     heads, head_dim = self.num_heads, d // self.num_heads
     q = self.query(h).reshape(n, length, heads, head_dim)
     k = self.key(h).reshape(n, length, heads, head_dim)
     v = self.value(h).reshape(n, length, heads, head_dim)
+    if kv_prefix is not None:
+      pk, pv = (_broadcast_rows(p, n, d).astype(k.dtype).reshape(n, -1, heads, head_dim)
+                for p in kv_prefix)
+      k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
+      bias = jnp.concatenate([jnp.zeros((*bias.shape[:3], pk.shape[1]), bias.dtype), bias], -1)
     scores = jnp.einsum("nqhc,nkhc->nhqk", q, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / math.sqrt(head_dim)) + bias
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
@@ -268,6 +277,16 @@ class Layer(nnx.Module):
 class Encoder(nnx.Module):
   def __init__(self, config: BertConfig, dtype, rngs: nnx.Rngs):
     self.layers = nnx.List([Layer(config, dtype, rngs) for _ in range(config.num_hidden_layers)])
+
+
+def _broadcast_rows(prefix, n: int, d: int) -> jax.Array:
+  """A prompt ``(p, d)`` or ``(n, p, d)`` as ``(n, p, d)``, or a clear error."""
+  prefix = jnp.asarray(prefix)
+  if prefix.ndim == 2:
+    prefix = jnp.broadcast_to(prefix[None], (n, *prefix.shape))
+  if prefix.ndim != 3 or prefix.shape[0] != n or prefix.shape[2] != d:
+    raise ValueError(f"prefix must have shape (p, {d}) or ({n}, p, {d}), got {prefix.shape}")
+  return prefix
 
 
 def bert_sites(num_layers: int) -> dict[str, tuple[str, ...]]:
@@ -318,11 +337,7 @@ class Bert(nnx.Module):
 
   def _insert_prefix(self, h, mask, prefix):
     n, _, d = h.shape
-    prefix = jnp.asarray(prefix)
-    if prefix.ndim == 2:
-      prefix = jnp.broadcast_to(prefix[None], (n, *prefix.shape))
-    if prefix.ndim != 3 or prefix.shape[0] != n or prefix.shape[2] != d:
-      raise ValueError(f"prefix must have shape (p, {d}) or ({n}, p, {d}), got {prefix.shape}")
+    prefix = _broadcast_rows(prefix, n, d)
     p = prefix.shape[1]
     h = jnp.concatenate([h[:, :1], prefix.astype(h.dtype), h[:, 1:]], axis=1)
     ones = jnp.ones((n, p), bool)
@@ -331,7 +346,8 @@ class Bert(nnx.Module):
         [mask[:, :1], ~ones, mask[:, 1:]], axis=1)
     return h, attn_mask, pool_mask
 
-  def __call__(self, x: jax.Array, *, taps: str | None = None, prefix: jax.Array | None = None):
+  def __call__(self, x: jax.Array, *, taps: str | None = None, prefix: jax.Array | None = None,
+               kv_prefix=None):
     """Pooled features for token ids.
 
     Args:
@@ -342,6 +358,9 @@ class Bert(nnx.Module):
         ``{"gram": (d_in, d_in) float32, "count": () float32}`` over valid
         positions, prefix positions included.
       prefix: optional soft prompt ``(p, d)`` or ``(n, p, d)`` inserted after [CLS].
+      kv_prefix: optional prefix-tuning prompts ``{layer index: (key prefix, value prefix)}``,
+        each ``(p, d)`` or ``(n, p, d)``, in front of that layer's projected keys and values
+        (no extra query positions, so pooling and taps are unchanged). Default off.
 
     Returns:
       ``(n, d)`` float32 features, plus the taps dict when ``taps`` is set.
@@ -361,11 +380,16 @@ class Bert(nnx.Module):
     else:
       pool_mask = mask
     bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
+    num_layers = len(self.encoder.layers)
+    kv_prefix = dict(kv_prefix or {})
+    bad = [i for i in kv_prefix if not isinstance(i, int) or not 0 <= i < num_layers]
+    if bad:
+      raise ValueError(f"kv_prefix layers must be ints in [0, {num_layers}), got {bad}")
     inputs = {}
     for i, layer in enumerate(self.encoder.layers):
       base = f"encoder/layers/{i}"
       attn_in = h
-      h, context = layer.attention(h, bias)
+      h, context = layer.attention(h, bias, kv_prefix.get(i))
       ffn_in = h
       h, act = layer.ffn(h)
       if taps is not None:

@@ -228,17 +228,22 @@ class Attention(nnx.Module):
     self.value = _linear(dim, dim, dtype, param_dtype, rngs)
     self.out = _linear(dim, dim, dtype, param_dtype, rngs)
 
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array, kv_prefix=None) -> tuple[jax.Array, jax.Array]:
     """``x (n, T, d)`` → ``(output (n, T, d), concatenated heads (n, T, d))``.
 
     Head ``h`` owns features ``h·d_h … (h+1)·d_h − 1`` of q, k, v and of the
     ``out`` input (timm's and big_vision's layout). Softmax runs in float32.
+    ``kv_prefix``: optional prefix-tuning ``(key prefix (n, p, d), value prefix (n, p, d))``
+    put in front of the projected keys and values (DualPrompt / CODA-Prompt).
     """
     n, t, d = x.shape
     heads = self.num_heads
-    split = lambda y: y.reshape(n, t, heads, d // heads)
+    split = lambda y: y.reshape(n, -1, heads, d // heads)
     q = split(self.query(x)) * jnp.asarray((d // heads) ** -0.5, x.dtype)
     k, v = split(self.key(x)), split(self.value(x))
+    if kv_prefix is not None:
+      pk, pv = (_check_prefix(p, n, d).astype(x.dtype) for p in kv_prefix)
+      k, v = jnp.concatenate([split(pk), k], axis=1), jnp.concatenate([split(pv), v], axis=1)
     logits = jnp.einsum("nqhc,nkhc->nhqk", q, k, preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     heads_out = jnp.einsum("nhqk,nkhc->nqhc", weights, v).reshape(n, t, d)
@@ -270,10 +275,10 @@ class Block(nnx.Module):
     self.norm2 = ln()
     self.mlp = MlpBlock(d, config.mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, x: jax.Array, kv_prefix=None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``(n, T, d)`` → ``(n, T, d)`` and the inputs of its sites, keyed by role."""
     h = self.norm1(x)
-    a, heads = self.attn(h)
+    a, heads = self.attn(h, kv_prefix)
     x = x + a
     h2 = self.norm2(x)
     m, hidden = self.mlp(h2)
@@ -353,7 +358,8 @@ class ViT(nnx.Module):
       lead.append(_check_prefix(prefix, n, cfg.embed_dim).astype(self.dtype))
     return jnp.concatenate([*lead, tokens], axis=1) if lead else tokens
 
-  def __call__(self, x: jax.Array, *, taps: str | None = None, prefix: jax.Array | None = None):
+  def __call__(self, x: jax.Array, *, taps: str | None = None, prefix: jax.Array | None = None,
+               kv_prefix=None):
     """Pooled features, optionally with per-site input taps.
 
     Args:
@@ -364,6 +370,10 @@ class ViT(nnx.Module):
         batch (CLS, prompts and patches; InfLoRA's input matrix is ``gram /
         count``).
       prefix: optional prompt tokens ``(p, d)`` or ``(n, p, d)``, see :meth:`embed`.
+      kv_prefix: optional prefix-tuning prompts ``{block index: (key prefix, value
+        prefix)}``, each ``(p, d)`` or ``(n, p, d)``, put in front of that block's projected
+        keys and values (DualPrompt's ``prefix_attention.py``; no position embedding, no
+        extra query positions). Default off.
 
     Returns:
       ``features (n, d)`` in the compute dtype (the CLS token after the final
@@ -374,9 +384,10 @@ class ViT(nnx.Module):
       raise ValueError(f"taps must be None, 'inputs' or 'gram', got {taps!r}")
     cfg = self.config
     h = self.embed(x, prefix)
+    kv_prefix = _check_kv_layers(kv_prefix, cfg.depth)
     recorded = []
     for i, block in enumerate(self.blocks):
-      h, inputs = block(h)
+      h, inputs = block(h, kv_prefix.get(i))
       if taps is not None:
         recorded += [(tuple(f"blocks/{i}/{k}/kernel" for k in _TAP_KERNELS[role]), arr)
                      for role, arr in inputs.items()]
@@ -403,6 +414,19 @@ def gram_tap(x: jax.Array) -> dict[str, jax.Array]:
   rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
   return {"gram": jnp.matmul(rows.T, rows, precision=_HIGHEST),
           "count": jnp.asarray(rows.shape[0], jnp.float32)}
+
+
+def _check_kv_layers(kv_prefix, depth: int) -> dict:
+  """``kv_prefix`` as a dict ``{layer: (key prefix, value prefix)}`` with valid layer indices."""
+  if kv_prefix is None:
+    return {}
+  bad = [i for i in kv_prefix if not isinstance(i, int) or not 0 <= i < depth]
+  if bad:
+    raise ValueError(f"kv_prefix layers must be ints in [0, {depth}), got {bad}")
+  for i, pair in kv_prefix.items():
+    if len(pair) != 2:
+      raise ValueError(f"kv_prefix[{i}] must be a (key prefix, value prefix) pair")
+  return dict(kv_prefix)
 
 
 def _check_prefix(prefix, n: int, d: int) -> jax.Array:

@@ -140,5 +140,31 @@ def logits(features: Array, w_rand: Array, w_out: Array) -> Array:
   return _mm(project(features, w_rand), w_out.astype(features.dtype))
 
 
+def update_head(stats: dict, h: Array, y: Array, *, grid=RIDGE_GRID, fit_fraction: float = 0.8,
+                with_history: bool = False) -> tuple[dict[str, Array], float]:
+  """One task's head update: choose λ on this task's rows, add them to the statistics, solve.
+
+  RanPAC's ``replace_fc`` (``RanPAC.py`` l.115–126): ``Q += Hᵀ Y``, ``G += Hᵀ H``, λ from
+  ``optimise_ridge_parameter`` on the task's rows alone (``with_history=False``; ``True``
+  adds the earlier statistics to the fit part, :func:`select_ridge`), ``W_o = (G + λ I)⁻¹ Q``.
+
+  Args:
+    stats: ``{"gram" (M, M), "xty" (M, C), "count"}`` of the earlier tasks.
+    h: ``(n, M)`` projected features of the task, in the order to split (the code's loader
+      is shuffled: permute before calling).
+    y: ``(n, C)`` one-hot targets.
+    grid, fit_fraction: see :func:`select_ridge`.
+    with_history: see above.
+
+  Returns:
+    ``(new statistics with "w_out" (M, C), λ)``.
+  """
+  lam, _ = select_ridge(h, y, grid=grid, fit_fraction=fit_fraction,
+                        base_gram=stats["gram"] if with_history else None,
+                        base_xty=stats["xty"] if with_history else None)
+  new = accumulate({k: stats[k] for k in ("gram", "xty", "count")}, h, y)
+  return {**new, "w_out": solve(new["gram"], new["xty"], jnp.asarray(lam, new["gram"].dtype))}, lam
+
+
 __all__ = ["RIDGE_GRID", "accumulate", "init_statistics", "logits", "one_hot", "project",
-           "random_projection", "select_ridge", "solve"]
+           "random_projection", "select_ridge", "solve", "update_head"]

@@ -29,7 +29,7 @@ L = 8  # tokens per text example
 
 # Methods on token ids (soft prompts, the word-embedding table, attention roles).
 TEXT = {"sparc", "sparc_lora", "free_prompt", "prompt_tuning", "prompt_lora", "linear_probe",
-        "inflora_b5"}
+        "inflora_b5", "l2p", "dualprompt", "coda_prompt", "sd_lora"}
 # Small settings for a fast run; every other argument is the method's default.
 KWARGS = {
     "gpm": {"threshold": 0.97, "num_samples": 16},
@@ -54,6 +54,14 @@ KWARGS = {
     "prompt_tuning": {"num_prompt_tokens": 2},
     "prompt_lora": {"num_prompt_tokens": 2, "lora_rank": 2},
     "linear_probe": {},
+    # comparators (issue 15)
+    "l2p": {"pool_size": 4, "length": 2, "top_k": 2},
+    "dualprompt": {"g_layers": (0,), "e_layers": (0,), "g_length": 2, "e_length": 2,
+                   "pool_size": 4},
+    "coda_prompt": {"pool_size": 4, "length": 2, "layers": (0,)},
+    "ranpac": {"rp_dim": 16},
+    "simplecil": {},
+    "sd_lora": {"lora_rank": 2},
 }
 # One method per protocol shape runs in the default suite (full fine-tuning, adapters,
 # projection memory, InfLoRA's Gram passes, SPARC's prompts and PCA); the others are

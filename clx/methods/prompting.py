@@ -1,0 +1,109 @@
+"""Pieces shared by the prompt-pool comparators (L2P, DualPrompt, CODA-Prompt).
+
+All three keep the backbone frozen, compute a query from the frozen backbone's pooled
+feature (the official code's ``cls_features`` / ``pre_logits``: a second, prompt-free
+forward pass), prompt the backbone, and classify with ONE head over the global label
+space whose training logits are restricted to the current task's classes
+(L2P/DualPrompt ``train_mask``, ``train_continual.py`` l.272–284; CODA-Prompt masks the
+earlier classes to −inf and drops the later ones, ``learners/prompt.py`` l.27–30: the
+same set). At test time the classes seen so far compete.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clx.methods import heads as heads_lib
+from clx.methods.base import StreamSpec
+from clx.models.base import Backbone
+
+Array = jax.Array
+
+
+def select_keys(keys: tuple[str, ...], state, info) -> dict:
+  """``trainable``: the state entries ``keys`` (the same on every task)."""
+  del info
+  return {k: state[k] for k in keys}
+
+
+def write_back(state, params, info) -> dict:
+  """``combine``: the trained entries replace the state's."""
+  del info
+  return {**state, **params}
+
+
+def num_layers(backbone: Backbone) -> int:
+  """Transformer depth: the number of query kernels the backbone declares."""
+  return len(backbone.site_paths("q"))
+
+
+def check_layers(name: str, layers, depth: int) -> tuple[int, ...]:
+  """``layers`` as a tuple of distinct ints in ``[0, depth)``, or a clear error."""
+  layers = tuple(int(i) for i in layers)
+  if len(set(layers)) != len(layers) or any(not 0 <= i < depth for i in layers):
+    raise ValueError(f"{name}: layers must be distinct ints in [0, {depth}) for this backbone, "
+                     f"got {layers}")
+  return layers
+
+
+def query(backbone: Backbone, base, x: Array, mask: Array | None = None) -> Array:
+  """The frozen, prompt-free pooled features ``(n, d)`` used as the key-matching query."""
+  return jax.lax.stop_gradient(backbone.apply(base, x, mask=mask)).astype(jnp.float32)
+
+
+def prompted_features(backbone: Backbone, base, x: Array, *, prefix=None,
+                      kv_prefix=None) -> Array:
+  """Pooled features ``(n, d)`` with prompt tokens (``prefix``) and/or prefix-tuning prompts
+  (``kv_prefix`` ``{layer: (key prompt, value prompt)}``) on the frozen backbone."""
+  kwargs = {}
+  if prefix is not None:
+    kwargs["prefix"] = prefix
+  if kv_prefix:
+    kwargs["kv_prefix"] = kv_prefix
+  return backbone.merge(base)(x, **kwargs).astype(jnp.float32)
+
+
+def init_head(key: Array, d: int, num_classes: int, kind: str) -> dict[str, Array]:
+  """``"zeros"`` (L2P/DualPrompt's ``kernel_init=zeros``, zero bias) or ``"torch"``
+  (``nn.Linear`` default, CODA-Prompt / SD-LoRA)."""
+  if kind == "zeros":
+    return {"kernel": jnp.zeros((d, num_classes)), "bias": jnp.zeros((num_classes,))}
+  if kind == "torch":
+    return heads_lib.init_linear(key, d, num_classes)
+  raise ValueError(f"head_init must be 'zeros' or 'torch', got {kind!r}")
+
+
+def class_mask(spec: StreamSpec, tasks) -> np.ndarray:
+  """``(C,)`` bool: the classes of ``tasks``."""
+  mask = np.zeros(spec.num_classes, bool)
+  for t in tasks:
+    mask[list(spec.task_classes[t])] = True
+  return mask
+
+
+def current_task_loss(head: dict, feats: Array, y: Array, mask: Array, spec: StreamSpec,
+                      task_index: int) -> tuple[Array, Array]:
+  """Cross-entropy and accuracy of the global head with logits outside task ``t`` at −∞."""
+  allowed = jnp.asarray(class_mask(spec, [task_index]))
+  logits = jnp.where(allowed, heads_lib.linear(head, feats), heads_lib.NEG_INF)
+  return (heads_lib.masked_cross_entropy(logits, y, mask),
+          heads_lib.masked_accuracy(logits, y, mask))
+
+
+def seen_logits(head: dict, feats: Array, spec: StreamSpec, current_task: int) -> Array:
+  """``(n, C)`` logits with classes not seen up to ``current_task`` at −∞."""
+  seen = jnp.asarray(class_mask(spec, range(current_task + 1)))
+  return jnp.where(seen, heads_lib.linear(head, feats), heads_lib.NEG_INF)
+
+
+def uniform(key: Array, shape, scale: float) -> Array:
+  """U[0, scale): flax ``initializers.uniform()`` (scale 1e-2, L2P/DualPrompt) or torch
+  ``nn.init.uniform_`` (scale 1, CODA-Prompt)."""
+  return jax.random.uniform(key, shape, jnp.float32, 0.0, scale)
+
+
+def retrieval_accuracy(retrieved: Array, task_index: int) -> float:
+  """Share of rows whose retrieved task is ``task_index``."""
+  return float(np.mean(np.asarray(retrieved) == task_index))
