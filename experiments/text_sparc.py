@@ -68,7 +68,7 @@ SPARC_KS = (10, 50, 100)
 LR_PROMPT = 3e-2
 LR_LORA = 5e-4
 TAU = 0.7188  # `--calibrate` on the validation stream (runs/text_sparc/tau_calibration.json)
-VALIDATION_LRS = {"prompt": (5e-3, 3e-2), "lora": (5e-4, 5e-3)}
+VALIDATION_LRS = {"prompt": (5e-3, 3e-2, 1e-1), "lora": (1e-4, 5e-4, 5e-3)}
 TRAIN = {"epochs": 2, "batch_size": 16, "optimizer": "adam", "eval_batch_size": 250}
 # Texts per class per task in the measured runs (wordnet_living holds 128 train / 500 test glosses
 # per class per task). The validation stream's held-out pool is smaller: it uses 64 / 200.
