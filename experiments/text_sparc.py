@@ -1,17 +1,20 @@
 """SPARC on MiniLM, offline text tasks, with the controls that isolate its parts.
 
 Command:   python experiments/text_sparc.py --seed N               (every row, both scenarios)
-           python experiments/text_sparc.py --validate             (choose lr and τ, validation)
+           python experiments/text_sparc.py --validate             (choose the lrs, validation)
            python experiments/text_sparc.py --table                (3-seed table from the workdir)
            clx run text_sparc                                      (task-IL, registered methods)
 Hardware:  2 CPU cores, no accelerator (any JAX device works).
-Run time:  150-470 s per row and seed in the domain scenario (64 train / 200 test texts per
-           class per task) on the shared 2-core machine at load ~15; `--calibrate` 2.5 min,
-           `--routing` 8 min (embedding layer only).
-Expected:  measured (domain-IL, seeds 0-2, RESULTS.md text_sparc): linear probe ACC 92.5 ± 0.2
-           (BWT −3.4), SPARC k=100 90.2 ± 0.8 (−3.3), per-task free prompt 90.8 ± 2.3 (−3.2),
-           shared prompt tuning ≈ 85 (BWT ≈ −13.5). SPARC does not beat the probe or the free
-           prompt here; it does beat a shared prompt on forgetting.
+Run time:  measured 2026-12-03 on the shared 2-core machine (load 20-38 of niced jobs): domain
+           scenario (64 train / 500 test texts per class per task) 40-45 s per seed for the
+           probe and sequential LoRA, 75-82 s for the prompt and SPARC rows, 155-160 s for
+           SPARC+LoRA, about 11 min per seed for every row; task scenario about the same.
+           `--validate` (12 runs on the smaller validation stream) about 15 min, `--calibrate`
+           2.5 min, `--routing` a few min (embedding layer only).
+Expected:  measured (domain-IL, seeds 0-2, RESULTS.md text_sparc): linear probe ACC 93.0 ± 0.1
+           (BWT −3.4), SPARC k=100 90.4 ± 0.6 (−3.1), per-task free prompt 91.1 ± 2.3 (−3.0),
+           shared prompt tuning 85.9 ± 0.4 (−13.5), sequential LoRA 94.1 ± 0.4 (−3.3). SPARC
+           beats neither the probe nor the free prompt here; it beats a shared prompt.
 
 SPARC has no public code (arXiv 2502.02909; confirmed in
 ``shared/research/fidelity_proteus_sparc.md`` §0): every SPARC detail here is clx's
@@ -21,17 +24,20 @@ Streams (scenario):
 
 * ``task``: Rotten Tomatoes sentiment → RT subjectivity → 2012 convention party (the three
   binary tasks of ``clx.data.text``), global labels 0-5, per-task heads, the task id given at
-  test time. 64 training texts per class; ``per_class_test`` (default 500) test texts per class.
+  test time. 64 training and 500 test texts per class per task (every task's test split has
+  more than 500 per class: RT rotten ≥ 800 after subjectivity's share, fresh ≥ 1,000, plot
+  1,127; party 927 / 687).
   Task-IL zero forgetting holds for any per-task-parameter method by construction, so this
   scenario only tells the controls apart by *accuracy*.
 * ``domain``: ``wordnet_living`` (``clx.data.text``): "is it a living thing?" over three WordNet
   lexical domains (noun.animal vs noun.artifact, noun.plant vs noun.substance, noun.person vs
   noun.location); label 1 = living, 0 = non-living in every task, one shared 2-way head, no task
-  id at test time (SPARC routes by PCA reconstruction error). 128 training / 500 test glosses
-  per class per task.
+  id at test time (SPARC routes by PCA reconstruction error). The stream holds 128 training /
+  500 test glosses per class per task; the runs use 64 / 500.
 * the validation stream (``--validate``): ``wordnet_living(validation=True)``, the same domains
   with train and test texts drawn from a fixed held-out 20 % of the training split (disjoint
-  from every evaluated text). Learning rates and SPARC's reuse threshold τ are chosen there.
+  from every evaluated text; 64 train / 200 test glosses per class per task). The learning
+  rates (``--validate``) and SPARC's reuse threshold τ (``--calibrate``) are chosen there.
 
 Rows (same frozen MiniLM, same mean-pooled features, same head type per scenario, same epochs
 and batch size; only the trainable part differs):
@@ -46,8 +52,12 @@ and batch size; only the trainable part differs):
 * ``lora``: one rank-8 LoRA on query/value trained task after task (sequential LoRA).
 
 Learning rates: prompt and head parameters train at ``lr_prompt``, LoRA factors at ``lr_lora``
-(SPARC+LoRA: ``lora_lr_scale = lr_lora / lr_prompt``), both chosen on the validation stream
-(``VALIDATION_LRS``); the chosen values are the defaults of :func:`rows`.
+in every row (SPARC+LoRA: ``lora_lr_scale = lr_lora / lr_prompt``; sequential LoRA: the run at
+``lr_prompt`` and its adapters' Adam steps scaled by ``lr_lora / lr_prompt``, see
+:func:`_scale_adapter_updates`), both chosen on the validation stream by ``--validate``
+(``VALIDATION_LRS``; RESULTS.md text_sparc has the grid); the chosen values are the defaults of
+:func:`rows`. ``clx run text_sparc`` (registered methods only) cannot scale one parameter group,
+so there sequential LoRA trains its head at ``lr_lora`` too.
 """
 
 from __future__ import annotations
@@ -64,7 +74,7 @@ import numpy as np
 
 QV = ["*attention/query/kernel", "*attention/value/kernel"]
 SPARC_KS = (10, 50, 100)
-# Chosen on the validation stream by `--validate` (see RESULTS.md text_sparc for the grid).
+# Chosen on the validation stream by `--validate` (grid below; RESULTS.md text_sparc has the ACCs).
 LR_PROMPT = 3e-2
 LR_LORA = 5e-4
 TAU = 0.7188  # `--calibrate` on the validation stream (runs/text_sparc/tau_calibration.json)
