@@ -24,9 +24,9 @@ Streams (scenario):
 
 * ``task``: Rotten Tomatoes sentiment → RT subjectivity → 2012 convention party (the three
   binary tasks of ``clx.data.text``), global labels 0-5, per-task heads, the task id given at
-  test time. 64 training and 500 test texts per class per task (every task's test split has
-  more than 500 per class: RT rotten ≥ 800 after subjectivity's share, fresh ≥ 1,000, plot
-  1,127; party 927 / 687).
+  test time. 64 training and 500 test texts per class per task: every task has them (checked,
+  seeds 0-2: 500 / 500 per task; uncapped, the test splits hold RT plot 1,127, party 927 / 687,
+  and RT rotten/fresh ≥ 528 / 656 even when subjectivity takes all 1,127 plot sentences).
   Task-IL zero forgetting holds for any per-task-parameter method by construction, so this
   scenario only tells the controls apart by *accuracy*.
 * ``domain``: ``wordnet_living`` (``clx.data.text``): "is it a living thing?" over three WordNet
