@@ -8,13 +8,14 @@ Hardware:  2 CPU cores, no accelerator (any JAX device works).
 Run time:  measured 2026-12-03 on the shared 2-core machine (load 20-38 of niced jobs): domain
            scenario (64 train / 500 test texts per class per task) 40-45 s per seed for the
            probe and sequential LoRA, 75-82 s for the prompt and SPARC rows, 155-160 s for
-           SPARC+LoRA, about 11 min per seed for every row; task scenario about the same.
-           `--validate` (12 runs on the smaller validation stream) about 15 min, `--calibrate`
-           2.5 min, `--routing` a few min (embedding layer only).
+           SPARC+LoRA, about 11 min per seed for every row; task scenario 42-80 s per row,
+           9.5 min per seed. `--validate` (12 runs on the smaller validation stream) about
+           15 min, `--calibrate` 2.5 min, `--routing` 36 s (embedding layer only).
 Expected:  measured (domain-IL, seeds 0-2, RESULTS.md text_sparc): linear probe ACC 93.0 ± 0.1
            (BWT −3.4), SPARC k=100 90.4 ± 0.6 (−3.1), per-task free prompt 91.1 ± 2.3 (−3.0),
            shared prompt tuning 85.9 ± 0.4 (−13.5), sequential LoRA 94.1 ± 0.4 (−3.3). SPARC
-           beats neither the probe nor the free prompt here; it beats a shared prompt.
+           beats neither the probe nor the free prompt here; it beats a shared prompt. Task-IL:
+           every row 66.7-68.5 (probe 68.3 ± 0.8, SPARC k=100 67.0 ± 1.1), BWT 0 by construction.
 
 SPARC has no public code (arXiv 2502.02909; confirmed in
 ``shared/research/fidelity_proteus_sparc.md`` §0): every SPARC detail here is clx's
