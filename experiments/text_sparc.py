@@ -1,17 +1,21 @@
 """SPARC on MiniLM, offline text tasks, with the controls that isolate its parts.
 
 Command:   python experiments/text_sparc.py --seed N               (every row, both scenarios)
-           python experiments/text_sparc.py --validate             (choose lr and τ, validation)
+           python experiments/text_sparc.py --validate             (choose the lrs, validation)
            python experiments/text_sparc.py --table                (3-seed table from the workdir)
            clx run text_sparc                                      (task-IL, registered methods)
 Hardware:  2 CPU cores, no accelerator (any JAX device works).
-Run time:  150-470 s per row and seed in the domain scenario (64 train / 200 test texts per
-           class per task) on the shared 2-core machine at load ~15; `--calibrate` 2.5 min,
-           `--routing` 8 min (embedding layer only).
-Expected:  measured (domain-IL, seeds 0-2, RESULTS.md text_sparc): linear probe ACC 92.5 ± 0.2
-           (BWT −3.4), SPARC k=100 90.2 ± 0.8 (−3.3), per-task free prompt 90.8 ± 2.3 (−3.2),
-           shared prompt tuning ≈ 85 (BWT ≈ −13.5). SPARC does not beat the probe or the free
-           prompt here; it does beat a shared prompt on forgetting.
+Run time:  measured 2026-12-03 on the shared 2-core machine (load 20-38 of niced jobs): domain
+           scenario (64 train / 500 test texts per class per task) 40-45 s per seed for the
+           probe and sequential LoRA, 75-82 s for the prompt and SPARC rows, 155-160 s for
+           SPARC+LoRA, about 11 min per seed for every row; task scenario 42-80 s per row,
+           9.5 min per seed. `--validate` (12 runs on the smaller validation stream) about
+           15 min, `--calibrate` 2.5 min, `--routing` 36 s (embedding layer only).
+Expected:  measured (domain-IL, seeds 0-2, RESULTS.md text_sparc): linear probe ACC 93.0 ± 0.1
+           (BWT −3.4), SPARC k=100 90.4 ± 0.6 (−3.1), per-task free prompt 91.1 ± 2.3 (−3.0),
+           shared prompt tuning 85.9 ± 0.4 (−13.5), sequential LoRA 94.1 ± 0.4 (−3.3). SPARC
+           beats neither the probe nor the free prompt here; it beats a shared prompt. Task-IL:
+           every row 66.7-68.5 (probe 68.3 ± 0.8, SPARC k=100 67.0 ± 1.1), BWT 0 by construction.
 
 SPARC has no public code (arXiv 2502.02909; confirmed in
 ``shared/research/fidelity_proteus_sparc.md`` §0): every SPARC detail here is clx's
@@ -21,17 +25,20 @@ Streams (scenario):
 
 * ``task``: Rotten Tomatoes sentiment → RT subjectivity → 2012 convention party (the three
   binary tasks of ``clx.data.text``), global labels 0-5, per-task heads, the task id given at
-  test time. 64 training texts per class; ``per_class_test`` (default 500) test texts per class.
+  test time. 64 training and 500 test texts per class per task: every task has them (checked,
+  seeds 0-2: 500 / 500 per task; uncapped, the test splits hold RT plot 1,127, party 927 / 687,
+  and RT rotten/fresh ≥ 528 / 656 even when subjectivity takes all 1,127 plot sentences).
   Task-IL zero forgetting holds for any per-task-parameter method by construction, so this
   scenario only tells the controls apart by *accuracy*.
 * ``domain``: ``wordnet_living`` (``clx.data.text``): "is it a living thing?" over three WordNet
   lexical domains (noun.animal vs noun.artifact, noun.plant vs noun.substance, noun.person vs
   noun.location); label 1 = living, 0 = non-living in every task, one shared 2-way head, no task
-  id at test time (SPARC routes by PCA reconstruction error). 128 training / 500 test glosses
-  per class per task.
+  id at test time (SPARC routes by PCA reconstruction error). The stream holds 128 training /
+  500 test glosses per class per task; the runs use 64 / 500.
 * the validation stream (``--validate``): ``wordnet_living(validation=True)``, the same domains
   with train and test texts drawn from a fixed held-out 20 % of the training split (disjoint
-  from every evaluated text). Learning rates and SPARC's reuse threshold τ are chosen there.
+  from every evaluated text; 64 train / 200 test glosses per class per task). The learning
+  rates (``--validate``) and SPARC's reuse threshold τ (``--calibrate``) are chosen there.
 
 Rows (same frozen MiniLM, same mean-pooled features, same head type per scenario, same epochs
 and batch size; only the trainable part differs):
@@ -46,8 +53,12 @@ and batch size; only the trainable part differs):
 * ``lora``: one rank-8 LoRA on query/value trained task after task (sequential LoRA).
 
 Learning rates: prompt and head parameters train at ``lr_prompt``, LoRA factors at ``lr_lora``
-(SPARC+LoRA: ``lora_lr_scale = lr_lora / lr_prompt``), both chosen on the validation stream
-(``VALIDATION_LRS``); the chosen values are the defaults of :func:`rows`.
+in every row (SPARC+LoRA: ``lora_lr_scale = lr_lora / lr_prompt``; sequential LoRA: the run at
+``lr_prompt`` and its adapters' Adam steps scaled by ``lr_lora / lr_prompt``, see
+:func:`_scale_adapter_updates`), both chosen on the validation stream by ``--validate``
+(``VALIDATION_LRS``; RESULTS.md text_sparc has the grid); the chosen values are the defaults of
+:func:`rows`. ``clx run text_sparc`` (registered methods only) cannot scale one parameter group,
+so there sequential LoRA trains its head at ``lr_lora`` too.
 """
 
 from __future__ import annotations
@@ -64,15 +75,16 @@ import numpy as np
 
 QV = ["*attention/query/kernel", "*attention/value/kernel"]
 SPARC_KS = (10, 50, 100)
-# Chosen on the validation stream by `--validate` (see RESULTS.md text_sparc for the grid).
+# Chosen on the validation stream by `--validate` (grid below; RESULTS.md text_sparc has the ACCs).
 LR_PROMPT = 3e-2
 LR_LORA = 5e-4
 TAU = 0.7188  # `--calibrate` on the validation stream (runs/text_sparc/tau_calibration.json)
-VALIDATION_LRS = {"prompt": (5e-3, 3e-2), "lora": (5e-4, 5e-3)}
+VALIDATION_LRS = {"prompt": (5e-3, 3e-2, 1e-1), "lora": (1e-4, 5e-4, 5e-3)}
 TRAIN = {"epochs": 2, "batch_size": 16, "optimizer": "adam", "eval_batch_size": 250}
-# Texts per class per task in the measured runs. The streams hold more (wordnet_living: 500 test
-# glosses per class per task); the shared 2-core machine allowed these sizes for 3 seeds.
-PER_CLASS_TRAIN, PER_CLASS_TEST = 64, 200
+# Texts per class per task in the measured runs (wordnet_living holds 128 train / 500 test glosses
+# per class per task). The validation stream's held-out pool is smaller: it uses 64 / 200.
+PER_CLASS_TRAIN, PER_CLASS_TEST = 64, 500
+VALIDATION_PER_CLASS_TEST = 200
 
 
 def text_sparc_stream(*, scenario: str = "task", per_class_train: int | None = None,
@@ -139,8 +151,41 @@ def rows(lr_prompt: float = LR_PROMPT, lr_lora: float = LR_LORA, tau: float = TA
     out[f"sparc_k{k}"] = ("sparc", {**sparc_args, "num_components": k}, lr_prompt)
   out["sparc_lora"] = ("sparc_lora", {**sparc_args, "num_components": 100, "lora_rank": 8,
                                       "lora_lr_scale": lr_lora / lr_prompt}, lr_prompt)
-  out["lora"] = ("lora", {"rank": 8, "targets": QV}, lr_lora)
+  # Sequential LoRA under SPARC+LoRA's per-group rule: the run (and its head) at lr_prompt, the
+  # LoRA factors' Adam steps scaled to lr_lora (``adapters_lr_scale``, see :func:`_build`).
+  out["lora"] = ("lora", {"rank": 8, "targets": QV, "adapters_lr_scale": lr_lora / lr_prompt},
+                 lr_prompt)
   return out
+
+
+def _scale_adapter_updates(scale: float):
+  """``transform_updates`` that multiplies the optimiser's steps on ``adapters`` by ``scale``.
+
+  The loop applies it to Adam's update u = −lr · m̂ / (√v̂ + ε), which is linear in lr, so the
+  adapters train exactly as Adam at ``lr · scale`` while the head keeps ``lr``.
+  """
+  import jax
+
+  def transform(updates, state):
+    del state
+    return {**updates, "adapters": jax.tree.map(lambda u: u * scale, updates["adapters"])}
+
+  return transform
+
+
+def _build(name: str, args: dict, backbone):
+  """``methods.build`` plus the script-level ``adapters_lr_scale`` option of sequential LoRA."""
+  from clx import methods
+  args = dict(args)
+  scale = args.pop("adapters_lr_scale", None)
+  method = methods.build(name, backbone, **args)
+  if scale is not None:
+    if method.transform_updates is not None:
+      raise ValueError(f"text_sparc: {name} already has transform_updates; cannot scale adapters")
+    if not float(scale) > 0:
+      raise ValueError(f"text_sparc: adapters_lr_scale must be > 0, got {scale}")
+    method = method._replace(transform_updates=_scale_adapter_updates(float(scale)))
+  return method
 
 
 def forgetting_ratios(acc) -> list[float]:
@@ -163,13 +208,12 @@ def run_row(stream, row: str, spec: tuple[str, dict, float], seed: int, out: pat
             ) -> dict:
   """Trains one row on ``stream``; writes and returns its result (skips if already written)."""
   import jax
-  from clx import methods
   from clx.ops import metrics
   from clx.train import TrainConfig, run_method
   if out.is_file():
     return json.loads(out.read_text())
   name, args, lr = spec
-  method = methods.build(name, _backbone(stream.input_shape[0]), **args)
+  method = _build(name, args, _backbone(stream.input_shape[0]))
   start = time.time()
   res = run_method(method, stream, TrainConfig(**TRAIN, learning_rate=lr), seed=seed, quiet=True)
   acc = np.asarray(res.acc_matrix)
@@ -266,44 +310,63 @@ def routing(workdir: pathlib.Path, seeds=(0, 1, 2), ks=(10, 100)) -> dict:
   return out
 
 
-def validate(workdir: pathlib.Path, seed: int = 0) -> dict:
-  """Learning rates per row kind and τ for SPARC, chosen on the validation stream (domain-IL).
+def validate(workdir: pathlib.Path, seed: int = 0, choose_tau: bool = False) -> dict:
+  """Learning rates (and optionally τ) chosen on the validation stream (domain-IL, one seed).
 
-  The full selection (training runs on the validation stream); not run for RESULTS.md (CPU
-  budget): there τ comes from :func:`calibrate_tau` and the learning rates are fixed.
+  Prompt/head rows (``linear_probe``, ``prompt_tuning``, ``sparc_k100``; τ = ∞, no re-use) pick
+  ``lr_prompt`` from ``VALIDATION_LRS["prompt"]`` by their mean ACC; then sequential LoRA, its
+  head at the chosen ``lr_prompt``, picks ``lr_lora`` from ``VALIDATION_LRS["lora"]``.
+  ``choose_tau``: also pick τ by validation ACC, one ``sparc_k100`` run per distinct re-use
+  decision set (the thresholds just below each observed overlap); by default τ comes from
+  :func:`calibrate_tau` (PCA passes only). Writes ``workdir/validation.json``.
   """
-  stream = text_sparc_stream(scenario="domain", validation=True, seed=seed)
+  stream = text_sparc_stream(scenario="domain", validation=True, seed=seed,
+                             per_class_test=VALIDATION_PER_CLASS_TEST)
   root = workdir / "validation"
-  choice, record = {}, {"grid": {}}
-  kinds = {"prompt": ["linear_probe", "prompt_tuning", "sparc_k100"], "lora": ["lora"]}
-  for kind, names in kinds.items():
+  choice, record = {}, {"grid": {}, "seed": seed, "tasks": [t.name for t in stream.tasks],
+                        "per_class_train": PER_CLASS_TRAIN,
+                        "per_class_test": VALIDATION_PER_CLASS_TEST}
+
+  def grid(kind: str, names: list[str], specs_for) -> float:
     scores = {}
     for lr in VALIDATION_LRS[kind]:
-      specs = rows(lr_prompt=lr, lr_lora=lr, tau=math.inf, ks=(100,))
-      accs = [run_row(stream, n, specs[n], seed, root / f"lr{lr:g}" / f"{n}.json")["acc"]
+      specs = specs_for(lr)
+      accs = [run_row(stream, n, specs[n], seed, root / f"{kind}_lr{lr:g}" / f"{n}.json")["acc"]
               for n in names]
       scores[lr] = float(np.mean(accs))
-      record["grid"][f"{kind} lr {lr:g}"] = dict(zip(names, accs))
-    choice[f"lr_{kind}"] = max(scores, key=scores.get)
-  # τ: the validation tasks' overlaps (from a run that never re-uses) fix which thresholds
-  # give different decisions; one run per distinct decision set, the best ACC wins.
-  probe = json.loads((root / f"lr{choice['lr_prompt']:g}" / "sparc_k100.json").read_text())
-  scores = sorted({s for t in probe["diagnostics"]["tasks"].values() for s in t["scores"]})
-  candidates = [math.inf] + [round(s - 1e-4, 4) for s in scores]
-  results = {}
-  for tau in candidates:
-    spec = rows(lr_prompt=choice["lr_prompt"], tau=tau, ks=(100,))["sparc_k100"]
-    res = run_row(stream, "sparc_k100", spec, seed,
-                  root / f"tau{tau:g}" / "sparc_k100.json")
-    results[tau] = (res["acc"], res["diagnostics"].get("reuse_decisions"))
-  best = max(results, key=lambda t: (results[t][0], t))  # ties: the higher τ (less re-use)
-  choice["tau"] = best
-  record.update({"overlap_scores": probe["diagnostics"]["tasks"],
-                 "tau_runs": {f"{t:g}": {"acc": a, "reuse": r} for t, (a, r) in results.items()},
-                 "choice": choice})
+      record["grid"][f"{kind} lr {lr:g}"] = {**dict(zip(names, accs)), "mean": scores[lr]}
+    return max(scores, key=scores.get)
+
+  choice["lr_prompt"] = grid("prompt", ["linear_probe", "prompt_tuning", "sparc_k100"],
+                             lambda lr: rows(lr_prompt=lr, tau=math.inf, ks=(100,)))
+  choice["lr_lora"] = grid("lora", ["lora"], lambda lr: rows(lr_prompt=choice["lr_prompt"],
+                                                            lr_lora=lr, tau=math.inf, ks=(100,)))
+  if choose_tau:
+    probe = json.loads((root / f"prompt_lr{choice['lr_prompt']:g}" / "sparc_k100.json"
+                        ).read_text())
+    scores = sorted({s for t in probe["diagnostics"]["tasks"].values() for s in t["scores"]})
+    results = {}
+    for tau in [math.inf] + [round(s - 1e-4, 4) for s in scores]:
+      spec = rows(lr_prompt=choice["lr_prompt"], tau=tau, ks=(100,))["sparc_k100"]
+      res = run_row(stream, "sparc_k100", spec, seed, root / f"tau{tau:g}" / "sparc_k100.json")
+      results[tau] = (res["acc"], res["diagnostics"].get("reuse_decisions"))
+    choice["tau"] = max(results, key=lambda t: (results[t][0], t))  # ties: higher τ, less re-use
+    record.update({"overlap_scores": probe["diagnostics"]["tasks"],
+                   "tau_runs": {f"{t:g}": {"acc": a, "reuse": r}
+                                for t, (a, r) in results.items()}})
+  record["choice"] = choice
+  workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "validation.json").write_text(json.dumps(record, indent=1, default=str))
   print(json.dumps(record, indent=1, default=str))
   return choice
+
+
+def _lr_label(result: dict) -> str:
+  """The run's learning rate, and its LoRA factors' (``lr · scale``) where they differ."""
+  lr = result["learning_rate"]
+  args = result.get("method_args", {})
+  scale = args.get("adapters_lr_scale", args.get("lora_lr_scale"))
+  return f"{lr:g}" if scale is None else f"{lr:g} / {lr * scale:.3g}"
 
 
 def table(workdir: pathlib.Path) -> str:
@@ -314,7 +377,7 @@ def table(workdir: pathlib.Path) -> str:
     found.setdefault((path.parent.name, res["row"]), []).append(res)
   order = list(rows())
   lines = ["| scenario | row | seeds | ACC | BWT | forgetting ratio per task (%) | trainable % "
-           "(with head) | lr | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+           "(with head) | lr (head, prompt / LoRA) | wall s |", "|---|---|---|---|---|---|---|---|---|"]
 
   def ms(values, fmt="{:.1f}"):
     v = np.asarray(values, np.float64)
@@ -336,7 +399,7 @@ def table(workdir: pathlib.Path) -> str:
       lines.append(
           f"| {scenario} | {row} | {len(runs)} | {ms([r['acc'] for r in runs])} | "
           f"{ms([r['bwt'] for r in runs])} | {', '.join(f'{v:.1f}' for v in fr)} | {pct_s} | "
-          f"{runs[0]['learning_rate']:g} | {np.mean([r['wall_time_s'] for r in runs]):.0f} |")
+          f"{_lr_label(runs[0])} | {np.mean([r['wall_time_s'] for r in runs]):.0f} |")
   return "\n".join(lines)
 
 
@@ -351,6 +414,8 @@ def main(argv=None) -> int:
                       help="comma-separated seeds, run row by row (every seed of a row first)")
   parser.add_argument("--validate", action="store_true",
                       help="choose the learning rates and τ on the validation stream (training)")
+  parser.add_argument("--choose-tau", action="store_true",
+                      help="with --validate: also choose τ by validation ACC (training runs)")
   parser.add_argument("--calibrate", action="store_true",
                       help="τ from split-half vs cross-domain overlaps on the validation stream")
   parser.add_argument("--table", action="store_true", help="print the table over seeds")
@@ -362,7 +427,7 @@ def main(argv=None) -> int:
     print(table(workdir))
     return 0
   if args.validate:
-    validate(workdir, args.seed)
+    validate(workdir, args.seed, choose_tau=args.choose_tau)
     return 0
   if args.calibrate:
     calibrate_tau(workdir, args.seed)
