@@ -60,9 +60,12 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     ("clx.methods.became", "clx.train.loop"):
         "BECAME validates its stage-2 TrainConfig overrides against the loop's TrainConfig "
         "(a function-level import); goes away when the stage-2 config moves to the method",
-    ("clx.train.loop", "clx.methods.passes"):
-        "the loop plans its batches with passes.index_plan / predict_fn, the one host data "
-        "pass it shares with the methods (issue 14 moves it behind methods.base)",
+    ("clx.train.batches", "clx.methods.passes"):
+        "the loop plans its batches with passes.index_plan, the one padding rule it shares "
+        "with the methods' host passes (to move behind methods.base)",
+    ("clx.train.evaluate", "clx.methods.passes"):
+        "evaluation calls passes.predict_fn, the one predict-with-mask wrapper it shares with "
+        "the methods' host passes (to move behind methods.base)",
     ("clx.train.sharding", "clx.models.partitioning"):
         "placing a backbone's parameters uses its partitioning rules (function-level import; "
         "partitioning is pure rules on parameter paths, no backbone is imported)",
