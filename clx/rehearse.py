@@ -172,15 +172,22 @@ def _memory(compiled) -> dict[str, int] | None:
   return out
 
 
-def measure_step(method, ctx, state, *, time_steps: int = 1) -> dict[str, Any]:
+def measure_step(method, ctx, state, *, time_steps: int = 1,
+                 cpu_limit_bytes: float | None = None) -> dict[str, Any]:
   """Compile the task's training step as the loop does and measure it.
 
   The step is ``value_and_grad(loss) → transform_grads → optimiser →
   transform_updates → apply``, on the loop's mesh with the batch sharded on the
   ``data`` axis and the placed backbone/state of ``ctx`` / ``state``.
 
+  ``cpu_limit_bytes``: on CPU devices (which all share the host's RAM), refuse
+  to run a step whose compiled peak summed over the devices exceeds it.
+
   Returns:
     ``{"compile_s", "step_s", "examples_per_s", "memory": {...}, "batch"}``.
+
+  Raises:
+    RehearsalError: the step would exceed ``cpu_limit_bytes``.
   """
   import jax
   import jax.numpy as jnp
@@ -216,6 +223,14 @@ def measure_step(method, ctx, state, *, time_steps: int = 1) -> dict[str, Any]:
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
       params, opt_state, state, ctx.base, batch, rng).compile()
   compile_s = time.perf_counter() - t0
+  memory = _memory(compiled)
+  on_cpu = mesh.devices.flat[0].platform == "cpu"
+  if (cpu_limit_bytes is not None and memory is not None and on_cpu
+      and memory["peak"] * mesh.devices.size > cpu_limit_bytes):
+    raise RehearsalError(
+        f"{method.name} task {t}: the compiled step needs {memory['peak'] / 2**30:.2f} GiB per "
+        f"device x {mesh.devices.size} CPU devices = {memory['peak'] * mesh.devices.size / 2**30:.1f}"
+        f" GiB of host RAM, above the limit of {cpu_limit_bytes / 2**30:.1f} GiB")
   params, opt_state, value = compiled(params, opt_state, state, ctx.base, batch, rng)
   jax.block_until_ready(value)  # first call: allocation, not timed
   t0 = time.perf_counter()
@@ -229,10 +244,11 @@ def measure_step(method, ctx, state, *, time_steps: int = 1) -> dict[str, Any]:
   return {"compile_s": compile_s, "step_s": step_s, "steps_per_s": 1.0 / step_s,
           "examples_per_s": real / step_s, "batch": real, "padded_batch": padded,
           "input_examples_per_s": real / gather_s if gather_s > 0 else None,
-          "memory": _memory(compiled)}
+          "memory": memory}
 
 
-def _instrument(method, record: dict[str, Any], time_steps: int):
+def _instrument(method, record: dict[str, Any], time_steps: int,
+                cpu_limit_bytes: float | None = None):
   """``method`` with begin_task/end_task wrapped to time them and measure the step."""
 
   def find_ctx(args, kwargs):
@@ -248,7 +264,8 @@ def _instrument(method, record: dict[str, Any], time_steps: int):
     t0 = time.perf_counter()
     state = method.begin_task(*args, **kwargs)
     entry["begin_task_s"] = time.perf_counter() - t0
-    entry["step"] = measure_step(method, ctx, state, time_steps=time_steps)
+    entry["step"] = measure_step(method, ctx, state, time_steps=time_steps,
+                                 cpu_limit_bytes=cpu_limit_bytes)
     entry["_fit_start"] = time.perf_counter()
     return state
 
@@ -277,7 +294,7 @@ def _prepare_workdir(workdir: Path) -> None:
 def rehearse(config: dict[str, Any], workdir: str | os.PathLike, *, steps: int = 2,
              tasks: int | None = None, test_rows: int | None = None, tiny: bool = False,
              time_steps: int = 1, methods: Sequence[str] | None = None,
-             quiet: bool = True) -> dict[str, Any]:
+             cpu_limit_gb: float | None = None, quiet: bool = True) -> dict[str, Any]:
   """Run ``config`` at its real shapes on synthetic data and measure it.
 
   Args:
@@ -289,6 +306,8 @@ def rehearse(config: dict[str, Any], workdir: str | os.PathLike, *, steps: int =
     tiny: shrink ViT/Llama depth and width (per-example shapes unchanged).
     time_steps: executions of the compiled step timed per task.
     methods: a subset of the config's methods (default: all).
+    cpu_limit_gb: on CPU devices, stop before running a training step whose
+      compiled memory over all devices exceeds this (a shared machine's guard).
     quiet: no progress bars.
 
   Returns:
@@ -352,18 +371,16 @@ def rehearse(config: dict[str, Any], workdir: str | os.PathLike, *, steps: int =
       overrides = cfg.get("train_overrides", {}).get(name, {})
       train = TrainConfig(**{**cfg["train"], **overrides})
       record: dict[int, dict[str, Any]] = {}
-      marks: dict[int, float] = {}
 
-      def on_task_end(t, acc, record=record, marks=marks):
+      def on_task_end(t, acc, record=record):
         del acc
-        now = time.perf_counter()
-        record[t]["eval_s"] = now - record[t].pop("_end")
+        record[t]["eval_s"] = time.perf_counter() - record[t].pop("_end")
         record[t]["host_peak_rss_bytes"] = _rss_bytes()
-        marks[t] = now
 
       ckpt_dir = workdir / name / "checkpoints"
       t0 = time.perf_counter()
-      result = run_method(_instrument(method, record, time_steps), stream, train,
+      limit = None if cpu_limit_gb is None else cpu_limit_gb * 2**30
+      result = run_method(_instrument(method, record, time_steps, limit), stream, train,
                           seed=int(cfg.get("seed", 0)), checkpoint_dir=str(ckpt_dir.resolve()),
                           quiet=quiet, progress=False if quiet else None, on_task_end=on_task_end)
       wall = time.perf_counter() - t0
@@ -428,6 +445,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="shrink ViT/Llama depth and width (CI); per-example shapes stay")
   parser.add_argument("--time-steps", type=int, default=1,
                       help="executions of the compiled step timed per task")
+  parser.add_argument("--cpu-limit-gb", type=float, default=None,
+                      help="on CPU devices, stop before a step whose compiled memory over all "
+                           "devices exceeds this many GiB")
 
 
 def set_cpu_devices(count: int) -> None:
@@ -457,14 +477,16 @@ def run_command(args: argparse.Namespace) -> int:
   workdir = Path(args.workdir or os.path.join("runs", f"rehearse_{config['name']}"))
   methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
   report = rehearse(config, workdir, steps=args.steps, tasks=args.tasks, test_rows=args.test_rows,
-                    tiny=args.tiny, time_steps=args.time_steps, methods=methods)
+                    tiny=args.tiny, time_steps=args.time_steps, methods=methods,
+                    cpu_limit_gb=args.cpu_limit_gb)
   print(format_report(report))
   print(f"\nreport: {workdir / REPORT_FILE}")
   return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m clx.rehearse", description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="python -m clx.rehearse",
+                                   description=__doc__.splitlines()[0])
   add_arguments(parser)
   try:
     return run_command(parser.parse_args(argv))

@@ -1,4 +1,4 @@
-"""20-split miniImageNet, reduced ResNet-18: GPM, SGP and their BECAME variants at BECAME's settings (pods).
+"""20-split miniImageNet, ResNet-18: GPM, SGP and their BECAME variants at BECAME's settings (pods).
 
 Command:   CLX_MINIIMAGENET=/data/miniimagenet clx run miniimagenet_gpm --workdir runs/mini_gpm
            (methods: gpm, sgp, became_gpm, became_sgp, finetune); rehearsal without the data:

@@ -299,13 +299,15 @@ def class_incremental_spec(name: str, *, num_classes: int, num_tasks: int, train
   return SyntheticSpec(
       name=name, scenario=scenario, num_classes=num_classes, task_classes=classes,
       example_shape=tuple(int(s) for s in example_shape), kind="image",
-      train_per_task=(train - (val or 0),) * num_tasks, test_per_task=(test_total // num_tasks,) * num_tasks,
+      train_per_task=(train - (val or 0),) * num_tasks,
+      test_per_task=(test_total // num_tasks,) * num_tasks,
       val_per_task=(val,) * num_tasks if val else None, mean=tuple(mean), std=tuple(std),
       source=source, **spec_fields)
 
 
 def _gpm_cifar100_spec(args: Mapping[str, Any]) -> SyntheticSpec:
-  from clx.data.streams import GPM_CIFAR_MEAN, GPM_CIFAR_STD  # pylint: disable=import-outside-toplevel
+  from clx.data.streams import (  # pylint: disable=import-outside-toplevel
+      GPM_CIFAR_MEAN, GPM_CIFAR_STD)
   return class_incremental_spec(
       "gpm_cifar100", num_classes=100, num_tasks=int(args.get("num_tasks", 10)),
       train_total=50000, test_total=10000, example_shape=(32, 32, 3), scenario="task",
