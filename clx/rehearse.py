@@ -225,12 +225,12 @@ def measure_step(method, ctx, state, *, time_steps: int = 1,
   compile_s = time.perf_counter() - t0
   memory = _memory(compiled)
   on_cpu = mesh.devices.flat[0].platform == "cpu"
-  if (cpu_limit_bytes is not None and memory is not None and on_cpu
-      and memory["peak"] * mesh.devices.size > cpu_limit_bytes):
+  total = memory["peak"] * mesh.devices.size if memory is not None else 0
+  if cpu_limit_bytes is not None and on_cpu and total > cpu_limit_bytes:
     raise RehearsalError(
         f"{method.name} task {t}: the compiled step needs {memory['peak'] / 2**30:.2f} GiB per "
-        f"device x {mesh.devices.size} CPU devices = {memory['peak'] * mesh.devices.size / 2**30:.1f}"
-        f" GiB of host RAM, above the limit of {cpu_limit_bytes / 2**30:.1f} GiB")
+        f"device x {mesh.devices.size} CPU devices = {total / 2**30:.1f} GiB of host RAM, "
+        f"above the limit of {cpu_limit_bytes / 2**30:.1f} GiB")
   params, opt_state, value = compiled(params, opt_state, state, ctx.base, batch, rng)
   jax.block_until_ready(value)  # first call: allocation, not timed
   t0 = time.perf_counter()
