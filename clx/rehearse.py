@@ -485,6 +485,9 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  import faulthandler
+  import signal
+  faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where is it?
   parser = argparse.ArgumentParser(prog="python -m clx.rehearse",
                                    description=__doc__.splitlines()[0])
   add_arguments(parser)
