@@ -48,9 +48,10 @@ from clx.experiment import ConfigError
 REPORT_FILE = "rehearsal.json"
 # Tiny backbones for CI (--tiny): the per-example shapes stay, depth and width shrink.
 TINY_VIT = {"depth": 2, "embed_dim": 64, "num_heads": 2, "mlp_dim": 128}
-TINY_LLAMA = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-              "vocab_size": 512}
+# (Llama width 128: SPARC's 100 PCA components must fit in the hidden size.)
+TINY_LLAMA = {"num_hidden_layers": 2, "hidden_size": 128, "intermediate_size": 256,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+              "vocab_size": 512, "bos_token_id": None, "eos_token_id": None}
 
 
 # Architectures of pretrained folders the pod configs name, for random-weight rehearsals when the
