@@ -180,3 +180,15 @@ def test_pod_configs_rehearse_at_full_shape(tmp_path):
   reports = _run_configs(jobs, tmp_path, steps=2, tasks=2, tiny=False, timeout=6 * 3600)
   for report, job in zip(reports, jobs):
     _check_report(report, job, tasks=2, steps=2, tiny=False)
+
+
+def test_miniimagenet_config_says_what_is_missing(tmp_path):
+  from clx.data.images import ImageDataMissingError
+  from clx.experiment import _load_module  # pylint: disable=protected-access
+  module = _load_module(ROOT / "experiments" / "miniimagenet_gpm.py")
+  (tmp_path / "train").mkdir()
+  with pytest.raises(ImageDataMissingError, match=r"missing image folder.*test"):
+    module.miniimagenet_stream(root=str(tmp_path))
+  spec = module.synthetic_spec({"num_tasks": 20, "pc_valid": 0.05})
+  assert spec.example_shape == (84, 84, 3) and spec.scenario == "task"
+  assert spec.train_per_task[0] == 2375 and spec.val_per_task[0] == 125
