@@ -46,6 +46,11 @@ def _cmd_report(args) -> int:
   return 0
 
 
+def _cmd_rehearse(args) -> int:
+  from clx import rehearse
+  return rehearse.run_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="clx", description="Parameter-efficient continual fine-tuning in JAX.")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument("--progress", action="store_true", default=None,
                    help="force progress bars (default: only on a terminal)")
   run.set_defaults(func=_cmd_run)
+  reh = sub.add_parser("rehearse", help="run a config at its real shapes on synthetic data and "
+                       "measure it (steps/s, memory, RSS, checkpoint bytes)")
+  from clx.rehearse import add_arguments
+  add_arguments(reh)
+  reh.set_defaults(func=_cmd_rehearse)
   lst = sub.add_parser("list", help="list the experiments")
   lst.set_defaults(func=_cmd_list)
   rep = sub.add_parser("report", help="render results (tables, heatmaps, loss curves); several "

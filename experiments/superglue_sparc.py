@@ -176,7 +176,45 @@ def _register():
       super_glue_stream(data_dir=data_dir, **kw), overwrite=True)
 
 
+# Rehearsal shapes (clx.rehearse): examples per task after max_per_class, SuperGLUE's published
+# train / validation sizes (BoolQ 9,427 / 3,270, CB 250 / 56, COPA 400 / 100, RTE 2,490 / 277,
+# WiC 5,428 / 638, MultiRC 27,243 / 4,848); with 2 classes above 2,000 examples each the train
+# split is capped at 4,000 (class balance from memory: BoolQ, WiC, MultiRC exceed 2,000 per class).
+SYNTHETIC_SIZES = {"boolq": (9427, 3270), "cb": (250, 56), "copa": (400, 100), "rte": (2490, 277),
+                   "wic": (5428, 638), "multirc": (27243, 4848)}
+
+
+def synthetic_spec(args):
+  """The :class:`clx.data.synthetic.SyntheticSpec` of ``super_glue_sparc`` for ``args``."""
+  from clx.data import synthetic
+  scenario = args.get("scenario", "task")
+  tasks = args.get("tasks")
+  if isinstance(tasks, str):
+    tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+  tasks = tuple(tasks or (TASK_IL_TASKS if scenario == "task" else DOMAIN_IL_TASKS))
+  unknown = [t for t in tasks if t not in TEMPLATES]
+  if unknown:
+    raise ValueError(f"unknown SuperGLUE task(s) {unknown}; known: {sorted(TEMPLATES)}")
+  cap = args.get("max_per_class") or None
+  classes = [tuple(sorted(set(TEMPLATES[t][2]))) for t in tasks]
+  train = [min(SYNTHETIC_SIZES[t][0], cap * len(c)) if cap else SYNTHETIC_SIZES[t][0]
+           for t, c in zip(tasks, classes)]
+  return synthetic.SyntheticSpec(
+      name=f"super_glue_{scenario}", scenario=scenario, num_classes=len(LABEL_WORDS),
+      task_classes=tuple(classes), example_shape=(int(args.get("max_length", 256)),),
+      kind="tokens", train_per_task=tuple(train),
+      test_per_task=tuple(SYNTHETIC_SIZES[t][1] for t in tasks), vocab_size=128256,
+      source="SuperGLUE train (capped by max_per_class) / validation sizes; token ids "
+             "fill the whole max_length (the longest case)")
+
+
+def _register_synthetic():
+  from clx.data import synthetic
+  synthetic.register_spec("super_glue_sparc", synthetic_spec)
+
+
 _register()
+_register_synthetic()
 
 
 def get_config():

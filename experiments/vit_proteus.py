@@ -146,7 +146,43 @@ def _register():
       vit_split_stream(data_dir=data_dir, **kw), overwrite=True)
 
 
+# Rehearsal shapes (clx.rehearse): images and class counts per dataset, the sizes this stream
+# builder produces (CIFAR-100: TFDS train/test; ImageNet-R / -A: 80/20 of each class).
+# Source-image sizes feed the named crop transforms; ImageNet-R/-A images vary in size, 375x500
+# is an assumed typical size, not a measured one.
+SYNTHETIC_DATASETS = {  # dataset: (classes, train images, test images, source (h, w, 3))
+    "cifar100": (100, 50000, 10000, (32, 32, 3)),
+    "imagenet_r": (200, 24000, 6000, (375, 500, 3)),
+    "imagenet_a": (200, 6000, 1500, (375, 500, 3)),
+}
+
+
+def synthetic_spec(args):
+  """The :class:`clx.data.synthetic.SyntheticSpec` of ``vit_proteus_split`` for ``args``."""
+  from clx.data import synthetic
+  dataset = args.get("dataset", "imagenet_r")
+  if dataset not in SYNTHETIC_DATASETS:
+    raise ValueError(f"vit_proteus: dataset must be one of {DATASETS}, got {dataset!r}")
+  classes, train, test, source = SYNTHETIC_DATASETS[dataset]
+  size = int(args.get("image_size", 224))
+  norm = {"0,1": ((0.0,), (1.0,)), "-1,1": ((0.5,), (0.5,))}[args.get("pixel_range", "0,1")]
+  transforms = {k: args.get(k) for k in ("train_transform", "test_transform")
+                if args.get(k) not in (None, "none")}
+  extra = dict(source_shape=source, **transforms) if transforms else {}
+  return synthetic.class_incremental_spec(
+      f"split_{dataset}", num_classes=classes, num_tasks=int(args.get("num_tasks", 10)),
+      train_total=train, test_total=test, example_shape=(size, size, 3), mean=norm[0],
+      std=norm[1], source=f"{dataset}: {train} train / {test} test images over {classes} classes",
+      **extra)
+
+
+def _register_synthetic():
+  from clx.data import synthetic
+  synthetic.register_spec("vit_proteus_split", synthetic_spec)
+
+
 _register()
+_register_synthetic()
 
 
 def get_config():

@@ -1,0 +1,194 @@
+"""Rehearsals: synthetic streams with real shapes, and every pod config on 8 simulated devices.
+
+The pod configs run in one subprocess (8 simulated CPU devices need XLA_FLAGS before JAX
+starts; this suite's process has 4) with 1 step per task on 2 tasks, at the configs' real
+per-example shapes, batch sizes and host passes; ViT-B/16 and Llama-3.2-1B are shrunk in
+depth and width (``tiny``) so that CI stays affordable on 2 cores. The full-shape runs are
+the ``slow`` test (and the BENCHMARKS.md "Rehearsal" table).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clx.data import synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (experiment, --set overrides, methods rehearsed in CI): every pod config, with the method
+# whose host passes are the heaviest of its config (Gram + DualGPM, CA's feature statistics,
+# PROTEUS signatures, GPM memories + Fisher + merge, SPARC PCA + LoRA); the slow test runs all.
+POD_CONFIGS = [
+    ("vit_inflora", ["stream.num_tasks=5"], ["inflora"]),
+    ("vit_inflora", [], ["inflora_ca"]),
+    ("vit_inflora", ["stream.num_tasks=20"], ["inflora"]),
+    ("vit_inflora_b5", [], ["inflora_b5"]),
+    ("vit_proteus", [], ["proteus"]),
+    ("cifar100_gpm", [], ["became_gpm"]),
+    ("cifar100_gpm", ["stream.num_tasks=20"], ["sgp"]),
+    ("miniimagenet_gpm", [], ["became_sgp"]),
+    ("superglue_sparc", [], ["sparc_lora"]),
+]
+
+
+def _spec(**kw):
+  args = dict(name="t", scenario="class", num_classes=6, task_classes=((0, 1, 2), (3, 4, 5)),
+              example_shape=(8, 8, 3), train_per_task=(50, 50), test_per_task=(10, 10))
+  return synthetic.SyntheticSpec(**{**args, **kw})
+
+
+def test_rows_are_deterministic_lazy_and_have_the_real_shape():
+  spec = _spec(mean=(0.5,), std=(0.25,))
+  stream = synthetic.synthetic_stream(spec, train_rows=12, test_rows=4, seed=3)
+  x = stream.tasks[1].train.x
+  assert isinstance(x, synthetic.SyntheticArray)
+  assert x.shape == (12, 8, 8, 3) and x.dtype == np.float32 and len(stream.tasks[1].test) == 4
+  assert x.nbytes == 50 * 8 * 8 * 3 * 4  # the real split's size decides device residency
+  idx = np.array([[5, 0], [11, 5]])
+  batch = x[idx]
+  assert batch.shape == (2, 2, 8, 8, 3)
+  np.testing.assert_array_equal(batch[0, 0], batch[1, 1])  # same row, same pixels
+  again = synthetic.synthetic_stream(spec, train_rows=12, test_rows=4, seed=3).tasks[1].train.x
+  np.testing.assert_array_equal(again[idx], batch)
+  other = synthetic.synthetic_stream(spec, train_rows=12, test_rows=4, seed=4).tasks[1].train.x
+  assert not np.array_equal(other[idx], batch)
+  # pixels are (u/255 - mean)/std of uint8 u: recover integers in [0, 255]
+  u = (batch * 0.25 + 0.5) * 255.0
+  np.testing.assert_allclose(u, np.round(u), atol=1e-3)
+  assert u.min() >= -1e-3 and u.max() <= 255 + 1e-3 and u.std() > 50
+  # labels cycle over the task's classes; the stream validates them
+  np.testing.assert_array_equal(stream.tasks[1].train.y[:6], [3, 4, 5, 3, 4, 5])
+  assert stream.tasks[1].classes == (3, 4, 5) and stream.num_classes == 6
+
+
+def test_rows_are_capped_tasks_cut_and_resident_splits_materialised():
+  spec = _spec(val_per_task=(5, 5))
+  stream = synthetic.synthetic_stream(spec, train_rows=500, test_rows=3, num_tasks=1,
+                                      resident_bytes=1e9)
+  assert len(stream.tasks) == 1 and len(stream.tasks[0].train) == 50
+  assert isinstance(stream.tasks[0].train.x, np.ndarray)  # small real split: held whole
+  val = stream.tasks[0].val
+  assert isinstance(val.x, synthetic.SyntheticArray) and len(val) == 3
+  with pytest.raises(ValueError, match="num_tasks"):
+    synthetic.synthetic_stream(spec, train_rows=1, test_rows=1, num_tasks=3)
+  with pytest.raises(ValueError, match="train_rows"):
+    synthetic.synthetic_stream(spec, train_rows=0, test_rows=1)
+
+
+def test_tokens_and_transformed_images():
+  tokens = _spec(kind="tokens", example_shape=(16,), vocab_size=7)
+  ids = synthetic.synthetic_stream(tokens, train_rows=4, test_rows=2).tasks[0].train.x[np.arange(4)]
+  assert ids.dtype == np.int32 and ids.shape == (4, 16) and ids.min() >= 0 and ids.max() < 7
+  images = _spec(example_shape=(224, 224, 3), source_shape=(32, 32, 3),
+                 train_transform="rrc224_flip", test_transform="resize224")
+  stream = synthetic.synthetic_stream(images, train_rows=2, test_rows=2)
+  train, test = stream.tasks[0].train.x[0], stream.tasks[0].test.x[0]
+  assert train.shape == test.shape == (224, 224, 3)
+  # resize224 of a 32x32 source is smooth (bilinear upsampling): neighbours nearly equal
+  assert np.abs(np.diff(test, axis=0)).mean() < 0.1 < np.abs(np.diff(
+      synthetic.synthetic_stream(_spec(example_shape=(224, 224, 3)), train_rows=1,
+                                 test_rows=1).tasks[0].test.x[0], axis=0)).mean()
+
+
+def test_bad_specs_name_the_problem():
+  with pytest.raises(ValueError, match="kind"):
+    _spec(kind="audio")
+  with pytest.raises(ValueError, match="train_per_task"):
+    _spec(train_per_task=(50,))
+  with pytest.raises(ValueError, match=r"task 1 classes"):
+    _spec(task_classes=((0,), (9,)))
+  with pytest.raises(ValueError, match="makes"):
+    _spec(source_shape=(32, 32, 3), train_transform="rrc224_flip", test_transform="resize224")
+  with pytest.raises(KeyError, match="no synthetic spec"):
+    synthetic.spec_for_config({"stream": {"name": "no_such_stream"}})
+
+
+_RUNNER = r"""
+import json, sys
+from clx import experiment, rehearse
+jobs, workdir, steps, tasks, tiny = json.loads(sys.argv[1])
+out = []
+for i, (name, sets, methods) in enumerate(jobs):
+  config = experiment.apply_overrides(experiment.load_config(name), sets)
+  report = rehearse.rehearse(config, f"{workdir}/{i}", steps=steps, tasks=tasks, tiny=tiny,
+                             test_rows=8, methods=methods)
+  print(rehearse.format_report(report), flush=True)
+  out.append(report)
+print("REPORTS " + json.dumps(out, default=str))
+"""
+
+
+def _run_configs(jobs, tmp_path, *, steps, tasks, tiny, timeout):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  proc = subprocess.run([sys.executable, "-c", _RUNNER,
+                         json.dumps([jobs, str(tmp_path), steps, tasks, tiny])],
+                        capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("REPORTS ")][-1]
+  return json.loads(line[len("REPORTS "):])
+
+
+def _check_report(report, job, *, tasks, steps, tiny):
+  name, _, methods = job
+  config_methods = methods
+  assert report["devices"] == 8 and report["random_weights"] and report["tiny"] == tiny
+  assert report["stream"]["tasks_rehearsed"] == tasks
+  for method, run in report["methods"].items():
+    assert config_methods is None or method in config_methods
+    assert run["acc_matrix_finite"], (name, method)
+    assert [e["task"] for e in run["tasks"]] == list(range(tasks))
+    for e in run["tasks"]:
+      batch = run["train"]["batch_size"]
+      real = report["stream"]["train_per_task_real"][e["task"]]
+      assert e["train_rows"] == min(steps * batch, real)
+      st = e["step"]
+      assert st["batch"] == batch and st["step_s"] > 0 and st["examples_per_s"] > 0
+      assert st["memory"] is not None and st["memory"]["peak"] > 0
+      assert e["checkpoint_bytes"] > 0 and e["host_peak_rss_bytes"] > 0
+      for key in ("begin_task_s", "fit_s", "end_task_s", "eval_s"):
+        assert e[key] >= 0
+
+
+def test_every_pod_config_rehearses_on_8_devices(tmp_path):
+  """CI size: 2 tasks, 1 step each, tiny ViT/Llama; real per-example shapes and batches."""
+  jobs = [list(j) for j in POD_CONFIGS]
+  reports = _run_configs(jobs, tmp_path, steps=1, tasks=2, tiny=True, timeout=1800)
+  assert len(reports) == len(jobs)
+  shapes = {r["experiment"]: r["stream"]["example_shape"] for r in reports}
+  assert shapes["vit_inflora"] == shapes["vit_proteus"] == [224, 224, 3]
+  assert shapes["cifar100_gpm"] == [32, 32, 3] and shapes["miniimagenet_gpm"] == [84, 84, 3]
+  assert shapes["superglue_sparc"] == [256]
+  real_tasks = [r["stream"]["tasks_real"] for r in reports]
+  assert real_tasks == [5, 10, 20, 10, 10, 10, 20, 20, 5]
+  for report, job in zip(reports, jobs):
+    _check_report(report, job, tasks=2, steps=1, tiny=True)
+    assert sorted(report["methods"]) == sorted(job[2])
+
+
+@pytest.mark.slow
+def test_pod_configs_rehearse_at_full_shape(tmp_path):
+  """Full ViT-B/16 and Llama-3.2-1B widths: 2 tasks, 2 steps (hours on 2 CPU cores)."""
+  jobs = [[name, sets, None] for name, sets, _ in POD_CONFIGS]
+  reports = _run_configs(jobs, tmp_path, steps=2, tasks=2, tiny=False, timeout=6 * 3600)
+  for report, job in zip(reports, jobs):
+    _check_report(report, job, tasks=2, steps=2, tiny=False)
+
+
+def test_miniimagenet_config_says_what_is_missing(tmp_path):
+  from clx.data.images import ImageDataMissingError
+  from clx.experiment import _load_module  # pylint: disable=protected-access
+  module = _load_module(ROOT / "experiments" / "miniimagenet_gpm.py")
+  (tmp_path / "train").mkdir()
+  with pytest.raises(ImageDataMissingError, match=r"missing image folder.*test"):
+    module.miniimagenet_stream(root=str(tmp_path))
+  spec = module.synthetic_spec({"num_tasks": 20, "pc_valid": 0.05})
+  assert spec.example_shape == (84, 84, 3) and spec.scenario == "task"
+  assert spec.train_per_task[0] == 2375 and spec.val_per_task[0] == 125
