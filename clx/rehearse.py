@@ -198,11 +198,11 @@ def measure_step(method, ctx, state, *, time_steps: int = 1,
 
   t, cfg, mesh = ctx.task_index, ctx.config, ctx.fitter.mesh
   # A copy: the compiled step donates its params, which may alias the state's arrays.
-  params = jax.tree.map(jnp.copy, jax.device_put(method.trainable(state, t),
+  params = jax.tree.map(jnp.copy, jax.device_put(method.trainable(state, ctx.info),
                                                  sharding.replicated(mesh)))
   optimizer = loop.make_optimizer(cfg, max(1, math.ceil(len(ctx.train_split) / cfg.batch_size)))
   opt_state = jax.device_put(optimizer.init(params), sharding.replicated(mesh))
-  loss = functools.partial(method.loss, task_index=t, spec=ctx.spec)
+  loss = functools.partial(method.loss, info=ctx.info)
   padded = sharding.pad_to_multiple(cfg.batch_size, sharding.num_data_shards(mesh))
   plan = ctx.fitter.plan(len(ctx.train_split), cfg.batch_size, True, (0,))[0]
   rows = sharding.process_rows(padded, mesh)
