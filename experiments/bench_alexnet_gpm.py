@@ -105,11 +105,12 @@ def run_clx(steps: int, batch: int, steps_per_call: int = 0) -> dict:
     state["heads"] = heads_lib.add_task_head(state["heads"], jax.random.PRNGKey(t), spec,
                                              backbone.feature_dim, t, "per_task")
   state["task"] = jnp.asarray(1, jnp.int32)
-  loss = functools.partial(method.loss, task_index=1, spec=spec)
+  from clx.methods.base import TaskInfo
+  loss = functools.partial(method.loss, info=TaskInfo(1, spec))
   fitter = Fitter(make_mesh(), quiet=True)
   cfg = TrainConfig(epochs=1, batch_size=batch, optimizer="sgd", learning_rate=0.05,
                     steps_per_call=steps_per_call)
-  params = method.trainable(state, 1)
+  params = method.trainable(state, TaskInfo(1, spec))
   fit = functools.partial(fitter.fit, loss=loss, cfg=cfg, state=state,
                           base=backbone.params, rng=jax.random.PRNGKey(1),
                           transform_grads=method.transform_grads)

@@ -18,7 +18,7 @@ import jax, jax.numpy as jnp, numpy as np
 from clx.data.types import ArraySplit, Stream, Task
 from clx.methods import build, gpm as gpm_lib, heads as heads_lib, passes
 from clx.methods import became as became_lib
-from clx.methods.base import StreamSpec
+from clx.methods.base import StreamSpec, TaskInfo
 from clx.models.convnets import alexnet
 from clx.ops import merging
 from clx.train.loop import TrainConfig, run_method
@@ -42,8 +42,8 @@ if what == "eval":
     state = {**state, "heads": {"0": {"kernel": heads_lib.init_linear(jax.random.PRNGKey(seed + 9), 2048, 10)["kernel"]}}}
     rng = np.random.default_rng(seed)
     x, y = images(rng, 1000, range(10))
-    pred = jax.jit(lambda s, xb, m: method.predict(s, None, xb, current_task=0, task_id=0, spec=spec, mask=m))
-    pred_nomask = jax.jit(lambda s, xb: method.predict(s, None, xb, current_task=0, task_id=0, spec=spec))
+    pred = jax.jit(lambda s, xb, m: method.predict(s, None, xb, TaskInfo(0, spec, 0), mask=m))
+    pred_nomask = jax.jit(lambda s, xb: method.predict(s, None, xb, TaskInfo(0, spec, 0)))
     official, before, after = [], [], []
     for start in range(0, 1000, 64):
       xb = x[start:start + 64]

@@ -28,7 +28,7 @@ def _measure(devices: int, steps: int, batch: int, hidden: int) -> dict:
   import numpy as np
 
   from clx.data.types import ArraySplit
-  from clx.methods.base import StreamSpec
+  from clx.methods.base import StreamSpec, TaskInfo
   from clx.methods.sequential import finetune
   from clx.models.mlp import mlp
   from clx.train.loop import Fitter, TrainConfig
@@ -44,8 +44,9 @@ def _measure(devices: int, steps: int, batch: int, hidden: int) -> dict:
   mesh = make_mesh(devices)
   state = replicate(method.init(jax.random.PRNGKey(0), spec), mesh)
   base = replicate(backbone.params, mesh)
-  params = method.trainable(state, 0)
-  loss = lambda p, s, b, batch, r: method.loss(p, s, b, batch, r, task_index=0, spec=spec)  # noqa: E731
+  info = TaskInfo(0, spec)
+  params = method.trainable(state, info)
+  loss = lambda p, s, b, batch, r: method.loss(p, s, b, batch, r, info)  # noqa: E731
   cfg = TrainConfig(epochs=1, batch_size=batch, optimizer="sgd", learning_rate=0.01)
   fitter = Fitter(mesh, progress=False, quiet=True)
   # Warm-up (compile) on a short split, then time a full epoch.

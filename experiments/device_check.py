@@ -237,7 +237,7 @@ def clx_inflora_step(variant: str, image_size: int, batch: int, steps: int, dtyp
   import optax
 
   from clx.methods import build
-  from clx.methods.base import StreamSpec
+  from clx.methods.base import StreamSpec, TaskInfo
   from clx.models.vit import vit_config
 
   backbone, mode = vit_backbone(variant, image_size, dtype)
@@ -255,7 +255,7 @@ def clx_inflora_step(variant: str, image_size: int, batch: int, steps: int, dtyp
   state = method.begin_task(state, ctx)  # the real Gram pass + DualGPM design of a_0
   jax.block_until_ready(state)
   gram_s = time.perf_counter() - start
-  params = method.trainable(state, 0)
+  params = method.trainable(state, TaskInfo(0, spec))
   opt = optax.adam(LEARNING_RATE)
   opt_state = opt.init(params)
   gen = np.random.default_rng(1)
@@ -271,7 +271,7 @@ def clx_inflora_step(variant: str, image_size: int, batch: int, steps: int, dtyp
     if local:  # float32 masters, bf16 compute
       p, st, b = cast(p), cast(st), cast(b)
       data = {**data, "x": data["x"].astype(jnp.bfloat16)}
-    value, _ = method.loss(p, st, b, data, None, task_index=0, spec=spec)
+    value, _ = method.loss(p, st, b, data, None, TaskInfo(0, spec))
     return value.astype(jnp.float32)
 
   def train_step(p, s, st, b, data):

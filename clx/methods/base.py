@@ -11,16 +11,22 @@ The training loop drives a method like this, with no special case per method::
 
     state = method.init(rng, spec)
     for t, task in enumerate(stream):
+      info = TaskInfo(t, spec)                            # static: the task and the stream
       state = method.begin_task(state, ctx)               # host: Gram passes, design, …
-      params = method.trainable(state, t)                 # what the optimiser updates
-      params = ctx.fit(params, partial(method.loss, task_index=t), method.transform_grads)
-      state = method.end_task(state, params, ctx)         # host: memory updates, merges
-      logits = method.predict(state, base, x, current_task=t, task_id=None, mask=m)  # (n, C)
+      params = method.trainable(state, info)              # what the optimiser updates
+      params = ctx.fit(params, partial(method.loss, info=info), method.transform_grads)
+      state = method.combine(state, params, info)         # pure write-back of the trained params
+      state = method.end_task(state, ctx)                 # host: memory updates, merges
+      logits = method.predict(state, base, x, TaskInfo(t, spec, task_id), mask=m)  # (n, C)
 
-``loss``, ``transform_grads`` and ``predict`` are traced under ``jax.jit``
-(``task_index`` and ``spec`` are static). ``begin_task``/``end_task`` run on the host and may
-call jitted passes over data or even further training (``ctx.fit``), e.g.
-BECAME's unconstrained second stage.
+``loss``, ``transform_grads``, ``params_for`` and ``predict`` are traced under
+``jax.jit`` (``info`` is static: a frozen, hashable :class:`TaskInfo`).
+``begin_task``/``end_task`` run on the host and may call jitted passes over data
+or even further training (``ctx.fit``), e.g. BECAME's unconstrained second stage;
+``end_task`` reads the trained params back with ``trainable(state, ctx.info)``.
+Methods that only change the backbone's parameters write ``params_for`` and get
+``loss``/``predict`` from :func:`clx.methods.heads.classification_loss` /
+:func:`clx.methods.heads.classification_predict`.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import numpy as np
 import optax
 
 from clx.models.base import Backbone
+from clx.ops import tree as tree_ops
 
 State = dict[str, Any]
 Params = Any
@@ -65,11 +72,41 @@ class StreamSpec:
                tuple(stream.input_shape))
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskInfo:
+  """The static facts a traced method function needs about "now" (hashable, jit-static).
+
+  Attributes:
+    task: the current task index: the task being trained (``trainable``, ``loss``,
+      ``combine``) or the last trained task (``predict``).
+    spec: the stream's :class:`StreamSpec`.
+    task_id: in ``predict``, the test examples' task in the task-incremental
+      scenario; ``None`` otherwise (and always ``None`` during training).
+  """
+
+  task: int
+  spec: StreamSpec
+  task_id: int | None = None
+
+  def __post_init__(self):
+    if isinstance(self.task, bool) or not isinstance(self.task, (int, np.integer)) or self.task < 0:
+      raise ValueError(f"TaskInfo.task must be an integer >= 0, got {self.task!r}")
+    if self.task_id is not None and (isinstance(self.task_id, bool)
+                                     or not isinstance(self.task_id, (int, np.integer))
+                                     or not 0 <= self.task_id <= self.task):
+      raise ValueError(f"TaskInfo.task_id must be None or an integer in [0, task={self.task}], "
+                       f"got {self.task_id!r}")
+    object.__setattr__(self, "task", int(self.task))
+    if self.task_id is not None:
+      object.__setattr__(self, "task_id", int(self.task_id))
+
+
 class TaskContext(Protocol):
   """What the loop gives ``begin_task``/``end_task`` (host side)."""
 
   task_index: int
   spec: StreamSpec
+  info: TaskInfo  # TaskInfo(task_index, spec)
   rng: jax.Array
   base: Any  # the frozen backbone params, placed on the mesh
 
@@ -99,24 +136,24 @@ class TaskContext(Protocol):
     """
 
 
-def site_key(site: str) -> str:
-  """State key of a site path: state paths use '/' as separator, so it is escaped as '.'."""
-  return site.replace("/", ".")
+def site_key(site) -> str:
+  """Deprecated alias of :func:`clx.ops.tree.to_key` (the one string form of a site)."""
+  return tree_ops.to_key(site)
 
 
-def get_path(tree, path: str):
-  """The leaf of a nested dict at a '/'-separated path (e.g. a kernel by its site path)."""
-  for part in path.split("/"):
-    tree = tree[part]
-  return tree
+def get_path(tree, path):
+  """Deprecated alias of :func:`clx.ops.tree.get`."""
+  return tree_ops.get(tree, path)
 
 
-def identity_grads(grads, state):
+def identity_grads(grads: Params, state: State) -> Params:
+  """``transform_grads`` of methods that do not touch gradients."""
   del state
   return grads
 
 
-def no_host_hook(state, ctx):
+def no_host_hook(state: State, ctx: TaskContext) -> State:
+  """``begin_task``/``end_task`` of methods with nothing to do on the host."""
   del ctx
   return state
 
@@ -129,21 +166,27 @@ class ContinualMethod(NamedTuple):
     backbone: the frozen backbone (graphdef + base params) it adapts.
     init: ``(rng, spec) -> state``.
     begin_task: ``(state, ctx) -> state`` (host).
-    trainable: ``(state, task_index) -> params`` to optimise on this task.
-    loss: ``(params, state, base, batch, rng, *, task_index, spec) -> (loss, aux)``;
-      ``batch`` has ``x``, global labels ``y`` and a 0/1 ``mask`` (padding).
+    trainable: ``(state, info) -> params`` to optimise on task ``info.task``.
+    loss: ``(params, state, base, batch, rng, info) -> (loss, aux)``; ``batch`` has
+      ``x``, global labels ``y`` and a 0/1 ``mask`` (padding); ``info`` is static.
+    combine: ``(state, params, info) -> state``: the pure write-back of trained
+      params into the state (run by the loop after training, before ``end_task``).
+    end_task: ``(state, ctx) -> state`` (host): post-task work (memory updates,
+      merges, signatures) on the combined state; the trained params are
+      ``trainable(state, ctx.info)``.
+    predict: ``(state, base, x, info, mask=None) -> logits (n, C)`` over the
+      global label space of ``C`` classes; classes not available are at a large
+      negative value. ``info.task`` is the last trained task; ``info.task_id``
+      is the test examples' task in the task-incremental scenario and ``None``
+      otherwise. ``mask`` (n,) marks the real rows of a padded evaluation batch
+      and must reach ``backbone.apply(..., mask=mask)`` so batch-statistic
+      layers ignore the padding (:mod:`clx.methods.passes`); the loop refuses a
+      ``predict`` without it on such a backbone.
+    params_for: ``(state, base, info) -> backbone params``: the effective
+      backbone parameters for task ``info.task`` (jittable, public), or ``None``
+      for methods whose forward is not one backbone parameter set (per-example
+      task routing, soft prompts).
     transform_grads: ``(grads, state) -> grads`` (e.g. gradient projection).
-    end_task: ``(state, params, ctx) -> state`` (host): write the trained
-      params back and do post-task work.
-    predict: ``(state, base, x, *, current_task, task_id, spec, mask=None) -> logits (n, C)``
-      over the global label space of ``C`` classes; classes not available are
-      at a large negative value. ``current_task`` is the last trained task;
-      ``task_id`` is the test example's task in the task-incremental scenario
-      and ``None`` otherwise. Both are static (Python ints). ``mask`` (n,)
-      marks the real rows of a padded evaluation batch and must reach
-      ``backbone.apply(..., mask=mask)`` so batch-statistic layers ignore the
-      padding (:mod:`clx.methods.passes`); the loop refuses a ``predict``
-      without it on such a backbone.
     data_view: ``"current"`` (train on the current task) or ``"cumulative"``
       (all tasks so far: the joint upper bound).
     diagnostics: optional ``state -> dict`` of JSON-able numbers worth
@@ -157,17 +200,19 @@ class ContinualMethod(NamedTuple):
   backbone: Backbone
   init: Callable[[jax.Array, StreamSpec], State]
   begin_task: Callable[[State, TaskContext], State]
-  trainable: Callable[[State, int], Params]
+  trainable: Callable[[State, TaskInfo], Params]
   loss: Callable[..., tuple[jax.Array, dict]]
-  transform_grads: Callable[[Params, State], Params]
-  end_task: Callable[[State, Params, TaskContext], State]
+  combine: Callable[[State, Params, TaskInfo], State]
+  end_task: Callable[[State, TaskContext], State]
   predict: Callable[..., jax.Array]
+  params_for: Callable[[State, Any, TaskInfo], Params] | None = None
+  transform_grads: Callable[[Params, State], Params] = identity_grads
   data_view: str = "current"
   diagnostics: Callable[[State], dict] | None = None
   transform_updates: Callable[[Params, State], Params] | None = None
 
 
-def to_host(x) -> np.ndarray:
+def to_host(x: Any) -> np.ndarray:
   """A (possibly multi-host sharded) array as one NumPy array on every process.
 
   ``jax.device_get`` needs every shard on this process; on multi-host runs a

@@ -111,7 +111,7 @@ def became(backbone: Backbone, *, base: str = "gpm", stage2: dict | None = None,
     """Diagonal Fisher of the current head's CE at ``params`` on the task's data
     (``pass_index`` picks this pass's dropout key)."""
     spec, t = ctx.spec, ctx.task_index
-    mode, key = parts.mode(spec), parts.head_key(state, t)
+    mode, key = parts.mode(spec), heads_lib.head_key(state["heads"], t)
     data = ctx.arrays("train")
     labels = None
     if fisher == "empirical":
@@ -122,18 +122,18 @@ def became(backbone: Backbone, *, base: str = "gpm", stage2: dict | None = None,
         kind=fisher, batch_size=fisher_batch_size or ctx.config.batch_size, pass_mask=True,
         rng=rng)
 
-  def end_task(state, params, ctx):
+  def end_task(state, ctx):
     t = ctx.task_index
+    params = parts.trainable(state, ctx.info)  # θ_GP: the stage-1 result, combined by the loop
     if t == 0:
       f_new = fisher_of(params, state, ctx, 0)
       lam = jnp.float32(1.0)
       merged = params
     else:
       stage2_cfg = dataclasses.replace(ctx.config, **(stage2 or {}))
-      theta_hat = ctx.fit(params, lambda p, s, b, batch, rng: parts.loss(
-          p, s, b, batch, rng, task_index=t, spec=ctx.spec, project=False),
-          state=state, config=stage2_cfg, title=f"{name} task {t + 1} stage 2",
-          phase=2)
+      theta_hat = ctx.fit(params, functools.partial(parts.loss, info=ctx.info, project=False),
+                          state=state, config=stage2_cfg, title=f"{name} task {t + 1} stage 2",
+                          phase=2)
       f_cur = fisher_of(theta_hat, state, ctx, 0)
       f_old = old_fisher(state, params, t)
       lam = merging.became_coefficient(params, theta_hat, f_cur, f_old, per_leaf=per_layer)
@@ -144,7 +144,7 @@ def became(backbone: Backbone, *, base: str = "gpm", stage2: dict | None = None,
     if verbose and jax.process_index() == 0:
       print(f"{name} task {t + 1}: merge coefficient λ = {float(lam):.4f}",
             file=sys.stderr, flush=True)
-    state = parts.write_back(state, merged, t)
+    state = parts.combine(state, merged, ctx.info)
     state = {**state, "fisher": store_fisher(state, f_new, t),
              "lambdas": state["lambdas"].at[t].set(lam)}
     return parts.update_memory(state, ctx)
@@ -152,7 +152,7 @@ def became(backbone: Backbone, *, base: str = "gpm", stage2: dict | None = None,
   def old_fisher(state, params, t):
     """F_old laid out like the trainable params (zeros for a new head)."""
     stored = state.get("fisher")
-    key = parts.head_key(state, t)
+    key = heads_lib.head_key(state["heads"], t)
     if stored is None:
       return jax.tree.map(jnp.zeros_like, params)
     head = stored["heads"].get(key)
@@ -162,7 +162,7 @@ def became(backbone: Backbone, *, base: str = "gpm", stage2: dict | None = None,
   def store_fisher(state, f_new, t):
     stored = state.get("fisher") or {"backbone": None, "heads": {}}
     return {"backbone": f_new["backbone"],
-            "heads": {**stored["heads"], parts.head_key(state, t): f_new["head"]}}
+            "heads": {**stored["heads"], heads_lib.head_key(state["heads"], t): f_new["head"]}}
 
   def diagnostics(state):
     return {"memory_ranks": memory_ranks(state),

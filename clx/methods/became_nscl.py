@@ -71,23 +71,16 @@ import numpy as np
 
 from clx.methods import heads as heads_lib
 from clx.methods.became import _head_logits_fn  # the same current-head logits (mask-aware)
-from clx.methods.base import ContinualMethod, StreamSpec, site_key
-from clx.methods.base import get_path as _get
+from clx.methods import sequential
+from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo
 from clx.models.base import Backbone
-from clx.ops import merging, null_space
+from clx.ops import merging, null_space, tree
 
 OFFICIAL_LEARNING_RATES = {"first": 1e-4, "body": 5e-5, "head": 1e-3, "norm": 5e-4}
 
 
-def _set(tree, path: str, value):
-  head, _, rest = path.partition("/")
-  if not rest:
-    return {**tree, head: value}
-  return {**tree, head: _set(tree[head], rest, value)}
-
-
-def _l2(tree) -> jax.Array:
-  return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)),
+def _l2(params) -> jax.Array:
+  return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(params)),
              jnp.zeros((), jnp.float32))
 
 
@@ -118,26 +111,25 @@ class NSCLParts:
     if not self.sites:
       raise ValueError(f"{backbone.name} exposes no sites to project")
     for site in self.sites:
-      if np.ndim(_get(backbone.params, site)) < 2:
+      if np.ndim(tree.get(backbone.params, site)) < 2:
         raise ValueError(f"site {site!r} is not a kernel (shape "
-                         f"{np.shape(_get(backbone.params, site))})")
+                         f"{np.shape(tree.get(backbone.params, site))})")
     self.cov_batch_size = cov_batch_size
-    self.dims = {s: int(np.prod(np.shape(_get(backbone.params, s))[:-1])) for s in self.sites}
+    self.dims = {s: int(np.prod(np.shape(tree.get(backbone.params, s))[:-1])) for s in self.sites}
+    self.loss = heads_lib.classification_loss(backbone, sequential.full_params, self.combine,
+                                              head_mode=head_mode, penalty=self.l2_penalty)
 
   def mode(self, spec: StreamSpec) -> str:
     return self.head_mode or heads_lib.default_mode(spec)
-
-  def head_key(self, state, task_index) -> str:
-    return "shared" if "shared" in state["heads"] else str(task_index)
 
   # -- protocol ---------------------------------------------------------------
   def init(self, rng, spec):
     return {"backbone": jax.tree.map(jnp.array, self.backbone.params),
             "heads": heads_lib.init_heads(rng, spec, self.backbone.feature_dim, self.mode(spec)),
-            "cov": {site_key(s): jnp.zeros((d, d), jnp.float32) for s, d in self.dims.items()},
-            "projector": {site_key(s): jnp.zeros((d, d), jnp.float32)
+            "cov": {tree.to_key(s): jnp.zeros((d, d), jnp.float32) for s, d in self.dims.items()},
+            "projector": {tree.to_key(s): jnp.zeros((d, d), jnp.float32)
                           for s, d in self.dims.items()},
-            "null_dim": {site_key(s): jnp.zeros((), jnp.int32) for s in self.sites},
+            "null_dim": {tree.to_key(s): jnp.zeros((), jnp.int32) for s in self.sites},
             "task": jnp.zeros((), jnp.int32),
             "lr_scale": {k: jnp.ones((), jnp.float32) for k in ("body", "head", "norm")}}
 
@@ -155,23 +147,16 @@ class NSCLParts:
             "lr_scale": {k: jnp.asarray(v / cfg.learning_rate, jnp.float32)
                          for k, v in scale.items()}}
 
-  def trainable(self, state, task_index):
-    return {"backbone": state["backbone"], "head": state["heads"][self.head_key(state, task_index)]}
+  def trainable(self, state, info: TaskInfo):
+    return {"backbone": state["backbone"],
+            "head": state["heads"][heads_lib.head_key(state["heads"], info.task)]}
 
-  def write_back(self, state, params, task_index):
-    heads = {**state["heads"], self.head_key(state, task_index): params["head"]}
-    return {**state, "backbone": params["backbone"], "heads": heads}
+  def combine(self, state, params, info: TaskInfo):
+    return heads_lib.with_head({**state, "backbone": params["backbone"]}, params["head"], info.task)
 
-  def loss(self, params, state, base, batch, rng, *, task_index, spec):
-    """Cross-entropy of the current head + the official L2 decay on body and norm groups."""
-    del base
-    feats = self.backbone.apply(params["backbone"], batch["x"], rng=rng, mask=batch["mask"])
-    heads = {**state["heads"], self.head_key(state, task_index): params["head"]}
-    logits, labels = heads_lib.train_logits_and_labels(heads, feats, batch["y"], spec,
-                                                       task_index, self.mode(spec))
-    value = heads_lib.masked_cross_entropy(logits, labels, batch["mask"])
-    total = value + 0.5 * self.weight_decay * _l2(params["backbone"])
-    return total, {"accuracy": heads_lib.masked_accuracy(logits, labels, batch["mask"])}
+  def l2_penalty(self, params) -> jax.Array:
+    """The official L2 decay on the body and norm groups: ½ · weight_decay · Σ θ² (backbone)."""
+    return 0.5 * self.weight_decay * _l2(params["backbone"])
 
   def scale_updates(self, updates, state):
     """Per-group learning rates: body/norm/head updates × lr_group / train.learning_rate."""
@@ -186,9 +171,9 @@ class NSCLParts:
     body = updates["backbone"]
     later = state["task"] > 0
     for site in self.sites:
-      u = _get(body, site)
-      projected = null_space.project_update(u, state["projector"][site_key(site)])
-      body = _set(body, site, jnp.where(later, projected, u))
+      u = tree.get(body, site)
+      projected = null_space.project_update(u, state["projector"][tree.to_key(site)])
+      body = tree.set(body, site, jnp.where(later, projected, u))
     return {**updates, "backbone": body}
 
   def update_covariance(self, state, ctx):
@@ -205,29 +190,23 @@ class NSCLParts:
       x = batch["x"][:valid] if valid < batch["x"].shape[0] else batch["x"]
       taps = taps_fn(state["backbone"], x)
       for site in self.sites:
-        cov[site_key(site)] = cov[site_key(site)] + term(taps[site])
+        cov[tree.to_key(site)] = cov[tree.to_key(site)] + term(taps[site])
     projector, null_dim = {}, {}
     for site in self.sites:
-      c = cov[site_key(site)]
+      c = cov[tree.to_key(site)]
       if not bool(jnp.all(jnp.isfinite(c))):
         raise ValueError(f"task {ctx.task_index}: the input covariance of {site!r} has NaN/Inf")
-      projector[site_key(site)], null_dim[site_key(site)] = null_space.null_space_projector(
+      projector[tree.to_key(site)], null_dim[tree.to_key(site)] = null_space.null_space_projector(
           c, self.threshold)
     return {**state, "cov": cov, "projector": projector, "null_dim": null_dim}
 
-  def end_task(self, state, params, ctx):
-    return self.update_covariance(self.write_back(state, params, ctx.task_index), ctx)
-
-  def predict(self, state, base, x, *, current_task, task_id, spec, mask=None):
-    del base, task_id
-    # mask: padding rows of an evaluation batch stay out of batch statistics (conv backbones).
-    feats = self.backbone.apply(state["backbone"], x, mask=mask)
-    return heads_lib.global_logits(state["heads"], feats, spec, self.mode(spec), current_task)
-
   def method(self, name: str, **overrides) -> ContinualMethod:
     fns = dict(init=self.init, begin_task=self.begin_task, trainable=self.trainable,
-               loss=self.loss, transform_grads=lambda g, s: g, end_task=self.end_task,
-               predict=self.predict, transform_updates=self.project_updates,
+               loss=self.loss, combine=self.combine, end_task=self.update_covariance,
+               params_for=sequential.full_params,
+               predict=heads_lib.classification_predict(self.backbone, sequential.full_params,
+                                                        head_mode=self.head_mode),
+               transform_updates=self.project_updates,
                diagnostics=lambda state: {"null_dims": null_dims(state)})
     fns.update(overrides)
     return ContinualMethod(name=name, backbone=self.backbone, **fns)
@@ -240,7 +219,7 @@ def _taps_fn(backbone: Backbone, sites: tuple[str, ...]):
 
 def null_dims(state) -> dict[str, int]:
   """``{site: k}``: the null-space dimension of each projected site."""
-  return {k.replace(".", "/"): int(v) for k, v in state["null_dim"].items()}
+  return {tree.to_path(tree.from_key(k)): int(v) for k, v in state["null_dim"].items()}
 
 
 def adam_nscl(backbone: Backbone, *, threshold: float = 10.0, covariance: str = "batch_mean",
@@ -306,7 +285,7 @@ def became_nscl(backbone: Backbone, *, stage2: dict | None = None, fisher: str =
   def fisher_of(params, state, ctx):
     """Diagonal Fisher of the current head's CE, backbone leaves only (heads excluded)."""
     spec, t = ctx.spec, ctx.task_index
-    mode, key = parts.mode(spec), parts.head_key(state, t)
+    mode, key = parts.mode(spec), heads_lib.head_key(state["heads"], t)
     data = ctx.arrays("train")
     labels = None
     if fisher == "empirical":
@@ -317,14 +296,15 @@ def became_nscl(backbone: Backbone, *, stage2: dict | None = None, fisher: str =
         pass_mask=True)  # padding rows of the last batch stay out of batch statistics
     return full["backbone"]
 
-  def end_task(state, params, ctx):
+  def end_task(state, ctx):
     t = ctx.task_index
+    params = parts.trainable(state, ctx.info)  # θ_GP: the stage-1 result, combined by the loop
     if t == 0:
       merged, lam = params, jnp.float32(1.0)
       f_old = jax.tree.map(jnp.zeros_like, state["fisher"])
     else:
       stage2_cfg = dataclasses.replace(ctx.config, **(stage2 or {}))
-      theta_hat = ctx.fit(params, functools.partial(parts.loss, task_index=t, spec=ctx.spec),
+      theta_hat = ctx.fit(params, functools.partial(parts.loss, info=ctx.info),
                           transform_updates=parts.scale_updates, state=state, config=stage2_cfg,
                           title=f"{name} task {t + 1} stage 2", phase=2)
       f_cur = fisher_of(theta_hat, state, ctx)
@@ -335,7 +315,7 @@ def became_nscl(backbone: Backbone, *, stage2: dict | None = None, fisher: str =
       print(f"{name} task {t + 1}: merge coefficient λ = {float(lam):.4f}", file=sys.stderr,
             flush=True)
     f_new = jax.tree.map(lambda a, b: a + gamma * b, fisher_of(merged, state, ctx), f_old)
-    state = parts.write_back(state, merged, t)
+    state = parts.combine(state, merged, ctx.info)
     state = {**state, "fisher": f_new, "lambdas": state["lambdas"].at[t].set(lam)}
     return parts.update_covariance(state, ctx)
 

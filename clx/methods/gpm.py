@@ -35,20 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import heads as heads_lib
-from clx.methods.base import ContinualMethod, StreamSpec, site_key
-from clx.methods.base import get_path as _get
+from clx.methods import sequential
+from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo
 from clx.models.base import Backbone
 from clx.ops import sgp as sgp_ops
 from clx.ops import subspace
+from clx.ops import tree
 
 HEAD_SITE = "head/kernel"
-
-
-def _set(tree, path: str, value):
-  parts = path.split("/")
-  if len(parts) == 1:
-    return {**tree, parts[0]: value}
-  return {**tree, parts[0]: _set(tree[parts[0]], "/".join(parts[1:]), value)}
 
 
 def resolve_thresholds(threshold, sites: Sequence[str]) -> dict[str, float]:
@@ -86,14 +80,14 @@ def _check_threshold_values(threshold, increment) -> None:
 def project_gradients(grads, memory, sites, *, variant: str):
   """Project ``grads[site]`` (Flax kernels) off each site's memory."""
   for site in sites:
-    mem = memory[site_key(site)]
+    mem = memory[tree.to_key(site)]
     basis = jnp.where(jnp.arange(mem["basis"].shape[1]) < mem["rank"], mem["basis"], 0.0)
-    g = _get(grads, site)
+    g = tree.get(grads, site)
     if variant == "sgp":
       g = sgp_ops.scaled_projection_out(g, mem["basis"], mem["rank"], mem["scale"])
     else:
       g = subspace.project_kernel_gradient(g, basis)
-    grads = _set(grads, site, g)
+    grads = tree.set(grads, site, g)
   return grads
 
 
@@ -122,7 +116,7 @@ class GPMParts:
     if not self.body_sites:
       raise ValueError(f"{backbone.name} exposes no sites to project")
     for site in self.body_sites:
-      _get(backbone.params, site)  # KeyError early for a wrong site path
+      tree.get(backbone.params, site)  # KeyError early for a wrong site path
     self.fast_sites = tuple(s for s in self.body_sites
                             if fast_projection and backbone.projects_through_inputs(s))
     self.slow_sites = tuple(s for s in self.body_sites if s not in self.fast_sites)
@@ -135,6 +129,10 @@ class GPMParts:
     if too_many:
       raise ValueError(f"site_samples must lie in [1, num_samples={num_samples}], got {too_many}")
     self.freeze_norm = freeze_norm
+    self._projected_loss, self._plain_loss = (
+        heads_lib.classification_loss(backbone, sequential.full_params, self.combine,
+                                      head_mode=head_mode, forward_kwargs=kwargs)
+        for kwargs in (self.grad_projection, None))
 
   # -- layout -----------------------------------------------------------------
   def mode(self, spec) -> str:
@@ -147,20 +145,17 @@ class GPMParts:
   def _strip_bias(self, heads):
     return heads if self.head_bias else {k: {"kernel": v["kernel"]} for k, v in heads.items()}
 
-  def head_key(self, state, task_index) -> str:
-    return "shared" if "shared" in state["heads"] else str(task_index)
-
   # -- protocol functions -----------------------------------------------------
   def init(self, rng, spec: StreamSpec):
     heads = heads_lib.init_heads(rng, spec, self.backbone.feature_dim, self.mode(spec))
     memory = {}
     for site in self.sites(spec):
       d = (self.backbone.feature_dim if site == HEAD_SITE
-           else int(np.prod(_get(self.backbone.params, site).shape[:-1])))
-      memory[site_key(site)] = {"basis": jnp.zeros((d, d), jnp.float32),
+           else int(np.prod(tree.get(self.backbone.params, site).shape[:-1])))
+      memory[tree.to_key(site)] = {"basis": jnp.zeros((d, d), jnp.float32),
                                 "rank": jnp.zeros((), jnp.int32)}
       if self.variant == "sgp":
-        memory[site_key(site)]["scale"] = jnp.zeros((d,), jnp.float32)
+        memory[tree.to_key(site)]["scale"] = jnp.zeros((d,), jnp.float32)
     return {"backbone": jax.tree.map(jnp.array, self.backbone.params),
             "heads": self._strip_bias(heads), "memory": memory,
             "task": jnp.zeros((), jnp.int32)}
@@ -171,29 +166,27 @@ class GPMParts:
     return {**state, "heads": self._strip_bias(heads),
             "task": jnp.asarray(ctx.task_index, jnp.int32)}
 
-  def trainable(self, state, task_index):
-    return {"backbone": state["backbone"], "head": state["heads"][self.head_key(state, task_index)]}
+  def trainable(self, state, info: TaskInfo):
+    return {"backbone": state["backbone"],
+            "head": state["heads"][heads_lib.head_key(state["heads"], info.task)]}
 
-  def write_back(self, state, params, task_index):
-    heads = {**state["heads"], self.head_key(state, task_index): params["head"]}
-    return {**state, "backbone": params["backbone"], "heads": heads}
+  def combine(self, state, params, info: TaskInfo):
+    return heads_lib.with_head({**state, "backbone": params["backbone"]}, params["head"], info.task)
 
-  def loss(self, params, state, base, batch, rng, *, task_index, spec, project: bool = True):
+  def grad_projection(self, state, info: TaskInfo) -> dict:
+    """``backbone.apply`` arguments projecting the fast sites' gradients through their
+    inputs (from the second task on; none on task 0, whose memory is empty)."""
+    if info.task == 0 or not self.fast_sites:
+      return {}
+    return {"grad_projection": {s: (state["memory"][tree.to_key(s)]["basis"],
+                                    state["memory"][tree.to_key(s)].get("scale"))
+                                for s in self.fast_sites}}
+
+  def loss(self, params, state, base, batch, rng, info: TaskInfo, project: bool = True):
     """Cross-entropy; with ``project`` (and t > 0) kernel gradients are projected
     through the layer inputs where the backbone supports it."""
-    del base
-    proj = None
-    if project and task_index > 0 and self.fast_sites:
-      proj = {s: (state["memory"][site_key(s)]["basis"],
-                  state["memory"][site_key(s)].get("scale")) for s in self.fast_sites}
-    # rng: dropout (models that have it); mask: padding rows out of batch statistics.
-    feats = self.backbone.apply(params["backbone"], batch["x"], grad_projection=proj, rng=rng,
-                                mask=batch["mask"])
-    heads = {**state["heads"], self.head_key(state, task_index): params["head"]}
-    logits, labels = heads_lib.train_logits_and_labels(heads, feats, batch["y"], spec, task_index,
-                                                       self.mode(spec))
-    value = heads_lib.masked_cross_entropy(logits, labels, batch["mask"])
-    return value, {"accuracy": heads_lib.masked_accuracy(logits, labels, batch["mask"])}
+    fn = self._projected_loss if project else self._plain_loss
+    return fn(params, state, base, batch, rng, info)
 
   def transform_grads(self, grads, state):
     """Project what the forward did not: the shared head, and the sites the
@@ -210,16 +203,10 @@ class GPMParts:
       later = state["task"] > 0
       out["backbone"] = jax.tree.map(
           lambda g: jnp.where(later, jnp.zeros_like(g), g) if g.ndim == 1 else g, out["backbone"])
-    if site_key(HEAD_SITE) in memory:
+    if tree.to_key(HEAD_SITE) in memory:
       out["head"] = project_gradients({"head": grads["head"]}, memory, (HEAD_SITE,),
                                       variant=self.variant)["head"]
     return out
-
-  def predict(self, state, base, x, *, current_task, task_id, spec, mask=None):
-    del base, task_id
-    # mask: padding rows of an evaluation batch stay out of the batch statistics.
-    feats = self.backbone.apply(state["backbone"], x, mask=mask)
-    return heads_lib.global_logits(state["heads"], feats, spec, self.mode(spec), current_task)
 
   def update_memory(self, state, ctx):
     """Grow each site's memory from ``num_samples`` random training examples."""
@@ -237,28 +224,28 @@ class GPMParts:
     first = ctx.task_index == 0
     for site, rep in reps.items():
       eps = min(1.0, base_eps[site] + self.threshold_increment * ctx.task_index)
-      mem = memory[site_key(site)]
+      mem = memory[tree.to_key(site)]
       rep = jnp.asarray(rep, jnp.float32)
       if not bool(jnp.all(jnp.isfinite(rep))):
         raise ValueError(f"task {ctx.task_index}: representation of site {site!r} has NaN/Inf")
       if self.variant == "gpm":
         basis, rank = _gpm_update(mem["basis"], mem["rank"], rep, eps,
                                                 first_task=first)
-        memory[site_key(site)] = {"basis": basis, "rank": rank}
+        memory[tree.to_key(site)] = {"basis": basis, "rank": rank}
       else:
         basis, rank, scale = _sgp_update(
             mem["basis"], mem["rank"], mem["scale"], rep, eps, scale_coff=self.scale_coff,
             first_task=first)
-        memory[site_key(site)] = {"basis": basis, "rank": rank, "scale": scale}
+        memory[tree.to_key(site)] = {"basis": basis, "rank": rank, "scale": scale}
     return {**state, "memory": memory}
-
-  def end_task(self, state, params, ctx):
-    return self.update_memory(self.write_back(state, params, ctx.task_index), ctx)
 
   def method(self, name: str, **overrides) -> ContinualMethod:
     fns = dict(init=self.init, begin_task=self.begin_task, trainable=self.trainable,
-               loss=self.loss, transform_grads=self.transform_grads, end_task=self.end_task,
-               predict=self.predict, diagnostics=lambda state: {"memory_ranks": memory_ranks(state)})
+               loss=self.loss, combine=self.combine, transform_grads=self.transform_grads,
+               end_task=self.update_memory, params_for=sequential.full_params,
+               predict=heads_lib.classification_predict(self.backbone, sequential.full_params,
+                                                        head_mode=self.head_mode),
+               diagnostics=lambda state: {"memory_ranks": memory_ranks(state)})
     fns.update(overrides)
     return ContinualMethod(name=name, backbone=self.backbone, **fns)
 
@@ -275,7 +262,7 @@ def _taps_fn(backbone: Backbone):
 
 def memory_ranks(state) -> dict[str, int]:
   """``{site: rank}`` of a GPM/SGP/BECAME state (for logs and reports)."""
-  return {k.replace(".", "/"): int(v["rank"]) for k, v in state["memory"].items()}
+  return {tree.to_path(tree.from_key(k)): int(v["rank"]) for k, v in state["memory"].items()}
 
 
 def gpm(backbone: Backbone, *, threshold=0.97, threshold_increment: float = 0.0,

@@ -17,18 +17,22 @@ Two layouts, chosen by ``mode``:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from clx.methods.base import StreamSpec
+from clx.methods.base import Params, State, StreamSpec, TaskInfo
+from clx.models.base import Backbone
 
 NEG_INF = -1e30  # finite so that argmax/softmax stay NaN-free under masking
 
 
 def default_mode(spec: StreamSpec) -> str:
+  """``"shared"`` for the domain-incremental scenario, ``"per_task"`` otherwise."""
   return "shared" if spec.scenario == "domain" else "per_task"
 
 
@@ -41,6 +45,7 @@ def init_linear(key: jax.Array, d_in: int, d_out: int) -> dict[str, jax.Array]:
 
 
 def linear(head: dict[str, jax.Array], feats: jax.Array) -> jax.Array:
+  """``feats @ kernel (+ bias)``: (n, d_in) → (n, d_out), in the features' dtype."""
   out = feats @ head["kernel"].astype(feats.dtype)
   if "bias" in head:
     out = out + head["bias"].astype(feats.dtype)
@@ -116,6 +121,93 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) 
 
 
 def masked_accuracy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+  """Fraction of rows with ``mask == 1`` whose argmax logit is the label."""
   mask = mask.astype(jnp.float32)
   hits = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
   return jnp.sum(hits * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def check_mode(head_mode: str | None, who: str) -> None:
+  """Build-time check of a ``head_mode`` argument (``None``, ``"shared"`` or ``"per_task"``)."""
+  if head_mode not in (None, "shared", "per_task"):
+    raise ValueError(f"{who}: head_mode must be None, 'shared' or 'per_task', got {head_mode!r}")
+
+
+def mode_for(head_mode: str | None, spec: StreamSpec) -> str:
+  """The head layout in use: ``head_mode``, or the scenario's default when it is ``None``."""
+  return head_mode or default_mode(spec)
+
+
+def head_key(heads: dict, task: int) -> str:
+  """Key of the head trained on task ``task``: ``"shared"`` if heads are shared, else ``str(task)``."""
+  return "shared" if "shared" in heads else str(task)
+
+
+def with_head(state: State, head: dict, task: int) -> State:
+  """``state`` with the head of task ``task`` replaced by ``head`` (a pure write-back)."""
+  return {**state, "heads": {**state["heads"], head_key(state["heads"], task): head}}
+
+
+def classification_loss(backbone: Backbone,
+                        params_for: Callable[[State, Any, TaskInfo], Params],
+                        combine: Callable[[State, Params, TaskInfo], State], *,
+                        head_mode: str | None = None, cumulative: bool = False,
+                        forward_kwargs: Callable[[State, TaskInfo], dict] | None = None,
+                        penalty: Callable[[Params], jax.Array] | None = None) -> Callable:
+  """The default ``loss`` of a method: masked cross-entropy of the current head.
+
+  ``loss(params, state, base, batch, rng, info)`` combines ``params`` into the
+  state, runs ``backbone.apply(params_for(state, base, info), x, rng=rng,
+  mask=mask, **forward_kwargs(state, info))`` and scores the head of task
+  ``info.task`` (:func:`train_logits_and_labels`).
+
+  Args:
+    backbone: the backbone the method adapts.
+    params_for: the method's effective backbone parameters.
+    combine: the method's write-back of trained params (``params`` reach the
+      forward only through it, so gradients flow to them).
+    head_mode: ``"per_task"``/``"shared"``/``None`` (by scenario).
+    cumulative: joint training over all tasks so far (needs shared heads).
+    forward_kwargs: extra ``backbone.apply`` arguments from the state (e.g.
+      GPM's ``grad_projection``).
+    penalty: ``params -> scalar`` added to the loss (e.g. Adam-NSCL's L2 decay).
+
+  Returns:
+    ``loss(params, state, base, batch, rng, info) -> (scalar, {"accuracy"})``.
+  """
+
+  def loss(params, state, base, batch, rng, info: TaskInfo):
+    state = combine(state, params, info)
+    kwargs = forward_kwargs(state, info) if forward_kwargs is not None else {}
+    # rng: dropout (models that have it); mask: padding rows out of batch statistics.
+    feats = backbone.apply(params_for(state, base, info), batch["x"], rng=rng, mask=batch["mask"],
+                           **kwargs)
+    logits, labels = train_logits_and_labels(state["heads"], feats, batch["y"], info.spec,
+                                             info.task, mode_for(head_mode, info.spec),
+                                             cumulative=cumulative)
+    value = masked_cross_entropy(logits, labels, batch["mask"])
+    if penalty is not None:
+      value = value + penalty(params)
+    return value, {"accuracy": masked_accuracy(logits, labels, batch["mask"])}
+
+  return loss
+
+
+def classification_predict(backbone: Backbone,
+                           params_for: Callable[[State, Any, TaskInfo], Params], *,
+                           head_mode: str | None = None) -> Callable:
+  """The default ``predict``: every seen head over ``backbone(params_for(...))``.
+
+  Returns:
+    ``predict(state, base, x, info, mask=None) -> (n, num_classes)`` global logits
+    (:func:`global_logits`; the loop masks task-IL logits to the task's classes,
+    so ``info.task_id`` is not needed here).
+  """
+
+  def predict(state, base, x, info: TaskInfo, mask=None):
+    # mask: padding rows of an evaluation batch stay out of the batch statistics.
+    feats = backbone.apply(params_for(state, base, info), x, mask=mask)
+    return global_logits(state["heads"], feats, info.spec, mode_for(head_mode, info.spec),
+                         info.task)
+
+  return predict

@@ -23,9 +23,9 @@ Per task:
    its head are created.
 2. Training: only b_t of every adapted kernel and the current head (local
    cross-entropy over the task's classes, :mod:`clx.methods.heads`).
-3. ``end_task``: a second Gram pass, now with branch t included, updates each
-   memory with DualGPM (or plain GPM, ``variant="gpm"``) at threshold
-   ε_t = lamb + (lame − lamb)·t/T.
+3. ``combine`` writes b_t and the head back; then ``end_task``: a second Gram
+   pass, now with branch t included, updates each memory with DualGPM (or plain
+   GPM, ``variant="gpm"``) at threshold ε_t = lamb + (lame − lamb)·t/T.
 4. Prediction: every branch active; class-IL logits are the concatenation of
    all seen heads; the loop masks them to one task's classes for task-IL.
 
@@ -75,14 +75,17 @@ Official code vs paper (defaults follow the code; the paper form is an option):
   the code.
 
 Layout of the module: :class:`InfLoRAConfig` (every option, validated), :class:`SiteLayout`
-(the adapted kernels and their input groups on one backbone), and pure module-level helpers
-that the short factory :func:`inflora` binds: :func:`gram_pass` (the representation pass),
-:func:`design` and :func:`update_memory` (one input group's DualGPM step), :func:`params_for`
-(the adapted backbone of a state, W + Σ_j a_j b_j at every site, which ``loss`` and
-``predict`` use and which notebooks, tests and :mod:`clx.methods.inflora_ca` call from a
-state alone), and the protocol steps :func:`init`, :func:`begin_task`, :func:`trainable`,
-:func:`combine`, :func:`loss`, :func:`end_task`, :func:`predict`. InfLoRA+CA (classifier
-alignment) is :mod:`clx.methods.inflora_ca`.
+(the adapted kernels and their input groups, from the backbone's declared ``site_groups``),
+and pure module-level helpers that the short factory :func:`inflora` binds: :func:`gram_pass`
+(the representation pass), :func:`design` and :func:`update_memory` (one input group's step
+with the :class:`clx.ops.memory.Memory` rule), :func:`params_for` (the adapted backbone of a
+state, W + Σ_j a_j b_j at every site, which notebooks, tests and
+:mod:`clx.methods.inflora_ca` call from a state alone; the method's ``params_for`` field),
+and the protocol steps :func:`init`, :func:`begin_task`, :func:`trainable`, :func:`combine`
+and :func:`end_task`. ``loss`` and ``predict`` are the default classification head over
+``params_for`` (:mod:`clx.methods.heads`; the forward receives the batch's ``rng`` and
+``mask`` like every other method, which only batch-statistic / dropout backbones read).
+InfLoRA+CA (classifier alignment) is :mod:`clx.methods.inflora_ca`.
 
 ``fold=True`` folds each finished task's a_t b_t into one dense per-site delta
 kept in the state (``folded``) and drops the branch. Inference then costs one
@@ -109,17 +112,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import heads as heads_lib
-from clx.methods.base import (Batch, ContinualMethod, Params, StreamSpec, TaskContext,
-                              identity_grads, site_key)
-from clx.methods.base import get_path as _get
+from clx.methods.base import ContinualMethod, Params, StreamSpec, TaskContext, TaskInfo
 from clx.models.base import Backbone
 from clx.ops import dualgpm
 from clx.ops import lora as lora_ops
+from clx.ops import memory as memory_ops
+from clx.ops import tree as tree_ops
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-_SHARED_INPUT_ROLES = ("q", "k", "v")
 VARIANTS = ("dual", "gpm")
-HEAD_MODES = ("per_task", "shared")
 # Old keyword → its one name (DESIGN "one name per concept"); accepted with a DeprecationWarning.
 RENAMED = {"rank": "lora_rank", "scale": "design_scale", "gram_batch_size": "aux_batch_size"}
 
@@ -180,8 +181,7 @@ class InfLoRAConfig:
       raise ValueError(f"lora_rank must be a positive int, got {self.lora_rank!r}")
     if not math.isfinite(self.design_scale) or self.design_scale == 0:
       raise ValueError(f"design_scale must be finite and non-zero, got {self.design_scale}")
-    if self.head_mode not in (None, *HEAD_MODES):
-      raise ValueError(f"head_mode must be None or one of {HEAD_MODES}, got {self.head_mode!r}")
+    heads_lib.check_mode(self.head_mode, self.name)
     if self.aux_batch_size is not None and (
         isinstance(self.aux_batch_size, bool)
         or not isinstance(self.aux_batch_size, (int, np.integer)) or self.aux_batch_size < 1):
@@ -189,9 +189,9 @@ class InfLoRAConfig:
                        f"{self.aux_batch_size!r}")
 
   @property
-  def dual(self) -> bool:
-    """Whether the memory switches to its complement past d/2 (DualGPM)."""
-    return self.variant == "dual"
+  def memory_rule(self) -> memory_ops.MemoryRule:
+    """The memory rule: DualGPM (``variant="dual"``) or plain GPM on Gram matrices."""
+    return memory_ops.dualgpm_rule(energy=self.energy, dual=self.variant == "dual")
 
 
 def config_from_kwargs(config_cls: type, kwargs: Mapping[str, Any],
@@ -227,7 +227,8 @@ def factory_signature(config_cls: type, renamed: Mapping[str, str] = RENAMED
   taking ``**kwargs`` reports, so configs are checked by name before any data loads."""
   kw = inspect.Parameter.KEYWORD_ONLY
   params = [inspect.Parameter("backbone", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-  params += [inspect.Parameter(f.name, kw, default=f.default) for f in dataclasses.fields(config_cls)]
+  params += [inspect.Parameter(f.name, kw, default=f.default)
+             for f in dataclasses.fields(config_cls)]
   params += [inspect.Parameter(old, kw, default=None) for old in renamed]
   return inspect.Signature(params, return_annotation=ContinualMethod)
 
@@ -254,8 +255,8 @@ def resolve_sites(backbone: Backbone, sites: str | Sequence[str]) -> tuple[str, 
       paths = backbone.sites[entry]
     else:
       try:
-        kernel = _get(backbone.params, entry)
-      except (KeyError, TypeError):
+        kernel = tree_ops.get(backbone.params, entry)
+      except (KeyError, TypeError, ValueError):
         raise ValueError(
             f"{entry!r} is neither a site role of {backbone.name} ({sorted(backbone.sites)}) "
             f"nor a kernel path in its params") from None
@@ -269,33 +270,32 @@ def resolve_sites(backbone: Backbone, sites: str | Sequence[str]) -> tuple[str, 
 def input_groups(backbone: Backbone, sites: Sequence[str]) -> dict[str, tuple[str, ...]]:
   """Sites grouped by shared input: ``{group key: (site, ...)}``, in site order.
 
-  By the backbone contract the q, k and v kernels of one attention block read
-  one array (``bert``/``vit``: the block's hidden states / ``norm1`` output),
-  so they form one group keyed ``<block>.<member+member>``. Any other site is
-  its own group keyed by its escaped path. The Gram pass checks that the
-  members' Gram matrices really agree.
+  The backbone declares which kernels read one array (``Backbone.site_groups``:
+  the q, k and v kernels of an attention block read the block's hidden states /
+  ``norm1`` output). The adapted members of such a group form one group keyed
+  ``<group>.<member+member>`` by the module name of each member, e.g.
+  ``encoder.layers.0.attention.key+value``; any other site is its own group keyed
+  by its site key, e.g. ``lin1.kernel`` (:func:`clx.ops.tree.to_key`). The Gram
+  pass checks that the members' Gram matrices really agree.
 
   Args:
-    backbone: the backbone (its q/k/v roles say which kernels share an input).
+    backbone: the backbone (its ``site_groups``).
     sites: kernel paths (:func:`resolve_sites`).
 
   Returns:
     ``{group key: member site paths}``.
   """
-  shared = {p for role in _SHARED_INPUT_ROLES for p in backbone.sites.get(role, ())}
-  buckets: dict[tuple[str, bool], list[str]] = {}
+  buckets: dict[str, list[str]] = {}
   for site in sites:
-    parts = site.rsplit("/", 2)
-    if site in shared and len(parts) == 3:
-      buckets.setdefault((parts[0], True), []).append(site)
-    else:
-      buckets.setdefault((site, False), []).append(site)
+    group = backbone.group_of(site)
+    buckets.setdefault(site if group is None else group, []).append(site)
   groups = {}
-  for (parent, is_shared), members in buckets.items():
-    if is_shared:
-      key = site_key(parent) + "." + "+".join(m.rsplit("/", 2)[1] for m in members)
+  for name, members in buckets.items():
+    if name in backbone.site_groups:
+      prefix = len(tree_ops.as_site(name))
+      key = tree_ops.to_key(name) + "." + "+".join(tree_ops.as_site(m)[prefix] for m in members)
     else:
-      key = site_key(parent)
+      key = tree_ops.to_key(name)
     groups[key] = tuple(members)
   return groups
 
@@ -343,7 +343,7 @@ def site_layout(backbone: Backbone, sites: str | Sequence[str], lora_rank: int) 
   """
   paths = resolve_sites(backbone, sites)
   groups = input_groups(backbone, paths)
-  shapes = {s: tuple(np.shape(_get(backbone.params, s))) for s in paths}
+  shapes = {s: tuple(np.shape(tree_ops.get(backbone.params, s))) for s in paths}
   for members in groups.values():
     dims = {shapes[s][0] for s in members}
     if len(dims) != 1:
@@ -358,7 +358,8 @@ def site_layout(backbone: Backbone, sites: str | Sequence[str], lora_rank: int) 
 
 
 class GroupMemory(TypedDict):
-  """One input group's DualGPM memory (:mod:`clx.ops.dualgpm` layout)."""
+  """One input group's memory as the state stores it (:class:`clx.ops.memory.Memory`
+  without its derived ``scale``, so checkpoints keep their format)."""
 
   basis: jax.Array  # (d, d) zero-padded
   rank: jax.Array   # int32 scalar, valid columns
@@ -397,29 +398,19 @@ def memory_summary(state: InfLoRAState) -> dict[str, tuple[int, str]]:
 # -- the adapted backbone -------------------------------------------------------------
 
 
-def _add_at(tree: Any, path: str, delta: jax.Array) -> Any:
-  """``tree`` with ``delta`` added to the leaf at ``path`` (copies only the path)."""
-  head, _, rest = path.partition("/")
-  if not rest:
-    return {**tree, head: tree[head] + delta.astype(jnp.result_type(tree[head]))}
-  return {**tree, head: _add_at(tree[head], rest, delta)}
-
-
-def params_for(state: InfLoRAState, base: Params, site_group: Mapping[str, str], *,
-               current_b: Mapping[str, jax.Array] | None = None,
-               task_index: int | None = None) -> Params:
+def params_for(state: InfLoRAState, base: Params, site_group: Mapping[str, str]) -> Params:
   """The effective backbone params of an InfLoRA state: W + (folded) + Σ_j a_j b_j per site.
 
-  Pure and jit-able; the same forward :func:`inflora`'s ``loss`` and ``predict``
-  use, exposed so that other code (e.g. :mod:`clx.methods.inflora_ca`, feature
-  extraction, notebooks) can run the adapted backbone from a state alone.
+  Pure and jit-able; the forward of ``loss`` and ``predict`` (the method's
+  ``params_for`` field binds it), exposed so that other code (e.g.
+  :mod:`clx.methods.inflora_ca`, feature extraction, notebooks) can run the
+  adapted backbone from a state alone. During training the loop's ``combine``
+  has put the trained b_t into the state, so every branch reads its own b.
 
   Args:
     state: an InfLoRA state (``branches``, optionally ``folded``).
     base: the frozen backbone params.
     site_group: ``{site path: group key}`` (:func:`site_groups`).
-    current_b: if given, replaces branch ``task_index``'s ``b`` (training).
-    task_index: the branch ``current_b`` belongs to.
 
   Returns:
     A params pytree like ``base``: at every site W + Σ_j a_j[group] b_j[site].
@@ -427,13 +418,13 @@ def params_for(state: InfLoRAState, base: Params, site_group: Mapping[str, str],
   adapters: dict[str, list] = {}
   for tk in sorted(state["branches"], key=int):
     branch = state["branches"][tk]
-    ups = current_b if (current_b is not None and int(tk) == task_index) else branch["b"]
     for s, g in site_group.items():
-      adapters.setdefault(s, []).append({"a": branch["a"][g], "b": ups[site_key(s)]})
+      adapters.setdefault(s, []).append({"a": branch["a"][g], "b": branch["b"][tree_ops.to_key(s)]})
   params = base
   if "folded" in state:
     for s in site_group:
-      params = _add_at(params, s, state["folded"][site_key(s)])
+      kernel = tree_ops.get(params, s)
+      params = tree_ops.add(params, s, state["folded"][tree_ops.to_key(s)].astype(kernel.dtype))
   if adapters:
     params = lora_ops.apply_adapters(params, adapters, 1.0)
   return params
@@ -501,7 +492,7 @@ def gram_pass(backbone: Backbone, params: Params, batches: Iterable[Mapping[str,
   """
   where = f"task {task_index}: " if task_index is not None else ""
   group_items = tuple((g, tuple(members)) for g, members in groups.items())
-  dims = {g: int(np.shape(_get(params, members[0]))[0]) for g, members in group_items}
+  dims = {g: int(np.shape(tree_ops.get(params, members[0]))[0]) for g, members in group_items}
   acc = ({g: jnp.zeros((d, d), jnp.float32) for g, d in dims.items()},
          {g: jnp.zeros((), jnp.float32) for g in dims}, jnp.zeros((), jnp.float32))
   accumulate = _accumulate_fn(backbone, group_items)
@@ -533,13 +524,12 @@ def gram_pass(backbone: Backbone, params: Params, batches: Iterable[Mapping[str,
 # -- one input group's design and memory step ------------------------------------------------
 
 
-def empty_memory(d: int) -> GroupMemory:
-  """The memory of a group before any task: (zeros (d, d), rank 0, REMOVE), i.e. Q = I."""
-  return {"basis": jnp.zeros((d, d), jnp.float32), "rank": jnp.zeros((), jnp.int32),
-          "kind": jnp.full((), dualgpm.REMOVE, jnp.int32)}
+def stored(memory: memory_ops.Memory) -> GroupMemory:
+  """The state's form of a memory: basis, rank and kind (``scale`` is derived from them)."""
+  return {"basis": memory.basis, "rank": memory.rank, "kind": memory.kind}
 
 
-def design(cfg: InfLoRAConfig, memory: GroupMemory, gram: jax.Array) -> jax.Array:
+def design(cfg: InfLoRAConfig, memory: memory_ops.Memory, gram: jax.Array) -> jax.Array:
   """Task t's designed down-projection a_t (d, r) for one input group.
 
   a_t = design_scale · top-r directions of Q C (official) or Q C Q (paper), with Q
@@ -555,39 +545,37 @@ def design(cfg: InfLoRAConfig, memory: GroupMemory, gram: jax.Array) -> jax.Arra
     a_t (d, lora_rank) float32.
   """
   return dualgpm.design_down_projection(
-      gram, memory["basis"], memory["kind"], cfg.lora_rank, memory_rank=memory["rank"],
+      gram, memory.basis, memory.kind, cfg.lora_rank, memory_rank=memory.rank,
       scale=cfg.design_scale, form=cfg.design).astype(jnp.float32)
 
 
-def update_memory(cfg: InfLoRAConfig, memory: GroupMemory, gram: jax.Array, task_index: int,
-                  num_tasks: int) -> GroupMemory:
-  """One group's memory after task t: DualGPM (or GPM) at ε_t = lamb + (lame − lamb)·t/T.
+def update_memory(cfg: InfLoRAConfig, memory: memory_ops.Memory, gram: jax.Array, task: int,
+                  num_tasks: int) -> memory_ops.Memory:
+  """One group's memory after task t by ``cfg.memory_rule`` at ε_t = lamb + (lame − lamb)·t/T.
 
   Args:
     cfg: the config (``lamb``, ``lame``, ``energy``, ``variant``).
     memory: the group's memory after task t − 1.
     gram: C (d, d), the group's input Gram matrix on task t with branch t active.
-    task_index: t.
+    task: t.
     num_tasks: T.
 
   Returns:
     The new memory (:func:`clx.ops.dualgpm.dualgpm_update_fixed`), basis float32.
   """
-  eps = dualgpm.task_threshold(task_index, num_tasks, cfg.lamb, cfg.lame)
-  basis, rank, kind = dualgpm.dualgpm_update_fixed(
-      memory["basis"], memory["rank"], memory["kind"], gram, eps, first_task=task_index == 0,
-      energy=cfg.energy, dual=cfg.dual)
-  return {"basis": basis.astype(jnp.float32), "rank": rank, "kind": kind}
+  eps = dualgpm.task_threshold(task, num_tasks, cfg.lamb, cfg.lame)
+  new = cfg.memory_rule.update(memory, gram, eps, first_task=task == 0)
+  return new._replace(basis=new.basis.astype(jnp.float32))
 
 
 def fold_branch(state: InfLoRAState, layout: SiteLayout, task_index: int) -> InfLoRAState:
-  """``state`` with branch ``task_index`` folded into ``folded`` (+ a_t b_t per site) and dropped."""
+  """``state`` with branch ``task_index`` folded into ``folded`` (+= a_t b_t per site), dropped."""
   branches = dict(state["branches"])
   branch = branches.pop(str(task_index))
   site_group = layout.site_group
-  folded = {site_key(s): state["folded"][site_key(s)] + jnp.matmul(
-      branch["a"][site_group[s]], branch["b"][site_key(s)], precision=_HIGHEST)
-            for s in layout.sites}
+  key = tree_ops.to_key
+  folded = {key(s): state["folded"][key(s)] + jnp.matmul(
+      branch["a"][site_group[s]], branch["b"][key(s)], precision=_HIGHEST) for s in layout.sites}
   return {**state, "branches": branches, "folded": folded}
 
 
@@ -601,24 +589,15 @@ class Setup(NamedTuple):
   backbone: Backbone
   layout: SiteLayout
 
-  def head_mode(self, spec: StreamSpec) -> str:
-    """The configured head mode, or the scenario's default."""
-    return self.cfg.head_mode or heads_lib.default_mode(spec)
-
-
-def head_key(state: InfLoRAState, task_index: int) -> str:
-  """Key of the head task ``task_index`` trains: ``"shared"`` (domain-IL) or ``str(t)``."""
-  return "shared" if "shared" in state["heads"] else str(task_index)
-
 
 def init(setup: Setup, rng: jax.Array, spec: StreamSpec) -> InfLoRAState:
   """The state before the first task: heads, no branch, an empty memory per group."""
-  state = {"heads": heads_lib.init_heads(rng, spec, setup.backbone.feature_dim,
-                                         setup.head_mode(spec)),
+  mode = heads_lib.mode_for(setup.cfg.head_mode, spec)
+  state = {"heads": heads_lib.init_heads(rng, spec, setup.backbone.feature_dim, mode),
            "branches": {},
-           "memory": {g: empty_memory(d) for g, d in setup.layout.group_dim.items()}}
+           "memory": {g: stored(memory_ops.empty(d)) for g, d in setup.layout.group_dim.items()}}
   if setup.cfg.fold:
-    state["folded"] = {site_key(s): jnp.zeros(setup.layout.shapes[s], jnp.float32)
+    state["folded"] = {tree_ops.to_key(s): jnp.zeros(setup.layout.shapes[s], jnp.float32)
                        for s in setup.layout.sites}
   return state
 
@@ -632,75 +611,65 @@ def begin_task(setup: Setup, state: InfLoRAState, ctx: TaskContext) -> InfLoRASt
   params = _params_for_jit(tuple(layout.site_group.items()))(state, ctx.base)
   grams = gram_pass(setup.backbone, params, ctx.batches("train", batch_size=cfg.aux_batch_size),
                     layout.groups, task_index=t)
-  downs = {g: design(cfg, state["memory"][g], gram) for g, gram in grams.items()}
-  ups = {site_key(s): jnp.zeros((cfg.lora_rank, layout.shapes[s][1]), jnp.float32)
+  downs = {g: design(cfg, memory_ops.from_dict(state["memory"][g]), gram)
+           for g, gram in grams.items()}
+  ups = {tree_ops.to_key(s): jnp.zeros((cfg.lora_rank, layout.shapes[s][1]), jnp.float32)
          for s in layout.sites}
   heads = heads_lib.add_task_head(state["heads"], jax.random.fold_in(ctx.rng, 0), ctx.spec,
-                                  setup.backbone.feature_dim, t, setup.head_mode(ctx.spec))
+                                  setup.backbone.feature_dim, t,
+                                  heads_lib.mode_for(cfg.head_mode, ctx.spec))
   return {**state, "heads": heads,
           "branches": {**state["branches"], str(t): {"a": downs, "b": ups}}}
 
 
-def trainable(state: InfLoRAState, task_index: int) -> Params:
-  """``{"b": {site key: (r, d_out)}, "head": {...}}`` of the current task."""
-  return {"b": state["branches"][str(task_index)]["b"],
-          "head": state["heads"][head_key(state, task_index)]}
+def trainable(state: InfLoRAState, info: TaskInfo) -> Params:
+  """``{"b": {site key: (r, d_out)}, "head": {...}}`` of task ``info.task``."""
+  return {"b": state["branches"][str(info.task)]["b"],
+          "head": state["heads"][heads_lib.head_key(state["heads"], info.task)]}
 
 
-def combine(state: InfLoRAState, params: Params, task_index: int) -> InfLoRAState:
+def combine(state: InfLoRAState, params: Params, info: TaskInfo) -> InfLoRAState:
   """The pure write-back of the trained b_t and head into the state."""
-  branch = {**state["branches"][str(task_index)], "b": params["b"]}
-  heads = {**state["heads"], head_key(state, task_index): params["head"]}
-  return {**state, "heads": heads, "branches": {**state["branches"], str(task_index): branch}}
+  branch = {**state["branches"][str(info.task)], "b": params["b"]}
+  state = {**state, "branches": {**state["branches"], str(info.task): branch}}
+  return heads_lib.with_head(state, params["head"], info.task)
 
 
-def loss(setup: Setup, params: Params, state: InfLoRAState, base: Params, batch: Batch,
-         rng: jax.Array | None, *, task_index: int, spec: StreamSpec
-         ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Local cross-entropy of the current head on the adapted backbone (b_t from ``params``)."""
-  del rng
-  eff = params_for(state, base, setup.layout.site_group, current_b=params["b"],
-                   task_index=task_index)
-  feats = setup.backbone.apply(eff, batch["x"])
-  heads = {**state["heads"], head_key(state, task_index): params["head"]}
-  logits, labels = heads_lib.train_logits_and_labels(heads, feats, batch["y"], spec,
-                                                     task_index, setup.head_mode(spec))
-  value = heads_lib.masked_cross_entropy(logits, labels, batch["mask"])
-  return value, {"accuracy": heads_lib.masked_accuracy(logits, labels, batch["mask"])}
-
-
-def end_task(setup: Setup, state: InfLoRAState, params: Params, ctx: TaskContext
-             ) -> InfLoRAState:
-  """Write back, Gram pass with branch t active, memory update per group, optional fold."""
+def end_task(setup: Setup, state: InfLoRAState, ctx: TaskContext) -> InfLoRAState:
+  """Gram pass with branch t active, memory update per group, optional fold."""
   t = ctx.task_index
   cfg, layout = setup.cfg, setup.layout
-  state = combine(state, params, t)
   eff = _params_for_jit(tuple(layout.site_group.items()))(state, ctx.base)
   grams = gram_pass(setup.backbone, eff, ctx.batches("train", batch_size=cfg.aux_batch_size),
                     layout.groups, task_index=t)
-  memory = dict(state["memory"])
-  for g, gram in grams.items():
-    memory[g] = update_memory(cfg, memory[g], gram, t, ctx.spec.num_tasks)
+  memory = {**state["memory"], **{
+      g: stored(update_memory(cfg, memory_ops.from_dict(state["memory"][g]), gram, t,
+                              ctx.spec.num_tasks)) for g, gram in grams.items()}}
   state = {**state, "memory": memory}
   return fold_branch(state, layout, t) if cfg.fold else state
 
 
-def predict(setup: Setup, state: InfLoRAState, base: Params, x: jax.Array, *, current_task: int,
-            task_id: int | None, spec: StreamSpec) -> jax.Array:
-  """Global logits (n, C) of every seen head on the backbone with every branch active."""
-  del task_id  # one network for every task; the loop masks task-IL logits
-  feats = setup.backbone.apply(params_for(state, base, setup.layout.site_group), x)
-  return heads_lib.global_logits(state["heads"], feats, spec, setup.head_mode(spec), current_task)
-
-
 def bind(setup: Setup) -> ContinualMethod:
-  """The :class:`ContinualMethod` whose steps are the module's functions bound to ``setup``."""
+  """The :class:`ContinualMethod` whose steps are the module's functions bound to ``setup``.
+
+  ``loss`` and ``predict`` are the default classification head
+  (:mod:`clx.methods.heads`) over :func:`params_for`.
+  """
+  site_group = setup.layout.site_group
+
+  def effective(state: InfLoRAState, base: Params, info: TaskInfo) -> Params:
+    del info  # every branch is active for every task
+    return params_for(state, base, site_group)
+
   part = functools.partial
+  mode = setup.cfg.head_mode
   return ContinualMethod(
       name=setup.cfg.name, backbone=setup.backbone, init=part(init, setup),
-      begin_task=part(begin_task, setup), trainable=trainable, loss=part(loss, setup),
-      transform_grads=identity_grads, end_task=part(end_task, setup),
-      predict=part(predict, setup))
+      begin_task=part(begin_task, setup), trainable=trainable,
+      loss=heads_lib.classification_loss(setup.backbone, effective, combine, head_mode=mode),
+      combine=combine, end_task=part(end_task, setup),
+      predict=heads_lib.classification_predict(setup.backbone, effective, head_mode=mode),
+      params_for=effective)
 
 
 def inflora(backbone: Backbone, **kwargs: Any) -> ContinualMethod:

@@ -69,7 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import inflora as inflora_lib
-from clx.methods.base import ContinualMethod, Params, StreamSpec, TaskContext, to_host
+from clx.methods.base import ContinualMethod, StreamSpec, TaskContext, to_host
 from clx.methods.inflora import InfLoRAConfig, InfLoRAState, Setup
 from clx.models.base import Backbone
 from clx.ops import alignment
@@ -210,11 +210,10 @@ def init(setup: Setup, rng: jax.Array, spec: StreamSpec) -> InfLoRAState:
   return {**inflora_lib.init(setup, rng, spec), "class_stats": {}}
 
 
-def end_task(setup: Setup, state: InfLoRAState, params: Params, ctx: TaskContext
-             ) -> InfLoRAState:
+def end_task(setup: Setup, state: InfLoRAState, ctx: TaskContext) -> InfLoRAState:
   """InfLoRA's ``end_task``, the task's class statistics, then (t ≥ 1) the alignment."""
   cfg, t = setup.cfg, ctx.task_index
-  state = inflora_lib.end_task(setup, state, params, ctx)
+  state = inflora_lib.end_task(setup, state, ctx)
   feats, local = task_features(setup, state, ctx)
   means, covs = alignment.class_statistics(feats, local, len(ctx.spec.task_classes[t]),
                                            ridge=cfg.ridge)

@@ -76,23 +76,30 @@ def uses_batch_statistics(backbone) -> bool:
   return "mask" in getattr(backbone, "train_kwargs", ())
 
 
-def predict_fn(method, **static) -> Callable:
-  """``(state, base, x, mask) -> logits`` of ``method.predict`` with ``static`` keywords.
+def predict_fn(method, info) -> Callable:
+  """``(state, base, x, mask) -> logits`` of ``method.predict`` for a static ``TaskInfo``.
 
   The mask is forwarded when ``predict`` accepts it. A ``predict`` without a
   ``mask`` keyword on a batch-statistic backbone is an error: its outputs for
   real rows would depend on the padding rows.
+
+  Args:
+    method: a :class:`clx.methods.base.ContinualMethod`.
+    info: the :class:`clx.methods.base.TaskInfo` (last trained task, test task id).
+
+  Returns:
+    ``predict(state, base, x, mask) -> (n, C)`` logits.
   """
   predict = method.predict
   if accepts_mask(predict):
-    return lambda state, base, x, mask: predict(state, base, x, mask=mask, **static)
+    return lambda state, base, x, mask: predict(state, base, x, info, mask=mask)
   if uses_batch_statistics(method.backbone):
     raise ValueError(
         f"method {method.name!r}: predict() takes no mask= but backbone {method.backbone.name!r} "
         "normalises with batch statistics, so padding rows of the last evaluation batch would "
         "change the real rows' predictions; add mask=None to predict and pass it to "
         "backbone.apply(..., mask=mask)")
-  return lambda state, base, x, mask: predict(state, base, x, **static)
+  return lambda state, base, x, mask: predict(state, base, x, info)
 
 
 def collect(fn: Callable, x: np.ndarray, batch_size: int) -> np.ndarray:

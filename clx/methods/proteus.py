@@ -102,7 +102,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import heads as heads_lib
-from clx.methods.base import ContinualMethod, StreamSpec, identity_grads, site_key, to_host
+from clx.methods.base import (ContinualMethod, StreamSpec, TaskInfo, identity_grads, site_key,
+                              to_host)
 from clx.models.base import Backbone
 from clx.ops import lora as lora_ops
 from clx.ops import mixture
@@ -380,15 +381,17 @@ class ProteusParts:
     tasks = {**state["tasks"], str(t): entry}
     return {**state, "heads": heads, "tasks": tasks}
 
-  def trainable(self, state, task_index: int):
+  def trainable(self, state, info: TaskInfo):
+    task_index = info.task
     entry = state["tasks"][str(task_index)]
     params = {"unit": entry["unit"], "head": state["heads"][str(task_index)]}
     if task_index > 0:
       params["weights"] = entry["weights"]
     return params
 
-  def loss(self, params, state, base, batch, rng, *, task_index, spec):
+  def loss(self, params, state, base, batch, rng, info: TaskInfo):
     del rng
+    task_index, spec = info.task, info.spec
     weights = params.get("weights", {})
     adapters = self.training_adapters(state, task_index, params["unit"], weights)
     feats = self.backbone.apply(lora_ops.apply_adapters(base, adapters, self.scale), batch["x"])
@@ -446,15 +449,21 @@ class ProteusParts:
     return sig, {"components": int(sig["means"].shape[0]), "n_iter": int(params["n_iter"]),
                  "converged": bool(params["converged"])}
 
-  def end_task(self, state, params, ctx):
-    t = ctx.task_index
-    t0 = time.perf_counter()
+  def combine(self, state, params, info: TaskInfo):
+    """Write the trained unit, transfer weights (t > 0) and head of task ``info.task`` back."""
+    t = info.task
     entry = dict(state["tasks"][str(t)])
     entry["unit"] = params["unit"]
     if t > 0:
       entry["weights"] = params["weights"]
-    state = {**state, "heads": {**state["heads"], str(t): params["head"]},
-             "tasks": {**state["tasks"], str(t): entry}}
+    return {**state, "heads": {**state["heads"], str(t): params["head"]},
+            "tasks": {**state["tasks"], str(t): entry}}
+
+  def end_task(self, state, ctx):
+    t = ctx.task_index
+    t0 = time.perf_counter()
+    params = self.trainable(state, ctx.info)  # combined by the loop
+    entry = dict(state["tasks"][str(t)])
     base = ctx.base
 
     feat_fn = self._jitted("task_features", self.task_features, task_index=t)
@@ -535,7 +544,8 @@ class ProteusParts:
       mask = jnp.logical_and(mask, jnp.asarray(table)[tasks])
     return jnp.where(mask, logits, heads_lib.NEG_INF)
 
-  def predict(self, state, base, x, *, current_task, task_id, spec):
+  def predict(self, state, base, x, info: TaskInfo):
+    current_task, task_id, spec = info.task, info.task_id, info.spec
     num_tasks = current_task + 1
     if task_id is not None:
       feats = self.task_features(state, base, x, task_id, num_tasks)
@@ -553,7 +563,8 @@ class ProteusParts:
   def method(self, name: str = "proteus") -> ContinualMethod:
     return ContinualMethod(name=name, backbone=self.backbone, init=self.init,
                            begin_task=self.begin_task, trainable=self.trainable, loss=self.loss,
-                           transform_grads=identity_grads, end_task=self.end_task,
+                           combine=self.combine, transform_grads=identity_grads,
+                           end_task=self.end_task,
                            predict=self.predict, diagnostics=self.diagnostics)
 
   # -- reports (host, need the data) -------------------------------------------

@@ -16,94 +16,72 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import heads as heads_lib
-from clx.methods.base import ContinualMethod, StreamSpec, identity_grads
+from clx.methods.base import (ContinualMethod, Params, State, StreamSpec, TaskInfo,
+                              no_host_hook)
 from clx.models.base import Backbone
 from clx.ops import lora as lora_ops
 
 
-def _features(backbone: Backbone, params, x, rng=None, mask=None):
-  # rng/mask: dropout and batch statistics over real rows, on models that use them.
-  return backbone.apply(params, x, rng=rng, mask=mask)
-
-
-def _make(name: str, backbone: Backbone, *, effective_params, trainable_keys, init_extra,
-          head_mode: str | None, data_view: str = "current") -> ContinualMethod:
-  """Build a method whose forward is ``backbone(effective_params(state, base))``.
+def _make(name: str, backbone: Backbone, *, params_for, trainable_keys: tuple[str, ...],
+          init_extra, head_mode: str | None, data_view: str = "current") -> ContinualMethod:
+  """Build a method whose forward is ``backbone(params_for(state, base, info))``.
 
   ``trainable_keys`` are the top-level state entries optimised on every task
   (besides the current head); ``init_extra(rng, base)`` creates them.
   """
-  if head_mode not in (None, "shared", "per_task"):
-    raise ValueError(f"{name}: head_mode must be None, 'shared' or 'per_task', got {head_mode!r}")
-
-  def mode_for(spec):
-    return head_mode or heads_lib.default_mode(spec)
+  heads_lib.check_mode(head_mode, name)
 
   def init(rng, spec: StreamSpec):
     k_head, k_extra = jax.random.split(rng)
-    state = {"heads": heads_lib.init_heads(k_head, spec, backbone.feature_dim, mode_for(spec))}
+    mode = heads_lib.mode_for(head_mode, spec)
+    state = {"heads": heads_lib.init_heads(k_head, spec, backbone.feature_dim, mode)}
     state.update(init_extra(k_extra, backbone.params))
     return state
 
   def begin_task(state, ctx):
-    mode = mode_for(ctx.spec)
     key = jax.random.fold_in(ctx.rng, 0)
     heads = heads_lib.add_task_head(state["heads"], key, ctx.spec, backbone.feature_dim,
-                                    ctx.task_index, mode)
+                                    ctx.task_index, heads_lib.mode_for(head_mode, ctx.spec))
     return {**state, "heads": heads}
 
-  def head_key(state, task_index):
-    return "shared" if "shared" in state["heads"] else str(task_index)
-
-  def trainable(state, task_index):
+  def trainable(state, info: TaskInfo):
     params = {k: state[k] for k in trainable_keys}
-    params["head"] = state["heads"][head_key(state, task_index)]
+    params["head"] = state["heads"][heads_lib.head_key(state["heads"], info.task)]
     return params
 
-  def merged(state, params, task_index):
+  def combine(state, params, info: TaskInfo):
     state = {**state, **{k: params[k] for k in trainable_keys}}
-    heads = dict(state["heads"])
-    heads[head_key(state, task_index)] = params["head"]
-    return {**state, "heads": heads}
+    return heads_lib.with_head(state, params["head"], info.task)
 
-  def loss(params, state, base, batch, rng, *, task_index, spec):
-    state = merged(state, params, task_index)
-    feats = _features(backbone, effective_params(state, base), batch["x"], rng, batch["mask"])
-    logits, labels = heads_lib.train_logits_and_labels(
-        state["heads"], feats, batch["y"], spec, task_index, mode_for(spec),
-        cumulative=data_view == "cumulative")
-    loss_value = heads_lib.masked_cross_entropy(logits, labels, batch["mask"])
-    return loss_value, {"accuracy": heads_lib.masked_accuracy(logits, labels, batch["mask"])}
-
-  def end_task(state, params, ctx):
-    return merged(state, params, ctx.task_index)
-
-  def predict(state, base, x, *, current_task, task_id, spec, mask=None):
-    del task_id  # the same network serves every task; the loop masks task-IL logits
-    feats = _features(backbone, effective_params(state, base), x, mask=mask)
-    return heads_lib.global_logits(state["heads"], feats, spec, mode_for(spec), current_task)
-
+  loss = heads_lib.classification_loss(backbone, params_for, combine, head_mode=head_mode,
+                                       cumulative=data_view == "cumulative")
+  predict = heads_lib.classification_predict(backbone, params_for, head_mode=head_mode)
   return ContinualMethod(name=name, backbone=backbone, init=init, begin_task=begin_task,
-                         trainable=trainable, loss=loss, transform_grads=identity_grads,
-                         end_task=end_task, predict=predict, data_view=data_view)
+                         trainable=trainable, loss=loss, combine=combine, end_task=no_host_hook,
+                         predict=predict, params_for=params_for, data_view=data_view)
+
+
+def full_params(state: State, base: Params, info: TaskInfo) -> Params:
+  """Effective backbone params of full fine-tuning: the trained copy in ``state["backbone"]``."""
+  del base, info
+  return state["backbone"]
+
+
+def _copy_of_base(rng: jax.Array, base: Params) -> State:
+  del rng
+  return {"backbone": jax.tree.map(jnp.array, base)}
 
 
 def finetune(backbone: Backbone, *, head_mode: str | None = None) -> ContinualMethod:
   """Sequential full fine-tuning of the backbone and the current head."""
-  return _make("finetune", backbone,
-               effective_params=lambda state, base: state["backbone"],
-               trainable_keys=("backbone",),
-               init_extra=lambda rng, base: {"backbone": jax.tree.map(jnp.array, base)},
-               head_mode=head_mode)
+  return _make("finetune", backbone, params_for=full_params, trainable_keys=("backbone",),
+               init_extra=_copy_of_base, head_mode=head_mode)
 
 
 def joint(backbone: Backbone) -> ContinualMethod:
   """Joint training on all tasks seen so far, one shared head (upper bound)."""
-  return _make("joint", backbone,
-               effective_params=lambda state, base: state["backbone"],
-               trainable_keys=("backbone",),
-               init_extra=lambda rng, base: {"backbone": jax.tree.map(jnp.array, base)},
-               head_mode="shared", data_view="cumulative")
+  return _make("joint", backbone, params_for=full_params, trainable_keys=("backbone",),
+               init_extra=_copy_of_base, head_mode="shared", data_view="cumulative")
 
 
 def lora(backbone: Backbone, *, rank: int = 8, targets: tuple[str, ...] = ("*kernel",),
@@ -126,10 +104,12 @@ def lora(backbone: Backbone, *, rank: int = 8, targets: tuple[str, ...] = ("*ker
   def init_extra(rng, base):
     return {"adapters": lora_ops.init_lora(rng, base, targets, rank)}
 
-  return _make("lora", backbone,
-               effective_params=lambda state, base: lora_ops.apply_adapters(
-                   base, state["adapters"], scale),
-               trainable_keys=("adapters",), init_extra=init_extra, head_mode=head_mode)
+  def params_for(state, base, info):
+    del info
+    return lora_ops.apply_adapters(base, state["adapters"], scale)
+
+  return _make("lora", backbone, params_for=params_for, trainable_keys=("adapters",),
+               init_extra=init_extra, head_mode=head_mode)
 
 
 REGISTRY = {"finetune": finetune, "lora": lora, "joint": joint}

@@ -133,7 +133,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import heads as heads_lib
-from clx.methods.base import ContinualMethod, StreamSpec, identity_grads, site_key
+from clx.methods.base import (ContinualMethod, StreamSpec, TaskInfo, identity_grads,
+                              no_host_hook, site_key)
 from clx.methods.base import get_path as _get
 from clx.models.base import Backbone
 from clx.ops import lora as lora_ops
@@ -628,7 +629,8 @@ def sparc(backbone: Backbone, *, num_prompt_tokens: int = 20, num_components: in
     state["tasks"] = {**state["tasks"], str(t): entry}
     return state
 
-  def trainable(state, task_index):
+  def trainable(state, info: TaskInfo):
+    task_index = info.task
     entry = state["tasks"][str(task_index)]
     params = {"z": entry["z"]}
     if train_basis:
@@ -649,8 +651,9 @@ def sparc(backbone: Backbone, *, num_prompt_tokens: int = 20, num_components: in
       state["heads"] = {**state["heads"], _head_key(state, task_index): params["head"]}
     return state
 
-  def loss(params, state, base, batch, rng, *, task_index, spec):
+  def loss(params, state, base, batch, rng, info: TaskInfo):
     del rng
+    task_index, spec = info.task, info.spec
     state = merged(state, params, task_index)
     entry = state["tasks"][str(task_index)]
     out = scorer.forward(effective(base, entry), batch["x"], prompt_of(entry))
@@ -665,8 +668,8 @@ def sparc(backbone: Backbone, *, num_prompt_tokens: int = 20, num_components: in
       aux["orthogonal_penalty"] = ortho_loss
     return value, aux
 
-  def end_task(state, params, ctx):
-    return merged(state, params, ctx.task_index)
+  def combine(state, params, info: TaskInfo):
+    return merged(state, params, info.task)
 
   def select(state, base, x, upto: int):
     """Per example, the stored task whose PCA reconstructs its embeddings best ``(n,)``."""
@@ -683,7 +686,8 @@ def sparc(backbone: Backbone, *, num_prompt_tokens: int = 20, num_components: in
       errs.append(resid)
     return jnp.argmin(jnp.stack(errs, -1), -1)
 
-  def predict(state, base, x, *, current_task, task_id, spec):
+  def predict(state, base, x, info: TaskInfo):
+    current_task, task_id, spec = info.task, info.task_id, info.spec
     heads = state.get("heads")
     if task_id is not None or selection == "latest" or current_task == 0:
       task = current_task if task_id is None else task_id
@@ -741,8 +745,9 @@ def sparc(backbone: Backbone, *, num_prompt_tokens: int = 20, num_components: in
     return out
 
   return ContinualMethod(name=method_name, backbone=backbone, init=init, begin_task=begin_task,
-                         trainable=trainable, loss=loss, transform_grads=identity_grads,
-                         end_task=end_task, predict=predict, diagnostics=diagnostics)
+                         trainable=trainable, loss=loss, combine=combine,
+                         transform_grads=identity_grads, end_task=no_host_hook, predict=predict,
+                         diagnostics=diagnostics)
 
 
 def sparc_lora(backbone: Backbone, *, lora_rank: int = 8, **kwargs) -> ContinualMethod:
@@ -834,7 +839,8 @@ def prompt_tuning(backbone: Backbone, *, num_prompt_tokens: int = 20, init: str 
                                     backbone.feature_dim, ctx.task_index, scorer.mode(ctx.spec))
     return {**state, "heads": heads}
 
-  def trainable(state, task_index):
+  def trainable(state, info: TaskInfo):
+    task_index = info.task
     params = {k: state[k] for k in shared_keys}
     if scorer.uses_heads:
       params["head"] = state["heads"][_head_key(state, task_index)]
@@ -846,18 +852,20 @@ def prompt_tuning(backbone: Backbone, *, num_prompt_tokens: int = 20, init: str 
       state["heads"] = {**state["heads"], _head_key(state, task_index): params["head"]}
     return state
 
-  def loss(params, state, base, batch, rng, *, task_index, spec):
+  def loss(params, state, base, batch, rng, info: TaskInfo):
     del rng
+    task_index, spec = info.task, info.spec
     state = merged(state, params, task_index)
     out = forward(state, base, batch["x"])
     logits, labels = scorer.train_logits(state.get("heads"), out, batch["y"], spec, task_index)
     value = heads_lib.masked_cross_entropy(logits, labels, batch["mask"])
     return value, {"accuracy": heads_lib.masked_accuracy(logits, labels, batch["mask"])}
 
-  def end_task(state, params, ctx):
-    return merged(state, params, ctx.task_index)
+  def combine(state, params, info: TaskInfo):
+    return merged(state, params, info.task)
 
-  def predict(state, base, x, *, current_task, task_id, spec):
+  def predict(state, base, x, info: TaskInfo):
+    current_task, task_id, spec = info.task, info.task_id, info.spec
     out = forward(state, base, x)
     mode = scorer.mode(spec)
     if not scorer.uses_heads:
@@ -883,8 +891,8 @@ def prompt_tuning(backbone: Backbone, *, num_prompt_tokens: int = 20, init: str 
   default_name = ("prompt_tuning" if n_tok else "linear_probe") if not rank else (
       "prompt_lora" if n_tok else "seq_lora")
   return ContinualMethod(name=name or default_name, backbone=backbone, init=init_fn,
-                         begin_task=begin_task, trainable=trainable, loss=loss,
-                         transform_grads=identity_grads, end_task=end_task, predict=predict,
+                         begin_task=begin_task, trainable=trainable, loss=loss, combine=combine,
+                         transform_grads=identity_grads, end_task=no_host_hook, predict=predict,
                          diagnostics=diagnostics)
 
 

@@ -28,7 +28,10 @@ Sites are named by the path of their kernel in ``params`` (``"lin1/kernel"``,
 ``"encoder/layers/3/attention/key/kernel"``), the same key adapters use;
 :attr:`Backbone.sites` groups them by role (``q``, ``k``, ``v``, ``o``,
 ``mlp_in``, ``mlp_out``, ``mlp``) so methods target sites without knowing the
-model.
+model. :attr:`Backbone.site_groups` names the sites that read one input array
+(the q/k/v kernels of an attention block: one Gram matrix serves them all), and
+:attr:`Backbone.embedding` the token-embedding table of text models, so methods
+neither split path strings nor probe parameter names.
 """
 
 from __future__ import annotations
@@ -108,6 +111,10 @@ class Backbone:
     grad_projection_sites: the sites it works for (None: every site).
     train_kwargs: training-only call arguments the module takes (``"rng"``
       for dropout, ``"mask"`` for batch statistics over the real rows).
+    site_groups: ``{group: (site path, ...)}``: sites that read the same input
+      array (:func:`shared_input_groups`); a site in no group reads its own.
+    embedding: path of the token-embedding table ``(vocab, d)`` in ``params``
+      (text models), else None.
   """
 
   name: str
@@ -121,18 +128,38 @@ class Backbone:
   supports_grad_projection: bool = False
   grad_projection_sites: tuple[str, ...] | None = None
   train_kwargs: tuple[str, ...] = ()
+  site_groups: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  embedding: str | None = None
+
+  def __post_init__(self):
+    declared = {p for paths in self.sites.values() for p in paths}
+    stray = {g: [m for m in members if m not in declared]
+             for g, members in self.site_groups.items()}
+    stray = {g: m for g, m in stray.items() if m}
+    if stray:
+      raise ValueError(f"{self.name}: site_groups name paths that are not sites: {stray}")
 
   @classmethod
   def from_module(cls, name: str, module: nnx.Module, feature_dim: int,
                   input_shape: tuple[int, ...], sites: Mapping[str, tuple[str, ...]] | None = None,
                   pad_id: int | None = None, supports_grad_projection: bool = False,
                   grad_projection_sites: tuple[str, ...] | None = None,
-                  train_kwargs: tuple[str, ...] = ()) -> "Backbone":
+                  train_kwargs: tuple[str, ...] = (),
+                  site_groups: Mapping[str, tuple[str, ...]] | None = None,
+                  embedding: str | None = None) -> "Backbone":
+    """A backbone from an NNX module (its ``nnx.Param`` leaves become ``params``)."""
     graphdef, template, params = split_params(module)
     return cls(name, graphdef, template, params, feature_dim, tuple(input_shape),
                dict(sites or {}), pad_id, supports_grad_projection,
                None if grad_projection_sites is None else tuple(grad_projection_sites),
-               tuple(train_kwargs))
+               tuple(train_kwargs), dict(site_groups or {}), embedding)
+
+  def group_of(self, site: str) -> str | None:
+    """The :attr:`site_groups` key of ``site`` (a kernel path), or None if it reads its own input."""
+    for group, members in self.site_groups.items():
+      if site in members:
+        return group
+    return None
 
   def projects_through_inputs(self, site: str) -> bool:
     """Whether ``apply(grad_projection={site: ...})`` projects that site's gradient."""
@@ -205,7 +232,32 @@ class Backbone:
     return tuple(dict.fromkeys(out))
 
   def num_params(self) -> int:
+    """Number of scalars in the base parameters."""
     return sum(int(v.size) for v in jax.tree.leaves(self.params))
+
+
+def shared_input_groups(sites: Mapping[str, tuple[str, ...]],
+                        roles: tuple[str, ...] = ("q", "k", "v")) -> dict[str, tuple[str, ...]]:
+  """Sites of ``roles`` grouped by their parent module: ``{parent path: (kernel path, ...)}``.
+
+  For the transformer backbones the q, k and v kernels of one attention block
+  read one array (the block's normalised hidden states), e.g.
+  ``"encoder/layers/0/attention": (".../query/kernel", ".../key/kernel",
+  ".../value/kernel")``; groups come in block order, members in ``roles`` order.
+
+  Args:
+    sites: the backbone's ``{role: kernel paths}``.
+    roles: roles whose kernels in one parent module share their input.
+
+  Returns:
+    ``{parent path: member kernel paths}`` (parent = the path without its last two parts).
+  """
+  groups: dict[str, list[str]] = {}
+  for role in roles:
+    for path in sites.get(role, ()):
+      parent = path.rsplit("/", 2)[0]
+      groups.setdefault(parent, []).append(path)
+  return {g: tuple(m) for g, m in groups.items()}
 
 
 BackboneFactory = Callable[..., Backbone]

@@ -53,7 +53,7 @@ import numpy as np
 from flax import nnx
 
 from clx.models import hub
-from clx.models.base import Backbone, Params, compute_dtype
+from clx.models.base import Backbone, Params, compute_dtype, shared_input_groups
 from clx.models.tokenize import BUCKETS, TextTokenizer, bucket_length
 
 ACTIVATIONS = {
@@ -526,9 +526,11 @@ def _module_with_params(config: BertConfig, params: Params, **module_kwargs) -> 
 
 
 def _backbone(name: str, module: Bert, max_length: int) -> Backbone:
+  sites = bert_sites(module.config.num_hidden_layers)
   return Backbone.from_module(name, module, module.config.hidden_size, (max_length,),
-                              sites=bert_sites(module.config.num_hidden_layers),
-                              pad_id=module.pad_id)
+                              sites=sites, pad_id=module.pad_id,
+                              site_groups=shared_input_groups(sites),
+                              embedding="embeddings/word_embeddings/embedding")
 
 
 def bert(input_shape: Sequence[int] = (128,), *, config: BertConfig | Mapping | None = None,

@@ -97,7 +97,7 @@ import numpy as np
 from flax import nnx
 
 from clx.models import partitioning
-from clx.models.base import Backbone, Params, compute_dtype
+from clx.models.base import Backbone, Params, compute_dtype, shared_input_groups
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 ATTENTION_IMPLS = ("einsum", "dot_product_attention")
@@ -849,9 +849,11 @@ def default_pad_id(config: LlamaConfig) -> int:
 
 
 def _make_backbone(name: str, module: Llama, length: int) -> LlamaBackbone:
+  sites = llama_sites(module.config.num_hidden_layers)
+  groups = {**shared_input_groups(sites), **shared_input_groups(sites, ("mlp_in",))}
   backbone = LlamaBackbone.from_module(name, module, module.config.hidden_size, (length,),
-                                       sites=llama_sites(module.config.num_hidden_layers),
-                                       pad_id=module.pad_id)
+                                       sites=sites, pad_id=module.pad_id, site_groups=groups,
+                                       embedding="embed_tokens/embedding")
   return dataclasses.replace(backbone, config=module.config)
 
 

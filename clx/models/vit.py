@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from clx.models.base import Backbone, Params, compute_dtype, to_str_keys
+from clx.models.base import Backbone, Params, compute_dtype, shared_input_groups, to_str_keys
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 Head = dict[str, np.ndarray]
@@ -859,7 +859,8 @@ def vit(input_shape: Sequence[int] = (224, 224, 3), *, variant: str = "B/16",
   head = None
   if weights is None:
     module = ViT(config, dtype=dtype, rngs=nnx.Rngs(seed))
-    backbone = Backbone.from_module(name, module, config.embed_dim, tuple(input_shape), sites)
+    backbone = Backbone.from_module(name, module, config.embed_dim, tuple(input_shape), sites,
+                                    site_groups=shared_input_groups(sites))
   else:
     params, head = load_vit_weights(weights, config, resize_pos_embed=resize_pos_embed)
     abstract = nnx.eval_shape(lambda: ViT(config, dtype=dtype, rngs=nnx.Rngs(0)))
@@ -867,7 +868,7 @@ def vit(input_shape: Sequence[int] = (224, 224, 3), *, variant: str = "B/16",
     params = jax.tree.map(jnp.asarray, params)
     nnx.replace_by_pure_dict(template, params)
     backbone = Backbone(name, graphdef, template, params, config.embed_dim, tuple(input_shape),
-                        sites, None)
+                        sites, None, site_groups=shared_input_groups(sites))
   return (backbone, head) if return_head else backbone
 
 

@@ -28,7 +28,7 @@ from jax.extend import core as jax_core
 
 from clx.data.types import ArraySplit, Stream, concat_splits
 from clx.methods import passes
-from clx.methods.base import ContinualMethod, StreamSpec
+from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo
 from clx.train import sharding
 from clx.train.progress import TaskProgress
 
@@ -552,6 +552,11 @@ class _Context:
   config: TrainConfig
   seed_words: tuple[int, ...]
 
+  @property
+  def info(self) -> TaskInfo:
+    """The static :class:`TaskInfo` of this task (``task_id`` None: training)."""
+    return TaskInfo(self.task_index, self.spec)
+
   def batches(self, split: str = "train", *, batch_size: int | None = None,
               shuffle: bool = False, seed: int = 0):
     data = self._split(split)
@@ -605,8 +610,7 @@ def evaluate_row(method: ContinualMethod, state, base, stream: Stream, t: int, s
   for i in range(t + 1):
     task_id = i if spec.scenario == "task" else None
     if task_id not in counters:
-      counters[task_id] = make_counter(passes.predict_fn(
-          method, current_task=t, task_id=task_id, spec=spec))
+      counters[task_id] = make_counter(passes.predict_fn(method, TaskInfo(t, spec, task_id)))
     class_mask = np.ones(spec.num_classes, bool)
     if spec.scenario == "task":
       class_mask[:] = False
@@ -702,12 +706,13 @@ def run_method(method: ContinualMethod, stream: Stream, config: TrainConfig, *, 
       state = sharding.place_state(state, mesh, config.param_sharding)
       state = method.begin_task(state, ctx)
       state = sharding.place_state(state, mesh, config.param_sharding)
-      params = method.trainable(state, t)
-      loss = functools.partial(method.loss, task_index=t, spec=spec)
+      params = method.trainable(state, ctx.info)
+      loss = functools.partial(method.loss, info=ctx.info)
       params = ctx.fit(params, loss, transform_grads=method.transform_grads,
                        transform_updates=method.transform_updates, state=state,
                        title=f"{method.name} task {t + 1}/{T}", phase=0)
-      state = method.end_task(state, params, ctx)
+      state = method.combine(state, params, ctx.info)
+      state = method.end_task(state, ctx)
 
       acc[t, :t + 1] = evaluate_row(method, state, base, stream, t, spec, fitter, config)
       if on_task_end is not None:

@@ -161,15 +161,16 @@ def run_seeds(method: ContinualMethod, streams: Sequence[Stream], config: TrainC
             for k, stream, seed in zip(keys, streams, seeds)]
     states = [jax.device_put(method.begin_task(jax.device_put(st, rep), ctx), rep)
               for st, ctx in zip(states, ctxs)]
-    params = tree_stack([method.trainable(st, t) for st in states])
-    loss = functools.partial(method.loss, task_index=t, spec=spec)
+    info = ctxs[0].info
+    params = tree_stack([method.trainable(st, info) for st in states])
+    loss = functools.partial(method.loss, info=info)
     params = fit_seeds(
         fitter, params, loss, [c.train_split for c in ctxs], config, states=tree_stack(states),
         base=base, rngs=jnp.stack([jax.random.fold_in(c.rng, 0) for c in ctxs]),
         transform_grads=method.transform_grads, seed_words=[(*c.seed_words, 0) for c in ctxs],
         title=f"{method.name} × {len(seeds)} seeds task {t + 1}/{T}")
     for s, ctx in enumerate(ctxs):
-      states[s] = method.end_task(states[s], tree_index(params, s), ctx)
+      states[s] = method.end_task(method.combine(states[s], tree_index(params, s), info), ctx)
       accs[s][t, :t + 1] = evaluate_row(method, states[s], base, streams[s], t, spec, fitter, config)
   wall = time.perf_counter() - start
   return [RunResult(method.name, acc, wall, st) for acc, st in zip(accs, states)]

@@ -16,7 +16,7 @@ import pytest
 from clx.checkpoint import TaskCheckpointer
 from clx.data.types import ArraySplit, Stream, Task
 from clx.methods import inflora as inflora_lib
-from clx.methods.base import StreamSpec
+from clx.methods.base import StreamSpec, TaskInfo
 from clx.methods.sequential import lora
 from clx.models import bert
 from clx.models.mlp import mlp
@@ -115,7 +115,8 @@ def test_state_layout_and_groups(runs):
     assert all(b.shape == (RANK, 32) and "/" not in k for k, b in branch["b"].items())
   summary = inflora_lib.memory_summary(final)
   assert all(0 < rank <= 16 for rank, _ in summary.values())
-  assert method.trainable(final, 2).keys() == {"b", "head"}
+  assert method.trainable(final, TaskInfo(2, StreamSpec.from_stream(stream))).keys() == {
+      "b", "head"}
   # The stream exercised both memory kinds (remove, then retain after the d/2 switch).
   kinds = {kind for s in states for _, kind in inflora_lib.memory_summary(s).values()}
   assert kinds == {"remove", "retain"}
@@ -179,8 +180,8 @@ def test_old_task_logits_drift_far_less_than_sequential_lora(runs):
   res = runs["result"].acc_matrix
   assert res[0, 0] > 60 and res[1, 1] > 60 and res[2, 2] > 60  # it learns each task
   # The method's own prediction agrees with the hand-built forward used above.
-  predict = jax.jit(functools.partial(runs["method"].predict, current_task=2, task_id=None,
-                                      spec=StreamSpec.from_stream(stream)))
+  predict = jax.jit(functools.partial(runs["method"].predict,
+                                      info=TaskInfo(2, StreamSpec.from_stream(stream))))
   logits = np.asarray(predict(runs["states"][2], backbone.params,
                               jnp.asarray(stream.tasks[0].test.x)))
   np.testing.assert_allclose(logits[:, list(stream.tasks[0].classes)], ours[2], atol=1e-4)
@@ -263,14 +264,15 @@ def test_only_current_b_and_head_train(runs):
       chex.assert_trees_all_equal(states[t]["branches"][str(j)], states[j]["branches"][str(j)])
       chex.assert_trees_all_equal(states[t]["heads"][str(j)], states[j]["heads"][str(j)])
   final = states[-1]
-  params = method.trainable(final, 2)
+  info = TaskInfo(2, StreamSpec.from_stream(runs["stream"]))
+  params = method.trainable(final, info)
   # Exactly the current task's b (one per adapted site) and head are optimised.
   assert params["b"] is final["branches"]["2"]["b"] and params["head"] is final["heads"]["2"]
   assert len(params["b"]) == 4 and set(params["head"]) == {"kernel", "bias"}
   stream = runs["stream"]
   batch = {"x": jnp.asarray(stream.tasks[2].train.x[:16]),
            "y": jnp.asarray(stream.tasks[2].train.y[:16]), "mask": jnp.ones(16)}
-  loss = functools.partial(method.loss, task_index=2, spec=StreamSpec.from_stream(stream))
+  loss = functools.partial(method.loss, info=info)
   grads = jax.jit(jax.grad(lambda p: loss(p, final, backbone.params, batch, None)[0]))(params)
   assert all(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(grads))
   assert all(np.abs(b).max() > 0 for b in params["b"].values())  # b_t was trained
@@ -319,7 +321,7 @@ def test_fold_matches_unfolded_predictions():
   np.testing.assert_allclose(fold_res.acc_matrix, plain_res.acc_matrix, atol=5.0)
   x = jnp.asarray(stream.tasks[0].test.x)
   spec = StreamSpec.from_stream(stream)
-  kw = dict(current_task=1, task_id=None, spec=spec)
+  kw = dict(info=TaskInfo(1, spec))
   a = np.asarray(plain.predict(plain_res.state, backbone.params, x, **kw))
   b = np.asarray(folded.predict(fold_res.state, backbone.params, x, **kw))
   seen = np.isfinite(a) & (a > -1e29)

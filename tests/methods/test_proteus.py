@@ -11,7 +11,7 @@ import pytest
 
 from clx import checkpoint as ckpt
 from clx.methods import proteus as proteus_lib
-from clx.methods.base import StreamSpec
+from clx.methods.base import StreamSpec, TaskInfo
 from clx.models.mlp import mlp
 from clx.ops import lora as lora_ops
 from clx.train.loop import TrainConfig, run_method
@@ -86,7 +86,7 @@ def test_loss_gradients_match_finite_differences():
     parts = small_parts(bb, reg_weight=0.05, ortho_weight=0.3, ortho_factors="ab")
     state = state_after_two_tasks(parts, spec, seed=3)
     state = {**state, "heads": jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), state["heads"])}
-    params = parts.trainable(state, 2)
+    params = parts.trainable(state, TaskInfo(2, spec))
     base = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), bb.params)
     rng = np.random.default_rng(4)
     batch = {"x": jnp.asarray(rng.normal(size=(9, 7))), "y": jnp.asarray(rng.choice([4, 5], 9)),
@@ -104,7 +104,7 @@ def test_loss_gradients_match_finite_differences():
               + parts.ortho_weight * parts.ortho_penalty(state, 2, p["unit"]))
 
     def full_loss(p):
-      return parts.loss(p, state, base, batch, None, task_index=2, spec=spec)[0]
+      return parts.loss(p, state, base, batch, None, TaskInfo(2, spec))[0]
 
     grads = jax.grad(f)(params)
     flat_p, unravel = jax.flatten_util.ravel_pytree(params)
@@ -212,8 +212,8 @@ def test_learns_retrieves_and_reports(trained):
   assert all(d["components"] >= 1 for d in diag["tasks"].values())
   # task-incremental prediction uses the given task's backbone
   x = jnp.asarray(stream.tasks[1].test.x[:8])
-  logits = jax.jit(parts.predict, static_argnames=("current_task", "task_id", "spec"))(
-      state, bb.params, x, current_task=2, task_id=1, spec=StreamSpec.from_stream(stream))
+  logits = jax.jit(parts.predict, static_argnames=("info",))(
+      state, bb.params, x, info=TaskInfo(2, StreamSpec.from_stream(stream), 1))
   assert logits.shape == (8, 6) and np.all(np.isfinite(np.asarray(logits)))
 
 
@@ -392,7 +392,7 @@ def test_inflora_effective_params_match_its_forward():
   feats = bb.apply(params, x)
   assert float(jnp.abs(feats - bb.apply(bb.params, x)).max()) > 1e-6   # the branches act
   mine = heads_lib.global_logits(state["heads"], feats, spec, "per_task", 1)
-  theirs = method.predict(state, bb.params, x, current_task=1, task_id=None, spec=spec)
+  theirs = method.predict(state, bb.params, x, TaskInfo(1, spec))
   np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), rtol=1e-5, atol=1e-5)
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from clx.data.types import ArraySplit, Stream, Task
 from clx.methods import sparc as sparc_lib
-from clx.methods.base import StreamSpec
+from clx.methods.base import StreamSpec, TaskInfo
 from clx.models import bert, llama, mlp
 from clx.train import loop
 from clx.train.sharding import make_mesh
@@ -102,11 +102,11 @@ def drive(method, stream, *, train=True, cfg=CFG):
     ctx = loop._Context(t, spec, jax.random.fold_in(key, 1 + t), base, fitter, task.train,
                         {"test": task.test, "val": None}, cfg, (0, t))
     state = method.begin_task(state, ctx)
-    params = method.trainable(state, t)
+    params = method.trainable(state, ctx.info)
     if train is True or (train and t in train):
-      params = ctx.fit(params, functools.partial(method.loss, task_index=t, spec=spec),
+      params = ctx.fit(params, functools.partial(method.loss, info=ctx.info),
                        transform_grads=method.transform_grads, state=state, phase=0)
-    state = method.end_task(state, params, ctx)
+    state = method.end_task(method.combine(state, params, ctx.info), ctx)
     states.append(jax.device_get(state))
   return states, spec
 
@@ -198,13 +198,12 @@ def test_orthogonal_penalty_is_added_and_stored():
 
   @jax.jit
   def penalty_fn(params):
-    _, aux = method.loss(params, state, method.backbone.params, batch, None, task_index=1,
-                         spec=spec)
+    _, aux = method.loss(params, state, method.backbone.params, batch, None, TaskInfo(1, spec))
     return aux["orthogonal_penalty"]
 
   penalty = lambda params: float(penalty_fn(params))  # noqa: E731
 
-  params = method.trainable(state, 1)
+  params = method.trainable(state, TaskInfo(1, spec))
   assert penalty(params) < 1e-8  # orthogonal at initialisation
   u1 = np.asarray(state["tasks"]["1"]["pca"]["components"])
   toward_old = np.asarray(prompt(state, 0)) @ u1  # the old prompt seen in the new basis
@@ -218,8 +217,7 @@ def test_task_il_old_predictions_are_bit_identical_with_lora():
   base = method.backbone.params
   for s in range(2):
     x = jnp.asarray(stream.tasks[s].test.x)
-    outs = [np.asarray(jax.jit(functools.partial(method.predict, current_task=t, task_id=s,
-                                                 spec=spec))(states[t], base, x))
+    outs = [np.asarray(jax.jit(functools.partial(method.predict, info=TaskInfo(t, spec, s)))(states[t], base, x))
             for t in range(s, 3)]
     for later in outs[1:]:
       assert np.array_equal(outs[0], later)
@@ -250,8 +248,8 @@ def test_domain_il_subspace_selection_picks_the_matching_task_prompt():
 
     @jax.jit
     def both(state, x, method=method):
-      free = method.predict(state, base, x, current_task=1, task_id=None, spec=spec)
-      given = [method.predict(state, base, x, current_task=1, task_id=s, spec=spec)
+      free = method.predict(state, base, x, TaskInfo(1, spec))
+      given = [method.predict(state, base, x, TaskInfo(1, spec, s))
                for s in range(2)]
       return free, jnp.where(jnp.asarray(owner)[:, None] == 0, given[0], given[1])
 
@@ -259,7 +257,7 @@ def test_domain_il_subspace_selection_picks_the_matching_task_prompt():
     np.testing.assert_allclose(free, given, rtol=1e-5, atol=1e-5)
   latest = table_sparc(num_prompt_tokens=2, num_components=4, selection="latest")
   free, last = jax.jit(lambda state, x: [
-      latest.predict(state, base, x, current_task=1, task_id=t, spec=spec) for t in (None, 1)])(
+      latest.predict(state, base, x, TaskInfo(1, spec, t)) for t in (None, 1)])(
           states[-1], x)
   np.testing.assert_allclose(free, last)
 
@@ -288,7 +286,7 @@ def test_label_word_scoring_on_a_decoder_lm():
   stream = make_stream("AB")
   states, spec = drive(method, stream, train=(1,))  # one training phase (compile time)
   assert "heads" not in states[-1]
-  logits = jax.jit(functools.partial(method.predict, current_task=1, task_id=1, spec=spec))(
+  logits = jax.jit(functools.partial(method.predict, info=TaskInfo(1, spec, 1)))(
       states[-1], backbone.params, jnp.asarray(stream.tasks[1].test.x))
   assert logits.shape == (24, 4) and np.all(np.asarray(logits[:, :2]) < -1e29)
   assert np.all(np.isfinite(np.asarray(logits[:, 2:])))
@@ -535,12 +533,12 @@ def test_reuse_off_starts_a_repeated_task_from_scratch():
     method = table_sparc(backbone, num_prompt_tokens=4, num_components=6, overlap_threshold=tau)
     states, _ = drive(method, stream, train=(0,), cfg=cfg)  # task 1 not trained: its start
     state = states[-1]
-    loss_fn = jax.jit(functools.partial(method.loss, task_index=1, spec=spec))
-    start, _ = loss_fn(method.trainable(state, 1), state, method.backbone.params, batch, None)
+    loss_fn = jax.jit(functools.partial(method.loss, info=TaskInfo(1, spec)))
+    start, _ = loss_fn(method.trainable(state, TaskInfo(1, spec)), state, method.backbone.params, batch, None)
     # what task 0's own trained prompt scores on the same texts with the same shared head
     state0 = {**state, "tasks": {**state["tasks"], "1": {**state["tasks"]["1"],
                                                          "z": state["tasks"]["0"]["z"]}}}
-    end0, _ = loss_fn(method.trainable(state0, 1), state0, method.backbone.params, batch, None)
+    end0, _ = loss_fn(method.trainable(state0, TaskInfo(1, spec)), state0, method.backbone.params, batch, None)
     losses[tau] = (float(start), float(end0))
     assert bool(state["tasks"]["1"]["overlap"]["reused"]) == (tau == 0.0)
   (reuse_start, end0), (fresh_start, _) = losses[0.0], losses[float("inf")]
@@ -555,19 +553,19 @@ def test_lora_lr_scale_moves_lora_c_times_as_far_as_the_prompt_under_adam():
   method = table_sparc(num_prompt_tokens=2, num_components=4, lora_rank=2, lora_lr_scale=c)
   states, spec = drive(method, stream, train=False)
   state = states[-1]
-  params = method.trainable(state, 0)
-  ctx0 = type("Ctx", (), {"task_index": 0})()
+  info0 = TaskInfo(0, spec)
+  params = method.trainable(state, info0)
   # round trip: the stored state keeps natural units
-  back = method.end_task(state, params, ctx0)
+  back = method.combine(state, params, info0)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
     np.testing.assert_allclose(a, b, rtol=1e-6)
   train = stream.tasks[0].train
   batch = {"x": jnp.asarray(train.x[:16]), "y": jnp.asarray(train.y[:16]), "mask": jnp.ones(16)}
   grads = jax.grad(lambda p: method.loss(p, state, method.backbone.params, batch, None,
-                                         task_index=0, spec=spec)[0])(params)
+                                         info0)[0])(params)
   opt = optax.adam(lr)
   updates, _ = opt.update(grads, opt.init(params), params)
-  new = method.end_task(state, optax.apply_updates(params, updates), ctx0)
+  new = method.combine(state, optax.apply_updates(params, updates), info0)
   dz = np.abs(np.asarray(new["tasks"]["0"]["z"]) - np.asarray(state["tasks"]["0"]["z"]))
   db = [np.abs(np.asarray(new["tasks"]["0"]["lora"][s]["b"]) -
                np.asarray(state["tasks"]["0"]["lora"][s]["b"])) for s in state["tasks"]["0"]["lora"]]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from clx.data.types import ArraySplit, Stream, Task
+from clx.methods.base import TaskInfo
 from clx.methods.sequential import finetune, joint, lora
 from clx.models.mlp import mlp
 from clx.train.loop import TrainConfig, run_method
@@ -137,8 +138,7 @@ def _official_batching_predictions(method, spec, state, x, batch_size):
   """Official GPM/BECAME ``test``: consecutive batches, the last one alone at its own size."""
   out = []
   for start in range(0, len(x), batch_size):
-    logits = method.predict(state, None, x[start:start + batch_size], current_task=0,
-                            task_id=0, spec=spec)
+    logits = method.predict(state, None, x[start:start + batch_size], TaskInfo(0, spec, 0))
     out.append(np.argmax(np.asarray(logits)[:, :10], -1))
   return np.concatenate(out)
 
@@ -154,13 +154,12 @@ def test_bn_evaluation_scores_the_last_batch_as_if_alone(devices):
   want = _official_batching_predictions(method, spec, state, x, 16)
   split = ArraySplit({"x": x, "y": want.astype(np.int32)})
   fitter = Fitter(make_mesh(devices), quiet=True)
-  count = make_counter(passes.predict_fn(method, current_task=0, task_id=0, spec=spec))
+  count = make_counter(passes.predict_fn(method, TaskInfo(0, spec, 0)))
   acc = evaluate_split(fitter, count, state, method.backbone.params, split, 16,
                        np.ones(10, bool))
   assert acc == 100.0
   # The fixture is sensitive: the old path (mask not passed to the model) misses some.
-  unmasked = make_counter(lambda s, b, xb, m: method.predict(s, b, xb, current_task=0, task_id=0,
-                                                             spec=spec))
+  unmasked = make_counter(lambda s, b, xb, m: method.predict(s, b, xb, TaskInfo(0, spec, 0)))
   assert evaluate_split(fitter, unmasked, state, method.backbone.params, split, 16,
                         np.ones(10, bool)) < 100.0
 
@@ -168,13 +167,13 @@ def test_bn_evaluation_scores_the_last_batch_as_if_alone(devices):
 def test_bn_predict_without_mask_is_refused():
   from clx.methods import passes
   method, spec, _, _ = _alexnet_eval_setup()
-  legacy = method._replace(predict=lambda state, base, x, *, current_task, task_id, spec: x)
+  legacy = method._replace(predict=lambda state, base, x, info: x)
   with pytest.raises(ValueError, match="batch statistics"):
-    passes.predict_fn(legacy, current_task=0, task_id=0, spec=spec)
+    passes.predict_fn(legacy, TaskInfo(0, spec, 0))
   # Models without batch statistics keep working with such a predict.
   mlp_method = finetune(mlp((4,), (3,)))
-  old_style = mlp_method._replace(predict=lambda s, b, x, *, current_task, task_id, spec: x)
-  fn = passes.predict_fn(old_style, current_task=0, task_id=None, spec=None)
+  old_style = mlp_method._replace(predict=lambda s, b, x, info: x)
+  fn = passes.predict_fn(old_style, TaskInfo(0, None))
   assert fn(None, None, np.ones((2, 4)), np.ones(2)).shape == (2, 4)
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from clx.data.types import ArraySplit, Stream, Task
 from clx.methods import heads as heads_lib
-from clx.methods.base import StreamSpec
+from clx.methods.base import StreamSpec, TaskInfo
 from clx.methods.sequential import finetune
 from clx.models.mlp import mlp
 from clx.train.loop import Fitter, TrainConfig, ValidationPlateau, _validation_fn, run_method
@@ -75,8 +75,8 @@ def test_fit_restores_best_epoch_and_stops_when_lr_below_min():
   state = method.init(jax.random.PRNGKey(0), spec)
   state["heads"] = heads_lib.add_task_head(state["heads"], jax.random.PRNGKey(2), spec,
                                            backbone.feature_dim, 0, heads_lib.default_mode(spec))
-  params = method.trainable(state, 0)
-  loss = functools.partial(method.loss, task_index=0, spec=spec)
+  params = method.trainable(state, TaskInfo(0, spec))
+  loss = functools.partial(method.loss, info=TaskInfo(0, spec))
   task = stream.tasks[0]
   out = fitter.fit(params, loss, task.train, cfg, state=state, base=backbone.params,
                    rng=jax.random.PRNGKey(1), val_split=task.val)
