@@ -273,7 +273,7 @@ def input_groups(backbone: Backbone, sites: Sequence[str]) -> dict[str, tuple[st
   The backbone declares which kernels read one array (``Backbone.site_groups``:
   the q, k and v kernels of an attention block read the block's hidden states /
   ``norm1`` output). The adapted members of such a group form one group keyed
-  ``<group>.<member+member>`` by the module name of each member, e.g.
+  ``<group>.<member+member>`` by the module name of each member's kernel, e.g.
   ``encoder.layers.0.attention.key+value``; any other site is its own group keyed
   by its site key, e.g. ``lin1.kernel`` (:func:`clx.ops.tree.to_key`). The Gram
   pass checks that the members' Gram matrices really agree.
@@ -291,9 +291,8 @@ def input_groups(backbone: Backbone, sites: Sequence[str]) -> dict[str, tuple[st
     buckets.setdefault(site if group is None else group, []).append(site)
   groups = {}
   for name, members in buckets.items():
-    if name in backbone.site_groups:
-      prefix = len(tree_ops.as_site(name))
-      key = tree_ops.to_key(name) + "." + "+".join(tree_ops.as_site(m)[prefix] for m in members)
+    if name in backbone.site_groups:  # each member named by its kernel's module ("key")
+      key = tree_ops.to_key(name) + "." + "+".join(tree_ops.as_site(m)[-2] for m in members)
     else:
       key = tree_ops.to_key(name)
     groups[key] = tuple(members)

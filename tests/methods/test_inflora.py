@@ -385,3 +385,19 @@ def test_config_is_frozen_and_old_names_still_work():
   assert old.begin_task.args[0].cfg == new.begin_task.args[0].cfg
   with pytest.raises(ValueError, match="both 'rank'"), pytest.warns(DeprecationWarning):
     inflora_lib.inflora(backbone, sites="mlp", rank=3, lora_rank=4)
+
+
+def test_input_groups_follow_the_backbones_declaration():
+  """Groups come from ``Backbone.site_groups`` (not from path strings), and the Gram pass
+  refuses a declared group whose members do not read one input."""
+  backbone = mlp((16,), (16, 16), seed=0)
+  assert inflora_lib.input_groups(backbone, ("lin1/kernel", "lin2/kernel")) == {
+      "lin1.kernel": ("lin1/kernel",), "lin2.kernel": ("lin2/kernel",)}
+  declared = dataclasses.replace(
+      backbone, sites={**backbone.sites, "pair": ("lin1/kernel", "lin2/kernel")},
+      site_groups={"body": ("lin1/kernel", "lin2/kernel")})
+  groups = inflora_lib.input_groups(declared, ("lin1/kernel", "lin2/kernel"))
+  assert groups == {"body.lin1+lin2": ("lin1/kernel", "lin2/kernel")}
+  x = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+  with pytest.raises(ValueError, match="different Gram matrices"):
+    inflora_lib.gram_pass(declared, declared.params, [{"x": x}], groups)
