@@ -21,6 +21,7 @@ from clx.methods.sequential import lora
 from clx.models import bert
 from clx.models.mlp import mlp
 from clx.ops import dualgpm
+from clx.ops import tree as tree_ops
 from clx.ops.lora import apply_adapters
 from clx.train.loop import TrainConfig, run_method
 from clx.train.sharding import make_mesh
@@ -115,7 +116,7 @@ def test_state_layout_and_groups(runs):
     assert all(b.shape == (RANK, 32) and "/" not in k for k, b in branch["b"].items())
   summary = inflora_lib.memory_summary(final)
   assert all(0 < rank <= 16 for rank, _ in summary.values())
-  assert method.trainable(final, TaskInfo(2, StreamSpec.from_stream(stream))).keys() == {
+  assert method.trainable(final, TaskInfo(2, StreamSpec.from_stream(runs["stream"]))).keys() == {
       "b", "head"}
   # The stream exercised both memory kinds (remove, then retain after the d/2 switch).
   kinds = {kind for s in states for _, kind in inflora_lib.memory_summary(s).values()}
@@ -140,8 +141,8 @@ def test_interference_free_on_old_memory_subspace(runs):
         w = kernel(backbone.params, site).astype(np.float32)
         for j in range(t):
           old = after["branches"][str(j)]
-          w = w + old["a"][g] @ old["b"][inflora_lib.site_key(site)]
-        delta = a_t @ after["branches"][str(t)]["b"][inflora_lib.site_key(site)]
+          w = w + old["a"][g] @ old["b"][tree_ops.to_key(site)]
+        delta = a_t @ after["branches"][str(t)]["b"][tree_ops.to_key(site)]
         y_before = x @ w + bias(backbone.params, site).astype(np.float32)
         y_after = x @ (w + delta) + bias(backbone.params, site).astype(np.float32)
         rel = np.linalg.norm(y_after - y_before) / np.linalg.norm(y_before)

@@ -16,6 +16,7 @@ import pytest
 from clx.methods import inflora as inflora_lib
 from clx.models.mlp import mlp
 from clx.ops import dualgpm
+from clx.ops import tree as tree_ops
 from clx.train.loop import TrainConfig, run_method
 from clx.train.sharding import make_mesh
 from tests.helpers import make_gaussian_stream
@@ -61,7 +62,7 @@ def _run(design):
 
 def _kernel_and_delta(backbone, state, site="lin1/kernel"):
   """The layer's kernel after task 0 (W + a_0 b_0) and task 1's delta a_1 b_1, float64."""
-  g = inflora_lib.site_key(site)
+  g = tree_ops.to_key(site)
   branch0, branch1 = state["branches"]["0"], state["branches"]["1"]
   w = np.asarray(backbone.params["lin1"]["kernel"], np.float64)
   w0 = w + np.asarray(branch0["a"][g], np.float64) @ np.asarray(branch0["b"][g], np.float64)
