@@ -34,7 +34,7 @@ def get_config():
                  "scenario": "class", "seed": 0},
       "model": {"name": "minilm"},
       "methods": ["inflora", "lora", "joint"],
-      "method_args": {"inflora": {"rank": 10, "sites": ["k", "v"], "lamb": 0.95, "lame": 1.0},
+      "method_args": {"inflora": {"lora_rank": 10, "sites": ["k", "v"], "lamb": 0.95, "lame": 1.0},
                       "lora": {"rank": 10, "targets": KV}},
       "train": {"epochs": 3, "batch_size": 32, "optimizer": "adam", "learning_rate": 1e-3,
                 "eval_batch_size": 200},

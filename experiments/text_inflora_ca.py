@@ -37,7 +37,7 @@ def get_config(align: bool = True):
   config = text_inflora.get_config()
   config["name"] = "text_inflora_ca"
   config["methods"] = ["inflora_ca"]
-  config["method_args"] = {"inflora_ca": {"rank": 10, "sites": ["k", "v"], "lamb": 0.95,
+  config["method_args"] = {"inflora_ca": {"lora_rank": 10, "sites": ["k", "v"], "lamb": 0.95,
                                           "lame": 1.0, "align": align}}
   config["train_overrides"] = {}
   return config

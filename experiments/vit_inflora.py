@@ -45,7 +45,7 @@ epochs, batch 128, then classifier alignment after every task (256 Gaussian samp
 ``CosineAnnealingLR`` stepped per epoch; clx's ``cosine`` decays per step. Its paper number was
 not recovered offline; it adds ≈ 25 min (ImageNet-R) to the run. Run it alone with
 ``--set methods=inflora_ca``. CIFAR-100 (``cifar100_infloraca.json``, ``InfLoRA_CA1``): also
-``--set method_args.inflora_ca.rank=5 --set train_overrides.inflora_ca.learning_rate=0.001``
+``--set method_args.inflora_ca.lora_rank=5 --set train_overrides.inflora_ca.learning_rate=0.001``
 with weight decay 1e-3; its head lr 0.01, MultiStepLR and fresh final LayerNorm are not
 reproduced (clx/methods/inflora_ca.py lists the departures).
 DomainNet (5 × 69 classes, SGD, r 30) needs the official split files
@@ -74,9 +74,9 @@ def get_config():
       "model": {"name": "vit", "variant": "B/16", "weights": WEIGHTS, "pool": "token"},
       "methods": ["inflora", "lora", "inflora_ca"],
       "method_args": {
-          "inflora": {"rank": 10, "sites": ["k", "v"], "lamb": 0.98, "lame": 1.0},
+          "inflora": {"lora_rank": 10, "sites": ["k", "v"], "lamb": 0.98, "lame": 1.0},
           "lora": {"rank": 10, "targets": ["*attn/key/kernel", "*attn/value/kernel"]},
-          "inflora_ca": {"rank": 10, "sites": ["k", "v"], "lamb": 0.95, "lame": 1.0},
+          "inflora_ca": {"lora_rank": 10, "sites": ["k", "v"], "lamb": 0.95, "lame": 1.0},
       },
       "train_overrides": {"inflora_ca": {"optimizer": "momentum", "momentum": 0.9,
                                          "learning_rate": 1e-3, "schedule": "cosine"}},

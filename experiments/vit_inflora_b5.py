@@ -75,7 +75,7 @@ def get_config():
       "model": {"name": "vit", "variant": "B/16", "weights": WEIGHTS, "pool": "token"},
       "methods": ["inflora_b5"],
       "method_args": {
-          "inflora_b5": {"rank": 10, "blocks": 5, "lamb": official["lamb"], "lame": 1.0},
+          "inflora_b5": {"lora_rank": 10, "blocks": 5, "lamb": official["lamb"], "lame": 1.0},
       },
       "train": {"epochs": official["epochs"], "batch_size": 128, "optimizer": "adam",
                 "learning_rate": official["learning_rate"], "schedule": "inflora_cosine",

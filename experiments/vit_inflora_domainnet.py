@@ -95,7 +95,7 @@ def get_config():
       "model": {"name": "vit", "variant": "B/16", "weights": WEIGHTS, "pool": "token"},
       "methods": ["inflora", "lora"],
       "method_args": {
-          "inflora": {"rank": 30, "sites": ["k", "v"], "lamb": 0.95, "lame": 1.0},
+          "inflora": {"lora_rank": 30, "sites": ["k", "v"], "lamb": 0.95, "lame": 1.0},
           "lora": {"rank": 30, "targets": ["*attn/key/kernel", "*attn/value/kernel"]},
       },
       "train": {"epochs": 5, "batch_size": 128, "optimizer": "momentum", "learning_rate": 0.005,

@@ -20,7 +20,7 @@ def test_config_is_the_official_imagenet_r_10_setup():
   args = config["method_args"]["inflora_b5"]
   train = config["train"]
   assert config["stream"]["num_tasks"] == tasks and config["stream"]["dataset"] == "imagenet_r"
-  assert (args["rank"], args["blocks"], args["lamb"], args["lame"]) == (10, 5, lamb, 1.0)
+  assert (args["lora_rank"], args["blocks"], args["lamb"], args["lame"]) == (10, 5, lamb, 1.0)
   assert (train["learning_rate"], train["epochs"], train["batch_size"]) == (lr, epochs, 128)
   assert train["optimizer"] == "adam" and train["schedule"] == "inflora_cosine"
   assert config["stream"]["pixel_range"] == "0,1"
@@ -43,7 +43,7 @@ def test_method_adapts_kv_of_the_first_five_blocks_with_plain_gpm():
   backbone = vit((32, 32, 3), variant="test", depth=6, embed_dim=24, num_heads=2, mlp_dim=48,
                  patch_size=16, seed=0)
   config = load_config("vit_inflora_b5")
-  args = {**config["method_args"]["inflora_b5"], "rank": 4}
+  args = {**config["method_args"]["inflora_b5"], "lora_rank": 4}
   method = methods.build("inflora_b5", backbone, **args)
   spec = methods.StreamSpec(2, 4, "class", ((0, 1), (2, 3)), (32, 32, 3))
   state = method.init(__import__("jax").random.PRNGKey(0), spec)
@@ -67,7 +67,7 @@ def test_vit_inflora_carries_the_official_imagenet_r_ca_row():
   config = load_config("vit_inflora")
   validate(config)
   args = config["method_args"]["inflora_ca"]
-  assert (args["rank"], args["lamb"], args["lame"], tuple(args["sites"])) == (
+  assert (args["lora_rank"], args["lamb"], args["lame"], tuple(args["sites"])) == (
       10, 0.95, 1.0, ("k", "v"))
   train = {**config["train"], **config["train_overrides"]["inflora_ca"]}
   assert (train["optimizer"], train["momentum"], train["learning_rate"]) == ("momentum", 0.9, 1e-3)

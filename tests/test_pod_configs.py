@@ -45,7 +45,7 @@ def test_vit_inflora_config_is_the_official_setup_and_fails_fast_offline(tmp_pat
   config = load_config("vit_inflora")
   validate(config)
   args = config["method_args"]["inflora"]
-  assert (args["rank"], args["lamb"], tuple(args["sites"])) == (10, 0.98, ("k", "v"))
+  assert (args["lora_rank"], args["lamb"], tuple(args["sites"])) == (10, 0.98, ("k", "v"))
   assert config["train"]["schedule"] == "inflora_cosine" and config["train"]["batch_size"] == 128
   config["stream"]["data_dir"] = str(tmp_path)
   with pytest.raises(DatasetNotPreparedError, match="imagenet_r"):

@@ -29,6 +29,11 @@ main training phase is the run's TrainConfig; the official settings are SGD
 with momentum 0.9 (``optimizer="momentum"``), lr 1e-3, batch 128, 20 (CIFAR) /
 50 (ImageNet-R) epochs.
 
+The module follows :mod:`clx.methods.inflora`'s shape: :class:`InfLoRACAConfig` extends
+:class:`clx.methods.inflora.InfLoRAConfig` with the alignment's options, the state is
+InfLoRA's plus ``class_stats``, and :func:`task_features`, :func:`align_heads`, :func:`init`
+and :func:`end_task` are module-level functions that the factory binds.
+
 Departures from the official code (documented, not reproduced):
 
 * ``InfLoRA_CA1`` (the CIFAR-100 config) trains the LoRA branch with lr 1e-3 and
@@ -54,118 +59,77 @@ Departures from the official code (documented, not reproduced):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clx.methods import heads as heads_lib
 from clx.methods import inflora as inflora_lib
-from clx.methods.base import ContinualMethod, to_host
+from clx.methods.base import ContinualMethod, StreamSpec, TaskContext, to_host
+from clx.methods.inflora import InfLoRAConfig, InfLoRAState, Setup
 from clx.models.base import Backbone
 from clx.ops import alignment
 
+# InfLoRA's old names, plus the CA feature pass's batch size (now the one aux_batch_size).
+RENAMED = {**inflora_lib.RENAMED, "feature_batch_size": "aux_batch_size"}
 
-def inflora_ca(backbone: Backbone, *, rank: int = 5, sites: str | Sequence[str] = ("k", "v"),
-               lamb: float = 0.95, lame: float = 1.0, variant: str = "gpm", align: bool = True,
-               ca_epochs: int = 5, ca_samples: int = 256, ca_learning_rate: float = 0.01,
-               ca_momentum: float = 0.9, ca_weight_decay: float = 5e-4,
-               logit_norm: float | None = 0.1, ridge: float = alignment.OFFICIAL_RIDGE,
-               mean_decay: bool = True, feature_batch_size: int | None = None,
-               name: str = "inflora_ca", **inflora_kwargs) -> ContinualMethod:
-  """InfLoRA (plain GPM memory) + classifier alignment after every task t ≥ 1.
 
-  Args:
-    backbone: the frozen network.
-    rank: r of every branch (official CIFAR-100 CA config 5; ImageNet-R 10).
-    sites: adapted kernels (roles or paths), as :func:`clx.methods.inflora.inflora`.
-    lamb, lame: ε_t = lamb + (lame − lamb)·t/T of the GPM memory.
-    variant: ``"gpm"`` (official CA code) or ``"dual"``.
+@dataclasses.dataclass(frozen=True)
+class InfLoRACAConfig(InfLoRAConfig):
+  """InfLoRA's options (CA defaults: rank 5, plain GPM, per-task heads) + the alignment's.
+
+  Attributes:
     align: run the classifier alignment (``False``: InfLoRA with the statistics
       still collected, for ablations).
-    ca_epochs, ca_samples, ca_learning_rate, ca_momentum, ca_weight_decay: the
-      alignment's epochs (5), samples per class per epoch = batch size (256),
-      SGD lr (0.01), momentum (0.9), weight decay (5e-4).
+    ca_epochs: alignment epochs E (official 5).
+    ca_samples: samples per class per epoch, also the batch size (official 256).
+    ca_learning_rate: SGD lr of the alignment (0.01), cosine-annealed per epoch.
+    ca_momentum: SGD momentum (0.9).
+    ca_weight_decay: weight decay added to the gradient (5e-4).
     logit_norm: τ of the per-task logit normalisation (0.1) or None.
-    ridge: added to each class covariance (1e-4).
+    ridge: added to each class covariance's diagonal (1e-4).
     mean_decay: shrink old classes' means by 0.9 + 0.1·(task + 1)/(t + 1).
-    feature_batch_size: batch size of the feature pass (default: eval batch).
-    name: registry/run name.
-    **inflora_kwargs: other :func:`clx.methods.inflora.inflora` arguments
-      (``scale``, ``energy``, ``design``, ``gram_batch_size``, ``fold``).
+
+  The inherited ``lora_rank`` is 5 (official CIFAR-100 CA config; ImageNet-R 10),
+  ``variant`` ``"gpm"`` (the CA code calls ``update_GPM``), ``head_mode``
+  ``"per_task"`` (the only mode CA aligns) and ``aux_batch_size`` also sets the
+  feature pass's batch size.
   """
-  if inflora_kwargs.get("head_mode", "per_task") != "per_task":
-    raise ValueError("inflora_ca aligns per-task heads; head_mode must be 'per_task'")
-  inflora_kwargs.pop("head_mode", None)
-  if not isinstance(ca_epochs, (int, np.integer)) or ca_epochs < 0:
-    raise ValueError(f"ca_epochs must be an int >= 0, got {ca_epochs!r}")
-  if not isinstance(ca_samples, (int, np.integer)) or ca_samples < 1:
-    raise ValueError(f"ca_samples must be a positive int, got {ca_samples!r}")
-  if not ca_learning_rate > 0 or not 0 <= ca_momentum < 1 or ca_weight_decay < 0:
-    raise ValueError(f"need ca_learning_rate > 0, 0 <= ca_momentum < 1, ca_weight_decay >= 0; "
-                     f"got {ca_learning_rate}, {ca_momentum}, {ca_weight_decay}")
-  if logit_norm is not None and not logit_norm > 0:
-    raise ValueError(f"logit_norm must be > 0 or None, got {logit_norm}")
-  if not ridge >= 0:
-    raise ValueError(f"ridge must be >= 0, got {ridge}")
-  inner = inflora_lib.inflora(backbone, rank=rank, sites=sites, lamb=lamb, lame=lame,
-                              variant=variant, head_mode="per_task", name=name, **inflora_kwargs)
-  site_group = inflora_lib.site_groups(backbone, sites)
-  features_fn = _features_fn(backbone, tuple(sorted(site_group.items())))
 
-  def init(rng, spec):
-    if spec.scenario == "domain":
-      raise ValueError("inflora_ca needs per-task heads over disjoint classes (task- or "
-                       "class-incremental); this stream is domain-incremental")
-    return {**inner.init(rng, spec), "class_stats": {}}
+  lora_rank: int = 5
+  variant: str = "gpm"
+  head_mode: str | None = "per_task"
+  name: str = "inflora_ca"
+  align: bool = True
+  ca_epochs: int = 5
+  ca_samples: int = 256
+  ca_learning_rate: float = 0.01
+  ca_momentum: float = 0.9
+  ca_weight_decay: float = 5e-4
+  logit_norm: float | None = 0.1
+  ridge: float = alignment.OFFICIAL_RIDGE
+  mean_decay: bool = True
 
-  def task_features(state, ctx):
-    """Final features (n, d) and local labels (n,) of the task's training split."""
-    feats, labels = [], []
-    for batch in ctx.batches("train", batch_size=feature_batch_size):
-      f = to_host(features_fn(state, ctx.base, batch["x"]))
-      keep = to_host(batch["mask"]) > 0
-      feats.append(f[keep])
-      labels.append(to_host(batch["y"])[keep])
-    classes = np.asarray(ctx.spec.task_classes[ctx.task_index])
-    y = np.concatenate(labels)
-    return np.concatenate(feats).astype(np.float32), np.searchsorted(classes, y).astype(np.int32)
-
-  def end_task(state, ctx):
-    t = ctx.task_index
-    state = inner.end_task(state, ctx)
-    feats, local = task_features(state, ctx)
-    n_t = len(ctx.spec.task_classes[t])
-    means, covs = alignment.class_statistics(feats, local, n_t, ridge=ridge)
-    stats = {**state["class_stats"], str(t): {"mean": means, "cov": covs}}
-    state = {**state, "class_stats": stats}
-    if not align or t == 0 or ca_epochs == 0:
-      return state
-    tasks = range(t + 1)
-    all_means = jnp.concatenate([stats[str(k)]["mean"] for k in tasks])
-    all_covs = jnp.concatenate([stats[str(k)]["cov"] for k in tasks])
-    class_task = np.concatenate([np.full(len(ctx.spec.task_classes[k]), k) for k in tasks])
-    scale = (alignment.mean_scales(class_task, t) if mean_decay
-             else np.ones(len(class_task), np.float32))
-    if not bool(jnp.all(jnp.isfinite(jnp.linalg.cholesky(all_covs)))):
-      raise ValueError(f"task {t}: a class covariance is not positive definite in float32; "
-                       f"raise ridge (now {ridge})")
-    heads = [state["heads"][str(k)] for k in tasks]
-    aligned = alignment.align_classifier(
-        heads, jax.random.fold_in(ctx.rng, 2), all_means, all_covs, jnp.asarray(scale),
-        per_class=int(ca_samples), epochs=int(ca_epochs), learning_rate=ca_learning_rate,
-        momentum=ca_momentum, weight_decay=ca_weight_decay, logit_norm=logit_norm)
-    if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(aligned)):
-      raise FloatingPointError(f"task {t}: classifier alignment produced NaN/Inf heads")
-    new_heads = {**state["heads"], **{str(k): dict(h) for k, h in zip(tasks, aligned)}}
-    return {**state, "heads": new_heads}
-
-  def diagnostics(state):
-    return {"memory": {g: [r, k] for g, (r, k) in inflora_lib.memory_summary(state).items()}}
-
-  return inner._replace(init=init, end_task=end_task, diagnostics=diagnostics)
+  def __post_init__(self) -> None:
+    super().__post_init__()
+    if self.head_mode != "per_task":
+      raise ValueError("inflora_ca aligns per-task heads; head_mode must be 'per_task'")
+    if not isinstance(self.ca_epochs, (int, np.integer)) or self.ca_epochs < 0:
+      raise ValueError(f"ca_epochs must be an int >= 0, got {self.ca_epochs!r}")
+    if not isinstance(self.ca_samples, (int, np.integer)) or self.ca_samples < 1:
+      raise ValueError(f"ca_samples must be a positive int, got {self.ca_samples!r}")
+    if (not self.ca_learning_rate > 0 or not 0 <= self.ca_momentum < 1
+        or self.ca_weight_decay < 0):
+      raise ValueError(f"need ca_learning_rate > 0, 0 <= ca_momentum < 1, ca_weight_decay >= 0; "
+                       f"got {self.ca_learning_rate}, {self.ca_momentum}, {self.ca_weight_decay}")
+    if self.logit_norm is not None and not self.logit_norm > 0:
+      raise ValueError(f"logit_norm must be > 0 or None, got {self.logit_norm}")
+    if not self.ridge >= 0:
+      raise ValueError(f"ridge must be >= 0, got {self.ridge}")
 
 
 @functools.lru_cache(maxsize=16)
@@ -176,7 +140,113 @@ def _features_fn(backbone: Backbone, site_group_items: tuple[tuple[str, str], ..
       inflora_lib.params_for(state, base, site_group), x))
 
 
-def class_statistics_of(state) -> dict[str, dict[str, np.ndarray]]:
+def task_features(setup: Setup, state: InfLoRAState, ctx: TaskContext
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """Final features and local labels of the current task's training split (real rows only).
+
+  Args:
+    setup: the method's config, backbone and site layout.
+    state: the state with every branch ≤ t active.
+    ctx: the task context (its ``batches``, padded and masked).
+
+  Returns:
+    ``(features (n, d) float32, labels (n,) int32)``, labels local to the task
+    (index into its sorted classes).
+  """
+  features_fn = _features_fn(setup.backbone, tuple(sorted(setup.layout.site_group.items())))
+  feats, labels = [], []
+  for batch in ctx.batches("train", batch_size=setup.cfg.aux_batch_size):
+    f = to_host(features_fn(state, ctx.base, batch["x"]))
+    keep = to_host(batch["mask"]) > 0
+    feats.append(f[keep])
+    labels.append(to_host(batch["y"])[keep])
+  classes = np.asarray(ctx.spec.task_classes[ctx.task_index])
+  y = np.concatenate(labels)
+  return np.concatenate(feats).astype(np.float32), np.searchsorted(classes, y).astype(np.int32)
+
+
+def align_heads(cfg: InfLoRACAConfig, state: InfLoRAState, rng: jax.Array, spec: StreamSpec,
+                task_index: int) -> InfLoRAState:
+  """Heads 0..t retrained on features drawn from the stored class Gaussians.
+
+  Args:
+    cfg: the config (the ``ca_*`` options, ``logit_norm``, ``ridge``, ``mean_decay``).
+    state: a state whose ``class_stats`` cover tasks 0..t.
+    rng: the task's key (the draws use ``fold_in(rng, 2)``).
+    spec: the stream spec (classes per task).
+    task_index: t ≥ 1.
+
+  Returns:
+    The state with aligned heads 0..t (:func:`clx.ops.alignment.align_classifier`).
+    Raises if a covariance is not positive definite or the heads become non-finite.
+  """
+  t = task_index
+  stats = state["class_stats"]
+  tasks = range(t + 1)
+  all_means = jnp.concatenate([stats[str(k)]["mean"] for k in tasks])
+  all_covs = jnp.concatenate([stats[str(k)]["cov"] for k in tasks])
+  class_task = np.concatenate([np.full(len(spec.task_classes[k]), k) for k in tasks])
+  scale = (alignment.mean_scales(class_task, t) if cfg.mean_decay
+           else np.ones(len(class_task), np.float32))
+  if not bool(jnp.all(jnp.isfinite(jnp.linalg.cholesky(all_covs)))):
+    raise ValueError(f"task {t}: a class covariance is not positive definite in float32; "
+                     f"raise ridge (now {cfg.ridge})")
+  heads = [state["heads"][str(k)] for k in tasks]
+  aligned = alignment.align_classifier(
+      heads, jax.random.fold_in(rng, 2), all_means, all_covs, jnp.asarray(scale),
+      per_class=int(cfg.ca_samples), epochs=int(cfg.ca_epochs),
+      learning_rate=cfg.ca_learning_rate, momentum=cfg.ca_momentum,
+      weight_decay=cfg.ca_weight_decay, logit_norm=cfg.logit_norm)
+  if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(aligned)):
+    raise FloatingPointError(f"task {t}: classifier alignment produced NaN/Inf heads")
+  return {**state, "heads": {**state["heads"], **{str(k): dict(h) for k, h in zip(tasks, aligned)}}}
+
+
+def init(setup: Setup, rng: jax.Array, spec: StreamSpec) -> InfLoRAState:
+  """InfLoRA's initial state plus empty ``class_stats``; refuses domain-IL streams."""
+  if spec.scenario == "domain":
+    raise ValueError("inflora_ca needs per-task heads over disjoint classes (task- or "
+                     "class-incremental); this stream is domain-incremental")
+  return {**inflora_lib.init(setup, rng, spec), "class_stats": {}}
+
+
+def end_task(setup: Setup, state: InfLoRAState, ctx: TaskContext) -> InfLoRAState:
+  """InfLoRA's ``end_task``, the task's class statistics, then (t ≥ 1) the alignment."""
+  cfg, t = setup.cfg, ctx.task_index
+  state = inflora_lib.end_task(setup, state, ctx)
+  feats, local = task_features(setup, state, ctx)
+  means, covs = alignment.class_statistics(feats, local, len(ctx.spec.task_classes[t]),
+                                           ridge=cfg.ridge)
+  state = {**state, "class_stats": {**state["class_stats"], str(t): {"mean": means, "cov": covs}}}
+  if not cfg.align or t == 0 or cfg.ca_epochs == 0:
+    return state
+  return align_heads(cfg, state, ctx.rng, ctx.spec, t)
+
+
+def diagnostics(state: InfLoRAState) -> dict[str, Any]:
+  """``{"memory": {group: [rank, kind]}}`` for metrics.json."""
+  return {"memory": {g: [r, k] for g, (r, k) in inflora_lib.memory_summary(state).items()}}
+
+
+def inflora_ca(backbone: Backbone, **kwargs: Any) -> ContinualMethod:
+  """InfLoRA (plain GPM memory) + classifier alignment after every task t ≥ 1.
+
+  Args:
+    backbone: the frozen network.
+    **kwargs: :class:`InfLoRACAConfig` fields; the old names ``rank``, ``scale``,
+      ``gram_batch_size`` and ``feature_batch_size`` still work (deprecated).
+  """
+  cfg = inflora_lib.config_from_kwargs(InfLoRACAConfig, kwargs, RENAMED)
+  setup = Setup(cfg, backbone, inflora_lib.site_layout(backbone, cfg.sites, cfg.lora_rank))
+  return inflora_lib.bind(setup)._replace(init=functools.partial(init, setup),
+                                          end_task=functools.partial(end_task, setup),
+                                          diagnostics=diagnostics)
+
+
+inflora_ca.__signature__ = inflora_lib.factory_signature(InfLoRACAConfig, RENAMED)
+
+
+def class_statistics_of(state: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
   """``{task: {"mean": (n_t, d), "cov": (n_t, d, d)}}`` of an InfLoRA+CA state (host arrays)."""
   return {t: {k: np.asarray(v) for k, v in s.items()} for t, s in state["class_stats"].items()}
 

@@ -36,7 +36,9 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,7 +86,9 @@ def class_statistics(features: Array, labels: Array, num_classes: int, *,
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
-def _class_statistics(features, labels, num_classes, ridge):
+def _class_statistics(features: Array, labels: Array, num_classes: int,
+                      ridge: float) -> tuple[Array, Array]:
+  """Jitted core of :func:`class_statistics`."""
   dtype = jnp.promote_types(features.dtype, jnp.float32)
   f = features.astype(dtype)
   onehot = jax.nn.one_hot(labels, num_classes, dtype=dtype)            # (n, C)
@@ -94,6 +98,8 @@ def _class_statistics(features, labels, num_classes, ridge):
   scatter = jnp.einsum("nc,nd,ne->cde", onehot, centered, centered, precision=_HIGHEST)
   eye = jnp.eye(f.shape[1], dtype=dtype)
   covs = scatter / (counts - 1.0)[:, None, None] + ridge * eye
+  d = f.shape[1]
+  chex.assert_shape([means, covs], [(num_classes, d), (num_classes, d, d)])
   return means, covs
 
 
@@ -142,7 +148,8 @@ def sample_features(key: Array, means: Array, covs: Array, per_class: int) -> tu
 
 
 @functools.partial(jax.jit, static_argnums=3)
-def _sample(key, means, covs, per_class):
+def _sample(key: Array, means: Array, covs: Array, per_class: int) -> tuple[Array, Array]:
+  """Jitted core of :func:`sample_features`."""
   c, d = means.shape
   chol = jnp.linalg.cholesky(covs)
   z = jax.random.normal(key, (c, per_class, d), means.dtype)
@@ -162,6 +169,7 @@ def task_normalized_logits(logits: Array, task_sizes: Sequence[int], temperature
   Returns:
     (B, C) normalised logits.
   """
+  chex.assert_rank(logits, 2)
   bounds = np.cumsum((0, *task_sizes))
   if bounds[-1] != logits.shape[-1]:
     raise ValueError(f"task_sizes sum to {bounds[-1]}, logits have {logits.shape[-1]} classes")
@@ -171,14 +179,22 @@ def task_normalized_logits(logits: Array, task_sizes: Sequence[int], temperature
   return logits / mean_norm / temperature
 
 
-def cosine_epoch_lr(learning_rate: float, epoch, epochs: int):
+def cosine_epoch_lr(learning_rate: float, epoch: Any, epochs: int) -> Array:
   """PyTorch ``CosineAnnealingLR(T_max=epochs)`` stepped per epoch: lr·(1 + cos(π e/E))/2."""
   return learning_rate * (1.0 + jnp.cos(jnp.pi * epoch / epochs)) / 2.0
 
 
-def epoch_draws(key: Array, epoch, num_classes: int, per_class: int, dim: int,
-                dtype=jnp.float32) -> tuple[Array, Array]:
+def epoch_draws(key: Array, epoch: Any, num_classes: int, per_class: int, dim: int,
+                dtype: Any = jnp.float32) -> tuple[Array, Array]:
   """The random draws of one alignment epoch: z (C, per_class, d) and the shuffle.
+
+  Args:
+    key: the alignment's PRNG key; epoch e draws from ``fold_in(key, e)``.
+    epoch: e (int, may be traced).
+    num_classes: C.
+    per_class: draws per class.
+    dim: feature dim d.
+    dtype: dtype of z.
 
   Returns:
     ``(z, perm)``: z feeds :func:`sample_features`' formula, perm (C·per_class,)
@@ -192,7 +208,8 @@ def epoch_draws(key: Array, epoch, num_classes: int, per_class: int, dim: int,
 def align_classifier(heads: Sequence[dict], key: Array, means: Array, covs: Array,
                      mean_scale: Array, *, per_class: int = 256, epochs: int = 5,
                      learning_rate: float = 0.01, momentum: float = 0.9,
-                     weight_decay: float = 5e-4, logit_norm: float | None = 0.1):
+                     weight_decay: float = 5e-4, logit_norm: float | None = 0.1
+                     ) -> tuple[dict[str, Array], ...]:
   """Retrain the concatenated per-task heads on Gaussian-sampled features.
 
   Args:
@@ -242,9 +259,13 @@ def align_classifier(heads: Sequence[dict], key: Array, means: Array, covs: Arra
 
 
 @functools.partial(jax.jit, static_argnums=tuple(range(5, 12)))
-def _align(heads, key, means, covs, mean_scale, sizes, per_class, epochs, lr, momentum,
-           weight_decay, logit_norm):
+def _align(heads: tuple[dict[str, Array], ...], key: Array, means: Array, covs: Array,
+           mean_scale: Array, sizes: tuple[int, ...], per_class: int, epochs: int, lr: float,
+           momentum: float, weight_decay: float, logit_norm: float | None
+           ) -> tuple[dict[str, Array], ...]:
+  """Jitted core of :func:`align_classifier` (sizes and hyper-parameters static)."""
   c, d = means.shape
+  chex.assert_shape([covs, mean_scale], [(c, d, d), (c,)])
   chol = jnp.linalg.cholesky(covs.astype(jnp.float32))
   loc = (means * mean_scale[:, None]).astype(jnp.float32)
   labels_all = jnp.repeat(jnp.arange(c, dtype=jnp.int32), per_class)

@@ -116,6 +116,7 @@ import functools
 import math
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,6 +136,7 @@ DEFAULT_SCALE = 1.0 / math.sqrt(3.0)
 
 
 def _mm(a: Array, b: Array) -> Array:
+  """a @ b at full float32 precision (``Precision.HIGHEST``, no bf16 passes on GPU/TPU)."""
   return jnp.matmul(a, b, precision=_HIGHEST)
 
 
@@ -171,6 +173,7 @@ def kind_code(kind: Any) -> Any:
 
 
 def _power(option: str, table: dict[str, int], name: str) -> int:
+  """The power (2 official, 1 paper) of an ``energy``/``form`` option; ValueError naming it."""
   if option not in table:
     raise ValueError(f"{name} must be one of {sorted(table)}, got {option!r}")
   return table[option]
@@ -181,7 +184,7 @@ def _power(option: str, table: dict[str, int], name: str) -> int:
 # ----------------------------------------------------------------------------
 
 
-def _allowed_projector(basis: Array, rank: Array, kind: Array, dtype) -> Array:
+def _allowed_projector(basis: Array, rank: Any, kind: Any, dtype: Any) -> Array:
   """Q = I − M Mᵀ (remove) or M Mᵀ (retain), M = the first ``rank`` columns."""
   d, width = basis.shape
   m = jnp.where(jnp.arange(width)[None, :] < rank, basis, 0).astype(dtype)
@@ -189,7 +192,7 @@ def _allowed_projector(basis: Array, rank: Array, kind: Array, dtype) -> Array:
   return jnp.where(kind == RETAIN, pm, jnp.eye(d, dtype=dtype) - pm)
 
 
-def _eigenproblem(gram: Array, q: Array, power: int):
+def _eigenproblem(gram: Array, q: Array, power: int) -> tuple[Array, Array, Array, Array]:
   """Eigenpairs of the projected matrix, allowed directions first.
 
   A = (Q C)(Q C)ᵀ = Q C² Q (power 2: left singular pairs of the official Ĉ =
@@ -259,10 +262,12 @@ def _prepare_basis(gram: Any, basis: Any, memory_rank: Any):
 
 
 def _float_dtype(*arrays: Any) -> Any:
+  """The arrays' common dtype, promoted to at least float32."""
   return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
 
 
 def _check_gram(gram: Any) -> None:
+  """ValueError unless ``gram`` is a finite square (d, d) matrix."""
   _checks.check_ndim("gram", gram, 2)
   if np.shape(gram)[0] != np.shape(gram)[1]:
     raise ValueError(f"gram must be square (d, d), got shape {np.shape(gram)}")
@@ -309,7 +314,9 @@ def design_down_projection(gram: Array, basis: Array | None = None, kind: Any = 
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))
-def _design(gram, basis, mem_rank, kind, rank, scale, power):
+def _design(gram: Array, basis: Array, mem_rank: Any, kind: Any, rank: int, scale: float,
+            power: int) -> Array:
+  """Jitted core of :func:`design_down_projection`: a (d, rank), ``basis`` (d, d) padded."""
   dtype = _float_dtype(gram, basis)
   gram = jnp.asarray(gram, dtype)
   q = _allowed_projector(jnp.asarray(basis), mem_rank, kind, dtype)
@@ -319,7 +326,9 @@ def _design(gram, basis, mem_rank, kind, rank, scale, power):
   top = jnp.where((jnp.arange(rank) < n_allowed)[None, :], top, 0)
   peak = jnp.take_along_axis(top, jnp.argmax(jnp.abs(top), axis=0)[None, :], axis=0)
   signs = jnp.where(peak < 0, -1, 1).astype(dtype)
-  return top * signs * jnp.asarray(scale, dtype)
+  out = top * signs * jnp.asarray(scale, dtype)
+  chex.assert_shape(out, (gram.shape[0], rank))
+  return out
 
 
 def projected_gram(gram: Array, basis: Array | None = None, kind: Any = "remove", *,
@@ -337,7 +346,8 @@ def projected_gram(gram: Array, basis: Array | None = None, kind: Any = "remove"
 # ----------------------------------------------------------------------------
 
 
-def _check_memory(gram, basis_padded, rank):
+def _check_memory(gram: Any, basis_padded: Any, rank: Any) -> None:
+  """ValueError unless the memory is (d, d) finite with a scalar rank in [0, d]."""
   d = np.shape(gram)[0]
   if np.shape(basis_padded) != (d, d):
     raise ValueError(f"basis_padded must be (d, d) = ({d}, {d}) to match gram "
@@ -389,7 +399,11 @@ def dualgpm_update_fixed(basis_padded: Array, rank: Any, kind: Any, gram: Array,
 
 
 @functools.partial(jax.jit, static_argnums=(6, 7))
-def _update(basis_padded, rank, kind, gram, eps, first_task, power, dual):
+def _update(basis_padded: Array, rank: Any, kind: Any, gram: Array, eps: Any, first_task: Any,
+            power: int, dual: bool) -> tuple[Array, Array, Array]:
+  """Jitted core of :func:`dualgpm_update_fixed` (``power``, ``dual`` static)."""
+  chex.assert_rank(gram, 2)
+  chex.assert_equal_shape([gram, basis_padded])
   dtype = _float_dtype(gram, basis_padded)
   gram = jnp.asarray(gram, dtype)
   d = gram.shape[0]
@@ -448,6 +462,8 @@ def _update(basis_padded, rank, kind, gram, eps, first_task, power, dual):
   new_basis = jnp.where(retain, rt_basis, rm_basis)
   new_rank = jnp.where(retain, rt_rank, rm_rank).astype(jnp.int32)
   new_kind = jnp.where(retain, RETAIN, rm_kind).astype(jnp.int32)
+  chex.assert_shape(new_basis, (d, d))
+  chex.assert_rank([new_rank, new_kind], 0)
   return new_basis, new_rank, new_kind
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import shutil
 
 import chex
@@ -19,6 +21,7 @@ from clx.methods.sequential import lora
 from clx.models import bert
 from clx.models.mlp import mlp
 from clx.ops import dualgpm
+from clx.ops import tree as tree_ops
 from clx.ops.lora import apply_adapters
 from clx.train.loop import TrainConfig, run_method
 from clx.train.sharding import make_mesh
@@ -72,7 +75,7 @@ def restore_all(method, stream, directory, seed=0):
 def runs(tmp_path_factory):
   stream = token_stream()
   backbone = bert.bert((LENGTH,), config=TINY, seed=0)
-  method = inflora_lib.inflora(backbone, rank=RANK, lamb=LAMB)
+  method = inflora_lib.inflora(backbone, lora_rank=RANK, lamb=LAMB)
   base_before = jax.device_get(backbone.params)
   directory = tmp_path_factory.mktemp("inflora") / "ckpt"
   result = run_method(method, stream, CFG, mesh=make_mesh(1), checkpoint_dir=str(directory),
@@ -113,7 +116,7 @@ def test_state_layout_and_groups(runs):
     assert all(b.shape == (RANK, 32) and "/" not in k for k, b in branch["b"].items())
   summary = inflora_lib.memory_summary(final)
   assert all(0 < rank <= 16 for rank, _ in summary.values())
-  assert method.trainable(final, TaskInfo(2, StreamSpec.from_stream(stream))).keys() == {
+  assert method.trainable(final, TaskInfo(2, StreamSpec.from_stream(runs["stream"]))).keys() == {
       "b", "head"}
   # The stream exercised both memory kinds (remove, then retain after the d/2 switch).
   kinds = {kind for s in states for _, kind in inflora_lib.memory_summary(s).values()}
@@ -138,8 +141,8 @@ def test_interference_free_on_old_memory_subspace(runs):
         w = kernel(backbone.params, site).astype(np.float32)
         for j in range(t):
           old = after["branches"][str(j)]
-          w = w + old["a"][g] @ old["b"][inflora_lib.site_key(site)]
-        delta = a_t @ after["branches"][str(t)]["b"][inflora_lib.site_key(site)]
+          w = w + old["a"][g] @ old["b"][tree_ops.to_key(site)]
+        delta = a_t @ after["branches"][str(t)]["b"][tree_ops.to_key(site)]
         y_before = x @ w + bias(backbone.params, site).astype(np.float32)
         y_after = x @ (w + delta) + bias(backbone.params, site).astype(np.float32)
         rel = np.linalg.norm(y_after - y_before) / np.linalg.norm(y_before)
@@ -229,14 +232,28 @@ def test_design_and_memory_match_float64_reference(runs):
 
 
 def effective_params(backbone, branches):
-  adapters = {}
+  """The public forward of a state's branches (all active) on the base params."""
+  return inflora_lib.params_for({"branches": branches}, backbone.params,
+                                inflora_lib.site_groups(backbone, ("k", "v")))
+
+
+def test_gram_pass_matches_float64_reference(runs):
+  """The public Gram pass over ragged host batches (mask given or not) = float64 X^T X / n."""
+  backbone, states, stream = runs["backbone"], runs["states"], runs["stream"]
+  params = effective_params(backbone, states[0]["branches"])
+  x = stream.tasks[1].train.x[:100]
   groups = inflora_lib.input_groups(backbone, backbone.site_paths(("k", "v")))
-  for t in sorted(branches, key=int):
-    for g, members in groups.items():
-      for site in members:
-        adapters.setdefault(site, []).append(
-            {"a": branches[t]["a"][g], "b": branches[t]["b"][inflora_lib.site_key(site)]})
-  return apply_adapters(backbone.params, adapters) if adapters else backbone.params
+  batches = [{"x": x[:48]}, {"x": x[48:96]},
+             {"x": np.concatenate([x[96:], x[:12]]), "mask": np.r_[np.ones(4), np.zeros(12)]}]
+  grams = inflora_lib.gram_pass(backbone, params, batches, groups, task_index=1)
+  reference = numpy_gram(backbone, params, x)
+  assert grams.keys() == reference.keys()
+  for g, gram in grams.items():
+    assert gram.shape == (32, 32) and gram.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(gram, np.float64), reference[g], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="task 1: the Gram pass saw no valid token"):
+    inflora_lib.gram_pass(backbone, params, [{"x": x[:4], "mask": np.zeros(4)}], groups,
+                          task_index=1)
 
 
 def test_only_current_b_and_head_train(runs):
@@ -289,9 +306,10 @@ def mlp_runs():
   backbone = mlp(stream.input_shape, (24, 24), seed=0)
   cfg = TrainConfig(epochs=2, batch_size=16, learning_rate=1e-2, eval_batch_size=64)
   out = {}
-  paper_gpm = {"variant": "gpm", "energy": "paper", "design": "paper", "scale": 1.0}
+  paper_gpm = {"variant": "gpm", "energy": "paper", "design": "paper", "design_scale": 1.0}
   for name, fold, devices in (("plain", False, 4), ("fold", True, 1)):
-    method = inflora_lib.inflora(backbone, rank=2, sites="mlp", lamb=0.9, fold=fold, **paper_gpm)
+    method = inflora_lib.inflora(backbone, lora_rank=2, sites="mlp", lamb=0.9, fold=fold,
+                                 **paper_gpm)
     out[name] = (method, run_method(method, stream, cfg, mesh=make_mesh(devices), quiet=True))
   return stream, backbone, out
 
@@ -337,8 +355,50 @@ def test_bad_arguments_are_named():
   with pytest.raises(ValueError, match="site role"):
     inflora_lib.inflora(backbone, sites="nope")
   with pytest.raises(ValueError, match="rank"):
-    inflora_lib.inflora(backbone, sites="mlp", rank=30)
+    inflora_lib.inflora(backbone, sites="mlp", lora_rank=30)
   with pytest.raises(ValueError, match="energy"):
     inflora_lib.inflora(backbone, sites="mlp", energy="sigma4")
   with pytest.raises(ValueError, match="no site role"):
     inflora_lib.inflora_b5(backbone)
+  with pytest.raises(ValueError, match="head_mode"):
+    inflora_lib.inflora(backbone, sites="mlp", head_mode="per_class")
+  with pytest.raises(ValueError, match="aux_batch_size"):
+    inflora_lib.inflora(backbone, sites="mlp", aux_batch_size=0)
+  with pytest.raises(ValueError, match="lora_rank must be a positive int"):
+    inflora_lib.InfLoRAConfig(lora_rank=True)
+  with pytest.raises(TypeError):  # unknown names fail when the config is checked (before data)
+    inspect.signature(inflora_lib.inflora).bind(backbone, ranks=4)
+
+
+def test_config_is_frozen_and_old_names_still_work():
+  cfg = inflora_lib.InfLoRAConfig(sites=["k", "v"], lora_rank=4)
+  assert cfg.sites == ("k", "v") and hash(cfg) == hash(inflora_lib.InfLoRAConfig(lora_rank=4))
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    cfg.lora_rank = 5
+  backbone = mlp((16,), (24,), seed=0)
+  with pytest.warns(DeprecationWarning, match="'rank' is now called 'lora_rank'"):
+    old = inflora_lib.inflora(backbone, sites="mlp", rank=3, scale=1.0, gram_batch_size=8)
+  new = inflora_lib.inflora(backbone, sites="mlp", lora_rank=3, design_scale=1.0,
+                            aux_batch_size=8)
+  spec = StreamSpec(1, 2, "task", ((0, 1),), (16,))
+  chex.assert_trees_all_equal(old.init(jax.random.PRNGKey(0), spec),
+                              new.init(jax.random.PRNGKey(0), spec))
+  assert old.begin_task.args[0].cfg == new.begin_task.args[0].cfg
+  with pytest.raises(ValueError, match="both 'rank'"), pytest.warns(DeprecationWarning):
+    inflora_lib.inflora(backbone, sites="mlp", rank=3, lora_rank=4)
+
+
+def test_input_groups_follow_the_backbones_declaration():
+  """Groups come from ``Backbone.site_groups`` (not from path strings), and the Gram pass
+  refuses a declared group whose members do not read one input."""
+  backbone = mlp((16,), (16, 16), seed=0)
+  assert inflora_lib.input_groups(backbone, ("lin1/kernel", "lin2/kernel")) == {
+      "lin1.kernel": ("lin1/kernel",), "lin2.kernel": ("lin2/kernel",)}
+  declared = dataclasses.replace(
+      backbone, sites={**backbone.sites, "pair": ("lin1/kernel", "lin2/kernel")},
+      site_groups={"body": ("lin1/kernel", "lin2/kernel")})
+  groups = inflora_lib.input_groups(declared, ("lin1/kernel", "lin2/kernel"))
+  assert groups == {"body.lin1+lin2": ("lin1/kernel", "lin2/kernel")}
+  x = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+  with pytest.raises(ValueError, match="different Gram matrices"):
+    inflora_lib.gram_pass(declared, declared.params, [{"x": x}], groups)

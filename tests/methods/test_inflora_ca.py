@@ -28,7 +28,7 @@ def runs():
   backbone = mlp(stream.input_shape, (32,), seed=0)
   out = {}
   for align in (True, False):
-    method = methods.build("inflora_ca", backbone, rank=4, sites="mlp", lamb=0.9, align=align)
+    method = methods.build("inflora_ca", backbone, lora_rank=4, sites="mlp", lamb=0.9, align=align)
     out[align] = (method, run_method(method, stream, CFG, mesh=make_mesh(1), quiet=True))
   return stream, backbone, out
 
@@ -78,12 +78,12 @@ def test_switching_alignment_off_loses_old_task_accuracy():
 def test_bad_arguments_are_named():
   backbone = mlp((16,), (24,), seed=0)
   with pytest.raises(ValueError, match="head_mode"):
-    ca_lib.inflora_ca(backbone, sites="mlp", rank=2, head_mode="shared")
+    ca_lib.inflora_ca(backbone, sites="mlp", lora_rank=2, head_mode="shared")
   with pytest.raises(ValueError, match="logit_norm"):
-    ca_lib.inflora_ca(backbone, sites="mlp", rank=2, logit_norm=0.0)
+    ca_lib.inflora_ca(backbone, sites="mlp", lora_rank=2, logit_norm=0.0)
   with pytest.raises(ValueError, match="ca_samples"):
-    ca_lib.inflora_ca(backbone, sites="mlp", rank=2, ca_samples=0)
-  method = ca_lib.inflora_ca(backbone, sites="mlp", rank=2)
+    ca_lib.inflora_ca(backbone, sites="mlp", lora_rank=2, ca_samples=0)
+  method = ca_lib.inflora_ca(backbone, sites="mlp", lora_rank=2)
   spec = StreamSpec(2, 2, "domain", ((0, 1), (0, 1)), (16,))
   with pytest.raises(ValueError, match="domain-incremental"):
     method.init(jax.random.PRNGKey(0), spec)

@@ -16,6 +16,7 @@ import pytest
 from clx.methods import inflora as inflora_lib
 from clx.models.mlp import mlp
 from clx.ops import dualgpm
+from clx.ops import tree as tree_ops
 from clx.train.loop import TrainConfig, run_method
 from clx.train.sharding import make_mesh
 from tests.helpers import make_gaussian_stream
@@ -51,7 +52,7 @@ def _stream():
 def _run(design):
   stream = _stream()
   backbone = mlp(stream.input_shape, (24,), seed=0)
-  method = inflora_lib.inflora(backbone, rank=RANK, sites="mlp", lamb=0.9, variant="gpm")
+  method = inflora_lib.inflora(backbone, lora_rank=RANK, sites="mlp", lamb=0.9, variant="gpm")
   with pytest.MonkeyPatch.context() as mp:
     if design is not None:
       mp.setattr(dualgpm, "design_down_projection", design)
@@ -61,7 +62,7 @@ def _run(design):
 
 def _kernel_and_delta(backbone, state, site="lin1/kernel"):
   """The layer's kernel after task 0 (W + a_0 b_0) and task 1's delta a_1 b_1, float64."""
-  g = inflora_lib.site_key(site)
+  g = tree_ops.to_key(site)
   branch0, branch1 = state["branches"]["0"], state["branches"]["1"]
   w = np.asarray(backbone.params["lin1"]["kernel"], np.float64)
   w0 = w + np.asarray(branch0["a"][g], np.float64) @ np.asarray(branch0["b"][g], np.float64)
@@ -77,7 +78,7 @@ def _runs():
 
 def _task0_memory_projector(backbone, stream):
   """Protected projector of lin1 after task 0 (independent of how a_1 was chosen)."""
-  method = inflora_lib.inflora(backbone, rank=RANK, sites="mlp", lamb=0.9, variant="gpm")
+  method = inflora_lib.inflora(backbone, lora_rank=RANK, sites="mlp", lamb=0.9, variant="gpm")
   one = type(stream)(stream.name, stream.tasks[:1], stream.scenario, stream.num_classes)
   state = run_method(method, one, CFG, mesh=make_mesh(1), quiet=True).state
   mem = state["memory"]["lin1.kernel"]
