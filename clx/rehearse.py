@@ -46,8 +46,9 @@ import numpy as np
 from clx.experiment import ConfigError
 
 REPORT_FILE = "rehearsal.json"
-# Tiny backbones for CI (--tiny): the per-example shapes stay, depth and width shrink.
-TINY_VIT = {"depth": 2, "embed_dim": 64, "num_heads": 2, "mlp_dim": 128}
+# Tiny backbones for CI (--tiny): the per-example shapes stay, depth and width shrink (depth 5:
+# inflora_b5 adapts the first 5 blocks).
+TINY_VIT = {"depth": 5, "embed_dim": 64, "num_heads": 2, "mlp_dim": 128}
 # (Llama width 128: SPARC's 100 PCA components must fit in the hidden size.)
 TINY_LLAMA = {"num_hidden_layers": 2, "hidden_size": 128, "intermediate_size": 256,
               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,

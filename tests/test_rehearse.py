@@ -157,6 +157,16 @@ def _check_report(report, job, *, tasks, steps, tiny):
         assert e[key] >= 0
 
 
+def test_a_vit_pod_config_rehearses_on_8_devices(tmp_path):
+  """Default-suite size: one ViT pod config, 2 tasks, 1 step each, tiny ViT, 8 devices."""
+  job = list(POD_CONFIGS[0])
+  (report,) = _run_configs([job], tmp_path, steps=1, tasks=2, tiny=True, timeout=900)
+  assert report["stream"]["example_shape"] == [224, 224, 3]
+  assert report["stream"]["tasks_real"] == 5
+  _check_report(report, job, tasks=2, steps=1, tiny=True)
+
+
+@pytest.mark.slow  # ~6 min on 2 idle cores: every pod config (9 subprocesses on 8 devices)
 def test_every_pod_config_rehearses_on_8_devices(tmp_path):
   """CI size: 2 tasks, 1 step each, tiny ViT/Llama; real per-example shapes and batches."""
   jobs = [list(j) for j in POD_CONFIGS]
