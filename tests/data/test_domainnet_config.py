@@ -15,7 +15,7 @@ def test_config_is_the_official_setup_and_names_missing_split_lists(tmp_path):
   config = load_config("vit_inflora_domainnet")
   validate(config)
   args = config["method_args"]["inflora"]
-  assert (args["rank"], args["lamb"], args["lame"]) == (30, 0.95, 1.0)
+  assert (args["lora_rank"], args["lamb"], args["lame"]) == (30, 0.95, 1.0)
   train = config["train"]
   assert (train["epochs"], train["batch_size"], train["optimizer"], train["learning_rate"]) == (
       5, 128, "momentum", 0.005)
