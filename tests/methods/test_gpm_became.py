@@ -189,13 +189,13 @@ def _old_memory_response_change(one_state, two_state, rng_seed=0):
 
 
 def test_gpm_projection_switched_off_changes_old_task_responses():
-  import functools
   from clx.methods.base import identity_grads
   stream = _domain_stream()
   backbone = mlp(stream.input_shape, (24, 24), seed=0)
   method = build("gpm", backbone, threshold=0.97, num_samples=64)
-  off = method._replace(loss=functools.partial(method.loss, project=False),
-                        transform_grads=identity_grads)
+  # Projection off: no projection through the inputs (fast path) and none in transform_grads.
+  off = build("gpm", backbone, threshold=0.97, num_samples=64,
+              fast_projection=False)._replace(transform_grads=identity_grads)
   one = run_method(method, dataclasses.replace(stream, tasks=stream.tasks[:1]), CFG,
                    mesh=make_mesh(1), quiet=True)
   on_two = run_method(method, stream, CFG, mesh=make_mesh(1), quiet=True)
