@@ -18,7 +18,7 @@ Two views of the graph:
 | ``methods`` | methods, ops, models | any |
 | ``train`` | train, methods.base, data.types, checkpoint, ops | any |
 | ``checkpoint`` | checkpoint, ops.tree, ``_io`` | any |
-| face (``clx``, experiment, cli, report, workdir) | anything | any |
+| face (``clx``, experiment, cli, report, workdir, rehearse) | anything | any |
 
 ``workdir`` (the run record the CLI and ``experiment`` keep) counts as the face. Below the
 rooms, ``_io`` (atomic writes) and ``_lazy`` (import-on-first-use) import only the standard
@@ -38,7 +38,7 @@ import pytest
 import clx
 
 PACKAGE_DIR = pathlib.Path(clx.__file__).parent
-FACE = {"clx", "clx.experiment", "clx.cli", "clx.report", "clx.workdir"}
+FACE = {"clx", "clx.experiment", "clx.cli", "clx.report", "clx.workdir", "clx.rehearse"}
 
 ALLOWED: dict[str, tuple[str, ...]] = {
     "ops": ("clx.ops",),
