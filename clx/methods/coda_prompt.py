@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import prompting
-from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo, no_host_hook
+from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo
 from clx.models.base import Backbone
 from clx.ops import prompts as prompt_ops
 
@@ -156,13 +156,9 @@ def coda_prompt(backbone: Backbone, **kwargs) -> ContinualMethod:
   """CODA-Prompt on a frozen ``backbone``; ``kwargs`` are :class:`CodaPromptConfig` fields."""
   cfg = CodaPromptConfig(**kwargs)
   prompting.check_layers("coda_prompt layers", cfg.layers, prompting.num_layers(backbone))
-  bound = lambda fn: functools.partial(fn, cfg, backbone)
-  return ContinualMethod(
-      name="coda_prompt", backbone=backbone, init=bound(init),
-      begin_task=functools.partial(begin_task, cfg),
-      trainable=functools.partial(prompting.select_keys, ("head", "K", "A", "P")),
-      loss=bound(loss), combine=prompting.write_back, end_task=no_host_hook,
-      predict=bound(predict))
+  return prompting.prompt_method(
+      "coda_prompt", cfg, backbone, init=init, loss=loss, predict=predict,
+      trained=("head", "K", "A", "P"), begin_task=functools.partial(begin_task, cfg))
 
 
 REGISTRY = {"coda_prompt": coda_prompt}

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import prompting
-from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo, no_host_hook
+from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo
 from clx.models.base import Backbone
 from clx.ops import prompts as prompt_ops
 
@@ -161,13 +161,10 @@ def dualprompt(backbone: Backbone, **kwargs) -> ContinualMethod:
   depth = prompting.num_layers(backbone)
   prompting.check_layers("dualprompt g_layers", cfg.g_layers, depth)
   prompting.check_layers("dualprompt e_layers", cfg.e_layers, depth)
-  bound = lambda fn: functools.partial(fn, cfg, backbone)
-  return ContinualMethod(
-      name="dualprompt", backbone=backbone, init=bound(init),
-      begin_task=functools.partial(begin_task, cfg),
-      trainable=functools.partial(prompting.select_keys, ("head", "g_prompt", "e_prompt", "e_key")),
-      loss=bound(loss), combine=prompting.write_back, end_task=no_host_hook,
-      predict=bound(predict))
+  return prompting.prompt_method(
+      "dualprompt", cfg, backbone, init=init, loss=loss, predict=predict,
+      trained=("head", "g_prompt", "e_prompt", "e_key"),
+      begin_task=functools.partial(begin_task, cfg))
 
 
 REGISTRY = {"dualprompt": dualprompt}

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import prompting
-from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo, no_host_hook, to_host
+from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo, to_host
 from clx.models.base import Backbone
 from clx.ops import prompts as prompt_ops
 
@@ -143,12 +143,9 @@ def diagnostics(state) -> dict:
 def l2p(backbone: Backbone, **kwargs) -> ContinualMethod:
   """L2P on a frozen ``backbone``; ``kwargs`` are :class:`L2PConfig` fields."""
   cfg = L2PConfig(**kwargs)
-  bound = lambda fn: functools.partial(fn, cfg, backbone)
-  return ContinualMethod(
-      name="l2p", backbone=backbone, init=bound(init),
-      begin_task=no_host_hook, trainable=functools.partial(prompting.select_keys, TRAINED),
-      loss=bound(loss), combine=prompting.write_back, end_task=bound(end_task),
-      predict=bound(predict), diagnostics=diagnostics)
+  return prompting.prompt_method(
+      "l2p", cfg, backbone, init=init, loss=loss, predict=predict, trained=TRAINED,
+      end_task=functools.partial(end_task, cfg, backbone), diagnostics=diagnostics)
 
 
 REGISTRY = {"l2p": l2p}

@@ -16,7 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import heads as heads_lib
-from clx.methods.base import StreamSpec
+import functools
+from collections.abc import Callable
+
+from clx.methods.base import ContinualMethod, StreamSpec, no_host_hook
 from clx.models.base import Backbone
 
 Array = jax.Array
@@ -107,3 +110,30 @@ def uniform(key: Array, shape, scale: float) -> Array:
 def retrieval_accuracy(retrieved: Array, task_index: int) -> float:
   """Share of rows whose retrieved task is ``task_index``."""
   return float(np.mean(np.asarray(retrieved) == task_index))
+
+
+def prompt_method(name: str, cfg, backbone: Backbone, *, init: Callable, loss: Callable,
+                  predict: Callable, trained: tuple[str, ...], begin_task: Callable | None = None,
+                  end_task: Callable | None = None,
+                  diagnostics: Callable | None = None) -> ContinualMethod:
+  """The protocol of a prompt method over a frozen backbone (L2P, DualPrompt, CODA-Prompt).
+
+  Args:
+    name: registry name.
+    cfg: the method's frozen config, bound as the first argument of ``init``/``loss``/``predict``.
+    backbone: the frozen backbone, bound as their second argument.
+    init, loss, predict: module-level ``fn(cfg, backbone, ...)`` of the method.
+    trained: the state keys trained on every task (``trainable`` selects them, ``combine``
+      writes them back).
+    begin_task, end_task: host hooks ``(state, ctx) -> state``; ``None`` leaves the state as is.
+    diagnostics: optional ``state -> dict``.
+
+  Returns:
+    The :class:`ContinualMethod`.
+  """
+  bound = lambda fn: functools.partial(fn, cfg, backbone)
+  return ContinualMethod(
+      name=name, backbone=backbone, init=bound(init),
+      begin_task=begin_task or no_host_hook,
+      trainable=functools.partial(select_keys, trained), loss=bound(loss), combine=write_back,
+      end_task=end_task or no_host_hook, predict=bound(predict), diagnostics=diagnostics)
