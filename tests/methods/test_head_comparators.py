@@ -64,3 +64,27 @@ def test_sd_lora_learns_and_freezes_directions_but_learns_magnitudes():
 def _spec(stream):
   from clx.methods.base import StreamSpec  # pylint: disable=import-outside-toplevel
   return StreamSpec.from_stream(stream)
+
+
+def test_sd_lora_trainable_reads_the_task_lora_back_after_combine():
+  """``trainable(combine(state, p, info), info) == p``: after ``combine`` the task's LoRA lives
+  in ``directions``, and a count of the trained parameters from a checkpoint must still see it
+  (the old ``trainable`` returned the emptied ``lora`` slot: head + magnitudes only)."""
+  stream = token_stream(num_tasks=2)
+  spec = _spec(stream)
+  method = build("sd_lora", tiny_bert(), lora_rank=2)
+  state = method.init(jax.random.PRNGKey(0), spec)
+  for t in range(2):
+    info = TaskInfo(t, spec)
+    ctx = type("Ctx", (), {"rng": jax.random.PRNGKey(10 + t), "task_index": t})()
+    state = method.begin_task(state, ctx)
+    params = method.trainable(state, info)
+    bumped = jax.tree.map(lambda v: v + 1.0, params)  # what training returns
+    state = method.combine(state, bumped, info)
+    assert state["lora"] == {}
+    back = method.trainable(state, info)
+    assert jax.tree.structure(back) == jax.tree.structure(bumped)
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(bumped)):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # q and v of 2 layers, A (32, 2) + B (2, 32), the (32 → 4) head and 2 magnitudes
+  assert sum(np.size(v) for v in jax.tree.leaves(back)) == 2 * 2 * (64 + 64) + 32 * 4 + 4 + 2
