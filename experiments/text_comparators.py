@@ -4,9 +4,17 @@ Command:   python experiments/text_comparators.py [--workdir runs/text_comparato
            [--methods l2p,ranpac,...] [--smoke]
            (runs every row through ``clx.experiment.run_experiment``, then writes
            ``comparators.json``: per method the trainable parameter count on the last task,
-           the checkpoint bytes of every task, and for the methods that pick task-specific
-           parameters at test time the (T, T) task-retrieval matrix; ``--smoke`` shrinks the
-           stream and budget to a minutes-long check.)
+           the checkpoint bytes and wall time of every task, and for the methods that pick
+           task-specific parameters at test time (L2P, DualPrompt, CODA-Prompt, SPARC,
+           PROTEUS) the (T, T) task-retrieval matrix; ``--smoke`` shrinks the stream and
+           budget to a minutes-long check.)
+           python experiments/text_comparators.py --report WORKDIR [--output FILE]
+           (recomputes ``comparators.json`` of a finished workdir; trains nothing)
+           python experiments/text_comparators.py --summarize runs/text_comparators/seed{0,1,2}
+           [--reports A.json B.json C.json] [--output table.md]
+           (the RESULTS.md table: mean ± std over seeds of ACC over tasks and over samples,
+           AIA, BWT, wall time; trainable parameters; checkpoint bytes per task; paired ACC
+           differences against ``lora`` and ``proteus``; mean retrieval matrices.)
 Hardware:  2 CPU cores, no accelerator.
 Run time:  not measured for the full table (the CPU was reserved for other measured runs);
            ``--smoke`` (2 tasks x 2 classes, 16 glosses per class, 1 epoch) measured in
@@ -112,7 +120,10 @@ def trainable_params(method, state, info) -> int:
     info: the :class:`clx.methods.base.TaskInfo` of that task.
 
   Returns:
-    The number of scalars in ``method.trainable(state, info)``.
+    The number of scalars in ``method.trainable(state, info)``: what the optimiser holds on
+    that task. For CODA-Prompt and DualPrompt this includes pool entries the loss detaches or
+    never selects on that task (earlier tasks' components, other tasks' E-prompt slots): the
+    optimiser's size, not the number of scalars that receive a gradient.
   """
   import jax
   import numpy as np
