@@ -106,6 +106,7 @@ def _class_means(feats, y, num_classes):
                    for c in range(num_classes)])
 
 
+@pytest.mark.slow
 def test_aper_first_session_adaptation_trains_on_task_0_then_concatenates_features():
   """APER: a LoRA + head trained on task 0 only (frozen afterwards), prototypes over
   ``[f_pretrained, f_adapted]``, checked against float64 class means of both backbones."""
@@ -134,6 +135,7 @@ def test_aper_first_session_adaptation_trains_on_task_0_then_concatenates_featur
   assert set(plain) == {"prototypes"} and plain["prototypes"].shape[1] == backbone.feature_dim
 
 
+@pytest.mark.slow
 def test_ranpac_phase_1_builds_the_ridge_statistics_on_the_adapted_features_alone():
   """RanPAC's Phase 1: after task 0's LoRA, G = Σ hhᵀ with h = ReLU(f_adapted W_rand) (no
   concatenation); with the adaptation off G is built on the frozen features."""
@@ -152,3 +154,19 @@ def test_ranpac_phase_1_builds_the_ridge_statistics_on_the_adapted_features_alon
   f_pre = np.asarray(backbone.apply(backbone.params, jnp.asarray(xs)), np.float64)
   h_pre = np.maximum(f_pre @ w, 0.0)
   assert np.abs(h_pre.T @ h_pre - h.T @ h).max() > 1e-2  # the adaptation changed the features
+
+
+@pytest.mark.parametrize("name", ["simplecil", "ranpac"])
+def test_first_session_loss_reaches_the_lora_on_task_0_only(name):
+  """Task 0's loss has a gradient on the LoRA's ``b`` (zero at init) and on the head; on task 1
+  nothing is trainable. Fails if the features stopped the gradient (the query does)."""
+  from tests.methods.comparator_fixtures import loss_grads  # pylint: disable=import-outside-toplevel
+  stream = token_stream(num_tasks=2)
+  kwargs = {"rp_dim": 16} if name == "ranpac" else {}
+  method = build(name, tiny_bert(), adapt_rank=2, **kwargs)
+  grads = loss_grads(method, stream, task_index=0)
+  assert set(grads) == {"adapter", "head"}
+  assert all(np.abs(g["b"]).max() > 0 for g in grads["adapter"].values())
+  assert np.abs(grads["head"]["kernel"]).max() > 0
+  state = method.init(jax.random.PRNGKey(0), _spec(stream))
+  assert method.trainable(state, TaskInfo(1, _spec(stream))) == {}
