@@ -34,8 +34,15 @@ train nothing (their one pass per task builds the head).
 Rows: ``l2p``, ``dualprompt``, ``coda_prompt`` (official defaults; MiniLM has 6 layers, so
 DualPrompt's G-layers 0-1 / E-layers 2-4 and CODA's layers 0-4 exist), ``ranpac`` (frozen
 backbone, 2,000 random features as PROTEUS' row here, λ per task as the code), ``simplecil``,
-``sd_lora`` (rank 10 on q and v), ``inflora``, ``proteus``, ``lora`` (sequential, lower
-bound), ``joint`` (upper bound).
+``sd_lora`` (rank 10 on q and v), ``inflora``, ``sparc`` (20 tokens, k = 100, τ 0.7188 as
+``text_sparc``), ``proteus``, ``lora`` (sequential, lower bound), ``joint`` (upper bound).
+
+Retrieval matrices (``comparators.json``, ``--summarize``): row t (after task t), column
+j ≤ t, the % of task j's test texts whose task-specific parameters come from task j — L2P:
+the owner of the top-1 prompt; DualPrompt: the task of the top-1 E-prompt key; CODA-Prompt:
+the task with the largest mean |α|; SPARC: the best-reconstructing task PCA; PROTEUS: the
+signature argmax. All five test sets have the same size, so ACC over samples equals ACC over
+tasks here.
 """
 
 from __future__ import annotations
