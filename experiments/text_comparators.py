@@ -241,6 +241,7 @@ def report(config: dict, workdir: Path) -> dict:
     ckpt_dir = workdir / name / "checkpoints"
     if not ckpt_dir.exists():
       continue
+    print(f"report: {name}", file=sys.stderr, flush=True)
     args = config.get("method_args", {}).get(name, {})
     method = methods.build(name, backbone, **args)
     init = method.init(jax.random.fold_in(jax.random.PRNGKey(int(config.get("seed", 0))), 0), spec)
@@ -360,7 +361,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="runs/text_comparators")
   parser.add_argument("--set", action="append", default=[], help="KEY=VALUE (seed=N)")
-  parser.add_argument("--methods", default=None, help="comma-separated subset of the rows")
+  parser.add_argument("--methods", default=None,
+                      help="comma-separated subset of the rows (to run, or with --report to report)")
   parser.add_argument("--smoke", action="store_true")
   parser.add_argument("--report", metavar="WORKDIR", default=None,
                       help="recompute comparators.json of a finished workdir, train nothing")
@@ -389,7 +391,10 @@ def main(argv=None) -> int:
     return 0
   if args.report:
     workdir = Path(args.report)
-    result = report(_load_config(workdir), workdir)
+    config = _load_config(workdir)
+    if args.methods:  # recompute some rows only
+      config["methods"] = [m for m in args.methods.split(",") if m in config["methods"]]
+    result = report(config, workdir)
     out = Path(args.output) if args.output else workdir / "comparators.json"
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
