@@ -228,6 +228,7 @@ def report(config: dict, workdir: Path) -> dict:
   import jax
   import numpy as np
   from clx import checkpoint, methods
+  from clx import report as clx_report
   from clx import workdir as wd
   from clx.methods.base import TaskInfo
 
@@ -256,8 +257,8 @@ def report(config: dict, workdir: Path) -> dict:
            "task_wall_time_s": np.diff([0.0, *elapsed]).round(3).tolist()}
     if name in RETRIEVERS:
       fn = retrieval_function(name, backbone, args, spec)
-      row["retrieval_matrix"] = retrieval_matrix(fn, states, backbone.params, test_x,
-                                                 batch_size).tolist()
+      row["retrieval_matrix"] = clx_report.matrix_to_json(  # null above the diagonal
+          retrieval_matrix(fn, states, backbone.params, test_x, batch_size))
     out[name] = row
   return out
 
