@@ -35,7 +35,12 @@ POD_CONFIGS = [
     ("cifar100_gpm", ["stream.num_tasks=20"], ["sgp"]),
     ("miniimagenet_gpm", [], ["became_sgp"]),
     ("superglue_sparc", [], ["sparc_lora"]),
+    ("vit_comparators_cifar100", [], ["l2p", "dualprompt", "ranpac", "simplecil", "sd_lora"]),
+    ("vit_comparators_imr", [], ["coda_prompt", "dualprompt"]),
 ]
+# The default suite's jobs: the first config, and one comparator (CODA-Prompt: prefix-tuning
+# through the ViT plus its Gram–Schmidt host step at 768-d).
+DEFAULT_JOBS = [POD_CONFIGS[0], ("vit_comparators_imr", [], ["coda_prompt"])]
 
 
 def _spec(**kw):
@@ -159,11 +164,12 @@ def _check_report(report, job, *, tasks, steps, tiny):
 
 def test_a_vit_pod_config_rehearses_on_8_devices(tmp_path):
   """Default-suite size: one ViT pod config, 2 tasks, 1 step each, tiny ViT, 8 devices."""
-  job = list(POD_CONFIGS[0])
-  (report,) = _run_configs([job], tmp_path, steps=1, tasks=2, tiny=True, timeout=900)
-  assert report["stream"]["example_shape"] == [224, 224, 3]
-  assert report["stream"]["tasks_real"] == 5
-  _check_report(report, job, tasks=2, steps=1, tiny=True)
+  jobs = [list(j) for j in DEFAULT_JOBS]
+  reports = _run_configs(jobs, tmp_path, steps=1, tasks=2, tiny=True, timeout=900)
+  for report, job in zip(reports, jobs):
+    assert report["stream"]["example_shape"] == [224, 224, 3]
+    _check_report(report, job, tasks=2, steps=1, tiny=True)
+  assert [r["stream"]["tasks_real"] for r in reports] == [5, 10]
 
 
 @pytest.mark.slow  # ~6 min on 2 idle cores: every pod config (9 subprocesses on 8 devices)
@@ -177,7 +183,7 @@ def test_every_pod_config_rehearses_on_8_devices(tmp_path):
   assert shapes["cifar100_gpm"] == [32, 32, 3] and shapes["miniimagenet_gpm"] == [84, 84, 3]
   assert shapes["superglue_sparc"] == [256]
   real_tasks = [r["stream"]["tasks_real"] for r in reports]
-  assert real_tasks == [5, 10, 20, 10, 10, 10, 20, 20, 5]
+  assert real_tasks == [5, 10, 20, 10, 10, 10, 20, 20, 5, 10, 10]
   for report, job in zip(reports, jobs):
     _check_report(report, job, tasks=2, steps=1, tiny=True)
     assert sorted(report["methods"]) == sorted(job[2])

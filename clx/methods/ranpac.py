@@ -9,9 +9,15 @@ classified by a ridge-regression head over the Gram statistics of every task so 
 (:func:`clx.ops.ridge.update_head`). No gradient training on any task.
 
 ``rp_dim=0`` is the code's ``M = 0`` branch without projection (ridge on ``f`` itself).
-Not implemented: the optional first-session adaptation (``model_name`` adapter/SSF/VPT
-tuned on task 0 with ``body_lr`` before the head is built); this is RanPAC on the frozen
-backbone (the paper's "no PETL" ablation row).
+First-session adaptation ("Phase 1", ``model_name`` adapter/SSF/VPT tuned on task 0 with
+``body_lr``/``head_lr``, then frozen; ``args/*_publish.csv``), an option: ``adapt_rank > 0``
+trains a LoRA of that rank on ``adapt_sites`` and a linear head over the first task's classes
+on task 0 (the shared code of :mod:`clx.methods.simplecil`), and every later feature is the
+adapted backbone's alone (no concatenation, unlike APER). Departure: the code's PETL module is
+an AdaptFormer adapter (CIFAR-100) or SSF (ImageNet-R), here a LoRA; one learning rate for the
+LoRA and the head (the code's ``body_lr`` and ``head_lr`` are both 0.01 in its published
+rows). The default ``adapt_rank=0`` is RanPAC on the frozen backbone (the paper's "No Phase 1"
+row).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import numpy as np
 from clx.methods import heads as heads_lib
 from clx.methods import prompting
 from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo, no_host_hook, to_host
-from clx.methods.simplecil import no_loss, nothing_trained
+from clx.methods import simplecil as fsa
 from clx.models.base import Backbone
 from clx.ops import ridge as ridge_ops
 
@@ -41,8 +47,11 @@ class RanPACConfig:
   ridge_fit_fraction: float = 0.8
   ridge_with_history: bool = False
   aux_batch_size: int = 128
+  adapt_rank: int = 0
+  adapt_sites: tuple[str, ...] = ("q", "v")
 
   def __post_init__(self):
+    fsa.check_adaptation("ranpac", self)
     object.__setattr__(self, "ridge_grid", tuple(float(g) for g in self.ridge_grid))
     if isinstance(self.rp_dim, bool) or not isinstance(self.rp_dim, (int, np.integer)) \
         or self.rp_dim < 0:
@@ -58,7 +67,8 @@ def init(cfg: RanPACConfig, backbone: Backbone, rng, spec: StreamSpec) -> dict:
   d = backbone.feature_dim
   m = cfg.rp_dim or d
   stats = ridge_ops.init_statistics(m, spec.num_classes)
-  state = {**stats, "w_out": jnp.zeros((m, spec.num_classes), jnp.float32)}
+  state = {**stats, "w_out": jnp.zeros((m, spec.num_classes), jnp.float32),
+           **fsa.init_adaptation(cfg, backbone, rng, spec)}
   if cfg.rp_dim:
     state["w_rand"] = ridge_ops.random_projection(rng, d, cfg.rp_dim)
   return state
@@ -70,11 +80,11 @@ def hidden(state, feats):
 
 
 def end_task(cfg: RanPACConfig, backbone: Backbone, state, ctx) -> dict:
-  fn = jax.jit(lambda base, x, m: hidden(state, prompting.query(backbone, base, x, m)))
+  fn = jax.jit(lambda st, base, x, m: hidden(st, fsa.features(cfg, backbone, st, base, x, m)))
   hs, ys = [], []
   for batch in ctx.batches("train", batch_size=cfg.aux_batch_size):
     real = to_host(batch["mask"]) > 0
-    hs.append(to_host(fn(ctx.base, batch["x"], batch["mask"]))[real])
+    hs.append(to_host(fn(state, ctx.base, batch["x"], batch["mask"]))[real])
     ys.append(to_host(batch["y"])[real])
   h, y = np.concatenate(hs), np.concatenate(ys)
   perm = np.asarray(jax.random.permutation(jax.random.fold_in(ctx.rng, 7), len(h)))  # shuffled loader
@@ -88,8 +98,7 @@ def end_task(cfg: RanPACConfig, backbone: Backbone, state, ctx) -> dict:
 
 
 def predict(cfg, backbone, state, base, x, info: TaskInfo, mask=None):
-  del cfg
-  h = hidden(state, prompting.query(backbone, base, x, mask))
+  h = hidden(state, fsa.features(cfg, backbone, state, base, x, mask))
   logits = jnp.matmul(h, state["w_out"], precision=jax.lax.Precision.HIGHEST)
   seen = prompting.class_mask(info.spec, range(info.task + 1))
   return jnp.where(jnp.asarray(seen), logits, heads_lib.NEG_INF)
@@ -102,10 +111,12 @@ def diagnostics(state) -> dict:
 def ranpac(backbone: Backbone, **kwargs) -> ContinualMethod:
   """RanPAC on a frozen ``backbone``; ``kwargs`` are :class:`RanPACConfig` fields."""
   cfg = RanPACConfig(**kwargs)
+  if cfg.adapt_rank:
+    backbone.site_paths(cfg.adapt_sites)  # unknown roles fail at build time
   bound = lambda fn: functools.partial(fn, cfg, backbone)
   return ContinualMethod(
       name="ranpac", backbone=backbone, init=bound(init), begin_task=no_host_hook,
-      trainable=nothing_trained, loss=no_loss, combine=lambda state, params, info: state,
+      trainable=fsa.trainable, loss=bound(fsa.loss), combine=fsa.combine,
       end_task=bound(end_task), predict=bound(predict), diagnostics=diagnostics)
 
 

@@ -107,9 +107,18 @@ def effective_params(cfg: SDLoRAConfig, backbone: Backbone, base, directions: di
   return lora_ops.apply_adapters(base, adapters) if adapters else base
 
 
-def trainable(state, info) -> dict:
-  del info
-  return {"head": state["head"], "lora": state["lora"], "magnitudes": state["magnitudes"]}
+def trainable(state, info: TaskInfo) -> dict:
+  """Task ``info.task``'s LoRA, the magnitudes and the head.
+
+  Before :func:`combine` the LoRA is ``state["lora"]``; after it, the same factors are
+  ``directions[str(task)]``, so ``trainable(combine(state, p, info), info)`` gives ``p`` back
+  (the protocol's read-back, used by ``end_task`` hooks and by reports that count the trained
+  parameters of a finished task from its checkpoint).
+  """
+  lora = state["lora"]
+  if not lora and str(info.task) in state["directions"]:  # after combine
+    lora = state["directions"][str(info.task)]
+  return {"head": state["head"], "lora": lora, "magnitudes": state["magnitudes"]}
 
 
 def loss(cfg, backbone, params, state, base, batch, rng, info: TaskInfo):
