@@ -1,4 +1,4 @@
-"""Continual fine-tuning of a pretrained MiniLM on 3 WordNet tasks: InfLoRA vs sequential LoRA vs PROTEUS.
+"""Pretrained MiniLM fine-tuned on 3 WordNet tasks in turn: InfLoRA vs sequential LoRA vs PROTEUS.
 
 Command:   clx run quickstart            (then `clx run quickstart_pmnist` for GPM / BECAME on
                                           permuted MNIST, the second half of the quickstart)
@@ -48,6 +48,6 @@ def get_config():
           "proteus": {"n_components": 20, "weight_concentration_prior": 0.01, "rp_dim": 2000},
       },
       "train": {"epochs": 2, "batch_size": 16, "optimizer": "adam", "learning_rate": 1e-3,
-                "eval_batch_size": 200},  # = one task's test set: no padded rows
+                "eval_batch_size": 128},
       "seed": 0,
   }

@@ -41,8 +41,9 @@ NOTES = {
                    "matrices and table. Test set: 50 glosses per class, 600 in all (one "
                    "standard error of ACC ≈ 2 points). Time: see the experiment's docstring "
                    "(CPU seconds and wall time, measured with `/usr/bin/time -v`)."),
-    "quickstart_pmnist": ("The quickstart before issue 14 under a new name (same config, same "
-                          "numbers); `clx run quickstart_pmnist`."),
+    "quickstart_pmnist": ("The quickstart before issue 14 under a new name: the same config, so "
+                          "the same numbers (these seeds ran under the old name); "
+                          "`clx run quickstart_pmnist`."),
 }
 # experiment -> (other experiment, methods): rows of the other run on the SAME seeds, so that
 # methods split across experiments compare seed for seed.
