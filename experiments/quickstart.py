@@ -20,10 +20,12 @@ Expected:  seed 0 (experiments/RESULTS.md, section quickstart; 1 seed):
            RESULTS.md, text_proteus, for the head-matched rows). Test set: 50 glosses per
            class (600 in all), so one standard error of ACC is about 2 points.
 
-Setup: all-MiniLM-L6-v2 (frozen, mean pooling), glosses tokenized to 32 tokens; WordNet noun
+Setup: all-MiniLM-L6-v2 (frozen, mean pooling), glosses tokenized to 32 tokens; WordNet
 supersenses, class-incremental (no task id at test time), 3 tasks x 4 classes (the 12 largest
-noun supersenses), 64 training and 50 test glosses per class, sampled by the run seed; Adam at
-1e-3, batch 16, 2 epochs (32 steps) per task, the text_proteus budget.
+supersenses, all nouns: act, animal, artifact, attribute | cognition, communication, group,
+location | person, plant, state, substance), 64 training and 50 test glosses per class,
+sampled by the run seed; Adam at 1e-3, batch 16, 2 epochs (32 steps) per task, the
+text_proteus budget.
 - ``inflora``: the official settings of text_inflora (rank-10 adapters on key and value of every
   layer, ε = 0.95, per-task heads whose logits are concatenated).
 - ``lora``: one rank-10 LoRA on the same sites trained task after task, per-task heads (the
