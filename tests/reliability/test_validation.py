@@ -85,7 +85,7 @@ def test_validate_rejects_before_loading(no_data, changes, words):
 
 
 def test_validate_accepts_the_shipped_quick_configs(no_data):
-  for name in ("quickstart", "pmnist_gpm", "pmnist_became"):
+  for name in ("quickstart", "quickstart_pmnist", "pmnist_gpm", "pmnist_became"):
     experiment.validate(experiment.load_config(name))
 
 
