@@ -528,6 +528,10 @@ class StreamingSplit:
   def take(self, indices) -> "StreamingSplit":
     return dataclasses.replace(self, images=self.images.take(indices))
 
+  def concat(self, others: Sequence["StreamingSplit"]) -> "StreamingSplit":
+    """This split followed by ``others`` (:func:`concat_streaming`)."""
+    return concat_streaming([self, *others])
+
   def step_batches(self, rows: np.ndarray, key: Sequence[int]) -> Iterator[dict[str, np.ndarray]]:
     """Host batches of planned rows, decoded ahead in grain threads.
 

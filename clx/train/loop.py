@@ -127,9 +127,8 @@ def train_split_for(method: ContinualMethod, stream: Stream, t: int) -> ArraySpl
   """The data a method trains on at task t (the union so far for joint training)."""
   if method.data_view == "cumulative":
     splits = [s.train for s in stream.tasks[:t + 1]]
-    if is_streaming(splits[0]):
-      from clx.data.pipeline import concat_streaming  # pylint: disable=import-outside-toplevel
-      return concat_streaming(splits)
+    if is_streaming(splits[0]):  # duck-typed: train does not import the image pipeline
+      return splits[0].concat(splits[1:])
     return concat_splits(splits)
   return stream.tasks[t].train
 

@@ -212,3 +212,14 @@ def test_vit_configs_stream_an_image_folder_and_name_what_is_missing(tmp_path):
       "rrc224_flip", "rrc224_flip", "resize256_center224")  # InfLoRA: Gram passes = train
   # InfLoRA's random_split: 800 of the 1,000 images train
   assert sum(len(t.train) for t in stream.tasks) == 800
+
+
+def test_joint_training_streams_the_union_of_the_tasks(folder):
+  stream = pipeline.streaming_stream(_image_stream(folder))
+  union = loop.train_split_for(methods.build("joint", vit(stream.input_shape, variant="test",
+                                                          depth=1, seed=0)), stream, 1)
+  assert isinstance(union, pipeline.StreamingSplit)
+  assert len(union) == len(stream.tasks[0].train) + len(stream.tasks[1].train)
+  np.testing.assert_array_equal(union.y, np.concatenate([t.train.y for t in stream.tasks]))
+  with pytest.raises(TypeError, match="transforms"):
+    pipeline.concat_streaming([stream.tasks[0].train, stream.tasks[1].test])
