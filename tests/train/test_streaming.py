@@ -223,3 +223,43 @@ def test_joint_training_streams_the_union_of_the_tasks(folder):
   np.testing.assert_array_equal(union.y, np.concatenate([t.train.y for t in stream.tasks]))
   with pytest.raises(TypeError, match="transforms"):
     pipeline.concat_streaming([stream.tasks[0].train, stream.tasks[1].test])
+
+
+@dataclasses.dataclass(frozen=True)
+class _CountingImages:
+  """An ImageSplit that records which rows are decoded (thread-safe list appends)."""
+
+  split: images.ImageSplit
+  loaded: list
+
+  @property
+  def labels(self):
+    return self.split.labels
+
+  def __len__(self):
+    return len(self.split)
+
+  def take(self, indices):
+    return _CountingImages(self.split.take(indices), self.loaded)
+
+  def load_image(self, i):
+    self.loaded.append(int(i))
+    return self.split.load_image(i)
+
+
+def test_each_process_decodes_only_its_rows_of_every_global_batch(folder, monkeypatch):
+  """Multi-host: process p decodes the rows sharding.process_rows gives it, nothing else."""
+  loaded, handed = [], []
+  split = pipeline.StreamingSplit(_CountingImages(folder, loaded), CENTER, num_threads=2)
+  fitter = Fitter(make_mesh(2), quiet=True)
+  plan = fitter.plan(len(split), 8, True, (0, 0, 0, 0))
+  mine = slice(4, 8)  # as if this were process 1 of 2
+  monkeypatch.setattr(batches_lib.sharding, "process_rows", lambda n, mesh: mine)
+  monkeypatch.setattr(batches_lib.sharding, "shard_arrays",
+                      lambda local, mesh, axis, n: handed.append(local) or {"x": local["x"]})
+  monkeypatch.setattr(batches_lib, "_normalizer", lambda *a: lambda x: x)
+  list(fitter.device_batches(split, plan, "test", key=(0,)))
+  expected = plan[:, mine]
+  assert sorted(loaded) == sorted(expected[expected >= 0].tolist())
+  assert all(h["x"].shape == (4, 32, 32, 3) and h["x"].dtype == np.uint8 for h in handed)
+  np.testing.assert_array_equal(np.stack([h["mask"] for h in handed]), expected >= 0)
