@@ -31,6 +31,16 @@ shape on every process (no recompilation), and the step averages over
 :class:`ImageStream` / :func:`class_incremental_images` split ``ImageSplit``s
 into class-incremental tasks (PyCIL's relabelling, as ``clx.data.streams``)
 without touching pixels.
+
+The training loop streams them: :func:`streaming_stream` turns an
+ImageStream into a ``clx.data.types.Stream`` of :class:`StreamingSplit` s
+(files + labels + the named train / test / pass transforms), and
+``clx.train`` reads the rows its index plans give each process through
+:meth:`StreamingSplit.step_batches` (grain threads, prefetch), moves uint8
+to the devices and normalises there. A training epoch is keyed
+``(seed, task, phase, epoch)``, a host pass (``ctx.batches``) ``(seed, task,
+7919, seed_arg, pass number)``; :class:`UnloadedImages` stands in for ``x``
+and refuses to be read, so no float32 copy of a split can appear.
 """
 
 from __future__ import annotations
@@ -324,12 +334,12 @@ def materialize(stream: ImageStream, *, transform: str | None = None, batch_size
                 num_threads: int = 4):
   """An in-memory ``clx.data.types.Stream`` (float32 pixels) of an ImageStream.
 
-  For the current training loop, which takes in-memory splits: every image
-  goes through ``transform`` (default: the stream's test transform, no
-  augmentation) and the stream's pixel range. This holds the float32 split in
-  host RAM (``H·W·3·4`` bytes per image: 602 kB at 224²) — the copy the
-  streaming path avoids; use it for small streams until the loop consumes
-  :func:`image_batches` directly.
+  Every image goes through ``transform`` (default: the stream's test
+  transform, no augmentation) and the stream's pixel range. This holds the
+  float32 split in host RAM (``H·W·3·4`` bytes per image: 602 kB at 224²) —
+  the copy :func:`streaming_stream` avoids; for small streams and for
+  comparisons (the loop gives the same numbers on both for deterministic
+  transforms, ``tests/train/test_streaming.py``).
   """
   from clx.data.types import ArraySplit, Stream, Task  # pylint: disable=import-outside-toplevel
   transform = transform or stream.test_transform
