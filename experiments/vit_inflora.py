@@ -46,8 +46,9 @@ transforms (``utils/data.py``): training RandomResizedCrop(224) + horizontal fli
 Resize(256) + CenterCrop(224) (ImageNet-R) / Resize(224) (CIFAR-100), drawn per example and
 epoch from the run seed (same seed -> same augmented batches, also after a resume); the Gram
 passes before and after training use the train transform, as the official ones iterate the
-training loader (``methods/inflora.py`` l. 74-75, 117-119, 189-191 at e08b00e), each pass with
-fresh draws. ImageNet-R split: InfLoRA's ``random_split(ImageFolder(root), [0.8n, n - 0.8n])``
+training loader (``methods/inflora.py`` l. 74-75, 117-119, 189-191 at e08b00e, a loader built
+with ``mode='train'``, i.e. the train transform, ``utils/data_manager.py`` l. 39-40), each pass
+with fresh draws. ImageNet-R split: InfLoRA's ``random_split(ImageFolder(root), [0.8n, n - 0.8n])``
 after ``torch.manual_seed(stream.seed)`` (``utils/data.py`` ``iIMAGENET_R``), reproduced in
 NumPy (``clx.data.images.torch_randperm``). The earlier in-memory builder (224² resize, no
 augmentation, clx's 80/20 per-class split) is ``--set stream.source=tfds_resized``.
