@@ -117,6 +117,8 @@ def vit_split_stream(*, dataset: str = "imagenet_r", num_tasks: int = 10, image_
   ``num_threads``: grain decoding threads per process (speed only).
   """
   del unused
+  if pixel_range not in ("-1,1", "0,1"):
+    raise ValueError(f"pixel_range must be '-1,1' or '0,1', got {pixel_range!r}")
   if source not in SOURCES:
     raise ValueError(f"vit_proteus: stream.source must be one of {SOURCES}, got {source!r}")
   named = {k: v for k, v in (("train_transform", train_transform),
@@ -148,8 +150,6 @@ def vit_split_stream(*, dataset: str = "imagenet_r", num_tasks: int = 10, image_
   from clx.data.types import ArraySplit
   if dataset not in DATASETS:
     raise ValueError(f"vit_proteus: dataset must be one of {DATASETS}, got {dataset!r}")
-  if pixel_range not in ("-1,1", "0,1"):
-    raise ValueError(f"pixel_range must be '-1,1' or '0,1', got {pixel_range!r}")
   scale, shift = (127.5, 1.0) if pixel_range == "-1,1" else (255.0, 0.0)
   size = (image_size, image_size)
   raw = catalog.load_catalog(dataset, data_dir, image_size=size)
