@@ -21,6 +21,7 @@ Hardware:  numbers in experiments/BENCHMARKS.md ("Input pipeline"), 2 shared Xeo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -124,6 +125,92 @@ def run_one(folder: str, batch_size: int, threads: int, input_batches: int,
           "rss_per_step_mb": rss_steps}
 
 
+def _step_rates(log_dir: Path, min_epoch: int) -> list[float]:
+  """examples/s of every logged training step from epoch ``min_epoch`` on (metrics.jsonl)."""
+  rates = []
+  for line in (log_dir / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    if record.get("kind") == "step" and record["epoch"] >= min_epoch:
+      rates.append(record["examples_per_s"])
+  return rates
+
+
+def run_loop(folder: str, batch_size: int, threads: int, input_batches: int) -> dict:
+  """One folder through the training loop itself (``clx.train.run_method``), in this process.
+
+  InfLoRA (rank 4 on k and v) on a tiny random-weight ViT at 224² (``variant="test"``: 2
+  blocks of width 32, so the step is cheap and the figures are about the input side) trains
+  task 0 of the ImageNet-R stream for one epoch, streamed from the folder
+  (``clx.data.pipeline.streaming_stream``: RandomResizedCrop(224) + flip for the epoch and
+  both Gram passes, Resize(256) + CenterCrop(224) for the evaluation).
+  """
+  import tempfile
+
+  import numpy as np
+  from clx import methods
+  from clx.data import images, pipeline
+  from clx.data.types import ArraySplit, Stream, Task
+  from clx.models.vit import vit
+  from clx.train import logging as run_logging
+  from clx.train.batches import is_streaming
+  from clx.train.loop import TrainConfig, run_method
+
+  t0 = time.perf_counter()
+  image_stream = pipeline.official_image_stream("imagenet_r", root=folder, num_tasks=10)
+  full = pipeline.streaming_stream(image_stream, num_threads=threads, prefetch=2)
+  stream = Stream(full.name, full.tasks[:1], full.scenario, full.num_classes)
+  index_s = time.perf_counter() - t0
+  task = stream.tasks[0]
+  assert is_streaming(task.train)
+  backbone = vit(stream.input_shape, variant="test", seed=0)
+  method = methods.build("inflora", backbone, lora_rank=4, sites=["k", "v"])
+  cfg = TrainConfig(epochs=1, batch_size=batch_size, optimizer="adam", learning_rate=5e-4,
+                    eval_batch_size=batch_size, steps_per_call=1)
+  rss_setup = _rss_mb()
+  with tempfile.TemporaryDirectory() as tmp:
+    logger = run_logging.RunLogger(Path(tmp) / "stream", tensorboard=False, enabled=True)
+    start = time.perf_counter()
+    result = run_method(method, stream, cfg, seed=0, quiet=True, logger=logger)
+    task_s = time.perf_counter() - start
+    peak = _peak_mb()
+    loop_rates = _step_rates(Path(tmp) / "stream", 0)[1:]  # the first step compiles
+
+    def input_only(num_threads: int) -> float:
+      split = dataclasses.replace(task.train, num_threads=num_threads)
+      full_batches = max(1, min(input_batches, len(split) // batch_size))
+      rows = np.arange(full_batches * batch_size).reshape(-1, batch_size) % len(split)
+      begin = time.perf_counter()
+      count = sum(int(b["mask"].sum()) for b in split.step_batches(rows, (0, 0, 0, 1)))
+      return count / (time.perf_counter() - begin)
+
+    input_1, input_n = input_only(0), input_only(threads)
+    # The step alone: the same method and step on 2 resident batches of random pixels, epoch 2.
+    rng = np.random.default_rng(0)
+    n = 2 * batch_size
+    x = rng.random((n, *stream.input_shape), dtype=np.float32)
+    y = np.resize(np.asarray(task.train.y, np.int32), n)
+    resident = Stream("random", (Task(task.name, ArraySplit({"x": x, "y": y}),
+                                      ArraySplit({"x": x[:8], "y": y[:8]}), task.classes),),
+                      stream.scenario, stream.num_classes)
+    logger = run_logging.RunLogger(Path(tmp) / "resident", tensorboard=False, enabled=True)
+    run_method(method, resident, dataclasses.replace(cfg, epochs=3), seed=0, quiet=True,
+               logger=logger)
+    step_rates = _step_rates(Path(tmp) / "resident", 1)
+  steps = -(-len(task.train) // batch_size)
+  # images decoded in the task: 2 Gram passes + 1 epoch over train, 1 evaluation over test
+  decoded = 3 * len(task.train) + len(task.test)
+  return {"folder": folder, "mode": "loop", "images": sum(len(t.train) + len(t.test)
+                                                          for t in full.tasks),
+          "task0_train": len(task.train), "task0_test": len(task.test), "steps": steps,
+          "index_s": round(index_s, 2), "rss_setup_mb": round(rss_setup),
+          "peak_rss_mb": round(peak), "task_s": round(task_s, 1),
+          "task_decoded_ips": round(decoded / task_s, 1),
+          "loop_step_ips_median": round(float(np.median(loop_rates)), 1) if loop_rates else None,
+          "input_ips_1thread": round(input_1, 1), f"input_ips_{threads}threads": round(input_n, 1),
+          "step_ips_median": round(float(np.median(step_rates)), 1),
+          "acc": float(result.acc_matrix[0, 0]), "cpu": os.cpu_count()}
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("folders", nargs="*")
@@ -132,11 +219,15 @@ def main(argv=None) -> int:
   parser.add_argument("--input-batches", type=int, default=4)
   parser.add_argument("--dtype", default="uint8", choices=("uint8", "float32"),
                       help="batches as uint8 (scaled on device) or float32 (scaled on the host)")
+  parser.add_argument("--loop", action="store_true",
+                      help="measure the training loop itself (run_method, InfLoRA on a tiny ViT) "
+                      "streaming the folder, instead of a minimal step over image_batches")
   parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.one:
-    print(json.dumps(run_one(args.one, args.batch_size, args.threads, args.input_batches,
-                             args.dtype)), flush=True)
+    row = (run_loop(args.one, args.batch_size, args.threads, args.input_batches) if args.loop
+           else run_one(args.one, args.batch_size, args.threads, args.input_batches, args.dtype))
+    print(json.dumps(row), flush=True)
     return 0
   if not args.folders:
     parser.error("give at least one image folder (make one with make_synthetic_image_folder.py)")
@@ -144,7 +235,8 @@ def main(argv=None) -> int:
   for folder in args.folders:  # a fresh process each: ru_maxrss is per process
     out = subprocess.run([sys.executable, __file__, "--one", folder, "--batch-size",
                           str(args.batch_size), "--threads", str(args.threads),
-                          "--input-batches", str(args.input_batches), "--dtype", args.dtype],
+                          "--input-batches", str(args.input_batches), "--dtype", args.dtype,
+                          *(["--loop"] if args.loop else [])],
                          check=False, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     if out.returncode:

@@ -6,12 +6,12 @@ Command:   CLX_VIT_WEIGHTS=/models/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-d
            ImageNet-R 5 tasks: ``--set stream.num_tasks=5 --set method_args.inflora_b5.lamb=0.98``;
            CIFAR-100 (10 tasks): ``--set stream.dataset=cifar100 --set train.epochs=20
            --set train.learning_rate=0.001 --set method_args.inflora_b5.lamb=0.95``.
-Needs:     TFDS ``imagenet_r`` / ``cifar100`` prepared as array_record under $TFDS_DATA_DIR
-           (clx never downloads) and the AugReg ViT-B/16 in21k ``.npz`` above, as
-           experiments/vit_inflora.py. Offline the run stops at once with
-           DatasetNotPreparedError / a missing-weights error.
-Hardware:  one GPU with >= 40 GB (H100 80 GB); host RAM for the float32 224×224 images
-           (ImageNet-R 30k images: 18 GB; CIFAR-100 60k: 36 GB).
+Needs:     the ImageNet-R folder at $CLX_IMAGENET_R (CIFAR-100: TFDS ``cifar100`` prepared under
+           $TFDS_DATA_DIR) and the AugReg ViT-B/16 in21k ``.npz`` above, as
+           experiments/vit_inflora.py. A missing folder stops the run at once with
+           ImageDataMissingError naming what is missing.
+Hardware:  one GPU with >= 40 GB (H100 80 GB); images are streamed per batch (host memory
+           holds file paths, not pixels), as experiments/vit_inflora.py.
 Run time:  NOT MEASURED (no accelerator, data or ViT weights on the development machine).
            Estimate: at most vit_inflora's (≈ 25 min per method on ImageNet-R 10 tasks,
            ≈ 21 min on CIFAR-100 on one H100); the frozen forward dominates and is the same,
@@ -38,10 +38,9 @@ switch), B_t designed from the remove-projected Gram matrix (scale 1/√3, σ⁴
   cifar100      10     1e-3    20      0.95
   ============  =====  ======  ======  =====
 
-lame = 1.0 everywhere. Data, resizing (no augmentation) and the 80/20 ImageNet-R split are
-those of experiments/vit_inflora.py, with the same departures from the official loaders
-(RandomResizedCrop + flip in training and in the Gram passes; ImageNet-R test resize 256 +
-centre crop 224). DomainNet (``domainnet_inflorab5.json``: SGD, rank 30, 5 epochs) is
+lame = 1.0 everywhere. Data, the official transforms (RandomResizedCrop + flip in training and
+in the Gram passes; ImageNet-R test Resize(256) + CenterCrop(224)) and InfLoRA's ImageNet-R
+``random_split`` are those of experiments/vit_inflora.py. DomainNet (``domainnet_inflorab5.json``: SGD, rank 30, 5 epochs) is
 configured by experiments/vit_inflora_domainnet.py.
 """
 
@@ -53,6 +52,10 @@ from pathlib import Path
 
 WEIGHTS = os.environ.get("CLX_VIT_WEIGHTS",
                          "/models/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz")
+
+# ImageNet-R's raw folder (200 class folders; InfLoRA's path is data/imagenet-r), split by
+# InfLoRA's random_split (torch seed = stream.seed), or <root>/{train,test} folders.
+IMAGENET_R = os.environ.get("CLX_IMAGENET_R", "data/imagenet-r")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vit_proteus  # noqa: E402,F401  (registers the TFDS split stream "vit_proteus_split")
@@ -71,7 +74,8 @@ def get_config():
   return {
       "name": "vit_inflora_b5",
       "stream": {"name": "vit_proteus_split", "dataset": "imagenet_r", "num_tasks": 10,
-                 "image_size": 224, "seed": 0, "pixel_range": "0,1"},
+                 "image_size": 224, "seed": 0, "pixel_range": "0,1",
+                 "source": "folder", "root": IMAGENET_R},
       "model": {"name": "vit", "variant": "B/16", "weights": WEIGHTS, "pool": "token"},
       "methods": ["inflora_b5"],
       "method_args": {

@@ -10,10 +10,11 @@ Needs:     the DomainNet images (``clipart/ infograph/ painting/ quickdraw/ real
            CLX_DOMAINNET_DIR). The lists are not in either repository's git history (too large
            for GitHub), so get them from the authors. Without them the run stops at once with
            ``ImageDataMissingError`` naming the missing files (nothing is decoded first).
-Hardware:  one GPU with >= 40 GB. Until the loop consumes ``clx.data.pipeline.image_batches``
-           (issue 13, loop integration), the stream is materialised as float32 224x224 images in
-           host RAM (602 kB per image) through the official test transform, without the
-           training augmentation; set ``stream.max_per_class`` to bound it.
+Hardware:  one GPU with >= 40 GB. The loop streams the images (``clx.data.pipeline.
+           streaming_stream``): decoded, augmented (train transform for the epochs and the Gram
+           passes, test transform for evaluation) and batched per step in grain threads, each
+           process reading its own rows; host memory holds file paths, not pixels
+           (experiments/BENCHMARKS.md, input pipeline). ``stream.max_per_class`` subsamples.
 Run time:  NOT MEASURED (no accelerator, data or weights on the development machine).
 Expected:  NOT MEASURED. InfLoRA paper (CVPR 2024), DomainNet 5 tasks: ACC_T 74.53 ± 0.23 /
            mean ACC 79.57 ± 0.57 — recalled, UNVERIFIED (../shared/research/inflora_became.md).
@@ -81,7 +82,7 @@ def _register():
   from clx.data import pipeline, streams
   streams.register_stream(
       "inflora_domainnet", lambda flatten=True, data_dir=None, asset_cache=None, seed=0, **kw:
-      pipeline.materialize(domainnet_image_stream(**kw)), overwrite=True)
+      pipeline.streaming_stream(domainnet_image_stream(**kw)), overwrite=True)
 
 
 _register()

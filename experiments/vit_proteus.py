@@ -16,9 +16,11 @@ Needs:     TFDS ``cifar100``, ``imagenet_r``, ``imagenet_a`` prepared as array_r
            ``.npz`` files; the original in21k file carries an extra ``pre_logits`` layer the
            authors' model does not use). Offline the run stops at once with the catalog's
            DatasetNotPreparedError.
-Hardware:  one GPU with >= 40 GB (H100 80 GB). Host memory: the images are held as float32
-           224x224x3 arrays (CIFAR-100 60k images: 36 GB; ImageNet-R 30k: 18 GB; ImageNet-A
-           7.5k: 4.5 GB), so 64 GB+ of host RAM for CIFAR-100.
+Hardware:  one GPU with >= 40 GB (H100 80 GB). The images are streamed per batch from the
+           prepared TFDS records (``stream.source=tfds``) or an image folder
+           (``--set stream.source=folder --set stream.root=DIR``): host memory holds the index,
+           not pixels. ``stream.source=tfds_resized`` (the earlier builder) holds float32
+           224x224x3 arrays instead (CIFAR-100 60k images: 36 GB; ImageNet-R 30k: 18 GB).
 Run time:  NOT MEASURED (no accelerator, datasets or ViT weights on the development machine).
            Estimate on one H100 in float32 (TF32 matmuls), ~800 training images/s through a
            frozen ViT-B/16 with LoRA: Split CIFAR-100, 20 epochs x 50k images ≈ 21 min of
@@ -58,14 +60,16 @@ Images, as the authors' ``data/dataset.py`` ``build_transform``: pixels in [0, 1
 ratio=(3/4, 4/3))`` + ``RandomHorizontalFlip(0.5)``, test images ``Resize(256, bicubic)`` +
 ``CenterCrop(224)``. In clx these are the named transforms ``rrc224_s005_flip`` and
 ``resize256bicubic_center224`` of the image input pipeline (``clx.data.transforms``, built
-under issue 13); the config names them (``stream.train_transform`` / ``stream.test_transform``).
-This stream builder resizes statically and does not apply per-epoch transforms, so it refuses
-to run with them set until the pipeline is wired in, saying so; ``--set
-stream.train_transform=none --set stream.test_transform=none`` runs the static 224x224 resize
-without augmentation (NOT the authors' pipeline). ImageNet-R and ImageNet-A have only a
-``test`` split in TFDS: 80 % of each class (seeded) is used for training and 20 % for testing,
-the usual 24,000/6,000 split of ImageNet-R. InfLoRA: official ImageNet-R settings (rank 10 on
-k and v, epsilon 0.98; 0.95 on CIFAR-100).
+under issue 13); the config names them (``stream.train_transform`` / ``stream.test_transform``),
+and the loop applies them per example and epoch (``clx.data.pipeline.streaming_stream``). Host
+passes (PROTEUS signatures, InfLoRA Gram) use the train transform, InfLoRA's rule; which
+transform the PROTEUS authors' signature pass uses was not checked. ImageNet-R is split by
+InfLoRA's ``random_split`` (80/20, torch seed ``stream.seed``), the split of the InfLoRA
+numbers PROTEUS compares with; ImageNet-A needs ``stream.source=folder`` with the
+``train/``/``test/`` folders. ``--set stream.source=tfds_resized --set
+stream.train_transform=none --set stream.test_transform=none`` runs the earlier static 224x224
+resize without augmentation and clx's per-class 80/20 split (NOT the authors' pipeline).
+InfLoRA: official ImageNet-R settings (rank 10 on k and v, epsilon 0.98; 0.95 on CIFAR-100).
 """
 
 from __future__ import annotations
@@ -81,37 +85,71 @@ TRAIN_TRANSFORM, TEST_TRANSFORM = "rrc224_s005_flip", "resize256bicubic_center22
 DATASETS = ("cifar100", "imagenet_r", "imagenet_a")
 
 
+SOURCES = ("folder", "tfds", "tfds_resized")
+
+
 def vit_split_stream(*, dataset: str = "imagenet_r", num_tasks: int = 10, image_size: int = 224,
                      test_fraction: float = 0.2, seed: int = 0, data_dir=None,
                      pixel_range: str = "0,1", train_transform: str | None = None,
-                     test_transform: str | None = None, **unused):
-  """A TFDS image dataset as a class-incremental stream of float32 images.
+                     test_transform: str | None = None, source: str = "tfds",
+                     root: str | None = None, split: str | None = None,
+                     list_dir: str | None = None, num_threads: int = 4, **unused):
+  """A class-incremental image stream: streamed per batch (``folder``, ``tfds``) or held in memory.
+
+  ``source``:
+    ``"folder"``: the dataset folder ``root`` in the layout the official code reads
+      (``clx.data.images``: ImageNet-R's raw class folders split by InfLoRA's
+      ``random_split`` with torch seed ``seed``, or ``<root>/train`` + ``<root>/test``;
+      CODA-P's lists with ``split="coda"``; CIFAR-100 is read from prepared TFDS).
+    ``"tfds"``: the prepared TFDS dataset, read per example (``cifar100``;
+      ``imagenet_r`` with InfLoRA's split).
+    Both stream: images are decoded, augmented and batched per step by the loop
+    (``clx.data.pipeline.streaming_stream``), never held as a float32 split;
+    the transforms default to InfLoRA's (``clx.data.transforms.OFFICIAL_TRANSFORMS``),
+    and its Gram / representation passes use the train transform.
+    ``"tfds_resized"``: the earlier builder: every image resized to 224² without
+      augmentation and held in host RAM as float32, with clx's own seeded 80/20 split
+      of ImageNet-R / -A (kept for comparison; refuses named transforms).
 
   ``pixel_range``: ``"0,1"`` (``ToTensor`` without normalisation: the PROTEUS and
   InfLoRA code) or ``"-1,1"`` (the AugReg checkpoints' normalisation).
-  ``train_transform``/``test_transform``: names of per-epoch image transforms of
-  clx's image pipeline; this builder applies none, so any name other than
-  ``None``/``"none"`` is refused with an error that says what to do.
+  ``train_transform``/``test_transform``: names in ``clx.data.transforms.TRANSFORMS``.
+  ``num_threads``: grain decoding threads per process (speed only).
   """
   del unused
-  wanted = {k: v for k, v in (("train_transform", train_transform),
-                              ("test_transform", test_transform))
-            if v not in (None, "none")}
-  if wanted:
+  if pixel_range not in ("-1,1", "0,1"):
+    raise ValueError(f"pixel_range must be '-1,1' or '0,1', got {pixel_range!r}")
+  if source not in SOURCES:
+    raise ValueError(f"vit_proteus: stream.source must be one of {SOURCES}, got {source!r}")
+  named = {k: v for k, v in (("train_transform", train_transform),
+                             ("test_transform", test_transform)) if v not in (None, "none")}
+  if source in ("folder", "tfds"):
+    from clx.data import pipeline
+    if source == "folder" and dataset != "cifar100" and not root:
+      raise ValueError(f"vit_proteus: stream.source=folder needs stream.root, the {dataset} "
+                       "folder (or --set stream.source=tfds for a prepared TFDS dataset)")
+    stream = pipeline.official_image_stream(
+        dataset, root=root if source == "folder" else None, data_dir=data_dir,
+        list_dir=list_dir, num_tasks=num_tasks, seed=seed, split=split,
+        train_transform=named.get("train_transform"), test_transform=named.get("test_transform"),
+        pixel_range=pixel_range)
+    if stream.input_shape[:2] != (image_size, image_size):
+      raise ValueError(f"vit_proteus: the transforms give {stream.input_shape[:2]} images, "
+                       f"stream.image_size is {image_size}")
+    return pipeline.streaming_stream(stream, num_threads=num_threads)
+  if named:
     raise NotImplementedError(
-        f"vit_proteus: {wanted} are per-epoch transforms of clx's image input pipeline "
-        "(clx.data.transforms, issue 13), which this static-resize stream builder does not "
-        "apply. Wire the stream to that pipeline, or run without augmentation (not the "
-        "authors' pipeline) with --set stream.train_transform=none --set "
-        "stream.test_transform=none.")
+        f"vit_proteus: {named} are per-epoch transforms of clx's image input pipeline, which "
+        "stream.source=tfds_resized (a static resize held in memory) does not apply. Use "
+        "--set stream.source=folder (with stream.root) or stream.source=tfds, or run without "
+        "augmentation (not the authors' pipeline) with --set stream.train_transform=none "
+        "--set stream.test_transform=none.")
   import numpy as np
 
   from clx.data import catalog, streams
   from clx.data.types import ArraySplit
   if dataset not in DATASETS:
     raise ValueError(f"vit_proteus: dataset must be one of {DATASETS}, got {dataset!r}")
-  if pixel_range not in ("-1,1", "0,1"):
-    raise ValueError(f"pixel_range must be '-1,1' or '0,1', got {pixel_range!r}")
   scale, shift = (127.5, 1.0) if pixel_range == "-1,1" else (255.0, 0.0)
   size = (image_size, image_size)
   raw = catalog.load_catalog(dataset, data_dir, image_size=size)
@@ -190,7 +228,8 @@ def get_config():
       "name": "vit_proteus",
       "stream": {"name": "vit_proteus_split", "dataset": "imagenet_r", "num_tasks": 10,
                  "image_size": 224, "seed": 0, "pixel_range": "0,1",
-                 "train_transform": TRAIN_TRANSFORM, "test_transform": TEST_TRANSFORM},
+                 "train_transform": TRAIN_TRANSFORM, "test_transform": TEST_TRANSFORM,
+                 "source": "tfds", "root": None},
       "model": {"name": "vit", "variant": "B/16", "weights": WEIGHTS, "pool": "token"},
       "methods": ["proteus", "inflora", "lora"],
       "method_args": {

@@ -47,6 +47,12 @@ def test_vit_inflora_config_is_the_official_setup_and_fails_fast_offline(tmp_pat
   args = config["method_args"]["inflora"]
   assert (args["lora_rank"], args["lamb"], tuple(args["sites"])) == (10, 0.98, ("k", "v"))
   assert config["train"]["schedule"] == "inflora_cosine" and config["train"]["batch_size"] == 128
+  from clx.data.images import ImageDataMissingError
+  assert config["stream"]["source"] == "folder"  # streamed from the ImageNet-R folder
+  config["stream"]["root"] = str(tmp_path / "imagenet-r")
+  with pytest.raises(ImageDataMissingError, match="imagenet-r"):
+    build_stream(config)
+  config["stream"]["source"] = "tfds"
   config["stream"]["data_dir"] = str(tmp_path)
   with pytest.raises(DatasetNotPreparedError, match="imagenet_r"):
     build_stream(config)

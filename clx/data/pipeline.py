@@ -31,17 +31,28 @@ shape on every process (no recompilation), and the step averages over
 :class:`ImageStream` / :func:`class_incremental_images` split ``ImageSplit``s
 into class-incremental tasks (PyCIL's relabelling, as ``clx.data.streams``)
 without touching pixels.
+
+The training loop streams them: :func:`streaming_stream` turns an
+ImageStream into a ``clx.data.types.Stream`` of :class:`StreamingSplit` s
+(files + labels + the named train / test / pass transforms), and
+``clx.train`` reads the rows its index plans give each process through
+:meth:`StreamingSplit.step_batches` (grain threads, prefetch), moves uint8
+to the devices and normalises there. A training epoch is keyed
+``(seed, task, phase, epoch)``, a host pass (``ctx.batches``) ``(seed, task,
+7919, seed_arg, pass number)``; :class:`UnloadedImages` stands in for ``x``
+and refuses to be read, so no float32 copy of a split can appear.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from clx.data.images import ImageSplit
-from clx.data.transforms import (SHUFFLE_TAG, ImageTransform, example_rng, get_transform,
+from clx.data.transforms import (SHUFFLE_TAG, ImageTransform, get_transform, keyed_rng,
                                  normalize_batch)
 
 
@@ -105,18 +116,18 @@ def _default_process() -> tuple[int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class _Example:
+  """Row -> one decoded, transformed example; ``key`` names the pass (:func:`keyed_rng`)."""
+
   split: ImageSplit
   transform: ImageTransform
-  seed: int
-  task: int
-  epoch: int
+  key: tuple[int, ...]
 
   def __call__(self, row: int) -> dict:
     size = self.transform.size
     if row < 0:  # padding of a short last batch
       return {"x": np.zeros((size, size, 3), np.uint8), "y": np.int32(0), "index": np.int64(-1),
               "mask": np.bool_(False)}
-    rng = example_rng(self.seed, self.task, self.epoch, row) if self.transform.random else None
+    rng = keyed_rng(self.key, row) if self.transform.random else None
     image = self.transform(self.split.load_image(row), rng)
     if image.shape != (size, size, 3):
       raise ValueError(f"transform {self.transform.name!r} gives {image.shape} for example {row}; "
@@ -180,8 +191,9 @@ def image_batches(split: ImageSplit, batch_size: int, *, transform: str | ImageT
     raise ValueError(f"start_step must be in [0, {len(plan)}] (steps in this pass), got {start_step!r}")
   plan = plan[start_step:]
   per = plan.shape[1]
-  example = _Example(split, transform, _nonneg(seed, "seed"), _nonneg(task, "task"),
-                     _nonneg(epoch, "epoch"))
+  # keyed_rng((seed, task, epoch), i) is example_rng(seed, task, epoch, i)
+  example = _Example(split, transform, (_nonneg(seed, "seed"), _nonneg(task, "task"),
+                                        _nonneg(epoch, "epoch")))
   return _iterate(plan.reshape(-1), per, example, num_threads, prefetch, dtype, pixel_range, mean, std)
 
 
@@ -322,12 +334,12 @@ def materialize(stream: ImageStream, *, transform: str | None = None, batch_size
                 num_threads: int = 4):
   """An in-memory ``clx.data.types.Stream`` (float32 pixels) of an ImageStream.
 
-  For the current training loop, which takes in-memory splits: every image
-  goes through ``transform`` (default: the stream's test transform, no
-  augmentation) and the stream's pixel range. This holds the float32 split in
-  host RAM (``H·W·3·4`` bytes per image: 602 kB at 224²) — the copy the
-  streaming path avoids; use it for small streams until the loop consumes
-  :func:`image_batches` directly.
+  Every image goes through ``transform`` (default: the stream's test
+  transform, no augmentation) and the stream's pixel range. This holds the
+  float32 split in host RAM (``H·W·3·4`` bytes per image: 602 kB at 224²) —
+  the copy :func:`streaming_stream` avoids; for small streams and for
+  comparisons (the loop gives the same numbers on both for deterministic
+  transforms, ``tests/train/test_streaming.py``).
   """
   from clx.data.types import ArraySplit, Stream, Task  # pylint: disable=import-outside-toplevel
   transform = transform or stream.test_transform
@@ -348,7 +360,9 @@ def materialize(stream: ImageStream, *, transform: str | None = None, batch_size
 
 def official_image_stream(dataset: str, *, root=None, data_dir=None, list_dir=None,
                           num_tasks: int = 10, seed: int = 0, split: str | None = None,
-                          check: bool = True) -> ImageStream:
+                          check: bool = True, train_transform: str | None = None,
+                          test_transform: str | None = None, gram_transform: str | None = None,
+                          pixel_range: str = "0,1") -> ImageStream:
   """An InfLoRA benchmark as an ImageStream: the official split, transforms and task sizes.
 
   Classes in ascending order (the official configs' ``shuffle: false``),
@@ -366,6 +380,11 @@ def official_image_stream(dataset: str, *, root=None, data_dir=None, list_dir=No
     seed: the torch seed of ImageNet-R's ``random_split`` (0 in the official runs).
     split: ``imagenet_r`` only: ``"inflora"`` or ``"coda"``.
     check: stat every image file first.
+    train_transform, test_transform, gram_transform: transform names instead of
+      InfLoRA's (``OFFICIAL_TRANSFORMS``; the Gram transform defaults to the
+      train one, as InfLoRA's passes iterate its training loader), e.g. the
+      PROTEUS authors' ``rrc224_s005_flip`` / ``resize256bicubic_center224``.
+    pixel_range: ``"0,1"`` (InfLoRA, PROTEUS: ``ToTensor`` only) or ``"-1,1"``.
   """
   from clx.data import images  # pylint: disable=import-outside-toplevel
   from clx.data.transforms import OFFICIAL_TRANSFORMS  # pylint: disable=import-outside-toplevel
@@ -387,5 +406,220 @@ def official_image_stream(dataset: str, *, root=None, data_dir=None, list_dir=No
   per = total // num_tasks
   train, test = OFFICIAL_TRANSFORMS[dataset]
   return class_incremental_images(splits, inflora_increments(total, per, per),
-                                  class_order=range(total), name=dataset, train_transform=train,
-                                  test_transform=test, pixel_range="0,1")
+                                  class_order=range(total), name=dataset,
+                                  train_transform=train_transform or train,
+                                  test_transform=test_transform or test,
+                                  gram_transform=gram_transform, pixel_range=pixel_range)
+
+
+# ------------------------------------------------------------------ streaming splits in the loop
+
+
+class MaterializationError(RuntimeError):
+  """Something asked a :class:`StreamingSplit` for all of its pixels at once."""
+
+
+@dataclasses.dataclass(frozen=True)
+class UnloadedImages:
+  """The ``x`` of a :class:`StreamingSplit`: shape and dtype of the model inputs, no pixels.
+
+  Code that only inspects a split (``x.shape``, ``x.dtype``, ``len(x)``) works;
+  indexing or converting it to an array raises :class:`MaterializationError`,
+  so nothing can hold a float32 copy of the split by accident.
+
+  Attributes:
+    shape: ``(n, H, W, 3)``: the split's size and one transformed example.
+    what: a description for the error message.
+  """
+
+  shape: tuple[int, ...]
+  what: str = "a streaming image split"
+
+  @property
+  def dtype(self) -> np.dtype:
+    return np.dtype(np.float32)  # what the model receives, after normalisation on device
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def _refuse(self, *_args, **_kwargs):
+    raise MaterializationError(
+        f"{self.what} streams its images per batch (clx.data.pipeline.StreamingSplit); its "
+        f"pixels {self.shape} are never held in host memory. Use the loop's batches "
+        "(ctx.batches / ctx.sample) or clx.data.pipeline.materialize for a small stream.")
+
+  __getitem__ = _refuse
+  __array__ = _refuse
+  __iter__ = _refuse
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamingSplit:
+  """A split the training loop streams: image files (or TFDS records) + labels + named transforms.
+
+  The loop (``clx.train``) recognises it and, instead of indexing host
+  arrays, reads the planned rows of every step through grain: each process
+  reads only its own rows, images are decoded and transformed in
+  ``num_threads`` prefetch threads with ``prefetch`` batches buffered, batches
+  cross to the device as uint8 and are normalised there
+  (:func:`clx.train.batches.normalize_on_device`). Example ``i`` of a pass
+  keyed ``key`` is augmented with :func:`~clx.data.transforms.keyed_rng`
+  ``(key, i)``.
+
+  Attributes:
+    images: an ``ImageSplit`` or ``TfdsImageSplit`` (``len``, ``labels``,
+      ``take``, ``load_image``).
+    transform: the transform of the loop's training epochs (train split) or of
+      evaluation (test split).
+    pass_transform: the transform of host passes over this split (Gram,
+      features, Fisher, signatures: ``ctx.batches`` / ``ctx.sample``);
+      ``None``: ``transform``. InfLoRA's passes iterate its training loader,
+      so its train split passes with the train transform.
+    pixel_range, mean, std: normalisation (:func:`~clx.data.transforms.normalize_batch`).
+    num_threads, prefetch: grain decoding threads and batches decoded ahead
+      (speed and memory only; never the numbers).
+  """
+
+  images: Any
+  transform: str | ImageTransform
+  pass_transform: str | ImageTransform | None = None
+  pixel_range: str = "0,1"
+  mean: tuple[float, ...] | None = None
+  std: tuple[float, ...] | None = None
+  num_threads: int = dataclasses.field(default=4, compare=False)
+  prefetch: int = dataclasses.field(default=2, compare=False)
+
+  def __post_init__(self):
+    if not hasattr(self.images, "load_image") or not hasattr(self.images, "labels"):
+      raise TypeError(f"StreamingSplit.images must be an ImageSplit or TfdsImageSplit, got "
+                      f"{type(self.images).__name__}")
+    size = get_transform(self.transform).size
+    if self.pass_transform is not None and get_transform(self.pass_transform).size != size:
+      raise ValueError(f"pass_transform {get_transform(self.pass_transform).name!r} gives "
+                       f"{get_transform(self.pass_transform).size}² images, transform "
+                       f"{get_transform(self.transform).name!r} {size}²: the model takes one size")
+    normalize_batch(np.zeros((1, 1, 1, 3), np.uint8), self.pixel_range, self.mean, self.std)
+    if isinstance(self.num_threads, bool) or self.num_threads < 0 or self.prefetch < 0:
+      raise ValueError(f"num_threads and prefetch must be >= 0, got {self.num_threads}, "
+                       f"{self.prefetch}")
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  @property
+  def y(self) -> np.ndarray:
+    """(n,) int32 labels (cheap: no image is read)."""
+    return np.asarray(self.images.labels, np.int32)
+
+  @property
+  def example_shape(self) -> tuple[int, int, int]:
+    size = get_transform(self.transform).size
+    return (size, size, 3)
+
+  @property
+  def x(self) -> UnloadedImages:
+    return UnloadedImages((len(self), *self.example_shape))
+
+  @property
+  def example_nbytes(self) -> int:
+    """Bytes of one example as the model sees it (float32 on device)."""
+    return int(np.prod(self.example_shape)) * 4
+
+  def for_passes(self) -> "StreamingSplit":
+    """This split with the transform of host passes (``pass_transform``)."""
+    if self.pass_transform is None:
+      return self
+    return dataclasses.replace(self, transform=self.pass_transform)
+
+  def take(self, indices) -> "StreamingSplit":
+    return dataclasses.replace(self, images=self.images.take(indices))
+
+  def concat(self, others: Sequence["StreamingSplit"]) -> "StreamingSplit":
+    """This split followed by ``others`` (:func:`concat_streaming`)."""
+    return concat_streaming([self, *others])
+
+  def step_batches(self, rows: np.ndarray, key: Sequence[int]) -> Iterator[dict[str, np.ndarray]]:
+    """Host batches of planned rows, decoded ahead in grain threads.
+
+    Args:
+      rows: (steps, b) int64 rows of this split; ``-1`` marks padding rows.
+      key: non-negative ints naming the pass (the augmentation key).
+
+    Returns:
+      An iterator of ``steps`` dicts: ``x`` (b, H, W, 3) uint8, ``y`` (b,)
+      int32, ``mask`` (b,) float32 (0 on padding rows, whose pixels are 0).
+    """
+    rows = np.asarray(rows, np.int64)
+    if rows.ndim != 2:
+      raise ValueError(f"rows must be (steps, batch), got shape {rows.shape}")
+    if rows.size and rows.max() >= len(self):
+      raise ValueError(f"row {int(rows.max())} is out of range for a split of {len(self)}")
+    example = _Example(self.images, get_transform(self.transform),
+                       tuple(_nonneg(k, "key word") for k in key))
+    for batch in _iterate(rows.reshape(-1), rows.shape[1], example, self.num_threads,
+                          self.prefetch, "uint8", self.pixel_range, self.mean, self.std):
+      yield {"x": batch["x"], "y": batch["y"].astype(np.int32),
+             "mask": batch["mask"].astype(np.float32)}
+
+  def load(self, rows: Sequence[int], key: Sequence[int]) -> dict[str, np.ndarray]:
+    """A few examples as normalised float32 host arrays (e.g. GPM's sample of a task).
+
+    Args:
+      rows: (k,) rows of this split.
+      key: the augmentation key of the pass.
+
+    Returns:
+      ``{"x": (k, H, W, 3) float32, "y": (k,) int32}``.
+    """
+    rows = np.asarray(rows, np.int64).reshape(1, -1)
+    batch = next(iter(dataclasses.replace(self, num_threads=0).step_batches(rows, key)))
+    return {"x": normalize_batch(batch["x"], self.pixel_range, self.mean, self.std),
+            "y": batch["y"]}
+
+
+def concat_streaming(splits: Sequence[StreamingSplit]) -> StreamingSplit:
+  """The union of streaming splits of file images (joint training's cumulative view).
+
+  Raises:
+    TypeError: the splits are not all file-backed ``ImageSplit`` s with the same transforms.
+  """
+  first = splits[0]
+  if not all(isinstance(s.images, ImageSplit) for s in splits):
+    raise TypeError("concat_streaming: only file-backed ImageSplits can be concatenated")
+  if any(dataclasses.replace(s, images=first.images) != first for s in splits):
+    raise TypeError("concat_streaming: the splits differ in transforms or normalisation")
+  images = ImageSplit(np.concatenate([s.images.paths for s in splits]),
+                      np.concatenate([s.images.labels for s in splits]), first.images.classes)
+  return dataclasses.replace(first, images=images)
+
+
+def streaming_stream(stream: ImageStream, *, mean: Sequence[float] | None = None,
+                     std: Sequence[float] | None = None, num_threads: int = 4,
+                     prefetch: int = 2):
+  """The ``clx.data.types.Stream`` the loop trains on, over :class:`StreamingSplit` s.
+
+  Train splits stream with the stream's train transform and pass with its
+  Gram transform; test splits use the test transform for both. No image is
+  read here.
+
+  Args:
+    stream: an :class:`ImageStream` (e.g. :func:`official_image_stream`).
+    mean, std: optional per-channel normalisation instead of ``stream.pixel_range``.
+    num_threads, prefetch: grain decoding threads and batches decoded ahead.
+
+  Returns:
+    A ``Stream`` whose ``input_shape`` is the transforms' ``(H, W, 3)``.
+  """
+  from clx.data.types import Stream, Task  # pylint: disable=import-outside-toplevel
+  norm = dict(pixel_range=stream.pixel_range, mean=None if mean is None else tuple(mean),
+              std=None if std is None else tuple(std), num_threads=num_threads,
+              prefetch=prefetch)
+  tasks = tuple(
+      Task(t.name, StreamingSplit(t.train, stream.train_transform, stream.gram_transform, **norm),
+           StreamingSplit(t.test, stream.test_transform, None, **norm), t.classes)
+      for t in stream.tasks)
+  return Stream(stream.name, tasks, stream.scenario, stream.num_classes)

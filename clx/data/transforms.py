@@ -86,9 +86,30 @@ def example_rng(seed: int, task: int, epoch: int, index: int) -> np.random.Gener
   Returns:
     A fresh ``numpy.random.Generator``.
   """
-  key = [AUGMENT_TAG] + [_check_nonneg_int(v, n) for v, n in
-                         ((seed, "seed"), (task, "task"), (epoch, "epoch"), (index, "index"))]
-  return np.random.Generator(np.random.PCG64(np.random.SeedSequence(key)))
+  for value, what in ((seed, "seed"), (task, "task"), (epoch, "epoch")):
+    _check_nonneg_int(value, what)
+  return keyed_rng((seed, task, epoch), index)
+
+
+def keyed_rng(key: Sequence[int], index: int) -> np.random.Generator:
+  """The augmentation RNG of example ``index`` of a pass keyed by ``key``.
+
+  ``PCG64(SeedSequence([AUGMENT_TAG, *key, index]))``; :func:`example_rng` is
+  the key ``(seed, task, epoch)``. The training loop keys its passes by its
+  own seed words (``(seed, task, phase, epoch)`` for a training epoch), so an
+  example's augmentation depends on the pass and the example only, never on
+  the batch it lands in, the process or the thread that decodes it.
+
+  Args:
+    key: non-negative integers naming the pass.
+    index: the example's index in its split (non-negative).
+
+  Returns:
+    A fresh ``numpy.random.Generator``.
+  """
+  words = [AUGMENT_TAG] + [_check_nonneg_int(v, "key word") for v in key]
+  words.append(_check_nonneg_int(index, "index"))
+  return np.random.Generator(np.random.PCG64(np.random.SeedSequence(words)))
 
 
 def rrc_box(rng: np.random.Generator, height: int, width: int,

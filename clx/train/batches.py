@@ -3,10 +3,15 @@ are made by :class:`clx.train.fit.Fitter`). Every device count sees the same glo
 
 from __future__ import annotations
 
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from clx.data.types import ArraySplit
 from clx.methods import passes
+from clx.train import sharding
 
 
 def check_finite_batch(arrays: dict[str, np.ndarray], where: str) -> None:
@@ -34,3 +39,89 @@ def _gather(split: ArraySplit, idx: np.ndarray) -> dict[str, np.ndarray]:
   out = {"x": split.x[safe], "y": split.y[safe].astype(np.int32),
          "mask": (idx >= 0).astype(np.float32)}
   return out
+
+
+# ----------------------------------------------------------------------------
+# Streaming splits (clx.data.pipeline.StreamingSplit): images decoded per batch, never held.
+
+
+def is_streaming(split) -> bool:
+  """Whether ``split`` is streamed per batch (a ``StreamingSplit``) rather than held in memory."""
+  return hasattr(split, "step_batches")
+
+
+def example_nbytes(split) -> int:
+  """Bytes of one example as the step sees it (float32 on device for a streaming split)."""
+  return split.example_nbytes if is_streaming(split) else split.x[0].nbytes
+
+
+def normalize_on_device(x: jax.Array, pixel_range: str = "0,1",
+                        mean: tuple[float, ...] | None = None,
+                        std: tuple[float, ...] | None = None) -> jax.Array:
+  """uint8 pixels -> float32 model inputs, on the device (jit-able, elementwise).
+
+  The same equation as :func:`clx.data.transforms.normalize_batch` on the host:
+  ``"0,1"``: ``x / 255``; ``"-1,1"``: ``x / 127.5 − 1``; with ``mean``/``std``
+  (per channel, [0, 1] units): ``(x / 255 − mean) / std``.
+
+  Args:
+    x: (..., H, W, C) uint8.
+    pixel_range, mean, std: as ``normalize_batch`` (static).
+
+  Returns:
+    (..., H, W, C) float32, sharded as ``x``.
+  """
+  xf = x.astype(jnp.float32)
+  if mean is not None:
+    return (xf / jnp.float32(255.0) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+  if pixel_range == "0,1":
+    return xf / jnp.float32(255.0)
+  return xf / jnp.float32(127.5) - jnp.float32(1.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _normalizer(pixel_range: str, mean, std):
+  return jax.jit(functools.partial(normalize_on_device, pixel_range=pixel_range, mean=mean, std=std))
+
+
+def streamed_device_batches(split, plan: np.ndarray, mesh, key: tuple[int, ...],
+                            chunk: int | None = None):
+  """Sharded device batches of a streaming split for an index plan.
+
+  This process decodes only its rows of every global batch
+  (:func:`clx.train.sharding.process_rows`), in grain threads ahead of the
+  consumer; the pixels cross to the devices as uint8 and are normalised there.
+
+  Args:
+    split: a ``clx.data.pipeline.StreamingSplit``.
+    plan: (steps, B) global rows, ``-1`` = padding (:meth:`clx.train.fit.Fitter.plan`).
+    mesh: the device mesh (batch on its ``data`` axis).
+    key: the pass's augmentation key (e.g. ``(seed, task, phase, epoch)``).
+    chunk: None for single steps, else ``(chunk, B)`` stacks (the last one
+      padded with fully masked steps).
+
+  Yields:
+    ``(arrays, steps, examples)`` as :meth:`clx.train.fit.Fitter.device_batches`:
+    ``x`` float32 (normalised on device), ``y`` int32, ``mask`` float32.
+  """
+  rows = sharding.process_rows(plan.shape[1], mesh)
+  local = plan[:, rows]
+  normalize = _normalizer(split.pixel_range, split.mean, split.std)
+  host = split.step_batches(local, key)
+
+  def to_device(arrays: dict[str, np.ndarray], axis: int) -> dict[str, jax.Array]:
+    out = sharding.shard_arrays(arrays, mesh, axis, plan.shape[1])
+    out["x"] = normalize(out["x"])
+    return out
+
+  if chunk is None:
+    for s, batch in enumerate(host):
+      yield to_device(batch, 0), 1, int((plan[s] >= 0).sum())
+    return
+  for c in range(0, plan.shape[0], chunk):
+    block = [next(host) for _ in range(min(chunk, plan.shape[0] - c))]
+    steps = len(block)
+    while len(block) < chunk:  # fully masked steps: same shape for every call
+      block.append({k: np.zeros_like(v) for k, v in block[0].items()})
+    stacked = {k: np.stack([b[k] for b in block]) for k in block[0]}
+    yield to_device(stacked, 1), steps, int((plan[c:c + steps] >= 0).sum())

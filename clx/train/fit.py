@@ -26,7 +26,8 @@ from jax.extend import core as jax_core
 
 from clx.data.types import ArraySplit
 from clx.train import sharding
-from clx.train.batches import _epoch_order, _gather, _step_index_plan, check_finite_batch
+from clx.train.batches import (_epoch_order, _gather, _step_index_plan, check_finite_batch,
+                               example_nbytes, is_streaming, streamed_device_batches)
 from clx.train.config import TrainConfig, learning_rate_schedule, make_optimizer
 from clx.train.progress import TaskProgress
 
@@ -225,12 +226,18 @@ class Fitter:
     return _step_index_plan(_epoch_order(n, shuffle, seed_words), batch_size, padded)
 
   def device_batches(self, split: ArraySplit, plan: np.ndarray, where: str,
-                     chunk: int | None = None) -> Iterator[tuple[dict[str, jax.Array], int, int]]:
+                     chunk: int | None = None, key: tuple[int, ...] = (0,)
+                     ) -> Iterator[tuple[dict[str, jax.Array], int, int]]:
     """Yield sharded arrays for ``plan`` rows: single steps or (chunk, B) stacks.
 
     Yields ``(arrays, steps, examples)``. When ``chunk`` is given, the last
     stack is padded with fully masked steps so every call has the same shape.
+    A streaming split (``clx.data.pipeline.StreamingSplit``) is decoded per
+    batch, augmented under ``key`` (:func:`clx.train.batches.streamed_device_batches`).
     """
+    if is_streaming(split):
+      yield from streamed_device_batches(split, plan, self.mesh, key, chunk)
+      return
     rows = sharding.process_rows(plan.shape[1], self.mesh)
     if chunk is None:
       for s in range(plan.shape[0]):
@@ -275,7 +282,7 @@ class Fitter:
     log = self.logger is not None and self.logger.enabled
     padded = sharding.pad_to_multiple(cfg.batch_size, sharding.num_data_shards(self.mesh))
     resident = self.resident(split, cfg)
-    per_step = padded * 8 if resident else padded * split.x[0].nbytes + padded * 8
+    per_step = padded * 8 if resident else padded * example_nbytes(split) + padded * 8
     chunk = chunk_steps(cfg, steps_per_epoch, per_step, convolutions_on_cpu=(
         cfg.steps_per_call <= 0 and convolutions_on_cpu(loss, params, state, base, split, padded)))
     # Chunks that tile the epoch exactly never contain fully padded steps.
@@ -326,7 +333,7 @@ class Fitter:
     for epoch in range(cfg.epochs):
       plan = self.plan(len(split), cfg.batch_size, True, (*seed_words, epoch))
       batches = (self.index_chunks(plan, chunk) if resident
-                 else self.device_batches(split, plan, title, chunk))
+                 else self.device_batches(split, plan, title, chunk, key=(*seed_words, epoch)))
       # Divergence check, independent of display: every step's loss is reduced
       # on device into one flag, read once per epoch (no host sync per chunk).
       finite = loss_sum = None
@@ -384,6 +391,8 @@ class Fitter:
 
   def resident(self, split: ArraySplit, cfg: TrainConfig) -> bool:
     """Keep the split on device and gather batches there (small in-memory data)."""
+    if is_streaming(split):  # decoded and augmented per batch: never resident
+      return False
     nbytes = split.x.nbytes + split.y.nbytes
     return cfg.device_data_mb > 0 and nbytes <= cfg.device_data_mb * 2**20
 

@@ -29,7 +29,7 @@ from clx.data.types import ArraySplit, Stream, concat_splits
 from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo
 from clx.train import sharding
 from clx.train.batches import (_epoch_order, _gather, _step_index_plan,  # noqa: F401
-                               check_finite_batch)
+                               check_finite_batch, is_streaming)
 from clx.train.config import (OPTIMIZERS, SCHEDULES, TrainConfig,  # noqa: F401
                               learning_rate_schedule, make_optimizer)
 from clx.train.evaluate import evaluate_row, evaluate_split, make_counter  # noqa: F401
@@ -54,6 +54,9 @@ class _Context:
   splits: dict[str, ArraySplit | None]
   config: TrainConfig
   seed_words: tuple[int, ...]
+  # Host passes over a streaming split so far in this task: each pass draws fresh augmentations
+  # (InfLoRA's two Gram passes are two iterations of its training loader).
+  passes: int = 0
 
   @property
   def info(self) -> TaskInfo:
@@ -62,21 +65,30 @@ class _Context:
 
   def batches(self, split: str = "train", *, batch_size: int | None = None,
               shuffle: bool = False, seed: int = 0):
-    data = self._split(split)
-    plan = self.fitter.plan(len(data), batch_size or self.config.eval_batch_size, shuffle,
-                            (*self.seed_words, 7919, seed))
-    for arrays, _, _ in self.fitter.device_batches(data, plan, f"task {self.task_index} {split}"):
+    data = self._pass_split(split)
+    words = (*self.seed_words, 7919, seed)
+    plan = self.fitter.plan(len(data), batch_size or self.config.eval_batch_size, shuffle, words)
+    key = words
+    if is_streaming(data):
+      key = (*words, self.passes)
+      self.passes += 1
+    for arrays, _, _ in self.fitter.device_batches(data, plan, f"task {self.task_index} {split}",
+                                                   key=key):
       yield arrays
 
   def sample(self, n: int, *, split: str = "train", seed: int = 0):
-    data = self._split(split)
+    data = self._pass_split(split)
     if n > len(data):
       raise ValueError(f"asked for {n} samples of task {self.task_index} {split}, it has {len(data)}")
     idx = np.random.default_rng([*self.seed_words, 104729, seed]).choice(len(data), n, replace=False)
+    if is_streaming(data):  # n examples decoded with the pass transform, not the split
+      return data.load(idx, (*self.seed_words, 104729, seed))
     return {"x": data.x[idx], "y": data.y[idx].astype(np.int32)}
 
   def arrays(self, split: str = "train"):
-    data = self._split(split)
+    """All of a split; for a streaming split ``x`` is a stand-in that refuses to be read
+    (``clx.data.pipeline.UnloadedImages``: shape and dtype only)."""
+    data = self._pass_split(split)
     return {"x": data.x, "y": data.y.astype(np.int32)}
 
   def fit(self, params, loss, *, transform_grads=None, transform_updates=None, state=None,
@@ -92,6 +104,11 @@ class _Context:
         title=title or f"task {self.task_index} phase {phase}",
         seed_words=(*self.seed_words, phase),
         val_split=self.splits.get("val") if cfg.uses_validation else None)
+
+  def _pass_split(self, name: str) -> ArraySplit:
+    """The split as host passes read it (a streaming split with its pass transform)."""
+    data = self._split(name)
+    return data.for_passes() if is_streaming(data) else data
 
   def _split(self, name: str) -> ArraySplit:
     if name == "train":
@@ -109,7 +126,10 @@ class _Context:
 def train_split_for(method: ContinualMethod, stream: Stream, t: int) -> ArraySplit:
   """The data a method trains on at task t (the union so far for joint training)."""
   if method.data_view == "cumulative":
-    return concat_splits([s.train for s in stream.tasks[:t + 1]])
+    splits = [s.train for s in stream.tasks[:t + 1]]
+    if is_streaming(splits[0]):  # duck-typed: train does not import the image pipeline
+      return splits[0].concat(splits[1:])
+    return concat_splits(splits)
   return stream.tasks[t].train
 
 

@@ -413,8 +413,9 @@ def test_vit_proteus_config_is_the_authors_main_config():
   assert config["stream"]["train_transform"] == "rrc224_s005_flip"
   assert config["stream"]["test_transform"] == "resize256bicubic_center224"
   assert config["model"]["weights"].endswith("ViT-B_16.npz")
-  with pytest.raises(NotImplementedError, match="rrc224_s005_flip"):
-    module.vit_split_stream(**{k: v for k, v in config["stream"].items() if k != "name"})
+  args = {k: v for k, v in config["stream"].items() if k != "name"}
+  with pytest.raises(NotImplementedError, match="rrc224_s005_flip"):  # the in-memory builder
+    module.vit_split_stream(**{**args, "source": "tfds_resized"})
 
 
 def test_config_is_validated_once_and_old_names_still_read():
