@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,6 +43,9 @@ def random_projection(key: Array, d: int, m: int, dtype=jnp.float32) -> Array:
 
 def project(features: Array, w_rand: Array) -> Array:
   """``ReLU(f W_rand)``, ``(n, M)``."""
+  shapes = "ridge.project(features (..., d), w_rand (d, M))"
+  chex.assert_rank(w_rand, 2, custom_message=shapes)
+  chex.assert_axis_dimension(features, -1, w_rand.shape[0], custom_message=shapes)
   return jax.nn.relu(_mm(features, w_rand.astype(features.dtype)))
 
 
@@ -63,8 +67,18 @@ def accumulate(stats: dict, h: Array, y: Array, mask: Array | None = None) -> di
     h: ``(n, M)`` projected features.
     y: ``(n, C)`` targets (one-hot).
     mask: optional ``(n,)`` 0/1 row weights.
+
+  Returns:
+    ``{"gram" (M, M), "xty" (M, C), "count" ()}`` with the batch added.
   """
+  shapes = ("ridge.accumulate(stats {gram (M, M), xty (M, C)}, h (n, M), y (n, C), "
+            "mask (n,) or None)")
+  chex.assert_rank([h, y], 2, custom_message=shapes)
+  chex.assert_shape([stats["gram"], stats["xty"], y],
+                    [(h.shape[1], h.shape[1]), (h.shape[1], y.shape[1]), (h.shape[0], None)],
+                    custom_message=shapes)
   if mask is not None:
+    chex.assert_shape(mask, (h.shape[0],), custom_message=shapes)
     w = mask.astype(h.dtype)[:, None]
     h, y = h * w, y * w
     count = jnp.sum(mask > 0).astype(jnp.int32)
@@ -76,6 +90,9 @@ def accumulate(stats: dict, h: Array, y: Array, mask: Array | None = None) -> di
 
 def solve(gram: Array, xty: Array, ridge) -> Array:
   """``W_o = (G + λ I)⁻¹ Q`` by a Cholesky solve, ``(M, C)``."""
+  shapes = "ridge.solve(gram (M, M), xty (M, C))"
+  chex.assert_rank([gram, xty], 2, custom_message=shapes)
+  chex.assert_shape(gram, (xty.shape[0], xty.shape[0]), custom_message=shapes)
   m = gram.shape[0]
   a = gram + ridge * jnp.eye(m, dtype=gram.dtype)
   chol = jax.scipy.linalg.cho_factor(a, lower=True)
@@ -120,6 +137,11 @@ def select_ridge(h, y, *, grid=RIDGE_GRID, fit_fraction: float = 0.8, base_gram=
   """
   h = jnp.asarray(h)
   y = jnp.asarray(y, h.dtype)
+  shapes = "select_ridge(h (n, M), y (n, C), finite)"
+  chex.assert_rank([h, y], 2, custom_message=shapes)
+  chex.assert_axis_dimension(y, 0, h.shape[0], custom_message=shapes)
+  # Host-side (λ is chosen on the host), so the values are concrete: NaN would pick λ silently.
+  chex.assert_tree_all_finite([h, y], custom_message=shapes)
   n, m = h.shape
   n_fit = int(n * fit_fraction)
   if n_fit < 1 or n_fit >= n:
@@ -137,6 +159,9 @@ def select_ridge(h, y, *, grid=RIDGE_GRID, fit_fraction: float = 0.8, base_gram=
 
 def logits(features: Array, w_rand: Array, w_out: Array) -> Array:
   """``ReLU(f W_rand) W_o``, ``(n, C)``."""
+  shapes = "ridge.logits(features (n, d), w_rand (d, M), w_out (M, C))"
+  chex.assert_rank(w_out, 2, custom_message=shapes)
+  chex.assert_axis_dimension(w_out, 0, w_rand.shape[-1], custom_message=shapes)
   return _mm(project(features, w_rand), w_out.astype(features.dtype))
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -46,6 +47,8 @@ def decoupled_adapters(past: Sequence[dict], past_magnitudes: Array, current: di
   Returns:
     list of adapters (``t`` or ``t + 1``).
   """
+  shapes = "decoupled_adapters(past_magnitudes (t,))"
+  chex.assert_rank(past_magnitudes, 1, custom_message=shapes)
   if len(past) != past_magnitudes.shape[0]:
     raise ValueError(f"{len(past)} past adapters but {past_magnitudes.shape[0]} magnitudes")
   out = [{"a": ad["a"] * (m * direction_scale(ad["a"], ad["b"])), "b": ad["b"]}
