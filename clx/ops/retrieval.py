@@ -215,8 +215,8 @@ def max_feature_variance(feats: Array) -> Array:
   return jnp.max(jnp.var(feats, axis=1, ddof=1))
 
 
-def bound_threshold(d: int, sigma2, kappa, num_tasks: int, total_components: int,
-                    epsilon: float = 0.01):
+def bound_threshold(d: int, sigma2: float | Array, kappa: float | Array, num_tasks: int,
+                    total_components: int, epsilon: float = 0.01) -> Array:
   """The separation δ must exceed for retrieval error ≤ ε (the code's Eq. (28)).
 
   Args:
@@ -226,6 +226,9 @@ def bound_threshold(d: int, sigma2, kappa, num_tasks: int, total_components: int
     num_tasks: m.
     total_components: Σ_i τ_i over all m tasks.
     epsilon: target retrieval error.
+
+  Returns:
+    the threshold, a float32 scalar (broadcast over ``sigma2`` / ``kappa``).
   """
   n_term = (num_tasks - 1) * total_components + 1
   log_ne = math.log(n_term / epsilon)

@@ -21,6 +21,8 @@ Everything is jit-able; shapes are static.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+from typing import Any
 
 import chex
 import jax
@@ -36,7 +38,7 @@ def _mm(a, b):
   return jnp.matmul(a, b, precision=_HIGHEST)
 
 
-def random_projection(key: Array, d: int, m: int, dtype=jnp.float32) -> Array:
+def random_projection(key: Array, d: int, m: int, dtype: Any = jnp.float32) -> Array:
   """``W_rand (d, m)`` with i.i.d. N(0, 1) entries (``torch.randn(d, M)`` in the code)."""
   return jax.random.normal(key, (d, m), dtype)
 
@@ -49,13 +51,14 @@ def project(features: Array, w_rand: Array) -> Array:
   return jax.nn.relu(_mm(features, w_rand.astype(features.dtype)))
 
 
-def init_statistics(m: int, num_classes: int, dtype=jnp.float32) -> dict[str, Array]:
+def init_statistics(m: int, num_classes: int, dtype: Any = jnp.float32) -> dict[str, Array]:
   """Zero ``{"gram" (M, M), "xty" (M, C), "count" ()}``."""
   return {"gram": jnp.zeros((m, m), dtype), "xty": jnp.zeros((m, num_classes), dtype),
           "count": jnp.zeros((), jnp.int32)}
 
 
-def one_hot(labels: Array, num_classes: int, dtype=jnp.float32) -> Array:
+def one_hot(labels: Array, num_classes: int, dtype: Any = jnp.float32) -> Array:
+  """Targets ``(n, C)`` of int labels ``(n,)`` (RanPAC's ``target2onehot``)."""
   return jax.nn.one_hot(labels, num_classes, dtype=dtype)
 
 
@@ -88,7 +91,7 @@ def accumulate(stats: dict, h: Array, y: Array, mask: Array | None = None) -> di
           "count": stats["count"] + count}
 
 
-def solve(gram: Array, xty: Array, ridge) -> Array:
+def solve(gram: Array, xty: Array, ridge: float | Array) -> Array:
   """``W_o = (G + λ I)⁻¹ Q`` by a Cholesky solve, ``(M, C)``."""
   shapes = "ridge.solve(gram (M, M), xty (M, C))"
   chex.assert_rank([gram, xty], 2, custom_message=shapes)
@@ -119,8 +122,9 @@ def _ridge_losses(h, y, base_gram, base_xty, grid, *, fit_fraction):
   return jax.lax.map(loss, grid)
 
 
-def select_ridge(h, y, *, grid=RIDGE_GRID, fit_fraction: float = 0.8, base_gram=None,
-                 base_xty=None):
+def select_ridge(h: Array, y: Array, *, grid: Sequence[float] = RIDGE_GRID,
+                 fit_fraction: float = 0.8, base_gram: Array | None = None,
+                 base_xty: Array | None = None) -> tuple[float, Array]:
   """Choose λ on a held-out split: fit on the first ``fit_fraction`` of the rows,
   mean squared error of the targets on the rest (the code's ``optimise_ridge_parameter``).
 
@@ -165,8 +169,9 @@ def logits(features: Array, w_rand: Array, w_out: Array) -> Array:
   return _mm(project(features, w_rand), w_out.astype(features.dtype))
 
 
-def update_head(stats: dict, h: Array, y: Array, *, grid=RIDGE_GRID, fit_fraction: float = 0.8,
-                with_history: bool = False) -> tuple[dict[str, Array], float]:
+def update_head(stats: dict, h: Array, y: Array, *, grid: Sequence[float] = RIDGE_GRID,
+                fit_fraction: float = 0.8, with_history: bool = False
+                ) -> tuple[dict[str, Array], float]:
   """One task's head update: choose λ on this task's rows, add them to the statistics, solve.
 
   RanPAC's ``replace_fc`` (``RanPAC.py`` l.115–126): ``Q += Hᵀ Y``, ``G += Hᵀ H``, λ from

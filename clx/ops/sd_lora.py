@@ -32,7 +32,7 @@ def direction_scale(a: Array, b: Array) -> Array:
 
 
 def decoupled_adapters(past: Sequence[dict], past_magnitudes: Array, current: dict | None,
-                       current_magnitude) -> list[dict]:
+                       current_magnitude: float | Array) -> list[dict]:
   """The update as a list of rank-``r`` adapters ``{"a", "b"}`` whose products sum to it.
 
   Each past adapter's ``a`` is scaled by ``α_i / (‖A_i‖ ‖B_i‖)`` and the current one's by
@@ -59,7 +59,7 @@ def decoupled_adapters(past: Sequence[dict], past_magnitudes: Array, current: di
 
 
 def decoupled_delta(past: Sequence[dict], past_magnitudes: Array, current: dict | None,
-                    current_magnitude) -> Array:
+                    current_magnitude: float | Array) -> Array:
   """``ΔW (d_in, d_out) = Σ_i α_i A_i B_i / (‖A_i‖‖B_i‖) + α_t A_t B_t`` (dense, for checks)."""
   adapters = decoupled_adapters(past, past_magnitudes, current, current_magnitude)
   if not adapters:
