@@ -22,7 +22,7 @@ What it measures, all in this one process (plus one PyTorch subprocess):
    not against a datasheet number.
 2. The InfLoRA train step at ``--batch`` × ``--image-size``² (default 128 × 224², the official
    InfLoRA ImageNet-R batch) for task 0 of 10 (20 classes per task, as ImageNet-R 10 tasks):
-   the REAL method from ``clx.methods.build("inflora", vit(...), rank=10, sites=("k", "v"))``,
+   the REAL method from ``clx.methods.build("inflora", vit(...), lora_rank=10, sites=("k", "v"))``,
    its down-projections designed by its own ``begin_task`` (one Gram pass over
    ``--gram-batches`` random batches), then one jitted step = ``method.loss`` → gradients of
    the trainable ``b`` branches and head → ``method.transform_grads`` → Adam (lr 5e-4, as the
@@ -242,7 +242,7 @@ def clx_inflora_step(variant: str, image_size: int, batch: int, steps: int, dtyp
 
   backbone, mode = vit_backbone(variant, image_size, dtype)
   config = vit_config(variant, (image_size, image_size, 3))
-  method = build("inflora", backbone, rank=RANK, sites=("k", "v"), lamb=0.98)
+  method = build("inflora", backbone, lora_rank=RANK, sites=("k", "v"), lamb=0.98)
   spec = StreamSpec(NUM_TASKS, NUM_TASKS * CLASSES_PER_TASK, "class",
                     tuple(tuple(range(t * CLASSES_PER_TASK, (t + 1) * CLASSES_PER_TASK))
                           for t in range(NUM_TASKS)), (image_size, image_size, 3))

@@ -220,7 +220,7 @@ _register_synthetic()
 def get_config():
   label_args = {"label_words": list(LABEL_WORDS), "tokenizer": MODEL}
   sparc_args = {"num_prompt_tokens": 20, "num_components": 100, "overlap": "subspace",
-                "overlap_threshold": 0.7, "pca_batch_size": 64, **label_args}
+                "overlap_threshold": 0.7, "aux_batch_size": 64, **label_args}
   return {
       "name": "superglue_sparc",
       "stream": {"name": "super_glue_sparc", "model_path": MODEL, "scenario": "task",

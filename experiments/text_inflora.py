@@ -35,7 +35,7 @@ def get_config():
       "model": {"name": "minilm"},
       "methods": ["inflora", "lora", "joint"],
       "method_args": {"inflora": {"lora_rank": 10, "sites": ["k", "v"], "lamb": 0.95, "lame": 1.0},
-                      "lora": {"rank": 10, "targets": KV}},
+                      "lora": {"lora_rank": 10, "sites": KV}},
       "train": {"epochs": 3, "batch_size": 32, "optimizer": "adam", "learning_rate": 1e-3,
                 "eval_batch_size": 200},
       "train_overrides": {"joint": {"learning_rate": 5e-5, "epochs": 2}},

@@ -69,10 +69,10 @@ def get_config():
       "methods": ["proteus", "proteus_independent", "inflora", "lora"],
       "method_args": {
           "proteus": proteus_args,
-          "proteus_independent": {**proteus_args, "alpha": 0.0, "screen_signatures": False},
+          "proteus_independent": {**proteus_args, "transfer_alpha": 0.0, "screen_signatures": False},
           "proteus_kmeans": {"rp_dim": 2000, "kmeans_clusters": 5},
-          "inflora": {"rank": 10, "sites": ["k", "v"], "lamb": 0.95, "lame": 1.0},
-          "lora": {"rank": 8, "targets": ["*attention/query/kernel", "*attention/value/kernel"]},
+          "inflora": {"lora_rank": 10, "sites": ["k", "v"], "lamb": 0.95, "lame": 1.0},
+          "lora": {"lora_rank": 8, "sites": ["*attention/query/kernel", "*attention/value/kernel"]},
       },
       "train": {"epochs": 2, "batch_size": 16, "optimizer": "adam", "learning_rate": 1e-3,
                 "eval_batch_size": 128},

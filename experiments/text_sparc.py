@@ -131,7 +131,7 @@ def get_config():
                       "sparc_lora": {**sparc_args, "lora_rank": 8,
                                      "lora_lr_scale": LR_LORA / LR_PROMPT},
                       "prompt_tuning": {"num_prompt_tokens": 20},
-                      "lora": {"rank": 8, "targets": QV}},
+                      "lora": {"lora_rank": 8, "sites": QV}},
       "train": {**TRAIN, "learning_rate": LR_PROMPT},
       "train_overrides": {"linear_probe": prompt_lr, "prompt_tuning": prompt_lr,
                           "free_prompt": prompt_lr, "sparc": prompt_lr, "sparc_lora": prompt_lr,
@@ -153,7 +153,7 @@ def rows(lr_prompt: float = LR_PROMPT, lr_lora: float = LR_LORA, tau: float = TA
                                       "lora_lr_scale": lr_lora / lr_prompt}, lr_prompt)
   # Sequential LoRA under SPARC+LoRA's per-group rule: the run (and its head) at lr_prompt, the
   # LoRA factors' Adam steps scaled to lr_lora (``adapters_lr_scale``, see :func:`_build`).
-  out["lora"] = ("lora", {"rank": 8, "targets": QV, "adapters_lr_scale": lr_lora / lr_prompt},
+  out["lora"] = ("lora", {"lora_rank": 8, "sites": QV, "adapters_lr_scale": lr_lora / lr_prompt},
                  lr_prompt)
   return out
 

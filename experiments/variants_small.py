@@ -41,7 +41,7 @@ def ca_rows(seed: int) -> list[dict]:
   rows = []
   for align in (False, True):
     t0 = time.time()
-    method = ca.inflora_ca(backbone, rank=4, sites="mlp", lamb=0.9, align=align)
+    method = ca.inflora_ca(backbone, lora_rank=4, sites="mlp", lamb=0.9, align=align)
     acc = run_method(method, stream, cfg, mesh=make_mesh(1), quiet=True, seed=seed).acc_matrix
     rows.append({"seed": seed, "method": "inflora_ca" if align else "inflora_ca (align off)",
                  "acc": round(float(np.mean(acc[-1])), 2),

@@ -94,7 +94,7 @@ def get_config():
       "methods": ["inflora", "lora", "inflora_ca"],
       "method_args": {
           "inflora": {"lora_rank": 10, "sites": ["k", "v"], "lamb": 0.98, "lame": 1.0},
-          "lora": {"rank": 10, "targets": ["*attn/key/kernel", "*attn/value/kernel"]},
+          "lora": {"lora_rank": 10, "sites": ["*attn/key/kernel", "*attn/value/kernel"]},
           "inflora_ca": {"lora_rank": 10, "sites": ["k", "v"], "lamb": 0.95, "lame": 1.0},
       },
       "train_overrides": {"inflora_ca": {"optimizer": "momentum", "momentum": 0.9,

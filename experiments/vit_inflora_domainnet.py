@@ -97,7 +97,7 @@ def get_config():
       "methods": ["inflora", "lora"],
       "method_args": {
           "inflora": {"lora_rank": 30, "sites": ["k", "v"], "lamb": 0.95, "lame": 1.0},
-          "lora": {"rank": 30, "targets": ["*attn/key/kernel", "*attn/value/kernel"]},
+          "lora": {"lora_rank": 30, "sites": ["*attn/key/kernel", "*attn/value/kernel"]},
       },
       "train": {"epochs": 5, "batch_size": 128, "optimizer": "momentum", "learning_rate": 0.005,
                 "momentum": 0.9, "weight_decay": 0.0, "schedule": "constant",

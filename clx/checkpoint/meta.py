@@ -4,7 +4,12 @@ Format 2 (written today) adds ``prev_meta_sha256`` and ``meta_sha256`` to
 format 1's reserved keys; format 1 steps (written by an older clx) still
 restore, unverified, and a format 2 step may follow a format 1 one (this is
 the format migration: a resumed run continues in format 2, chained to the last
-format 1 task). A format 1 step after a format 2 one is refused.
+format 1 task). A format 1 step after a format 2 one is refused. The one place
+that tells the formats apart is :func:`meta_format`; everything else in a step
+(the delta's arrays, its ``/``-joined paths with ``%2F`` / ``%25`` inside keys,
+the state keys) has had one layout since checkpoints were first written
+(f265423), so no key needs migrating (``tests/train/test_checkpoint_fixture.py``
+restores steps written by that code at 91610c0, format 1, and at d258705, format 2).
 
 Every check takes a ``damaged(detail, leaf=None, cause=None, *, field=None)``
 callable that builds the :class:`~clx.checkpoint.errors.CheckpointCorruptedError`
@@ -34,6 +39,39 @@ _MISSING = object()
 Damaged = Callable[..., CheckpointCorruptedError]
 
 
+def meta_format(meta: dict[str, Any], damaged: Damaged) -> int:
+  """The layout version of a step's ``meta``: 1 (written before e7b2e78) or 2.
+
+  The one place that tells the formats apart. Format 1 is format 2 without the
+  hash fields: no ``meta_sha256`` (its fields are not verified) and no
+  ``prev_meta_sha256`` (it does not chain to the previous task). Its arrays and
+  paths are read as they are; a run resumed on it writes format 2, chained to it
+  (:func:`verify_link`).
+
+  Args:
+    meta: a step's ``meta`` as read from JSON (a dict).
+    damaged: builds the error to raise.
+
+  Returns:
+    1 or 2. A ``meta`` without ``format`` is judged as the current format, so
+    :func:`validate_meta` names ``format`` among its missing keys.
+
+  Raises:
+    CheckpointCorruptedError: ``format`` is not a readable version, or a format 1
+      ``meta`` carries format 2's hash fields (its ``format`` was altered).
+  """
+  fmt = meta.get("format", FORMAT_VERSION)
+  if isinstance(fmt, bool) or fmt not in _READABLE_FORMATS:
+    raise damaged(f"meta format {fmt!r} is not supported (readable formats: "
+                  f"{list(_READABLE_FORMATS)})", field="format")
+  if fmt == 1:
+    extra = [k for k in (_PREV_KEY, _HASHES_KEY) if k in meta]
+    if extra:
+      raise damaged(f"meta says format 1 but has format 2's fields {extra} (its 'format' was "
+                    "altered)", field="format")
+  return int(fmt)
+
+
 def validate_meta(meta: Any, task: int, damaged: Damaged
                   ) -> tuple[dict[str, tuple[str, tuple[int, ...], np.dtype]], list[str]]:
   """Checks the reserved ``meta`` fields of task ``task``'s step.
@@ -53,11 +91,7 @@ def validate_meta(meta: Any, task: int, damaged: Damaged
   """
   if not isinstance(meta, dict):
     raise damaged(f"meta is a {type(meta).__name__}, not a JSON object")
-  fmt = meta.get("format")
-  if "format" in meta and (isinstance(fmt, bool) or fmt not in _READABLE_FORMATS):
-    raise damaged(f"meta format {fmt!r} is not supported (readable formats: "
-                  f"{list(_READABLE_FORMATS)})", field="format")
-  required = _RESERVED_META_KEYS_V1 if fmt == 1 else _RESERVED_META_KEYS
+  required = _RESERVED_META_KEYS_V1 if meta_format(meta, damaged) == 1 else _RESERVED_META_KEYS
   missing = [k for k in required if k not in meta]
   if missing:
     raise damaged(f"meta lacks the keys {missing}")
@@ -106,9 +140,9 @@ def verify_meta_hashes(meta: dict[str, Any], damaged: Damaged) -> bool:
   Raises:
     CheckpointCorruptedError: a missing, extra or altered field.
   """
-  hashes = meta.get(_HASHES_KEY, _MISSING)
-  if hashes is _MISSING and meta["format"] == 1:
+  if meta_format(meta, damaged) == 1:
     return False
+  hashes = meta.get(_HASHES_KEY, _MISSING)
   if not (isinstance(hashes, dict) and all(isinstance(h, str) for h in hashes.values())):
     raise damaged(f"meta field {_HASHES_KEY!r} is missing or malformed", field=_HASHES_KEY)
   fields = set(meta) - {_HASHES_KEY}
@@ -137,8 +171,8 @@ def verify_link(task: int, meta: dict[str, Any], prev_meta: dict[str, Any] | Non
     CheckpointCorruptedError: a broken link, or a format 1 step after a
       format 2 one.
   """
-  if _PREV_KEY not in meta:  # format 1
-    if prev_meta is not None and prev_meta.get("format", 1) != 1:
+  if meta_format(meta, damaged) == 1:
+    if prev_meta is not None and meta_format(prev_meta, damaged) != 1:
       raise damaged(f"meta is format 1 but task {task - 1}'s is format "
                     f"{prev_meta.get('format')!r}: a step from an older run was copied in",
                     field="format")

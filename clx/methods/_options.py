@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -19,13 +20,17 @@ def renamed(kwargs: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, An
     names: ``{old name: current name}``.
 
   Returns:
-    A new dict; raises ``ValueError`` when an option is given under both names.
+    A new dict; raises ``ValueError`` when an option is given under both names, and issues a
+    :class:`DeprecationWarning` for every old name used (as :func:`clx.methods.base.renamed`
+    does), so configs still using one are found (``tests/test_experiment_configs.py``).
   """
   out = dict(kwargs)
   for old, new in names.items():
     if old in out:
       if new in out:
         raise ValueError(f"pass {new}= only ({old}= is its old name), not both")
+      warnings.warn(f"{old!r} is renamed {new!r}; the old name goes away in the next release",
+                    DeprecationWarning, stacklevel=3)
       out[new] = out.pop(old)
   return out
 

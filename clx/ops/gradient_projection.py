@@ -20,6 +20,7 @@ removed component per basis direction, ``(I − M diag(s) Mᵀ)``; pass ``scale`
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -31,6 +32,17 @@ def _free_inputs(x: Array, basis: Array, scale: Array | None) -> Array:
   if scale is not None:
     coords = coords * scale.astype(x.dtype)
   return x - coords @ basis.T.astype(x.dtype)
+
+
+def _check_dense(x: Array, kernel: Array, basis: Array, scale: Array | None) -> None:
+  """Trace-time shape checks of :func:`projected_dense` (chex; shapes are static under jit)."""
+  shapes = ("projected_dense(x (..., d_in), kernel (d_in, d_out), basis (d_in, k), "
+            "scale (k,) or None)")
+  chex.assert_rank([kernel, basis], 2, custom_message=shapes)
+  chex.assert_axis_dimension(x, -1, kernel.shape[0], custom_message=shapes)
+  chex.assert_axis_dimension(basis, 0, kernel.shape[0], custom_message=shapes)
+  if scale is not None:
+    chex.assert_shape(scale, (basis.shape[1],), custom_message=shapes)
 
 
 @jax.custom_vjp
@@ -49,10 +61,12 @@ def projected_dense(x: Array, kernel: Array, basis: Array, scale: Array | None =
     ∂W = (x − x M diag(s) Mᵀ)ᵀ δ = (I − M diag(s) Mᵀ) xᵀ δ. No gradient flows
     to ``basis`` or ``scale`` (they are memory, not parameters).
   """
+  _check_dense(x, kernel, basis, scale)
   return x @ kernel.astype(x.dtype)
 
 
 def _fwd(x, kernel, basis, scale):
+  _check_dense(x, kernel, basis, scale)  # under jax.grad the primal body above is not traced
   return x @ kernel.astype(x.dtype), (x, kernel, basis, scale)
 
 

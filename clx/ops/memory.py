@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,8 +95,15 @@ def _hard_scale(basis: Array, rank: Array) -> Array:
 
 
 def _check_memory(memory: Any, where: str) -> None:
+  """A :class:`Memory` whose fields have their ranks, shapes and dtypes (chex, trace-time)."""
   if not isinstance(memory, Memory):
     raise TypeError(f"{where}: expected a clx.ops.memory.Memory, got {type(memory).__name__}")
+  chex.assert_rank([memory.basis, memory.rank, memory.kind, memory.scale], [2, 0, 0, 1],
+                   custom_message=f"{where}: Memory(basis, rank, kind, scale)")
+  chex.assert_shape(memory.scale, (memory.basis.shape[1],),
+                    custom_message=f"{where}: Memory.scale has one entry per basis column")
+  chex.assert_type([memory.rank, memory.kind], int,
+                   custom_message=f"{where}: Memory.rank and Memory.kind are integers")
 
 
 def _check_grad(grad: Any, memory: Memory, where: str) -> None:

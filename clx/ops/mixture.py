@@ -54,6 +54,7 @@ import numpy as np
 from jax.scipy.special import digamma, gammaln
 
 Array = jax.Array
+ArrayLike = jax.typing.ArrayLike
 COVARIANCE_TYPES = ("full", "diag")
 LOG_ZERO = -1e30  # log-weight of padded components (finite: no inf-inf NaNs)
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -147,7 +148,8 @@ def mahalanobis_sq(x: Array, means: Array, prec_chol: Array, covariance_type: st
 # ----------------------------------------------------------------------------
 
 
-def gaussian_statistics(x: Array, resp: Array, reg_covar: float, covariance_type: str):
+def gaussian_statistics(x: Array, resp: Array, reg_covar: float, covariance_type: str
+                        ) -> tuple[Array, Array, Array]:
   """Soft counts, means and covariances (sklearn ``_estimate_gaussian_parameters``).
 
   Returns:
@@ -176,9 +178,10 @@ def gaussian_statistics(x: Array, resp: Array, reg_covar: float, covariance_type
 
 def default_priors(x: Array, n_components: int, covariance_type: str, *,
                    weight_concentration_prior: float | None = None,
-                   mean_precision_prior: float | None = None, mean_prior=None,
+                   mean_precision_prior: float | None = None,
+                   mean_prior: ArrayLike | None = None,
                    degrees_of_freedom_prior: float | None = None,
-                   covariance_prior=None) -> dict[str, Array]:
+                   covariance_prior: ArrayLike | None = None) -> dict[str, Array]:
   """The prior hyper-parameters with sklearn's defaults filled in from the data ``x``."""
   _check_cov_type(covariance_type)
   n, d = x.shape
@@ -259,7 +262,7 @@ def dpgmm_expected_log_prob(params: dict, x: Array, covariance_type: str) -> Arr
   return log_gauss + 0.5 * (log_lambda - d / mean_precision)[None, :]
 
 
-def dpgmm_e_step(params: dict, x: Array, covariance_type: str):
+def dpgmm_e_step(params: dict, x: Array, covariance_type: str) -> tuple[Array, Array]:
   """``(mean log-normaliser, log responsibilities (n, K))``."""
   weighted = dpgmm_expected_log_prob(params, x, covariance_type) + \
       dpgmm_expected_log_weights(params["alpha"], params["beta"])[None, :]
@@ -307,12 +310,14 @@ def _fit_loop(x, resp0, priors, max_iter, reg_covar, tol, *, covariance_type):
   return params
 
 
-def fit_dpgmm(x, *, n_components: int = 100, covariance_type: str = "full",
+def fit_dpgmm(x: ArrayLike, *, n_components: int = 100, covariance_type: str = "full",
               weight_concentration_prior: float | None = None,
-              mean_precision_prior: float | None = None, mean_prior=None,
-              degrees_of_freedom_prior: float | None = None, covariance_prior=None,
+              mean_precision_prior: float | None = None, mean_prior: ArrayLike | None = None,
+              degrees_of_freedom_prior: float | None = None,
+              covariance_prior: ArrayLike | None = None,
               reg_covar: float = 1e-6, max_iter: int = 100, tol: float = 1e-3,
-              init_resp=None, key: Array | None = None, kmeans_iters: int = 300) -> dict[str, Array]:
+              init_resp: ArrayLike | None = None, key: Array | None = None,
+              kmeans_iters: int = 300) -> dict[str, Array]:
   """Fit a truncated DP Gaussian mixture to ``x`` by variational Bayes (sklearn's model).
 
   Args:
@@ -409,8 +414,8 @@ def to_signature(params: dict, covariance_type: str, *, min_weight: float = 0.0,
                                 jitter=jitter)
 
 
-def signature_from_moments(weights, means, covariances, covariance_type: str, *,
-                           jitter: float = 0.0) -> dict[str, Array]:
+def signature_from_moments(weights: ArrayLike, means: ArrayLike, covariances: ArrayLike,
+                           covariance_type: str, *, jitter: float = 0.0) -> dict[str, Array]:
   """A plug-in mixture signature from weights ``(K,)``, means and covariances."""
   _check_cov_type(covariance_type)
   means = jnp.asarray(means)
@@ -521,7 +526,8 @@ def kmeans_plusplus(key: Array, x: Array, k: int, n_local_trials: int | None = N
 
 
 @functools.partial(jax.jit, static_argnames=("max_iter",))
-def lloyd(x: Array, centers: Array, *, max_iter: int = 300, tol: float = 1e-4):
+def lloyd(x: Array, centers: Array, *, max_iter: int = 300, tol: float = 1e-4
+          ) -> tuple[Array, Array, Array]:
   """Lloyd iterations from ``centers``; stops when labels repeat or the centers move
   less than ``tol · mean(var(x))`` (sklearn's criterion). Empty clusters keep their center.
 
@@ -561,8 +567,8 @@ def lloyd(x: Array, centers: Array, *, max_iter: int = 300, tol: float = 1e-4):
   return centers, labels, inertia
 
 
-def kmeans(x, k: int, *, key: Array | None = None, init=None, max_iter: int = 300,
-           tol: float = 1e-4):
+def kmeans(x: ArrayLike, k: int, *, key: Array | None = None, init: ArrayLike | None = None,
+           max_iter: int = 300, tol: float = 1e-4) -> tuple[Array, Array, Array]:
   """k-means: k-means++ seeding (or the given ``init`` centers) and Lloyd iterations.
 
   Returns:
@@ -615,7 +621,8 @@ def pad_centroids(signature: dict, n_components: int) -> dict[str, Array]:
           "valid": jnp.concatenate([valid, jnp.zeros((extra,), bool)])}
 
 
-def centroid_signature(x, k: int, *, key: Array | None = None, max_iter: int = 300) -> dict:
+def centroid_signature(x: ArrayLike, k: int, *, key: Array | None = None,
+                       max_iter: int = 300) -> dict[str, Array]:
   """A k-means signature ``{"centers" (k, d), "valid" (k,) bool}`` of features ``x``."""
   k = int(min(k, np.shape(x)[0]))
   centers, _, _ = kmeans(x, k, key=key, max_iter=max_iter)

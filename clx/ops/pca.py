@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -194,18 +195,32 @@ def pca(x: Array, k: int, *, weights: Array | None = None, ddof: int = 0,
   return pca_from_moments(moments, k, ddof=ddof)
 
 
+def _check_basis(x: Array, mean: Array, components: Array) -> None:
+  """Rows ``x`` (..., d), ``mean`` (d,) and ``components`` (d, k) agree (trace-time, chex)."""
+  shapes = "pca.project / residual_fraction(x (..., d), mean (d,), components (d, k))"
+  chex.assert_rank(components, 2, custom_message=shapes)
+  chex.assert_shape(mean, (components.shape[0],), custom_message=shapes)
+  chex.assert_axis_dimension(x, -1, components.shape[0], custom_message=shapes)
+
+
 def project(x: Array, mean: Array, components: Array) -> Array:
   """Coordinates ``(x − μ) U`` (..., k) of rows ``x`` (..., d) in the principal basis."""
+  _check_basis(x, mean, components)
   return jnp.matmul(jnp.asarray(x) - mean, components, precision=_HIGHEST)
 
 
 def reconstruct(coords: Array, mean: Array, components: Array) -> Array:
   """Rows ``coords Uᵀ + μ`` (..., d) from principal coordinates (..., k)."""
+  shapes = "pca.reconstruct(coords (..., k), mean (d,), components (d, k))"
+  chex.assert_rank(components, 2, custom_message=shapes)
+  chex.assert_shape(mean, (components.shape[0],), custom_message=shapes)
+  chex.assert_axis_dimension(coords, -1, components.shape[1], custom_message=shapes)
   return jnp.matmul(coords, jnp.asarray(components).T, precision=_HIGHEST) + mean
 
 
 def residual_fraction(x: Array, mean: Array, components: Array, eps: float = 1e-12) -> Array:
   """``‖(x − μ) − (x − μ)UUᵀ‖² / ‖x − μ‖²`` per row (...,): 0 in the affine span, ≤ 1."""
+  _check_basis(x, mean, components)
   centred = jnp.asarray(x) - mean
   inside = jnp.matmul(jnp.matmul(centred, components, precision=_HIGHEST), components.T,
                       precision=_HIGHEST)

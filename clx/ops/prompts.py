@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -56,6 +57,9 @@ def key_similarity(query: Array, keys: Array) -> Array:
   Returns:
     ``(n, P)``.
   """
+  shapes = "key_similarity(query (n, d), keys (P, d))"
+  chex.assert_rank([query, keys], 2, custom_message=shapes)
+  chex.assert_axis_dimension(keys, 1, query.shape[1], custom_message=shapes)
   return jnp.matmul(l2_normalize(query), l2_normalize(keys).T, precision=_HIGHEST)
 
 
@@ -80,6 +84,10 @@ def select_prompts(sim: Array, *, top_k: int, batchwise: bool = False,
   Returns:
     ``(n, k)`` int32 prompt ids.
   """
+  shapes = "select_prompts(sim (n, P), mask (n,) or None)"
+  chex.assert_rank(sim, 2, custom_message=shapes)
+  if mask is not None:
+    chex.assert_shape(mask, (sim.shape[0],), custom_message=shapes)
   n, pool = sim.shape
   if not 1 <= top_k <= pool:
     raise ValueError(f"top_k must be in [1, pool size {pool}], got {top_k}")
@@ -123,6 +131,13 @@ def pull_constraint(query: Array, keys: Array, idx: Array, mask: Array | None = 
   Returns:
     scalar.
   """
+  shapes = "pull_constraint(query (n, d), keys (P, d), idx (n, k) int, mask (n,) or None)"
+  chex.assert_rank([query, keys, idx], 2, custom_message=shapes)
+  chex.assert_axis_dimension(keys, 1, query.shape[1], custom_message=shapes)
+  chex.assert_axis_dimension(idx, 0, query.shape[0], custom_message=shapes)
+  chex.assert_type(idx, int, custom_message=shapes)
+  if mask is not None:
+    chex.assert_shape(mask, (query.shape[0],), custom_message=shapes)
   q = l2_normalize(query)
   selected = jnp.take(l2_normalize(keys), idx, axis=0)            # (n, k, d)
   per_row = jnp.einsum("nd,nkd->n", q, selected, precision=_HIGHEST)
@@ -142,6 +157,10 @@ def gather_prompts(pool: Array, idx: Array) -> Array:
   Returns:
     ``(n, k·Lp, d)``: row ``i`` is ``[pool[idx[i, 0]]; …; pool[idx[i, k−1]]]``.
   """
+  shapes = "gather_prompts(pool (P, Lp, ...), idx (n, k) int)"
+  chex.assert_rank(pool, {3, 4, 5}, custom_message=shapes)
+  chex.assert_rank(idx, 2, custom_message=shapes)
+  chex.assert_type(idx, int, custom_message=shapes)
   chosen = jnp.take(pool, idx, axis=0)                             # (n, k, Lp, ...)
   n, k, length = chosen.shape[:3]
   return chosen.reshape(n, k * length, *chosen.shape[3:])
@@ -159,6 +178,8 @@ def split_key_value(prompt: Array) -> tuple[Array, Array]:
   Returns:
     ``(key prefix (..., Lp//2, d), value prefix (..., Lp − Lp//2, d))``.
   """
+  shapes = "split_key_value(prompt (..., Lp, d))"
+  chex.assert_rank(prompt, {2, 3, 4, 5}, custom_message=shapes)
   half = prompt.shape[-2] // 2
   return prompt[..., :half, :], prompt[..., half:, :]
 
@@ -177,6 +198,10 @@ def coda_weights(query: Array, keys: Array, attention: Array) -> Array:
   Returns:
     ``(n, M)``.
   """
+  shapes = "coda_weights(query (n, d), keys (M, d), attention (M, d))"
+  chex.assert_rank([query, keys, attention], 2, custom_message=shapes)
+  chex.assert_equal_shape([keys, attention], custom_message=shapes)
+  chex.assert_axis_dimension(keys, 1, query.shape[1], custom_message=shapes)
   attended = query[:, None, :] * attention[None]                   # (n, M, d)
   attended = attended / jnp.maximum(jnp.linalg.norm(attended, axis=-1, keepdims=True), 1e-12)
   k_hat = keys / jnp.maximum(jnp.linalg.norm(keys, axis=-1, keepdims=True), 1e-12)
@@ -194,6 +219,9 @@ def coda_prompt(query: Array, keys: Array, attention: Array, components: Array) 
   Returns:
     ``(n, Lp, d)``.
   """
+  shapes = "coda_prompt(query (n, d), keys (M, d), attention (M, d), components (M, Lp, d))"
+  chex.assert_rank(components, 3, custom_message=shapes)
+  chex.assert_axis_dimension(components, 0, keys.shape[0], custom_message=shapes)
   alpha = coda_weights(query, keys, attention)
   return jnp.einsum("nm,mld->nld", alpha, components, precision=_HIGHEST)
 

@@ -10,6 +10,7 @@ suffices.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -26,7 +27,16 @@ def class_sums(features: Array, labels: Array, num_classes: int,
     labels: ``(n,)`` int in ``[0, C)``.
     num_classes: ``C``.
     mask: optional ``(n,)`` 0/1 real rows.
+
+  Returns:
+    ``(sums (C, d) float32, counts (C,) float32)``.
   """
+  shapes = "class_sums(features (n, d), labels (n,) int, mask (n,) or None)"
+  chex.assert_rank(features, 2, custom_message=shapes)
+  chex.assert_shape(labels, (features.shape[0],), custom_message=shapes)
+  chex.assert_type(labels, int, custom_message=shapes)
+  if mask is not None:
+    chex.assert_shape(mask, (features.shape[0],), custom_message=shapes)
   onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
   if mask is not None:
     onehot = onehot * mask.astype(jnp.float32)[:, None]
@@ -36,11 +46,17 @@ def class_sums(features: Array, labels: Array, num_classes: int,
 
 def prototypes(sums: Array, counts: Array) -> Array:
   """Class means ``sums / n_c`` (zero rows for classes without examples), ``(C, d)``."""
+  shapes = "prototypes(sums (C, d), counts (C,))"
+  chex.assert_rank(sums, 2, custom_message=shapes)
+  chex.assert_shape(counts, (sums.shape[0],), custom_message=shapes)
   return sums / jnp.maximum(counts, 1.0)[:, None]
 
 
 def cosine_logits(features: Array, protos: Array, eps: float = 1e-12) -> Array:
   """``cos(f_i, p_c)`` ``(n, C)``, both normalised by ``max(‖·‖, eps)`` (``F.normalize``)."""
+  shapes = "cosine_logits(features (n, d), protos (C, d))"
+  chex.assert_rank([features, protos], 2, custom_message=shapes)
+  chex.assert_axis_dimension(protos, 1, features.shape[1], custom_message=shapes)
   f = features / jnp.maximum(jnp.linalg.norm(features, axis=-1, keepdims=True), eps)
   p = protos / jnp.maximum(jnp.linalg.norm(protos, axis=-1, keepdims=True), eps)
   return jnp.matmul(f, p.T, precision=_HIGHEST)

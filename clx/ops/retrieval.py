@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -93,18 +94,24 @@ def score_tasks(signatures: dict, feats: Array, *, metric: str = "l1") -> Array:
     feats: ``(T, n, d)``, h_i(x) for every task i.
     metric: distance of centroid signatures.
   """
+  shapes = "score_tasks(feats (T, n, d))"
+  chex.assert_rank(feats, 3, custom_message=shapes)
   out = jax.vmap(lambda sig, f: score(sig, f, metric=metric))(signatures, feats)
   return out.T
 
 
 def score_shared(signatures: dict, feats: Array, *, metric: str = "l1") -> Array:
   """Scores ``(n, T)`` of one feature set ``(n, d)`` under every stacked signature."""
+  shapes = "score_shared(feats (n, d))"
+  chex.assert_rank(feats, 2, custom_message=shapes)
   out = jax.vmap(lambda sig: score(sig, feats, metric=metric))(signatures)
   return out.T
 
 
 def retrieve(scores: Array) -> Array:
   """``argmax`` task per row of ``(n, T)`` scores, int32."""
+  shapes = "retrieve(scores (n, T))"
+  chex.assert_rank(scores, 2, custom_message=shapes)
   return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
 
@@ -120,6 +127,8 @@ def retrieval_accuracy(predicted: Array, true: Array) -> Array:
 
 def top_candidates(scores: Array, m: int) -> Array:
   """Indices ``(n, m)`` of the m best-scoring tasks, best first."""
+  shapes = "top_candidates(scores (n, T))"
+  chex.assert_rank(scores, 2, custom_message=shapes)
   if not 1 <= m <= scores.shape[-1]:
     raise ValueError(f"m must be in [1, {scores.shape[-1]}], got {m}")
   return jax.lax.top_k(scores, m)[1].astype(jnp.int32)
@@ -127,6 +136,9 @@ def top_candidates(scores: Array, m: int) -> Array:
 
 def rerank(candidates: Array, candidate_scores: Array) -> Array:
   """The candidate with the best second-stage score: ``(n,)`` task ids."""
+  shapes = "rerank(candidates (n, m), candidate_scores (n, m))"
+  chex.assert_rank(candidates, 2, custom_message=shapes)
+  chex.assert_equal_shape([candidates, candidate_scores], custom_message=shapes)
   best = jnp.argmax(candidate_scores, axis=-1)
   return jnp.take_along_axis(candidates, best[:, None], axis=-1)[:, 0]
 
@@ -203,8 +215,8 @@ def max_feature_variance(feats: Array) -> Array:
   return jnp.max(jnp.var(feats, axis=1, ddof=1))
 
 
-def bound_threshold(d: int, sigma2, kappa, num_tasks: int, total_components: int,
-                    epsilon: float = 0.01):
+def bound_threshold(d: int, sigma2: float | Array, kappa: float | Array, num_tasks: int,
+                    total_components: int, epsilon: float = 0.01) -> Array:
   """The separation δ must exceed for retrieval error ≤ ε (the code's Eq. (28)).
 
   Args:
@@ -214,6 +226,9 @@ def bound_threshold(d: int, sigma2, kappa, num_tasks: int, total_components: int
     num_tasks: m.
     total_components: Σ_i τ_i over all m tasks.
     epsilon: target retrieval error.
+
+  Returns:
+    the threshold, a float32 scalar (broadcast over ``sigma2`` / ``kappa``).
   """
   n_term = (num_tasks - 1) * total_components + 1
   log_ne = math.log(n_term / epsilon)

@@ -21,7 +21,10 @@ Everything is jit-able; shapes are static.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,23 +38,27 @@ def _mm(a, b):
   return jnp.matmul(a, b, precision=_HIGHEST)
 
 
-def random_projection(key: Array, d: int, m: int, dtype=jnp.float32) -> Array:
+def random_projection(key: Array, d: int, m: int, dtype: Any = jnp.float32) -> Array:
   """``W_rand (d, m)`` with i.i.d. N(0, 1) entries (``torch.randn(d, M)`` in the code)."""
   return jax.random.normal(key, (d, m), dtype)
 
 
 def project(features: Array, w_rand: Array) -> Array:
   """``ReLU(f W_rand)``, ``(n, M)``."""
+  shapes = "ridge.project(features (..., d), w_rand (d, M))"
+  chex.assert_rank(w_rand, 2, custom_message=shapes)
+  chex.assert_axis_dimension(features, -1, w_rand.shape[0], custom_message=shapes)
   return jax.nn.relu(_mm(features, w_rand.astype(features.dtype)))
 
 
-def init_statistics(m: int, num_classes: int, dtype=jnp.float32) -> dict[str, Array]:
+def init_statistics(m: int, num_classes: int, dtype: Any = jnp.float32) -> dict[str, Array]:
   """Zero ``{"gram" (M, M), "xty" (M, C), "count" ()}``."""
   return {"gram": jnp.zeros((m, m), dtype), "xty": jnp.zeros((m, num_classes), dtype),
           "count": jnp.zeros((), jnp.int32)}
 
 
-def one_hot(labels: Array, num_classes: int, dtype=jnp.float32) -> Array:
+def one_hot(labels: Array, num_classes: int, dtype: Any = jnp.float32) -> Array:
+  """Targets ``(n, C)`` of int labels ``(n,)`` (RanPAC's ``target2onehot``)."""
   return jax.nn.one_hot(labels, num_classes, dtype=dtype)
 
 
@@ -63,8 +70,18 @@ def accumulate(stats: dict, h: Array, y: Array, mask: Array | None = None) -> di
     h: ``(n, M)`` projected features.
     y: ``(n, C)`` targets (one-hot).
     mask: optional ``(n,)`` 0/1 row weights.
+
+  Returns:
+    ``{"gram" (M, M), "xty" (M, C), "count" ()}`` with the batch added.
   """
+  shapes = ("ridge.accumulate(stats {gram (M, M), xty (M, C)}, h (n, M), y (n, C), "
+            "mask (n,) or None)")
+  chex.assert_rank([h, y], 2, custom_message=shapes)
+  chex.assert_shape([stats["gram"], stats["xty"], y],
+                    [(h.shape[1], h.shape[1]), (h.shape[1], y.shape[1]), (h.shape[0], None)],
+                    custom_message=shapes)
   if mask is not None:
+    chex.assert_shape(mask, (h.shape[0],), custom_message=shapes)
     w = mask.astype(h.dtype)[:, None]
     h, y = h * w, y * w
     count = jnp.sum(mask > 0).astype(jnp.int32)
@@ -74,8 +91,11 @@ def accumulate(stats: dict, h: Array, y: Array, mask: Array | None = None) -> di
           "count": stats["count"] + count}
 
 
-def solve(gram: Array, xty: Array, ridge) -> Array:
+def solve(gram: Array, xty: Array, ridge: float | Array) -> Array:
   """``W_o = (G + λ I)⁻¹ Q`` by a Cholesky solve, ``(M, C)``."""
+  shapes = "ridge.solve(gram (M, M), xty (M, C))"
+  chex.assert_rank([gram, xty], 2, custom_message=shapes)
+  chex.assert_shape(gram, (xty.shape[0], xty.shape[0]), custom_message=shapes)
   m = gram.shape[0]
   a = gram + ridge * jnp.eye(m, dtype=gram.dtype)
   chol = jax.scipy.linalg.cho_factor(a, lower=True)
@@ -102,8 +122,9 @@ def _ridge_losses(h, y, base_gram, base_xty, grid, *, fit_fraction):
   return jax.lax.map(loss, grid)
 
 
-def select_ridge(h, y, *, grid=RIDGE_GRID, fit_fraction: float = 0.8, base_gram=None,
-                 base_xty=None):
+def select_ridge(h: Array, y: Array, *, grid: Sequence[float] = RIDGE_GRID,
+                 fit_fraction: float = 0.8, base_gram: Array | None = None,
+                 base_xty: Array | None = None) -> tuple[float, Array]:
   """Choose λ on a held-out split: fit on the first ``fit_fraction`` of the rows,
   mean squared error of the targets on the rest (the code's ``optimise_ridge_parameter``).
 
@@ -120,6 +141,11 @@ def select_ridge(h, y, *, grid=RIDGE_GRID, fit_fraction: float = 0.8, base_gram=
   """
   h = jnp.asarray(h)
   y = jnp.asarray(y, h.dtype)
+  shapes = "select_ridge(h (n, M), y (n, C), finite)"
+  chex.assert_rank([h, y], 2, custom_message=shapes)
+  chex.assert_axis_dimension(y, 0, h.shape[0], custom_message=shapes)
+  # Host-side (λ is chosen on the host), so the values are concrete: NaN would pick λ silently.
+  chex.assert_tree_all_finite([h, y], custom_message=shapes)
   n, m = h.shape
   n_fit = int(n * fit_fraction)
   if n_fit < 1 or n_fit >= n:
@@ -137,11 +163,15 @@ def select_ridge(h, y, *, grid=RIDGE_GRID, fit_fraction: float = 0.8, base_gram=
 
 def logits(features: Array, w_rand: Array, w_out: Array) -> Array:
   """``ReLU(f W_rand) W_o``, ``(n, C)``."""
+  shapes = "ridge.logits(features (n, d), w_rand (d, M), w_out (M, C))"
+  chex.assert_rank(w_out, 2, custom_message=shapes)
+  chex.assert_axis_dimension(w_out, 0, w_rand.shape[-1], custom_message=shapes)
   return _mm(project(features, w_rand), w_out.astype(features.dtype))
 
 
-def update_head(stats: dict, h: Array, y: Array, *, grid=RIDGE_GRID, fit_fraction: float = 0.8,
-                with_history: bool = False) -> tuple[dict[str, Array], float]:
+def update_head(stats: dict, h: Array, y: Array, *, grid: Sequence[float] = RIDGE_GRID,
+                fit_fraction: float = 0.8, with_history: bool = False
+                ) -> tuple[dict[str, Array], float]:
   """One task's head update: choose λ on this task's rows, add them to the statistics, solve.
 
   RanPAC's ``replace_fc`` (``RanPAC.py`` l.115–126): ``Q += Hᵀ Y``, ``G += Hᵀ H``, λ from

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -31,7 +32,7 @@ def direction_scale(a: Array, b: Array) -> Array:
 
 
 def decoupled_adapters(past: Sequence[dict], past_magnitudes: Array, current: dict | None,
-                       current_magnitude) -> list[dict]:
+                       current_magnitude: float | Array) -> list[dict]:
   """The update as a list of rank-``r`` adapters ``{"a", "b"}`` whose products sum to it.
 
   Each past adapter's ``a`` is scaled by ``α_i / (‖A_i‖ ‖B_i‖)`` and the current one's by
@@ -46,6 +47,8 @@ def decoupled_adapters(past: Sequence[dict], past_magnitudes: Array, current: di
   Returns:
     list of adapters (``t`` or ``t + 1``).
   """
+  shapes = "decoupled_adapters(past_magnitudes (t,))"
+  chex.assert_rank(past_magnitudes, 1, custom_message=shapes)
   if len(past) != past_magnitudes.shape[0]:
     raise ValueError(f"{len(past)} past adapters but {past_magnitudes.shape[0]} magnitudes")
   out = [{"a": ad["a"] * (m * direction_scale(ad["a"], ad["b"])), "b": ad["b"]}
@@ -56,7 +59,7 @@ def decoupled_adapters(past: Sequence[dict], past_magnitudes: Array, current: di
 
 
 def decoupled_delta(past: Sequence[dict], past_magnitudes: Array, current: dict | None,
-                    current_magnitude) -> Array:
+                    current_magnitude: float | Array) -> Array:
   """``ΔW (d_in, d_out) = Σ_i α_i A_i B_i / (‖A_i‖‖B_i‖) + α_t A_t B_t`` (dense, for checks)."""
   adapters = decoupled_adapters(past, past_magnitudes, current, current_magnitude)
   if not adapters:

@@ -27,8 +27,10 @@ for a layer whose memory is already full.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -63,6 +65,11 @@ def sgp_update_fixed(basis_padded: Array, rank: Any, scale: Array, representatio
   Returns:
     (basis (d, d), rank k', scale (d,)). Jit- and vmap-able.
   """
+  shapes = "sgp_update_fixed(basis_padded (d, d), rank (), scale (d,), representation (d, n))"
+  chex.assert_rank(representation, 2, custom_message=shapes)
+  d = representation.shape[0]
+  chex.assert_shape([basis_padded, scale], [(d, d), (d,)], custom_message=shapes)
+  chex.assert_rank(rank, 0, custom_message=shapes)
   basis, new_rank = subspace.gpm_update_fixed(basis_padded, rank, representation, threshold,
                                               first_task=first_task)
   r_mat = jnp.asarray(representation, basis.dtype)
@@ -89,7 +96,22 @@ def sgp_update_fixed(basis_padded: Array, rank: Any, scale: Array, representatio
 
 
 def scaled_projection_out(grad: Array, basis_padded: Array, rank: Any, scale: Array) -> Array:
-  """``(I − M diag(s) Mᵀ) g`` for a Flax kernel gradient (input axis first)."""
+  """``(I − M diag(s) Mᵀ) g`` for a Flax kernel gradient (input axis first).
+
+  Args:
+    grad: g, a kernel gradient (D_1, …, D_k, out) with Π D_i = d (dense (d, out); conv HWIO).
+    basis_padded: M (d, K), columns < rank valid.
+    rank: k, int scalar.
+    scale: s (K,) importances.
+
+  Returns:
+    ``(I − M_k diag(s) M_kᵀ) g``, shaped like ``grad``.
+  """
+  shapes = ("scaled_projection_out(grad (D_1..D_k, out) with prod(D) = d, basis_padded (d, K), "
+            'rank (), scale (K,))')
+  chex.assert_rank(basis_padded, 2, custom_message=shapes)
+  chex.assert_shape(basis_padded, (math.prod(grad.shape[:-1]), None), custom_message=shapes)
+  chex.assert_shape(scale, (basis_padded.shape[1],), custom_message=shapes)
   cols = jnp.arange(basis_padded.shape[1])
   m = jnp.where(cols[None, :] < rank, basis_padded, 0.0)
   g2 = grad.reshape(-1, grad.shape[-1])

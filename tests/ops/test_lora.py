@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import chex
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -57,8 +58,7 @@ def test_path_roundtrip():
   }
   back = lora.unflatten_paths(flat)
   assert jax.tree.structure(back) == jax.tree.structure(params)
-  for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
-    np.testing.assert_array_equal(x, y)
+  chex.assert_trees_all_equal(back, params)
   leaves, _ = jax.tree_util.tree_flatten_with_path({"a": {"b": 1}})
   assert lora.path_str(leaves[0][0]) == "a/b"
 
@@ -154,8 +154,7 @@ def test_apply_adapters_jit_grad_and_dtype():
   adapters = jax.tree.map(lambda x: x.astype(jnp.float32), adapters)
   eager = lora.apply_adapters(params, adapters, 2.0)
   jitted = jax.jit(lora.apply_adapters)(params, adapters, 2.0)
-  for x, y in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
-    np.testing.assert_allclose(x, y, rtol=1e-6)
+  chex.assert_trees_all_close(eager, jitted, rtol=1e-6)
   # Gradients reach the adapters: loss = Σ x (W + s a b) ⇒ ∂/∂a = s G bᵀ.
   x = jnp.asarray(rng.normal(size=(5, 8)), jnp.float32)
 
@@ -217,8 +216,7 @@ def test_init_lora_shapes_bounds_and_zero_delta():
     assert np.all(np.abs(ad["a"]) <= 1 / np.sqrt(8))  # kaiming_uniform(a=√5)
     np.testing.assert_array_equal(ad["b"], 0.0)
   applied = lora.apply_adapters(params, adapters)  # b = 0: model unchanged
-  for x, y in zip(jax.tree.leaves(applied), jax.tree.leaves(params)):
-    np.testing.assert_array_equal(x, y)
+  chex.assert_trees_all_equal(applied, params)
   # Per-path keys: an adapter's init does not depend on the other selections.
   alone = lora.init_lora(key, params, "head/kernel", 2)
   np.testing.assert_array_equal(
@@ -250,8 +248,7 @@ def test_init_lora_is_jittable():
   init = jax.jit(lora.init_lora, static_argnames=("patterns", "rank"))
   jitted = init(jax.random.key(1), params, patterns="*/kernel", rank=3)
   eager = lora.init_lora(jax.random.key(1), params, "*/kernel", 3)
-  for x, y in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager)):
-    np.testing.assert_array_equal(x, y)
+  chex.assert_trees_all_equal(jitted, eager)
 
 
 def test_init_lora_errors():
@@ -294,15 +291,12 @@ def test_property_apply_is_linear_and_fold_matches(seed, n_adapters, scale):
     one_by_one = params
     for adapter in adapters:
       one_by_one = lora.apply_adapters(one_by_one, {path: adapter}, scale)
-    for x, y in zip(jax.tree.leaves(together), jax.tree.leaves(one_by_one)):
-      np.testing.assert_allclose(x, y, atol=1e-10)
+    chex.assert_trees_all_close(together, one_by_one, rtol=1e-7, atol=1e-10)
     # Removing what was added restores the base (−scale undoes +scale).
     undone = lora.fold_adapters(together, {path: adapters}, -scale)
-    for x, y in zip(jax.tree.leaves(undone), jax.tree.leaves(params)):
-      np.testing.assert_allclose(x, y, atol=1e-10)
+    chex.assert_trees_all_close(undone, params, rtol=1e-7, atol=1e-10)
     jitted = jax.jit(lora.apply_adapters)(params, {path: adapters}, scale)
-    for x, y in zip(jax.tree.leaves(jitted), jax.tree.leaves(together)):
-      np.testing.assert_allclose(x, y, atol=1e-12)
+    chex.assert_trees_all_close(jitted, together, rtol=1e-7, atol=1e-12)
 
 
 @SETTINGS

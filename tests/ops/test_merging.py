@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -255,8 +256,7 @@ def test_interpolate(x64):
   b = jax.tree.map(lambda v: v + rng.normal(size=v.shape), a)
   for lam, end in ((0.0, a), (1.0, b)):  # exact at the ends
     got = merging.interpolate(a, b, lam)
-    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(end)):
-      np.testing.assert_array_equal(x, y)
+    chex.assert_trees_all_equal(got, end)
   lams = {"x": 0.25, "y": {"z": 0.75}}
   out = merging.interpolate(a, b, lams)
   close = lambda x, y: np.testing.assert_allclose(x, y, atol=1e-14)
@@ -396,8 +396,7 @@ def test_fisher_on_alexnet_matches_official_loop_with_dropout_and_ragged_batch()
     p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
     want = jax.device_get(_ref_became_fisher(p64, jnp.asarray(x, jnp.float64), 4, key))
   scale = max(float(np.max(w)) for w in jax.tree.leaves(want))
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(np.asarray(g), w, rtol=2e-3, atol=1e-5 * scale)
+  chex.assert_trees_all_close(jax.device_get(got), want, rtol=2e-3, atol=1e-5 * scale)
   # The old pass (padding rows inside the batch statistics) is measurably off.
   old = merging.diagonal_fisher(logits_fn, params, x, batch_size=4, pass_mask=False, rng=key)
   total = lambda tree: sum(float(np.sum(a)) for a in jax.tree.leaves(tree))  # noqa: E731
