@@ -380,9 +380,11 @@ def rehearse(config: dict[str, Any], workdir: str | os.PathLike, *, steps: int =
       ckpt_dir = workdir / name / "checkpoints"
       t0 = time.perf_counter()
       limit = None if cpu_limit_gb is None else cpu_limit_gb * 2**30
+      schedule_fn = experiment.resolve_lr_schedule(cfg, name)  # the experiment's, if any
       result = run_method(_instrument(method, record, time_steps, limit), stream, train,
                           seed=int(cfg.get("seed", 0)), checkpoint_dir=str(ckpt_dir.resolve()),
-                          quiet=quiet, progress=False if quiet else None, on_task_end=on_task_end)
+                          quiet=quiet, progress=False if quiet else None, on_task_end=on_task_end,
+                          lr_schedule=schedule_fn(train) if schedule_fn is not None else None)
       wall = time.perf_counter() - t0
       rows = []
       for t in sorted(record):
