@@ -1,12 +1,15 @@
-"""Training phases: the one training step, shared by single runs and seed-batched runs, and
-:class:`Fitter`, which runs a phase's epochs on a mesh.
+"""Training phases: the one training step and the one epoch loop, shared by single runs and
+seed-batched runs (:class:`Fitter`, which runs a phase's epochs on a mesh).
 
-:func:`make_train_step` builds the pure update of one step; the single-seed
-loop (:meth:`clx.train.loop.Fitter.fit`) scans it over a chunk of steps and the
-seed-batched loop (:func:`clx.train.seeds.fit_seeds`) scans its ``vmap`` over a
-leading seed axis. :func:`chunk_steps` is the one rule for how many steps a
-jitted call fuses (the conv-on-CPU rule included), and :func:`gather_rows` the
-one gather of a device-resident split, so the two loops cannot drift apart.
+:func:`make_train_step` builds the pure update of one step. ``Fitter._train`` is
+the one epoch loop: a single run (:meth:`Fitter.fit`) scans the step over a
+chunk of steps; S seeds at once (:meth:`Fitter.fit_seeds`, used by
+:func:`clx.train.seeds.run_seeds`) scan its ``vmap`` over a leading seed axis
+(``_Lanes`` is the only place the two differ: how a seed's tree is read, how
+optimiser states and plans are stacked, how a lowered learning rate is set).
+:func:`chunk_steps` is the one rule for how many steps a jitted call fuses (the
+conv-on-CPU rule included), and :func:`gather_rows` the one gather of a
+device-resident split.
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ import numpy as np
 from clx.data.types import ArraySplit, Stream
 from clx.methods.base import ContinualMethod, StreamSpec
 from clx.train import sharding
-from clx.train.loop import Fitter, RunResult, TrainConfig, _Context, evaluate_row, train_split_for
+from clx.train.loop import (Fitter, RunResult, TaskResult, TrainConfig, _Context, evaluate_row,
+                            train_split_for)
 
 
 def tree_stack(trees):
@@ -65,6 +66,10 @@ def run_seeds(method: ContinualMethod, streams: Sequence[Stream], config: TrainC
 
   ``streams[s]`` is seed ``seeds[s]``'s stream (same task sizes and classes).
   Returns one :class:`RunResult` per seed; ``wall_time_s`` is the shared wall time.
+  Each result's ``tasks`` holds a :class:`clx.train.loop.TaskResult` per task, as
+  ``run_method``'s: the accuracy row, the seed's own fit log (``phases``: the
+  batched main phase, then any fit its ``end_task`` ran) and diagnostics; the
+  state only on the last task.
   """
   if method.transform_updates is not None:
     raise ValueError(f"run_seeds does not batch methods with transform_updates ({method.name}); "
@@ -84,6 +89,7 @@ def run_seeds(method: ContinualMethod, streams: Sequence[Stream], config: TrainC
   keys = [jax.random.PRNGKey(s) for s in seeds]
   states = [method.init(jax.random.fold_in(k, 0), spec) for k in keys]
   accs = [np.full((T, T), np.nan) for _ in seeds]
+  tasks: list[list[TaskResult]] = [[] for _ in seeds]
   start = time.perf_counter()
   for t in range(T):
     ctxs = [_Context(t, spec, jax.random.fold_in(k, 1 + t), base, fitter,
@@ -101,11 +107,20 @@ def run_seeds(method: ContinualMethod, streams: Sequence[Stream], config: TrainC
         transform_grads=method.transform_grads, seed_words=[(*c.seed_words, 0) for c in ctxs],
         title=f"{method.name} × {len(seeds)} seeds task {t + 1}/{T}",
         val_splits=[c.splits.get("val") for c in ctxs] if config.uses_validation else None)
+    main_logs = fitter.last_fits
     for s, ctx in enumerate(ctxs):
+      first_fit = len(fitter.fits)
       states[s] = method.end_task(method.combine(states[s], tree_index(params, s), info), ctx)
+      fit_log = {**main_logs[s], "phases": [main_logs[s], *fitter.fits[first_fit:]]}
       accs[s][t, :t + 1] = evaluate_row(method, states[s], base, streams[s], t, spec, fitter, config)
+      diagnostics = (method.diagnostics(jax.device_get(states[s]))
+                     if method.diagnostics is not None else None)
+      tasks[s].append(TaskResult(t, None, accs[s][t, :t + 1].copy(), fit_log, diagnostics))
   wall = time.perf_counter() - start
-  return [RunResult(method.name, acc, wall, st) for acc, st in zip(accs, states)]
+  for s, st in enumerate(states):
+    tasks[s][-1] = tasks[s][-1]._replace(state=st)
+  return [RunResult(method.name, acc, wall, st, tasks=task_results)
+          for acc, st, task_results in zip(accs, states, tasks)]
 
 
 __all__ = ["fit_seeds", "run_seeds", "tree_index", "tree_stack"]
