@@ -9,7 +9,14 @@ An experiment config is a nested dict::
      "method_args": {"lora": {"rank": 8}},
      "train": {...clx.train.TrainConfig fields},
      "train_overrides": {"joint": {...}},   # optional per-method TrainConfig fields
+     "lr_schedules": {"lora": "clx.methods.inflora:official_lr_schedule"},  # optional
      "seed": 0}
+
+``lr_schedules`` (optional) supplies a learning-rate schedule per method from the
+experiment: ``"module:function"`` of a function ``TrainConfig -> schedule factory``
+(the signature of a method's ``lr_schedule`` field), passed to
+:func:`clx.train.loop.run_method` as ``lr_schedule``; it replaces the method's own
+schedule and ``train.schedule``.
 
 ``--set key.sub=value`` overrides any existing key (unknown keys are an error);
 values are parsed to the type of the value they replace (lists from
@@ -192,6 +199,26 @@ _BUILTIN_INPUT_SHAPES = {
 _CHEAP_MODELS = ("mlp", "alexnet", "resnet18")
 
 
+def resolve_lr_schedule(config: dict[str, Any], method: str):
+  """The experiment-supplied schedule function of ``method`` (``lr_schedules``), or None.
+
+  Raises:
+    ConfigError: the entry is not ``"module:function"`` of an importable callable.
+  """
+  spec = (config.get("lr_schedules") or {}).get(method)
+  if spec is None:
+    return None
+  module_name, _, attr = str(spec).partition(":")
+  try:
+    fn = getattr(importlib.import_module(module_name), attr) if attr else None
+  except (ImportError, AttributeError):
+    fn = None
+  if not callable(fn):
+    raise ConfigError(f"lr_schedules.{method}: {spec!r} is not 'module:function' of an "
+                      "importable function (TrainConfig -> schedule factory)")
+  return fn
+
+
 def _stream_args(config: dict[str, Any]) -> dict[str, Any]:
   args = {k: v for k, v in config["stream"].items() if k != "name"}
   if "seed" in args and args["seed"] is None:
@@ -248,6 +275,10 @@ def validate(config: dict[str, Any], workdir: str | os.PathLike | None = None) -
   for name in config.get("method_args", {}):
     if name not in methods.REGISTRY:
       raise ConfigError(f"method_args names unknown method {name!r}")
+  for name in config.get("lr_schedules") or {}:
+    if name not in methods.REGISTRY:
+      raise ConfigError(f"lr_schedules names unknown method {name!r}")
+    resolve_lr_schedule(config, name)
   fields = {f.name for f in dataclasses.fields(TrainConfig)}
   for where, train in [("train", config["train"]),
                        *[(f"train_overrides.{m}", t) for m, t in config.get("train_overrides", {}).items()]]:
@@ -454,6 +485,9 @@ def run_experiment(config: dict[str, Any], workdir: str | os.PathLike, *,
       train = TrainConfig(**{**merged["train"], **overrides})
       run_info = {"experiment": merged["name"], "stream": merged["stream"], "model": merged["model"],
                   "method_args": merged.get("method_args", {}).get(name, {})}
+      schedule_fn = resolve_lr_schedule(merged, name)
+      if schedule_fn is not None:  # fingerprinted only when set: older checkpoints keep resuming
+        run_info["lr_schedule"] = merged["lr_schedules"][name]
       logger = run_logging.RunLogger(
           w.path / name, tensorboard=options["log"]["tensorboard"],
           wandb_project=options["log"]["wandb"], run_name=f"{merged['name']}/{name}",
@@ -463,7 +497,8 @@ def run_experiment(config: dict[str, Any], workdir: str | os.PathLike, *,
       res = run_method(method, stream, train, seed=int(merged.get("seed", 0)), mesh=mesh,
                        checkpoint_dir=str((w.path / name / "checkpoints").resolve()),
                        run_info=run_info, progress=progress, quiet=quiet, logger=logger,
-                       profiler=profiler)
+                       profiler=profiler,
+                       lr_schedule=schedule_fn(train) if schedule_fn is not None else None)
       if profiler is not None and profiler.state != "done" and w.primary:
         print(f"clx: note: no profile for {name}: no fit had a second chunk to trace after "
               "warm-up (set train.steps_per_call smaller)", file=sys.stderr)

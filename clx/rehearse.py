@@ -16,9 +16,9 @@ merges —, evaluation and one checkpoint per task) with
 
 Per task it records the time of the host passes before training
 (``begin_task``), of the loop's training phase (compile included), of the
-post-task passes (``end_task``) and of the evaluation; a separately compiled
-copy of the training step (same loss, gradient transforms and optimiser, on
-the loop's mesh and placements) gives XLA's compiled memory
+post-task passes (``end_task``) and of the evaluation; the loop's training step
+(:func:`clx.train.fit.make_train_step`, with the loop's optimiser and schedule,
+on the loop's mesh and placements), compiled alone, gives XLA's compiled memory
 (``memory_analysis``, per device) and the steady step time (steps/s,
 examples/s); the host's peak RSS (``getrusage``) and the bytes of the task's
 checkpoint. Everything is printed and written to ``WORKDIR/rehearsal.json``.
@@ -178,8 +178,10 @@ def measure_step(method, ctx, state, *, time_steps: int = 1,
                  cpu_limit_bytes: float | None = None) -> dict[str, Any]:
   """Compile the task's training step as the loop does and measure it.
 
-  The step is ``value_and_grad(loss) → transform_grads → optimiser →
-  transform_updates → apply``, on the loop's mesh with the batch sharded on the
+  The step is the loop's own (:func:`clx.train.fit.make_train_step`:
+  ``value_and_grad(loss) → transform_grads → optimiser → transform_updates →
+  apply``, with the optimiser and learning-rate schedule the loop builds for
+  the phase), compiled alone, on the loop's mesh with the batch sharded on the
   ``data`` axis and the placed backbone/state of ``ctx`` / ``state``.
 
   ``cpu_limit_bytes``: on CPU devices (which all share the host's RAM), refuse
@@ -193,16 +195,17 @@ def measure_step(method, ctx, state, *, time_steps: int = 1,
   """
   import jax
   import jax.numpy as jnp
-  import optax
 
-  from clx.train import loop, sharding
+  from clx.train import fit, loop, sharding
 
   t, cfg, mesh = ctx.task_index, ctx.config, ctx.fitter.mesh
+  rep = sharding.replicated(mesh)
   # A copy: the compiled step donates its params, which may alias the state's arrays.
-  params = jax.tree.map(jnp.copy, jax.device_put(method.trainable(state, ctx.info),
-                                                 sharding.replicated(mesh)))
-  optimizer = loop.make_optimizer(cfg, max(1, math.ceil(len(ctx.train_split) / cfg.batch_size)))
-  opt_state = jax.device_put(optimizer.init(params), sharding.replicated(mesh))
+  params = jax.tree.map(jnp.copy, jax.device_put(method.trainable(state, ctx.info), rep))
+  optimizer = loop.make_optimizer(cfg, max(1, math.ceil(len(ctx.train_split) / cfg.batch_size)),
+                                  ctx.fitter.schedule_factory(cfg))
+  opt_state = jax.device_put(optimizer.init(params), rep)
+  count = jax.device_put(jnp.zeros((), jnp.int32), rep)
   loss = functools.partial(method.loss, info=ctx.info)
   padded = sharding.pad_to_multiple(cfg.batch_size, sharding.num_data_shards(mesh))
   plan = ctx.fitter.plan(len(ctx.train_split), cfg.batch_size, True, (0,))[0]
@@ -211,19 +214,13 @@ def measure_step(method, ctx, state, *, time_steps: int = 1,
   local = loop._gather(ctx.train_split, plan[rows])  # pylint: disable=protected-access
   gather_s = time.perf_counter() - t0
   batch = sharding.shard_arrays(local, mesh, 0, padded)
-
-  def step(params, opt_state, state, base, batch, rng):
-    (value, _), grads = jax.value_and_grad(loss, has_aux=True)(params, state, base, batch, rng)
-    grads = method.transform_grads(grads, state)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    if method.transform_updates is not None:
-      updates = method.transform_updates(updates, state)
-    return optax.apply_updates(params, updates), opt_state, value
+  step = fit.make_train_step(loss, optimizer, transform_grads=method.transform_grads,
+                             transform_updates=method.transform_updates, masked=False)
 
   rng = jax.random.PRNGKey(0)
   t0 = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
-      params, opt_state, state, ctx.base, batch, rng).compile()
+      params, opt_state, count, batch, state, ctx.base, rng).compile()
   compile_s = time.perf_counter() - t0
   memory = _memory(compiled)
   on_cpu = mesh.devices.flat[0].platform == "cpu"
@@ -233,11 +230,12 @@ def measure_step(method, ctx, state, *, time_steps: int = 1,
         f"{method.name} task {t}: the compiled step needs {memory['peak'] / 2**30:.2f} GiB per "
         f"device x {mesh.devices.size} CPU devices = {total / 2**30:.1f} GiB of host RAM, "
         f"above the limit of {cpu_limit_bytes / 2**30:.1f} GiB")
-  params, opt_state, value = compiled(params, opt_state, state, ctx.base, batch, rng)
+  params, opt_state, count, value = compiled(params, opt_state, count, batch, state, ctx.base, rng)
   jax.block_until_ready(value)  # first call: allocation, not timed
   t0 = time.perf_counter()
   for _ in range(time_steps):
-    params, opt_state, value = compiled(params, opt_state, state, ctx.base, batch, rng)
+    params, opt_state, count, value = compiled(params, opt_state, count, batch, state, ctx.base,
+                                               rng)
   jax.block_until_ready((params, value))
   step_s = (time.perf_counter() - t0) / time_steps
   real = int((plan >= 0).sum())
@@ -382,9 +380,11 @@ def rehearse(config: dict[str, Any], workdir: str | os.PathLike, *, steps: int =
       ckpt_dir = workdir / name / "checkpoints"
       t0 = time.perf_counter()
       limit = None if cpu_limit_gb is None else cpu_limit_gb * 2**30
+      schedule_fn = experiment.resolve_lr_schedule(cfg, name)  # the experiment's, if any
       result = run_method(_instrument(method, record, time_steps, limit), stream, train,
                           seed=int(cfg.get("seed", 0)), checkpoint_dir=str(ckpt_dir.resolve()),
-                          quiet=quiet, progress=False if quiet else None, on_task_end=on_task_end)
+                          quiet=quiet, progress=False if quiet else None, on_task_end=on_task_end,
+                          lr_schedule=schedule_fn(train) if schedule_fn is not None else None)
       wall = time.perf_counter() - t0
       rows = []
       for t in sorted(record):

@@ -40,7 +40,9 @@ with class-incremental inference (all seen heads' logits concatenated), LoRA ran
 of all 12 blocks, B_t designed from the task's input Gram matrix projected off the DualGPM
 memory (scale 1/√3, the σ⁴ energy criterion), threshold lamb + (1 − lamb)·t/T with lamb 0.98
 (ImageNet-R) / 0.95 (CIFAR-100); Adam (0.9, 0.999), lr 5e-4, no weight decay, batch 128, the
-per-epoch ``CosineSchedule`` (``inflora_cosine``), 50 epochs (ImageNet-R) / 20 (CIFAR-100);
+per-epoch ``CosineSchedule`` (supplied by the method: ``method_args.inflora.lr_schedule=
+epoch_cosine``; sequential LoRA trains on the same schedule, supplied by the experiment's
+``lr_schedules``), 50 epochs (ImageNet-R) / 20 (CIFAR-100);
 pixels in [0, 1] without normalisation (``ToTensor`` + ``Normalize(0, 1)``); the official
 transforms (``utils/data.py``): training RandomResizedCrop(224) + horizontal flip, test
 Resize(256) + CenterCrop(224) (ImageNet-R) / Resize(224) (CIFAR-100), drawn per example and
@@ -93,13 +95,16 @@ def get_config():
       "model": {"name": "vit", "variant": "B/16", "weights": WEIGHTS, "pool": "token"},
       "methods": ["inflora", "lora", "inflora_ca"],
       "method_args": {
-          "inflora": {"lora_rank": 10, "sites": ["k", "v"], "lamb": 0.98, "lame": 1.0},
+          "inflora": {"lora_rank": 10, "sites": ["k", "v"], "lamb": 0.98, "lame": 1.0,
+                      "lr_schedule": "epoch_cosine"},
           "lora": {"lora_rank": 10, "sites": ["*attn/key/kernel", "*attn/value/kernel"]},
           "inflora_ca": {"lora_rank": 10, "sites": ["k", "v"], "lamb": 0.95, "lame": 1.0},
       },
       "train_overrides": {"inflora_ca": {"optimizer": "momentum", "momentum": 0.9,
                                          "learning_rate": 1e-3, "schedule": "cosine"}},
       "train": {"epochs": 50, "batch_size": 128, "optimizer": "adam", "learning_rate": 5e-4,
-                "schedule": "inflora_cosine", "eval_batch_size": 256},
+                "schedule": "constant", "eval_batch_size": 256},
+      # The comparator trains on InfLoRA's per-epoch cosine too (the method supplies its own).
+      "lr_schedules": {"lora": "clx.methods.inflora:official_lr_schedule"},
       "seed": 0,
   }

@@ -27,7 +27,7 @@ _inflorab5.json``, ``methods/inflorab5.py``, ``models/vit_inflorab5.py``): LoRA 
 and v of blocks 0-4 only (``inflora_b5``), plain GPM memory (``update_GPM``, never the DualGPM
 switch), B_t designed from the remove-projected Gram matrix (scale 1/√3, σ⁴ energies); Adam
 (0.9, 0.999), no weight decay, batch 128, the per-epoch ``CosineSchedule``
-(``inflora_cosine``); per config:
+(supplied by the method: ``lr_schedule="epoch_cosine"``); per config:
 
   ============  =====  ======  ======  =====
   config        tasks  lr      epochs  lamb
@@ -79,10 +79,11 @@ def get_config():
       "model": {"name": "vit", "variant": "B/16", "weights": WEIGHTS, "pool": "token"},
       "methods": ["inflora_b5"],
       "method_args": {
-          "inflora_b5": {"lora_rank": 10, "blocks": 5, "lamb": official["lamb"], "lame": 1.0},
+          "inflora_b5": {"lora_rank": 10, "blocks": 5, "lamb": official["lamb"], "lame": 1.0,
+                         "lr_schedule": "epoch_cosine"},
       },
       "train": {"epochs": official["epochs"], "batch_size": 128, "optimizer": "adam",
-                "learning_rate": official["learning_rate"], "schedule": "inflora_cosine",
+                "learning_rate": official["learning_rate"], "schedule": "constant",
                 "eval_batch_size": 256},
       "seed": 0,
   }

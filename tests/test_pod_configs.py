@@ -46,7 +46,14 @@ def test_vit_inflora_config_is_the_official_setup_and_fails_fast_offline(tmp_pat
   validate(config)
   args = config["method_args"]["inflora"]
   assert (args["lora_rank"], args["lamb"], tuple(args["sites"])) == (10, 0.98, ("k", "v"))
-  assert config["train"]["schedule"] == "inflora_cosine" and config["train"]["batch_size"] == 128
+  assert config["train"]["batch_size"] == 128
+  # The per-epoch cosine is InfLoRA's own (method_args) and the experiment's for the LoRA row.
+  assert config["train"]["schedule"] == "constant" and args["lr_schedule"] == "epoch_cosine"
+  from clx.experiment import resolve_lr_schedule
+  from clx.methods.inflora import official_lr_schedule
+  assert resolve_lr_schedule(config, "lora") is official_lr_schedule
+  assert resolve_lr_schedule(config, "inflora") is None and "inflora_ca" not in config[
+      "lr_schedules"]
   from clx.data.images import ImageDataMissingError
   assert config["stream"]["source"] == "folder"  # streamed from the ImageNet-R folder
   config["stream"]["root"] = str(tmp_path / "imagenet-r")
@@ -79,3 +86,17 @@ def test_cifar100_rows_run_the_settings_of_the_tables_they_quote():
   for config in (papers, became):
     stage2 = config["method_args"]["became_gpm"]["stage2"]
     assert (stage2["learning_rate"], stage2["lr_min"]) == (0.05, 5e-5)
+
+
+def test_an_experiment_schedule_that_does_not_resolve_is_a_config_error():
+  import pytest
+
+  from clx.experiment import ConfigError
+  config = load_config("vit_inflora")
+  for bad in ("clx.methods.inflora:no_such_schedule", "no_such_module:f", "clx.methods.inflora"):
+    config["lr_schedules"] = {"lora": bad}
+    with pytest.raises(ConfigError, match="lr_schedules.lora"):
+      validate(config)
+  config["lr_schedules"] = {"no_such_method": "clx.methods.inflora:official_lr_schedule"}
+  with pytest.raises(ConfigError, match="unknown method"):
+    validate(config)

@@ -115,6 +115,36 @@ def test_bad_specs_name_the_problem():
     synthetic.spec_for_config({"stream": {"name": "no_such_stream"}})
 
 
+def test_the_measured_step_is_the_loops_step_with_its_schedule(monkeypatch):
+  # The rehearsal compiles the loop's own step (fit.make_train_step) with the optimiser and
+  # schedule the loop builds (the method's own schedule included), not a copy of it.
+  from clx import rehearse
+  from clx.methods import build
+  from clx.models.mlp import mlp
+  from clx.train import fit, run_method
+  from clx.train.config import TrainConfig
+  from clx.train.sharding import make_mesh
+  from tests.helpers import make_gaussian_stream
+
+  built, asked = [], []
+  real = fit.make_train_step
+  monkeypatch.setattr(fit, "make_train_step", lambda *a, **k: built.append(k) or real(*a, **k))
+  stream = make_gaussian_stream(num_tasks=2, n_train=40)
+  method = build("inflora", mlp(stream.input_shape, (16,), seed=0), lora_rank=2, sites=("mlp",),
+                 lr_schedule="epoch_cosine")
+  method = method._replace(lr_schedule=lambda c: asked.append(c) or (lambda n: 0.01))
+  record = {}
+  cfg = TrainConfig(epochs=1, batch_size=10, optimizer="adam", learning_rate=0.01)
+  run_method(rehearse._instrument(method, record, 2), stream, cfg,  # pylint: disable=protected-access
+             mesh=make_mesh(1), quiet=True)
+  # Per task: one step built by the rehearsal and one by the loop (the old rehearsal built 0).
+  assert len(built) == 4
+  assert len(asked) == 4  # the schedule was asked by the loop and by the rehearsal, per task
+  for t in (0, 1):
+    step = record[t]["step"]
+    assert step["batch"] == 10 and step["step_s"] > 0 and step["memory"]["peak"] > 0
+
+
 _RUNNER = r"""
 import json, sys
 from clx import experiment, rehearse

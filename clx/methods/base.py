@@ -228,6 +228,13 @@ class ContinualMethod(NamedTuple):
     transform_updates: optional ``(updates, state) -> updates`` applied to the
       optimiser's updates before they are added to the params (e.g. Adam-NSCL's
       null-space projection of the Adam step, per-group learning rates).
+    lr_schedule: optional ``train_config -> schedule factory | None``: the
+      learning-rate schedule the method trains with, given a phase's
+      ``clx.train.TrainConfig``; the factory maps ``steps_per_epoch`` to a
+      float or an optax schedule ``step -> lr`` (e.g. InfLoRA's per-epoch
+      cosine, :func:`clx.methods.inflora.epoch_cosine`). The loop uses it
+      instead of ``TrainConfig.schedule`` for every phase it builds the
+      optimiser of; ``None`` (or a ``None`` result) keeps ``TrainConfig.schedule``.
   """
 
   name: str
@@ -244,6 +251,7 @@ class ContinualMethod(NamedTuple):
   data_view: str = "current"
   diagnostics: Callable[[State], dict] | None = None
   transform_updates: Callable[[Params, State], Params] | None = None
+  lr_schedule: Callable[[Any], Callable[[int], Any] | None] | None = None
 
 
 def to_host(x: Any) -> np.ndarray:

@@ -69,9 +69,13 @@ Official code vs paper (defaults follow the code; the paper form is an option):
   augmentations* and all 197 ViT tokens. clx uses the task's training split as
   the loop serves it (no augmentation) and every valid token the backbone
   reports (padding excluded for text).
-* Optimiser and schedule (Adam, ``inflora_cosine``, epochs, batch size) are the
-  run's TrainConfig. ``loop.TrainConfig(schedule="inflora_cosine")`` is the
-  official per-epoch cosine. The heads are PyTorch-default ``nn.Linear``, as in
+* Optimiser, epochs and batch size are the run's TrainConfig. The official
+  ``CosineSchedule`` (per epoch, ``lr·cos(99π·e / (200(E−1)))``, :func:`epoch_cosine`) is
+  the method's own schedule: ``lr_schedule="epoch_cosine"`` makes the method supply it
+  to the loop (the protocol's ``lr_schedule`` field) for every phase the loop trains
+  with the run's TrainConfig; the default ``None`` keeps the TrainConfig's schedule,
+  since only the official ViT configs use the cosine (clx's text experiments train
+  at a constant rate). The heads are PyTorch-default ``nn.Linear``, as in
   the code.
 
 Layout of the module: :class:`InfLoRAConfig` (every option, validated), :class:`SiteLayout`
@@ -104,7 +108,7 @@ import functools
 import inspect
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, TypedDict
 
 import jax
@@ -121,6 +125,7 @@ from clx.ops import tree as tree_ops
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 VARIANTS = ("dual", "gpm")
+LR_SCHEDULES = (None, "epoch_cosine")  # None: the run's TrainConfig.schedule
 # Old keyword → its one name (DESIGN "one name per concept"); accepted with a DeprecationWarning.
 RENAMED = {"rank": "lora_rank", "scale": "design_scale", "gram_batch_size": "aux_batch_size"}
 
@@ -147,6 +152,9 @@ class InfLoRAConfig:
     fold: fold finished branches into one dense delta per site.
     aux_batch_size: batch size of the host passes (Gram, and features for CA);
       None: the run's eval batch size.
+    lr_schedule: ``"epoch_cosine"``: the method supplies the official per-epoch
+      cosine (:func:`epoch_cosine` at the phase's learning rate and epochs) to
+      the loop; ``None``: the run's ``TrainConfig.schedule``.
     name: registry/run name.
   """
 
@@ -161,6 +169,7 @@ class InfLoRAConfig:
   head_mode: str | None = None
   fold: bool = False
   aux_batch_size: int | None = None
+  lr_schedule: str | None = None
   name: str = "inflora"
 
   def __post_init__(self) -> None:
@@ -187,6 +196,8 @@ class InfLoRAConfig:
         or not isinstance(self.aux_batch_size, (int, np.integer)) or self.aux_batch_size < 1):
       raise ValueError(f"aux_batch_size must be a positive int or None, got "
                        f"{self.aux_batch_size!r}")
+    if self.lr_schedule not in LR_SCHEDULES:
+      raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
 
   @property
   def memory_rule(self) -> memory_ops.MemoryRule:
@@ -231,6 +242,40 @@ def factory_signature(config_cls: type, renamed: Mapping[str, str] = RENAMED
              for f in dataclasses.fields(config_cls)]
   params += [inspect.Parameter(old, kw, default=None) for old in renamed]
   return inspect.Signature(params, return_annotation=ContinualMethod)
+
+
+# -- learning-rate schedule ------------------------------------------------------
+
+
+def epoch_cosine(learning_rate: float, epochs: int) -> Callable[[int], Callable[[Any], jax.Array]]:
+  """The official InfLoRA ``CosineSchedule``: ``lr_e = lr·cos(99π·e / (200(E−1)))``.
+
+  Stepped once per epoch in the official code (``utils/schedulers.py``), so the
+  rate is constant within an epoch and ends at cos(99π/200) ≈ 0.0157 of ``lr``.
+
+  Args:
+    learning_rate: lr, the rate of epoch 0.
+    epochs: E (E < 2 is taken as 2, so a single epoch keeps the full rate).
+
+  Returns:
+    A schedule factory ``steps_per_epoch -> (step -> lr)``: the step ``s`` (an
+    int or () int array) lies in epoch ``e = s // steps_per_epoch``; the rate is
+    a () float32 array, jit-able.
+  """
+  epochs = max(int(epochs), 2)
+
+  def factory(steps_per_epoch: int) -> Callable[[Any], jax.Array]:
+    def lr(step):
+      epoch = step // max(steps_per_epoch, 1)
+      return learning_rate * jnp.cos(99 * jnp.pi * epoch / (200 * (epochs - 1)))
+    return lr
+  return factory
+
+
+def official_lr_schedule(train_config: Any) -> Callable[[int], Callable[[Any], jax.Array]]:
+  """The method's ``lr_schedule`` field with ``lr_schedule="epoch_cosine"``: the
+  :func:`epoch_cosine` of a phase's TrainConfig (its ``learning_rate`` and ``epochs``)."""
+  return epoch_cosine(train_config.learning_rate, train_config.epochs)
 
 
 # -- sites and their input groups ----------------------------------------------
@@ -668,7 +713,8 @@ def bind(setup: Setup) -> ContinualMethod:
       loss=heads_lib.classification_loss(setup.backbone, effective, combine, head_mode=mode),
       combine=combine, end_task=part(end_task, setup),
       predict=heads_lib.classification_predict(setup.backbone, effective, head_mode=mode),
-      params_for=effective)
+      params_for=effective,
+      lr_schedule=official_lr_schedule if setup.cfg.lr_schedule == "epoch_cosine" else None)
 
 
 def inflora(backbone: Backbone, **kwargs: Any) -> ContinualMethod:

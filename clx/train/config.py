@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from clx.train import sharding
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "inflora_cosine")
+SCHEDULES = ("constant", "cosine")
+# Accepted for one release with a DeprecationWarning: {old name: what replaces it}.
+DEPRECATED_SCHEDULES = {
+    "inflora_cosine": "InfLoRA's per-epoch cosine is supplied by the method "
+                      "(method_args lr_schedule='epoch_cosine') or by the caller "
+                      "(run_method(..., lr_schedule=clx.methods.inflora.epoch_cosine(lr, epochs)))",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +33,11 @@ class TrainConfig:
     eval_batch_size: global batch size for evaluation passes.
     optimizer: ``sgd`` (plain, as the GPM code), ``momentum``, ``adam``, ``adamw``.
     learning_rate, momentum, weight_decay, b1, b2: optimiser hyper-parameters.
-    schedule: ``constant``, ``cosine`` (per step to 0) or ``inflora_cosine``
-      (InfLoRA's per-epoch ``lr·cos(99π·e / (200(E−1)))``).
+    schedule: ``constant`` or ``cosine`` (per step to 0). A method or an
+      experiment may supply its own schedule instead (the method's
+      ``lr_schedule`` field, ``run_method(..., lr_schedule=)``), e.g. InfLoRA's
+      per-epoch cosine; the old name ``inflora_cosine`` still selects that one
+      for one release, with a DeprecationWarning.
     grad_clip: global-norm clip (0 = off).
     steps_per_call: steps fused in one ``lax.scan`` (0 = automatic: the whole
       epoch, capped by ``max_chunk_mb`` of input data per call).
@@ -82,7 +91,11 @@ class TrainConfig:
     # grad_clip flips the gradients, a negative weight_decay grows weights).
     if self.optimizer not in OPTIMIZERS:
       raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
-    if self.schedule not in SCHEDULES:
+    if self.schedule in DEPRECATED_SCHEDULES:
+      warnings.warn(f"TrainConfig(schedule={self.schedule!r}) is deprecated and goes away in the "
+                    f"next release: {DEPRECATED_SCHEDULES[self.schedule]}", DeprecationWarning,
+                    stacklevel=3)
+    elif self.schedule not in SCHEDULES:
       raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
     for name in ("epochs", "batch_size", "eval_batch_size", "steps_per_call", "lr_patience"):
       value = getattr(self, name)
@@ -160,6 +173,14 @@ def learning_rate_schedule(cfg: TrainConfig, steps_per_epoch: int,
   ``lr_schedule(steps_per_epoch)`` when a schedule is supplied, else
   ``cfg.schedule``. (With ``lr_patience`` the rate is an injected
   hyper-parameter instead; see :func:`make_optimizer`.)
+
+  Args:
+    cfg: the phase's settings.
+    steps_per_epoch: optimiser steps of one epoch.
+    lr_schedule: a schedule supplied by the method or the experiment, or ``None``.
+
+  Returns:
+    The learning rate: a float (constant) or an optax schedule ``step -> lr``.
   """
   if lr_schedule is not None:
     return lr_schedule(steps_per_epoch)
@@ -167,31 +188,9 @@ def learning_rate_schedule(cfg: TrainConfig, steps_per_epoch: int,
     return cfg.learning_rate
   if cfg.schedule == "cosine":
     return optax.cosine_decay_schedule(cfg.learning_rate, max(1, cfg.epochs * steps_per_epoch))
-  return epoch_cosine(cfg.learning_rate, cfg.epochs)(steps_per_epoch)
-
-
-def epoch_cosine(learning_rate: float, epochs: int) -> ScheduleFactory:
-  """A per-epoch cosine, ``lr·cos(99π·e / (200(E−1)))`` at epoch ``e`` of ``E``.
-
-  The official InfLoRA ``CosineSchedule`` (stepped once per epoch), as a
-  schedule factory for :func:`make_optimizer`'s ``lr_schedule``
-  (``TrainConfig(schedule="inflora_cosine")`` is the same schedule by name).
-
-  Args:
-    learning_rate: the rate of epoch 0.
-    epochs: E (at least 2 is used, so E = 1 keeps the full rate).
-
-  Returns:
-    ``steps_per_epoch -> (step -> lr)``.
-  """
-  epochs = max(epochs, 2)
-
-  def factory(steps_per_epoch: int) -> optax.Schedule:
-    def lr(step):
-      epoch = step // max(steps_per_epoch, 1)
-      return learning_rate * jnp.cos(99 * jnp.pi * epoch / (200 * (epochs - 1)))
-    return lr
-  return factory
+  # The deprecated name maps to the schedule InfLoRA now supplies itself (one release).
+  from clx.methods import inflora  # pylint: disable=import-outside-toplevel
+  return inflora.epoch_cosine(cfg.learning_rate, cfg.epochs)(steps_per_epoch)
 
 
 def _optimizer(cfg: TrainConfig, lr) -> optax.GradientTransformation:

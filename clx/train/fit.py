@@ -1,12 +1,15 @@
-"""Training phases: the one training step, shared by single runs and seed-batched runs, and
-:class:`Fitter`, which runs a phase's epochs on a mesh.
+"""Training phases: the one training step and the one epoch loop, shared by single runs and
+seed-batched runs (:class:`Fitter`, which runs a phase's epochs on a mesh).
 
-:func:`make_train_step` builds the pure update of one step; the single-seed
-loop (:meth:`clx.train.loop.Fitter.fit`) scans it over a chunk of steps and the
-seed-batched loop (:func:`clx.train.seeds.fit_seeds`) scans its ``vmap`` over a
-leading seed axis. :func:`chunk_steps` is the one rule for how many steps a
-jitted call fuses (the conv-on-CPU rule included), and :func:`gather_rows` the
-one gather of a device-resident split, so the two loops cannot drift apart.
+:func:`make_train_step` builds the pure update of one step. ``Fitter._train`` is
+the one epoch loop: a single run (:meth:`Fitter.fit`) scans the step over a
+chunk of steps; S seeds at once (:meth:`Fitter.fit_seeds`, used by
+:func:`clx.train.seeds.run_seeds`) scan its ``vmap`` over a leading seed axis
+(``_Lanes`` is the only place the two differ: how a seed's tree is read, how
+optimiser states and plans are stacked, how a lowered learning rate is set).
+:func:`chunk_steps` is the one rule for how many steps a jitted call fuses (the
+conv-on-CPU rule included), and :func:`gather_rows` the one gather of a
+device-resident split.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -28,7 +31,8 @@ from clx.data.types import ArraySplit
 from clx.train import sharding
 from clx.train.batches import (_epoch_order, _gather, _step_index_plan, check_finite_batch,
                                example_nbytes, is_streaming, streamed_device_batches)
-from clx.train.config import TrainConfig, learning_rate_schedule, make_optimizer
+from clx.train.config import (ScheduleFactory, TrainConfig, learning_rate_schedule,
+                              make_optimizer)
 from clx.train.progress import TaskProgress
 
 Batch = dict[str, jax.Array]
@@ -203,7 +207,46 @@ def _all_finite(losses: jax.Array) -> jax.Array:
 
 @jax.jit
 def _sum(losses: jax.Array) -> jax.Array:
-  return jnp.sum(losses.astype(jnp.float32))
+  """Sum over the steps axis: () for (chunk,) losses, (S,) for (chunk, S)."""
+  return jnp.sum(losses.astype(jnp.float32), axis=0)
+
+
+class _Lanes:
+  """How the epoch loop addresses its carried pytrees: one run (``batched=False``) or S
+  seeds stacked on a leading axis (``batched=True``); the only place the two differ."""
+
+  def __init__(self, batched: bool):
+    self.batched = batched
+
+  def get(self, tree: Any, s: int) -> Any:
+    """Seed ``s``'s pytree (the tree itself for one run)."""
+    return jax.tree.map(lambda x: x[s], tree) if self.batched else tree
+
+  def map(self, fn: Callable, in_axes: int | tuple = 0) -> Callable:
+    """``fn`` over the seed axis (``vmap`` with ``in_axes``); ``fn`` itself for one run."""
+    return jax.vmap(fn, in_axes=in_axes) if self.batched else fn
+
+  def stack(self, trees: list) -> Any:
+    """One run's tree, or the seeds' trees stacked (NumPy, host side)."""
+    return jax.tree.map(lambda *xs: np.stack(xs), *trees) if self.batched else trees[0]
+
+  def stack_plans(self, plans: list[np.ndarray]) -> np.ndarray:
+    """(steps, B) for one run, (steps, S, B) for S seeds."""
+    return np.stack(plans, 1) if self.batched else plans[0]
+
+  def set_learning_rate(self, opt_state, s: int, lr: float, rep) -> Any:
+    """The optimiser state with seed ``s``'s injected learning rate set to ``lr``."""
+    value = jnp.asarray(lr, jnp.float32)
+    current = opt_state.hyperparams["learning_rate"]
+    new = current.at[s].set(value) if self.batched else jax.device_put(value, rep)
+    return opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": new})
+
+  def unstack_best(self, params: Any, best: list) -> Any:
+    """The best epoch's params where one was kept, else the last (per seed)."""
+    if not self.batched:
+      return best[0]
+    return jax.tree.map(lambda *xs: jnp.stack(xs),
+                        *[b if b is not None else self.get(params, s) for s, b in enumerate(best)])
 
 
 @dataclasses.dataclass
@@ -216,8 +259,10 @@ class Fitter:
   last_fit: dict = dataclasses.field(default_factory=dict)  # epochs run, LR/val history
   last_fits: list = dataclasses.field(default_factory=list)  # per seed, of a seed-batched fit
   fits: list = dataclasses.field(default_factory=list)  # the log of every fit, in order
-  # steps_per_epoch → learning rate, supplied by the method or experiment (else cfg.schedule)
-  lr_schedule: Callable | None = None
+  # steps_per_epoch → learning rate, supplied by the run for every phase (else method_schedule)
+  lr_schedule: ScheduleFactory | None = None
+  # the method's ``lr_schedule`` field: a phase's TrainConfig → factory (else cfg.schedule)
+  method_schedule: Callable[[TrainConfig], ScheduleFactory | None] | None = None
   logger: Any = None  # clx.train.logging.RunLogger: per-step scalars, read once per chunk
   profiler: Any = None  # clx.train.logging.StepProfiler: a jax.profiler trace after warm-up
 
@@ -265,87 +310,178 @@ class Fitter:
     ``loss(params, state, base, batch, rng) -> (loss, aux)``. Every step sees a
     global batch of ``cfg.batch_size`` real examples (the last one of an epoch
     may be smaller), identical for any device count, so 1 and N devices give
-    the same result up to float reduction order.
+    the same result up to float reduction order. The phase's log is
+    ``self.last_fit`` (also appended to ``self.fits``). The seed-batched
+    :meth:`fit_seeds` runs the same epoch loop over a stacked seed axis.
     """
-    if len(split) == 0:
-      raise ValueError(f"{title}: empty training split")
     if cfg.uses_validation and (val_split is None or len(val_split) == 0):
       raise ValueError(f"{title}: lr_patience/restore_best need the task's validation split "
                        "('val'), and this task has none; build the stream with a validation "
                        "fraction or turn them off")
-    steps_per_epoch = math.ceil(len(split) / cfg.batch_size)
+    params, logs = self._train(params, loss, [split], cfg, state=state, base=base, rng=rng,
+                               transform_grads=transform_grads,
+                               transform_updates=transform_updates, optimizer=optimizer,
+                               title=title, seed_words=[seed_words], val_splits=[val_split],
+                               batched=False)
+    self.last_fit = logs[0]
+    self.fits.append(self.last_fit)
+    return params
+
+  def fit_seeds(self, params, loss: Callable, splits: Sequence[ArraySplit], cfg: TrainConfig, *,
+                states, base, rngs: jax.Array, transform_grads: Callable | None = None,
+                seed_words: Sequence[tuple[int, ...]], title: str = "train",
+                val_splits: Sequence[ArraySplit | None] | None = None):
+    """Train S stacked parameter sets, seed s on ``splits[s]``; returns stacked params.
+
+    The epoch loop of :meth:`fit` with the step ``vmap``-ed over a leading seed
+    axis: each seed draws its single run's batches (``seed_words[s]``) and
+    dropout keys (``rngs[s]``), and with ``lr_patience`` / ``restore_best``
+    keeps its own :class:`ValidationPlateau` (its own learning rate, best epoch
+    and stop; a stopped seed's steps are masked out), so each seed gets its
+    single run's numbers. The training splits are always kept on the device
+    (stacked over seeds), whatever ``device_data_mb`` says; that changes where
+    batches are gathered, not their values. ``self.last_fits`` holds the
+    per-seed fit logs.
+
+    Args:
+      params, states: pytrees with a leading seed axis S.
+      loss: ``(params, state, base, batch, rng) -> (loss, aux)`` of ONE seed.
+      splits: S training splits of equal length.
+      cfg: the phase's settings (shared by the seeds).
+      base: the frozen backbone (shared).
+      rngs: (S,) PRNG keys (each seed's phase key, as in a single run).
+      transform_grads: the method's gradient transform (per seed).
+      seed_words: per seed, the words seeding its shuffles (as in a single run).
+      title: the phase's name (progress bar, errors).
+      val_splits: per seed, the validation split (needed by ``lr_patience`` /
+        ``restore_best``).
+
+    Returns:
+      The trained params, stacked over seeds.
+    """
+    n = len(splits[0])
+    if any(len(s) != n for s in splits):
+      raise ValueError(f"{title}: seeds' training splits differ in length "
+                       f"{[len(s) for s in splits]}")
+    if val_splits is None:
+      val_splits = [None] * len(splits)
+    if any(is_streaming(s) for s in splits):
+      raise ValueError(f"{title}: run_seeds keeps every seed's training split on the device; "
+                       "a streaming image split trains one seed at a time (run_method)")
+    if cfg.uses_validation and any(v is None or len(v) == 0 for v in val_splits):
+      raise ValueError(f"{title}: lr_patience/restore_best need every seed's validation split "
+                       "('val'); build the streams with a validation fraction or turn them off")
+    params, self.last_fits = self._train(
+        params, loss, list(splits), cfg, state=states, base=base, rng=rngs,
+        transform_grads=transform_grads, transform_updates=None, optimizer=None, title=title,
+        seed_words=list(seed_words), val_splits=list(val_splits), batched=True)
+    return params
+
+  def _train(self, params, loss: Callable, splits: list[ArraySplit], cfg: TrainConfig, *,
+             state, base, rng: jax.Array, transform_grads: Callable | None,
+             transform_updates: Callable | None, optimizer: optax.GradientTransformation | None,
+             title: str, seed_words: list[tuple[int, ...]], val_splits: list[ArraySplit | None],
+             batched: bool) -> tuple[Any, list[dict]]:
+    """The one epoch loop: a single run (``batched=False``, one split) or S seeds stacked
+    on a leading axis of ``params`` / ``state`` / ``rng`` (``batched=True``).
+
+    Returns:
+      ``(params, fit logs)``: one log per seed (one for a single run).
+    """
+    num, n = len(splits), len(splits[0])
+    if n == 0:
+      raise ValueError(f"{title}: empty training split")
+    lane = _Lanes(batched)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    supplied = self.schedule_factory(cfg) if optimizer is None else None
     schedule = None if (optimizer is not None or cfg.lr_patience > 0) else \
-        learning_rate_schedule(cfg, steps_per_epoch, self.lr_schedule)
-    optimizer = optimizer or make_optimizer(cfg, steps_per_epoch, self.lr_schedule)
+        learning_rate_schedule(cfg, steps_per_epoch, supplied)
+    optimizer = optimizer or make_optimizer(cfg, steps_per_epoch, supplied)
     # Per-step scalars are computed inside the jitted chunk only when something logs them
     # (the program, and so every number, is otherwise the one without logs).
-    log = self.logger is not None and self.logger.enabled
+    log = not batched and self.logger is not None and self.logger.enabled
     padded = sharding.pad_to_multiple(cfg.batch_size, sharding.num_data_shards(self.mesh))
-    resident = self.resident(split, cfg)
-    per_step = padded * 8 if resident else padded * example_nbytes(split) + padded * 8
+    resident = batched or self.resident(splits[0], cfg)
+    per_step = (num * padded * 8 if resident
+                else padded * example_nbytes(splits[0]) + padded * 8)
     chunk = chunk_steps(cfg, steps_per_epoch, per_step, convolutions_on_cpu=(
-        cfg.steps_per_call <= 0 and convolutions_on_cpu(loss, params, state, base, split, padded)))
-    # Chunks that tile the epoch exactly never contain fully padded steps.
-    may_pad = steps_per_epoch % chunk != 0
+        cfg.steps_per_call <= 0 and convolutions_on_cpu(
+            loss, lane.get(params, 0), lane.get(state, 0), base, splits[0], padded)))
+    # Chunks that tile the epoch exactly never contain fully padded steps; a seed that
+    # stopped (validation schedule) trains on fully masked batches from then on.
+    masked = steps_per_epoch % chunk != 0 or (batched and cfg.lr_patience > 0)
 
     rep = sharding.replicated(self.mesh)
     # Copy: the chunk function donates its params buffers, and the caller's
     # state (e.g. the previous task's checkpoint delta) may still hold them.
     params = jax.tree.map(jnp.copy, jax.device_put(params, rep))
-    opt_state = jax.device_put(optimizer.init(params), rep)
+    opt_state = jax.device_put(lane.map(optimizer.init)(params), rep)
     data = None
     if resident:
-      check_finite_batch(split.arrays, title)
-      data = jax.device_put({"x": split.x, "y": split.y.astype(np.int32)}, rep)
+      for split in splits:
+        check_finite_batch(split.arrays, title)
+      data = jax.device_put(lane.stack([{"x": s.x, "y": s.y.astype(np.int32)} for s in splits]),
+                            rep)
     train_step = make_train_step(loss, optimizer, transform_grads=transform_grads,
                                  transform_updates=transform_updates, schedule=schedule,
-                                 masked=may_pad, log=log)
+                                 masked=masked, log=log)
 
-    def one_step(carry, batch, data, state, base):
-      params, opt_state, step = carry
+    def lane_step(params, opt_state, count, batch, state, data, rng, active, base):
       if data is not None:  # device-resident split: the batch is an index plan
-        batch = gather_rows(data, batch["idx"])
-      params, opt_state, step, out = train_step(params, opt_state, step, batch, state, base, rng)
-      return (params, opt_state, step), out
+        idx = batch["idx"] if active is None else jnp.where(active, batch["idx"], -1)
+        batch = gather_rows(data, idx)
+      return train_step(params, opt_state, count, batch, state, base, rng)
+
+    step_fn = lane.map(lane_step, in_axes=(0,) * 8 + (None,))  # base is shared by the seeds
 
     # state and base are arguments, not closed-over constants: XLA would embed
     # them (the frozen backbone, GPM memories) in the program and compile slowly.
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def run_chunk(params, opt_state, step, chunk_arrays, data, state, base):
-      body = lambda carry, batch: one_step(carry, batch, data, state, base)  # noqa: E731
+    def run_chunk(params, opt_state, count, chunk_arrays, data, state, base, rng, active):
+      def body(carry, batch):
+        params, opt_state, count, out = step_fn(*carry, batch, state, data, rng, active, base)
+        return (params, opt_state, count), out
       if chunk == 1:
         # No loop at all: XLA:CPU runs convolutions inside while loops an order of
         # magnitude slower (AlexNet step: 2 s vs 0.2 s), so conv nets on CPU use
         # steps_per_call=1 (experiments/BENCHMARKS.md).
-        carry, out = body((params, opt_state, step), jax.tree.map(lambda a: a[0], chunk_arrays))
+        carry, out = body((params, opt_state, count), jax.tree.map(lambda a: a[0], chunk_arrays))
         return (*carry, jax.tree.map(lambda v: v[None], out))
-      (params, opt_state, step), losses = jax.lax.scan(body, (params, opt_state, step), chunk_arrays)
-      return params, opt_state, step, losses
+      (params, opt_state, count), out = jax.lax.scan(body, (params, opt_state, count),
+                                                     chunk_arrays)
+      return params, opt_state, count, out
 
-    step = jax.device_put(jnp.zeros((), jnp.int32), rep)
+    count = jax.device_put(jnp.zeros((num,) if batched else (), jnp.int32), rep)
     bar = TaskProgress(title, cfg.epochs * steps_per_epoch, enabled=self.progress, quiet=self.quiet)
-    plateau = ValidationPlateau(cfg) if cfg.uses_validation else None
-    val_fn = _validation_fn(loss) if plateau is not None else None
-    best = None
-    epoch_losses = []  # mean training loss of each epoch (read with the divergence flag)
+    plateaus = [ValidationPlateau(cfg) for _ in range(num)] if cfg.uses_validation else None
+    val_fn = _validation_fn(loss) if plateaus is not None else None
+    best: list = [None] * num
+    active = np.ones(num, bool)  # seeds still training (all, until the validation rule stops one)
+    epochs_run = [0] * num
+    epoch_losses: list[list[float]] = [[] for _ in range(num)]  # mean training loss per epoch
     logs = _ChunkLog(self.logger, title) if log else None
     chunk_index = 0
     for epoch in range(cfg.epochs):
-      plan = self.plan(len(split), cfg.batch_size, True, (*seed_words, epoch))
+      if not active.any():
+        break
+      active_dev = jax.device_put(jnp.asarray(active), rep) if batched else None
+      plan = lane.stack_plans([self.plan(n, cfg.batch_size, True, (*w, epoch))
+                               for w in seed_words])
       batches = (self.index_chunks(plan, chunk) if resident
-                 else self.device_batches(split, plan, title, chunk, key=(*seed_words, epoch)))
+                 else self.device_batches(splits[0], plan, title, chunk,
+                                          key=(*seed_words[0], epoch)))
       # Divergence check, independent of display: every step's loss is reduced
       # on device into one flag, read once per epoch (no host sync per chunk).
       finite = loss_sum = None
       for arrays, steps, examples in batches:
         if self.profiler is not None:
           self.profiler.before_chunk(chunk_index)
-        params, opt_state, step, out = run_chunk(params, opt_state, step, arrays, data, state,
-                                                 base)
+        params, opt_state, count, out = run_chunk(params, opt_state, count, arrays, data, state,
+                                                  base, rng, active_dev)
         chunk_index += 1
         if self.profiler is not None:
           self.profiler.after_chunk(steps, params)
-        losses = out["loss"] if log else out
+        losses = out["loss"] if log else out  # (chunk,) or (chunk, S)
         if logs is not None:  # reads the previous chunk: the device keeps working meanwhile
           logs.add(out, steps, examples, epoch)
         chunk_finite = _all_finite(losses)
@@ -353,33 +489,46 @@ class Fitter:
         chunk_sum = _sum(losses)  # padded steps hold 0: the sum is over real steps
         loss_sum = chunk_sum if loss_sum is None else loss_sum + chunk_sum
         if bar.enabled or not self.quiet:  # the display reads the loss anyway: fail early
-          last = float(losses[steps - 1])
-          if not math.isfinite(last):
+          last = np.asarray(losses[steps - 1])
+          if not np.all(np.isfinite(last)):
             raise TrainingDivergedError(title, epoch, cfg)
-          bar.update(steps, examples, last)
+          bar.update(steps, examples, float(last.mean()))
       if logs is not None:
         logs.flush()
       if finite is not None and not bool(finite):
         raise TrainingDivergedError(title, epoch, cfg)
-      epoch_losses.append(float(loss_sum) / steps_per_epoch)
-      if plateau is not None:
-        action = plateau.update(self.validation_loss(params, val_fn, val_split, cfg, state, base))
+      sums = np.atleast_1d(np.asarray(loss_sum))
+      for s in np.flatnonzero(active):
+        epochs_run[s] = epoch + 1
+        epoch_losses[s].append(float(sums[s]) / steps_per_epoch)
+        if plateaus is None:
+          continue
+        own = lane.get(params, s)
+        action = plateaus[s].update(self.validation_loss(own, val_fn, val_splits[s], cfg,
+                                                         lane.get(state, s), base))
         if action == "best" and cfg.restore_best:
-          best = jax.tree.map(jnp.copy, params)
+          best[s] = jax.tree.map(jnp.copy, own)
         elif action == "lower":
-          opt_state = opt_state._replace(hyperparams={
-              **opt_state.hyperparams,
-              "learning_rate": jax.device_put(jnp.asarray(plateau.lr, jnp.float32), rep)})
+          opt_state = lane.set_learning_rate(opt_state, s, plateaus[s].lr, rep)
         elif action == "stop":
-          break
+          active[s] = False
     bar.close()
     if self.profiler is not None:
       self.profiler.end_fit(params)
-    self.last_fit = {"title": title, "epochs": epoch + 1 if cfg.epochs else 0,
-                     "epoch_losses": epoch_losses,
-                     **(plateau.summary() if plateau is not None else {})}
-    self.fits.append(self.last_fit)
-    return best if best is not None else params
+    fit_logs = [{"title": title, "epochs": epochs_run[s], "epoch_losses": epoch_losses[s],
+                 **(plateaus[s].summary() if plateaus is not None else {})} for s in range(num)]
+    if any(b is not None for b in best):
+      params = lane.unstack_best(params, best)
+    return params, fit_logs
+
+  def schedule_factory(self, cfg: TrainConfig) -> ScheduleFactory | None:
+    """The schedule supplied for a phase with ``cfg``: the run's ``lr_schedule``, else the
+    method's (``method_schedule(cfg)``), else ``None`` (``cfg.schedule`` applies)."""
+    if self.lr_schedule is not None:
+      return self.lr_schedule
+    if self.method_schedule is not None:
+      return self.method_schedule(cfg)
+    return None
 
   def validation_loss(self, params, fn: Callable, split: ArraySplit, cfg: TrainConfig,
                       state, base) -> float:
@@ -397,15 +546,21 @@ class Fitter:
     return cfg.device_data_mb > 0 and nbytes <= cfg.device_data_mb * 2**20
 
   def index_chunks(self, plan: np.ndarray, chunk: int):
-    """Yield sharded ``{"idx": (chunk, B)}`` index stacks (-1 = padding row)."""
+    """Yield sharded ``{"idx": (chunk, [S,] B)}`` index stacks (-1 = padding row).
+
+    ``plan`` is (steps, B), or (steps, S, B) for S stacked seeds; the batch axis
+    (last) is sharded. Yields ``(arrays, steps, examples)``.
+    """
+    rows = sharding.process_rows(plan.shape[-1], self.mesh)
     for c in range(0, plan.shape[0], chunk):
       block = plan[c:c + chunk]
       steps = block.shape[0]
       if steps < chunk:
-        block = np.concatenate([block, np.full((chunk - steps, block.shape[1]), -1, block.dtype)])
-      rows = sharding.process_rows(plan.shape[1], self.mesh)
-      local = {"idx": block[:, rows].astype(np.int32)}
-      yield sharding.shard_arrays(local, self.mesh, 1, plan.shape[1]), steps, int((block >= 0).sum())
+        block = np.concatenate([block, np.full((chunk - steps, *block.shape[1:]), -1,
+                                               block.dtype)])
+      local = {"idx": block[..., rows].astype(np.int32)}
+      yield (sharding.shard_arrays(local, self.mesh, block.ndim - 1, plan.shape[-1]), steps,
+             int((block >= 0).sum()))
 
 
 class _ChunkLog:

@@ -229,10 +229,12 @@ def run(method: ContinualMethod, stream: Stream, config: TrainConfig, *, seed: i
       metrics); opened here at the first task to train (the lines of tasks
       not checkpointed are dropped) and closed at the end.
     profiler: a :class:`clx.train.logging.StepProfiler` (a trace of a few steps).
-    lr_schedule: the learning-rate schedule of every phase trained with the
-      run's ``config``, supplied by the method or the experiment:
+    lr_schedule: a learning-rate schedule supplied by the caller (e.g. an
+      experiment) for every phase the loop builds the optimiser of:
       ``steps_per_epoch -> float | optax.Schedule`` (e.g.
-      :func:`clx.train.config.epoch_cosine`); replaces ``config.schedule``.
+      :func:`clx.methods.inflora.epoch_cosine`); it replaces the method's own
+      (``method.lr_schedule``, applied per phase with that phase's config) and
+      ``config.schedule``.
 
   Returns:
     A :class:`RunResult` with the (T, T) accuracy matrix in percent.
@@ -242,7 +244,7 @@ def run(method: ContinualMethod, stream: Stream, config: TrainConfig, *, seed: i
   T = spec.num_tasks
   key = jax.random.PRNGKey(seed)
   fitter = Fitter(mesh, progress=progress, quiet=quiet, logger=logger, profiler=profiler,
-                  lr_schedule=lr_schedule)
+                  lr_schedule=lr_schedule, method_schedule=method.lr_schedule)
   # Backbone and method state are placed as config.param_sharding says (clx/train/sharding.py).
   base = sharding.place_base(method.backbone.params, mesh, config.param_sharding)
   state = method.init(jax.random.fold_in(key, 0), spec)

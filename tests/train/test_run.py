@@ -61,17 +61,92 @@ def test_run_method_keeps_every_state_on_request():
   assert light.tasks[0].state is None and light.tasks[-1].state is light.state
 
 
-def test_a_supplied_schedule_replaces_the_named_one():
-  from clx.train.config import epoch_cosine
+def test_inflora_epoch_cosine_is_the_official_formula():
+  # float64 reference of the official CosineSchedule, stepped once per epoch, on fresh
+  # random rates / epoch counts / epoch lengths.
+  from clx.methods.inflora import epoch_cosine
+  rng = np.random.default_rng(1234)
+  for _ in range(5):
+    lr, epochs, per_epoch = float(rng.uniform(1e-4, 1e-1)), int(rng.integers(2, 60)), \
+        int(rng.integers(1, 40))
+    schedule = jax.jit(epoch_cosine(lr, epochs)(per_epoch))
+    steps = np.arange(epochs * per_epoch)
+    got = np.array([float(schedule(s)) for s in steps[::max(1, len(steps) // 200)]])
+    e = steps[::max(1, len(steps) // 200)] // per_epoch
+    want = lr * np.cos(99 * np.pi * e.astype(np.float64) / (200 * (epochs - 1)))
+    # float32: the cosine's argument is rounded, so the error is absolute (≈ eps·lr), which
+    # is large relative to the last epochs' small rates (cos ≈ 0.0157 at the end).
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=4e-7 * lr)
+  # One epoch keeps the full rate (E < 2 is taken as 2, as before the move).
+  assert float(epoch_cosine(0.1, 1)(5)(4)) == np.float32(0.1)
+
+
+def _inflora(stream, **kwargs):
+  return build("inflora", mlp(stream.input_shape, (16,), seed=0), lora_rank=2, sites=("mlp",),
+               **kwargs)
+
+
+def test_the_inflora_schedule_is_supplied_by_the_method_and_the_old_name_maps_to_it():
+  import pytest
+
+  from clx.methods.inflora import epoch_cosine
   stream = make_gaussian_stream(num_tasks=2)
   cfg = dataclasses.replace(CFG, epochs=3, optimizer="adam", learning_rate=0.01)
-  named = run_method(_method("finetune", stream), stream,
-                     dataclasses.replace(cfg, schedule="inflora_cosine"), mesh=make_mesh(1),
-                     quiet=True)
-  supplied = run_method(_method("finetune", stream), stream, cfg, mesh=make_mesh(1), quiet=True,
-                        lr_schedule=epoch_cosine(cfg.learning_rate, cfg.epochs))
-  constant = run_method(_method("finetune", stream), stream, cfg, mesh=make_mesh(1), quiet=True)
-  chex.assert_trees_all_equal(jax.device_get(named.state), jax.device_get(supplied.state))
+  by_method = run_method(_inflora(stream, lr_schedule="epoch_cosine"), stream, cfg,
+                         mesh=make_mesh(1), quiet=True)
+  by_caller = run_method(_inflora(stream), stream, cfg, mesh=make_mesh(1), quiet=True,
+                         lr_schedule=epoch_cosine(cfg.learning_rate, cfg.epochs))
+  with pytest.warns(DeprecationWarning, match="inflora_cosine"):
+    old_cfg = dataclasses.replace(cfg, schedule="inflora_cosine")
+  by_name = run_method(_inflora(stream), stream, old_cfg, mesh=make_mesh(1), quiet=True)
+  constant = run_method(_inflora(stream), stream, cfg, mesh=make_mesh(1), quiet=True)
+  chex.assert_trees_all_equal(jax.device_get(by_method.state), jax.device_get(by_caller.state))
+  chex.assert_trees_all_equal(jax.device_get(by_method.state), jax.device_get(by_name.state))
   leaves = zip(jax.tree.leaves(jax.device_get(constant.state)),
-               jax.tree.leaves(jax.device_get(supplied.state)))
+               jax.tree.leaves(jax.device_get(by_method.state)))
   assert any(not np.array_equal(a, b) for a, b in leaves)
+
+
+def test_the_method_schedule_follows_each_phase_and_a_caller_schedule_wins(tmp_path):
+  from clx.methods.inflora import epoch_cosine
+  stream = make_gaussian_stream(num_tasks=1, n_train=40)
+  cfg = dataclasses.replace(CFG, epochs=4, optimizer="adam", learning_rate=0.02, steps_per_call=0)
+  per_epoch = 4  # 40 rows / batch 10
+
+  def logged_rates(method, **kwargs):
+    logger = run_logging.RunLogger(tmp_path / str(len(list(tmp_path.iterdir()))),
+                                   tensorboard=False, enabled=True)
+    run_method(method, stream, cfg, mesh=make_mesh(1), quiet=True, logger=logger, **kwargs)
+    return np.array([r["learning_rate"] for r in run_logging.read_jsonl(logger.path)
+                     if r["kind"] == "step"])
+
+  seen = []
+  method = _inflora(stream, lr_schedule="epoch_cosine")
+  own = method.lr_schedule
+  method = method._replace(lr_schedule=lambda c: seen.append(c) or own(c))
+  rates = logged_rates(method)
+  assert seen == [cfg]  # asked once per phase, with that phase's config
+  e = np.arange(cfg.epochs * per_epoch) // per_epoch
+  np.testing.assert_allclose(rates, 0.02 * np.cos(99 * np.pi * e / (200 * 3)), rtol=1e-6,
+                             atol=4e-7 * 0.02)
+  # A schedule supplied by the caller (an experiment) replaces the method's own.
+  rates = logged_rates(method, lr_schedule=epoch_cosine(0.005, 2))
+  np.testing.assert_allclose(rates, 0.005 * np.cos(99 * np.pi * e / 200), rtol=1e-6,
+                             atol=4e-7 * 0.005)
+
+
+def test_bad_schedules_are_refused_with_a_clear_error():
+  import pytest
+
+  from clx.train import Fitter
+  from clx.train.config import make_optimizer
+  stream = make_gaussian_stream(num_tasks=1)
+  with pytest.raises(ValueError, match="lr_schedule must be one of"):
+    _inflora(stream, lr_schedule="cosine_please")
+  with pytest.raises(ValueError, match="unknown schedule"):
+    TrainConfig(schedule="inflora_cosine_v2")
+  # A method-supplied schedule cannot be combined with the validation-loss schedule.
+  fitter = Fitter(make_mesh(1), quiet=True, method_schedule=lambda c: (lambda n: 0.1))
+  cfg = TrainConfig(lr_patience=2)
+  with pytest.raises(ValueError, match="cannot be combined"):
+    make_optimizer(cfg, 3, fitter.schedule_factory(cfg))

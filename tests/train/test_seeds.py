@@ -70,3 +70,27 @@ def test_batched_seeds_follow_the_validation_schedule_of_single_runs():
   cfg = TrainConfig(epochs=14, batch_size=10, optimizer="sgd", learning_rate=0.5,
                     lr_patience=1, lr_factor=4, lr_min=0.02, restore_best=True)
   _assert_batched_equal_single(method, streams, cfg, seeds)
+
+
+def test_batched_seeds_report_the_fit_logs_of_single_runs():
+  # One epoch loop: each seed's fit log (epochs run, per-epoch training losses, the validation
+  # schedule's history) equals its single run's, and BECAME's second stage is in ``phases``.
+  seeds = [0, 1]
+  streams = [_stream_with_val(s) for s in seeds]
+  backbone = mlp(streams[0].input_shape, (16,), seed=0)
+  cfg = TrainConfig(epochs=6, batch_size=10, optimizer="sgd", learning_rate=0.5,
+                    lr_patience=1, lr_factor=4, lr_min=0.02, restore_best=True)
+  for name in ("finetune", "became_gpm"):
+    method = build(name, backbone)
+    batched = run_seeds(method, streams, cfg, seeds, mesh=make_mesh(1), quiet=True)
+    for s, seed in enumerate(seeds):
+      single = run_method(method, streams[s], cfg, seed=seed, mesh=make_mesh(1), quiet=True)
+      assert len(batched[s].tasks) == len(single.tasks) == 2
+      assert batched[s].tasks[-1].state is batched[s].state
+      for got, want in zip(batched[s].tasks, single.tasks):
+        np.testing.assert_allclose(got.acc_row, want.acc_row, atol=1e-6)
+        assert len(got.fit_log["phases"]) == len(want.fit_log["phases"])
+        for g, w in zip(got.fit_log["phases"], want.fit_log["phases"]):
+          assert g["epochs"] == w["epochs"] and g.get("final_lr") == w.get("final_lr")
+          np.testing.assert_allclose(g["epoch_losses"], w["epoch_losses"], rtol=1e-5)
+          np.testing.assert_allclose(g.get("val_losses", []), w.get("val_losses", []), rtol=1e-5)
