@@ -112,6 +112,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import heads as heads_lib
+from clx.methods import passes
+from clx.methods import sequential
 from clx.methods.base import ContinualMethod, Params, StreamSpec, TaskContext, TaskInfo
 from clx.models.base import Backbone
 from clx.ops import dualgpm
@@ -148,6 +150,11 @@ class InfLoRAConfig:
     aux_batch_size: batch size of the host passes (Gram, and features for CA);
       None: the run's eval batch size.
     name: registry/run name.
+    lora_compute: how the training forward and ``predict`` compute the branches:
+      ``"factored"`` (Σ_j (x a_j) b_j at each site, the base W untouched) or
+      ``"merged"`` (W + Σ_j a_j b_j); equal up to float rounding
+      (:data:`clx.methods.sequential.LORA_COMPUTE`). The Gram passes and
+      :func:`params_for` always use the merged params.
   """
 
   lora_rank: int = 10
@@ -162,6 +169,7 @@ class InfLoRAConfig:
   fold: bool = False
   aux_batch_size: int | None = None
   name: str = "inflora"
+  lora_compute: str = "factored"
 
   def __post_init__(self) -> None:
     sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
@@ -182,6 +190,7 @@ class InfLoRAConfig:
     if not math.isfinite(self.design_scale) or self.design_scale == 0:
       raise ValueError(f"design_scale must be finite and non-zero, got {self.design_scale}")
     heads_lib.check_mode(self.head_mode, self.name)
+    sequential.check_lora_compute(self.lora_compute, self.name)
     if self.aux_batch_size is not None and (
         isinstance(self.aux_batch_size, bool)
         or not isinstance(self.aux_batch_size, (int, np.integer)) or self.aux_batch_size < 1):
@@ -397,14 +406,44 @@ def memory_summary(state: InfLoRAState) -> dict[str, tuple[int, str]]:
 # -- the adapted backbone -------------------------------------------------------------
 
 
+def branch_adapters(state: InfLoRAState, site_group: Mapping[str, str]) -> dict[str, list]:
+  """``{site path: [{"a": a_j[group], "b": b_j[site]}, ...]}`` over the state's branches in
+  task order: the adapters every forward sums at each site.
+
+  Args:
+    state: an InfLoRA state (``branches``).
+    site_group: ``{site path: group key}`` (:func:`site_groups`).
+
+  Returns:
+    The adapter lists (empty dict before the first task).
+  """
+  adapters: dict[str, list] = {}
+  for tk in sorted(state["branches"], key=int):
+    branch = state["branches"][tk]
+    for s, g in site_group.items():
+      adapters.setdefault(s, []).append({"a": branch["a"][g], "b": branch["b"][tree_ops.to_key(s)]})
+  return adapters
+
+
+def folded_params(state: InfLoRAState, base: Params, site_group: Mapping[str, str]) -> Params:
+  """``base`` with the folded deltas added (``fold=True``), else ``base`` itself."""
+  params = base
+  if "folded" in state:
+    for s in site_group:
+      kernel = tree_ops.get(params, s)
+      params = tree_ops.add(params, s, state["folded"][tree_ops.to_key(s)].astype(kernel.dtype))
+  return params
+
+
 def params_for(state: InfLoRAState, base: Params, site_group: Mapping[str, str]) -> Params:
   """The effective backbone params of an InfLoRA state: W + (folded) + Σ_j a_j b_j per site.
 
-  Pure and jit-able; the forward of ``loss`` and ``predict`` (the method's
-  ``params_for`` field binds it), exposed so that other code (e.g.
-  :mod:`clx.methods.inflora_ca`, feature extraction, notebooks) can run the
-  adapted backbone from a state alone. During training the loop's ``combine``
-  has put the trained b_t into the state, so every branch reads its own b.
+  Pure and jit-able; the forward of ``loss`` and ``predict`` with
+  ``lora_compute="merged"`` (the method's ``params_for`` field binds it in both
+  modes), exposed so that other code (e.g. :mod:`clx.methods.inflora_ca`, feature
+  extraction, notebooks) can run the adapted backbone from a state alone. During
+  training the loop's ``combine`` has put the trained b_t into the state, so every
+  branch reads its own b.
 
   Args:
     state: an InfLoRA state (``branches``, optionally ``folded``).
@@ -414,16 +453,8 @@ def params_for(state: InfLoRAState, base: Params, site_group: Mapping[str, str])
   Returns:
     A params pytree like ``base``: at every site W + Σ_j a_j[group] b_j[site].
   """
-  adapters: dict[str, list] = {}
-  for tk in sorted(state["branches"], key=int):
-    branch = state["branches"][tk]
-    for s, g in site_group.items():
-      adapters.setdefault(s, []).append({"a": branch["a"][g], "b": branch["b"][tree_ops.to_key(s)]})
-  params = base
-  if "folded" in state:
-    for s in site_group:
-      kernel = tree_ops.get(params, s)
-      params = tree_ops.add(params, s, state["folded"][tree_ops.to_key(s)].astype(kernel.dtype))
+  params = folded_params(state, base, site_group)
+  adapters = branch_adapters(state, site_group)
   if adapters:
     params = lora_ops.apply_adapters(params, adapters, 1.0)
   return params
@@ -610,8 +641,9 @@ def begin_task(setup: Setup, state: InfLoRAState, ctx: TaskContext) -> InfLoRASt
   params = _params_for_jit(tuple(layout.site_group.items()))(state, ctx.base)
   grams = gram_pass(setup.backbone, params, ctx.batches("train", batch_size=cfg.aux_batch_size),
                     layout.groups, task_index=t)
-  downs = {g: design(cfg, memory_ops.from_dict(state["memory"][g]), gram)
-           for g, gram in grams.items()}
+  # The SVDs once, on one device, not once per device of the mesh (passes.on_one_device).
+  grams, memories = passes.on_one_device((grams, state["memory"]))
+  downs = {g: design(cfg, memory_ops.from_dict(memories[g]), gram) for g, gram in grams.items()}
   ups = {tree_ops.to_key(s): jnp.zeros((cfg.lora_rank, layout.shapes[s][1]), jnp.float32)
          for s in layout.sites}
   heads = heads_lib.add_task_head(state["heads"], jax.random.fold_in(ctx.rng, 0), ctx.spec,
@@ -641,9 +673,13 @@ def end_task(setup: Setup, state: InfLoRAState, ctx: TaskContext) -> InfLoRAStat
   eff = _params_for_jit(tuple(layout.site_group.items()))(state, ctx.base)
   grams = gram_pass(setup.backbone, eff, ctx.batches("train", batch_size=cfg.aux_batch_size),
                     layout.groups, task_index=t)
+  # Once, on one device; the new memories go back where the old ones lived.
+  grams, memories = passes.on_one_device((grams, state["memory"]))
   memory = {**state["memory"], **{
-      g: stored(update_memory(cfg, memory_ops.from_dict(state["memory"][g]), gram, t,
-                              ctx.spec.num_tasks)) for g, gram in grams.items()}}
+      g: passes.placed_like(
+          stored(update_memory(cfg, memory_ops.from_dict(memories[g]), gram, t,
+                               ctx.spec.num_tasks)), state["memory"][g])
+      for g, gram in grams.items()}}
   state = {**state, "memory": memory}
   return fold_branch(state, layout, t) if cfg.fold else state
 
@@ -660,14 +696,29 @@ def bind(setup: Setup) -> ContinualMethod:
     del info  # every branch is active for every task
     return params_for(state, base, site_group)
 
+  forward_params, forward_kwargs = effective, None
+  if setup.cfg.lora_compute == "factored":
+    setup.backbone.check_factored(setup.layout.sites)  # each adapted kernel: an nnx.Linear's
+
+    def forward_params(state: InfLoRAState, base: Params, info: TaskInfo) -> Params:
+      del info
+      return folded_params(state, base, site_group)
+
+    def forward_kwargs(state: InfLoRAState, info: TaskInfo) -> dict:
+      del info
+      adapters = branch_adapters(state, site_group)
+      return {"adapters": adapters} if adapters else {}
+
   part = functools.partial
   mode = setup.cfg.head_mode
   return ContinualMethod(
       name=setup.cfg.name, backbone=setup.backbone, init=part(init, setup),
       begin_task=part(begin_task, setup), trainable=trainable,
-      loss=heads_lib.classification_loss(setup.backbone, effective, combine, head_mode=mode),
+      loss=heads_lib.classification_loss(setup.backbone, forward_params, combine, head_mode=mode,
+                                         forward_kwargs=forward_kwargs),
       combine=combine, end_task=part(end_task, setup),
-      predict=heads_lib.classification_predict(setup.backbone, effective, head_mode=mode),
+      predict=heads_lib.classification_predict(setup.backbone, forward_params, head_mode=mode,
+                                               forward_kwargs=forward_kwargs),
       params_for=effective)
 
 

@@ -205,6 +205,11 @@ class Backbone:
       install_adapters(module, adapters, adapter_scale, self.name)
     return module
 
+  def check_factored(self, paths) -> None:
+    """Raises ValueError unless every kernel path in ``paths`` can take a factored adapter
+    (:meth:`apply` ``adapters=``): each must be the kernel of an ``nnx.Linear``."""
+    install_adapters(self.merge(self.params), {p: None for p in paths}, 1.0, self.name)
+
   def apply(self, params: Params, x: jax.Array, *, taps: str | None = None, prefix=None,
             grad_projection=None, tap_sites=None, rng=None, mask=None,
             adapters: Mapping[str, Any] | None = None, adapter_scale: Any = 1.0):
