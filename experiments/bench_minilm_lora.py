@@ -172,6 +172,10 @@ def main() -> None:
     if mem is not None:
       print(f"  compiled temp memory: {mem.temp_size_in_bytes / 2**20:.1f} MiB, "
             f"arguments {mem.argument_size_in_bytes / 2**20:.1f} MiB")
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost and "flops" in cost:  # XLA's count for the compiled step: load-independent
+      print(f"  compiled step: {cost['flops'] / 1e9:.2f} GFLOP (XLA cost analysis)")
   if len(step_times) == 2:
     print(f"ratio factored / merged step time: "
           f"{step_times['factored'] / step_times['merged']:.3f}")

@@ -151,8 +151,9 @@ class InfLoRAConfig:
       None: the run's eval batch size.
     name: registry/run name.
     lora_compute: how the training forward and ``predict`` compute the branches:
-      ``"factored"`` (Σ_j (x a_j) b_j at each site, the base W untouched) or
-      ``"merged"`` (W + Σ_j a_j b_j); equal up to float rounding
+      ``"factored"`` (the branch of the task being trained / last trained, (x a_t) b_t at
+      each site, with the frozen older branches merged into W) or ``"merged"``
+      (W + Σ_j a_j b_j); equal up to float rounding
       (:data:`clx.methods.sequential.LORA_COMPUTE`). The Gram passes and
       :func:`params_for` always use the merged params.
   """
@@ -700,14 +701,20 @@ def bind(setup: Setup) -> ContinualMethod:
   if setup.cfg.lora_compute == "factored":
     setup.backbone.check_factored(setup.layout.sites)  # each adapted kernel: an nnx.Linear's
 
+    # Only task info.task's branch (the one whose b trains) is computed factored; the frozen
+    # older branches get no gradient, so merging them costs one small matmul per site and
+    # keeps the forward's cost independent of the number of tasks.
     def forward_params(state: InfLoRAState, base: Params, info: TaskInfo) -> Params:
-      del info
-      return folded_params(state, base, site_group)
+      older = {k: v for k, v in state["branches"].items() if k != str(info.task)}
+      adapters = branch_adapters({"branches": older}, site_group)
+      params = folded_params(state, base, site_group)
+      return lora_ops.apply_adapters(params, adapters, 1.0) if adapters else params
 
     def forward_kwargs(state: InfLoRAState, info: TaskInfo) -> dict:
-      del info
-      adapters = branch_adapters(state, site_group)
-      return {"adapters": adapters} if adapters else {}
+      current = state["branches"].get(str(info.task))
+      if current is None:  # e.g. folded at end_task: every branch is in forward_params
+        return {}
+      return {"adapters": branch_adapters({"branches": {str(info.task): current}}, site_group)}
 
   part = functools.partial
   mode = setup.cfg.head_mode
