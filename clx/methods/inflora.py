@@ -151,10 +151,9 @@ class InfLoRAConfig:
       None: the run's eval batch size.
     name: registry/run name.
     lora_compute: how the training forward and ``predict`` compute the branches:
-      ``"factored"`` (the branch of the task being trained / last trained, (x a_t) b_t at
-      each site, with the frozen older branches merged into W) or ``"merged"``
-      (W + Σ_j a_j b_j); equal up to float rounding
-      (:data:`clx.methods.sequential.LORA_COMPUTE`). The Gram passes and
+      ``"merged"`` (default, W + Σ_j a_j b_j) or ``"factored"`` (the branch of the task
+      being trained / last trained as (x a_t) b_t at each site, the frozen older branches
+      merged into W); equal up to float rounding (:data:`clx.methods.sequential.LORA_COMPUTE`). The Gram passes and
       :func:`params_for` always use the merged params.
   """
 
@@ -170,7 +169,7 @@ class InfLoRAConfig:
   fold: bool = False
   aux_batch_size: int | None = None
   name: str = "inflora"
-  lora_compute: str = "factored"
+  lora_compute: str = "merged"
 
   def __post_init__(self) -> None:
     sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)

@@ -31,7 +31,8 @@ LORA_COMPUTE = ("factored", "merged")
 frozen base with the branch ``scale·(x a) b`` at each adapted site (``Backbone.apply(adapters=)``);
 ``"merged"`` runs it on ``W + scale·a b`` (:func:`clx.ops.lora.apply_adapters`). Equal up to float
 rounding; factored avoids the dense (d_in, d_out) kernel gradient of every adapted site in the
-backward pass (see BENCHMARKS.md, MiniLM LoRA step)."""
+backward pass. The default stays ``"merged"`` (bit-identical to every earlier result): on the
+shared 2-core CPU the factored step measured no faster (BENCHMARKS.md, MiniLM LoRA step)."""
 
 
 def check_lora_compute(value: str, who: str) -> None:
@@ -48,7 +49,7 @@ class LoRAConfig:
   sites: tuple[str, ...] = ("*kernel",)
   lora_alpha: float | None = None
   head_mode: str | None = None
-  lora_compute: str = "factored"
+  lora_compute: str = "merged"
 
   def __post_init__(self):
     check_positive_int(self.lora_rank, "lora: lora_rank (rank)")
