@@ -15,7 +15,6 @@ from clx.methods import inflora as inflora_lib
 from clx.methods.base import StreamSpec, TaskInfo
 from clx.methods.sequential import lora
 from clx.models.bert import bert
-from clx.models.convnets import alexnet
 
 SPEC = StreamSpec(2, 4, "class", ((0, 1), (2, 3)), (8,))
 X = jnp.asarray([[101, 5, 6, 7, 9, 102, 0, 0], [101, 8, 11, 102, 0, 0, 0, 0],
@@ -94,7 +93,8 @@ def test_lora_compute_is_validated_and_factored_needs_linear_sites():
     lora(backbone, lora_rank=2, sites=("k",), lora_compute="fused")
   with pytest.raises(ValueError, match="lora_compute must be one of"):
     inflora_lib.inflora(backbone, lora_compute="fused")
-  convs = alexnet((32, 32, 3))
+  table = backbone.embedding  # a 2-D parameter, but no nnx.Linear computes x @ it
   with pytest.raises(ValueError, match="not the kernel of an nnx.Linear"):
-    inflora_lib.inflora(convs, sites=("conv1/kernel",), lora_rank=2)
-  inflora_lib.inflora(convs, sites=("conv1/kernel",), lora_rank=2, lora_compute="merged")
+    inflora_lib.inflora(backbone, sites=(table,), lora_rank=2, lora_compute="factored")
+  inflora_lib.inflora(backbone, sites=(table,), lora_rank=2)  # merged (the default) is fine
+  assert inflora_lib.InfLoRAConfig().lora_compute == "merged"
