@@ -43,7 +43,7 @@ neither split path strings nor probe parameter names.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -205,7 +205,7 @@ class Backbone:
       install_adapters(module, adapters, adapter_scale, self.name)
     return module
 
-  def check_factored(self, paths) -> None:
+  def check_factored(self, paths: Iterable[str]) -> None:
     """Raises ValueError unless every kernel path in ``paths`` can take a factored adapter
     (:meth:`apply` ``adapters=``): each must be the kernel of an ``nnx.Linear``."""
     install_adapters(self.merge(self.params), {p: None for p in paths}, 1.0, self.name)
@@ -312,7 +312,8 @@ def install_adapters(module: nnx.Module, adapters: Mapping[str, Any], scale: Any
     ValueError: a path that does not end in ``/kernel`` of an ``nnx.Linear`` attribute.
   """
   for path in adapters:
-    *parents, attr, leaf = path.split("/")
+    parts = path.split("/")
+    parents, attr, leaf = parts[:-2], parts[-2] if len(parts) > 1 else "", parts[-1]
     owner = module
     try:
       for part in parents:
