@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import heads as heads_lib
+from clx.methods import passes
 from clx.methods import sequential
 from clx.methods.base import (ContinualMethod, Params, State, StreamSpec, TaskContext, TaskInfo,
                               check_positive_int)
@@ -297,7 +298,10 @@ def representations(su: Setup, params: Params, ctx: TaskContext) -> dict[str, ja
 
 def update_memory(su: Setup, state: GPMState, ctx: TaskContext) -> GPMState:
   """Grow each site's memory from the task's representations (``end_task``), ε_t capped at 1."""
-  reps = representations(su, state["backbone"], ctx)
+  # Once, on one device: with the state replicated over the mesh, the representation pass and
+  # each SVD would otherwise run on every device (passes.on_one_device).
+  local = passes.on_one_device({"backbone": state["backbone"], "memory": state["memory"]})
+  reps = representations(su, local["backbone"], ctx)
   base_eps = resolve_thresholds(su.cfg.threshold, memory_sites(su, ctx.spec))
   memory = dict(state["memory"])
   update = _jitted_update(su.rule)
@@ -306,8 +310,9 @@ def update_memory(su: Setup, state: GPMState, ctx: TaskContext) -> GPMState:
     rep = jnp.asarray(rep, jnp.float32)
     if not bool(jnp.all(jnp.isfinite(rep))):
       raise ValueError(f"task {ctx.task_index}: representation of site {site!r} has NaN/Inf")
-    new = update(_memory(state, site), rep, eps, first_task=ctx.task_index == 0)
-    memory[tree.to_key(site)] = memory_ops.as_dict(new)
+    new = update(_memory(local, site), rep, eps, first_task=ctx.task_index == 0)
+    key = tree.to_key(site)
+    memory[key] = passes.placed_like(memory_ops.as_dict(new), state["memory"][key])
   return {**state, "memory": memory}
 
 

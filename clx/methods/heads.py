@@ -196,8 +196,13 @@ def classification_loss(backbone: Backbone,
 
 def classification_predict(backbone: Backbone,
                            params_for: Callable[[State, Any, TaskInfo], Params], *,
-                           head_mode: str | None = None) -> Callable:
+                           head_mode: str | None = None,
+                           forward_kwargs: Callable[[State, TaskInfo], dict] | None = None
+                           ) -> Callable:
   """The default ``predict``: every seen head over ``backbone(params_for(...))``.
+
+  ``forward_kwargs`` (optional): extra ``backbone.apply`` arguments from the state,
+  as in :func:`classification_loss` (e.g. factored LoRA ``adapters``).
 
   Returns:
     ``predict(state, base, x, info, mask=None) -> (n, num_classes)`` global logits
@@ -207,7 +212,8 @@ def classification_predict(backbone: Backbone,
 
   def predict(state, base, x, info: TaskInfo, mask=None):
     # mask: padding rows of an evaluation batch stay out of the batch statistics.
-    feats = backbone.apply(params_for(state, base, info), x, mask=mask)
+    kwargs = forward_kwargs(state, info) if forward_kwargs is not None else {}
+    feats = backbone.apply(params_for(state, base, info), x, mask=mask, **kwargs)
     return global_logits(state["heads"], feats, info.spec, mode_for(head_mode, info.spec),
                          info.task)
 

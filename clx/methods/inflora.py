@@ -116,6 +116,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import heads as heads_lib
+from clx.methods import passes
+from clx.methods import sequential
 from clx.methods.base import ContinualMethod, Params, StreamSpec, TaskContext, TaskInfo
 from clx.models.base import Backbone
 from clx.ops import dualgpm
@@ -156,6 +158,11 @@ class InfLoRAConfig:
       cosine (:func:`epoch_cosine` at the phase's learning rate and epochs) to
       the loop; ``None``: the run's ``TrainConfig.schedule``.
     name: registry/run name.
+    lora_compute: how the training forward and ``predict`` compute the branches:
+      ``"merged"`` (default, W + Σ_j a_j b_j) or ``"factored"`` (the branch of the task
+      being trained / last trained as (x a_t) b_t at each site, the frozen older branches
+      merged into W); equal up to float rounding (:data:`clx.methods.sequential.LORA_COMPUTE`). The Gram passes and
+      :func:`params_for` always use the merged params.
   """
 
   lora_rank: int = 10
@@ -171,6 +178,7 @@ class InfLoRAConfig:
   aux_batch_size: int | None = None
   lr_schedule: str | None = None
   name: str = "inflora"
+  lora_compute: str = "merged"
 
   def __post_init__(self) -> None:
     sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
@@ -191,6 +199,7 @@ class InfLoRAConfig:
     if not math.isfinite(self.design_scale) or self.design_scale == 0:
       raise ValueError(f"design_scale must be finite and non-zero, got {self.design_scale}")
     heads_lib.check_mode(self.head_mode, self.name)
+    sequential.check_lora_compute(self.lora_compute, self.name)
     if self.aux_batch_size is not None and (
         isinstance(self.aux_batch_size, bool)
         or not isinstance(self.aux_batch_size, (int, np.integer)) or self.aux_batch_size < 1):
@@ -442,14 +451,44 @@ def memory_summary(state: InfLoRAState) -> dict[str, tuple[int, str]]:
 # -- the adapted backbone -------------------------------------------------------------
 
 
+def branch_adapters(state: InfLoRAState, site_group: Mapping[str, str]) -> dict[str, list]:
+  """``{site path: [{"a": a_j[group], "b": b_j[site]}, ...]}`` over the state's branches in
+  task order: the adapters every forward sums at each site.
+
+  Args:
+    state: an InfLoRA state (``branches``).
+    site_group: ``{site path: group key}`` (:func:`site_groups`).
+
+  Returns:
+    The adapter lists (empty dict before the first task).
+  """
+  adapters: dict[str, list] = {}
+  for tk in sorted(state["branches"], key=int):
+    branch = state["branches"][tk]
+    for s, g in site_group.items():
+      adapters.setdefault(s, []).append({"a": branch["a"][g], "b": branch["b"][tree_ops.to_key(s)]})
+  return adapters
+
+
+def folded_params(state: InfLoRAState, base: Params, site_group: Mapping[str, str]) -> Params:
+  """``base`` with the folded deltas added (``fold=True``), else ``base`` itself."""
+  params = base
+  if "folded" in state:
+    for s in site_group:
+      kernel = tree_ops.get(params, s)
+      params = tree_ops.add(params, s, state["folded"][tree_ops.to_key(s)].astype(kernel.dtype))
+  return params
+
+
 def params_for(state: InfLoRAState, base: Params, site_group: Mapping[str, str]) -> Params:
   """The effective backbone params of an InfLoRA state: W + (folded) + Σ_j a_j b_j per site.
 
-  Pure and jit-able; the forward of ``loss`` and ``predict`` (the method's
-  ``params_for`` field binds it), exposed so that other code (e.g.
-  :mod:`clx.methods.inflora_ca`, feature extraction, notebooks) can run the
-  adapted backbone from a state alone. During training the loop's ``combine``
-  has put the trained b_t into the state, so every branch reads its own b.
+  Pure and jit-able; the forward of ``loss`` and ``predict`` with
+  ``lora_compute="merged"`` (the method's ``params_for`` field binds it in both
+  modes), exposed so that other code (e.g. :mod:`clx.methods.inflora_ca`, feature
+  extraction, notebooks) can run the adapted backbone from a state alone. During
+  training the loop's ``combine`` has put the trained b_t into the state, so every
+  branch reads its own b.
 
   Args:
     state: an InfLoRA state (``branches``, optionally ``folded``).
@@ -459,16 +498,8 @@ def params_for(state: InfLoRAState, base: Params, site_group: Mapping[str, str])
   Returns:
     A params pytree like ``base``: at every site W + Σ_j a_j[group] b_j[site].
   """
-  adapters: dict[str, list] = {}
-  for tk in sorted(state["branches"], key=int):
-    branch = state["branches"][tk]
-    for s, g in site_group.items():
-      adapters.setdefault(s, []).append({"a": branch["a"][g], "b": branch["b"][tree_ops.to_key(s)]})
-  params = base
-  if "folded" in state:
-    for s in site_group:
-      kernel = tree_ops.get(params, s)
-      params = tree_ops.add(params, s, state["folded"][tree_ops.to_key(s)].astype(kernel.dtype))
+  params = folded_params(state, base, site_group)
+  adapters = branch_adapters(state, site_group)
   if adapters:
     params = lora_ops.apply_adapters(params, adapters, 1.0)
   return params
@@ -655,8 +686,9 @@ def begin_task(setup: Setup, state: InfLoRAState, ctx: TaskContext) -> InfLoRASt
   params = _params_for_jit(tuple(layout.site_group.items()))(state, ctx.base)
   grams = gram_pass(setup.backbone, params, ctx.batches("train", batch_size=cfg.aux_batch_size),
                     layout.groups, task_index=t)
-  downs = {g: design(cfg, memory_ops.from_dict(state["memory"][g]), gram)
-           for g, gram in grams.items()}
+  # The SVDs once, on one device, not once per device of the mesh (passes.on_one_device).
+  grams, memories = passes.on_one_device((grams, state["memory"]))
+  downs = {g: design(cfg, memory_ops.from_dict(memories[g]), gram) for g, gram in grams.items()}
   ups = {tree_ops.to_key(s): jnp.zeros((cfg.lora_rank, layout.shapes[s][1]), jnp.float32)
          for s in layout.sites}
   heads = heads_lib.add_task_head(state["heads"], jax.random.fold_in(ctx.rng, 0), ctx.spec,
@@ -686,9 +718,13 @@ def end_task(setup: Setup, state: InfLoRAState, ctx: TaskContext) -> InfLoRAStat
   eff = _params_for_jit(tuple(layout.site_group.items()))(state, ctx.base)
   grams = gram_pass(setup.backbone, eff, ctx.batches("train", batch_size=cfg.aux_batch_size),
                     layout.groups, task_index=t)
+  # Once, on one device; the new memories go back where the old ones lived.
+  grams, memories = passes.on_one_device((grams, state["memory"]))
   memory = {**state["memory"], **{
-      g: stored(update_memory(cfg, memory_ops.from_dict(state["memory"][g]), gram, t,
-                              ctx.spec.num_tasks)) for g, gram in grams.items()}}
+      g: passes.placed_like(
+          stored(update_memory(cfg, memory_ops.from_dict(memories[g]), gram, t,
+                               ctx.spec.num_tasks)), state["memory"][g])
+      for g, gram in grams.items()}}
   state = {**state, "memory": memory}
   return fold_branch(state, layout, t) if cfg.fold else state
 
@@ -705,14 +741,35 @@ def bind(setup: Setup) -> ContinualMethod:
     del info  # every branch is active for every task
     return params_for(state, base, site_group)
 
+  forward_params, forward_kwargs = effective, None
+  if setup.cfg.lora_compute == "factored":
+    setup.backbone.check_factored(setup.layout.sites)  # each adapted kernel: an nnx.Linear's
+
+    # Only task info.task's branch (the one whose b trains) is computed factored; the frozen
+    # older branches get no gradient, so merging them costs one small matmul per site and
+    # keeps the forward's cost independent of the number of tasks.
+    def forward_params(state: InfLoRAState, base: Params, info: TaskInfo) -> Params:
+      older = {k: v for k, v in state["branches"].items() if k != str(info.task)}
+      adapters = branch_adapters({"branches": older}, site_group)
+      params = folded_params(state, base, site_group)
+      return lora_ops.apply_adapters(params, adapters, 1.0) if adapters else params
+
+    def forward_kwargs(state: InfLoRAState, info: TaskInfo) -> dict:
+      current = state["branches"].get(str(info.task))
+      if current is None:  # e.g. folded at end_task: every branch is in forward_params
+        return {}
+      return {"adapters": branch_adapters({"branches": {str(info.task): current}}, site_group)}
+
   part = functools.partial
   mode = setup.cfg.head_mode
   return ContinualMethod(
       name=setup.cfg.name, backbone=setup.backbone, init=part(init, setup),
       begin_task=part(begin_task, setup), trainable=trainable,
-      loss=heads_lib.classification_loss(setup.backbone, effective, combine, head_mode=mode),
+      loss=heads_lib.classification_loss(setup.backbone, forward_params, combine, head_mode=mode,
+                                         forward_kwargs=forward_kwargs),
       combine=combine, end_task=part(end_task, setup),
-      predict=heads_lib.classification_predict(setup.backbone, effective, head_mode=mode),
+      predict=heads_lib.classification_predict(setup.backbone, forward_params, head_mode=mode,
+                                               forward_kwargs=forward_kwargs),
       params_for=effective,
       lr_schedule=official_lr_schedule if setup.cfg.lr_schedule == "epoch_cosine" else None)
 

@@ -18,6 +18,13 @@ which run the last batch alone at its own size (GPM/BECAME ``test``,
 ``compute_fisher_matrix_diag``). Models without batch statistics ignore the
 mask, so passing it is always safe.
 
+Linear algebra of a host pass (GPM/SGP/DualGPM memory updates, InfLoRA's design) runs
+**once**, on one device: the loop keeps the method state replicated over the mesh, and a
+jitted SVD or eigendecomposition of replicated arrays runs one copy per device (on 8
+simulated CPU devices that is 8 SVDs fighting for the same cores). :func:`on_one_device`
+moves the inputs to this process's first device, :func:`placed_like` puts the results back
+with the placement of the values they replace.
+
 A method's ``predict`` takes ``mask=`` (see :class:`clx.methods.base.ContinualMethod`);
 :func:`predict_fn` adapts one that predates it and refuses it on a
 batch-statistic backbone, where its outputs would depend on the padding.
@@ -32,6 +39,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 
 def index_plan(n: int, batch_size: int, padded: int | None = None) -> np.ndarray:
@@ -125,3 +133,61 @@ def collect(fn: Callable, x: np.ndarray, batch_size: int) -> np.ndarray:
     xb, mask = gather(x, idx)
     out.append(np.asarray(jax.device_get(fn(xb, mask)))[:int(mask.sum())])
   return np.concatenate(out)
+
+
+def on_one_device(tree: Any) -> Any:
+  """``tree`` with every ``jax.Array`` leaf on one device, this process's first local device.
+
+  A replicated leaf gives up its local copy (no transfer); a sharded one is gathered (across
+  processes when it spans several). Other leaves (NumPy, Python scalars) are left as they are.
+  A jitted function of the result runs once, on that device, instead of once per device of
+  the mesh the leaves were replicated over.
+
+  Args:
+    tree: a pytree of arrays.
+
+  Returns:
+    The same pytree, each ``jax.Array`` leaf committed to ``jax.local_devices()[0]``.
+  """
+  target = jax.local_devices()[0]
+
+  def one(leaf):
+    if not isinstance(leaf, jax.Array) or leaf.sharding.device_set == {target}:
+      return leaf
+    if leaf.is_fully_replicated:
+      for shard in leaf.addressable_shards:
+        if shard.device == target:
+          return shard.data
+      return jax.device_put(leaf.addressable_data(0), target)
+    if leaf.is_fully_addressable:
+      return jax.device_put(leaf, target)
+    return jax.device_put(np.asarray(multihost_utils.process_allgather(leaf, tiled=True)), target)
+
+  return jax.tree.map(one, tree)
+
+
+def placed_like(tree: Any, reference: Any) -> Any:
+  """``tree`` with each ``jax.Array`` leaf placed with the sharding of its ``reference`` leaf.
+
+  The way back after :func:`on_one_device`: a result computed on one device replaces state
+  that lives replicated (or sharded) on the mesh, and later jitted steps need every leaf on
+  the same devices. Leaves whose reference is not a ``jax.Array`` are returned unchanged.
+  Works across processes (every process holds the same value).
+
+  Args:
+    tree: results, a pytree with the structure of ``reference``.
+    reference: the values they replace.
+
+  Returns:
+    ``tree`` placed like ``reference``.
+  """
+
+  def put(value, ref):
+    if not isinstance(ref, jax.Array) or not isinstance(value, (jax.Array, np.ndarray)):
+      return value
+    if isinstance(value, jax.Array) and value.sharding == ref.sharding:
+      return value
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, ref.sharding, lambda index: host[index])
+
+  return jax.tree.map(put, tree, reference)

@@ -26,6 +26,19 @@ from clx.models.base import Backbone
 from clx.ops import lora as lora_ops
 
 LORA_RENAMED = {"rank": "lora_rank", "alpha": "lora_alpha", "targets": "sites"}
+LORA_COMPUTE = ("factored", "merged")
+"""How a LoRA method's forward computes its adapters: ``"factored"`` runs the backbone on the
+frozen base with the branch ``scale·(x a) b`` at each adapted site (``Backbone.apply(adapters=)``);
+``"merged"`` runs it on ``W + scale·a b`` (:func:`clx.ops.lora.apply_adapters`). Equal up to float
+rounding; factored avoids the dense (d_in, d_out) kernel gradient of every adapted site in the
+backward pass. The default stays ``"merged"`` (bit-identical to every earlier result): on the
+shared 2-core CPU the factored step measured no faster (BENCHMARKS.md, MiniLM LoRA step)."""
+
+
+def check_lora_compute(value: str, who: str) -> None:
+  """Raises ValueError unless ``value`` is one of :data:`LORA_COMPUTE`."""
+  if value not in LORA_COMPUTE:
+    raise ValueError(f"{who}: lora_compute must be one of {LORA_COMPUTE}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,9 +49,11 @@ class LoRAConfig:
   sites: tuple[str, ...] = ("*kernel",)
   lora_alpha: float | None = None
   head_mode: str | None = None
+  lora_compute: str = "merged"
 
   def __post_init__(self):
     check_positive_int(self.lora_rank, "lora: lora_rank (rank)")
+    check_lora_compute(self.lora_compute, "lora")
     alpha = self.lora_alpha
     if alpha is not None and (isinstance(alpha, bool) or not np.isfinite(alpha) or alpha <= 0):
       raise ValueError(f"lora: lora_alpha (alpha) must be a positive finite number or None, "
@@ -106,26 +121,44 @@ def lora_params(scale: float, state: State, base: Params, info: TaskInfo) -> Par
   return lora_ops.apply_adapters(base, state["adapters"], scale)
 
 
+def frozen_base(state: State, base: Params, info: TaskInfo) -> Params:
+  """The forward's params of a factored LoRA method: the frozen base itself."""
+  del state, info
+  return base
+
+
+def lora_forward_kwargs(scale: float, state: State, info: TaskInfo) -> dict:
+  """``backbone.apply`` arguments of factored sequential LoRA: the adapters and their scale."""
+  del info
+  return {"adapters": state["adapters"], "adapter_scale": scale}
+
+
 def _copy_of_base(rng: jax.Array, base: Params) -> State:
   del rng
   return {"backbone": jax.tree.map(jnp.array, base)}
 
 
 def _make(name: str, backbone: Backbone, *, params_for: Callable, trainable_keys: tuple[str, ...],
-          init_extra: Callable, head_mode: str | None,
-          data_view: str = "current") -> ContinualMethod:
+          init_extra: Callable, head_mode: str | None, data_view: str = "current",
+          forward: tuple[Callable, Callable] | None = None) -> ContinualMethod:
   """A method whose forward is ``backbone(params_for(state, base, info))``, training
-  ``trainable_keys`` of the state (made by ``init_extra(rng, base)``) and the current head."""
+  ``trainable_keys`` of the state (made by ``init_extra(rng, base)``) and the current head.
+  ``forward`` = ``(forward_params, forward_kwargs)`` replaces that forward in ``loss`` and
+  ``predict`` by ``backbone.apply(forward_params(...), x, **forward_kwargs(state, info))``
+  (factored LoRA); ``params_for`` stays the public effective-params function."""
   heads_lib.check_mode(head_mode, name)
   comb = functools.partial(combine, trainable_keys)
+  fwd_params, fwd_kwargs = forward if forward is not None else (params_for, None)
   return ContinualMethod(
       name=name, backbone=backbone, init=functools.partial(init, backbone, head_mode, init_extra),
       begin_task=functools.partial(begin_task, backbone, head_mode),
       trainable=functools.partial(trainable, trainable_keys),
-      loss=heads_lib.classification_loss(backbone, params_for, comb, head_mode=head_mode,
-                                         cumulative=data_view == "cumulative"),
+      loss=heads_lib.classification_loss(backbone, fwd_params, comb, head_mode=head_mode,
+                                         cumulative=data_view == "cumulative",
+                                         forward_kwargs=fwd_kwargs),
       combine=comb, end_task=no_host_hook, params_for=params_for,
-      predict=heads_lib.classification_predict(backbone, params_for, head_mode=head_mode),
+      predict=heads_lib.classification_predict(backbone, fwd_params, head_mode=head_mode,
+                                               forward_kwargs=fwd_kwargs),
       data_view=data_view)
 
 

@@ -24,6 +24,12 @@ The contract every backbone module follows (``module(x, *, taps=None, prefix=Non
 - ``prefix``: optional soft-prompt embeddings ``(p, d)`` or ``(n, p, d)``
   prepended to the input embeddings (SPARC); ignored by non-sequence models.
 
+- ``adapters`` (an argument of :meth:`Backbone.apply`, not of the module):
+  LoRA adapters ``{kernel path: {"a": (d_in, r), "b": (r, d_out)}}`` computed
+  *factored* at their sites, ``y = x W + bias + scale·((x a) b)``, instead of
+  being merged into ``W`` (:func:`clx.ops.lora.apply_adapters`); every site
+  whose module is an ``nnx.Linear`` called as ``layer(x)`` supports it.
+
 Sites are named by the path of their kernel in ``params`` (``"lin1/kernel"``,
 ``"encoder/layers/3/attention/key/kernel"``), the same key adapters use;
 :attr:`Backbone.sites` groups them by role (``q``, ``k``, ``v``, ``o``,
@@ -37,12 +43,14 @@ neither split path strings nor probe parameter names.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from clx.ops import lora as lora_ops
 
 Params = dict[str, Any]
 
@@ -175,14 +183,36 @@ class Backbone:
       raise ValueError(f"{self.name} has no site role(s) {unknown}; roles: {sorted(self.sites)}")
     return tuple(p for r in roles for p in self.sites[r])
 
-  def merge(self, params: Params) -> nnx.Module:
-    """A module carrying ``params`` (works on tracers inside ``jax.jit``)."""
+  def merge(self, params: Params, *, adapters: Mapping[str, Any] | None = None,
+            adapter_scale: Any = 1.0) -> nnx.Module:
+    """A module carrying ``params`` (works on tracers inside ``jax.jit``).
+
+    Args:
+      params: the backbone parameters (``self.params``' structure).
+      adapters: optional ``{kernel path: adapter spec}`` computed factored at their
+        sites (:func:`install_adapters`); the module is a fresh copy, so nothing
+        outside this call sees them.
+      adapter_scale: scalar multiplier of every adapter branch.
+
+    Returns:
+      The NNX module.
+    """
     state = jax.tree.map(lambda v: v, self.template)
     nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(self.graphdef, state)
+    module = nnx.merge(self.graphdef, state)
+    if adapters:
+      lora_ops.check_adapters(params, adapters)
+      install_adapters(module, adapters, adapter_scale, self.name)
+    return module
+
+  def check_factored(self, paths: Iterable[str]) -> None:
+    """Raises ValueError unless every kernel path in ``paths`` can take a factored adapter
+    (:meth:`apply` ``adapters=``): each must be the kernel of an ``nnx.Linear``."""
+    install_adapters(self.merge(self.params), {p: None for p in paths}, 1.0, self.name)
 
   def apply(self, params: Params, x: jax.Array, *, taps: str | None = None, prefix=None,
-            grad_projection=None, tap_sites=None, rng=None, mask=None):
+            grad_projection=None, tap_sites=None, rng=None, mask=None,
+            adapters: Mapping[str, Any] | None = None, adapter_scale: Any = 1.0):
     """Pooled features ``(n, feature_dim)`` for inputs ``x`` of shape ``(n, *input_shape)``.
 
     ``taps`` (``"inputs"`` or ``"gram"``) also returns per-site input taps,
@@ -196,6 +226,12 @@ class Backbone:
     rows of a padded batch for batch statistics, on models that use them
     (:attr:`train_kwargs`); other models ignore both, so methods pass them
     unconditionally.
+    ``adapters`` (``{kernel path: {"a": (d_in, r), "b": (r, d_out)}}``, a stacked
+    adapter or a list of them, as :func:`clx.ops.lora.apply_adapters` takes) are
+    computed factored at their sites: ``y = x W + b + adapter_scale·Σ_j (x a_j) b_j``,
+    equal to ``apply(lora.apply_adapters(params, adapters, adapter_scale), x)`` up to
+    float rounding, without forming ``W + a b`` (so the backward never forms the dense
+    kernel gradient of an adapted site).
     """
     if taps not in (None, "inputs", "gram"):
       raise ValueError(f"taps must be None, 'inputs' or 'gram', got {taps!r}")
@@ -210,11 +246,15 @@ class Backbone:
         raise ValueError(f"{self.name} cannot project {unsupported} through inputs; "
                          "project those gradients instead")
       kwargs["grad_projection"] = grad_projection
+      both = sorted(set(grad_projection) & set(adapters or {}))
+      if both:
+        raise ValueError(f"{self.name}: sites {both} have both grad_projection and a factored "
+                         "adapter; merge the adapters into params instead")
     if rng is not None and "rng" in self.train_kwargs:
       kwargs["rng"] = rng
     if mask is not None and "mask" in self.train_kwargs:
       kwargs["mask"] = mask
-    out = self.merge(params)(x, **kwargs)
+    out = self.merge(params, adapters=adapters, adapter_scale=adapter_scale)(x, **kwargs)
     if taps is None or tap_sites is None:
       return out
     features, tapped = out
@@ -234,6 +274,58 @@ class Backbone:
   def num_params(self) -> int:
     """Number of scalars in the base parameters."""
     return sum(int(v.size) for v in jax.tree.leaves(self.params))
+
+
+class FactoredLinear:
+  """An ``nnx.Linear`` with a LoRA branch computed factored: ``layer(x) + scale·Σ_j (x a_j) b_j``.
+
+  Stands in for the layer inside one forward of a freshly merged module
+  (:func:`install_adapters`). It exposes no ``kernel``: module code that reads
+  the kernel directly instead of calling the layer fails loudly rather than
+  silently skipping the branch.
+  """
+
+  def __init__(self, layer: nnx.Linear, spec: Any, scale: Any, path: str):
+    self._layer, self._spec, self._scale, self._path = layer, spec, scale, path
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``x (..., d_in)`` → ``(..., d_out)`` in the layer's output dtype."""
+    y = self._layer(x)
+    return y + lora_ops.lora_branch(x.astype(y.dtype), self._spec, self._scale,
+                                    path=self._path)
+
+
+def install_adapters(module: nnx.Module, adapters: Mapping[str, Any], scale: Any,
+                     who: str = "model") -> None:
+  """Replaces the ``nnx.Linear`` owning each adapted kernel by a :class:`FactoredLinear`.
+
+  Mutates ``module`` in place: call it only on a module made for one forward
+  (:meth:`Backbone.merge` builds a fresh one per call).
+
+  Args:
+    module: a merged backbone module.
+    adapters: ``{"path/to/kernel": adapter spec}`` (checked against the params).
+    scale: scalar multiplier of every branch.
+    who: the backbone's name, for errors.
+
+  Raises:
+    ValueError: a path that does not end in ``/kernel`` of an ``nnx.Linear`` attribute.
+  """
+  for path in adapters:
+    parts = path.split("/")
+    parents, attr, leaf = parts[:-2], parts[-2] if len(parts) > 1 else "", parts[-1]
+    owner = module
+    try:
+      for part in parents:
+        owner = owner[int(part)] if part.isdigit() else getattr(owner, part)
+      layer = getattr(owner, attr)
+    except (AttributeError, IndexError, KeyError, TypeError):
+      layer = None
+    if leaf != "kernel" or not isinstance(layer, nnx.Linear):
+      raise ValueError(f"{who}: cannot compute a factored adapter at {path!r}: it is not the "
+                       f"kernel of an nnx.Linear layer ({type(layer).__name__}); merge the "
+                       "adapters into params instead (lora_compute='merged')")
+    setattr(owner, attr, FactoredLinear(layer, adapters[path], scale, path))
 
 
 def shared_input_groups(sites: Mapping[str, tuple[str, ...]],

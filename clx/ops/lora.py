@@ -176,11 +176,12 @@ def lora_delta(adapter: Adapter, scale: Any = 1.0) -> Array:
   return scale * jnp.matmul(adapter["a"], adapter["b"], precision=_HIGHEST)
 
 
-def _summed_delta(spec: AdapterSpec, path: str, scale: Any) -> Array:
-  """scale · Σ_j a_j @ b_j over a list/tuple and over leading stack axes.
+def _factors(spec: AdapterSpec, path: str) -> tuple[Array, Array]:
+  """The adapters of one kernel as one factor pair: down (d_in, R), up (R, d_out).
 
-  Computed as one matmul [a_1 … a_m] @ [b_1; …; b_m] (ranks concatenated),
-  which never materialises m separate (d_in, d_out) deltas.
+  A list/tuple of adapters and leading stack axes are concatenated along the
+  rank, [a_1 … a_m] and [b_1; …; b_m] (R = Σ r_j), so that
+  down @ up = Σ_j a_j @ b_j.
   """
   adapters = [spec] if isinstance(spec, Mapping) else list(spec)
   if not adapters:
@@ -201,9 +202,90 @@ def _summed_delta(spec: AdapterSpec, path: str, scale: Any) -> Array:
       )
     downs.append(a)
     ups.append(b)
-  down = jnp.concatenate(downs, axis=1)
-  up = jnp.concatenate(ups, axis=0)
+  if len(downs) == 1:
+    return downs[0], ups[0]
+  return jnp.concatenate(downs, axis=1), jnp.concatenate(ups, axis=0)
+
+
+def _summed_delta(spec: AdapterSpec, path: str, scale: Any) -> Array:
+  """scale · Σ_j a_j @ b_j over a list/tuple and over leading stack axes.
+
+  Computed as one matmul [a_1 … a_m] @ [b_1; …; b_m] (ranks concatenated),
+  which never materialises m separate (d_in, d_out) deltas.
+  """
+  down, up = _factors(spec, path)
   return scale * jnp.matmul(down, up, precision=_HIGHEST)
+
+
+def lora_branch(x: Array, spec: AdapterSpec, scale: Any = 1.0, *,
+                path: str = "lora_branch") -> Array:
+  """The factored LoRA branch y_Δ = scale · Σ_j (x a_j) b_j, without forming a_j @ b_j.
+
+  Equal to x @ (scale · Σ_j a_j b_j) (the merged delta of :func:`apply_adapters`)
+  up to float rounding. Per row it costs 2·R·(d_in + d_out) flops (R the summed
+  rank) instead of the merged form's 2·d_in·d_out per row for the kernel gradient
+  in the backward pass; the rank-R intermediate x A is what the backward keeps.
+  The factors are cast to x's dtype (the compute dtype, as ``nnx.Linear`` casts its
+  kernel) and the matmuls use the default precision, like the layer's own x W.
+
+  Args:
+    x: (..., d_in) inputs of the adapted layer.
+    spec: {"a": (d_in, r), "b": (r, d_out)}, a stacked adapter (s, d_in, r) /
+      (s, r, d_out), or a list/tuple of them (summed).
+    scale: scalar multiplier (e.g. α / r), may be traced.
+    path: the kernel path, named in errors.
+
+  Returns:
+    (..., d_out) in x's dtype.
+
+  Raises:
+    ValueError: malformed adapters, or d_in ≠ x.shape[-1].
+  """
+  down, up = _factors(spec, path)
+  if down.shape[0] != x.shape[-1]:
+    raise ValueError(f"adapter for {path!r} expects inputs with {down.shape[0]} features, "
+                     f"got x {tuple(x.shape)}.")
+  hidden = jnp.matmul(x, down.astype(x.dtype))  # (..., R)
+  return jnp.matmul(hidden * jnp.asarray(scale, x.dtype), up.astype(x.dtype))
+
+
+def check_adapters(params: Any, adapters: Mapping[str, AdapterSpec]) -> None:
+  """Checks that every adapter path is a 2-D kernel of ``params`` with a matching delta shape.
+
+  Args:
+    params: nested dict of arrays (shapes only are read).
+    adapters: {"path/to/kernel": adapter | [adapter, ...]}.
+
+  Raises:
+    ValueError: naming the path when it is missing from params, is not a 2-D
+      kernel, or the adapters' delta shape differs from the kernel's.
+  """
+  flat = flatten_paths(params)
+  for path, spec in adapters.items():
+    _kernel_for(flat, path, spec)
+
+
+def _kernel_for(flat: Mapping[str, Any], path: str, spec: AdapterSpec) -> Any:
+  """The kernel at ``path`` after checking it against ``spec`` (see :func:`check_adapters`)."""
+  if path not in flat:
+    near = [p for p in flat if p.endswith(path.rsplit("/", 1)[-1])][:5]
+    raise ValueError(
+        f"adapter path {path!r} not found in params (paths ending the same "
+        f"way: {near})."
+    )
+  kernel = flat[path]
+  if np.ndim(kernel) != 2:
+    raise ValueError(
+        f"adapter path {path!r} points at shape {np.shape(kernel)}, "
+        f"expected a 2-D (d_in, d_out) kernel."
+    )
+  down, up = jax.eval_shape(lambda s: _factors(s, path), spec)
+  if (down.shape[0], up.shape[1]) != tuple(np.shape(kernel)):
+    raise ValueError(
+        f"adapter for {path!r} gives delta {(down.shape[0], up.shape[1])} but the kernel is "
+        f"{tuple(np.shape(kernel))}."
+    )
+  return kernel
 
 
 def apply_adapters(
@@ -231,24 +313,8 @@ def apply_adapters(
   """
   flat = flatten_paths(params)
   for path, spec in adapters.items():
-    if path not in flat:
-      near = [p for p in flat if p.endswith(path.rsplit("/", 1)[-1])][:5]
-      raise ValueError(
-          f"adapter path {path!r} not found in params (paths ending the same "
-          f"way: {near})."
-      )
-    kernel = flat[path]
-    if np.ndim(kernel) != 2:
-      raise ValueError(
-          f"adapter path {path!r} points at shape {np.shape(kernel)}, "
-          f"expected a 2-D (d_in, d_out) kernel."
-      )
+    kernel = _kernel_for(flat, path, spec)
     delta = _summed_delta(spec, path, scale)
-    if delta.shape != np.shape(kernel):
-      raise ValueError(
-          f"adapter for {path!r} gives delta {delta.shape} but the kernel is "
-          f"{np.shape(kernel)}."
-      )
     flat[path] = kernel + delta.astype(jnp.result_type(kernel))
   return _restore_structure(params, flat)
 

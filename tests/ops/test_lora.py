@@ -335,3 +335,52 @@ def test_mixed_ranks_and_disagreeing_adapters(x64):
   bad = [random_adapter(rng, 8, 6, 1), random_adapter(rng, 8, 3, 1)]
   with pytest.raises(ValueError, match="disagree on the delta shape"):
     lora.apply_adapters(params, {"head/kernel": bad})
+
+
+def test_lora_branch_matches_numpy_and_merged_delta(x64):
+  """(x a) b in float64 equals x (a b) for one adapter, a list and a stack, with the scale."""
+  rng = np.random.default_rng(11)
+  x = rng.normal(size=(3, 5, 8))
+  one = random_adapter(rng, 8, 6, 3)
+  stacked = random_adapter(rng, 8, 6, 2, stack=4)
+  listed = [one, stacked, random_adapter(rng, 8, 6, 1)]
+  for spec in (one, stacked, listed):
+    parts = [spec] if isinstance(spec, dict) else spec
+    delta = sum(np.matmul(p["a"], p["b"]).reshape(-1, 8, 6).sum(0) for p in parts)
+    got = np.asarray(lora.lora_branch(jnp.asarray(x), spec, 0.7))
+    np.testing.assert_allclose(got, 0.7 * x @ delta, rtol=1e-12, atol=1e-12)
+    merged = lora.apply_adapters({"w": {"kernel": np.zeros((8, 6))}}, {"w/kernel": spec}, 0.7)
+    np.testing.assert_allclose(got, x @ np.asarray(merged["w"]["kernel"]), rtol=1e-12, atol=1e-12)
+
+
+def test_lora_branch_gradients_match_merged(x64):
+  """d/da and d/db of a loss through (x a) b equal those through x (W + a b) (float64)."""
+  rng = np.random.default_rng(12)
+  x, w = jnp.asarray(rng.normal(size=(7, 8))), jnp.asarray(rng.normal(size=(8, 6)))
+  adapter = {k: jnp.asarray(v) for k, v in random_adapter(rng, 8, 6, 3).items()}
+  target = jnp.asarray(rng.normal(size=(7, 6)))
+
+  def factored(ad):
+    return jnp.sum(jnp.tanh(x @ w + lora.lora_branch(x, ad, 1.3)) * target)
+
+  def merged(ad):
+    eff = lora.apply_adapters({"w": {"kernel": w}}, {"w/kernel": ad}, 1.3)["w"]["kernel"]
+    return jnp.sum(jnp.tanh(x @ eff) * target)
+
+  g_f, g_m = jax.grad(factored)(adapter), jax.grad(merged)(adapter)
+  for k in ("a", "b"):
+    np.testing.assert_allclose(np.asarray(g_f[k]), np.asarray(g_m[k]), rtol=1e-12, atol=1e-12)
+
+
+def test_lora_branch_and_check_adapters_errors():
+  x = jnp.ones((2, 5))
+  with pytest.raises(ValueError, match="expects inputs with 8 features"):
+    lora.lora_branch(x, {"a": jnp.ones((8, 2)), "b": jnp.ones((2, 3))}, path="p/kernel")
+  params = make_params(np.random.default_rng(0))
+  with pytest.raises(ValueError, match="not found"):
+    lora.check_adapters(params, {"encoder/nope/kernel": {"a": np.ones((8, 2)), "b": np.ones((2, 6))}})
+  with pytest.raises(ValueError, match="gives delta"):
+    lora.check_adapters(params, {"head/kernel": {"a": np.ones((8, 2)), "b": np.ones((2, 6))}})
+  with pytest.raises(ValueError, match="2-D"):
+    lora.check_adapters(params, {"encoder/layer_0/attn/query/bias": {"a": np.ones((8, 2)),
+                                                                     "b": np.ones((2, 6))}})

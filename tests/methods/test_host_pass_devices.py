@@ -1,0 +1,129 @@
+"""Host passes run their linear algebra once, on one device, whatever the mesh.
+
+With the method state replicated over 8 devices (as the loop places it), a jitted SVD
+of replicated inputs ran one copy per device: `clx rehearse cifar100_gpm --devices 8`
+spent > 30 min in GPM's memory update. The check runs in a subprocess with 8
+simulated CPU devices (XLA_FLAGS must be set before JAX starts), spies on the inputs
+of the memory updates / InfLoRA design, and compares with the 1-device result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+_RUNNER = r'''
+import json, types
+import jax, jax.numpy as jnp, numpy as np
+from clx.methods import gpm as gpm_lib, inflora as inflora_lib
+from clx.methods.base import StreamSpec
+from clx.models.mlp import mlp
+from clx.train import sharding
+
+assert len(jax.devices()) == 8
+mesh = sharding.make_mesh()
+out = {}
+
+def devices(tree):
+  return sorted({d.id for leaf in jax.tree.leaves(tree) if isinstance(leaf, jax.Array)
+                 for d in leaf.devices()})
+
+# -- GPM: representation pass + one SVD per site, state replicated on 8 devices ---------------
+backbone = mlp((20,), (16, 12), seed=0)
+method = gpm_lib.gpm(backbone, threshold=0.9, num_samples=40)
+spec = StreamSpec(2, 4, "task", ((0, 1), (2, 3)), (20,))
+rng = np.random.default_rng(0)
+x = rng.normal(size=(48, 20)).astype(np.float32)
+y = rng.integers(0, 2, 48).astype(np.int32)
+ctx = types.SimpleNamespace(task_index=0, spec=spec, sample=lambda n, **_: {"x": x[:n], "y": y[:n]},
+                            arrays=lambda split="train": {"x": x, "y": y})
+seen = []
+jitted = gpm_lib._jitted_update
+def spy(rule):
+  update = jitted(rule)
+  def recorded(memory, rep, eps, **kw):
+    seen.append(devices((memory, rep)))
+    return update(memory, rep, eps, **kw)
+  return recorded
+gpm_lib._jitted_update = spy
+state = method.init(jax.random.PRNGKey(0), spec)
+one = method.end_task(state, ctx)
+seen.clear()
+placed = sharding.place_state(state, mesh)
+eight = method.end_task(placed, ctx)
+out["gpm_update_devices"] = seen
+out["gpm_max_diff"] = max(float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))))
+                          for a, b in zip(jax.tree.leaves(one["memory"]), jax.tree.leaves(eight["memory"])))
+out["gpm_ranks"] = [gpm_lib.memory_ranks(one), gpm_lib.memory_ranks(eight)]
+out["gpm_memory_devices"] = devices(eight["memory"])
+out["gpm_memory_sharding_kept"] = all(
+    a.sharding == b.sharding for a, b in zip(jax.tree.leaves(eight["memory"]),
+                                             jax.tree.leaves(placed["memory"])))
+
+# -- InfLoRA: design (begin_task) and DualGPM update (end_task) ----------------------------------
+ispec = StreamSpec(2, 4, "class", ((0, 1), (2, 3)), (20,))
+inf = inflora_lib.inflora(backbone, sites=("mlp",), lora_rank=2)
+calls = []
+design, update_memory = inflora_lib.design, inflora_lib.update_memory
+def design_spy(cfg, memory, gram):
+  calls.append(devices((memory, gram)))
+  return design(cfg, memory, gram)
+def update_spy(cfg, memory, gram, task, num_tasks):
+  calls.append(devices((memory, gram)))
+  return update_memory(cfg, memory, gram, task, num_tasks)
+inflora_lib.design, inflora_lib.update_memory = design_spy, update_spy
+
+def run_inflora(where):
+  base = backbone.params if where is None else sharding.place_base(backbone.params, mesh)
+  def batches(split="train", batch_size=None):
+    for i in range(0, 48, 16):
+      b = {"x": jnp.asarray(x[i:i + 16]), "mask": jnp.ones((16,), jnp.float32)}
+      yield b if where is None else jax.device_put(b, sharding.data_sharding(mesh))
+  c = types.SimpleNamespace(task_index=0, spec=ispec, rng=jax.random.PRNGKey(1), base=base,
+                            batches=batches)
+  s = inf.init(jax.random.PRNGKey(0), ispec)
+  if where is not None:
+    s = sharding.place_state(s, mesh)
+  s = inf.begin_task(s, c)
+  if where is not None:
+    s = sharding.place_state(s, mesh)
+  s = {**s, "branches": {"0": {**s["branches"]["0"], "b": jax.tree.map(
+      lambda v: v + 0.1, s["branches"]["0"]["b"])}}}
+  return s, inf.end_task(s, c)
+
+(s1, e1), (s8, e8) = run_inflora(None), run_inflora("mesh")
+out["inflora_calls"] = calls[len(calls) // 2:]
+def proj(m):
+  m = np.asarray(m, np.float64)
+  return m @ m.T
+out["inflora_a_diff"] = max(float(np.abs(proj(s1["branches"]["0"]["a"][g]) - proj(s8["branches"]["0"]["a"][g])).max())
+                            for g in s1["branches"]["0"]["a"])
+out["inflora_memory_diff"] = max(float(np.abs(proj(e1["memory"][g]["basis"]) - proj(e8["memory"][g]["basis"])).max())
+                                 for g in e1["memory"])
+out["inflora_ranks"] = [[int(e1["memory"][g]["rank"]), int(e8["memory"][g]["rank"])] for g in e1["memory"]]
+out["inflora_memory_sharding_kept"] = all(
+    a.sharding == b.sharding for a, b in zip(jax.tree.leaves(e8["memory"]), jax.tree.leaves(s8["memory"])))
+print("RESULT " + json.dumps(out))
+'''
+
+
+def test_host_pass_linear_algebra_runs_once_on_one_device_of_eight():
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", _RUNNER], env=env, capture_output=True, text=True,
+                        timeout=900, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  out = json.loads(line[len("RESULT "):])
+  # Every SVD of the 8-device run saw inputs on one device (the old code: all 8).
+  assert out["gpm_update_devices"] and all(d == [0] for d in out["gpm_update_devices"])
+  assert out["inflora_calls"] and all(d == [0] for d in out["inflora_calls"]), out["inflora_calls"]
+  # Same memory as on 1 device; the results go back to the mesh placement of what they replace.
+  assert out["gpm_max_diff"] == 0.0
+  assert out["gpm_ranks"][0] == out["gpm_ranks"][1]
+  assert out["gpm_memory_devices"] == list(range(8)) and out["gpm_memory_sharding_kept"]
+  assert out["inflora_a_diff"] < 1e-4 and out["inflora_memory_diff"] < 1e-4
+  assert all(r1 == r8 for r1, r8 in out["inflora_ranks"])
+  assert out["inflora_memory_sharding_kept"]
