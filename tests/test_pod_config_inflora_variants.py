@@ -58,7 +58,13 @@ def test_method_adapts_kv_of_the_first_five_blocks_with_plain_gpm():
 
 
 def test_fails_fast_offline(tmp_path):
+  from clx.data.images import ImageDataMissingError
   config = load_config("vit_inflora_b5")
+  assert config["stream"]["source"] == "folder"  # streamed from the ImageNet-R folder
+  config["stream"]["root"] = str(tmp_path / "imagenet-r")
+  with pytest.raises(ImageDataMissingError, match="imagenet-r"):
+    build_stream(config)
+  config["stream"]["source"] = "tfds"
   config["stream"]["data_dir"] = str(tmp_path)
   with pytest.raises(DatasetNotPreparedError, match="imagenet_r"):
     build_stream(config)
