@@ -400,7 +400,11 @@ def main(argv=None) -> int:
       config["methods"] = [m for m in args.methods.split(",") if m in config["methods"]]
     result = report(config, workdir)
     out = Path(args.output) if args.output else workdir / "comparators.json"
-    out.write_text(json.dumps(result, indent=1))
+    if args.methods and out.exists():  # the other rows of an earlier report stay
+      result = {**json.loads(out.read_text()), **result}
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out)
     print(json.dumps(result, indent=1))
     return 0
 
