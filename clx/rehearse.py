@@ -264,6 +264,12 @@ def _instrument(method, record: dict[str, Any], time_steps: int,
     t0 = time.perf_counter()
     state = method.begin_task(*args, **kwargs)
     entry["begin_task_s"] = time.perf_counter() - t0
+    # The loop places the state right after begin_task (run: sharding.place_state); the step
+    # measured here runs before that, so it places the state the same way first: leaves that
+    # begin_task created (computed on one device, or host arrays) would otherwise reach the
+    # compiled step off the mesh.
+    from clx.train import sharding  # pylint: disable=import-outside-toplevel
+    state = sharding.place_state(state, ctx.fitter.mesh, ctx.config.param_sharding)
     entry["step"] = measure_step(method, ctx, state, time_steps=time_steps,
                                  cpu_limit_bytes=cpu_limit_bytes)
     entry["_fit_start"] = time.perf_counter()

@@ -145,6 +145,50 @@ def test_the_measured_step_is_the_loops_step_with_its_schedule(monkeypatch):
     assert step["batch"] == 10 and step["step_s"] > 0 and step["memory"]["peak"] > 0
 
 
+def test_the_measured_step_gets_the_state_placed_as_the_loop_places_it(monkeypatch):
+  # begin_task may return leaves off the mesh (new leaves computed on one device, as the host
+  # passes' linear algebra is: passes.on_one_device). The loop places the state right after
+  # begin_task; the rehearsal's step, compiled before that, must see the same placement. On
+  # the old code the whole-state-on-device-0 case below failed to compile (incompatible
+  # devices) on this suite's 4 devices; InfLoRA had a special case for its own new leaves.
+  import jax
+
+  from clx import rehearse
+  from clx.methods import build
+  from clx.models.mlp import mlp
+  from clx.train import run_method
+  from clx.train.config import TrainConfig
+  from clx.train.sharding import make_mesh
+  from tests.helpers import make_gaussian_stream
+
+  assert jax.device_count() >= 4
+  stream = make_gaussian_stream(num_tasks=2, n_train=40)
+  method = build("inflora", mlp(stream.input_shape, (16,), seed=0), lora_rank=2, sites=("mlp",))
+  begin = method.begin_task
+
+  def begin_on_one_device(state, ctx):
+    first = jax.devices()[0]
+    return jax.tree.map(lambda v: jax.device_put(v, first) if isinstance(v, jax.Array) else v,
+                        begin(state, ctx))
+
+  seen = []
+  measure = rehearse.measure_step
+
+  def spy(method, ctx, state, **kw):
+    seen.append(sorted({d.id for leaf in jax.tree.leaves(state) if isinstance(leaf, jax.Array)
+                        for d in leaf.devices()}))
+    return measure(method, ctx, state, **kw)
+
+  monkeypatch.setattr(rehearse, "measure_step", spy)
+  record = {}
+  cfg = TrainConfig(epochs=1, batch_size=10, optimizer="adam", learning_rate=0.01)
+  result = run_method(rehearse._instrument(  # pylint: disable=protected-access
+      method._replace(begin_task=begin_on_one_device), record, 1), stream, cfg,
+      mesh=make_mesh(4), quiet=True)
+  assert seen == [[0, 1, 2, 3]] * 2
+  assert np.isfinite(record[1]["step"]["step_s"]) and np.all(np.isfinite(np.diag(result.acc_matrix)))
+
+
 _RUNNER = r"""
 import json, sys
 from clx import experiment, rehearse

@@ -687,14 +687,8 @@ def begin_task(setup: Setup, state: InfLoRAState, ctx: TaskContext) -> InfLoRASt
   grams = gram_pass(setup.backbone, params, ctx.batches("train", batch_size=cfg.aux_batch_size),
                     layout.groups, task_index=t)
   # The SVDs once, on one device, not once per device of the mesh (passes.on_one_device).
-  mesh_grams = grams
   grams, memories = passes.on_one_device((grams, state["memory"]))
   downs = {g: design(cfg, memory_ops.from_dict(memories[g]), gram) for g, gram in grams.items()}
-  # New leaves have no placement to return to: replicate them as the Gram pass's outputs were,
-  # so a step compiled right after begin_task sees every leaf on the same devices.
-  downs = {g: (passes.placed_like(a, mesh_grams[g])
-               if isinstance(mesh_grams[g], jax.Array) and mesh_grams[g].is_fully_replicated
-               else a) for g, a in downs.items()}
   ups = {tree_ops.to_key(s): jnp.zeros((cfg.lora_rank, layout.shapes[s][1]), jnp.float32)
          for s in layout.sites}
   heads = heads_lib.add_task_head(state["heads"], jax.random.fold_in(ctx.rng, 0), ctx.spec,
