@@ -53,6 +53,10 @@ TINY_VIT = {"depth": 5, "embed_dim": 64, "num_heads": 2, "mlp_dim": 128}
 TINY_LLAMA = {"num_hidden_layers": 2, "hidden_size": 128, "intermediate_size": 256,
               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
               "vocab_size": 512, "bos_token_id": None, "eos_token_id": None}
+# Method dimensions that scale with no backbone width, shrunk with it (--tiny): RanPAC's and
+# PROTEUS's random projection M = 10,000 makes M x M ridge statistics (400 MB each, replicated
+# on every device) and an M x M solve per λ of the grid, which dominate a tiny rehearsal.
+TINY_METHOD_ARGS = {"rp_dim": 256}
 
 
 # Architectures of pretrained folders the pod configs name, for random-weight rehearsals when the
@@ -148,10 +152,19 @@ def rehearsal_config(config: dict[str, Any], *, steps: int, tiny: bool = False
   out["model"] = model
   vocab = int(model.get("config", {}).get("vocab_size", 0)) if model["name"] == "llama" else 0
   out["method_args"] = rehearsal_method_args(config, vocab)
+  notes_tiny = []
+  if tiny:
+    for method, args in sorted(out["method_args"].items()):
+      for key, small in TINY_METHOD_ARGS.items():
+        if key in args and args[key] and args[key] > small:
+          notes_tiny.append(f"{method}.{key} {args[key]} -> {small}")
+          args[key] = small
   out["train"] = {**config["train"], "epochs": 1}
   out["train_overrides"] = {m: {k: v for k, v in t.items() if k != "epochs"}
                             for m, t in config.get("train_overrides", {}).items()}
   notes = [note, f"one epoch of {steps} step(s) per task on synthetic data"]
+  if notes_tiny:
+    notes.append("tiny method dimensions: " + ", ".join(notes_tiny))
   return out, notes
 
 

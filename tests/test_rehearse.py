@@ -22,6 +22,8 @@ from clx.data import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 
+COMPARATOR_ROWS = ["l2p", "dualprompt", "coda_prompt", "ranpac", "simplecil", "sd_lora",
+                   "inflora", "lora"]
 # (experiment, --set overrides, methods rehearsed in CI): every pod config, with the method
 # whose host passes are the heaviest of its config (Gram + DualGPM, CA's feature statistics,
 # PROTEUS signatures, GPM memories + Fisher + merge, SPARC PCA + LoRA); the slow test runs all.
@@ -35,8 +37,9 @@ POD_CONFIGS = [
     ("cifar100_gpm", ["stream.num_tasks=20"], ["sgp"]),
     ("miniimagenet_gpm", [], ["became_sgp"]),
     ("superglue_sparc", [], ["sparc_lora"]),
-    ("vit_comparators_cifar100", [], ["l2p", "dualprompt", "ranpac", "simplecil", "sd_lora"]),
-    ("vit_comparators_imr", [], ["coda_prompt", "dualprompt"]),
+    # The comparator configs: every row (they differ in prompts, projections and optimisers).
+    ("vit_comparators_cifar100", [], COMPARATOR_ROWS),
+    ("vit_comparators_imr", [], COMPARATOR_ROWS),
 ]
 # The default suite's jobs: the first config, and one comparator (CODA-Prompt: prefix-tuning
 # through the ViT plus its Gram–Schmidt host step at 768-d).
@@ -234,6 +237,27 @@ def _check_report(report, job, *, tasks, steps, tiny):
       assert e["checkpoint_bytes"] > 0 and e["host_peak_rss_bytes"] > 0
       for key in ("begin_task_s", "fit_s", "end_task_s", "eval_s"):
         assert e[key] >= 0
+
+
+def test_the_slow_rehearsal_covers_every_comparator_row():
+  from clx.experiment import load_config
+  for name in ("vit_comparators_cifar100", "vit_comparators_imr"):
+    listed = [methods for job, _, methods in POD_CONFIGS if job == name]
+    assert listed and set(load_config(name)["methods"]) <= set(listed[0]), name
+
+
+def test_tiny_rehearsal_shrinks_the_random_projection():
+  # RanPAC's M = 10,000 (M x M ridge statistics on every device) made the tiny 8-device
+  # rehearsal of vit_comparators_cifar100's ranpac row take 15 GB; tiny mode shrinks it.
+  from clx import rehearse
+  from clx.experiment import load_config
+  config = load_config("vit_comparators_cifar100")
+  tiny, notes = rehearse.rehearsal_config(config, steps=1, tiny=True)
+  full, _ = rehearse.rehearsal_config(config, steps=1, tiny=False)
+  assert tiny["method_args"]["ranpac"]["rp_dim"] == rehearse.TINY_METHOD_ARGS["rp_dim"] < 10000
+  assert full["method_args"]["ranpac"]["rp_dim"] == 10000
+  assert config["method_args"]["ranpac"]["rp_dim"] == 10000  # the config itself is untouched
+  assert any("ranpac.rp_dim 10000 -> " in n for n in notes)
 
 
 def test_a_vit_pod_config_rehearses_on_8_devices(tmp_path):

@@ -14,7 +14,8 @@ same range. Loss: cross-entropy over the current task's classes (earlier classes
 (``ortho_mu = 0`` in the published commands ``experiments/*.sh`` ``--prompt_param 100 8 0.0``).
 Length ``Lp = 8``; torch-default head; U[0, 1) init (``tensor_prompt``) before the
 Gram–Schmidt step. Optimiser settings (Adam, lr 1e-3, β₁ 0.9, cosine, batch 128, 20
-epochs; ``configs/cifar-100_prompt.yaml``) belong to the experiment.
+epochs; ``configs/cifar-100_prompt.yaml``) belong to the experiment; its per-epoch cosine is
+:func:`official_lr_schedule` (an experiment's ``lr_schedules`` entry).
 
 Task retrieval (:func:`retrieved_task`, a diagnostic the code does not have): the task whose
 components carry the largest total |α|, averaged over the prompted layers.
@@ -150,6 +151,25 @@ def retrieved_task(cfg: CodaPromptConfig, backbone: Backbone, state, base, x: Ar
   alpha = jnp.mean(jnp.abs(weights(K, A, q)), axis=0)            # (n, (t+1)·pt)
   per = alpha.reshape(alpha.shape[0], current_task + 1, pt).sum(-1)
   return jnp.argmax(per, axis=1)
+
+
+def official_lr_schedule(train_config):
+  """CODA-Prompt's ``CosineSchedule``, for an experiment's ``lr_schedules`` entry.
+
+  ``GT-RIPL/CODA-Prompt`` at 6417d4f: ``utils/schedulers.py`` ``CosineSchedule(optimizer,
+  K=schedule[-1])`` gives ``lr_e = lr·cos(99π·e / (200(K−1)))`` for epoch ``e`` of ``K``
+  (``learners/prompt.py`` l.74) and is stepped once per epoch (``learners/default.py`` l.95,
+  ``if epoch > 0: self.scheduler.step()``), so the rate is constant within an epoch. It is
+  the formula of :func:`clx.methods.inflora.epoch_cosine`, which this returns.
+
+  Args:
+    train_config: the phase's TrainConfig (its ``learning_rate`` and ``epochs`` = K).
+
+  Returns:
+    A schedule factory ``steps_per_epoch -> (step -> lr)`` (jit-able, () float32 rate).
+  """
+  from clx.methods import inflora  # pylint: disable=import-outside-toplevel
+  return inflora.epoch_cosine(train_config.learning_rate, train_config.epochs)
 
 
 def coda_prompt(backbone: Backbone, **kwargs) -> ContinualMethod:
