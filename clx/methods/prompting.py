@@ -68,14 +68,34 @@ def prompted_features(backbone: Backbone, base, x: Array, *, prefix=None,
   return backbone.merge(base)(x, **kwargs).astype(jnp.float32)
 
 
+HEAD_INITS = ("zeros", "torch", "simple_linear")
+
+
 def init_head(key: Array, d: int, num_classes: int, kind: str) -> dict[str, Array]:
-  """``"zeros"`` (L2P/DualPrompt's ``kernel_init=zeros``, zero bias) or ``"torch"``
-  (``nn.Linear`` default, CODA-Prompt / SD-LoRA)."""
+  """A ``(d, C)`` linear head: ``{"kernel" (d, C), "bias" (C,)}``.
+
+  Args:
+    key: PRNG key (unused by ``"zeros"``).
+    d: feature dimension (the fan-in).
+    num_classes: ``C``.
+    kind: ``"zeros"`` (L2P/DualPrompt's ``kernel_init=zeros``, zero bias); ``"torch"``
+      (``nn.Linear`` default, kernel and bias U(±1/√d), CODA-Prompt); ``"simple_linear"``
+      (PILOT's ``SimpleLinear``, the head of SD-LoRA's ``IncrementalNet``:
+      ``kaiming_uniform_(nonlinearity='linear')``, i.e. kernel U(±√(3/d)), bias 0;
+      ``WuYichen-97/SD-Lora-CL`` ``backbone/linears.py`` l.27-29).
+
+  Returns:
+    The head's params.
+  """
   if kind == "zeros":
     return {"kernel": jnp.zeros((d, num_classes)), "bias": jnp.zeros((num_classes,))}
   if kind == "torch":
     return heads_lib.init_linear(key, d, num_classes)
-  raise ValueError(f"head_init must be 'zeros' or 'torch', got {kind!r}")
+  if kind == "simple_linear":
+    bound = float(np.sqrt(3.0 / d))  # kaiming-uniform bound with gain 1 ('linear')
+    return {"kernel": jax.random.uniform(key, (d, num_classes), jnp.float32, -bound, bound),
+            "bias": jnp.zeros((num_classes,), jnp.float32)}
+  raise ValueError(f"head_init must be one of {HEAD_INITS}, got {kind!r}")
 
 
 def class_mask(spec: StreamSpec, tasks) -> np.ndarray:

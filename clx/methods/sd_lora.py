@@ -11,7 +11,11 @@ l.225–236; on task 0 that is every class seen). All magnitudes are reset to 0.
 of every task ≥ 1, because the code builds a fresh ``LoRA_ViT_timm`` there
 (``_train`` l.109 → ``update_network``; ``wrapped_param_prev`` created with 0.8, l.326–328);
 ``reset_magnitudes=False`` keeps the learned values instead (the paper's description).
-A factors: ``kaiming_uniform_(a=√5)``; B: zeros (``reset_parameters``).
+A factors: ``kaiming_uniform_(a=√5)``; B: zeros (``reset_parameters``). The head is PILOT's
+``SimpleLinear`` (``models/sdlora.py`` l.25 ``IncrementalNet`` → ``utils/inc_net.py`` l.298
+``generate_fc`` → ``backbone/linears.py`` l.27-29: ``kaiming_uniform_(nonlinearity='linear')``,
+U(±√(3/d)), bias 0), ``head_init="simple_linear"``; ``"torch"`` (``nn.Linear``'s U(±1/√d) for
+kernel and bias, this module's head before the fix) is kept as an option.
 Optimiser (SGD, momentum 0.9, lr 8e-3, batch 128, 20 epochs; weight decay on task 0 commented
 out in the code) belongs to the experiment.
 
@@ -49,10 +53,13 @@ class SDLoRAConfig:
   init_magnitude: float = 0.8
   reset_magnitudes: bool = True
   rank_schedule: tuple[tuple[int, int], ...] | None = None
-  head_init: str = "torch"
+  head_init: str = "simple_linear"
 
   def __post_init__(self):
     object.__setattr__(self, "sites", tuple(self.sites))
+    if self.head_init not in ("simple_linear", "torch"):
+      raise ValueError(f"sd_lora: head_init must be 'simple_linear' (official) or 'torch', "
+                       f"got {self.head_init!r}")
     if self.rank_schedule is not None:
       object.__setattr__(self, "rank_schedule", tuple(tuple(int(v) for v in p)
                                                       for p in self.rank_schedule))

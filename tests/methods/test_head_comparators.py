@@ -170,3 +170,25 @@ def test_first_session_loss_reaches_the_lora_on_task_0_only(name):
   assert np.abs(grads["head"]["kernel"]).max() > 0
   state = method.init(jax.random.PRNGKey(0), _spec(stream))
   assert method.trainable(state, TaskInfo(1, _spec(stream))) == {}
+
+
+def test_sd_lora_head_is_the_official_simple_linear_by_default():
+  """SD-LoRA's head is PILOT's ``SimpleLinear`` (``kaiming_uniform_(nonlinearity='linear')``:
+  kernel U(±√(3/d)), bias 0); the old head (``nn.Linear``'s U(±1/√d) kernel and bias) stays as
+  ``head_init="torch"``. Fails on the old code, whose default was ``"torch"``."""
+  spec = _spec(token_stream(num_tasks=2))
+  backbone = tiny_bert()
+  d = backbone.feature_dim
+  head = build("sd_lora", backbone, lora_rank=2).init(jax.random.PRNGKey(0), spec)["head"]
+  kernel, bias = np.asarray(head["kernel"]), np.asarray(head["bias"])
+  assert kernel.shape == (d, spec.num_classes)
+  np.testing.assert_array_equal(bias, 0.0)
+  assert np.abs(kernel).max() <= np.sqrt(3.0 / d)
+  assert np.abs(kernel).max() > 1.0 / np.sqrt(d)  # wider than nn.Linear's bound
+  np.testing.assert_allclose(kernel.std(), 1.0 / np.sqrt(d), rtol=0.25)  # gain 1: std 1/√d
+  old = build("sd_lora", backbone, lora_rank=2, head_init="torch").init(
+      jax.random.PRNGKey(0), spec)["head"]
+  assert np.abs(np.asarray(old["bias"])).max() > 0
+  assert np.abs(np.asarray(old["kernel"])).max() <= 1.0 / np.sqrt(d)
+  with pytest.raises(ValueError, match="head_init must be 'simple_linear'"):
+    build("sd_lora", backbone, lora_rank=2, head_init="zeros")
