@@ -2,9 +2,11 @@
 
 For each task: ``method.begin_task`` → epochs of jitted steps (``lax.scan``
 over chunks of steps, batch sharded on the mesh's ``data`` axis, method state
-and backbone replicated) → ``method.end_task`` → evaluation on every task seen
-so far → one checkpoint step holding that task's state delta; :func:`run`
-yields a :class:`TaskResult` per task.
+and backbone placed as ``TrainConfig.param_sharding`` says) →
+``method.end_task`` → evaluation on every task seen so far → one checkpoint
+step holding that task's state delta; :func:`run` yields a :class:`TaskResult`
+per task. That per-task sequence (``_task_sequence``) is also the one of
+:func:`clx.train.seeds.run_seeds`, over one "lane" per seed.
 
 Nothing here knows a method by name: everything goes through
 :class:`clx.methods.base.ContinualMethod`. The concerns live in their own
@@ -23,6 +25,7 @@ from collections.abc import Callable, Generator
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from clx.data.types import ArraySplit, Stream, concat_splits
@@ -91,6 +94,14 @@ class _Context:
     data = self._pass_split(split)
     return {"x": data.x, "y": data.y.astype(np.int32)}
 
+  def phase_rng(self, phase: int) -> jax.Array:
+    """The PRNG key of training phase ``phase`` of this task (0: the main phase)."""
+    return jax.random.fold_in(self.rng, phase)
+
+  def phase_words(self, phase: int) -> tuple[int, ...]:
+    """The words seeding the shuffles of training phase ``phase`` of this task."""
+    return (*self.seed_words, phase)
+
   def fit(self, params, loss, *, transform_grads=None, transform_updates=None, state=None,
           optimizer=None, epochs=None, config: TrainConfig | None = None,
           title: str | None = None, phase: int = 1):
@@ -99,10 +110,10 @@ class _Context:
       cfg = dataclasses.replace(cfg, epochs=epochs)
     return self.fitter.fit(
         params, loss, self.train_split, cfg, state=state, base=self.base,
-        rng=jax.random.fold_in(self.rng, phase), transform_grads=transform_grads,
+        rng=self.phase_rng(phase), transform_grads=transform_grads,
         transform_updates=transform_updates, optimizer=optimizer,
         title=title or f"task {self.task_index} phase {phase}",
-        seed_words=(*self.seed_words, phase),
+        seed_words=self.phase_words(phase),
         val_split=self.splits.get("val") if cfg.uses_validation else None)
 
   def _pass_split(self, name: str) -> ArraySplit:
@@ -173,6 +184,129 @@ def config_fingerprint(obj: Any) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def tree_stack(trees):
+  """The pytrees ``trees`` (same structure and shapes) stacked on a new leading axis."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def tree_index(tree, i: int):
+  """Entry ``i`` of the leading axis of every leaf of ``tree``."""
+  return jax.tree.map(lambda x: x[i], tree)
+
+
+@dataclasses.dataclass
+class _Lane:
+  """One seed's run over its stream: a single run is one lane, :func:`clx.train.seeds.run_seeds`
+  has one per seed. ``state`` and ``acc`` ((T, T) percent) are updated task by task."""
+
+  stream: Stream
+  seed: int
+  key: jax.Array
+  state: Any
+  acc: np.ndarray
+
+  def context(self, method: ContinualMethod, t: int, spec: StreamSpec, base, fitter: Fitter,
+              config: TrainConfig) -> _Context:
+    """The :class:`_Context` of task ``t`` of this lane (its key, data and seed words)."""
+    task = self.stream.tasks[t]
+    return _Context(t, spec, jax.random.fold_in(self.key, 1 + t), base, fitter,
+                    train_split_for(method, self.stream, t), {"test": task.test, "val": task.val},
+                    config, (self.seed, t))
+
+
+class _Setup(NamedTuple):
+  spec: StreamSpec
+  fitter: Fitter
+  base: Any  # the backbone's params, placed by config.param_sharding
+  lanes: list[_Lane]
+
+
+def _prepare(method: ContinualMethod, streams: list[Stream], seeds: list[int],
+             config: TrainConfig, mesh: jax.sharding.Mesh | None, **fitter_args) -> _Setup:
+  """What every run starts from: the mesh (default: ``config.model_parallel``), the Fitter,
+  the backbone placed by ``config.param_sharding`` and one lane per (stream, seed) holding
+  ``method.init`` under that seed's key (the streams share one :class:`StreamSpec`)."""
+  mesh = mesh or sharding.make_mesh(model_parallel=config.model_parallel)
+  spec = StreamSpec.from_stream(streams[0])
+  fitter = Fitter(mesh, method_schedule=method.lr_schedule, **fitter_args)
+  # Backbone and method state are placed as config.param_sharding says (clx/train/sharding.py).
+  base = sharding.place_base(method.backbone.params, mesh, config.param_sharding)
+  lanes = []
+  for stream, seed in zip(streams, seeds):
+    key = jax.random.PRNGKey(seed)
+    lanes.append(_Lane(stream, seed, key, method.init(jax.random.fold_in(key, 0), spec),
+                       np.full((spec.num_tasks, spec.num_tasks), np.nan)))
+  return _Setup(spec, fitter, base, lanes)
+
+
+def _train_main(method: ContinualMethod, lanes: list[_Lane], ctxs: list[_Context],
+                setup: _Setup, config: TrainConfig, *, batched: bool) -> tuple[list, list[dict]]:
+  """The main training phase (phase 0) of the task of ``ctxs`` for every lane.
+
+  One lane, ``batched=False``: :meth:`_Context.fit` (:meth:`Fitter.fit`). ``batched=True``:
+  one :meth:`Fitter.fit_seeds` over the lanes stacked on a leading axis, each lane with its
+  own data, key and shuffle words (those of its single run).
+
+  Returns:
+    ``(params, logs)``: per lane, the trained params and the phase's fit log.
+  """
+  info, fitter = ctxs[0].info, setup.fitter
+  loss = functools.partial(method.loss, info=info)
+  task = f"task {info.task + 1}/{setup.spec.num_tasks}"
+  if not batched:
+    (lane,), (ctx,) = lanes, ctxs
+    params = ctx.fit(method.trainable(lane.state, info), loss,
+                     transform_grads=method.transform_grads,
+                     transform_updates=method.transform_updates, state=lane.state,
+                     title=f"{method.name} {task}", phase=0)
+    return [params], [fitter.last_fit]
+  params = fitter.fit_seeds(
+      tree_stack([method.trainable(lane.state, info) for lane in lanes]), loss,
+      [c.train_split for c in ctxs], config, states=tree_stack([lane.state for lane in lanes]),
+      base=setup.base, rngs=jnp.stack([c.phase_rng(0) for c in ctxs]),
+      transform_grads=method.transform_grads, seed_words=[c.phase_words(0) for c in ctxs],
+      title=f"{method.name} × {len(lanes)} seeds {task}",
+      val_splits=[c.splits.get("val") for c in ctxs] if config.uses_validation else None)
+  return [tree_index(params, s) for s in range(len(lanes))], fitter.last_fits
+
+
+def _task_sequence(method: ContinualMethod, setup: _Setup, t: int, config: TrainConfig, *,
+                   batched: bool) -> list[TaskResult]:
+  """Task ``t`` for every lane of ``setup``: the one per-task sequence of :func:`run` and
+  :func:`clx.train.seeds.run_seeds`.
+
+  Per lane: state placed by ``config.param_sharding`` → ``method.begin_task`` → placed
+  again; then the main phase (:func:`_train_main`); per lane: ``method.combine`` →
+  ``method.end_task`` → evaluation on tasks 0..t. Updates each lane's ``state`` and row
+  ``t`` of its ``acc``.
+
+  Returns:
+    One :class:`TaskResult` per lane (its state, accuracy row, fit log, diagnostics).
+  """
+  fitter, mesh, mode = setup.fitter, setup.fitter.mesh, config.param_sharding
+  ctxs, begin_fits = [], []
+  for lane in setup.lanes:
+    ctx = lane.context(method, t, setup.spec, setup.base, fitter, config)
+    first_fit = len(fitter.fits)
+    state = method.begin_task(sharding.place_state(lane.state, mesh, mode), ctx)
+    lane.state = sharding.place_state(state, mesh, mode)
+    ctxs.append(ctx)
+    begin_fits.append(fitter.fits[first_fit:])  # fits run inside begin_task, if any
+  trained, main_logs = _train_main(method, setup.lanes, ctxs, setup, config, batched=batched)
+  results = []
+  for lane, ctx, params, main_log, before in zip(setup.lanes, ctxs, trained, main_logs,
+                                                 begin_fits):
+    first_fit = len(fitter.fits)
+    lane.state = method.end_task(method.combine(lane.state, params, ctx.info), ctx)
+    fit_log = {**main_log, "phases": [*before, main_log, *fitter.fits[first_fit:]]}
+    lane.acc[t, :t + 1] = evaluate_row(method, lane.state, setup.base, lane.stream, t,
+                                       setup.spec, fitter, config)
+    diagnostics = (method.diagnostics(jax.device_get(lane.state))
+                   if method.diagnostics is not None else None)
+    results.append(TaskResult(t, lane.state, lane.acc[t, :t + 1].copy(), fit_log, diagnostics))
+  return results
+
+
 def run_method(method: ContinualMethod, stream: Stream, config: TrainConfig, *, seed: int = 0,
                mesh: jax.sharding.Mesh | None = None, checkpoint_dir: str | None = None,
                run_info: dict | None = None, progress: bool | None = None, quiet: bool = False,
@@ -213,13 +347,16 @@ def run(method: ContinualMethod, stream: Stream, config: TrainConfig, *, seed: i
   accuracy row, fit log and diagnostics), yielded after the task's checkpoint
   is committed; tasks restored from ``checkpoint_dir`` are not yielded. The
   generator's return value (``StopIteration.value``) is the :class:`RunResult`.
+  Each task runs the per-task sequence shared with
+  :func:`clx.train.seeds.run_seeds` (``_task_sequence``).
 
   Args:
     method: the continual method.
     stream: the task stream.
     config: optimisation settings for the main training phase of each task.
     seed: run seed (model init, head init, shuffling); same seed → same numbers.
-    mesh: device mesh (default: all devices on a ``data`` axis).
+    mesh: device mesh (default: all devices, ``config.model_parallel`` on a
+      ``model`` axis, the rest on ``data``).
     checkpoint_dir: if given, one checkpoint step per task is written there and
       an existing directory is resumed from its last complete task.
     run_info: JSON metadata stored with each checkpoint (e.g. the experiment
@@ -239,16 +376,9 @@ def run(method: ContinualMethod, stream: Stream, config: TrainConfig, *, seed: i
   Returns:
     A :class:`RunResult` with the (T, T) accuracy matrix in percent.
   """
-  mesh = mesh or sharding.make_mesh(model_parallel=config.model_parallel)
-  spec = StreamSpec.from_stream(stream)
-  T = spec.num_tasks
-  key = jax.random.PRNGKey(seed)
-  fitter = Fitter(mesh, progress=progress, quiet=quiet, logger=logger, profiler=profiler,
-                  lr_schedule=lr_schedule, method_schedule=method.lr_schedule)
-  # Backbone and method state are placed as config.param_sharding says (clx/train/sharding.py).
-  base = sharding.place_base(method.backbone.params, mesh, config.param_sharding)
-  state = method.init(jax.random.fold_in(key, 0), spec)
-  acc = np.full((T, T), np.nan)
+  setup = _prepare(method, [stream], [seed], config, mesh, progress=progress, quiet=quiet,
+                   logger=logger, profiler=profiler, lr_schedule=lr_schedule)
+  (lane,) = setup.lanes
   start, elapsed_before, resumed_from = 0, 0.0, None
   # Placement fields are left out: they change where arrays live, not the numbers (up to float
   # reduction order), so a run may resume on another layout, and workdirs written before those
@@ -266,57 +396,38 @@ def run(method: ContinualMethod, stream: Stream, config: TrainConfig, *, seed: i
       last = checkpointer.latest_task()
       # Every task's fingerprint and meta-hash chain is checked (CheckpointMismatchError /
       # CheckpointCorruptedError), not only the last task's.
-      state, meta = checkpointer.restore_state(last, state, expect={"fingerprint": fingerprint})
-      rows = meta["acc_matrix"]
-      for t, row in enumerate(rows):
-        acc[t, :len(row)] = row
+      lane.state, meta = checkpointer.restore_state(last, lane.state,
+                                                    expect={"fingerprint": fingerprint})
+      for t, row in enumerate(meta["acc_matrix"]):
+        lane.acc[t, :len(row)] = row
       start, elapsed_before, resumed_from = last + 1, float(meta.get("wall_time_s", 0.0)), last
     if logger is not None:
       logger.open(start)
 
     t0 = time.perf_counter()
-    for t in range(start, T):
-      task = stream.tasks[t]
+    acc = lane.acc
+    for t in range(start, setup.spec.num_tasks):
       if logger is not None:
         logger.task = t
-      rng_t = jax.random.fold_in(key, 1 + t)
-      ctx = _Context(t, spec, rng_t, base, fitter, train_split_for(method, stream, t),
-                     {"test": task.test, "val": task.val}, config, (seed, t))
-      prev_state = state
-      first_fit = len(fitter.fits)
-      state = sharding.place_state(state, mesh, config.param_sharding)
-      state = method.begin_task(state, ctx)
-      state = sharding.place_state(state, mesh, config.param_sharding)
-      params = method.trainable(state, ctx.info)
-      loss = functools.partial(method.loss, info=ctx.info)
-      params = ctx.fit(params, loss, transform_grads=method.transform_grads,
-                       transform_updates=method.transform_updates, state=state,
-                       title=f"{method.name} task {t + 1}/{T}", phase=0)
-      fit_log = dict(fitter.last_fit)
-      state = method.combine(state, params, ctx.info)
-      state = method.end_task(state, ctx)
-
-      fit_log["phases"] = fitter.fits[first_fit:]
-
-      acc[t, :t + 1] = evaluate_row(method, state, base, stream, t, spec, fitter, config)
+      prev_state = lane.state
+      (result,) = _task_sequence(method, setup, t, config, batched=False)
       if logger is not None:  # before the checkpoint: a task's lines exist once it is complete
-        logger.log_task(t, acc[t, :t + 1], fit=fit_log,
+        logger.log_task(t, acc[t, :t + 1], fit=result.fit_log,
                         wall_time_s=elapsed_before + time.perf_counter() - t0)
       if on_task_end is not None:
         on_task_end(t, acc)
       if checkpointer is not None:
-        delta, removed = ckpt.state_delta(jax.device_get(prev_state), jax.device_get(state))
-        meta = {"method": method.name, "task": t, "task_name": task.name, "fingerprint": fingerprint,
+        delta, removed = ckpt.state_delta(jax.device_get(prev_state), jax.device_get(lane.state))
+        meta = {"method": method.name, "task": t, "task_name": stream.tasks[t].name,
+                "fingerprint": fingerprint,
                 "acc_matrix": [acc[r, :r + 1].tolist() for r in range(t + 1)],
                 "wall_time_s": elapsed_before + time.perf_counter() - t0, "run": run_info or {}}
         checkpointer.save(t, delta, removed, meta)
-      diagnostics = (method.diagnostics(jax.device_get(state))
-                     if method.diagnostics is not None else None)
-      yield TaskResult(t, state, acc[t, :t + 1].copy(), fit_log, diagnostics)
+      yield result
     wall = elapsed_before + time.perf_counter() - t0
   finally:
     if checkpointer is not None:
       checkpointer.close()
     if logger is not None:
       logger.close()
-  return RunResult(method.name, acc, wall, state, resumed_from)
+  return RunResult(method.name, acc, wall, lane.state, resumed_from)
