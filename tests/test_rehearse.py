@@ -263,7 +263,7 @@ def test_tiny_rehearsal_shrinks_the_random_projection():
 def test_a_vit_pod_config_rehearses_on_8_devices(tmp_path):
   """Default-suite size: one ViT pod config, 2 tasks, 1 step each, tiny ViT, 8 devices."""
   jobs = [list(j) for j in DEFAULT_JOBS]
-  reports = _run_configs(jobs, tmp_path, steps=1, tasks=2, tiny=True, timeout=900)
+  reports = _run_configs(jobs, tmp_path, steps=1, tasks=2, tiny=True, timeout=2400)
   for report, job in zip(reports, jobs):
     assert report["stream"]["example_shape"] == [224, 224, 3]
     _check_report(report, job, tasks=2, steps=1, tiny=True)

@@ -89,8 +89,9 @@ Code shape. :class:`ProteusConfig` (frozen, validated; the old names ``rank``, `
 ``scale``, ``alpha``, ``feature_batch`` are still accepted for ``lora_rank``, ``sites``,
 ``lora_scale``, ``transfer_alpha``, ``aux_batch_size``) holds the options; :func:`resolve`
 binds it to a backbone (:class:`ProteusSetup`); every function is module-level: composition
-(:func:`coefficients`, :func:`deltas`, :func:`params_with`), features
-(:func:`task_features`, :func:`all_task_features`), the signature fit
+(:func:`coefficients`, :func:`deltas`, :func:`task_delta_inputs`, :func:`task_deltas`,
+:func:`params_with`), features (:func:`task_features`, :func:`all_task_features`,
+:func:`features_with`: the task as data, one compilation for every task), the signature fit
 (:func:`fit_signature`), retrieval (:func:`route`), the RanPAC head
 (:func:`ridge_head_update`, :func:`head_logits`) and the protocol's functions, bound by
 :func:`proteus`. :class:`ProteusParts` binds them to one setup for scripts
@@ -382,6 +383,89 @@ def deltas(setup: ProteusSetup, state: Mapping, num_tasks: int) -> dict[str, jax
     out[s] = setup.cfg.lora_scale * jnp.einsum("tj,jdr,jre->tde", coef[sk], a, b,
                                                precision=_HIGHEST)
   return out
+
+
+def task_delta_inputs(setup: ProteusSetup, state: Mapping, task_index: int, width: int
+                      ) -> dict[str, dict[str, jax.Array]]:
+  """Task ``task_index``'s units and composition row, zero-padded to ``width`` tasks.
+
+  Every task of a run gets inputs of one shape, so :func:`task_deltas` compiles once per run
+  instead of once per task (the state holds one more unit after every task).
+
+  Args:
+    setup: the resolved PROTEUS.
+    state: the state (units under ``tasks/<j>/unit``, weights under ``tasks/<t>/weights``).
+    task_index: t, the task whose ΔW is composed.
+    width: rows after padding (> t), e.g. the stream's task count.
+
+  Returns:
+    ``{site_key: {"a": (width, d_in, r), "b": (width, r, d_out), "coef": (width,)}}``:
+    units 0..t then zeros; ``coef`` is row t of :func:`coefficients` (α·w_{t,j} for j < t,
+    1 at j = t) then zeros.
+
+  Raises:
+    ValueError: ``width`` ≤ ``task_index``.
+  """
+  if width <= task_index:
+    raise ValueError(f"task_delta_inputs: width {width} must exceed task_index {task_index}")
+  pad = width - task_index - 1
+  out = {}
+  for s in setup.sites:
+    sk = tree_ops.to_key(s)
+    units = [state["tasks"][str(j)]["unit"][sk] for j in range(task_index + 1)]
+    a, b = jnp.stack([u["a"] for u in units]), jnp.stack([u["b"] for u in units])
+    dtype = jnp.result_type(a)
+    coef = [jnp.ones((1,), dtype)]
+    if task_index > 0:
+      coef.insert(0, setup.cfg.transfer_alpha
+                  * jnp.asarray(state["tasks"][str(task_index)]["weights"][sk], dtype))
+    out[sk] = {"a": jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]),
+               "b": jnp.concatenate([b, jnp.zeros((pad, *b.shape[1:]), b.dtype)]),
+               "coef": jnp.concatenate([*coef, jnp.zeros((pad,), dtype)])}
+  return out
+
+
+def task_deltas(setup: ProteusSetup, inputs: Mapping[str, Mapping[str, jax.Array]]
+                ) -> dict[str, jax.Array]:
+  """``{site: ΔW_t (d_in, d_out)}``: Δ_t = scale · Σ_j coef_j a_j b_j (pure, jit-able).
+
+  Args:
+    setup: the resolved PROTEUS.
+    inputs: :func:`task_delta_inputs` of task t (zero rows add nothing).
+
+  Returns:
+    Task t's composed ΔW per site path, the row t of :func:`deltas` up to float rounding.
+  """
+  out = {}
+  for s in setup.sites:
+    u = inputs[tree_ops.to_key(s)]
+    out[s] = setup.cfg.lora_scale * jnp.einsum("j,jdr,jre->de", u["coef"], u["a"], u["b"],
+                                               precision=_HIGHEST)
+  return out
+
+
+def features_with(setup: ProteusSetup, base: Params, deltas_t: Mapping[str, jax.Array],
+                  x: jax.Array) -> jax.Array:
+  """h(x) ``(n, d)`` through ``base`` + ``deltas_t`` (pure; the task enters as data, so one
+  compilation serves every task).
+
+  Args:
+    setup: the resolved PROTEUS.
+    base: frozen backbone params.
+    deltas_t: ``{site path: ΔW (d_in, d_out)}`` (:func:`task_deltas`).
+    x: (n, ...) inputs.
+
+  Returns:
+    (n, d) features.
+  """
+  return setup.backbone.apply(params_with(base, deltas_t), x)
+
+
+def _task_feature_fns(setup: ProteusSetup) -> tuple[Callable, Callable]:
+  """The jitted :func:`task_deltas` and :func:`features_with` of ``setup`` (one each)."""
+  return (_cached(setup, ("task_deltas",), lambda: jax.jit(functools.partial(task_deltas, setup))),
+          _cached(setup, ("features_with",),
+                  lambda: jax.jit(functools.partial(features_with, setup))))
 
 
 def training_adapters(setup: ProteusSetup, state: Mapping, task_index: int, unit: Mapping,
@@ -768,9 +852,11 @@ def end_task(setup: ProteusSetup, state: ProteusState, ctx: TaskContext) -> Prot
   t0 = time.perf_counter()
   params = trainable(setup, state, ctx.info)  # as trained: the loop has combined them
   entry = dict(state["tasks"][str(t)])
-  feat_fn = _cached(setup, ("task_features", t),
-                    lambda: jax.jit(functools.partial(task_features, setup, task_index=t)))
-  feats, y = collect_features(ctx, feat_fn, state, ctx.base, batch_size=cfg.aux_batch_size)
+  # The task enters as data (its ΔW, composed from inputs padded to the stream's task count):
+  # one compilation of the backbone's forward for the whole run, not one per task.
+  deltas_fn, feat_fn = _task_feature_fns(setup)
+  deltas_t = deltas_fn(task_delta_inputs(setup, state, t, ctx.spec.num_tasks))
+  feats, y = collect_features(ctx, feat_fn, ctx.base, deltas_t, batch_size=cfg.aux_batch_size)
   key = jax.random.fold_in(ctx.rng, 2)
   entry["signature"], fit = fit_signature(cfg, feats, key)
   if cfg.fit_screen:
@@ -952,13 +1038,14 @@ def retrieval_report(setup: ProteusSetup, state: Mapping, base: Params, stream: 
 
   # Train side: ablation signatures (all training data, own backbone) and the bound.
   abl_sigs = {name: [] for name in ablations}
+  deltas_fn, feat_fn = _task_feature_fns(setup)  # one compilation for every (t, T)
   bound_train = []
   for t in range(T):
     split = stream.tasks[t].train
     if ablations:
-      own_fn = _cached(setup, ("own", t, T), lambda t=t: jax.jit(
-          lambda st, b, x: task_features(setup, st, b, x, t, T)))
-      own = feats_of(np.asarray(split.x), lambda x: own_fn(state, base, x))
+      own_deltas = deltas_fn(task_delta_inputs(setup, state, t, T))
+      own = feats_of(np.asarray(split.x),
+                     lambda x, own_deltas=own_deltas: feat_fn(base, own_deltas, x))
       for name, over in ablations.items():
         abl_sigs[name].append(fit_signature(setup.cfg, own, jax.random.PRNGKey(t), **over)[0])
     if with_bound:
@@ -1020,8 +1107,8 @@ def _padded(x, size: int) -> tuple[jax.Array, int]:
 
 
 # Module functions that take the setup (or its config) first: ProteusParts binds them.
-_SETUP_FUNCTIONS = ("coefficients", "deltas", "training_adapters", "ortho_penalty",
-                    "task_features", "all_task_features", "per_example_features", "route",
+_SETUP_FUNCTIONS = ("coefficients", "deltas", "task_delta_inputs", "task_deltas",
+                    "training_adapters", "ortho_penalty", "task_features", "features_with", "all_task_features", "per_example_features", "route",
                     "init", "new_unit", "begin_task", "trainable", "combine", "loss", "end_task",
                     "params_for", "predict", "diagnostics", "retrieval_report")
 _CONFIG_FUNCTIONS = ("fit_signature", "ridge_head_update", "head_logits")

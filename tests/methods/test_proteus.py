@@ -79,6 +79,58 @@ def test_composed_delta_is_the_weighted_sum_of_units():
     np.testing.assert_allclose(per_ex, every[jnp.asarray(tasks), jnp.arange(5)], rtol=1e-10)
 
 
+def test_task_deltas_and_features_with_are_task_features_up_to_rounding():
+  # end_task's features (the task as data, padded to the stream's task count) against the
+  # per-task compiled task_features the old end_task ran (num_tasks = t + 1), in float32.
+  bb = mlp((7,), (5, 4))
+  parts = small_parts(bb, alpha=0.3, scale=0.1)
+  state = state_after_two_tasks(parts, spec3())
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(6, 7)), jnp.float32)
+  old_fn = jax.jit(parts.task_features, static_argnums=(3,))
+  deltas_fn, feat_fn = jax.jit(parts.task_deltas), jax.jit(parts.features_with)
+  for t in range(3):
+    inputs = parts.task_delta_inputs(state, t, 5)  # padded beyond the tasks seen
+    assert inputs[proteus_lib.site_key(SITES[0])]["coef"].shape == (5,)
+    d_t = deltas_fn(inputs)
+    for s in SITES:
+      np.testing.assert_allclose(d_t[s], parts.deltas(state, t + 1)[s][t], rtol=1e-6, atol=1e-7)
+    old, new = old_fn(state, bb.params, x, t), feat_fn(bb.params, d_t, x)
+    np.testing.assert_allclose(new, old, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="width 2 must exceed task_index 2"):
+    parts.task_delta_inputs(state, 2, 2)
+
+
+def test_end_task_compiles_the_feature_pass_once_for_every_task(monkeypatch):
+  # The old end_task jitted task_features once per task index: one trace (and compilation)
+  # of the backbone per task, 26-40 s each for ViT-B/16 on a loaded CPU. Counted here as
+  # traces of params_with during end_task: 3 tasks -> 1 trace (old code: 3).
+  stream = make_gaussian_stream(num_tasks=3, classes_per_task=2, dim=16, n_train=48, n_test=16)
+  parts = small_parts(mlp(stream.input_shape, (24, 16)))
+  traces, inside = [], [False]
+  real = proteus_lib.params_with
+
+  def counting(base, deltas_t):
+    if inside[0]:
+      traces.append(1)
+    return real(base, deltas_t)
+
+  monkeypatch.setattr(proteus_lib, "params_with", counting)
+  method = parts.method()
+
+  def end_task(state, ctx):
+    inside[0] = True
+    try:
+      return method.end_task(state, ctx)
+    finally:
+      inside[0] = False
+
+  res = run_method(method._replace(end_task=end_task), stream,
+                   TrainConfig(epochs=1, batch_size=16, learning_rate=5e-3, eval_batch_size=64),
+                   quiet=True)
+  assert np.all(np.isfinite(res.acc_matrix[np.tril_indices(3)]))
+  assert len(traces) == 1, traces
+
+
 def test_loss_gradients_match_finite_differences():
   with jax.enable_x64(True):
     bb = mlp((7,), (5, 4))
