@@ -12,7 +12,9 @@ merges —, evaluation and one checkpoint per task) with
     steps in one epoch; ``test_rows`` test and validation rows per task);
   * the backbone built with **random weights** of the configured architecture
     (no pretrained weights are needed; ``--tiny`` shrinks ViT / Llama depth and
-    width for CI while keeping the per-example shapes).
+    width, and method dimensions tied to no backbone width such as RanPAC's
+    random projection (``TINY_METHOD_ARGS``), for CI while keeping the
+    per-example shapes).
 
 Per task it records the time of the host passes before training
 (``begin_task``), of the loop's training phase (compile included), of the
@@ -322,7 +324,8 @@ def rehearse(config: dict[str, Any], workdir: str | os.PathLike, *, steps: int =
     steps: training steps per task (``steps · batch_size`` synthetic rows).
     tasks: rehearse the first ``tasks`` tasks (default: all).
     test_rows: test (and validation) rows per task (default: one eval batch).
-    tiny: shrink ViT/Llama depth and width (per-example shapes unchanged).
+    tiny: shrink ViT/Llama depth and width and ``TINY_METHOD_ARGS`` (per-example
+      shapes unchanged).
     time_steps: executions of the compiled step timed per task.
     methods: a subset of the config's methods (default: all).
     cpu_limit_gb: on CPU devices, stop before running a training step whose
@@ -463,7 +466,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--devices", type=int, default=None,
                       help="simulated CPU devices (sets XLA_FLAGS before JAX starts)")
   parser.add_argument("--tiny", action="store_true",
-                      help="shrink ViT/Llama depth and width (CI); per-example shapes stay")
+                      help="shrink ViT/Llama depth and width and the random-projection "
+                           "width rp_dim (CI); per-example shapes stay")
   parser.add_argument("--time-steps", type=int, default=1,
                       help="executions of the compiled step timed per task")
   parser.add_argument("--cpu-limit-gb", type=float, default=None,

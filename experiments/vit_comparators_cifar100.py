@@ -78,7 +78,7 @@ the other codes load timm ``vit_base_patch16_224`` (in21k pre-trained, in1k fine
 CODA-Prompt ``models/zoo.py`` l.369, SD-LoRA ``models/sdlora.py`` l.70; RanPAC's CIFAR row
 uses the in21k one, as here). One stream for every row: InfLoRA's transforms
 (``clx.data.transforms.OFFICIAL_TRANSFORMS``: RandomResizedCrop(224) + flip for training,
-Resize(224) for test), pixels in [0, 1] (``norm_01`` of the L2P code, ``ToTensor`` of the
+Resize(224) for test; ImageNet-R Resize(256) + CenterCrop(224)), pixels in [0, 1] (``norm_01`` of the L2P code, ``ToTensor`` of the
 PyTorch codes), classes in ascending order (the other codes shuffle with a fixed seed); the
 other codes' own augmentations are not reproduced per row.
 """

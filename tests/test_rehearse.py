@@ -270,7 +270,8 @@ def test_a_vit_pod_config_rehearses_on_8_devices(tmp_path):
   assert [r["stream"]["tasks_real"] for r in reports] == [5, 10]
 
 
-@pytest.mark.slow  # ~6 min on 2 idle cores: every pod config (9 subprocesses on 8 devices)
+@pytest.mark.slow  # every pod config and every comparator row on 8 devices; one tiny comparator
+# row took 5-16 min on the shared (loaded) 2-core machine at low priority
 def test_every_pod_config_rehearses_on_8_devices(tmp_path):
   """CI size: 2 tasks, 1 step each, tiny ViT/Llama; real per-example shapes and batches."""
   jobs = [list(j) for j in POD_CONFIGS]
