@@ -8,6 +8,13 @@ Command:   python experiments/text_comparators.py [--workdir runs/text_comparato
            task-specific parameters at test time (L2P, DualPrompt, CODA-Prompt, SPARC,
            PROTEUS) the (T, T) task-retrieval matrix; ``--smoke`` shrinks the stream and
            budget to a minutes-long check.)
+           [--rates validated|official] (default validated: the rows in
+           ``text_comparators_validation.json`` at their rate chosen there, the others at
+           the official rate; ``official``: every row's official rate, the first table)
+           python experiments/text_comparators.py --validate [--methods coda_prompt,sd_lora]
+           [--set seed=N] [--workdir runs/text_comparators_validation]
+           (chooses the rows' learning rates on the validation stream, one run per rate, see
+           :func:`validate`; updates ``experiments/text_comparators_validation.json``)
            python experiments/text_comparators.py --report WORKDIR [--output FILE]
            (recomputes ``comparators.json`` of a finished workdir; trains nothing)
            python experiments/text_comparators.py --summarize runs/text_comparators/seed{0,1,2}
@@ -29,8 +36,12 @@ supersenses, 5 tasks x 4 classes, 64 training and 150 test glosses per class; ba
 (``train_overrides``): L2P and DualPrompt Adam lr 0.03, constant, gradient clip 1.0
 (``configs/cifar100_{l2p,dualprompt}.py``); CODA-Prompt Adam lr 1e-3, cosine
 (``configs/cifar-100_prompt.yaml``); SD-LoRA SGD with momentum 0.9, lr 8e-3
-(``exps/sdlora_c100.json``); the seed methods as in ``text_proteus``. SimpleCIL and RanPAC
-train nothing (their one pass per task builds the head).
+(``exps/sdlora_c100.json``), its head PILOT's ``SimpleLinear`` (``head_init="simple_linear"``;
+the first table's runs used the ``nn.Linear`` head, ``"torch"``); the seed methods as in ``text_proteus``. SimpleCIL and RanPAC
+train nothing (their one pass per task builds the head). These official rates were set for
+20+ epochs of ViT training; ``--validate`` chooses a row's rate for this 32-step budget on the
+validation stream (:func:`validation_text_stream`: the same tasks, texts that no evaluated
+seed trains or tests on), and ``--rates validated`` (the default) uses the chosen ones.
 
 Rows: ``l2p``, ``dualprompt``, ``coda_prompt`` (official defaults; MiniLM has 6 layers, so
 DualPrompt's G-layers 0-1 / E-layers 2-4 and CODA's layers 0-4 exist), ``ranpac`` (frozen
