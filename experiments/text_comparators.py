@@ -8,6 +8,13 @@ Command:   python experiments/text_comparators.py [--workdir runs/text_comparato
            task-specific parameters at test time (L2P, DualPrompt, CODA-Prompt, SPARC,
            PROTEUS) the (T, T) task-retrieval matrix; ``--smoke`` shrinks the stream and
            budget to a minutes-long check.)
+           [--rates validated|official] (default validated: the rows in
+           ``text_comparators_validation.json`` at their rate chosen there, the others at
+           the official rate; ``official``: every row's official rate, the first table)
+           python experiments/text_comparators.py --validate [--methods coda_prompt,sd_lora]
+           [--set seed=N] [--workdir runs/text_comparators_validation]
+           (chooses the rows' learning rates on the validation stream, one run per rate, see
+           :func:`validate`; updates ``experiments/text_comparators_validation.json``)
            python experiments/text_comparators.py --report WORKDIR [--output FILE]
            (recomputes ``comparators.json`` of a finished workdir; trains nothing)
            python experiments/text_comparators.py --summarize runs/text_comparators/seed{0,1,2}
@@ -29,8 +36,12 @@ supersenses, 5 tasks x 4 classes, 64 training and 150 test glosses per class; ba
 (``train_overrides``): L2P and DualPrompt Adam lr 0.03, constant, gradient clip 1.0
 (``configs/cifar100_{l2p,dualprompt}.py``); CODA-Prompt Adam lr 1e-3, cosine
 (``configs/cifar-100_prompt.yaml``); SD-LoRA SGD with momentum 0.9, lr 8e-3
-(``exps/sdlora_c100.json``); the seed methods as in ``text_proteus``. SimpleCIL and RanPAC
-train nothing (their one pass per task builds the head).
+(``exps/sdlora_c100.json``), its head PILOT's ``SimpleLinear`` (``head_init="simple_linear"``;
+the first table's runs used the ``nn.Linear`` head, ``"torch"``); the seed methods as in ``text_proteus``. SimpleCIL and RanPAC
+train nothing (their one pass per task builds the head). These official rates were set for
+20+ epochs of ViT training; ``--validate`` chooses a row's rate for this 32-step budget on the
+validation stream (:func:`validation_text_stream`: the same tasks, texts that no evaluated
+seed trains or tests on), and ``--rates validated`` (the default) uses the chosen ones.
 
 Rows: ``l2p``, ``dualprompt``, ``coda_prompt`` (official defaults; MiniLM has 6 layers, so
 DualPrompt's G-layers 0-1 / E-layers 2-4 and CODA's layers 0-4 exist), ``ranpac`` (frozen
@@ -58,8 +69,136 @@ from pathlib import Path
 RETRIEVERS = ("l2p", "dualprompt", "coda_prompt", "sparc", "proteus")
 # Paired differences of the summary are taken against these rows (when present).
 PAIRED_AGAINST = ("lora", "proteus")
+# Rows that train nothing (their one pass builds the head): no learning rate to report.
+UNTRAINED = ("ranpac", "simplecil")
 
-def get_config():
+# --validate: each tuned row's rate is chosen on a validation stream (1 seed) from the grid
+# official rate x VALIDATION_FACTORS (plus VALIDATION_EXTRA); when the best rate is at an edge
+# of the grid the grid grows past that edge by a factor EXTEND_FACTOR, at most MAX_EXTENSIONS
+# times (a bound on the run time; the record says when the best is still at an edge).
+VALIDATION_FACTORS = (1, 3, 10)
+EXTEND_FACTOR = 3
+MAX_EXTENSIONS = 2
+# L2P / DualPrompt: the text rows' 0.03 at batch 16 is the code's lr unscaled; the official
+# recipe scales lr by batch / 256 (0.03 * 16 / 256 = 1.875e-3), so that value is in their grid.
+VALIDATION_EXTRA = {"l2p": (0.03 * 16 / 256,), "dualprompt": (0.03 * 16 / 256,)}
+VALIDATION_FILE = Path(__file__).resolve().with_name("text_comparators_validation.json")
+# The validation stream never shares a text with the evaluated streams of these seeds.
+VALIDATION_EXCLUDED_SEEDS = (0, 1, 2)
+VALIDATION_STREAM = "text_comparators_validation"
+RATES = ("validated", "official")
+
+
+def validation_text_stream(*, num_tasks: int = 5, classes_per_task: int = 4,
+                           per_class_train: int = 64, per_class_test: int = 150,
+                           max_length: int = 32, seed: int = 0,
+                           excluded_seeds=VALIDATION_EXCLUDED_SEEDS, flatten: bool = True,
+                           data_dir=None, asset_cache=None):
+  """The validation twin of the ``wordnet_supersense`` stream: same tasks and classes, texts
+  disjoint from every evaluated text.
+
+  The evaluated stream (any seed) trains on ``per_class_train`` glosses per class drawn from
+  the dataset's train split and tests on its test split. Here both the training and the
+  (validation) test glosses of a class come from the class's train-split glosses that none of
+  the evaluated streams of ``excluded_seeds`` trains on: disjoint from their training texts
+  and from every test text. Drawn by a ``RandomState((seed, 11, class))`` permutation.
+
+  Args:
+    num_tasks, classes_per_task, per_class_train, per_class_test, max_length, seed: as the
+      evaluated stream's (``get_config()["stream"]``); ``per_class_test`` is the validation
+      test size.
+    excluded_seeds: the evaluated streams' seeds whose training texts are left out.
+    flatten, data_dir, asset_cache: as :func:`clx.data.get_stream`.
+
+  Returns:
+    A token-id :class:`clx.data.types.Stream` (``x`` int32 ``(n, max_length)``).
+
+  Raises:
+    ValueError: a class has fewer than ``per_class_train + per_class_test`` unused glosses.
+  """
+  import numpy as np
+  from clx.data.text import streams as ts
+
+  del flatten
+  common = dict(num_tasks=num_tasks, classes_per_task=classes_per_task,
+                per_class_train=per_class_train, per_class_test=per_class_test,
+                data_dir=data_dir, asset_cache=asset_cache)
+  evaluated = [ts.text_stream("wordnet_supersense", seed=s, **common) for s in excluded_seeds]
+  reference = evaluated[0] if evaluated else ts.text_stream("wordnet_supersense", seed=seed,
+                                                            **common)
+  used = np.unique(np.concatenate([np.asarray(t.train.index) for e in evaluated
+                                   for t in e.tasks] or [np.zeros(0, np.int64)]))
+  data = ts.load_text_dataset("clx_wordnet_supersense", data_dir, asset_cache=asset_cache)
+  labels = np.asarray(data["train"]["label"])
+  tasks = []
+  for task in reference.tasks:
+    parts = {"train": ([], []), "test": ([], [])}
+    for y in task.classes:
+      c = ts.SUPERSENSES.index(reference.class_names[y])
+      pool = np.setdiff1d(np.flatnonzero(labels == c), used)
+      if len(pool) < per_class_train + per_class_test:
+        raise ValueError(f"{VALIDATION_STREAM}: {reference.class_names[y]} has {len(pool)} "
+                         f"unused train glosses, fewer than per_class_train + per_class_test "
+                         f"= {per_class_train + per_class_test}")
+      pool = pool[np.random.RandomState([int(seed) % 2**32, 11, c]).permutation(len(pool))]
+      for split, rows in (("train", pool[:per_class_train]),
+                          ("test", pool[per_class_train:per_class_train + per_class_test])):
+        parts[split][0].append(rows)
+        parts[split][1].append(np.full(len(rows), y))
+    splits = {k: ts._text_split(data["train"], task.field, np.concatenate(i), np.concatenate(y),  # pylint: disable=protected-access
+                                source="train") for k, (i, y) in parts.items()}
+    tasks.append(ts.TextTask(name=task.name, train=splits["train"], test=splits["test"],
+                             classes=task.classes, dataset=task.dataset, field=task.field))
+  raw = ts.TextStream(name=VALIDATION_STREAM, tasks=tuple(tasks), scenario=reference.scenario,
+                      num_classes=reference.num_classes, class_names=reference.class_names)
+  return ts.tokenize_text_stream(raw, max_length=max_length, data_dir=data_dir,
+                                 asset_cache=asset_cache)
+
+
+def _register_validation_stream():
+  from clx.data import streams
+  streams.register_stream(VALIDATION_STREAM, validation_text_stream, overwrite=True)
+
+
+def load_validation(path: Path = VALIDATION_FILE) -> dict:
+  """The ``--validate`` record (``{"rows": {row: {"chosen", "grid", ...}}, ...}``); empty
+  ``rows`` when the file does not exist."""
+  if not Path(path).is_file():
+    return {"rows": {}}
+  return json.loads(Path(path).read_text())
+
+
+def get_config(rates: str = "validated", validation_file: Path = VALIDATION_FILE):
+  """The experiment's config.
+
+  Args:
+    rates: ``"official"``: every row at its official code's learning rate (the first table
+      of RESULTS.md ``text_comparators``); ``"validated"``: the rows in ``validation_file``
+      at their rate chosen there by ``--validate``, the others at the official rate.
+    validation_file: the ``--validate`` record.
+
+  Returns:
+    The config dict (``train_overrides[row]["learning_rate"]`` holds each row's rate).
+  """
+  if rates not in RATES:
+    raise ValueError(f"text_comparators: rates must be one of {RATES}, got {rates!r}")
+  config = _official_config()
+  if rates == "validated":
+    for row, entry in load_validation(validation_file)["rows"].items():
+      config["train_overrides"][row] = {**config["train_overrides"].get(row, {}),
+                                        "learning_rate": float(entry["chosen"])}
+  return config
+
+
+def learning_rate(config: dict, row: str) -> float | None:
+  """The learning rate ``row`` trains at under ``config`` (its override, else ``train``'s;
+  ``None`` when the config gives neither)."""
+  lr = (config.get("train_overrides") or {}).get(row, {}).get(
+      "learning_rate", (config.get("train") or {}).get("learning_rate"))
+  return None if lr is None else float(lr)
+
+
+def _official_config():
   adam_l2p = {"optimizer": "adam", "learning_rate": 0.03, "grad_clip": 1.0}
   return {
       "name": "text_comparators",
@@ -70,7 +209,7 @@ def get_config():
                   "inflora", "sparc", "proteus", "lora", "joint"],
       "method_args": {
           "ranpac": {"rp_dim": 2000},
-          "sd_lora": {"lora_rank": 10, "sites": ["q", "v"]},
+          "sd_lora": {"lora_rank": 10, "sites": ["q", "v"], "head_init": "simple_linear"},
           "inflora": {"lora_rank": 10, "sites": ["k", "v"], "lamb": 0.95, "lame": 1.0},
           "sparc": {"num_prompt_tokens": 20, "num_components": 100, "overlap_threshold": 0.7188},
           "proteus": {"n_components": 20, "weight_concentration_prior": 0.01, "rp_dim": 2000,
@@ -267,6 +406,126 @@ def report(config: dict, workdir: Path) -> dict:
   return out
 
 
+def validation_grid(row: str, official: float) -> list[float]:
+  """The initial ``--validate`` grid of ``row``: ``official`` x :data:`VALIDATION_FACTORS`
+  and the row's :data:`VALIDATION_EXTRA`, ascending (rates rounded to 6 significant digits)."""
+  rates = [official * f for f in VALIDATION_FACTORS] + list(VALIDATION_EXTRA.get(row, ()))
+  return sorted({float(f"{r:.6g}") for r in rates})
+
+
+def choose_rate(scores: dict[float, float], extensions: int) -> tuple[float, float | None]:
+  """The best rate of ``scores`` ({rate: validation ACC}) and the rate to try next.
+
+  The next rate is the grid's edge times :data:`EXTEND_FACTOR` (top edge) or divided by it
+  (bottom edge) when the best rate is at that edge and fewer than :data:`MAX_EXTENSIONS`
+  extensions were made; else ``None``. Ties go to the smaller rate.
+
+  Args:
+    scores: validation ACC per rate (at least two rates).
+    extensions: extensions made so far.
+
+  Returns:
+    ``(best rate, next rate or None)``.
+  """
+  if len(scores) < 2:
+    raise ValueError(f"choose_rate needs at least two rates, got {scores}")
+  rates = sorted(scores)
+  best = max(rates, key=lambda r: (scores[r], -r))
+  if extensions >= MAX_EXTENSIONS:
+    return best, None
+  if best == rates[-1]:
+    return best, float(f"{best * EXTEND_FACTOR:.6g}")
+  if best == rates[0]:
+    return best, float(f"{best / EXTEND_FACTOR:.6g}")
+  return best, None
+
+
+def validate(rows: list[str], workdir: Path, seed: int = 0, smoke_run: bool = False,
+             validation_file: Path = VALIDATION_FILE) -> dict:
+  """Chooses each of ``rows``' learning rate on the validation stream (one seed).
+
+  Every (row, rate) is one :func:`clx.experiment.run_experiment` of the official config with
+  the stream replaced by :func:`validation_text_stream` and the row's
+  ``train_overrides[row]["learning_rate"]`` set, in ``workdir/ROW_lrRATE`` (resumable). The
+  score is ACC over tasks on the validation test texts. The grid is
+  :func:`validation_grid`, extended by :func:`choose_rate`.
+
+  Args:
+    rows: rows of the config that train (not :data:`UNTRAINED`).
+    workdir: root of the validation runs.
+    seed: the run seed (and the validation stream's draw).
+    smoke_run: shrink stream and budget as ``--smoke`` (a check of the machinery).
+    validation_file: the record to update (other rows' entries stay).
+
+  Returns:
+    The updated record: ``{"seed", "stream", "excluded_seeds", "rows": {row: {"official",
+    "grid" {rate: ACC}, "chosen", "extensions", "at_edge"}}}``.
+  """
+  from clx import experiment
+  _register_validation_stream()
+  base = _official_config()
+  if smoke_run:
+    base = smoke(base)
+  unknown = [r for r in rows if r not in base["methods"] or r in UNTRAINED or r == "joint"]
+  if unknown:
+    raise ValueError(f"--validate: {unknown} are not tuned rows; choose among "
+                     f"{[m for m in base['methods'] if m not in UNTRAINED + ('joint',)]}")
+  base["stream"] = {**base["stream"], "name": VALIDATION_STREAM}
+  base["seed"] = int(seed)
+  record = load_validation(validation_file)
+  record.update(seed=int(seed), stream=VALIDATION_STREAM,
+                excluded_seeds=list(VALIDATION_EXCLUDED_SEEDS), factors=list(VALIDATION_FACTORS),
+                extend_factor=EXTEND_FACTOR, max_extensions=MAX_EXTENSIONS)
+  for row in rows:
+    official = learning_rate(base, row)
+    scores, extensions = {}, 0
+    pending = validation_grid(row, official)
+    while pending:
+      for lr in pending:
+        config = json.loads(json.dumps(base))
+        config["methods"] = [row]
+        config["train_overrides"][row] = {**config["train_overrides"].get(row, {}),
+                                          "learning_rate": lr}
+        print(f"validate: {row} lr {lr:g}", file=sys.stderr, flush=True)
+        metrics = experiment.run_experiment(config, workdir / f"{row}_lr{lr:g}")
+        scores[lr] = float(metrics["runs"][row]["acc"])
+      best, nxt = choose_rate(scores, extensions)
+      pending = [nxt] if nxt is not None else []
+      extensions += bool(pending)
+    rates = sorted(scores)
+    record["rows"][row] = {"official": official, "grid": {f"{r:g}": scores[r] for r in rates},
+                           "chosen": best, "extensions": extensions,
+                           "at_edge": best in (rates[0], rates[-1])}
+    if not smoke_run:  # the smoke check never overwrites the real record
+      _write_json(validation_file, record)
+  return record
+
+
+def _write_json(path: Path, obj) -> None:
+  """Atomic write; the ``rows`` of a record written meanwhile by another ``--validate``
+  process are kept (the two processes validate different rows)."""
+  path = Path(path)
+  if path.is_file() and "rows" in obj:
+    obj = {**obj, "rows": {**json.loads(path.read_text()).get("rows", {}), **obj["rows"]}}
+  tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+  tmp.write_text(json.dumps(obj, indent=1) + "\n")
+  os.replace(tmp, path)
+
+
+def validation_table(record: dict) -> str:
+  """Markdown: per validated row, the validation ACC of every rate tried and the choice."""
+  lines = [f"Learning rates chosen on the validation stream (seed {record.get('seed')}; ACC over "
+           "tasks, %; * = chosen):", "", "| row | official lr | validation ACC by lr | chosen |",
+           "|---|---|---|---|"]
+  for row, entry in record.get("rows", {}).items():
+    chosen = float(entry["chosen"])
+    cells = ", ".join(f"{lr}: {acc:.1f}" + ("*" if float(lr) == chosen else "")
+                      for lr, acc in sorted(entry["grid"].items(), key=lambda kv: float(kv[0])))
+    edge = " (at the grid's edge)" if entry.get("at_edge") else ""
+    lines.append(f"| {row} | {entry['official']:g} | {cells} | {chosen:g}{edge} |")
+  return "\n".join(lines) + "\n"
+
+
 def _fmt_bytes(n: float) -> str:
   for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
     if n >= size:
@@ -285,15 +544,18 @@ def _pm(values, digits: int = 2) -> str:
   return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
 
 
-def summarize(workdirs: list[Path], reports: list[dict]) -> str:
+def summarize(workdirs: list[Path], reports: list[dict], validation: dict | None = None) -> str:
   """The RESULTS.md table over seed workdirs of this experiment (Markdown).
 
   Args:
     workdirs: one finished workdir per seed (same config up to ``seed``).
     reports: each workdir's :func:`report` (``comparators.json``), in the same order.
+    validation: the ``--validate`` record; a row whose rate is the record's choice is marked
+    "(validated)", and the record's grid is listed under the table.
 
   Returns:
-    Markdown: per method mean ± sample std over seeds of ACC over tasks, ACC over samples
+    Markdown: per method its learning rate (from the workdirs' config; "–" for
+    :data:`UNTRAINED`), mean ± sample std over seeds of ACC over tasks, ACC over samples
     (test-set-size weighted), AIA, BWT and wall time, the trainable parameters and mean
     checkpoint bytes per task; the paired ACC differences against :data:`PAIRED_AGAINST`
     (per seed, then mean ± std); and each retriever's retrieval matrix averaged over seeds.
@@ -307,10 +569,21 @@ def summarize(workdirs: list[Path], reports: list[dict]) -> str:
   seeds = clx_report._check_seeds(workdirs, [c for _, c, _, _, _ in loaded])  # pylint: disable=protected-access
   runs = [same for _, _, same, _, _ in loaded]
   names = list(dict.fromkeys(m for r in runs for m in r))
+  config = loaded[0][1]
+  chosen = {row: float(e["chosen"]) for row, e in (validation or {}).get("rows", {}).items()}
+
+  def lr_cell(name):
+    if name in UNTRAINED:
+      return "–"
+    lr = learning_rate(config, name)
+    if lr is None:
+      return "–"
+    return f"{lr:g}" + (" (validated)" if name in chosen and chosen[name] == lr else "")
+
   lines = [f"{len(workdirs)} seed(s): {', '.join(map(str, seeds))}; mean ± sample std over "
            "seeds; ACC, AIA, BWT in %; checkpoint bytes: mean over tasks", "",
-           "| method | seeds | ACC (tasks) | ACC (samples) | AIA | BWT | trainable params "
-           "| checkpoint / task | wall (s) |", "|---|---|---|---|---|---|---|---|---|"]
+           "| method | lr | seeds | ACC (tasks) | ACC (samples) | AIA | BWT | trainable params "
+           "| checkpoint / task | wall (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
   for name in names:
     entries = [r[name] for r in runs if name in r]
     reps = [rep[name] for r, rep in zip(runs, reports) if name in r and name in rep]
@@ -318,7 +591,7 @@ def summarize(workdirs: list[Path], reports: list[dict]) -> str:
     ckpt = [float(np.mean(list(rep["checkpoint_bytes"].values()))) for rep in reps]
     cells = [_pm([e.get(k) for e in entries]) for k in ("acc", "acc_samples", "aia", "bwt")]
     lines.append("| " + " | ".join([
-        name, str(len(entries)), *cells,
+        name, lr_cell(name), str(len(entries)), *cells,
         "/".join(f"{p:,}" for p in params) if params else "–",
         _fmt_bytes(float(np.mean(ckpt))) if ckpt else "–",
         _pm([e.get("wall_time_s") for e in entries], 0)]) + " |")
@@ -349,6 +622,9 @@ def summarize(workdirs: list[Path], reports: list[dict]) -> str:
     for t in range(T):
       lines.append(f"| T{t + 1} | " + " | ".join(f"{mean[t, j]:.1f}" if j <= t else ""
                                                  for j in range(T)) + " |")
+  if any(n in chosen and chosen[n] == learning_rate(config, n) for n in names
+         if n not in UNTRAINED):
+    lines += ["", validation_table(validation).rstrip("\n")]
   return "\n".join(lines) + "\n"
 
 
@@ -376,6 +652,14 @@ def main(argv=None) -> int:
   parser.add_argument("--reports", metavar="JSON", nargs="+", default=None,
                       help="with --summarize: the comparators.json of each workdir, in order "
                            "(default WORKDIR/comparators.json)")
+  parser.add_argument("--rates", choices=RATES, default="validated",
+                      help="learning rates: chosen on validation (--validate's record, rows it "
+                           "holds) or every row's official rate")
+  parser.add_argument("--validate", action="store_true",
+                      help="choose the learning rates of --methods (default: coda_prompt, "
+                           "sd_lora) on the validation stream; updates " + VALIDATION_FILE.name)
+  parser.add_argument("--validation-file", default=str(VALIDATION_FILE),
+                      help="the --validate record (read by --rates validated and --summarize)")
   parser.add_argument("--output", default=None,
                       help="with --report: where to write comparators.json (default: in the "
                            "workdir); with --summarize: also write the table there")
@@ -389,7 +673,8 @@ def main(argv=None) -> int:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
       raise SystemExit(f"no report {missing}: run --report WORKDIR first")
-    table = summarize(workdirs, [json.loads(p.read_text()) for p in paths])
+    table = summarize(workdirs, [json.loads(p.read_text()) for p in paths],
+                      load_validation(Path(args.validation_file)))
     if args.output:
       Path(args.output).write_text(table)
     print(table, end="")
@@ -409,13 +694,27 @@ def main(argv=None) -> int:
     print(json.dumps(result, indent=1))
     return 0
 
-  from clx import experiment
-  config = smoke(get_config()) if args.smoke else get_config()
+  seed = None
   for item in args.set:
     key, value = item.split("=", 1)
     if key != "seed":
       raise SystemExit(f"--set supports seed=N only, got {key!r}")
-    config["seed"] = int(value)
+    seed = int(value)
+  if args.validate:
+    rows = args.methods.split(",") if args.methods else ["coda_prompt", "sd_lora"]
+    workdir = Path(args.workdir if args.workdir != parser.get_default("workdir")
+                   else "runs/text_comparators_validation")
+    record = validate(rows, workdir, seed or 0, smoke_run=args.smoke,
+                      validation_file=Path(args.validation_file))
+    print(json.dumps(record, indent=1))
+    print(validation_table({**record, "rows": {r: record["rows"][r] for r in rows}}), end="")
+    return 0
+
+  from clx import experiment
+  config = get_config(args.rates, Path(args.validation_file))
+  config = smoke(config) if args.smoke else config
+  if seed is not None:
+    config["seed"] = seed
   if args.methods:
     config["methods"] = [m for m in args.methods.split(",") if m]
   workdir = Path(args.workdir)

@@ -59,12 +59,12 @@ def test_summarize_averages_seeds_pairs_differences_and_retrieval(tc, tmp_path):
   table = tc.summarize(dirs, reports)
 
   acc = {m: np.array([np.mean(a[m][-1]) for a in accs]) for m in config["methods"]}
-  row = next(line for line in table.splitlines() if line.startswith("| l2p | 2 |"))
+  row = next(line for line in table.splitlines() if line.startswith("| l2p | – | 2 |"))
   cells = [c.strip() for c in row.strip("|").split("|")]
-  assert cells[2] == f"{acc['l2p'].mean():.2f} ± {acc['l2p'].std(ddof=1):.2f}"
-  assert cells[3] == f"{acc['l2p'].mean() + 1:.2f} ± {acc['l2p'].std(ddof=1):.2f}"
-  assert cells[6] == "50" and cells[7] == "100 B" and cells[8] == "100 ± 1"
-  lora_row = next(line for line in table.splitlines() if line.startswith("| lora | 2 |"))
+  assert cells[3] == f"{acc['l2p'].mean():.2f} ± {acc['l2p'].std(ddof=1):.2f}"
+  assert cells[4] == f"{acc['l2p'].mean() + 1:.2f} ± {acc['l2p'].std(ddof=1):.2f}"
+  assert cells[7] == "50" and cells[8] == "100 B" and cells[9] == "100 ± 1"
+  lora_row = next(line for line in table.splitlines() if line.startswith("| lora | – | 2 |"))
   assert "1,000" in lora_row and "3 kB" in lora_row
   # paired differences: per seed, then mean ± std (not the difference of the means' stds)
   diff = acc["l2p"] - acc["lora"]
@@ -128,3 +128,122 @@ def test_trainable_params_counts_sd_lora_task_lora_from_the_final_state(tc):
   state = method.combine(state, jax.tree.map(jnp.asarray, trained), info)
   # 2 layers x (q, v) x (A (32, 2) + B (2, 32)) + head (32 x 4 + 4) + 2 magnitudes
   assert tc.trainable_params(method, state, info) == before == 2 * 2 * 128 + 132 + 2
+
+
+def _validation_record(path: Path, rows: dict) -> Path:
+  path.write_text(json.dumps({"seed": 0, "rows": rows}))
+  return path
+
+
+def test_get_config_official_and_validated_rates(tc, tmp_path):
+  """``rates="official"`` keeps every official rate; ``"validated"`` takes the record's choice
+  for the rows it holds only (L2P and DualPrompt share one override dict in the config: tuning
+  one must not move the other)."""
+  official = tc.get_config("official")
+  assert tc.learning_rate(official, "coda_prompt") == 1e-3
+  assert tc.learning_rate(official, "sd_lora") == 8e-3
+  assert tc.learning_rate(official, "l2p") == tc.learning_rate(official, "dualprompt") == 0.03
+  assert official["method_args"]["sd_lora"]["head_init"] == "simple_linear"
+  record = _validation_record(tmp_path / "v.json", {"coda_prompt": {"chosen": 0.09},
+                                                    "l2p": {"chosen": 0.001875}})
+  validated = tc.get_config("validated", record)
+  assert tc.learning_rate(validated, "coda_prompt") == 0.09
+  assert validated["train_overrides"]["coda_prompt"]["schedule"] == "cosine"  # the rest stays
+  assert tc.learning_rate(validated, "l2p") == 0.001875
+  assert tc.learning_rate(validated, "dualprompt") == 0.03
+  assert validated["train_overrides"]["dualprompt"]["grad_clip"] == 1.0
+  assert tc.learning_rate(validated, "sd_lora") == 8e-3  # not in the record: official
+  assert tc.get_config("validated", tmp_path / "absent.json") == official
+  with pytest.raises(ValueError, match="rates must be one of"):
+    tc.get_config("best")
+
+
+def test_validation_grid_and_edge_extension(tc):
+  assert tc.validation_grid("coda_prompt", 1e-3) == [1e-3, 3e-3, 1e-2]
+  assert tc.validation_grid("l2p", 0.03) == [0.001875, 0.03, 0.09, 0.3]
+  assert tc.choose_rate({1e-3: 20.0, 3e-3: 40.0, 1e-2: 30.0}, 0) == (3e-3, None)  # interior
+  assert tc.choose_rate({1e-3: 20.0, 3e-3: 40.0, 1e-2: 50.0}, 0) == (1e-2, 0.03)  # top edge
+  assert tc.choose_rate({1e-3: 60.0, 3e-3: 40.0}, 1) == (1e-3, float(f"{1e-3 / 3:.6g}"))
+  assert tc.choose_rate({1e-3: 20.0, 3e-3: 40.0, 1e-2: 50.0}, tc.MAX_EXTENSIONS) == (1e-2, None)
+  assert tc.choose_rate({1e-3: 40.0, 3e-3: 40.0}, tc.MAX_EXTENSIONS)[0] == 1e-3  # tie: smaller
+  with pytest.raises(ValueError, match="at least two rates"):
+    tc.choose_rate({1e-3: 1.0}, 0)
+
+
+def test_validate_runs_the_grid_on_the_validation_stream_and_records_the_choice(
+    tc, tmp_path, monkeypatch):
+  """Each (row, rate) runs once on the validation stream; the best rate at the top edge extends
+  the grid (x3) up to MAX_EXTENSIONS times; other rows of the record stay."""
+  from clx import experiment
+  calls = []
+
+  def fake_run(config, workdir):
+    (row,) = config["methods"]
+    lr = tc.learning_rate(config, row)
+    calls.append((row, lr, config["stream"]["name"], Path(workdir).name))
+    return {"runs": {row: {"acc": 100.0 - abs(np.log(lr / 0.05))}}}  # best near 0.05
+
+  monkeypatch.setattr(experiment, "run_experiment", fake_run)
+  record_path = _validation_record(tmp_path / "v.json", {"l2p": {"chosen": 0.03}})
+  record = tc.validate(["coda_prompt"], tmp_path / "runs", seed=0, validation_file=record_path)
+  assert [c[1] for c in calls] == [1e-3, 3e-3, 1e-2, 0.03, 0.09]
+  assert {c[2] for c in calls} == {tc.VALIDATION_STREAM}
+  assert calls[0][3] == "coda_prompt_lr0.001"
+  entry = record["rows"]["coda_prompt"]
+  assert entry["chosen"] == 0.03 and entry["extensions"] == 2 and not entry["at_edge"]
+  assert entry["official"] == 1e-3 and set(entry["grid"]) == {"0.001", "0.003", "0.01", "0.03",
+                                                               "0.09"}
+  saved = json.loads(record_path.read_text())
+  assert saved["rows"]["l2p"] == {"chosen": 0.03} and saved["rows"]["coda_prompt"] == entry
+  assert tc.learning_rate(tc.get_config("validated", record_path), "coda_prompt") == 0.03
+  with pytest.raises(ValueError, match="not tuned rows"):
+    tc.validate(["simplecil"], tmp_path / "runs", validation_file=record_path)
+
+
+def test_validation_stream_is_disjoint_from_every_evaluated_text(tc, monkeypatch):
+  """Same tasks and labels as the evaluated stream; train and validation-test glosses come
+  from train-split rows that no evaluated seed (0, 1, 2) trains on (tests are another split)."""
+  from clx.data.text import streams as ts
+  nouns = [i for i, n in enumerate(ts.SUPERSENSES) if n.startswith("noun.")][:4]
+  rng = np.random.default_rng(0)
+  data = {}
+  for split, per in (("train", 120), ("test", 40)):
+    labels = np.repeat(nouns, per)[rng.permutation(4 * per)]
+    data[split] = {"label": labels, "text": np.array([f"{split}{i}" for i in range(len(labels))],
+                                                     dtype=object)}
+  monkeypatch.setattr(ts, "load_text_dataset", lambda *a, **k: data)
+  monkeypatch.setattr(ts, "tokenize_text_stream", lambda raw, **k: raw)
+  sizes = dict(num_tasks=2, classes_per_task=2, per_class_train=20, per_class_test=30)
+  val = tc.validation_text_stream(seed=5, **sizes)
+  evaluated = [ts.text_stream("wordnet_supersense", seed=s, **sizes) for s in (0, 1, 2)]
+  used = {int(i) for e in evaluated for t in e.tasks for i in t.train.index}
+  assert val.class_names == evaluated[0].class_names
+  seen = set()
+  for task, ref in zip(val.tasks, evaluated[0].tasks):
+    assert task.classes == ref.classes and task.train.source == task.test.source == "train"
+    train, test = set(task.train.index.tolist()), set(task.test.index.tolist())
+    assert len(train) == 2 * 20 and len(test) == 2 * 30
+    assert not (train | test) & used and not train & test and not (train | test) & seen
+    seen |= train | test
+    for split in (task.train, task.test):  # labels follow the supersense of each row
+      names = [val.class_names[y] for y in split.y]
+      assert names == [ts.SUPERSENSES[c] for c in data["train"]["label"][split.index]]
+  with pytest.raises(ValueError, match="unused train glosses"):
+    tc.validation_text_stream(seed=5, **{**sizes, "per_class_train": 35})
+
+
+def test_summarize_reports_each_row_rate_and_the_validation_grid(tc, tmp_path):
+  config = {"name": "text_comparators", "methods": ["lora", "coda_prompt", "simplecil"],
+            "stream": {"num_tasks": 2}, "train": {"learning_rate": 1e-3},
+            "train_overrides": {"coda_prompt": {"learning_rate": 0.09}}}
+  a = {m: np.tril(np.full((2, 2), 50.0)) for m in config["methods"]}
+  one = _fake_workdir(tmp_path / "a", 0, a, config)
+  report = {m: {"trainable_params": 1, "checkpoint_bytes": {"0": 1}} for m in config["methods"]}
+  validation = {"seed": 0, "rows": {"coda_prompt": {
+      "official": 1e-3, "grid": {"0.001": 20.0, "0.03": 48.0, "0.09": 50.5}, "chosen": 0.09,
+      "extensions": 2, "at_edge": True}}}
+  table = tc.summarize([one], [report], validation)
+  assert "| coda_prompt | 0.09 (validated) | 1 |" in table
+  assert "| lora | 0.001 | 1 |" in table and "| simplecil | – | 1 |" in table
+  assert "| coda_prompt | 0.001 | 0.001: 20.0, 0.03: 48.0, 0.09: 50.5* | 0.09 (at the grid's edge) |" in table
+  assert "validation" not in tc.summarize([one], [report])  # no record: no grid
