@@ -267,8 +267,8 @@ def test_each_process_decodes_only_its_rows_of_every_global_batch(folder, monkey
 
 def test_train_and_eval_steps_take_uint8_pixels_and_normalise_inside(folder, monkeypatch):
   """Streamed batches reach the jitted train and evaluation steps as uint8 (normalised inside
-  the step); host passes still get float32 model inputs. The old code normalised every
-  training and evaluation batch by a separate jitted call first (a float32 copy on device)."""
+  the step). The old code normalised every training and evaluation batch by a separate
+  jitted call first (a float32 copy on device): this test saw float32 there."""
   stream = pipeline.streaming_stream(_image_stream(folder), num_threads=2)
   method = methods.build("lora", vit(stream.input_shape, variant="test", depth=1, seed=0),
                          lora_rank=2, sites=["k", "v"])
