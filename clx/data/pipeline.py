@@ -465,8 +465,9 @@ class StreamingSplit:
   arrays, reads the planned rows of every step through grain: each process
   reads only its own rows, images are decoded and transformed in
   ``num_threads`` prefetch threads with ``prefetch`` batches buffered, batches
-  cross to the device as uint8 and are normalised there
-  (:func:`clx.train.batches.normalize_on_device`). Example ``i`` of a pass
+  cross to the device as uint8 and are normalised there, inside the jitted train /
+  validation / evaluation steps (:func:`clx.train.batches.normalize_inputs`; host passes
+  get them normalised by :func:`clx.train.batches.normalize_on_device`). Example ``i`` of a pass
   keyed ``key`` is augmented with :func:`~clx.data.transforms.keyed_rng`
   ``(key, i)``.
 

@@ -79,13 +79,46 @@ def normalize_on_device(x: jax.Array, pixel_range: str = "0,1",
   return xf / jnp.float32(127.5) - jnp.float32(1.0)
 
 
+def input_normalization(split) -> tuple | None:
+  """How a step turns ``split``'s raw device batches into model inputs (hashable, static).
+
+  Returns:
+    ``(pixel_range, mean, std)`` for a streaming split (its batches reach the device as
+    uint8 pixels: :func:`streamed_device_batches` with ``raw=True``), ``None`` for an
+    in-memory split (its ``x`` already is the model input).
+  """
+  if not is_streaming(split):
+    return None
+  return (split.pixel_range, split.mean, split.std)
+
+
+def normalize_inputs(batch: dict[str, jax.Array], normalization: tuple | None
+                     ) -> dict[str, jax.Array]:
+  """``batch`` with ``x`` normalised as :func:`input_normalization` says (jit-able).
+
+  Called inside the jitted train / validation / evaluation steps, so uint8 pixels are
+  converted where they are used (no separate float32 copy of the batch on the device).
+
+  Args:
+    batch: ``{"x": (..., H, W, C) uint8 or model inputs, ...}``.
+    normalization: :func:`input_normalization` of the batch's split (static).
+
+  Returns:
+    The batch, ``x`` float32 by :func:`normalize_on_device` (unchanged for ``None``).
+  """
+  if normalization is None:
+    return batch
+  pixel_range, mean, std = normalization
+  return {**batch, "x": normalize_on_device(batch["x"], pixel_range, mean, std)}
+
+
 @functools.lru_cache(maxsize=None)
 def _normalizer(pixel_range: str, mean, std):
   return jax.jit(functools.partial(normalize_on_device, pixel_range=pixel_range, mean=mean, std=std))
 
 
 def streamed_device_batches(split, plan: np.ndarray, mesh, key: tuple[int, ...],
-                            chunk: int | None = None):
+                            chunk: int | None = None, raw: bool = False):
   """Sharded device batches of a streaming split for an index plan.
 
   This process decodes only its rows of every global batch
@@ -99,14 +132,16 @@ def streamed_device_batches(split, plan: np.ndarray, mesh, key: tuple[int, ...],
     key: the pass's augmentation key (e.g. ``(seed, task, phase, epoch)``).
     chunk: None for single steps, else ``(chunk, B)`` stacks (the last one
       padded with fully masked steps).
+    raw: leave ``x`` as uint8 pixels for a step that normalises inside
+      (:func:`normalize_inputs`); else normalised here by a jitted call (host passes).
 
   Yields:
     ``(arrays, steps, examples)`` as :meth:`clx.train.fit.Fitter.device_batches`:
-    ``x`` float32 (normalised on device), ``y`` int32, ``mask`` float32.
+    ``x`` float32 (normalised on device; uint8 with ``raw``), ``y`` int32, ``mask`` float32.
   """
   rows = sharding.process_rows(plan.shape[1], mesh)
   local = plan[:, rows]
-  normalize = _normalizer(split.pixel_range, split.mean, split.std)
+  normalize = (lambda x: x) if raw else _normalizer(split.pixel_range, split.mean, split.std)
   host = split.step_batches(local, key)
 
   def to_device(arrays: dict[str, np.ndarray], axis: int) -> dict[str, jax.Array]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -12,12 +13,16 @@ from clx.data.types import ArraySplit, Stream
 from clx.methods import passes
 from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo
 from clx.train import sharding
+from clx.train.batches import input_normalization, normalize_inputs
 from clx.train.config import TrainConfig
 from clx.train.fit import Fitter
 
 
 def make_counter(predict: Callable) -> Callable:
-  """Jitted ``(state, base, x, y, mask, class_mask) -> number correct``.
+  """Jitted ``(state, base, x, y, mask, class_mask, normalization=None) -> number correct``.
+
+  ``normalization`` (static, :func:`clx.train.batches.input_normalization` of the split)
+  turns raw uint8 pixels of a streamed split into model inputs inside the step.
 
   ``predict(state, base, x, mask) -> (n, C)`` (:func:`clx.methods.passes.predict_fn`):
   the row mask reaches the model, so on batch-statistic backbones the padding
@@ -26,8 +31,9 @@ def make_counter(predict: Callable) -> Callable:
   task's classes (task-incremental scenario; all-True otherwise).
   """
 
-  @jax.jit
-  def count(state, base, x, y, mask, class_mask):
+  @functools.partial(jax.jit, static_argnames=("normalization",))
+  def count(state, base, x, y, mask, class_mask, normalization=None):
+    x = normalize_inputs({"x": x}, normalization)["x"]
     logits = jnp.where(class_mask, predict(state, base, x, mask), -jnp.inf)
     return jnp.sum((jnp.argmax(logits, -1) == y) * mask)
 
@@ -41,9 +47,11 @@ def evaluate_split(fitter: Fitter, count: Callable, state, base, split: ArraySpl
     raise ValueError("evaluate_split: empty split")
   plan = fitter.plan(len(split), batch_size, False, (0,))
   class_mask = jax.device_put(jnp.asarray(class_mask), sharding.replicated(fitter.mesh))
+  normalization = input_normalization(split)
   correct = 0.0
-  for arrays, _, _ in fitter.device_batches(split, plan, "eval"):
-    correct += float(count(state, base, arrays["x"], arrays["y"], arrays["mask"], class_mask))
+  for arrays, _, _ in fitter.device_batches(split, plan, "eval", raw=True):
+    correct += float(count(state, base, arrays["x"], arrays["y"], arrays["mask"], class_mask,
+                           normalization=normalization))
   return 100.0 * correct / len(split)
 
 

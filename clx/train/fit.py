@@ -30,7 +30,8 @@ from jax.extend import core as jax_core
 from clx.data.types import ArraySplit
 from clx.train import sharding
 from clx.train.batches import (_epoch_order, _gather, _step_index_plan, check_finite_batch,
-                               example_nbytes, is_streaming, streamed_device_batches)
+                               example_nbytes, input_normalization, is_streaming,
+                               normalize_inputs, streamed_device_batches)
 from clx.train.config import (ScheduleFactory, TrainConfig, learning_rate_schedule,
                               make_optimizer)
 from clx.train.progress import TaskProgress
@@ -271,17 +272,19 @@ class Fitter:
     return _step_index_plan(_epoch_order(n, shuffle, seed_words), batch_size, padded)
 
   def device_batches(self, split: ArraySplit, plan: np.ndarray, where: str,
-                     chunk: int | None = None, key: tuple[int, ...] = (0,)
+                     chunk: int | None = None, key: tuple[int, ...] = (0,), raw: bool = False
                      ) -> Iterator[tuple[dict[str, jax.Array], int, int]]:
     """Yield sharded arrays for ``plan`` rows: single steps or (chunk, B) stacks.
 
     Yields ``(arrays, steps, examples)``. When ``chunk`` is given, the last
     stack is padded with fully masked steps so every call has the same shape.
     A streaming split (``clx.data.pipeline.StreamingSplit``) is decoded per
-    batch, augmented under ``key`` (:func:`clx.train.batches.streamed_device_batches`).
+    batch, augmented under ``key`` (:func:`clx.train.batches.streamed_device_batches`);
+    with ``raw`` its ``x`` stays uint8 for a step that normalises inside
+    (:func:`clx.train.batches.normalize_inputs` with ``input_normalization(split)``).
     """
     if is_streaming(split):
-      yield from streamed_device_batches(split, plan, self.mesh, key, chunk)
+      yield from streamed_device_batches(split, plan, self.mesh, key, chunk, raw=raw)
       return
     rows = sharding.process_rows(plan.shape[1], self.mesh)
     if chunk is None:
@@ -426,10 +429,14 @@ class Fitter:
                                  transform_updates=transform_updates, schedule=schedule,
                                  masked=masked, log=log)
 
+    # Streamed uint8 pixels are normalised inside the step (no float32 copy of the batch).
+    normalization = None if resident else input_normalization(splits[0])
+
     def lane_step(params, opt_state, count, batch, state, data, rng, active, base):
       if data is not None:  # device-resident split: the batch is an index plan
         idx = batch["idx"] if active is None else jnp.where(active, batch["idx"], -1)
         batch = gather_rows(data, idx)
+      batch = normalize_inputs(batch, normalization)
       return train_step(params, opt_state, count, batch, state, base, rng)
 
     step_fn = lane.map(lane_step, in_axes=(0,) * 8 + (None,))  # base is shared by the seeds
@@ -469,7 +476,7 @@ class Fitter:
                                for w in seed_words])
       batches = (self.index_chunks(plan, chunk) if resident
                  else self.device_batches(splits[0], plan, title, chunk,
-                                          key=(*seed_words[0], epoch)))
+                                          key=(*seed_words[0], epoch), raw=True))
       # Divergence check, independent of display: every step's loss is reduced
       # on device into one flag, read once per epoch (no host sync per chunk).
       finite = loss_sum = None
@@ -532,10 +539,11 @@ class Fitter:
 
   def validation_loss(self, params, fn: Callable, split: ArraySplit, cfg: TrainConfig,
                       state, base) -> float:
-    """Mean loss over ``split``; ``fn`` from :func:`_validation_fn`."""
+    """Mean loss over ``split``; ``fn`` from :func:`_validation_fn` (normalises inside)."""
     plan = self.plan(len(split), cfg.eval_batch_size, False, (0,))
-    sums = [fn(params, state, base, arrays) for arrays, _, _ in
-            self.device_batches(split, plan, "validation")]
+    normalization = input_normalization(split)
+    sums = [fn(params, state, base, arrays, normalization=normalization) for arrays, _, _ in
+            self.device_batches(split, plan, "validation", raw=True)]
     return float(sum(float(a) for a, _ in sums) / max(sum(float(c) for _, c in sums), 1.0))
 
   def resident(self, split: ArraySplit, cfg: TrainConfig) -> bool:
@@ -594,15 +602,18 @@ class _ChunkLog:
 
 
 def _validation_fn(loss: Callable) -> Callable:
-  """Jitted ``(params, state, base, batch) -> (loss · rows, rows)`` without dropout
-  (``rng=None``, as the official ``model.eval()`` validation pass)."""
+  """Jitted ``(params, state, base, batch, normalization=None) -> (loss · rows, rows)``
+  without dropout (``rng=None``, as the official ``model.eval()`` validation pass);
+  ``normalization`` (static, :func:`clx.train.batches.input_normalization`) turns a raw
+  uint8 batch into model inputs inside the step."""
 
-  def total(params, state, base, batch):
+  def total(params, state, base, batch, normalization=None):
+    batch = normalize_inputs(batch, normalization)
     value, _ = loss(params, state, base, batch, None)
     count = jnp.sum(batch["mask"])
     return value * count, count
 
-  return jax.jit(total)
+  return jax.jit(total, static_argnames=("normalization",))
 
 
 class ValidationPlateau:

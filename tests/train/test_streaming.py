@@ -263,3 +263,58 @@ def test_each_process_decodes_only_its_rows_of_every_global_batch(folder, monkey
   assert sorted(loaded) == sorted(expected[expected >= 0].tolist())
   assert all(h["x"].shape == (4, 32, 32, 3) and h["x"].dtype == np.uint8 for h in handed)
   np.testing.assert_array_equal(np.stack([h["mask"] for h in handed]), expected >= 0)
+
+
+def test_train_and_eval_steps_take_uint8_pixels_and_normalise_inside(folder, monkeypatch):
+  """Streamed batches reach the jitted train and evaluation steps as uint8 (normalised inside
+  the step). The old code normalised every training and evaluation batch by a separate
+  jitted call first (a float32 copy on device): this test saw float32 there."""
+  stream = pipeline.streaming_stream(_image_stream(folder), num_threads=2)
+  method = methods.build("lora", vit(stream.input_shape, variant="test", depth=1, seed=0),
+                         lora_rank=2, sites=["k", "v"])
+  seen = []
+  batches = Fitter.device_batches
+
+  def recording(self, split, plan, where, *args, **kwargs):
+    for arrays, steps, examples in batches(self, split, plan, where, *args, **kwargs):
+      seen.append((where, np.dtype(arrays["x"].dtype)))
+      yield arrays, steps, examples
+
+  monkeypatch.setattr(Fitter, "device_batches", recording)
+  cfg = dataclasses.replace(CFG, epochs=1)
+  result = run_method(method, stream, cfg, seed=3, mesh=make_mesh(2), quiet=True)
+  assert np.all(np.isfinite(result.acc_matrix[np.tril_indices(2)]))
+  steps = {dtype for where, dtype in seen if where != "eval"}
+  evals = {dtype for where, dtype in seen if where == "eval"}
+  assert steps == {np.dtype(np.uint8)} and evals == {np.dtype(np.uint8)}, seen
+
+
+@pytest.mark.parametrize("norm", [dict(pixel_range="0,1"), dict(pixel_range="-1,1"),
+                                  dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))])
+def test_normalising_inside_the_step_gives_the_separate_normalisers_numbers(folder, norm):
+  """Features of a jitted forward that normalises raw uint8 inside, against the forward of the
+  separately normalised float32 batch (the old path): bit-identical for the 0-1 range,
+  rounding-level otherwise."""
+  split = pipeline.StreamingSplit(folder, CENTER, num_threads=0, **norm)
+  backbone = vit(split.example_shape, variant="test", depth=1, seed=0)
+  fitter = Fitter(make_mesh(2), quiet=True)
+  plan = fitter.plan(len(split), 8, False, (0,))
+  normalization = batches_lib.input_normalization(split)
+  assert normalization == (split.pixel_range, split.mean, split.std)
+  inside = jax.jit(lambda b, x: backbone.apply(
+      b, batches_lib.normalize_inputs({"x": x}, normalization)["x"]))
+  separate = jax.jit(backbone.apply)
+  raw = [a["x"] for a, _, _ in fitter.device_batches(split, plan, "t", raw=True)]
+  old = [a["x"] for a, _, _ in fitter.device_batches(split, plan, "t")]
+  assert {r.dtype for r in raw} == {np.dtype(np.uint8)} and {o.dtype for o in old} == {
+      np.dtype(np.float32)}
+  exact = norm.get("pixel_range") == "0,1"  # x / 255 rounds the same fused or not
+  for r, o in zip(raw, old):
+    mine = np.asarray(batches_lib.normalize_inputs({"x": r}, normalization)["x"])
+    np.testing.assert_allclose(mine, o, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-6)
+    a, b = np.asarray(inside(backbone.params, r)), np.asarray(separate(backbone.params, o))
+    if exact:
+      np.testing.assert_array_equal(a, b)
+    else:
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  assert batches_lib.input_normalization(folder) is None
