@@ -41,9 +41,11 @@ def test_sd_lora_learns_and_freezes_directions_but_learns_magnitudes():
   stream = token_stream(num_tasks=2)
   backbone = tiny_bert()
   state, acc = run(build("sd_lora", backbone, lora_rank=2), stream)
-  # task 0 is learned; class-IL with the code's current-classes-only cross-entropy then
-  # favours the older head rows on this tiny stream (no assertion on the final average)
-  assert acc[0, 0] >= 90, acc
+  # task 0 is learned (chance 50 %); class-IL with the code's current-classes-only
+  # cross-entropy then favours the older head rows on this tiny stream (no assertion on the
+  # final average). The official SimpleLinear head (kernel U(±√(3/d)), bias 0) reaches 81 %
+  # here in 3 epochs (measured); the bound was 90 % when the head was nn.Linear's.
+  assert acc[0, 0] >= 75, acc
   assert set(state["directions"]) == {"0", "1"} and state["lora"] == {}
   bytes_per_task = sd_lib.state_bytes_per_task(state)
   # q and v of 2 layers, A (32, 2) and B (2, 32) float32 each
