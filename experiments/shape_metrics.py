@@ -13,10 +13,16 @@ Prints, for the package under ``DIR/clx`` (default: this repository):
   ``clx/methods`` and in the whole library;
 * line counts of ``data/text`` (a module before the split, a package after), ``checkpoint``
   (idem) and ``train/loop.py``;
-* docstring and full-type-hint coverage of the public functions of ``clx/methods`` and
-  ``clx/ops``: module-level functions and methods of classes, whose name (and class name)
-  does not start with ``_``; a function is fully typed when every parameter except
-  ``self``/``cls`` (``*args``/``**kwargs`` included) and its return are annotated;
+* docstring, full-type-hint and Args/Returns-section coverage of the public functions of
+  the packages ``clx.methods`` and ``clx.ops`` (the package and its submodules, matched
+  exactly: ``clx.methods_extra`` is not ``clx.methods``): module-level functions and methods
+  of classes, whose name (and class name) does not start with ``_``. Functions of private
+  modules (``clx/methods/_options.py``) are counted: they are the package's own helpers,
+  held to the same standard. A function is fully typed when every parameter except
+  ``self``/``cls`` (``*args``/``**kwargs`` included) and its return are annotated; its
+  docstring has its sections when it has an ``Args:`` section if it takes a parameter
+  (``self``/``cls`` excepted) and a ``Returns:`` (or ``Yields:``) section unless it is
+  annotated ``-> None`` or is a property;
 * with ``--duplicates``: the pair count of the ``duplicates`` command on ``DIR/clx``;
 * with ``--import-test``: the summary line of ``pytest tests/test_imports.py`` run in ``DIR``.
 
@@ -49,6 +55,8 @@ class Function:
     public: module-level or class-level, with no ``_``-prefixed name on its path.
     documented: has a docstring.
     typed: every parameter (but ``self``/``cls``) and the return are annotated.
+    sections: documented, with ``Args:`` / ``Returns:`` sections where it has parameters /
+      a result (see the module docstring).
   """
 
   module: str
@@ -58,16 +66,39 @@ class Function:
   public: bool
   documented: bool
   typed: bool
+  sections: bool = False
 
 
-def _fully_typed(node: ast.FunctionDef | ast.AsyncFunctionDef, in_class: bool) -> bool:
-  """Every parameter (``self``/``cls`` of a method excepted) and the return annotated."""
+def _parameters(node: ast.FunctionDef | ast.AsyncFunctionDef, in_class: bool) -> list[ast.arg]:
+  """The parameters of a ``def``, ``self``/``cls`` of a method excepted."""
   args = node.args
   positional = [*args.posonlyargs, *args.args]
   if in_class and positional and positional[0].arg in ("self", "cls"):
     positional = positional[1:]
-  params = [*positional, *args.kwonlyargs, *(a for a in (args.vararg, args.kwarg) if a)]
-  return node.returns is not None and all(p.annotation is not None for p in params)
+  return [*positional, *args.kwonlyargs, *(a for a in (args.vararg, args.kwarg) if a)]
+
+
+def _has_sections(node: ast.FunctionDef | ast.AsyncFunctionDef, in_class: bool) -> bool:
+  """A docstring with ``Args:`` when there are parameters and ``Returns:``/``Yields:`` when
+  there is a result (not annotated ``-> None``, not a property)."""
+  doc = ast.get_docstring(node)
+  if doc is None:
+    return False
+  lines = {line.strip() for line in doc.splitlines()}
+  returns_none = isinstance(node.returns, ast.Constant) and node.returns.value is None
+  is_property = any(isinstance(d, ast.Name) and d.id in ("property", "cached_property")
+                    or isinstance(d, ast.Attribute) and d.attr in ("property", "cached_property")
+                    for d in node.decorator_list)
+  needs_args = bool(_parameters(node, in_class))
+  needs_returns = not (returns_none or is_property)
+  return ((not needs_args or "Args:" in lines)
+          and (not needs_returns or bool(lines & {"Returns:", "Yields:"})))
+
+
+def _fully_typed(node: ast.FunctionDef | ast.AsyncFunctionDef, in_class: bool) -> bool:
+  """Every parameter (``self``/``cls`` of a method excepted) and the return annotated."""
+  return (node.returns is not None
+          and all(p.annotation is not None for p in _parameters(node, in_class)))
 
 
 def functions(path: pathlib.Path, module: str) -> Iterator[Function]:
@@ -81,7 +112,8 @@ def functions(path: pathlib.Path, module: str) -> Iterator[Function]:
         name = f"{prefix}{child.name}"
         public = public_path and not in_function and not child.name.startswith("_")
         yield Function(module, name, child.end_lineno - child.lineno + 1, in_function, public,
-                       ast.get_docstring(child) is not None, _fully_typed(child, in_class))
+                       ast.get_docstring(child) is not None, _fully_typed(child, in_class),
+                       _has_sections(child, in_class))
         yield from visit(child, f"{name}.", True, False, False)
       elif isinstance(child, ast.ClassDef):
         yield from visit(child, f"{prefix}{child.name}.", in_function, True,
@@ -123,9 +155,17 @@ def _coverage(fns: Sequence[Function]) -> str:
   public = [f for f in fns if f.public]
   if not public:
     return "no public functions"
+  n = len(public)
   doc, typed = sum(f.documented for f in public), sum(f.typed for f in public)
-  return (f"{len(public)} public: docstrings {doc}/{len(public)} ({100 * doc / len(public):.0f} %), "
-          f"full type hints {typed}/{len(public)} ({100 * typed / len(public):.0f} %)")
+  sections = sum(f.sections for f in public)
+  return (f"{n} public: docstrings {doc}/{n} ({100 * doc / n:.0f} %), "
+          f"full type hints {typed}/{n} ({100 * typed / n:.0f} %), "
+          f"Args/Returns sections {sections}/{n} ({100 * sections / n:.0f} %)")
+
+
+def in_package(fn: Function, package: str) -> bool:
+  """``fn`` is defined in ``package`` or one of its submodules (not a prefix match)."""
+  return fn.module == package or fn.module.startswith(package + ".")
 
 
 def _longest(fns: Sequence[Function], n: int = 2) -> str:
@@ -159,8 +199,8 @@ def _import_test(root: pathlib.Path) -> str:
 def report(root: pathlib.Path, *, duplicates: bool = False, import_test: bool = False) -> str:
   """The metrics of the tree under ``root`` as text lines."""
   fns = library(root)
-  methods = [f for f in fns if f.module.startswith("clx.methods")]
-  ops = [f for f in fns if f.module.startswith("clx.ops")]
+  methods = [f for f in fns if in_package(f, "clx.methods")]
+  ops = [f for f in fns if in_package(f, "clx.ops")]
   nested_methods, nested_all = sum(f.nested for f in methods), sum(f.nested for f in fns)
   rows = [
       f"tree: {root}",

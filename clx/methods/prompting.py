@@ -11,39 +11,79 @@ same set). At test time the classes seen so far compete.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import heads as heads_lib
-import functools
-from collections.abc import Callable
-
-from clx.methods.base import ContinualMethod, StreamSpec, no_host_hook
+from clx.methods.base import ContinualMethod, Params, State, StreamSpec, TaskInfo, no_host_hook
 from clx.models.base import Backbone
 
 Array = jax.Array
+Head = dict[str, Array]  # {"kernel": (d, C), "bias": (C,)}
+HEAD_INITS = ("zeros", "torch", "simple_linear")
 
 
-def select_keys(keys: tuple[str, ...], state, info) -> dict:
-  """``trainable``: the state entries ``keys`` (the same on every task)."""
+def select_keys(keys: tuple[str, ...], state: State, info: TaskInfo) -> Params:
+  """``trainable`` of a prompt method: the state entries ``keys`` (the same on every task).
+
+  Args:
+    keys: the state keys trained on every task.
+    state: the method's state.
+    info: the task being trained (unused: every task trains the same entries).
+
+  Returns:
+    ``{key: state[key]}`` for every key of ``keys``.
+  """
   del info
   return {k: state[k] for k in keys}
 
 
-def write_back(state, params, info) -> dict:
-  """``combine``: the trained entries replace the state's."""
+def write_back(state: State, params: Params, info: TaskInfo) -> State:
+  """``combine`` of a prompt method: the trained entries replace the state's.
+
+  Args:
+    state: the method's state.
+    params: the trained entries (:func:`select_keys`'s keys).
+    info: the task just trained (unused).
+
+  Returns:
+    ``state`` with the entries of ``params`` replaced.
+  """
   del info
   return {**state, **params}
 
 
 def num_layers(backbone: Backbone) -> int:
-  """Transformer depth: the number of query kernels the backbone declares."""
+  """Transformer depth: the number of query kernels the backbone declares.
+
+  Args:
+    backbone: a transformer backbone declaring the ``"q"`` role.
+
+  Returns:
+    The number of blocks.
+  """
   return len(backbone.site_paths("q"))
 
 
-def check_layers(name: str, layers, depth: int) -> tuple[int, ...]:
-  """``layers`` as a tuple of distinct ints in ``[0, depth)``, or a clear error."""
+def check_layers(name: str, layers: Iterable[int], depth: int) -> tuple[int, ...]:
+  """``layers`` as a tuple of distinct ints in ``[0, depth)``, or a clear error.
+
+  Args:
+    name: the option, for the message (``"dualprompt e_layers"``).
+    layers: the layer indices given.
+    depth: the backbone's number of blocks (:func:`num_layers`).
+
+  Returns:
+    The layers as a tuple of ints.
+
+  Raises:
+    ValueError: a repeated index or one outside ``[0, depth)``.
+  """
   layers = tuple(int(i) for i in layers)
   if len(set(layers)) != len(layers) or any(not 0 <= i < depth for i in layers):
     raise ValueError(f"{name}: layers must be distinct ints in [0, {depth}) for this backbone, "
@@ -51,15 +91,54 @@ def check_layers(name: str, layers, depth: int) -> tuple[int, ...]:
   return layers
 
 
-def query(backbone: Backbone, base, x: Array, mask: Array | None = None) -> Array:
-  """The frozen, prompt-free pooled features ``(n, d)`` used as the key-matching query."""
+def check_head_init(name: str, kind: str) -> None:
+  """Validates a ``head_init`` option (:func:`init_head`'s ``kind``).
+
+  Args:
+    name: the method, for the message.
+    kind: the value given.
+
+  Raises:
+    ValueError: ``kind`` is not one of :data:`HEAD_INITS`.
+  """
+  if kind not in HEAD_INITS:
+    raise ValueError(f"{name}: head_init must be one of {HEAD_INITS}, got {kind!r}")
+
+
+def query(backbone: Backbone, base: Params, x: Array, mask: Array | None = None) -> Array:
+  """The frozen, prompt-free pooled features used as the key-matching query.
+
+  ``q = stop_gradient(f(x))``: the official code's ``cls_features`` / ``pre_logits`` (a
+  second forward pass without prompts).
+
+  Args:
+    backbone: the frozen backbone.
+    base: its parameters.
+    x: ``(n, ...)`` inputs.
+    mask: ``(n,)`` real-row mask of a padded batch, or ``None``.
+
+  Returns:
+    ``(n, d)`` float32 features, with no gradient.
+  """
   return jax.lax.stop_gradient(backbone.apply(base, x, mask=mask)).astype(jnp.float32)
 
 
-def prompted_features(backbone: Backbone, base, x: Array, *, prefix=None,
-                      kv_prefix=None) -> Array:
-  """Pooled features ``(n, d)`` with prompt tokens (``prefix``) and/or prefix-tuning prompts
-  (``kv_prefix`` ``{layer: (key prompt, value prompt)}``) on the frozen backbone."""
+def prompted_features(backbone: Backbone, base: Params, x: Array, *,
+                      prefix: Array | None = None,
+                      kv_prefix: dict[int, tuple[Array, Array]] | None = None) -> Array:
+  """Pooled features of the frozen backbone with prompts.
+
+  Args:
+    backbone: the frozen backbone.
+    base: its parameters.
+    x: ``(n, ...)`` inputs.
+    prefix: ``(n, p, d)`` prompt tokens added to the input tokens (prompt-tuning), or ``None``.
+    kv_prefix: ``{layer: (key prompt (n, p, d), value prompt (n, p, d))}`` put in front of
+      that layer's keys and values (prefix-tuning), or ``None``.
+
+  Returns:
+    ``(n, d)`` float32 features.
+  """
   kwargs = {}
   if prefix is not None:
     kwargs["prefix"] = prefix
@@ -68,10 +147,7 @@ def prompted_features(backbone: Backbone, base, x: Array, *, prefix=None,
   return backbone.merge(base)(x, **kwargs).astype(jnp.float32)
 
 
-HEAD_INITS = ("zeros", "torch", "simple_linear")
-
-
-def init_head(key: Array, d: int, num_classes: int, kind: str) -> dict[str, Array]:
+def init_head(key: Array, d: int, num_classes: int, kind: str) -> Head:
   """A ``(d, C)`` linear head: ``{"kernel" (d, C), "bias" (C,)}``.
 
   Args:
@@ -87,6 +163,7 @@ def init_head(key: Array, d: int, num_classes: int, kind: str) -> dict[str, Arra
   Returns:
     The head's params.
   """
+  check_head_init("head", kind)
   if kind == "zeros":
     return {"kernel": jnp.zeros((d, num_classes)), "bias": jnp.zeros((num_classes,))}
   if kind == "torch":
@@ -95,44 +172,97 @@ def init_head(key: Array, d: int, num_classes: int, kind: str) -> dict[str, Arra
     bound = float(np.sqrt(3.0 / d))  # kaiming-uniform bound with gain 1 ('linear')
     return {"kernel": jax.random.uniform(key, (d, num_classes), jnp.float32, -bound, bound),
             "bias": jnp.zeros((num_classes,), jnp.float32)}
-  raise ValueError(f"head_init must be one of {HEAD_INITS}, got {kind!r}")
+  raise AssertionError(kind)  # unreachable: check_head_init
 
 
-def class_mask(spec: StreamSpec, tasks) -> np.ndarray:
-  """``(C,)`` bool: the classes of ``tasks``."""
+def class_mask(spec: StreamSpec, tasks: Iterable[int]) -> np.ndarray:
+  """The classes of some tasks as a mask over the global label space.
+
+  Args:
+    spec: the stream's spec.
+    tasks: task indices.
+
+  Returns:
+    ``(C,)`` bool, True for the classes of ``tasks``.
+  """
   mask = np.zeros(spec.num_classes, bool)
   for t in tasks:
     mask[list(spec.task_classes[t])] = True
   return mask
 
 
-def current_task_loss(head: dict, feats: Array, y: Array, mask: Array, spec: StreamSpec,
+def current_task_loss(head: Head, feats: Array, y: Array, mask: Array, spec: StreamSpec,
                       task_index: int) -> tuple[Array, Array]:
-  """Cross-entropy and accuracy of the global head with logits outside task ``t`` at −∞."""
+  """Cross-entropy and accuracy of the global head with the logits outside task ``t`` at −∞.
+
+  ``logits = where(c ∈ classes(t), feats W + b, −∞)`` (L2P/DualPrompt ``train_mask``,
+  CODA-Prompt's masking of the earlier classes: the same set).
+
+  Args:
+    head: ``{"kernel": (d, C), "bias": (C,)}``.
+    feats: ``(n, d)`` features.
+    y: ``(n,)`` global labels.
+    mask: ``(n,)`` 0/1 real-row weights.
+    spec: the stream's spec.
+    task_index: the task being trained.
+
+  Returns:
+    ``(cross-entropy, accuracy)``, scalars averaged over the real rows.
+  """
   allowed = jnp.asarray(class_mask(spec, [task_index]))
   logits = jnp.where(allowed, heads_lib.linear(head, feats), heads_lib.NEG_INF)
   return (heads_lib.masked_cross_entropy(logits, y, mask),
           heads_lib.masked_accuracy(logits, y, mask))
 
 
-def seen_logits(head: dict, feats: Array, spec: StreamSpec, current_task: int) -> Array:
-  """``(n, C)`` logits with classes not seen up to ``current_task`` at −∞."""
+def mask_unseen(logits: Array, spec: StreamSpec, current_task: int) -> Array:
+  """Logits with the classes not seen up to ``current_task`` at −∞ (the test-time competition).
+
+  Args:
+    logits: ``(n, C)`` logits over the global label space.
+    spec: the stream's spec.
+    current_task: the last trained task.
+
+  Returns:
+    ``(n, C)``: ``where(c ∈ classes(0 … t), logits, −∞)``.
+  """
   seen = jnp.asarray(class_mask(spec, range(current_task + 1)))
-  return jnp.where(seen, heads_lib.linear(head, feats), heads_lib.NEG_INF)
+  return jnp.where(seen, logits, heads_lib.NEG_INF)
 
 
-def uniform(key: Array, shape, scale: float) -> Array:
-  """U[0, scale): flax ``initializers.uniform()`` (scale 1e-2, L2P/DualPrompt) or torch
-  ``nn.init.uniform_`` (scale 1, CODA-Prompt)."""
+def seen_logits(head: Head, feats: Array, spec: StreamSpec, current_task: int) -> Array:
+  """The global linear head's logits over the classes seen so far.
+
+  Args:
+    head: ``{"kernel": (d, C), "bias": (C,)}``.
+    feats: ``(n, d)`` features.
+    spec: the stream's spec.
+    current_task: the last trained task.
+
+  Returns:
+    ``(n, C)`` logits ``feats W + b`` with the unseen classes at −∞ (:func:`mask_unseen`).
+  """
+  return mask_unseen(heads_lib.linear(head, feats), spec, current_task)
+
+
+def uniform(key: Array, shape: Sequence[int], scale: float) -> Array:
+  """``U[0, scale)`` float32 samples.
+
+  flax ``initializers.uniform()`` (scale 1e-2, L2P/DualPrompt) or torch ``nn.init.uniform_``
+  (scale 1, CODA-Prompt).
+
+  Args:
+    key: PRNG key.
+    shape: output shape.
+    scale: upper bound.
+
+  Returns:
+    An array of ``shape``.
+  """
   return jax.random.uniform(key, shape, jnp.float32, 0.0, scale)
 
 
-def retrieval_accuracy(retrieved: Array, task_index: int) -> float:
-  """Share of rows whose retrieved task is ``task_index``."""
-  return float(np.mean(np.asarray(retrieved) == task_index))
-
-
-def prompt_method(name: str, cfg, backbone: Backbone, *, init: Callable, loss: Callable,
+def prompt_method(name: str, cfg: Any, backbone: Backbone, *, init: Callable, loss: Callable,
                   predict: Callable, trained: tuple[str, ...], begin_task: Callable | None = None,
                   end_task: Callable | None = None,
                   diagnostics: Callable | None = None) -> ContinualMethod:
@@ -142,10 +272,13 @@ def prompt_method(name: str, cfg, backbone: Backbone, *, init: Callable, loss: C
     name: registry name.
     cfg: the method's frozen config, bound as the first argument of ``init``/``loss``/``predict``.
     backbone: the frozen backbone, bound as their second argument.
-    init, loss, predict: module-level ``fn(cfg, backbone, ...)`` of the method.
+    init: module-level ``fn(cfg, backbone, rng, spec) -> state`` of the method.
+    loss: module-level ``fn(cfg, backbone, params, state, base, batch, rng, info)``.
+    predict: module-level ``fn(cfg, backbone, state, base, x, info, mask=None)``.
     trained: the state keys trained on every task (``trainable`` selects them, ``combine``
       writes them back).
-    begin_task, end_task: host hooks ``(state, ctx) -> state``; ``None`` leaves the state as is.
+    begin_task: host hook ``(state, ctx) -> state``; ``None`` leaves the state as is.
+    end_task: host hook ``(state, ctx) -> state``; ``None`` leaves the state as is.
     diagnostics: optional ``state -> dict``.
 
   Returns:

@@ -24,23 +24,36 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypedDict
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clx.methods import heads as heads_lib
 from clx.methods import prompting
-from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo, no_host_hook, to_host
 from clx.methods import simplecil as fsa
+from clx.methods.base import (ContinualMethod, Params, State, StreamSpec, TaskContext, TaskInfo,
+                              to_host)
 from clx.models.base import Backbone
 from clx.ops import ridge as ridge_ops
+
+Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
 class RanPACConfig:
-  """RanPAC's settings (defaults: ``RanPAC.py`` and ``args/*_publish.csv``)."""
+  """RanPAC's settings (defaults: ``RanPAC.py`` and ``args/*_publish.csv``).
+
+  Attributes:
+    rp_dim: random-projection width ``M``; 0: no projection (ridge on the features).
+    ridge_grid: λ candidates (positive).
+    ridge_fit_fraction: λ is chosen by the MSE on the rest after fitting on this fraction.
+    ridge_with_history: add the earlier statistics to λ's fit part (False, as the code).
+    aux_batch_size: batch size of the end-of-task feature pass.
+    adapt_rank: rank of the first-session (Phase 1) LoRA; 0 keeps the backbone frozen.
+    adapt_sites: roles or paths the first-session LoRA adapts.
+  """
 
   rp_dim: int = 10_000
   ridge_grid: Sequence[float] = ridge_ops.RIDGE_GRID
@@ -62,8 +75,33 @@ class RanPACConfig:
       raise ValueError(f"ranpac: ridge_grid must be positive values, got {self.ridge_grid!r}")
 
 
-def init(cfg: RanPACConfig, backbone: Backbone, rng, spec: StreamSpec) -> dict:
-  """``{"w_rand" (d, M) or absent, "gram" (M, M), "xty" (M, C), "count", "w_out" (M, C)}``."""
+class RanPACState(TypedDict, total=False):
+  """RanPAC's state. ``w_rand`` exists only with ``rp_dim > 0``; ``adapter`` and ``fsa_head``
+  only with ``adapt_rank > 0``; ``ridge_lambda`` from the end of task 0."""
+
+  w_rand: Array                       # (d, M) fixed Gaussian projection
+  gram: Array                         # (M, M) G = Σ Hᵀ H over the tasks so far
+  xty: Array                          # (M, C) Q = Σ Hᵀ Y
+  count: Array                        # () int32, rows accumulated
+  w_out: Array                        # (M, C) W_o = (G + λ I)⁻¹ Q
+  ridge_lambda: dict[str, Array]      # {task: λ chosen on that task}
+  adapter: dict[str, dict[str, Array]]  # first-session LoRA {site key: {"a", "b"}}
+  fsa_head: prompting.Head            # first-session head
+
+
+def init(cfg: RanPACConfig, backbone: Backbone, rng: Array, spec: StreamSpec) -> RanPACState:
+  """The projection, zero ridge statistics and head, and the optional first-session LoRA.
+
+  Args:
+    cfg: the config.
+    backbone: the frozen backbone (its ``feature_dim`` is ``d``).
+    rng: PRNG key.
+    spec: the stream's spec.
+
+  Returns:
+    ``{"w_rand" (d, M) or absent, "gram" (M, M), "xty" (M, C), "count", "w_out" (M, C)}``
+    (``M = d`` with ``rp_dim=0``), plus ``adapter``/``fsa_head`` with ``adapt_rank > 0``.
+  """
   d = backbone.feature_dim
   m = cfg.rp_dim or d
   stats = ridge_ops.init_statistics(m, spec.num_classes)
@@ -74,17 +112,49 @@ def init(cfg: RanPACConfig, backbone: Backbone, rng, spec: StreamSpec) -> dict:
   return state
 
 
-def hidden(state, feats):
-  """``ReLU(f W_rand)`` or ``f`` itself for ``rp_dim=0``."""
+def hidden(state: State, feats: Array) -> Array:
+  """The ridge head's input ``h = ReLU(f W_rand)``, or ``f`` itself for ``rp_dim=0``.
+
+  Args:
+    state: the state (``w_rand`` if any).
+    feats: ``(n, d)`` features.
+
+  Returns:
+    ``(n, M)``.
+  """
   return ridge_ops.project(feats, state["w_rand"]) if "w_rand" in state else feats
 
 
-def end_task(cfg: RanPACConfig, backbone: Backbone, state, ctx) -> dict:
-  fn = jax.jit(lambda st, base, x, m: hidden(st, fsa.features(cfg, backbone, st, base, x, m)))
+@functools.lru_cache(maxsize=32)
+def _hidden_fn(cfg: RanPACConfig, backbone: Backbone) -> Callable[..., Array]:
+  """One jitted ``(inputs, base, x, mask) -> h`` per (config, backbone): compiled once per run,
+  not once per task (``inputs`` has the same structure on every task)."""
+  return jax.jit(lambda inputs, base, x, m: hidden(
+      inputs, fsa.features(cfg, backbone, inputs, base, x, m)))
+
+
+def end_task(cfg: RanPACConfig, backbone: Backbone, state: RanPACState,
+             ctx: TaskContext) -> RanPACState:
+  """Adds the task's rows to the ridge statistics and solves the head (``replace_fc``).
+
+  ``G += Hᵀ H``, ``Q += Hᵀ Y``, λ chosen on the task's shuffled rows
+  (:func:`clx.ops.ridge.update_head`), ``W_o = (G + λ I)⁻¹ Q``.
+
+  Args:
+    cfg: the config.
+    backbone: the frozen backbone.
+    state: the state after task ``t`` (the first-session LoRA trained on task 0).
+    ctx: the loop's task context.
+
+  Returns:
+    The state with new ``gram``, ``xty``, ``count``, ``w_out`` and ``ridge_lambda[t]``.
+  """
+  fn = _hidden_fn(cfg, backbone)
+  inputs = {**fsa.feature_inputs(state), **{k: state[k] for k in ("w_rand",) if k in state}}
   hs, ys = [], []
   for batch in ctx.batches("train", batch_size=cfg.aux_batch_size):
     real = to_host(batch["mask"]) > 0
-    hs.append(to_host(fn(state, ctx.base, batch["x"], batch["mask"]))[real])
+    hs.append(to_host(fn(inputs, ctx.base, batch["x"], batch["mask"]))[real])
     ys.append(to_host(batch["y"])[real])
   h, y = np.concatenate(hs), np.concatenate(ys)
   perm = np.asarray(jax.random.permutation(jax.random.fold_in(ctx.rng, 7), len(h)))  # shuffled loader
@@ -97,27 +167,52 @@ def end_task(cfg: RanPACConfig, backbone: Backbone, state, ctx) -> dict:
   return {**state, **stats, "ridge_lambda": lams}
 
 
-def predict(cfg, backbone, state, base, x, info: TaskInfo, mask=None):
+def predict(cfg: RanPACConfig, backbone: Backbone, state: RanPACState, base: Params, x: Array,
+            info: TaskInfo, mask: Array | None = None) -> Array:
+  """The ridge head's logits ``h W_o`` over the classes seen so far.
+
+  Args:
+    cfg: the config.
+    backbone: the frozen backbone.
+    state: the state.
+    base: the backbone's parameters.
+    x: ``(n, ...)`` inputs.
+    info: the last trained task.
+    mask: ``(n,)`` real-row mask, or ``None``.
+
+  Returns:
+    ``(n, C)`` logits, unseen classes at −∞.
+  """
   h = hidden(state, fsa.features(cfg, backbone, state, base, x, mask))
   logits = jnp.matmul(h, state["w_out"], precision=jax.lax.Precision.HIGHEST)
-  seen = prompting.class_mask(info.spec, range(info.task + 1))
-  return jnp.where(jnp.asarray(seen), logits, heads_lib.NEG_INF)
+  return prompting.mask_unseen(logits, info.spec, info.task)
 
 
-def diagnostics(state) -> dict:
+def diagnostics(state: RanPACState) -> dict[str, Any]:
+  """The λ chosen on each task.
+
+  Args:
+    state: the state.
+
+  Returns:
+    ``{"ridge_lambda": {task: λ}}``.
+  """
   return {"ridge_lambda": {k: float(v) for k, v in state.get("ridge_lambda", {}).items()}}
 
 
-def ranpac(backbone: Backbone, **kwargs) -> ContinualMethod:
-  """RanPAC on a frozen ``backbone``; ``kwargs`` are :class:`RanPACConfig` fields."""
+def ranpac(backbone: Backbone, **kwargs: Any) -> ContinualMethod:
+  """RanPAC on a frozen backbone.
+
+  Args:
+    backbone: the frozen backbone.
+    **kwargs: :class:`RanPACConfig` fields.
+
+  Returns:
+    The :class:`ContinualMethod` ``"ranpac"``.
+  """
   cfg = RanPACConfig(**kwargs)
-  if cfg.adapt_rank:
-    backbone.site_paths(cfg.adapt_sites)  # unknown roles fail at build time
-  bound = lambda fn: functools.partial(fn, cfg, backbone)
-  return ContinualMethod(
-      name="ranpac", backbone=backbone, init=bound(init), begin_task=no_host_hook,
-      trainable=fsa.trainable, loss=bound(fsa.loss), combine=fsa.combine,
-      end_task=bound(end_task), predict=bound(predict), diagnostics=diagnostics)
+  return fsa.head_only_method("ranpac", cfg, backbone, init=init, end_task=end_task,
+                              predict=predict, diagnostics=diagnostics)
 
 
 REGISTRY = {"ranpac": ranpac}

@@ -31,13 +31,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, TypedDict
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import prompting
-from clx.methods.base import ContinualMethod, StreamSpec, TaskInfo, no_host_hook
+from clx.methods.base import (Batch, ContinualMethod, Params, StreamSpec, TaskContext, TaskInfo,
+                              no_host_hook)
 from clx.ops.tree import to_key as site_key
 from clx.models.base import Backbone
 from clx.ops import lora as lora_ops
@@ -72,22 +74,65 @@ class SDLoRAConfig:
       raise ValueError(f"sd_lora: init_magnitude must be finite, got {self.init_magnitude!r}")
 
 
+Array = jax.Array
+LoRA = dict[str, dict[str, Array]]  # {site key: {"a": (d_in, r), "b": (r, d_out)}}
+
+
+class SDLoRAState(TypedDict):
+  """SD-LoRA's state."""
+
+  head: prompting.Head      # {"kernel": (d, C), "bias": (C,)}
+  magnitudes: Array         # (T,) α_i of every task's direction
+  directions: dict[str, LoRA]  # {finished task: its LoRA factors}
+  lora: LoRA                # the current task's LoRA ({} outside a task)
+
+
 def rank_for(cfg: SDLoRAConfig, task_index: int) -> int:
-  """The LoRA rank of task ``t`` (``rank_schedule`` for SD-LoRA-RR, else ``lora_rank``)."""
+  """The LoRA rank of task ``t``.
+
+  Args:
+    cfg: the config.
+    task_index: the task.
+
+  Returns:
+    ``rank_schedule``'s rank for ``t`` (SD-LoRA-RR), else ``lora_rank``.
+  """
   if cfg.rank_schedule is None:
     return cfg.lora_rank
   return [r for start, r in cfg.rank_schedule if start <= task_index][-1]
 
 
-def init(cfg: SDLoRAConfig, backbone: Backbone, rng, spec: StreamSpec) -> dict:
-  """``{"head", "magnitudes" (T,), "directions": {task: {site: {a, b}}}, "lora": {site: {a, b}}}``."""
+def init(cfg: SDLoRAConfig, backbone: Backbone, rng: Array, spec: StreamSpec) -> SDLoRAState:
+  """The head, the initial magnitudes, no directions and no current LoRA.
+
+  Args:
+    cfg: the config.
+    backbone: the frozen backbone (its ``feature_dim`` is ``d``).
+    rng: PRNG key.
+    spec: the stream's spec.
+
+  Returns:
+    ``{"head", "magnitudes" (T,), "directions": {task: {site: {a, b}}}, "lora": {site: {a, b}}}``.
+  """
   return {"head": prompting.init_head(rng, backbone.feature_dim, spec.num_classes, cfg.head_init),
           "magnitudes": jnp.full((spec.num_tasks,), cfg.init_magnitude, jnp.float32),
           "directions": {}, "lora": {}}
 
 
-def begin_task(cfg: SDLoRAConfig, backbone: Backbone, state, ctx) -> dict:
-  """A fresh current LoRA (A Kaiming-uniform, B zero); magnitudes reset as the code does."""
+def begin_task(cfg: SDLoRAConfig, backbone: Backbone, state: SDLoRAState,
+               ctx: TaskContext) -> SDLoRAState:
+  """A fresh current LoRA (A Kaiming-uniform, B zero); magnitudes reset as the code does.
+
+  Args:
+    cfg: the config.
+    backbone: the frozen backbone.
+    state: the state before task ``t``.
+    ctx: the loop's task context.
+
+  Returns:
+    The state with a new ``lora`` of rank :func:`rank_for` and, with ``reset_magnitudes`` on
+    task ``t ≥ 1``, every magnitude back at ``init_magnitude``.
+  """
   paths = backbone.site_paths(cfg.sites)
   fresh = lora_ops.init_lora(jax.random.fold_in(ctx.rng, 3), backbone.params, list(paths),
                              rank_for(cfg, ctx.task_index))
@@ -97,12 +142,27 @@ def begin_task(cfg: SDLoRAConfig, backbone: Backbone, state, ctx) -> dict:
   return {**state, "lora": {site_key(p): fresh[p] for p in paths}, "magnitudes": mags}
 
 
-def effective_params(cfg: SDLoRAConfig, backbone: Backbone, base, directions: dict, lora: dict,
-                     magnitudes, task_index: int, *, current: bool):
+def effective_params(cfg: SDLoRAConfig, backbone: Backbone, base: Params,
+                     directions: dict[str, LoRA], lora: LoRA, magnitudes: Array,
+                     task_index: int, *, current: bool) -> Params:
   """Base + the decoupled update of every site (:func:`clx.ops.sd_lora.decoupled_adapters`).
 
-  Tasks ``0 … task_index − 1`` are directions; the current task's LoRA is added unnormalised
-  when ``current`` (training and evaluation right after it, as the code's live module).
+  ``W = W₀ + Σ_{i<t} α_i A_i B_i / (‖A_i‖ ‖B_i‖) (+ α_t A_t B_t when current)``: tasks
+  ``0 … task_index − 1`` are directions; the current task's LoRA is added unnormalised when
+  ``current`` (training and evaluation right after it, as the code's live module).
+
+  Args:
+    cfg: the config.
+    backbone: the frozen backbone.
+    base: its parameters.
+    directions: ``{task: LoRA}`` of the finished tasks.
+    lora: the current task's LoRA (read only with ``current``).
+    magnitudes: ``(T,)`` α.
+    task_index: ``t``.
+    current: add task ``t``'s LoRA.
+
+  Returns:
+    The effective backbone parameters (``base`` itself when nothing is added).
   """
   adapters = {}
   for path in backbone.site_paths(cfg.sites):
@@ -114,13 +174,20 @@ def effective_params(cfg: SDLoRAConfig, backbone: Backbone, base, directions: di
   return lora_ops.apply_adapters(base, adapters) if adapters else base
 
 
-def trainable(state, info: TaskInfo) -> dict:
+def trainable(state: SDLoRAState, info: TaskInfo) -> Params:
   """Task ``info.task``'s LoRA, the magnitudes and the head.
 
   Before :func:`combine` the LoRA is ``state["lora"]``; after it, the same factors are
   ``directions[str(task)]``, so ``trainable(combine(state, p, info), info)`` gives ``p`` back
   (the protocol's read-back, used by ``end_task`` hooks and by reports that count the trained
   parameters of a finished task from its checkpoint).
+
+  Args:
+    state: the state.
+    info: the task being trained (or just trained).
+
+  Returns:
+    ``{"head", "lora", "magnitudes"}``.
   """
   lora = state["lora"]
   if not lora and str(info.task) in state["directions"]:  # after combine
@@ -128,7 +195,24 @@ def trainable(state, info: TaskInfo) -> dict:
   return {"head": state["head"], "lora": lora, "magnitudes": state["magnitudes"]}
 
 
-def loss(cfg, backbone, params, state, base, batch, rng, info: TaskInfo):
+def loss(cfg: SDLoRAConfig, backbone: Backbone, params: Params, state: SDLoRAState,
+         base: Params, batch: Batch, rng: Array | None,
+         info: TaskInfo) -> tuple[Array, dict[str, Array]]:
+  """Cross-entropy over the current task's classes through the decoupled network.
+
+  Args:
+    cfg: the config.
+    backbone: the frozen backbone.
+    params: ``{"head", "lora", "magnitudes"}``.
+    state: the state (its ``directions``).
+    base: the backbone's parameters.
+    batch: ``{"x", "y", "mask"}``.
+    rng: unused (no dropout).
+    info: the task being trained.
+
+  Returns:
+    ``(loss, {"accuracy"})``, scalars.
+  """
   del rng
   task_index, spec = info.task, info.spec
   eff = effective_params(cfg, backbone, base, state["directions"], params["lora"],
@@ -139,39 +223,98 @@ def loss(cfg, backbone, params, state, base, batch, rng, info: TaskInfo):
   return ce, {"accuracy": acc}
 
 
-def combine(state, params, info: TaskInfo) -> dict:
-  """Write back; the finished task's LoRA becomes a frozen direction."""
+def combine(state: SDLoRAState, params: Params, info: TaskInfo) -> SDLoRAState:
+  """Write back; the finished task's LoRA becomes a frozen direction.
+
+  Args:
+    state: the state.
+    params: :func:`trainable`'s params after training.
+    info: the task just trained.
+
+  Returns:
+    The state with the head and magnitudes replaced, ``directions[t]`` the trained LoRA and
+    no current LoRA.
+  """
   t = info.task
   return {**state, "head": params["head"], "magnitudes": params["magnitudes"], "lora": {},
           "directions": {**state["directions"], str(t): params["lora"]}}
 
 
-def params_for(cfg, backbone, state, base, info: TaskInfo):
-  """The backbone parameters used after task ``info.task`` (see :func:`predict`)."""
+def params_for(cfg: SDLoRAConfig, backbone: Backbone, state: SDLoRAState, base: Params,
+               info: TaskInfo) -> Params:
+  """The backbone parameters used after task ``info.task`` (see :func:`predict`).
+
+  Args:
+    cfg: the config.
+    backbone: the frozen backbone.
+    state: the state after task ``t``.
+    base: the backbone's parameters.
+    info: the last trained task.
+
+  Returns:
+    :func:`effective_params` with task ``t``'s LoRA unnormalised.
+  """
   return effective_params(cfg, backbone, base, state["directions"],
                           state["directions"][str(info.task)], state["magnitudes"], info.task,
                           current=True)
 
 
-def predict(cfg, backbone, state, base, x, info: TaskInfo, mask=None):
-  """The live network after task ``t``: tasks < t as directions, task t's LoRA unnormalised."""
+def predict(cfg: SDLoRAConfig, backbone: Backbone, state: SDLoRAState, base: Params, x: Array,
+            info: TaskInfo, mask: Array | None = None) -> Array:
+  """The live network after task ``t``: tasks < t as directions, task t's LoRA unnormalised.
+
+  Args:
+    cfg: the config.
+    backbone: the frozen backbone.
+    state: the state.
+    base: the backbone's parameters.
+    x: ``(n, ...)`` inputs.
+    info: the last trained task.
+    mask: ``(n,)`` real-row mask, or ``None``.
+
+  Returns:
+    ``(n, C)`` logits, unseen classes at −∞.
+  """
   feats = backbone.apply(params_for(cfg, backbone, state, base, info), x, mask=mask)
   return prompting.seen_logits(state["head"], feats.astype(jnp.float32), info.spec, info.task)
 
 
-def state_bytes_per_task(state) -> dict[str, int]:
-  """Bytes each finished task's direction adds to the state (float32 ``A`` and ``B``)."""
+def state_bytes_per_task(state: SDLoRAState) -> dict[str, int]:
+  """Bytes each finished task's direction adds to the state (float32 ``A`` and ``B``).
+
+  Args:
+    state: the state.
+
+  Returns:
+    ``{task: bytes}``.
+  """
   return {t: int(sum(np.asarray(v).nbytes for v in jax.tree.leaves(entry)))
           for t, entry in state["directions"].items()}
 
 
-def diagnostics(state) -> dict:
+def diagnostics(state: SDLoRAState) -> dict[str, Any]:
+  """The magnitudes and the bytes of each direction.
+
+  Args:
+    state: the state.
+
+  Returns:
+    ``{"magnitudes": [α_i], "direction_bytes": {task: bytes}}``.
+  """
   return {"magnitudes": [float(m) for m in np.asarray(state["magnitudes"])],
           "direction_bytes": state_bytes_per_task(state)}
 
 
-def sd_lora(backbone: Backbone, **kwargs) -> ContinualMethod:
-  """SD-LoRA on a frozen ``backbone``; ``kwargs`` are :class:`SDLoRAConfig` fields."""
+def sd_lora(backbone: Backbone, **kwargs: Any) -> ContinualMethod:
+  """SD-LoRA on a frozen backbone.
+
+  Args:
+    backbone: the frozen backbone (its ``sites`` are resolved now: unknown roles fail here).
+    **kwargs: :class:`SDLoRAConfig` fields.
+
+  Returns:
+    The :class:`ContinualMethod` ``"sd_lora"``.
+  """
   cfg = SDLoRAConfig(**kwargs)
   backbone.site_paths(cfg.sites)  # unknown roles fail at build time
   bound = lambda fn: functools.partial(fn, cfg, backbone)
