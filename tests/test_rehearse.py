@@ -271,7 +271,7 @@ def test_a_vit_pod_config_rehearses_on_8_devices(tmp_path):
 
 
 @pytest.mark.slow  # every pod config and every comparator row on 8 devices; alone, one tiny
-# comparator row took 6-16 min wall (1.4-2.2 GB RSS) on the shared 2-core machine (load 25-30)
+# comparator row took 1.5-16 min wall (1.4-3.3 GB RSS) on the shared 2-core machine (load up to 30)
 def test_every_pod_config_rehearses_on_8_devices(tmp_path):
   """CI size: 2 tasks, 1 step each, tiny ViT/Llama; real per-example shapes and batches."""
   jobs = [list(j) for j in POD_CONFIGS]
