@@ -219,14 +219,15 @@ def diagnostics(state: State) -> dict:
           "lambdas": [round(float(v), 6) for v in np.asarray(state["lambdas"])]}
 
 
-def became(backbone: Backbone, *, base: str = "gpm", name: str | None = None,
+def became(backbone: Backbone, *, memory: str = "gpm", name: str | None = None,
            **kwargs: Any) -> ContinualMethod:
-  """BECAME on top of GPM (``base="gpm"``) or SGP (``base="sgp"``).
+  """BECAME on top of GPM (``memory="gpm"``) or SGP (``memory="sgp"``).
 
   Args:
     backbone: the network (fully trained, as in the base method).
-    base: ``"gpm"`` or ``"sgp"``.
-    name: registry/run name (default ``became_<base>``).
+    memory: ``"gpm"`` or ``"sgp"``: the memory rule of the gradient-projection stage
+      (``base=`` is its old name, accepted with a DeprecationWarning).
+    name: registry/run name (default ``became_<memory>``).
     **kwargs: :class:`BECAMEConfig` fields, then the base method's
       :class:`clx.methods.gpm.GPMConfig` fields (threshold, num_samples, …):
 
@@ -243,19 +244,24 @@ def became(backbone: Backbone, *, base: str = "gpm", name: str | None = None,
         ``model.train()``) from a fixed per-task key; False: dropout off.
       - verbose: print λ per task.
   """
-  if base not in gpm_lib.FAMILIES:
-    raise ValueError(f"became base must be 'gpm' or 'sgp', got {base!r}")
+  if "base" in kwargs:
+    if memory != "gpm":
+      raise TypeError("became: got both 'base' and its new name 'memory'; pass only 'memory'")
+    memory = renamed(kwargs, {"base": "memory"}, "became").pop("memory")
+    kwargs = {k: v for k, v in kwargs.items() if k != "base"}
+  if memory not in gpm_lib.FAMILIES:
+    raise ValueError(f"became memory must be 'gpm' or 'sgp', got {memory!r}")
   kwargs = renamed(kwargs, {"fisher_batch_size": "aux_batch_size"}, "became")
   own = {f.name for f in dataclasses.fields(BECAMEConfig)}
   cfg = BECAMEConfig(**{k: v for k, v in kwargs.items() if k in own})
   su = gpm_lib.setup(backbone, gpm_lib.GPMConfig(
-      family=base, **{k: v for k, v in kwargs.items() if k not in own}))
-  name = name or f"became_{base}"
+      memory=memory, **{k: v for k, v in kwargs.items() if k not in own}))
+  name = name or f"became_{memory}"
   return gpm_lib.method(su, name, init=functools.partial(init, su),
                         end_task=functools.partial(end_task, su, cfg, name),
                         diagnostics=diagnostics)
 
 
 REGISTRY = {"became": became,
-            "became_gpm": lambda backbone, **kw: became(backbone, base="gpm", **kw),
-            "became_sgp": lambda backbone, **kw: became(backbone, base="sgp", **kw)}
+            "became_gpm": lambda backbone, **kw: became(backbone, memory="gpm", **kw),
+            "became_sgp": lambda backbone, **kw: became(backbone, memory="sgp", **kw)}

@@ -40,7 +40,7 @@ from clx.methods import heads as heads_lib
 from clx.methods import passes
 from clx.methods import sequential
 from clx.methods.base import (ContinualMethod, Params, State, StreamSpec, TaskContext, TaskInfo,
-                              check_positive_int)
+                              check_positive_int, renamed)
 from clx.models.base import Backbone
 from clx.ops import memory as memory_ops
 from clx.ops import tree
@@ -74,26 +74,26 @@ class GPMConfig:
   project_head: bool = True
   head_bias: bool = False
   head_mode: str | None = None
-  family: str = "gpm"
+  memory: str = "gpm"
   scale_coff: float = 10.0
   fast_projection: bool = True
   site_samples: Mapping[str, int] | None = None
   freeze_norm: bool = True
 
   def __post_init__(self):
-    if self.family not in FAMILIES:
-      raise ValueError(f"variant must be 'gpm' or 'sgp', got {self.family!r}")
+    if self.memory not in FAMILIES:
+      raise ValueError(f"memory must be 'gpm' or 'sgp', got {self.memory!r}")
     check_positive_int(self.num_samples, "num_samples")
     _check_threshold_values(self.threshold, self.threshold_increment)
     if isinstance(self.scale_coff, bool) or not np.isfinite(self.scale_coff) or self.scale_coff < 0:
       raise ValueError(f"scale_coff (SGP α) must be a finite number >= 0, got {self.scale_coff!r}")
-    heads_lib.check_mode(self.head_mode, self.family)
+    heads_lib.check_mode(self.head_mode, self.memory)
     if self.sites is not None:
       object.__setattr__(self, "sites", tuple(self.sites))
 
   def rule(self) -> memory_ops.MemoryRule:
     """The memory rule of the family: :data:`clx.ops.memory.GPM` or ``memory.sgp(scale_coff)``."""
-    return memory_ops.GPM if self.family == "gpm" else memory_ops.sgp(self.scale_coff)
+    return memory_ops.GPM if self.memory == "gpm" else memory_ops.sgp(self.scale_coff)
 
 
 class GPMState(TypedDict):
@@ -355,14 +355,15 @@ def plain_loss(su: Setup) -> Callable:
                                        head_mode=su.cfg.head_mode)
 
 
-def gpm(backbone: Backbone, *, variant: str = "gpm", name: str | None = None,
+def gpm(backbone: Backbone, *, memory: str = "gpm", name: str | None = None,
         **kwargs: Any) -> ContinualMethod:
-  """GPM (``variant="gpm"``) or SGP (``variant="sgp"``) on every backbone site.
+  """GPM (``memory="gpm"``) or SGP (``memory="sgp"``) on every backbone site.
 
   Args:
     backbone: the network; all of it is trained (GPM is full fine-tuning).
-    variant: ``"gpm"`` or ``"sgp"`` (importance-scaled projection): the memory rule.
-    name: registry/run name (default: the variant).
+    memory: ``"gpm"`` or ``"sgp"`` (importance-scaled projection): the memory rule
+      (``variant=`` is its old name, accepted with a DeprecationWarning).
+    name: registry/run name (default: ``memory``).
     **kwargs: :class:`GPMConfig` fields:
 
       - threshold: ε per projected site: a float, a sequence in site order (the
@@ -394,12 +395,17 @@ def gpm(backbone: Backbone, *, variant: str = "gpm", name: str | None = None,
       - freeze_norm: from the second task on, zero the gradients of 1-D backbone
         parameters (batch-norm scale/bias), as the official CNN code.
   """
-  return method(setup(backbone, GPMConfig(family=variant, **kwargs)), name or variant)
+  if "variant" in kwargs:
+    if memory != "gpm":
+      raise TypeError("gpm: got both 'variant' and its new name 'memory'; pass only 'memory'")
+    memory = renamed(kwargs, {"variant": "memory"}, "gpm").pop("memory")
+    kwargs = {k: v for k, v in kwargs.items() if k != "variant"}
+  return method(setup(backbone, GPMConfig(memory=memory, **kwargs)), name or memory)
 
 
 def sgp(backbone: Backbone, **kwargs: Any) -> ContinualMethod:
   """SGP: GPM with importance-scaled projection (see :func:`gpm`)."""
-  return gpm(backbone, variant="sgp", **kwargs)
+  return gpm(backbone, memory="sgp", **kwargs)
 
 
 REGISTRY = {"gpm": gpm, "sgp": sgp}

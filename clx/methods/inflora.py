@@ -25,7 +25,7 @@ Per task:
    cross-entropy over the task's classes, :mod:`clx.methods.heads`).
 3. ``combine`` writes b_t and the head back; then ``end_task``: a second Gram
    pass, now with branch t included, updates each memory with DualGPM (or plain
-   GPM, ``variant="gpm"``) at threshold ε_t = lamb + (lame − lamb)·t/T.
+   GPM, ``memory="gpm"``) at threshold ε_t = lamb + (lame − lamb)·t/T.
 4. Prediction: every branch active; class-IL logits are the concatenation of
    all seen heads; the loop masks them to one task's classes for task-IL.
 
@@ -59,7 +59,7 @@ Official code vs paper (defaults follow the code; the paper form is an option):
   i.e. it uses σ⁴ of the representation; the paper uses σ². Option:
   ``energy="official"|"paper"`` (see :mod:`clx.ops.dualgpm`).
 * Memory: the code uses DualGPM (remove/retain with the d/2 switch). InfLoRA-b5
-  and DomainNet use plain GPM. Option: ``variant="dual"|"gpm"``. b5 adapts only
+  and DomainNet use plain GPM. Option: ``memory="dual"|"gpm"``. b5 adapts only
   the first 5 blocks: pass those kernel paths as ``sites``.
 * First-task corner case: when the first task keeps r ≥ d/2 directions, the
   code stores U[:, :r] labelled 'retain' (the wrong subspace) and then fails
@@ -126,10 +126,11 @@ from clx.ops import memory as memory_ops
 from clx.ops import tree as tree_ops
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-VARIANTS = ("dual", "gpm")
+MEMORY_RULES = ("dual", "gpm")
 LR_SCHEDULES = (None, "epoch_cosine")  # None: the run's TrainConfig.schedule
 # Old keyword → its one name (DESIGN "one name per concept"); accepted with a DeprecationWarning.
-RENAMED = {"rank": "lora_rank", "scale": "design_scale", "gram_batch_size": "aux_batch_size"}
+RENAMED = {"rank": "lora_rank", "scale": "design_scale", "gram_batch_size": "aux_batch_size",
+           "variant": "memory"}
 
 
 # -- configuration ------------------------------------------------------------
@@ -149,7 +150,7 @@ class InfLoRAConfig:
       It is folded into a at design time, so it is not a LoRA α/r scale.
     energy: ``"official"`` (σ⁴ of the representation) or ``"paper"`` (σ²).
     design: ``"official"`` (SVD of (I − M Mᵀ) C) or ``"paper"`` (of (I − M Mᵀ) H).
-    variant: ``"dual"`` (DualGPM, official InfLoRA) or ``"gpm"`` (b5/DomainNet).
+    memory: ``"dual"`` (DualGPM, official InfLoRA) or ``"gpm"`` (b5/DomainNet).
     head_mode: ``"per_task"``/``"shared"``; None: shared for domain-IL, else per task.
     fold: fold finished branches into one dense delta per site.
     aux_batch_size: batch size of the host passes (Gram, and features for CA);
@@ -172,7 +173,7 @@ class InfLoRAConfig:
   design_scale: float = dualgpm.DEFAULT_SCALE
   energy: str = "official"
   design: str = "official"
-  variant: str = "dual"
+  memory: str = "dual"
   head_mode: str | None = None
   fold: bool = False
   aux_batch_size: int | None = None
@@ -185,8 +186,8 @@ class InfLoRAConfig:
     object.__setattr__(self, "sites", sites)  # lists from JSON configs become hashable tuples
     if not sites:
       raise ValueError("inflora needs at least one site")
-    if self.variant not in VARIANTS:
-      raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+    if self.memory not in MEMORY_RULES:
+      raise ValueError(f"memory must be one of {MEMORY_RULES}, got {self.memory!r}")
     if self.energy not in dualgpm.ENERGIES:
       raise ValueError(f"energy must be one of {sorted(dualgpm.ENERGIES)}, got {self.energy!r}")
     if self.design not in dualgpm.FORMS:
@@ -210,8 +211,8 @@ class InfLoRAConfig:
 
   @property
   def memory_rule(self) -> memory_ops.MemoryRule:
-    """The memory rule: DualGPM (``variant="dual"``) or plain GPM on Gram matrices."""
-    return memory_ops.dualgpm_rule(energy=self.energy, dual=self.variant == "dual")
+    """The memory rule: DualGPM (``memory="dual"``) or plain GPM on Gram matrices."""
+    return memory_ops.dualgpm_rule(energy=self.energy, dual=self.memory == "dual")
 
 
 def config_from_kwargs(config_cls: type, kwargs: Mapping[str, Any],
@@ -629,7 +630,7 @@ def update_memory(cfg: InfLoRAConfig, memory: memory_ops.Memory, gram: jax.Array
   """One group's memory after task t by ``cfg.memory_rule`` at ε_t = lamb + (lame − lamb)·t/T.
 
   Args:
-    cfg: the config (``lamb``, ``lame``, ``energy``, ``variant``).
+    cfg: the config (``lamb``, ``lame``, ``energy``, ``memory``).
     memory: the group's memory after task t − 1.
     gram: C (d, d), the group's input Gram matrix on task t with branch t active.
     task: t.
@@ -799,12 +800,12 @@ def inflora_b5(backbone: Backbone, *, blocks: int = 5, name: str = "inflora_b5",
     backbone: the frozen network.
     blocks: how many blocks (from the first) get branches.
     name: registry/run name.
-    **kwargs: other :class:`InfLoRAConfig` fields (``variant`` defaults to ``"gpm"``).
+    **kwargs: other :class:`InfLoRAConfig` fields (``memory`` defaults to ``"gpm"``).
   """
   k_sites, v_sites = backbone.site_paths("k"), backbone.site_paths("v")
   if blocks < 1 or blocks > len(k_sites):
     raise ValueError(f"blocks must lie in [1, {len(k_sites)}], got {blocks}")
-  kwargs.setdefault("variant", "gpm")
+  kwargs.setdefault("memory", "gpm")
   sites = tuple(p for pair in zip(k_sites[:blocks], v_sites[:blocks]) for p in pair)
   return inflora(backbone, sites=sites, name=name, **kwargs)
 

@@ -7,7 +7,7 @@ class-incremental *head competition* of plain InfLoRA: every task's head is
 trained alone (local cross-entropy), so at test time the concatenated heads
 are not calibrated against each other.
 
-Per task t, on top of :func:`clx.methods.inflora.inflora` with ``variant="gpm"``
+Per task t, on top of :func:`clx.methods.inflora.inflora` with ``memory="gpm"``
 (the CA code calls ``update_GPM`` and always uses the remove projection):
 
 1. ``begin_task``, training, ``end_task``: as InfLoRA (designed a_t, trained b_t
@@ -95,13 +95,13 @@ class InfLoRACAConfig(InfLoRAConfig):
     mean_decay: shrink old classes' means by 0.9 + 0.1·(task + 1)/(t + 1).
 
   The inherited ``lora_rank`` is 5 (official CIFAR-100 CA config; ImageNet-R 10),
-  ``variant`` ``"gpm"`` (the CA code calls ``update_GPM``), ``head_mode``
+  ``memory`` ``"gpm"`` (the CA code calls ``update_GPM``), ``head_mode``
   ``"per_task"`` (the only mode CA aligns) and ``aux_batch_size`` also sets the
   feature pass's batch size.
   """
 
   lora_rank: int = 5
-  variant: str = "gpm"
+  memory: str = "gpm"
   head_mode: str | None = "per_task"
   name: str = "inflora_ca"
   align: bool = True

@@ -306,7 +306,7 @@ def mlp_runs():
   backbone = mlp(stream.input_shape, (24, 24), seed=0)
   cfg = TrainConfig(epochs=2, batch_size=16, learning_rate=1e-2, eval_batch_size=64)
   out = {}
-  paper_gpm = {"variant": "gpm", "energy": "paper", "design": "paper", "design_scale": 1.0}
+  paper_gpm = {"memory": "gpm", "energy": "paper", "design": "paper", "design_scale": 1.0}
   for name, fold, devices in (("plain", False, 4), ("fold", True, 1)):
     method = inflora_lib.inflora(backbone, lora_rank=2, sites="mlp", lamb=0.9, fold=fold,
                                  **paper_gpm)
@@ -350,8 +350,8 @@ def test_gpm_variant_with_paper_forms_runs_and_protects():
 
 def test_bad_arguments_are_named():
   backbone = mlp((16,), (24,), seed=0)
-  with pytest.raises(ValueError, match="variant"):
-    inflora_lib.inflora(backbone, sites="mlp", variant="triple")
+  with pytest.raises(ValueError, match="memory"):
+    inflora_lib.inflora(backbone, sites="mlp", memory="triple")
   with pytest.raises(ValueError, match="site role"):
     inflora_lib.inflora(backbone, sites="nope")
   with pytest.raises(ValueError, match="rank"):

@@ -52,7 +52,7 @@ def _stream():
 def _run(design):
   stream = _stream()
   backbone = mlp(stream.input_shape, (24,), seed=0)
-  method = inflora_lib.inflora(backbone, lora_rank=RANK, sites="mlp", lamb=0.9, variant="gpm")
+  method = inflora_lib.inflora(backbone, lora_rank=RANK, sites="mlp", lamb=0.9, memory="gpm")
   with pytest.MonkeyPatch.context() as mp:
     if design is not None:
       mp.setattr(dualgpm, "design_down_projection", design)
@@ -78,7 +78,7 @@ def _runs():
 
 def _task0_memory_projector(backbone, stream):
   """Protected projector of lin1 after task 0 (independent of how a_1 was chosen)."""
-  method = inflora_lib.inflora(backbone, lora_rank=RANK, sites="mlp", lamb=0.9, variant="gpm")
+  method = inflora_lib.inflora(backbone, lora_rank=RANK, sites="mlp", lamb=0.9, memory="gpm")
   one = type(stream)(stream.name, stream.tasks[:1], stream.scenario, stream.num_classes)
   state = run_method(method, one, CFG, mesh=make_mesh(1), quiet=True).state
   mem = state["memory"]["lin1.kernel"]
