@@ -113,6 +113,7 @@ def weights(K, A, q) -> Array:
 
 def features(cfg, backbone, params, base, x, mask, *, upto: int, frozen: int):
   q = prompting.query(backbone, base, x, mask)
+  base, q = prompting.after_query(base, q)
   K, A, P = _components(params, upto, frozen)
   kv = {}
   for j, layer in enumerate(cfg.layers):

@@ -126,6 +126,7 @@ def kv_prefix(cfg: DualPromptConfig, params, idx: Array) -> dict[int, tuple[Arra
 
 def features(cfg, backbone, params, base, x, mask, task_index):
   q = prompting.query(backbone, base, x, mask)
+  base, q = prompting.after_query(base, q)
   idx = select(cfg, params["e_key"], q, mask, task_index)
   feats = prompting.prompted_features(backbone, base, x, kv_prefix=kv_prefix(cfg, params, idx))
   return feats, q, idx
