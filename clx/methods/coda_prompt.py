@@ -111,9 +111,13 @@ def weights(K, A, q) -> Array:
   return jax.vmap(lambda k, a: prompt_ops.coda_weights(q, k, a))(K, A)
 
 
-def features(cfg, backbone, params, base, x, mask, *, upto: int, frozen: int):
+def features(cfg, backbone, params, base, x, mask, *, upto: int, frozen: int,
+             ordered: bool = False):
+  """``(prompted features (n, d), (K, A, P))``; ``ordered`` (evaluation) runs the prompted
+  pass after the query pass (:func:`prompting.after_query`)."""
   q = prompting.query(backbone, base, x, mask)
-  base, q = prompting.after_query(base, q)
+  if ordered:
+    base, q = prompting.after_query(base, q)
   K, A, P = _components(params, upto, frozen)
   kv = {}
   for j, layer in enumerate(cfg.layers):
@@ -139,7 +143,7 @@ def loss(cfg, backbone, params, state, base, batch, rng, info: TaskInfo):
 
 def predict(cfg, backbone, state, base, x, info: TaskInfo, mask=None):
   upto = (info.task + 1) * per_task(cfg, info.spec)
-  feats, _ = features(cfg, backbone, state, base, x, mask, upto=upto, frozen=0)
+  feats, _ = features(cfg, backbone, state, base, x, mask, upto=upto, frozen=0, ordered=True)
   return prompting.seen_logits(state["head"], feats, info.spec, info.task)
 
 

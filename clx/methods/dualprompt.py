@@ -124,9 +124,12 @@ def kv_prefix(cfg: DualPromptConfig, params, idx: Array) -> dict[int, tuple[Arra
   return out
 
 
-def features(cfg, backbone, params, base, x, mask, task_index):
+def features(cfg, backbone, params, base, x, mask, task_index, *, ordered: bool = False):
+  """``(prompted features (n, d), query (n, d), slots (n, k))``; ``ordered`` (evaluation)
+  runs the prompted pass after the query pass (:func:`prompting.after_query`)."""
   q = prompting.query(backbone, base, x, mask)
-  base, q = prompting.after_query(base, q)
+  if ordered:
+    base, q = prompting.after_query(base, q)
   idx = select(cfg, params["e_key"], q, mask, task_index)
   feats = prompting.prompted_features(backbone, base, x, kv_prefix=kv_prefix(cfg, params, idx))
   return feats, q, idx
@@ -143,7 +146,7 @@ def loss(cfg, backbone, params, state, base, batch, rng, info: TaskInfo):
 
 
 def predict(cfg, backbone, state, base, x, info: TaskInfo, mask=None):
-  feats, _, _ = features(cfg, backbone, state, base, x, mask, None)
+  feats, _, _ = features(cfg, backbone, state, base, x, mask, None, ordered=True)
   return prompting.seen_logits(state["head"], feats, info.spec, info.task)
 
 

@@ -68,7 +68,8 @@ def after_query(base, q: Array):
   CPU, ViT-B/16 at 32 rows, 1.84 GiB of temporaries instead of 0.2 GiB (issue 13). Behind
   the barrier the two passes' ops take different operands, nothing is shared and the
   query pass's temporaries are dead before the prompted pass begins. The values are
-  unchanged; the barrier only orders the computation.
+  unchanged; the barrier only orders the computation. Used in ``predict`` only, so the
+  training step's graph is the one it was (its memory was not measured with the barrier).
 
   Args:
     base: the frozen backbone parameters (any pytree).
