@@ -178,7 +178,7 @@ def weights(K: Array, A: Array, q: Array) -> Array:
 
 def features(cfg: CodaPromptConfig, backbone: Backbone, params: Params, base: Params, x: Array,
              mask: Array | None, *, upto: int,
-             frozen: int) -> tuple[Array, tuple[Array, Array, Array]]:
+             frozen: int, ordered: bool = False) -> tuple[Array, tuple[Array, Array, Array]]:
   """Prompted features: at each layer the prompt ``Σ_m α_m P_m`` split into key and value halves.
 
   Args:
@@ -190,11 +190,15 @@ def features(cfg: CodaPromptConfig, backbone: Backbone, params: Params, base: Pa
     mask: ``(n,)`` real-row mask, or ``None``.
     upto: components ``[0, upto)`` take part (``M' = upto``).
     frozen: components ``[0, frozen)`` are detached.
+    ordered: run the prompted pass after the query pass (:func:`prompting.after_query`;
+      evaluation only, where it bounds the temporaries).
 
   Returns:
     ``(features (n, d), (K (E, M', d), A (E, M', d), P (E, M', Lp, d)))``.
   """
   q = prompting.query(backbone, base, x, mask)
+  if ordered:
+    base, q = prompting.after_query(base, q)
   K, A, P = _components(params, upto, frozen)
   kv = {}
   for j, layer in enumerate(cfg.layers):
@@ -254,7 +258,7 @@ def predict(cfg: CodaPromptConfig, backbone: Backbone, state: CODAPromptState, b
     ``(n, C)`` logits, unseen classes at −∞.
   """
   upto = (info.task + 1) * per_task(cfg, info.spec)
-  feats, _ = features(cfg, backbone, state, base, x, mask, upto=upto, frozen=0)
+  feats, _ = features(cfg, backbone, state, base, x, mask, upto=upto, frozen=0, ordered=True)
   return prompting.seen_logits(state["head"], feats, info.spec, info.task)
 
 

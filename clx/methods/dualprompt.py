@@ -200,7 +200,8 @@ def kv_prefix(cfg: DualPromptConfig, params: Params, idx: Array) -> dict[int, tu
 
 
 def features(cfg: DualPromptConfig, backbone: Backbone, params: Params, base: Params, x: Array,
-             mask: Array | None, task_index: int | None) -> tuple[Array, Array, Array]:
+             mask: Array | None, task_index: int | None, *,
+             ordered: bool = False) -> tuple[Array, Array, Array]:
   """Prompted features with the G-prompt and the selected E-prompts (prefix-tuning).
 
   Args:
@@ -211,11 +212,15 @@ def features(cfg: DualPromptConfig, backbone: Backbone, params: Params, base: Pa
     x: ``(n, ...)`` inputs.
     mask: ``(n,)`` real-row mask, or ``None``.
     task_index: the task being trained, ``None`` at test time (:func:`select`).
+    ordered: run the prompted pass after the query pass (:func:`prompting.after_query`;
+      evaluation only, where it bounds the temporaries).
 
   Returns:
     ``(prompted features (n, d), query (n, d), selected slots (n, k))``.
   """
   q = prompting.query(backbone, base, x, mask)
+  if ordered:
+    base, q = prompting.after_query(base, q)
   idx = select(cfg, params["e_key"], q, mask, task_index)
   feats = prompting.prompted_features(backbone, base, x, kv_prefix=kv_prefix(cfg, params, idx))
   return feats, q, idx
@@ -264,7 +269,7 @@ def predict(cfg: DualPromptConfig, backbone: Backbone, state: DualPromptState, b
   Returns:
     ``(n, C)`` logits, unseen classes at −∞.
   """
-  feats, _, _ = features(cfg, backbone, state, base, x, mask, None)
+  feats, _, _ = features(cfg, backbone, state, base, x, mask, None, ordered=True)
   return prompting.seen_logits(state["head"], feats, info.spec, info.task)
 
 
