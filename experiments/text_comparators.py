@@ -27,7 +27,9 @@ Run time:  per seed about 30-40 min on the 2 shared cores of the development mac
            15-35 from other jobs), every row trained and evaluated; joint about 5-7 min.
 Expected:  3 seeds (experiments/RESULTS.md, section text_comparators): ACC RanPAC 65.4,
            PROTEUS 65.1, SimpleCIL 64.4, DualPrompt 62.6, SPARC 56.1, L2P 55.0, InfLoRA 50.9,
-           SD-LoRA 26.2, CODA-Prompt 23.1, sequential LoRA 18.2, joint 73.2.
+           SD-LoRA 26.2, CODA-Prompt 23.1, sequential LoRA 18.2, joint 73.2 (``--rates
+           official``); with the validated rates (the default): SD-LoRA 54.0 (lr 0.24),
+           CODA-Prompt 50.8 (lr 0.09).
 
 Setup (the stream, backbone and budget of ``text_proteus`` / ``text_inflora``):
 all-MiniLM-L6-v2 (mean pooling, frozen), token ids of length 32; WordNet noun/verb
