@@ -148,7 +148,9 @@ def test_get_config_official_and_validated_rates(tc, tmp_path):
                                                     "l2p": {"chosen": 0.001875}})
   validated = tc.get_config("validated", record)
   assert tc.learning_rate(validated, "coda_prompt") == 0.09
-  assert validated["train_overrides"]["coda_prompt"]["schedule"] == "cosine"  # the rest stays
+  # the rest stays: CODA's cosine is the official per-epoch one, not clx's per-step "cosine"
+  assert validated["lr_schedules"]["coda_prompt"] == "clx.methods.coda_prompt:official_lr_schedule"
+  assert "schedule" not in validated["train_overrides"]["coda_prompt"]
   assert tc.learning_rate(validated, "l2p") == 0.001875
   assert tc.learning_rate(validated, "dualprompt") == 0.03
   assert validated["train_overrides"]["dualprompt"]["grad_clip"] == 1.0
@@ -198,6 +200,10 @@ def test_validate_runs_the_grid_on_the_validation_stream_and_records_the_choice(
   assert tc.learning_rate(tc.get_config("validated", record_path), "coda_prompt") == 0.03
   with pytest.raises(ValueError, match="not tuned rows"):
     tc.validate(["simplecil"], tmp_path / "runs", validation_file=record_path)
+  calls.clear()  # the joint bound is tuned alike (its official 5e-5 is the grid's base)
+  record = tc.validate(["joint"], tmp_path / "runs", seed=0, validation_file=record_path)
+  assert [c[1] for c in calls][:3] == [5e-5, 1.5e-4, 5e-4]
+  assert record["rows"]["joint"]["official"] == 5e-5
 
 
 def test_validation_stream_is_disjoint_from_every_evaluated_text(tc, monkeypatch):
