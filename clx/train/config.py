@@ -10,6 +10,7 @@ from collections.abc import Callable
 import numpy as np
 import optax
 
+from clx.ops import schedules
 from clx.train import sharding
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
@@ -18,7 +19,7 @@ SCHEDULES = ("constant", "cosine")
 DEPRECATED_SCHEDULES = {
     "inflora_cosine": "InfLoRA's per-epoch cosine is supplied by the method "
                       "(method_args lr_schedule='epoch_cosine') or by the caller "
-                      "(run_method(..., lr_schedule=clx.methods.inflora.epoch_cosine(lr, epochs)))",
+                      "(run_method(..., lr_schedule=clx.ops.schedules.epoch_cosine(lr, epochs)))",
 }
 
 
@@ -189,8 +190,7 @@ def learning_rate_schedule(cfg: TrainConfig, steps_per_epoch: int,
   if cfg.schedule == "cosine":
     return optax.cosine_decay_schedule(cfg.learning_rate, max(1, cfg.epochs * steps_per_epoch))
   # The deprecated name maps to the schedule InfLoRA now supplies itself (one release).
-  from clx.methods import inflora  # pylint: disable=import-outside-toplevel
-  return inflora.epoch_cosine(cfg.learning_rate, cfg.epochs)(steps_per_epoch)
+  return schedules.epoch_cosine(cfg.learning_rate, cfg.epochs)(steps_per_epoch)
 
 
 def _optimizer(cfg: TrainConfig, lr) -> optax.GradientTransformation:

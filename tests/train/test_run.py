@@ -61,26 +61,6 @@ def test_run_method_keeps_every_state_on_request():
   assert light.tasks[0].state is None and light.tasks[-1].state is light.state
 
 
-def test_inflora_epoch_cosine_is_the_official_formula():
-  # float64 reference of the official CosineSchedule, stepped once per epoch, on fresh
-  # random rates / epoch counts / epoch lengths.
-  from clx.methods.inflora import epoch_cosine
-  rng = np.random.default_rng(1234)
-  for _ in range(5):
-    lr, epochs, per_epoch = float(rng.uniform(1e-4, 1e-1)), int(rng.integers(2, 60)), \
-        int(rng.integers(1, 40))
-    schedule = jax.jit(epoch_cosine(lr, epochs)(per_epoch))
-    steps = np.arange(epochs * per_epoch)
-    got = np.array([float(schedule(s)) for s in steps[::max(1, len(steps) // 200)]])
-    e = steps[::max(1, len(steps) // 200)] // per_epoch
-    want = lr * np.cos(99 * np.pi * e.astype(np.float64) / (200 * (epochs - 1)))
-    # float32: the cosine's argument is rounded, so the error is absolute (≈ eps·lr), which
-    # is large relative to the last epochs' small rates (cos ≈ 0.0157 at the end).
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=4e-7 * lr)
-  # One epoch keeps the full rate (E < 2 is taken as 2, as before the move).
-  assert float(epoch_cosine(0.1, 1)(5)(4)) == np.float32(0.1)
-
-
 def _inflora(stream, **kwargs):
   return build("inflora", mlp(stream.input_shape, (16,), seed=0), lora_rank=2, sites=("mlp",),
                **kwargs)
