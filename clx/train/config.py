@@ -15,6 +15,7 @@ from clx.train import sharding
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
+EVALUATE_AFTER = ("each_task", "last_task")
 # Accepted for one release with a DeprecationWarning: {old name: what replaces it}.
 DEPRECATED_SCHEDULES = {
     "inflora_cosine": "InfLoRA's per-epoch cosine is supplied by the method "
@@ -59,6 +60,10 @@ class TrainConfig:
       (:mod:`clx.train.sharding`); the numbers do not depend on it.
     model_parallel: size of the mesh's ``model`` axis when :func:`run_method`
       builds the mesh (> 1 only with ``tensor``/``tensor_fsdp``).
+    evaluate_after: ``each_task`` (the accuracy matrix's every row) or
+      ``last_task`` (only its last row: the final ACC, e.g. for a learning-rate
+      search; the other rows stay NaN, so AIA, BWT and forgetting are not
+      defined). Training, and so every state and the last row, do not depend on it.
   """
 
   epochs: int = 1
@@ -81,6 +86,7 @@ class TrainConfig:
   restore_best: bool = False
   param_sharding: str = "replicated"
   model_parallel: int = 1
+  evaluate_after: str = "each_task"
 
   @property
   def uses_validation(self) -> bool:
@@ -98,6 +104,9 @@ class TrainConfig:
                     stacklevel=3)
     elif self.schedule not in SCHEDULES:
       raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
+    if self.evaluate_after not in EVALUATE_AFTER:
+      raise ValueError(f"evaluate_after must be one of {EVALUATE_AFTER}, got "
+                       f"{self.evaluate_after!r}")
     for name in ("epochs", "batch_size", "eval_batch_size", "steps_per_call", "lr_patience"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
