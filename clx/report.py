@@ -52,12 +52,17 @@ def format_matrix(acc: np.ndarray, title: str = "") -> str:
   return "\n".join(lines)
 
 
+def _number(value) -> float:
+  """A metric as a float; NaN when absent (e.g. AIA of a run evaluated after its last task only)."""
+  return float("nan") if value is None else float(value)
+
+
 def format_table(runs: dict[str, dict]) -> str:
   """One row per method with ACC / AIA / BWT / forgetting / wall time."""
   header = f"{'method':<16}" + "".join(f"{c:>14}" for c in METRIC_COLUMNS)
   lines = [header, "-" * len(header)]
   for name, run in runs.items():
-    cells = "".join(f"{run.get(c, float('nan')):14.2f}" for c in METRIC_COLUMNS)
+    cells = "".join(f"{_number(run.get(c)):14.2f}" for c in METRIC_COLUMNS)
     lines.append(f"{name:<16}{cells}")
   return "\n".join(lines)
 
@@ -82,7 +87,7 @@ def summarize_seeds(runs_per_seed: list[dict[str, dict]]) -> tuple[Summary, dict
     counts[method] = len(entries)
     summary[method] = {}
     for column in METRIC_COLUMNS:
-      values = np.array([float(e.get(column, np.nan)) for e in entries])
+      values = np.array([_number(e.get(column)) for e in entries])
       std = float(np.std(values, ddof=1)) if len(values) > 1 else None
       summary[method][column] = (float(np.mean(values)), std)
   return summary, counts

@@ -69,13 +69,13 @@ def test_experiment_methods_build_without_deprecated_names(path: Path):
 
 
 def test_sparc_and_proteus_old_names_warn_like_the_other_methods():
-  """SPARC/PROTEUS map old names through ``methods._options``, which now warns as well, so the
-  test above sees their old names too (it did not: they were mapped silently)."""
-  from clx.methods import _options, proteus, sparc
+  """SPARC/PROTEUS map old names through ``methods.base.renamed`` (one helper for every
+  factory), which warns, so the test above sees their old names too."""
+  from clx.methods import base, proteus, sparc
   with pytest.warns(DeprecationWarning, match="'pca_batch_size' is renamed 'aux_batch_size'"):
     assert sparc.SPARCConfig(**sparc._renamed({"pca_batch_size": 7})).aux_batch_size == 7
   with pytest.warns(DeprecationWarning, match="'alpha' is renamed 'transfer_alpha'"):
     assert proteus.ProteusConfig(**proteus._renamed({"alpha": 0.5})).transfer_alpha == 0.5
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    assert _options.renamed({"lora_rank": 2}, {"rank": "lora_rank"}) == {"lora_rank": 2}
+    assert base.renamed({"lora_rank": 2}, {"rank": "lora_rank"}, "proteus") == {"lora_rank": 2}

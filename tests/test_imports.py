@@ -66,9 +66,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     ("clx.train.evaluate", "clx.methods.passes"):
         "evaluation calls passes.predict_fn, the one predict-with-mask wrapper it shares with "
         "the methods' host passes (to move behind methods.base)",
-    ("clx.train.config", "clx.methods.inflora"):
-        "the deprecated TrainConfig(schedule='inflora_cosine') maps to InfLoRA's own schedule "
-        "(function-level import, only on that name); goes away with the name next release",
     ("clx.train.sharding", "clx.models.partitioning"):
         "placing a backbone's parameters uses its partitioning rules (function-level import; "
         "partitioning is pure rules on parameter paths, no backbone is imported)",

@@ -148,7 +148,9 @@ def test_get_config_official_and_validated_rates(tc, tmp_path):
                                                     "l2p": {"chosen": 0.001875}})
   validated = tc.get_config("validated", record)
   assert tc.learning_rate(validated, "coda_prompt") == 0.09
-  assert validated["train_overrides"]["coda_prompt"]["schedule"] == "cosine"  # the rest stays
+  # the rest stays: CODA's cosine is the official per-epoch one, not clx's per-step "cosine"
+  assert validated["lr_schedules"]["coda_prompt"] == "clx.methods.coda_prompt:official_lr_schedule"
+  assert "schedule" not in validated["train_overrides"]["coda_prompt"]
   assert tc.learning_rate(validated, "l2p") == 0.001875
   assert tc.learning_rate(validated, "dualprompt") == 0.03
   assert validated["train_overrides"]["dualprompt"]["grad_clip"] == 1.0
@@ -180,6 +182,7 @@ def test_validate_runs_the_grid_on_the_validation_stream_and_records_the_choice(
   def fake_run(config, workdir):
     (row,) = config["methods"]
     lr = tc.learning_rate(config, row)
+    assert config["train"]["evaluate_after"] == "last_task"  # the score reads the last row only
     calls.append((row, lr, config["stream"]["name"], Path(workdir).name))
     return {"runs": {row: {"acc": 100.0 - abs(np.log(lr / 0.05))}}}  # best near 0.05
 
@@ -198,6 +201,16 @@ def test_validate_runs_the_grid_on_the_validation_stream_and_records_the_choice(
   assert tc.learning_rate(tc.get_config("validated", record_path), "coda_prompt") == 0.03
   with pytest.raises(ValueError, match="not tuned rows"):
     tc.validate(["simplecil"], tmp_path / "runs", validation_file=record_path)
+  calls.clear()  # a finished run is read, not rerun
+  finished = tmp_path / "runs" / "coda_prompt_lr0.001"
+  finished.mkdir(parents=True)
+  (finished / "metrics.json").write_text(json.dumps({"runs": {"coda_prompt": {"acc": 99.5}}}))
+  record = tc.validate(["coda_prompt"], tmp_path / "runs", seed=0, validation_file=record_path)
+  assert 1e-3 not in [c[1] for c in calls] and record["rows"]["coda_prompt"]["grid"]["0.001"] == 99.5
+  calls.clear()  # the joint bound is tuned alike (its official 5e-5 is the grid's base)
+  record = tc.validate(["joint"], tmp_path / "runs", seed=0, validation_file=record_path)
+  assert [c[1] for c in calls][:3] == [5e-5, 1.5e-4, 5e-4]
+  assert record["rows"]["joint"]["official"] == 5e-5
 
 
 def test_validation_stream_is_disjoint_from_every_evaluated_text(tc, monkeypatch):

@@ -1,38 +1,13 @@
-"""Option-name migration shared by the method factories (one name per concept, DESIGN.md)."""
+"""Factory signatures from config dataclasses, old option names included (one name per concept,
+DESIGN.md; the names themselves are mapped by :func:`clx.methods.base.renamed`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import warnings
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
-
-
-def renamed(kwargs: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
-  """``kwargs`` with old option names mapped to the current ones.
-
-  Existing experiment configs keep running while the code uses one name per concept.
-
-  Args:
-    kwargs: factory keyword arguments.
-    names: ``{old name: current name}``.
-
-  Returns:
-    A new dict; raises ``ValueError`` when an option is given under both names, and issues a
-    :class:`DeprecationWarning` for every old name used (as :func:`clx.methods.base.renamed`
-    does), so configs still using one are found (``tests/test_experiment_configs.py``).
-  """
-  out = dict(kwargs)
-  for old, new in names.items():
-    if old in out:
-      if new in out:
-        raise ValueError(f"pass {new}= only ({old}= is its old name), not both")
-      warnings.warn(f"{old!r} is renamed {new!r}; the old name goes away in the next release",
-                    DeprecationWarning, stacklevel=3)
-      out[new] = out.pop(old)
-  return out
 
 
 def config_signature(factory: Callable, config_cls: type,

@@ -232,7 +232,7 @@ class ContinualMethod(NamedTuple):
       learning-rate schedule the method trains with, given a phase's
       ``clx.train.TrainConfig``; the factory maps ``steps_per_epoch`` to a
       float or an optax schedule ``step -> lr`` (e.g. InfLoRA's per-epoch
-      cosine, :func:`clx.methods.inflora.epoch_cosine`). The loop uses it
+      cosine, :func:`clx.ops.schedules.epoch_cosine`). The loop uses it
       instead of ``TrainConfig.schedule`` for every phase it builds the
       optimiser of; ``None`` (or a ``None`` result) keeps ``TrainConfig.schedule``.
   """

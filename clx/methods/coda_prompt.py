@@ -41,6 +41,7 @@ from clx.methods.base import (Batch, ContinualMethod, Params, StreamSpec, TaskCo
                               check_positive_int)
 from clx.models.base import Backbone
 from clx.ops import prompts as prompt_ops
+from clx.ops.schedules import epoch_cosine
 
 Array = jax.Array
 TRAINED = ("head", "K", "A", "P")
@@ -292,7 +293,7 @@ def official_lr_schedule(train_config: Any) -> Callable[[int], Callable[[Array],
   K=schedule[-1])`` gives ``lr_e = lr·cos(99π·e / (200(K−1)))`` for epoch ``e`` of ``K``
   (``learners/prompt.py`` l.74) and is stepped once per epoch (``learners/default.py`` l.95,
   ``if epoch > 0: self.scheduler.step()``), so the rate is constant within an epoch. It is
-  the formula of :func:`clx.methods.inflora.epoch_cosine`, which this returns.
+  the formula of InfLoRA's (the same ``utils/schedulers.py``): :func:`clx.ops.schedules.epoch_cosine`.
 
   Args:
     train_config: the phase's TrainConfig (its ``learning_rate`` and ``epochs`` = K).
@@ -300,8 +301,7 @@ def official_lr_schedule(train_config: Any) -> Callable[[int], Callable[[Array],
   Returns:
     A schedule factory ``steps_per_epoch -> (step -> lr)`` (jit-able, () float32 rate).
   """
-  from clx.methods import inflora  # pylint: disable=import-outside-toplevel
-  return inflora.epoch_cosine(train_config.learning_rate, train_config.epochs)
+  return epoch_cosine(train_config.learning_rate, train_config.epochs)
 
 
 def coda_prompt(backbone: Backbone, **kwargs: Any) -> ContinualMethod:

@@ -123,6 +123,7 @@ from clx.models.base import Backbone
 from clx.ops import dualgpm
 from clx.ops import lora as lora_ops
 from clx.ops import memory as memory_ops
+from clx.ops.schedules import epoch_cosine  # re-exported: clx.methods.inflora.epoch_cosine
 from clx.ops import tree as tree_ops
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -255,31 +256,6 @@ def factory_signature(config_cls: type, renamed: Mapping[str, str] = RENAMED
 
 
 # -- learning-rate schedule ------------------------------------------------------
-
-
-def epoch_cosine(learning_rate: float, epochs: int) -> Callable[[int], Callable[[Any], jax.Array]]:
-  """The official InfLoRA ``CosineSchedule``: ``lr_e = lr·cos(99π·e / (200(E−1)))``.
-
-  Stepped once per epoch in the official code (``utils/schedulers.py``), so the
-  rate is constant within an epoch and ends at cos(99π/200) ≈ 0.0157 of ``lr``.
-
-  Args:
-    learning_rate: lr, the rate of epoch 0.
-    epochs: E (E < 2 is taken as 2, so a single epoch keeps the full rate).
-
-  Returns:
-    A schedule factory ``steps_per_epoch -> (step -> lr)``: the step ``s`` (an
-    int or () int array) lies in epoch ``e = s // steps_per_epoch``; the rate is
-    a () float32 array, jit-able.
-  """
-  epochs = max(int(epochs), 2)
-
-  def factory(steps_per_epoch: int) -> Callable[[Any], jax.Array]:
-    def lr(step):
-      epoch = step // max(steps_per_epoch, 1)
-      return learning_rate * jnp.cos(99 * jnp.pi * epoch / (200 * (epochs - 1)))
-    return lr
-  return factory
 
 
 def official_lr_schedule(train_config: Any) -> Callable[[int], Callable[[Any], jax.Array]]:

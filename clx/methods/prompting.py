@@ -25,7 +25,6 @@ from clx.models.base import Backbone
 
 Array = jax.Array
 Head = dict[str, Array]  # {"kernel": (d, C), "bias": (C,)}
-HEAD_INITS = ("zeros", "torch", "simple_linear")
 
 
 def select_keys(keys: tuple[str, ...], state: State, info: TaskInfo) -> Params:
@@ -172,6 +171,22 @@ def prompted_features(backbone: Backbone, base: Params, x: Array, *,
   return backbone.merge(base)(x, **kwargs).astype(jnp.float32)
 
 
+def _zeros_head(key: Array, d: int, num_classes: int) -> Head:
+  del key
+  return {"kernel": jnp.zeros((d, num_classes)), "bias": jnp.zeros((num_classes,))}
+
+
+def _simple_linear_head(key: Array, d: int, num_classes: int) -> Head:
+  bound = float(np.sqrt(3.0 / d))  # kaiming-uniform bound with gain 1 ('linear')
+  return {"kernel": jax.random.uniform(key, (d, num_classes), jnp.float32, -bound, bound),
+          "bias": jnp.zeros((num_classes,), jnp.float32)}
+
+
+_HEAD_INITIALIZERS = {"zeros": _zeros_head, "torch": heads_lib.init_linear,
+                      "simple_linear": _simple_linear_head}
+HEAD_INITS = tuple(_HEAD_INITIALIZERS)  # the ``head_init`` options
+
+
 def init_head(key: Array, d: int, num_classes: int, kind: str) -> Head:
   """A ``(d, C)`` linear head: ``{"kernel" (d, C), "bias" (C,)}``.
 
@@ -189,15 +204,7 @@ def init_head(key: Array, d: int, num_classes: int, kind: str) -> Head:
     The head's params.
   """
   check_head_init("head", kind)
-  if kind == "zeros":
-    return {"kernel": jnp.zeros((d, num_classes)), "bias": jnp.zeros((num_classes,))}
-  if kind == "torch":
-    return heads_lib.init_linear(key, d, num_classes)
-  if kind == "simple_linear":
-    bound = float(np.sqrt(3.0 / d))  # kaiming-uniform bound with gain 1 ('linear')
-    return {"kernel": jax.random.uniform(key, (d, num_classes), jnp.float32, -bound, bound),
-            "bias": jnp.zeros((num_classes,), jnp.float32)}
-  raise AssertionError(kind)  # unreachable: check_head_init
+  return _HEAD_INITIALIZERS[kind](key, d, num_classes)
 
 
 def class_mask(spec: StreamSpec, tasks: Iterable[int]) -> np.ndarray:

@@ -119,7 +119,7 @@ from jax.typing import ArrayLike
 from clx.methods import _options
 from clx.methods import heads as heads_lib
 from clx.methods.base import (Batch, ContinualMethod, Params, StreamSpec, TaskContext, TaskInfo,
-                              to_host)
+                              renamed, to_host)
 from clx.models.base import Backbone
 from clx.ops import lora as lora_ops
 from clx.ops import mixture
@@ -256,7 +256,7 @@ _LEGACY_NAMES = {"rank": "lora_rank", "roles": "sites", "scale": "lora_scale",
 
 def _renamed(kwargs: Mapping[str, Any]) -> dict:
   """``kwargs`` with PROTEUS' legacy option names mapped to the current ones."""
-  return _options.renamed(kwargs, _LEGACY_NAMES)
+  return renamed(dict(kwargs), _LEGACY_NAMES, "proteus")
 
 
 class ProteusState(TypedDict):

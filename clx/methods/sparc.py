@@ -151,7 +151,7 @@ from jax.typing import ArrayLike
 from clx.methods import _options
 from clx.methods import heads as heads_lib
 from clx.methods.base import (Batch, ContinualMethod, Params, StreamSpec, TaskContext, TaskInfo,
-                              no_host_hook)
+                              no_host_hook, renamed)
 from clx.models.base import Backbone
 from clx.ops import lora as lora_ops
 from clx.ops import pca as pca_ops
@@ -499,9 +499,10 @@ _LEGACY_NAMES = {"lora_sites": "sites", "pca_batch_size": "aux_batch_size"}
 _PT_LEGACY_NAMES = {"lora_sites": "sites", "init": "prompt_init"}
 
 
-def _renamed(kwargs: Mapping[str, Any], names: Mapping[str, str] = _LEGACY_NAMES) -> dict:
+def _renamed(kwargs: Mapping[str, Any], names: Mapping[str, str] = _LEGACY_NAMES,
+             who: str = "sparc") -> dict:
   """``kwargs`` with SPARC's legacy option names (or ``names``) mapped to the current ones."""
-  return _options.renamed(kwargs, names)
+  return renamed(dict(kwargs), dict(names), who)
 
 
 class SPARCState(TypedDict, total=False):
@@ -1263,7 +1264,8 @@ def prompt_tuning(backbone: Backbone, **kwargs: Any) -> ContinualMethod:
   Returns:
     The method.
   """
-  s = resolve_prompt_tuning(backbone, PromptTuningConfig(**_renamed(kwargs, _PT_LEGACY_NAMES)))
+  s = resolve_prompt_tuning(
+      backbone, PromptTuningConfig(**_renamed(kwargs, _PT_LEGACY_NAMES, "prompt_tuning")))
   bind = functools.partial
   return ContinualMethod(
       name=s.cfg.default_name, backbone=backbone, init=bind(_pt_init, s),

@@ -20,6 +20,7 @@ Modules (each imported on first use: ``import clx.ops`` imports none of them, an
   prototypes: class-prototype classifier (SimpleCIL / APER, RanPAC's M = 0).
   prompts:  prompt-pool ops of L2P, DualPrompt and CODA-Prompt.
   sd_lora:  SD-LoRA's decoupled magnitude/direction update.
+  schedules: the official per-epoch cosine of InfLoRA and CODA-Prompt.
 """
 
 from __future__ import annotations
@@ -28,5 +29,5 @@ from clx._lazy import lazy_attributes
 
 __all__ = ["alignment", "dualgpm", "gradient_projection", "lora", "memory", "merging", "metrics",
            "mixture", "null_space", "pca", "prompts", "prototypes", "retrieval", "ridge",
-           "sd_lora", "sgp", "subspace", "tree"]
+           "schedules", "sd_lora", "sgp", "subspace", "tree"]
 __getattr__, __dir__ = lazy_attributes(__name__, {name: name for name in __all__}, globals())

@@ -10,15 +10,17 @@ from collections.abc import Callable
 import numpy as np
 import optax
 
+from clx.ops import schedules
 from clx.train import sharding
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
+EVALUATE_AFTER = ("each_task", "last_task")
 # Accepted for one release with a DeprecationWarning: {old name: what replaces it}.
 DEPRECATED_SCHEDULES = {
     "inflora_cosine": "InfLoRA's per-epoch cosine is supplied by the method "
                       "(method_args lr_schedule='epoch_cosine') or by the caller "
-                      "(run_method(..., lr_schedule=clx.methods.inflora.epoch_cosine(lr, epochs)))",
+                      "(run_method(..., lr_schedule=clx.ops.schedules.epoch_cosine(lr, epochs)))",
 }
 
 
@@ -58,6 +60,10 @@ class TrainConfig:
       (:mod:`clx.train.sharding`); the numbers do not depend on it.
     model_parallel: size of the mesh's ``model`` axis when :func:`run_method`
       builds the mesh (> 1 only with ``tensor``/``tensor_fsdp``).
+    evaluate_after: ``each_task`` (the accuracy matrix's every row) or
+      ``last_task`` (only its last row: the final ACC, e.g. for a learning-rate
+      search; the other rows stay NaN, so AIA, BWT and forgetting are not
+      defined). Training, and so every state and the last row, do not depend on it.
   """
 
   epochs: int = 1
@@ -80,6 +86,7 @@ class TrainConfig:
   restore_best: bool = False
   param_sharding: str = "replicated"
   model_parallel: int = 1
+  evaluate_after: str = "each_task"
 
   @property
   def uses_validation(self) -> bool:
@@ -97,6 +104,9 @@ class TrainConfig:
                     stacklevel=3)
     elif self.schedule not in SCHEDULES:
       raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
+    if self.evaluate_after not in EVALUATE_AFTER:
+      raise ValueError(f"evaluate_after must be one of {EVALUATE_AFTER}, got "
+                       f"{self.evaluate_after!r}")
     for name in ("epochs", "batch_size", "eval_batch_size", "steps_per_call", "lr_patience"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -189,8 +199,7 @@ def learning_rate_schedule(cfg: TrainConfig, steps_per_epoch: int,
   if cfg.schedule == "cosine":
     return optax.cosine_decay_schedule(cfg.learning_rate, max(1, cfg.epochs * steps_per_epoch))
   # The deprecated name maps to the schedule InfLoRA now supplies itself (one release).
-  from clx.methods import inflora  # pylint: disable=import-outside-toplevel
-  return inflora.epoch_cosine(cfg.learning_rate, cfg.epochs)(steps_per_epoch)
+  return schedules.epoch_cosine(cfg.learning_rate, cfg.epochs)(steps_per_epoch)
 
 
 def _optimizer(cfg: TrainConfig, lr) -> optax.GradientTransformation:

@@ -233,17 +233,23 @@ class RunLogger:
 
     Args:
       task: 0-based task index.
-      acc_row: (task + 1,) test accuracies in percent on tasks 0..task.
+      acc_row: (task + 1,) test accuracies in percent on tasks 0..task (NaN when the row was
+        not measured: ``acc_row`` / ``acc`` are then null and nothing goes to TensorBoard /
+        wandb).
       fit: the fit log of the task's main phase (epochs, learning rates, validation history).
       wall_time_s: run wall time so far.
     """
     if not self.enabled or self._file is None:
       return
-    row = [float(a) for a in np.asarray(acc_row, np.float64).reshape(-1)]
+    values = np.asarray(acc_row, np.float64).reshape(-1)
+    measured = not np.isnan(values).any()  # evaluate_after="last_task" leaves rows unmeasured
+    row = [float(a) for a in values] if measured else None
     record = {"kind": "task", "task": task, "step": None, "acc_row": row,
-              "acc": float(np.mean(row)), "fit": _jsonable(dict(fit or {})),
-              "wall_time_s": wall_time_s, "time": time.time()}
+              "acc": float(np.mean(values)) if measured else None,
+              "fit": _jsonable(dict(fit or {})), "wall_time_s": wall_time_s, "time": time.time()}
     self._write(record)
+    if not measured:
+      return
     if self._tb is not None:
       self._tb.add_scalar("task/acc", record["acc"], task)
       for i, a in enumerate(row):

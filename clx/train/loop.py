@@ -177,7 +177,10 @@ class TaskResult(NamedTuple):
   diagnostics: dict | None
 
 
-PLACEMENT_FIELDS = ("param_sharding", "model_parallel")  # TrainConfig fields not fingerprinted
+PLACEMENT_FIELDS = ("param_sharding", "model_parallel")
+# TrainConfig fields not fingerprinted: where arrays live, and which rows of the accuracy matrix
+# are measured; neither changes a state.
+UNFINGERPRINTED_FIELDS = (*PLACEMENT_FIELDS, "evaluate_after")
 
 
 def config_fingerprint(obj: Any) -> str:
@@ -299,8 +302,9 @@ def _task_sequence(method: ContinualMethod, setup: _Setup, t: int, config: Train
     first_fit = len(fitter.fits)
     lane.state = method.end_task(method.combine(lane.state, params, ctx.info), ctx)
     fit_log = {**main_log, "phases": [*before, main_log, *fitter.fits[first_fit:]]}
-    lane.acc[t, :t + 1] = evaluate_row(method, lane.state, setup.base, lane.stream, t,
-                                       setup.spec, fitter, config)
+    if config.evaluate_after == "each_task" or t == setup.spec.num_tasks - 1:
+      lane.acc[t, :t + 1] = evaluate_row(method, lane.state, setup.base, lane.stream, t,
+                                         setup.spec, fitter, config)
     diagnostics = (method.diagnostics(jax.device_get(lane.state))
                    if method.diagnostics is not None else None)
     results.append(TaskResult(t, lane.state, lane.acc[t, :t + 1].copy(), fit_log, diagnostics))
@@ -383,7 +387,8 @@ def run(method: ContinualMethod, stream: Stream, config: TrainConfig, *, seed: i
   # Placement fields are left out: they change where arrays live, not the numbers (up to float
   # reduction order), so a run may resume on another layout, and workdirs written before those
   # fields existed keep resuming.
-  numeric = {k: v for k, v in dataclasses.asdict(config).items() if k not in PLACEMENT_FIELDS}
+  numeric = {k: v for k, v in dataclasses.asdict(config).items()
+             if k not in UNFINGERPRINTED_FIELDS}
   fingerprint = config_fingerprint({"method": method.name, "config": numeric,
                                     "seed": seed, "run": run_info or {}})
 
@@ -420,7 +425,9 @@ def run(method: ContinualMethod, stream: Stream, config: TrainConfig, *, seed: i
         delta, removed = ckpt.state_delta(jax.device_get(prev_state), jax.device_get(lane.state))
         meta = {"method": method.name, "task": t, "task_name": stream.tasks[t].name,
                 "fingerprint": fingerprint,
-                "acc_matrix": [acc[r, :r + 1].tolist() for r in range(t + 1)],
+                # null: a row not measured (evaluate_after="last_task")
+                "acc_matrix": [[None if np.isnan(a) else float(a) for a in acc[r, :r + 1]]
+                               for r in range(t + 1)],
                 "wall_time_s": elapsed_before + time.perf_counter() - t0, "run": run_info or {}}
         checkpointer.save(t, delta, removed, meta)
       yield result

@@ -477,7 +477,7 @@ def test_config_is_validated_once_and_old_names_still_read():
   assert parts.cfg == proteus_lib.ProteusConfig(sites=SITES, lora_rank=2, lora_scale=0.2,
                                                 transfer_alpha=0.5, aux_batch_size=64)
   assert (parts.rank, parts.scale, parts.alpha) == (2, 0.2, 0.5)
-  with pytest.raises(ValueError, match="not both"):
+  with pytest.raises(TypeError, match="got both"):
     proteus_lib.proteus(bb, sites=SITES, rank=2, lora_rank=2)
   with pytest.raises(ValueError, match="lora_rank"):
     proteus_lib.ProteusConfig(lora_rank=0)

@@ -612,7 +612,7 @@ def test_config_validates_without_a_backbone_and_maps_old_names():
     sparc_lib.SPARCConfig(aux_batch_size=0)
   cfg = sparc_lib.SPARCConfig(**sparc_lib._renamed({"lora_sites": ["k"], "pca_batch_size": 7}))
   assert cfg.sites == ("k",) and cfg.aux_batch_size == 7
-  with pytest.raises(ValueError, match="not both"):
+  with pytest.raises(TypeError, match="got both"):
     sparc_lib.sparc(tiny_bert(), num_components=4, lora_sites=("q",), sites=("q",))
   with pytest.raises(dataclasses.FrozenInstanceError):
     cfg.lora_rank = 3  # type: ignore[misc]

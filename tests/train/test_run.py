@@ -61,26 +61,6 @@ def test_run_method_keeps_every_state_on_request():
   assert light.tasks[0].state is None and light.tasks[-1].state is light.state
 
 
-def test_inflora_epoch_cosine_is_the_official_formula():
-  # float64 reference of the official CosineSchedule, stepped once per epoch, on fresh
-  # random rates / epoch counts / epoch lengths.
-  from clx.methods.inflora import epoch_cosine
-  rng = np.random.default_rng(1234)
-  for _ in range(5):
-    lr, epochs, per_epoch = float(rng.uniform(1e-4, 1e-1)), int(rng.integers(2, 60)), \
-        int(rng.integers(1, 40))
-    schedule = jax.jit(epoch_cosine(lr, epochs)(per_epoch))
-    steps = np.arange(epochs * per_epoch)
-    got = np.array([float(schedule(s)) for s in steps[::max(1, len(steps) // 200)]])
-    e = steps[::max(1, len(steps) // 200)] // per_epoch
-    want = lr * np.cos(99 * np.pi * e.astype(np.float64) / (200 * (epochs - 1)))
-    # float32: the cosine's argument is rounded, so the error is absolute (≈ eps·lr), which
-    # is large relative to the last epochs' small rates (cos ≈ 0.0157 at the end).
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=4e-7 * lr)
-  # One epoch keeps the full rate (E < 2 is taken as 2, as before the move).
-  assert float(epoch_cosine(0.1, 1)(5)(4)) == np.float32(0.1)
-
-
 def _inflora(stream, **kwargs):
   return build("inflora", mlp(stream.input_shape, (16,), seed=0), lora_rank=2, sites=("mlp",),
                **kwargs)
@@ -150,3 +130,45 @@ def test_bad_schedules_are_refused_with_a_clear_error():
   cfg = TrainConfig(lr_patience=2)
   with pytest.raises(ValueError, match="cannot be combined"):
     make_optimizer(cfg, 3, fitter.schedule_factory(cfg))
+
+
+def test_evaluate_after_last_task_measures_the_last_row_only(tmp_path, monkeypatch):
+  """Same states and last row as ``each_task``; one evaluation instead of T; the rows before
+  the last stay NaN (null in the log and checkpoint meta); a run checkpointed either way
+  resumes the other way (the option is not fingerprinted: it changes no state)."""
+  import pytest
+  from clx.train import loop
+  stream = make_gaussian_stream(separation=1.0)
+  every = run_method(_method("gpm", stream), stream, CFG, mesh=make_mesh(1), quiet=True)
+  calls = []
+  original = loop.evaluate_row
+  monkeypatch.setattr(loop, "evaluate_row", lambda *a, **k: calls.append(a[4]) or original(*a, **k))
+  last_cfg = dataclasses.replace(CFG, evaluate_after="last_task")
+  logger = run_logging.RunLogger(tmp_path / "log", tensorboard=False, enabled=True)
+  last = run_method(_method("gpm", stream), stream, last_cfg, mesh=make_mesh(1), quiet=True,
+                    checkpoint_dir=str(tmp_path / "ckpt"), logger=logger)
+  assert calls == [2]
+  chex.assert_trees_all_equal(jax.device_get(last.state), jax.device_get(every.state))
+  np.testing.assert_array_equal(last.acc_matrix[2], every.acc_matrix[2])
+  assert np.isnan(last.acc_matrix[:2]).all()
+  tasks = [r for r in run_logging.read_jsonl(tmp_path / "log" / "metrics.jsonl")
+           if r["kind"] == "task"]
+  assert [r["acc"] is None for r in tasks] == [True, True, False]
+  # Resumes under each_task from the last_task checkpoints (nothing left to train).
+  resumed = run_method(_method("gpm", stream), stream, CFG, mesh=make_mesh(1), quiet=True,
+                       checkpoint_dir=str(tmp_path / "ckpt"))
+  assert resumed.resumed_from == 2
+  np.testing.assert_array_equal(resumed.acc_matrix, last.acc_matrix)
+  with pytest.raises(ValueError, match="evaluate_after must be one of"):
+    TrainConfig(evaluate_after="never")
+
+
+def test_experiment_metrics_of_a_last_task_only_run():
+  """ACC (tasks and samples) from the last row; AIA / BWT / forgetting left out, not NaN."""
+  from clx import experiment, report
+  acc = np.full((3, 3), np.nan)
+  acc[2] = [50.0, 60.0, 70.0]
+  assert experiment.summarize(acc) == {"acc": 60.0}
+  full = np.tril(np.full((3, 3), 80.0)) + np.triu(np.full((3, 3), np.nan), 1)
+  assert set(experiment.summarize(full)) >= {"acc", "aia", "bwt", "forgetting"}
+  assert "nan" in report.format_table({"m": experiment.summarize(acc)})
