@@ -63,6 +63,7 @@ _TMP_PATTERNS = (re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$"), re.compile(r"^tmp.*\.
 _METRICS_DOMAIN = b"clx.metrics_sha256.v1\0"
 _METHOD_CONFIG_DOMAIN = b"clx.method_config_sha256.v1\0"
 _PER_METHOD_KEYS = ("method_args", "train_overrides")
+_OPTIONAL_PER_METHOD_KEYS = ("lr_schedules",)
 
 
 class WorkdirError(RuntimeError):
@@ -97,8 +98,9 @@ def _plain(config: dict[str, Any]) -> dict[str, Any]:
 def method_config_sha256(config: dict[str, Any], method: str) -> str:
   """Hash of the configuration that one method's results depend on.
 
-  Covers every key of ``config`` except ``methods``, with ``method_args`` and
-  ``train_overrides`` reduced to ``method``'s own entries.
+  Covers every key of ``config`` except ``methods``, with ``method_args``,
+  ``train_overrides`` and ``lr_schedules`` reduced to ``method``'s own entries (a schedule
+  given to one method does not invalidate the others' results).
 
   Args:
     config: an experiment config (JSON-able dict).
@@ -108,8 +110,13 @@ def method_config_sha256(config: dict[str, Any], method: str) -> str:
     hex sha256 (stored as ``config_sha256`` in each ``metrics.json`` run entry).
   """
   config = _plain(config)
-  shared = {k: v for k, v in config.items() if k != "methods" and k not in _PER_METHOD_KEYS}
+  # ``lr_schedules`` is per method too, and counts only for a method it names: the hashes of
+  # the other methods, and of every config written before the key existed, stay as they were.
+  shared = {k: v for k, v in config.items()
+            if k != "methods" and k not in _PER_METHOD_KEYS + _OPTIONAL_PER_METHOD_KEYS}
   own = {k: (config.get(k) or {}).get(method, {}) for k in _PER_METHOD_KEYS}
+  own.update({k: config[k][method] for k in _OPTIONAL_PER_METHOD_KEYS
+              if method in (config.get(k) or {})})
   h = hashlib.sha256(_METHOD_CONFIG_DOMAIN)
   h.update(_canonical({"shared": shared, "method": method, **own}))
   return h.hexdigest()
@@ -128,8 +135,8 @@ def config_differences(recorded: dict[str, Any], config: dict[str, Any],
                        methods_with_results: list[str]) -> list[str]:
   """The keys whose values differ between two configs, as ``"key: old → new"`` lines.
 
-  ``methods`` is ignored; ``method_args`` / ``train_overrides`` entries only
-  count for ``methods_with_results`` (another method's arguments cannot change
+  ``methods`` is ignored; ``method_args`` / ``train_overrides`` / ``lr_schedules`` entries
+  only count for ``methods_with_results`` (another method's arguments cannot change
   a result already recorded).
 
   Args:
@@ -142,8 +149,9 @@ def config_differences(recorded: dict[str, Any], config: dict[str, Any],
   """
   def view(c):
     c = _plain(c)
-    out = {k: v for k, v in c.items() if k != "methods" and k not in _PER_METHOD_KEYS}
-    for key in _PER_METHOD_KEYS:
+    per_method = _PER_METHOD_KEYS + _OPTIONAL_PER_METHOD_KEYS
+    out = {k: v for k, v in c.items() if k != "methods" and k not in per_method}
+    for key in per_method:
       for m in methods_with_results:
         out[f"{key}.{m}"] = (c.get(key) or {}).get(m, {})
     return _flatten(out)
@@ -512,7 +520,7 @@ class Workdir:
     methods += [m for m in self.with_results if m not in methods]
     methods += [m for m in self.config["methods"] if m not in methods]
     merged["methods"] = methods
-    for key in _PER_METHOD_KEYS:
+    for key in _PER_METHOD_KEYS + _OPTIONAL_PER_METHOD_KEYS:
       old = {m: v for m, v in (recorded.get(key) or {}).items() if m in self.with_results}
       if old or key in merged:
         merged[key] = {**old, **(merged.get(key) or {})}

@@ -416,3 +416,27 @@ def test_multi_process_runs_are_refused_together(copy_run, runs, tmp_path):
   assert_one_error_line(out0, "records another configuration", "seed: 0 → 1")
   assert_one_error_line(out1, "process 0 refused")
   assert snapshot(workdir) == before
+
+
+def test_lr_schedules_count_per_method_and_old_hashes_stay():
+  """A schedule given to one method changes neither another method's result hash nor its
+  configuration check; configs without ``lr_schedules`` hash as before the key existed."""
+  import hashlib
+  from clx import workdir as wd
+  config = {"name": "x", "stream": {"name": "s"}, "methods": ["l2p", "coda_prompt"],
+            "method_args": {"l2p": {"pool": 10}}, "train": {"epochs": 2},
+            "train_overrides": {"coda_prompt": {"learning_rate": 1e-3}}, "seed": 0}
+  for name in ("l2p", "coda_prompt"):  # the formula before lr_schedules existed
+    shared = {k: v for k, v in config.items()
+              if k not in ("methods", "method_args", "train_overrides")}
+    own = {k: config[k].get(name, {}) for k in ("method_args", "train_overrides")}
+    h = hashlib.sha256(b"clx.method_config_sha256.v1\0")
+    h.update(wd._canonical({"shared": shared, "method": name, **own}))  # pylint: disable=protected-access
+    assert wd.method_config_sha256(config, name) == h.hexdigest()
+  scheduled = {**config, "lr_schedules": {"coda_prompt": "m:f"}}
+  assert wd.method_config_sha256(scheduled, "l2p") == wd.method_config_sha256(config, "l2p")
+  assert wd.method_config_sha256(scheduled, "coda_prompt") != wd.method_config_sha256(
+      config, "coda_prompt")
+  assert wd.config_differences(config, scheduled, ["l2p"]) == []
+  assert wd.config_differences(config, scheduled, ["coda_prompt"]) == [
+      'lr_schedules.coda_prompt: {} → "m:f"']
