@@ -711,9 +711,7 @@ def main(argv=None) -> int:
     out = Path(args.output) if args.output else workdir / "comparators.json"
     if args.methods and out.exists():  # the other rows of an earlier report stay
       result = {**json.loads(out.read_text()), **result}
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out)
+    _write_json(out, result)
     print(json.dumps(result, indent=1))
     return 0
 
@@ -743,7 +741,10 @@ def main(argv=None) -> int:
   workdir = Path(args.workdir)
   experiment.run_experiment(config, workdir)
   result = report(config, workdir)
-  (workdir / "comparators.json").write_text(json.dumps(result, indent=1))
+  out = workdir / "comparators.json"
+  if out.exists():  # rows run earlier into this workdir (another --methods) stay
+    result = {**json.loads(out.read_text()), **result}
+  _write_json(out, result)
   print(json.dumps(result, indent=1))
   return 0
 

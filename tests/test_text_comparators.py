@@ -260,3 +260,18 @@ def test_summarize_reports_each_row_rate_and_the_validation_grid(tc, tmp_path):
   assert "| lora | 0.001 | 1 |" in table and "| simplecil | – | 1 |" in table
   assert "| coda_prompt | 0.001 | 0.001: 20.0, 0.03: 48.0, 0.09: 50.5* | 0.09 (at the grid's edge) |" in table
   assert "validation" not in tc.summarize([one], [report])  # no record: no grid
+
+
+def test_a_run_of_some_rows_keeps_the_other_rows_report(tc, tmp_path, monkeypatch):
+  """Rows added to a seed workdir with ``--methods`` (e.g. after a new validation) join its
+  comparators.json; the rows reported earlier stay (the old code overwrote them)."""
+  from clx import experiment
+  workdir = tmp_path / "seed0"
+  workdir.mkdir()
+  (workdir / "comparators.json").write_text(json.dumps({"proteus": {"trainable_params": 1}}))
+  monkeypatch.setattr(experiment, "run_experiment", lambda config, w: None)
+  monkeypatch.setattr(tc, "report", lambda config, w: {m: {"trainable_params": 2}
+                                                       for m in config["methods"]})
+  assert tc.main(["--workdir", str(workdir), "--methods", "l2p", "--set", "seed=0"]) == 0
+  assert json.loads((workdir / "comparators.json").read_text()) == {
+      "proteus": {"trainable_params": 1}, "l2p": {"trainable_params": 2}}
