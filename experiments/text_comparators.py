@@ -190,8 +190,11 @@ def get_config(rates: str = "validated", validation_file: Path = VALIDATION_FILE
   config = _official_config()
   if rates == "validated":
     for row, entry in load_validation(validation_file)["rows"].items():
-      config["train_overrides"][row] = {**config["train_overrides"].get(row, {}),
-                                        "learning_rate": float(entry["chosen"])}
+      # A row whose chosen rate is its official one keeps its config as it is (so the
+      # workdirs of runs at that rate stay this configuration's).
+      if float(entry["chosen"]) != learning_rate(config, row):
+        config["train_overrides"][row] = {**config["train_overrides"].get(row, {}),
+                                          "learning_rate": float(entry["chosen"])}
   return config
 
 

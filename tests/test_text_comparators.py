@@ -156,6 +156,9 @@ def test_get_config_official_and_validated_rates(tc, tmp_path):
   assert validated["train_overrides"]["dualprompt"]["grad_clip"] == 1.0
   assert tc.learning_rate(validated, "sd_lora") == 8e-3  # not in the record: official
   assert tc.get_config("validated", tmp_path / "absent.json") == official
+  # a row validated at its official rate: the config is the official one, unchanged
+  same = _validation_record(tmp_path / "same.json", {"proteus": {"chosen": 1e-3}})
+  assert tc.get_config("validated", same) == official
   with pytest.raises(ValueError, match="rates must be one of"):
     tc.get_config("best")
 
