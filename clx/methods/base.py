@@ -216,7 +216,7 @@ def get_path(tree: Any, path: Any) -> Any:
 
 
 def check_positive_int(value: Any, name: str) -> int:
-  """``value`` as an int if it is a positive integer (not a bool), else a ValueError naming ``name``.
+  """``value`` as an int when it is a positive integer (not a bool).
 
   Args:
     value: the value to check.
