@@ -221,9 +221,9 @@ def masked_accuracy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> ja
   """Fraction of rows with ``mask == 1`` whose argmax logit is the label.
 
   Args:
-    logits: ``(n, C)``.
-    labels: ``(n,)`` int targets.
-    mask: ``(n,)`` 1 for real examples, 0 for padding.
+    logits: ``(n, C)`` scores; a row's argmax is its prediction.
+    labels: ``(n,)`` int true classes.
+    mask: ``(n,)`` row weights: 1 for real examples, 0 for padding.
 
   Returns:
     A float32 scalar in [0, 1].

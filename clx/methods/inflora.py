@@ -723,9 +723,10 @@ def begin_task(setup: Setup, state: InfLoRAState, ctx: TaskContext) -> InfLoRASt
   """Gram pass with the old branches, design of a_t per group, b_t = 0, the task's head.
 
   Args:
-    setup: the resolved InfLoRA.
+    setup: the resolved InfLoRA (options, backbone, site layout).
     state: the state after the previous task.
-    ctx: the loop's context for task t.
+    ctx: the loop's context for task t (training batches of the Gram pass; ``rng`` folded
+      with 0 for the head).
 
   Returns:
     The state with branch t (``a`` ``{group: (d_in, r)}`` designed, ``b`` ``{site key: (r,
@@ -789,7 +790,7 @@ def end_task(setup: Setup, state: InfLoRAState, ctx: TaskContext) -> InfLoRAStat
   Args:
     setup: the resolved InfLoRA.
     state: the state after training task t.
-    ctx: the loop's context for task t.
+    ctx: the loop's context for task t (training batches of the second Gram pass).
 
   Returns:
     The state with every group's memory updated (and branch t folded with ``fold=True``).

@@ -266,12 +266,12 @@ def inflora_ca(backbone: Backbone, **kwargs: Any) -> ContinualMethod:
       ``gram_batch_size`` and ``feature_batch_size`` still work (deprecated).
 
   Returns:
-    The method.
+    InfLoRA's method with this module's ``init``, ``end_task`` and ``diagnostics``.
 
   Raises:
     TypeError: an unknown option.
-    ValueError: an option given under its old and its new name with different values, or
-      invalid options or sites.
+    ValueError: as :func:`clx.methods.inflora.inflora` (conflicting old/new names, invalid
+      options or sites).
   """
   cfg = inflora_lib.config_from_kwargs(InfLoRACAConfig, kwargs, RENAMED)
   setup = Setup(cfg, backbone, inflora_lib.site_layout(backbone, cfg.sites, cfg.lora_rank))

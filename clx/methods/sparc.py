@@ -861,8 +861,8 @@ def resolve(backbone: Backbone, cfg: SPARCConfig) -> SPARCSetup:
   """Resolve ``cfg`` against ``backbone``: embedder, scorer, LoRA paths, jitted PCA steps.
 
   Args:
-    backbone: the frozen text backbone.
-    cfg: the options.
+    backbone: the frozen text backbone (token ids in, takes a ``prefix``).
+    cfg: SPARC's options.
 
   Returns:
     A :class:`SPARCSetup`.
@@ -1308,7 +1308,7 @@ def resolve_prompt_tuning(backbone: Backbone, cfg: PromptTuningConfig) -> Prompt
 
   Args:
     backbone: the frozen text backbone.
-    cfg: the options.
+    cfg: the prompt-tuning options.
 
   Returns:
     A :class:`PromptTuningSetup`.

@@ -364,9 +364,8 @@ def dpgmm_e_step(params: dict, x: Array, covariance_type: str) -> tuple[Array, A
   """``(mean log-normaliser, log responsibilities (n, K))``.
 
   Args:
-    params: fitted DP-GMM parameters (:func:`dpgmm_m_step`: ``alpha``, ``beta``, ``means``
-      (K, d), ``mean_precision`` (K,), ``dof`` (K,), ``prec_chol``).
-    x: (n, d) points.
+    params: the current variational parameters (as :func:`dpgmm_expected_log_prob`).
+    x: (n, d) points to assign.
     covariance_type: ``"full"`` or ``"diag"``.
 
   Returns:
@@ -382,8 +381,7 @@ def dpgmm_lower_bound(params: dict, log_resp: Array, covariance_type: str) -> Ar
   """sklearn's (constant-free) variational lower bound, used for convergence.
 
   Args:
-    params: fitted DP-GMM parameters (:func:`dpgmm_m_step`: ``alpha``, ``beta``, ``means``
-      (K, d), ``mean_precision`` (K,), ``dof`` (K,), ``prec_chol``).
+    params: the parameters of the last M-step (as :func:`dpgmm_expected_log_prob`).
     log_resp: (n, K) log responsibilities (:func:`dpgmm_e_step`).
     covariance_type: ``"full"`` or ``"diag"``.
 
@@ -492,9 +490,8 @@ def dpgmm_score_samples(params: dict, x: Array, covariance_type: str) -> Array:
   """sklearn's ``score_samples``: logsumexp_k (E[log π_k] + E[log N(x | μ_k, Λ_k)]), ``(n,)``.
 
   Args:
-    params: fitted DP-GMM parameters (:func:`dpgmm_m_step`: ``alpha``, ``beta``, ``means``
-      (K, d), ``mean_precision`` (K,), ``dof`` (K,), ``prec_chol``).
-    x: (n, d) points.
+    params: the fitted DP-GMM (as :func:`dpgmm_expected_log_prob`).
+    x: (n, d) points to score.
     covariance_type: ``"full"`` or ``"diag"``.
 
   Returns:
@@ -510,9 +507,9 @@ def dpgmm_predict(params: dict, x: Array, covariance_type: str) -> Array:
   """Hard component labels (sklearn ``predict``), ``(n,)`` int32.
 
   Args:
-    params: fitted DP-GMM parameters (:func:`dpgmm_m_step`: ``alpha``, ``beta``, ``means``
-      (K, d), ``mean_precision`` (K,), ``dof`` (K,), ``prec_chol``).
-    x: (n, d) points.
+    params: the fitted DP-GMM whose components label the points (as
+      :func:`dpgmm_expected_log_prob`).
+    x: (n, d) points to label.
     covariance_type: ``"full"`` or ``"diag"``.
 
   Returns:

@@ -101,13 +101,13 @@ def to_path(site: SiteLike) -> str:
   """A site as its ``/``-joined parameter path (how ``Backbone.sites`` and LoRA adapters spell it).
 
   Args:
-    site: a tuple of parts, a ``/`` path or a ``.`` key.
+    site: a ``.`` key, a ``/`` path or a tuple of parts.
 
   Returns:
     ``"a/b/c"``.
 
   Raises:
-    ValueError: an empty site, an empty part, or a part containing ``.`` or ``/``.
+    ValueError: as :func:`to_key`.
   """
   return PATH_SEP.join(as_site(site))
 
