@@ -45,7 +45,20 @@ __getattr__, __dir__ = lazy_attributes(
 
 
 def build(name: str, backbone: Backbone, **kwargs: Any) -> ContinualMethod:
-  """Construct a registered method by name (``clx.methods.REGISTRY``)."""
+  """Construct a registered method by name (``clx.methods.REGISTRY``).
+
+  Args:
+    name: a key of ``REGISTRY`` (e.g. ``"proteus"``, ``"gpm"``).
+    backbone: the backbone the method adapts.
+    **kwargs: the factory's keyword options.
+
+  Returns:
+    The method.
+
+  Raises:
+    ValueError: an unknown name, or arguments the factory rejects (its TypeError, re-raised
+      naming the method).
+  """
   if name not in REGISTRY:
     raise ValueError(f"unknown method {name!r}; known methods: {sorted(REGISTRY)}")
   try:

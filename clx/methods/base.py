@@ -68,7 +68,15 @@ class StreamSpec:
 
   @classmethod
   def from_stream(cls, stream: Any) -> "StreamSpec":
-    """The spec of a :class:`clx.data.types.Stream` (its tasks' classes, scenario, shapes)."""
+    """The spec of a :class:`clx.data.types.Stream` (its tasks' classes, scenario, shapes).
+
+    Args:
+      stream: a :class:`clx.data.types.Stream` (``tasks`` with ``classes``, ``num_classes``,
+        ``scenario``, ``input_shape``).
+
+    Returns:
+      The :class:`StreamSpec`; class ids as Python ints, no data read.
+    """
     return cls(len(stream.tasks), stream.num_classes, stream.scenario,
                tuple(tuple(int(c) for c in t.classes) for t in stream.tasks),
                tuple(stream.input_shape))
@@ -116,13 +124,39 @@ class TaskContext(Protocol):
               shuffle: bool = False, seed: int = 0) -> Iterator[Batch]:
     """Sharded device batches ``{"x", "y", "mask"}`` of the current task, in order; the
     last one is padded: pass ``mask`` to ``backbone.apply`` and weight sums by it
-    (:mod:`clx.methods.passes`)."""
+    (:mod:`clx.methods.passes`).
+
+    Args:
+      split: ``"train"`` or an evaluation split of the current task.
+      batch_size: examples per batch (default: the run's training batch size).
+      shuffle: shuffle the examples (with ``seed``) instead of keeping their order.
+      seed: shuffling seed.
+
+    Yields:
+      ``{"x" (b, …), "y" (b,) global labels, "mask" (b,) 1 for real examples}`` device arrays.
+    """
 
   def sample(self, n: int, *, split: str = "train", seed: int = 0) -> dict[str, np.ndarray]:
-    """``n`` random training examples of the current task (host arrays)."""
+    """``n`` random training examples of the current task (host arrays).
+
+    Args:
+      n: number of examples (at most the split's size).
+      split: the split to sample from.
+      seed: sampling seed.
+
+    Returns:
+      ``{"x" (n, …), "y" (n,)}`` NumPy arrays.
+    """
 
   def arrays(self, split: str = "train") -> dict[str, np.ndarray]:
-    """All examples of a split of the current task (host arrays ``x``, ``y``)."""
+    """All examples of a split of the current task (host arrays ``x``, ``y``).
+
+    Args:
+      split: ``"train"`` or an evaluation split.
+
+    Returns:
+      ``{"x" (N, …), "y" (N,)}`` NumPy arrays.
+    """
 
   config: Any  # the run's clx.train.TrainConfig for this task's main phase
 
@@ -135,21 +169,65 @@ class TaskContext(Protocol):
     ``loss(params, state, base, batch, rng) -> (loss, aux)``; ``config`` (a
     TrainConfig) replaces the run's settings; ``phase`` seeds the shuffling
     so that extra phases (e.g. BECAME's stage 2) draw their own batch order.
+
+    Args:
+      params: the trainable parameters to start from.
+      loss: ``(params, state, base, batch, rng) -> (loss, aux)``.
+      transform_grads: ``(grads, state) -> grads`` applied before the optimiser, or None.
+      transform_updates: ``(updates, state) -> updates`` applied after it, or None.
+      state: the method state passed to ``loss`` and the transforms.
+      optimizer: an optax transformation replacing the run's optimiser, or None.
+      epochs: epochs to train (default: the run's).
+      config: a :class:`clx.train.TrainConfig` replacing the run's settings, or None.
+      title: progress-bar title.
+      phase: seeds the shuffling of this training phase.
+
+    Returns:
+      The trained parameters (same tree as ``params``).
     """
 
 
 def site_key(site: Any) -> str:
-  """Deprecated alias of :func:`clx.ops.tree.to_key` (the one string form of a site)."""
+  """Deprecated alias of :func:`clx.ops.tree.to_key` (the one string form of a site).
+
+  Args:
+    site: a site path (``/`` string or tuple of keys).
+
+  Returns:
+    Its key string (``/`` escaped as ``.``).
+  """
   return tree_ops.to_key(site)
 
 
 def get_path(tree: Any, path: Any) -> Any:
-  """Deprecated alias of :func:`clx.ops.tree.get`."""
+  """Deprecated alias of :func:`clx.ops.tree.get`.
+
+  Args:
+    tree: a nested dict.
+    path: a ``/`` path or tuple of keys.
+
+  Returns:
+    The leaf or subtree at ``path``.
+
+  Raises:
+    KeyError: the path is not in ``tree``.
+  """
   return tree_ops.get(tree, path)
 
 
 def check_positive_int(value: Any, name: str) -> int:
-  """``value`` as an int if it is a positive integer (not a bool), else a ValueError naming ``name``."""
+  """``value`` as an int when it is a positive integer (not a bool).
+
+  Args:
+    value: the value to check.
+    name: the option's name, for the message.
+
+  Returns:
+    ``int(value)``.
+
+  Raises:
+    ValueError: ``value`` is a bool, not an integer, or < 1.
+  """
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
     raise ValueError(f"{name} must be a positive integer, got {value!r}")
   return int(value)
@@ -181,13 +259,29 @@ def renamed(kwargs: dict[str, Any], names: dict[str, str], who: str) -> dict[str
 
 
 def identity_grads(grads: Params, state: State) -> Params:
-  """``transform_grads`` of methods that do not touch gradients."""
+  """``transform_grads`` of methods that do not touch gradients.
+
+  Args:
+    grads: the gradients of the trainable parameters.
+    state: the method state (unused).
+
+  Returns:
+    ``grads`` unchanged.
+  """
   del state
   return grads
 
 
 def no_host_hook(state: State, ctx: TaskContext) -> State:
-  """``begin_task``/``end_task`` of methods with nothing to do on the host."""
+  """``begin_task``/``end_task`` of methods with nothing to do on the host.
+
+  Args:
+    state: the method state.
+    ctx: the loop's task context (unused).
+
+  Returns:
+    ``state`` unchanged.
+  """
   del ctx
   return state
 
@@ -260,6 +354,12 @@ def to_host(x: Any) -> np.ndarray:
   ``jax.device_get`` needs every shard on this process; on multi-host runs a
   data-sharded batch from ``ctx.batches`` is gathered with
   ``multihost_utils.process_allgather``.
+
+  Args:
+    x: a jax array (sharded or not) or array-like.
+
+  Returns:
+    The full array as NumPy.
   """
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel

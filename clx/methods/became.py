@@ -68,7 +68,14 @@ FISHER_RNG_TAG = 1000  # fold_in tag of the Fisher passes' dropout keys (other u
 
 
 def check_stage2(stage2: dict | None) -> None:
-  """Build-time check of ``stage2`` TrainConfig overrides (keys and ranges)."""
+  """Build-time check of ``stage2`` TrainConfig overrides (keys and ranges).
+
+  Args:
+    stage2: :class:`clx.train.TrainConfig` field overrides, or None/empty.
+
+  Raises:
+    ValueError: an unknown field or an invalid value (the message starts with ``stage2:``).
+  """
   if stage2:  # at build time rather than after stage 1 of task 0
     from clx.train.loop import TrainConfig  # pylint: disable=import-outside-toplevel
     try:
@@ -78,7 +85,17 @@ def check_stage2(stage2: dict | None) -> None:
 
 
 def check_fisher(fisher: str, gamma: float, aux_batch_size: int | None) -> None:
-  """Build-time check of the Fisher settings shared by BECAME and BECAME-NSCL."""
+  """Build-time check of the Fisher settings shared by BECAME and BECAME-NSCL.
+
+  Args:
+    fisher: ``"true"`` or ``"empirical"``.
+    gamma: decay of the accumulated Fisher (>= 0).
+    aux_batch_size: batch size of the Fisher passes, or None for the training batch size.
+
+  Raises:
+    ValueError: an unknown ``fisher``, a negative (or NaN) ``gamma`` or a non-positive
+      ``aux_batch_size``.
+  """
   if fisher not in FISHER_KINDS:
     raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
   if not gamma >= 0:
@@ -105,7 +122,15 @@ class BECAMEConfig:
 
 
 def fisher_rng(task_rng: jax.Array, pass_index: int) -> jax.Array:
-  """Dropout key of a task's ``pass_index``-th Fisher pass (batch b folds in b)."""
+  """Dropout key of a task's ``pass_index``-th Fisher pass (batch b folds in b).
+
+  Args:
+    task_rng: the task's key (``ctx.rng``).
+    pass_index: 0 for the first Fisher pass of the task, 1 for the second.
+
+  Returns:
+    The pass's key, ``fold_in(task_rng, FISHER_RNG_TAG + pass_index)``.
+  """
   return jax.random.fold_in(task_rng, FISHER_RNG_TAG + pass_index)
 
 
@@ -156,7 +181,16 @@ def current_head_fisher(backbone: Backbone, mode: str, params: Params, state: St
 
 
 def old_fisher(state: State, params: Params, task: int) -> Params:
-  """F_old laid out like the trainable params (zeros for a new head)."""
+  """F_old laid out like the trainable params (zeros for a new head).
+
+  Args:
+    state: the state (its ``fisher``, absent before the first merge).
+    params: the trainable ``{"backbone", "head"}``, the layout to match.
+    task: the current task (selects the stored head Fisher).
+
+  Returns:
+    ``{"backbone", "head"}`` accumulated Fisher, zeros where none is stored.
+  """
   stored = state.get("fisher")
   if stored is None:
     return jax.tree.map(jnp.zeros_like, params)
@@ -166,27 +200,63 @@ def old_fisher(state: State, params: Params, task: int) -> Params:
 
 
 def store_fisher(state: State, f_new: Params, task: int) -> dict:
-  """The state's ``fisher`` entry with the backbone's and the current head's Fisher replaced."""
+  """The state's ``fisher`` entry with the backbone's and the current head's Fisher replaced.
+
+  Args:
+    state: the state (its ``fisher`` and ``heads``).
+    f_new: ``{"backbone", "head"}`` Fisher after the task.
+    task: the current task (names the head entry).
+
+  Returns:
+    ``{"backbone": F, "heads": {head key: F}}``.
+  """
   stored = state.get("fisher") or {"backbone": None, "heads": {}}
   return {"backbone": f_new["backbone"],
           "heads": {**stored["heads"], heads_lib.head_key(state["heads"], task): f_new["head"]}}
 
 
 def report_lambda(name: str, task: int, lam: jax.Array, verbose: bool) -> None:
-  """Print a task's merge coefficient (process 0 only)."""
+  """Print a task's merge coefficient (process 0 only).
+
+  Args:
+    name: the method's name.
+    task: 0-based task index (printed 1-based).
+    lam: the scalar merge coefficient λ.
+    verbose: print only when True.
+  """
   if verbose and jax.process_index() == 0:
     print(f"{name} task {task + 1}: merge coefficient λ = {float(lam):.4f}",
           file=sys.stderr, flush=True)
 
 
 def init(su: gpm_lib.Setup, rng: jax.Array, spec: StreamSpec) -> State:
-  """The base method's state plus λ per task."""
+  """The base method's state plus λ per task.
+
+  Args:
+    su: the base method's setup.
+    rng: key for the heads.
+    spec: the stream.
+
+  Returns:
+    The base GPM/SGP state plus ``lambdas`` (T,) float32 zeros.
+  """
   return {**gpm_lib.init(su, rng, spec), "lambdas": jnp.zeros((spec.num_tasks,), jnp.float32)}
 
 
 def end_task(su: gpm_lib.Setup, cfg: BECAMEConfig, name: str, state: State,
              ctx: TaskContext) -> State:
-  """Stage 2, the Fisher merge and the base method's memory update (see the module docstring)."""
+  """Stage 2, the Fisher merge and the base method's memory update (see the module docstring).
+
+  Args:
+    su: the base method's setup.
+    cfg: the BECAME options.
+    name: the method's name (progress titles, λ report).
+    state: the state after stage 1 (gradient-projected training).
+    ctx: the loop's context for task t.
+
+  Returns:
+    The state with the merged parameters, ``fisher``, ``lambdas[t]`` and the grown memory.
+  """
   t = ctx.task_index
   params = gpm_lib.trainable(state, ctx.info)  # θ_GP: the stage-1 result, combined by the loop
   fisher_of = functools.partial(
@@ -214,7 +284,14 @@ def end_task(su: gpm_lib.Setup, cfg: BECAMEConfig, name: str, state: State,
 
 
 def diagnostics(state: State) -> dict:
-  """Memory ranks and λ per task."""
+  """Memory ranks and λ per task.
+
+  Args:
+    state: the state.
+
+  Returns:
+    ``{"memory_ranks": {site: rank}, "lambdas": [λ per task, rounded to 6 digits]}``.
+  """
   return {"memory_ranks": gpm_lib.memory_ranks(state),
           "lambdas": [round(float(v), 6) for v in np.asarray(state["lambdas"])]}
 
@@ -243,6 +320,13 @@ def became(backbone: Backbone, *, memory: str = "gpm", name: str | None = None,
       - fisher_dropout: run the Fisher passes with dropout on (official
         ``model.train()``) from a fixed per-task key; False: dropout off.
       - verbose: print λ per task.
+
+  Returns:
+    The method, named ``name`` or ``became_<memory>``.
+
+  Raises:
+    TypeError: both ``base`` and a non-default ``memory`` were given.
+    ValueError: invalid options.
   """
   if "base" in kwargs:
     if memory != "gpm":

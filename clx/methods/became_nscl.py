@@ -117,7 +117,11 @@ class NSCLConfig:
       object.__setattr__(self, "sites", tuple(self.sites))
 
   def rates(self) -> dict[str, float]:
-    """The absolute learning rates ``{"first", "body", "head", "norm"}``."""
+    """The absolute learning rates ``{"first", "body", "head", "norm"}``.
+
+    Returns:
+      ``learning_rates``, or the official CIFAR-100 ones when it is None.
+    """
     return dict(OFFICIAL_LEARNING_RATES if self.learning_rates is None else self.learning_rates)
 
 
@@ -131,7 +135,20 @@ class Setup(NamedTuple):
 
 
 def setup(backbone: Backbone, cfg: NSCLConfig) -> Setup:
-  """Resolve the projected kernels (default: every backbone site); errors name a non-kernel."""
+  """Resolve the projected kernels (default: every backbone site); errors name a non-kernel.
+
+  Args:
+    backbone: the network.
+    cfg: the options (``sites``).
+
+  Returns:
+    A :class:`Setup` with the sites and each site's input size d (product of the kernel's
+    leading dimensions).
+
+  Raises:
+    ValueError: a site is not at least 2-D, or the backbone has no site.
+    KeyError: a site path is not in the params.
+  """
   sites = gpm_lib.projected_sites(backbone, cfg.sites)
   for site in sites:
     if np.ndim(tree.get(backbone.params, site)) < 2:
@@ -147,7 +164,17 @@ def _l2(params: Params) -> jax.Array:
 
 
 def init(su: Setup, rng: jax.Array, spec: StreamSpec) -> State:
-  """Backbone copy, heads, zero covariances and projectors per site, unit lr scales."""
+  """Backbone copy, heads, zero covariances and projectors per site, unit lr scales.
+
+  Args:
+    su: the setup.
+    rng: key for the heads.
+    spec: the stream.
+
+  Returns:
+    ``{"backbone", "heads", "cov" {site key: (d, d)}, "projector" {site key: (d, d)},
+    "null_dim" {site key: ()}, "task", "lr_scale" {"body", "head", "norm"}}``.
+  """
   mode = heads_lib.mode_for(su.cfg.head_mode, spec)
   return {"backbone": jax.tree.map(jnp.array, su.backbone.params),
           "heads": heads_lib.init_heads(rng, spec, su.backbone.feature_dim, mode),
@@ -160,7 +187,20 @@ def init(su: Setup, rng: jax.Array, spec: StreamSpec) -> State:
 
 
 def begin_task(su: Setup, state: State, ctx: TaskContext) -> State:
-  """Add the task's head; set the groups' lr scales (lr_group / train.learning_rate)."""
+  """Add the task's head; set the groups' lr scales (lr_group / train.learning_rate).
+
+  Args:
+    su: the setup.
+    state: the state after the previous task.
+    ctx: the loop's context (``ctx.config.learning_rate`` is divided out of the group rates).
+
+  Returns:
+    The state with the task's head, ``task`` and ``lr_scale`` (the body uses ``rates["first"]``
+    on task 0).
+
+  Raises:
+    ValueError: the run's ``train.weight_decay`` is not 0.
+  """
   cfg = ctx.config
   if cfg.weight_decay:
     raise ValueError(f"adam_nscl applies its own per-group L2 decay (weight_decay="
@@ -178,7 +218,16 @@ def begin_task(su: Setup, state: State, ctx: TaskContext) -> State:
 
 
 def scale_updates(updates: Params, state: State) -> Params:
-  """Per-group learning rates: body/norm/head updates × lr_group / train.learning_rate."""
+  """Per-group learning rates: body/norm/head updates × lr_group / train.learning_rate.
+
+  Args:
+    updates: ``{"backbone", "head"}`` optimiser updates.
+    state: the state (its ``lr_scale``).
+
+  Returns:
+    The updates scaled: 1-D backbone leaves by ``norm``, others by ``body``, the head by
+    ``head``.
+  """
   scale = state["lr_scale"]
   body = jax.tree.map(lambda u: u * (scale["norm"] if u.ndim <= 1 else scale["body"]),
                       updates["backbone"])
@@ -186,7 +235,16 @@ def scale_updates(updates: Params, state: State) -> Params:
 
 
 def project_updates(su: Setup, updates: Params, state: State) -> Params:
-  """Scaled updates, with every site kernel's update projected (P Δ) from task 1 on."""
+  """Scaled updates, with every site kernel's update projected (P Δ) from task 1 on.
+
+  Args:
+    su: the setup (its sites).
+    updates: ``{"backbone", "head"}`` optimiser updates.
+    state: the state (``lr_scale``, ``projector`` (d, d) per site, ``task``).
+
+  Returns:
+    The scaled updates, each site kernel's (d, d_out) update replaced by P Δ when task > 0.
+  """
   updates = scale_updates(updates, state)
   body = updates["backbone"]
   later = state["task"] > 0
@@ -198,7 +256,19 @@ def project_updates(su: Setup, updates: Params, state: State) -> Params:
 
 
 def update_covariance(su: Setup, state: State, ctx: TaskContext) -> State:
-  """Accumulate each site's covariance over the task's batches; recompute projectors."""
+  """Accumulate each site's covariance over the task's batches; recompute projectors.
+
+  Args:
+    su: the setup.
+    state: the state after training the task.
+    ctx: the loop's context (training batches, shuffled with seed 11).
+
+  Returns:
+    The state with ``cov``, ``projector`` and ``null_dim`` updated.
+
+  Raises:
+    ValueError: a covariance holds NaN/Inf.
+  """
   taps_fn = _taps_fn(su.backbone, su.sites)
   term = null_space.batch_mean_covariance if su.cfg.covariance == "batch_mean" else (
       null_space.sample_covariance)
@@ -228,12 +298,26 @@ def _taps_fn(backbone: Backbone, sites: tuple[str, ...]):
 
 
 def null_dims(state: State) -> dict[str, int]:
-  """``{site: k}``: the null-space dimension of each projected site."""
+  """``{site: k}``: the null-space dimension of each projected site.
+
+  Args:
+    state: the state (its ``null_dim``).
+
+  Returns:
+    ``{site path: null-space dimension}``.
+  """
   return {tree.to_path(tree.from_key(k)): int(v) for k, v in state["null_dim"].items()}
 
 
 def loss_fn(su: Setup) -> Callable:
-  """Cross-entropy of the current head + the official L2 decay on the body and norm groups."""
+  """Cross-entropy of the current head + the official L2 decay on the body and norm groups.
+
+  Args:
+    su: the setup (``cfg.weight_decay``, ``cfg.head_mode``).
+
+  Returns:
+    A loss ``(params, state, base, batch, rng, info) -> (loss, metrics)``.
+  """
   def penalty(params):
     return 0.5 * su.cfg.weight_decay * _l2(params["backbone"])
   return heads_lib.classification_loss(su.backbone, sequential.full_params, gpm_lib.combine,
@@ -241,7 +325,16 @@ def loss_fn(su: Setup) -> Callable:
 
 
 def method(su: Setup, name: str, **overrides: Any) -> ContinualMethod:
-  """The :class:`ContinualMethod` of an Adam-NSCL setup; ``overrides`` replace protocol fields."""
+  """The :class:`ContinualMethod` of an Adam-NSCL setup; ``overrides`` replace protocol fields.
+
+  Args:
+    su: the setup.
+    name: the method's name.
+    **overrides: :class:`ContinualMethod` fields replacing Adam-NSCL's (BECAME-NSCL).
+
+  Returns:
+    The method.
+  """
   fns = dict(init=functools.partial(init, su), begin_task=functools.partial(begin_task, su),
              trainable=gpm_lib.trainable, loss=loss_fn(su), combine=gpm_lib.combine,
              end_task=functools.partial(update_covariance, su),
@@ -273,6 +366,13 @@ def adam_nscl(backbone: Backbone, *, name: str = "adam_nscl", **kwargs: Any) -> 
       - sites: kernels to project (default: every backbone site).
       - aux_batch_size (formerly ``cov_batch_size``): batch size of the covariance
         pass (default: the training batch size, which the batch-mean form depends on).
+
+  Returns:
+    The method.
+
+  Raises:
+    TypeError: an option was given under both its old and its new name.
+    ValueError: invalid options or sites.
   """
   kwargs = renamed(kwargs, RENAMED, name)
   return method(setup(backbone, NSCLConfig(**kwargs)), name)
@@ -280,7 +380,19 @@ def adam_nscl(backbone: Backbone, *, name: str = "adam_nscl", **kwargs: Any) -> 
 
 def fisher_end_task(su: Setup, cfg: became_lib.BECAMEConfig, name: str, state: State,
                     ctx: TaskContext) -> State:
-  """BECAME-NSCL's end of task: stage 2, the backbone-only Fisher merge, the covariance update."""
+  """BECAME-NSCL's end of task: stage 2, the backbone-only Fisher merge, the covariance update.
+
+  Args:
+    su: the Adam-NSCL setup.
+    cfg: the BECAME options.
+    name: the method's name (progress titles, λ report).
+    state: the state after stage 1 (null-space-projected training).
+    ctx: the loop's context for task t.
+
+  Returns:
+    The state with the merged parameters, backbone ``fisher``, ``lambdas[t]`` and the updated
+    covariances/projectors.
+  """
   t = ctx.task_index
   params = gpm_lib.trainable(state, ctx.info)  # θ_GP: the stage-1 result, combined by the loop
   # The official Fisher skips the heads (agent.py L372-373): backbone leaves only.
@@ -307,7 +419,14 @@ def fisher_end_task(su: Setup, cfg: became_lib.BECAMEConfig, name: str, state: S
 
 
 def fisher_diagnostics(state: State) -> dict:
-  """Null-space dimensions and λ per task."""
+  """Null-space dimensions and λ per task.
+
+  Args:
+    state: the state.
+
+  Returns:
+    ``{"null_dims": {site: k}, "lambdas": [λ per task, rounded to 6 digits]}``.
+  """
   return {"null_dims": null_dims(state),
           "lambdas": [round(float(v), 6) for v in np.asarray(state["lambdas"])]}
 
@@ -325,6 +444,13 @@ def became_nscl(backbone: Backbone, *, name: str = "became_nscl",
       ``verbose``) and :func:`adam_nscl`'s :class:`NSCLConfig` fields.
       ``aux_batch_size`` (formerly ``fisher_batch_size`` / ``cov_batch_size``) is
       the batch size of both host passes (default: the training batch size).
+
+  Returns:
+    The method.
+
+  Raises:
+    TypeError: an option was given under both its old and its new name.
+    ValueError: invalid options or sites.
   """
   kwargs = renamed(renamed(kwargs, {"fisher_batch_size": "aux_batch_size"}, name), RENAMED, name)
   own = {f.name for f in dataclasses.fields(became_lib.BECAMEConfig)} - {"aux_batch_size",

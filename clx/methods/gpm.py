@@ -92,7 +92,11 @@ class GPMConfig:
       object.__setattr__(self, "sites", tuple(self.sites))
 
   def rule(self) -> memory_ops.MemoryRule:
-    """The memory rule of the family: :data:`clx.ops.memory.GPM` or ``memory.sgp(scale_coff)``."""
+    """The memory rule of the family: :data:`clx.ops.memory.GPM` or ``memory.sgp(scale_coff)``.
+
+    Returns:
+      The :class:`clx.ops.memory.MemoryRule` for ``self.memory``.
+    """
     return memory_ops.GPM if self.memory == "gpm" else memory_ops.sgp(self.scale_coff)
 
 
@@ -135,6 +139,13 @@ class Setup(NamedTuple):
 def projected_sites(backbone: Backbone, sites: tuple[str, ...] | None) -> tuple[str, ...]:
   """``sites`` (default: every site of the backbone), each checked to exist.
 
+  Args:
+    backbone: the network (its ``sites`` and ``params``).
+    sites: ``/`` kernel paths, or None for every site of ``backbone.sites``.
+
+  Returns:
+    The site paths, in the given (or the backbone's) order.
+
   Raises:
     ValueError: no site to project. KeyError: a path that is not in the params.
   """
@@ -147,7 +158,21 @@ def projected_sites(backbone: Backbone, sites: tuple[str, ...] | None) -> tuple[
 
 
 def setup(backbone: Backbone, cfg: GPMConfig) -> Setup:
-  """Resolve the projected sites of ``backbone`` under ``cfg`` (errors name a wrong site)."""
+  """Resolve the projected sites of ``backbone`` under ``cfg`` (errors name a wrong site).
+
+  Args:
+    backbone: the network.
+    cfg: the options (``sites``, ``fast_projection``, ``site_samples``, ``num_samples``).
+
+  Returns:
+    A :class:`Setup`: the projected body sites split into fast (projected through their inputs)
+    and slow (projected in ``transform_grads``) ones, and the memory rule.
+
+  Raises:
+    ValueError: ``site_samples`` names a site that is not projected or a count outside
+      [1, ``num_samples``], or the backbone has no site (from :func:`projected_sites`).
+    KeyError: a site path is not in the params.
+  """
   body = projected_sites(backbone, cfg.sites)
   fast = tuple(s for s in body if cfg.fast_projection and backbone.projects_through_inputs(s))
   samples = dict(cfg.site_samples or {})
@@ -162,7 +187,20 @@ def setup(backbone: Backbone, cfg: GPMConfig) -> Setup:
 
 
 def resolve_thresholds(threshold: Threshold, sites: Sequence[str]) -> dict[str, float]:
-  """Per-site base thresholds from a float, a sequence (site order) or a mapping."""
+  """Per-site base thresholds from a float, a sequence (site order) or a mapping.
+
+  Args:
+    threshold: ε: one float for every site, a sequence in ``sites`` order, or ``{site: ε}``
+      (extra keys ignored).
+    sites: the projected sites (body sites, then the head).
+
+  Returns:
+    ``{site: ε}`` as floats in (0, 1].
+
+  Raises:
+    ValueError: a mapping lacks a site, a sequence has the wrong length, or a value is outside
+      (0, 1].
+  """
   if isinstance(threshold, Mapping):
     missing = [s for s in sites if s not in threshold]
     if missing:
@@ -182,12 +220,28 @@ def resolve_thresholds(threshold: Threshold, sites: Sequence[str]) -> dict[str, 
 
 
 def head_mode(cfg: GPMConfig, spec: StreamSpec) -> str:
-  """The head layout in use (``cfg.head_mode`` or the scenario's default)."""
+  """The head layout in use (``cfg.head_mode`` or the scenario's default).
+
+  Args:
+    cfg: the options (``head_mode`` None, ``"per_task"`` or ``"shared"``).
+    spec: the stream (its scenario picks the default).
+
+  Returns:
+    ``"per_task"`` or ``"shared"``.
+  """
   return heads_lib.mode_for(cfg.head_mode, spec)
 
 
 def memory_sites(su: Setup, spec: StreamSpec) -> tuple[str, ...]:
-  """Projected sites: the body's, then the shared head's kernel (``project_head``, shared heads)."""
+  """Projected sites: the body's, then the shared head's kernel (``project_head``, shared heads).
+
+  Args:
+    su: the setup.
+    spec: the stream (decides whether the head is shared).
+
+  Returns:
+    The body sites, plus ``HEAD_SITE`` when the shared head is projected.
+  """
   head = (HEAD_SITE,) if (su.cfg.project_head and head_mode(su.cfg, spec) == "shared") else ()
   return su.body_sites + head
 
@@ -197,7 +251,18 @@ def _strip_bias(cfg: GPMConfig, heads: dict) -> dict:
 
 
 def init(su: Setup, rng: jax.Array, spec: StreamSpec) -> GPMState:
-  """Backbone copy, heads, an empty (d, d) memory per projected site, task 0."""
+  """Backbone copy, heads, an empty (d, d) memory per projected site, task 0.
+
+  Args:
+    su: the setup.
+    rng: key for the head initialisation.
+    spec: the stream.
+
+  Returns:
+    A :class:`GPMState`: a copy of the backbone params, the heads, an empty memory per site of
+    :func:`memory_sites` (d = the kernel's input size, or the feature size for the head) and
+    ``task`` 0.
+  """
   heads = heads_lib.init_heads(rng, spec, su.backbone.feature_dim, head_mode(su.cfg, spec))
   memory = {}
   for site in memory_sites(su, spec):
@@ -210,7 +275,16 @@ def init(su: Setup, rng: jax.Array, spec: StreamSpec) -> GPMState:
 
 
 def begin_task(su: Setup, state: GPMState, ctx: TaskContext) -> GPMState:
-  """Add the task's head (per-task heads) and record the task index."""
+  """Add the task's head (per-task heads) and record the task index.
+
+  Args:
+    su: the setup.
+    state: the state after the previous task.
+    ctx: the loop's context (``task_index``, ``rng`` folded with 0 for the head).
+
+  Returns:
+    The state with the task's head added (per-task heads) and ``task`` set.
+  """
   heads = heads_lib.add_task_head(state["heads"], jax.random.fold_in(ctx.rng, 0), ctx.spec,
                                   su.backbone.feature_dim, ctx.task_index,
                                   head_mode(su.cfg, ctx.spec))
@@ -219,13 +293,30 @@ def begin_task(su: Setup, state: GPMState, ctx: TaskContext) -> GPMState:
 
 
 def trainable(state: State, info: TaskInfo) -> Params:
-  """``{"backbone", "head"}``: the whole backbone and the current head (full fine-tuning)."""
+  """``{"backbone", "head"}``: the whole backbone and the current head (full fine-tuning).
+
+  Args:
+    state: the current state.
+    info: ``info.task`` selects the head.
+
+  Returns:
+    ``{"backbone": params, "head": {"kernel"(, "bias")}}``.
+  """
   return {"backbone": state["backbone"],
           "head": state["heads"][heads_lib.head_key(state["heads"], info.task)]}
 
 
 def combine(state: State, params: Params, info: TaskInfo) -> State:
-  """Write the trained backbone and current head back into the state."""
+  """Write the trained backbone and current head back into the state.
+
+  Args:
+    state: the state before the step.
+    params: the trained ``{"backbone", "head"}``.
+    info: ``info.task`` selects the head written back.
+
+  Returns:
+    The state with both replaced (pure).
+  """
   return heads_lib.with_head({**state, "backbone": params["backbone"]}, params["head"], info.task)
 
 
@@ -235,7 +326,17 @@ def _memory(state: State, site: str) -> memory_ops.Memory:
 
 def grad_projection(su: Setup, state: State, info: TaskInfo) -> dict:
   """``backbone.apply`` arguments projecting the fast sites' gradients through their inputs
-  (from the second task on; task 0's memory is empty)."""
+  (from the second task on; task 0's memory is empty).
+
+  Args:
+    su: the setup (``fast_sites``, ``rule``).
+    state: the current state (its memories).
+    info: ``info.task``; task 0 projects nothing.
+
+  Returns:
+    ``{"grad_projection": {site: through-inputs projection}}``, or ``{}`` for task 0 or no fast
+    site.
+  """
   if info.task == 0 or not su.fast_sites:
     return {}
   return {"grad_projection": {s: su.rule.through_inputs(_memory(state, s)) for s in su.fast_sites}}
@@ -264,7 +365,16 @@ def transform_grads(su: Setup, grads: Params, state: State) -> Params:
   """Project what the forward did not: the shared head, and the sites the backbone cannot
   project through its inputs (convs). A zero memory (task 0) is a no-op. From the second
   task on, with ``freeze_norm``, the gradients of every 1-D backbone parameter (batch-norm
-  scales and biases) are zeroed, as the official ``train_projected``."""
+  scales and biases) are zeroed, as the official ``train_projected``.
+
+  Args:
+    su: the setup (``slow_sites``, ``rule``, ``cfg.freeze_norm``).
+    grads: ``{"backbone", "head"}`` gradients.
+    state: the current state (``memory``, ``task``).
+
+  Returns:
+    The gradients, same tree, projected/zeroed as above (pure).
+  """
   memory = state["memory"]
   out = dict(grads)
   if su.slow_sites:
@@ -284,6 +394,15 @@ def representations(su: Setup, params: Params, ctx: TaskContext) -> dict[str, ja
   A site's representation holds the inputs (rows; every patch for a conv) of its first
   ``site_samples[site]`` examples, as the official per-layer ``batch_list``; the shared
   head's is the features of all of them.
+
+  Args:
+    su: the setup.
+    params: backbone params the representation pass runs with.
+    ctx: the loop's context (the task's training data, sampled with seed 1).
+
+  Returns:
+    ``{site: R (d, m)}``: d the site's input size (patch size for a conv), m the number of
+    input rows collected (examples × positions); the head's R is ``(feature_dim, n)``.
   """
   # As the official code (x[r[0:300]]): all examples when the task has fewer.
   sample = ctx.sample(min(su.cfg.num_samples, len(ctx.arrays("train")["y"])), seed=1)
@@ -297,7 +416,20 @@ def representations(su: Setup, params: Params, ctx: TaskContext) -> dict[str, ja
 
 
 def update_memory(su: Setup, state: GPMState, ctx: TaskContext) -> GPMState:
-  """Grow each site's memory from the task's representations (``end_task``), ε_t capped at 1."""
+  """Grow each site's memory from the task's representations (``end_task``), ε_t capped at 1.
+
+  Args:
+    su: the setup.
+    state: the state after training the task.
+    ctx: the loop's context (``task_index`` t, training data).
+
+  Returns:
+    The state with every projected site's memory grown with threshold
+    min(1, ε + t · ``threshold_increment``).
+
+  Raises:
+    ValueError: a representation holds NaN/Inf, or the thresholds are invalid.
+  """
   # Once, on one device: with the state replicated over the mesh, the representation pass and
   # each SVD would otherwise run on every device (passes.on_one_device).
   local = passes.on_one_device({"backbone": state["backbone"], "memory": state["memory"]})
@@ -329,12 +461,28 @@ def _taps_fn(backbone: Backbone):
 
 
 def memory_ranks(state: State) -> dict[str, int]:
-  """``{site: rank}`` of a GPM/SGP/BECAME state (for logs and reports)."""
+  """``{site: rank}`` of a GPM/SGP/BECAME state (for logs and reports).
+
+  Args:
+    state: a state with ``memory`` ``{site key: memory dict}``.
+
+  Returns:
+    ``{site path: number of memory columns}``.
+  """
   return {tree.to_path(tree.from_key(k)): int(v["rank"]) for k, v in state["memory"].items()}
 
 
 def method(su: Setup, name: str, **overrides: Any) -> ContinualMethod:
-  """The :class:`ContinualMethod` of a GPM setup; ``overrides`` replace protocol fields (BECAME)."""
+  """The :class:`ContinualMethod` of a GPM setup; ``overrides`` replace protocol fields (BECAME).
+
+  Args:
+    su: the setup.
+    name: the method's name.
+    **overrides: :class:`ContinualMethod` fields replacing GPM's (e.g. BECAME's ``end_task``).
+
+  Returns:
+    The method (full fine-tuning, gradients projected off the memories).
+  """
   params_for = sequential.full_params
   loss = heads_lib.classification_loss(su.backbone, params_for, combine,
                                        head_mode=su.cfg.head_mode,
@@ -350,7 +498,14 @@ def method(su: Setup, name: str, **overrides: Any) -> ContinualMethod:
 
 
 def plain_loss(su: Setup) -> Callable:
-  """The loss without projection through inputs (BECAME's stage 2, ablations)."""
+  """The loss without projection through inputs (BECAME's stage 2, ablations).
+
+  Args:
+    su: the setup (backbone, ``cfg.head_mode``).
+
+  Returns:
+    A loss function ``(params, state, base, batch, rng, info) -> (loss, metrics)``.
+  """
   return heads_lib.classification_loss(su.backbone, sequential.full_params, combine,
                                        head_mode=su.cfg.head_mode)
 
@@ -394,6 +549,13 @@ def gpm(backbone: Backbone, *, memory: str = "gpm", name: str | None = None,
         representation holds every patch of those examples (im2col).
       - freeze_norm: from the second task on, zero the gradients of 1-D backbone
         parameters (batch-norm scale/bias), as the official CNN code.
+
+  Returns:
+    The method, named ``name`` or ``memory``.
+
+  Raises:
+    TypeError: both ``variant`` and a non-default ``memory`` were given.
+    ValueError: invalid options (:class:`GPMConfig`, :func:`setup`).
   """
   if "variant" in kwargs:
     if memory != "gpm":
@@ -404,7 +566,15 @@ def gpm(backbone: Backbone, *, memory: str = "gpm", name: str | None = None,
 
 
 def sgp(backbone: Backbone, **kwargs: Any) -> ContinualMethod:
-  """SGP: GPM with importance-scaled projection (see :func:`gpm`)."""
+  """SGP: GPM with importance-scaled projection (see :func:`gpm`).
+
+  Args:
+    backbone: the network (all of it is trained).
+    **kwargs: :func:`gpm`'s keyword arguments other than ``memory``.
+
+  Returns:
+    The method (named ``"sgp"`` unless ``name`` is given).
+  """
   return gpm(backbone, memory="sgp", **kwargs)
 
 

@@ -246,7 +246,15 @@ def config_from_kwargs(config_cls: type, kwargs: Mapping[str, Any],
 def factory_signature(config_cls: type, renamed: Mapping[str, str] = RENAMED
                       ) -> inspect.Signature:
   """``(backbone, *, <config fields>, <old names>)``: what ``inspect.signature`` of a factory
-  taking ``**kwargs`` reports, so configs are checked by name before any data loads."""
+  taking ``**kwargs`` reports, so configs are checked by name before any data loads.
+
+  Args:
+    config_cls: a config dataclass (its fields become keyword-only parameters).
+    renamed: ``{old name: new name}``; each old name is added with default None.
+
+  Returns:
+    The :class:`inspect.Signature`, returning :class:`ContinualMethod`.
+  """
   kw = inspect.Parameter.KEYWORD_ONLY
   params = [inspect.Parameter("backbone", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
   params += [inspect.Parameter(f.name, kw, default=f.default)
@@ -260,7 +268,14 @@ def factory_signature(config_cls: type, renamed: Mapping[str, str] = RENAMED
 
 def official_lr_schedule(train_config: Any) -> Callable[[int], Callable[[Any], jax.Array]]:
   """The method's ``lr_schedule`` field with ``lr_schedule="epoch_cosine"``: the
-  :func:`epoch_cosine` of a phase's TrainConfig (its ``learning_rate`` and ``epochs``)."""
+  :func:`epoch_cosine` of a phase's TrainConfig (its ``learning_rate`` and ``epochs``).
+
+  Args:
+    train_config: a :class:`clx.train.TrainConfig` (``learning_rate``, ``epochs``).
+
+  Returns:
+    A schedule factory ``steps_per_epoch -> (step -> lr)``.
+  """
   return epoch_cosine(train_config.learning_rate, train_config.epochs)
 
 
@@ -331,7 +346,15 @@ def input_groups(backbone: Backbone, sites: Sequence[str]) -> dict[str, tuple[st
 
 
 def site_groups(backbone: Backbone, sites: str | Sequence[str]) -> dict[str, str]:
-  """``{site path: group key}`` of the kernels ``sites`` resolves to (see :func:`input_groups`)."""
+  """``{site path: group key}`` of the kernels ``sites`` resolves to (see :func:`input_groups`).
+
+  Args:
+    backbone: the network.
+    sites: a role, a kernel path, or a sequence of them.
+
+  Returns:
+    ``{site path: group key}``; sites reading the same input share a group.
+  """
   groups = input_groups(backbone, resolve_sites(backbone, sites))
   return {s: g for g, members in groups.items() for s in members}
 
@@ -420,7 +443,14 @@ class InfLoRAState(TypedDict, total=False):
 
 
 def memory_summary(state: InfLoRAState) -> dict[str, tuple[int, str]]:
-  """``{group: (rank, "remove"|"retain")}`` of an InfLoRA state (logs, reports)."""
+  """``{group: (rank, "remove"|"retain")}`` of an InfLoRA state (logs, reports).
+
+  Args:
+    state: an InfLoRA state (its ``memory``).
+
+  Returns:
+    ``{group: (rank, kind name)}``.
+  """
   return {g: (int(m["rank"]), dualgpm.KIND_NAMES[int(m["kind"])])
           for g, m in state["memory"].items()}
 
@@ -448,7 +478,16 @@ def branch_adapters(state: InfLoRAState, site_group: Mapping[str, str]) -> dict[
 
 
 def folded_params(state: InfLoRAState, base: Params, site_group: Mapping[str, str]) -> Params:
-  """``base`` with the folded deltas added (``fold=True``), else ``base`` itself."""
+  """``base`` with the folded deltas added (``fold=True``), else ``base`` itself.
+
+  Args:
+    state: an InfLoRA state (``folded`` ``{site key: (d_in, d_out)}`` with ``fold=True``).
+    base: the frozen backbone params.
+    site_group: ``{site path: group key}`` of the adapted sites.
+
+  Returns:
+    The params (same tree as ``base``).
+  """
   params = base
   if "folded" in state:
     for s in site_group:
@@ -577,7 +616,14 @@ def gram_pass(backbone: Backbone, params: Params, batches: Iterable[Mapping[str,
 
 
 def stored(memory: memory_ops.Memory) -> GroupMemory:
-  """The state's form of a memory: basis, rank and kind (``scale`` is derived from them)."""
+  """The state's form of a memory: basis, rank and kind (``scale`` is derived from them).
+
+  Args:
+    memory: a :class:`clx.ops.memory.Memory`.
+
+  Returns:
+    ``{"basis" (d, d), "rank" (), "kind" ()}``.
+  """
   return {"basis": memory.basis, "rank": memory.rank, "kind": memory.kind}
 
 
@@ -621,7 +667,16 @@ def update_memory(cfg: InfLoRAConfig, memory: memory_ops.Memory, gram: jax.Array
 
 
 def fold_branch(state: InfLoRAState, layout: SiteLayout, task_index: int) -> InfLoRAState:
-  """``state`` with branch ``task_index`` folded into ``folded`` (+= a_t b_t per site), dropped."""
+  """``state`` with branch ``task_index`` folded into ``folded`` (+= a_t b_t per site), dropped.
+
+  Args:
+    state: an InfLoRA state with ``folded`` and branch ``task_index``.
+    layout: the site layout (sites and their groups).
+    task_index: the branch to fold.
+
+  Returns:
+    The new state (pure).
+  """
   branches = dict(state["branches"])
   branch = branches.pop(str(task_index))
   site_group = layout.site_group
@@ -643,7 +698,17 @@ class Setup(NamedTuple):
 
 
 def init(setup: Setup, rng: jax.Array, spec: StreamSpec) -> InfLoRAState:
-  """The state before the first task: heads, no branch, an empty memory per group."""
+  """The state before the first task: heads, no branch, an empty memory per group.
+
+  Args:
+    setup: the resolved InfLoRA.
+    rng: key for the heads.
+    spec: the stream.
+
+  Returns:
+    ``{"heads", "branches": {}, "memory": {group: empty (d, d)}}`` plus zero ``folded``
+    ``{site key: (d_in, d_out)}`` with ``fold=True``.
+  """
   mode = heads_lib.mode_for(setup.cfg.head_mode, spec)
   state = {"heads": heads_lib.init_heads(rng, spec, setup.backbone.feature_dim, mode),
            "branches": {},
@@ -655,7 +720,21 @@ def init(setup: Setup, rng: jax.Array, spec: StreamSpec) -> InfLoRAState:
 
 
 def begin_task(setup: Setup, state: InfLoRAState, ctx: TaskContext) -> InfLoRAState:
-  """Gram pass with the old branches, design of a_t per group, b_t = 0, the task's head."""
+  """Gram pass with the old branches, design of a_t per group, b_t = 0, the task's head.
+
+  Args:
+    setup: the resolved InfLoRA (options, backbone, site layout).
+    state: the state after the previous task.
+    ctx: the loop's context for task t (training batches of the Gram pass; ``rng`` folded
+      with 0 for the head).
+
+  Returns:
+    The state with branch t (``a`` ``{group: (d_in, r)}`` designed, ``b`` ``{site key: (r,
+    d_out)}`` zeros) and the task's head.
+
+  Raises:
+    ValueError: task t already has a branch.
+  """
   t = ctx.task_index
   if str(t) in state["branches"]:
     raise ValueError(f"task {t} already has a branch; begin_task was called twice")
@@ -676,20 +755,46 @@ def begin_task(setup: Setup, state: InfLoRAState, ctx: TaskContext) -> InfLoRASt
 
 
 def trainable(state: InfLoRAState, info: TaskInfo) -> Params:
-  """``{"b": {site key: (r, d_out)}, "head": {...}}`` of task ``info.task``."""
+  """``{"b": {site key: (r, d_out)}, "head": {...}}`` of task ``info.task``.
+
+  Args:
+    state: the state after :func:`begin_task`.
+    info: ``info.task`` is the task being trained.
+
+  Returns:
+    The branch's ``b`` and the task's head (the state's own arrays).
+  """
   return {"b": state["branches"][str(info.task)]["b"],
           "head": state["heads"][heads_lib.head_key(state["heads"], info.task)]}
 
 
 def combine(state: InfLoRAState, params: Params, info: TaskInfo) -> InfLoRAState:
-  """The pure write-back of the trained b_t and head into the state."""
+  """The pure write-back of the trained b_t and head into the state.
+
+  Args:
+    state: the state before the step.
+    params: the trained ``{"b", "head"}``.
+    info: ``info.task`` is the task trained.
+
+  Returns:
+    The new state.
+  """
   branch = {**state["branches"][str(info.task)], "b": params["b"]}
   state = {**state, "branches": {**state["branches"], str(info.task): branch}}
   return heads_lib.with_head(state, params["head"], info.task)
 
 
 def end_task(setup: Setup, state: InfLoRAState, ctx: TaskContext) -> InfLoRAState:
-  """Gram pass with branch t active, memory update per group, optional fold."""
+  """Gram pass with branch t active, memory update per group, optional fold.
+
+  Args:
+    setup: the resolved InfLoRA.
+    state: the state after training task t.
+    ctx: the loop's context for task t (training batches of the second Gram pass).
+
+  Returns:
+    The state with every group's memory updated (and branch t folded with ``fold=True``).
+  """
   t = ctx.task_index
   cfg, layout = setup.cfg, setup.layout
   eff = _params_for_jit(tuple(layout.site_group.items()))(state, ctx.base)
@@ -711,6 +816,15 @@ def bind(setup: Setup) -> ContinualMethod:
 
   ``loss`` and ``predict`` are the default classification head
   (:mod:`clx.methods.heads`) over :func:`params_for`.
+
+  Args:
+    setup: the resolved InfLoRA (config, backbone, site layout).
+
+  Returns:
+    The method.
+
+  Raises:
+    ValueError: ``lora_compute="factored"`` on a kernel that is not an ``nnx.Linear``'s.
   """
   site_group = setup.layout.site_group
 
@@ -758,6 +872,14 @@ def inflora(backbone: Backbone, **kwargs: Any) -> ContinualMethod:
     backbone: the frozen network (its base params are never trained).
     **kwargs: :class:`InfLoRAConfig` fields (``lora_rank``, ``sites``, ``lamb``, …);
       the old names ``rank``, ``scale``, ``gram_batch_size`` still work (deprecated).
+
+  Returns:
+    The method.
+
+  Raises:
+    TypeError: an unknown option.
+    ValueError: an option given under its old and its new name with different values, or
+      invalid options or sites.
   """
   cfg = config_from_kwargs(InfLoRAConfig, kwargs)
   return bind(Setup(cfg, backbone, site_layout(backbone, cfg.sites, cfg.lora_rank)))
@@ -777,6 +899,12 @@ def inflora_b5(backbone: Backbone, *, blocks: int = 5, name: str = "inflora_b5",
     blocks: how many blocks (from the first) get branches.
     name: registry/run name.
     **kwargs: other :class:`InfLoRAConfig` fields (``memory`` defaults to ``"gpm"``).
+
+  Returns:
+    The method.
+
+  Raises:
+    ValueError: ``blocks`` is outside [1, number of blocks], or invalid options.
   """
   k_sites, v_sites = backbone.site_paths("k"), backbone.site_paths("v")
   if blocks < 1 or blocks > len(k_sites):

@@ -203,7 +203,19 @@ def align_heads(cfg: InfLoRACAConfig, state: InfLoRAState, rng: jax.Array, spec:
 
 
 def init(setup: Setup, rng: jax.Array, spec: StreamSpec) -> InfLoRAState:
-  """InfLoRA's initial state plus empty ``class_stats``; refuses domain-IL streams."""
+  """InfLoRA's initial state plus empty ``class_stats``; refuses domain-IL streams.
+
+  Args:
+    setup: the resolved InfLoRA+CA.
+    rng: key for the heads.
+    spec: the stream.
+
+  Returns:
+    :func:`clx.methods.inflora.init`'s state plus ``class_stats`` ``{}``.
+
+  Raises:
+    ValueError: a domain-incremental stream.
+  """
   if spec.scenario == "domain":
     raise ValueError("inflora_ca needs per-task heads over disjoint classes (task- or "
                      "class-incremental); this stream is domain-incremental")
@@ -211,7 +223,17 @@ def init(setup: Setup, rng: jax.Array, spec: StreamSpec) -> InfLoRAState:
 
 
 def end_task(setup: Setup, state: InfLoRAState, ctx: TaskContext) -> InfLoRAState:
-  """InfLoRA's ``end_task``, the task's class statistics, then (t ≥ 1) the alignment."""
+  """InfLoRA's ``end_task``, the task's class statistics, then (t ≥ 1) the alignment.
+
+  Args:
+    setup: the resolved InfLoRA+CA.
+    state: the state after training task t.
+    ctx: the loop's context for task t.
+
+  Returns:
+    The state with the memory update, ``class_stats/<t>`` (``mean`` (n_t, d), ``cov``
+    (n_t, d, d)) and, when aligning and t ≥ 1, the aligned heads.
+  """
   cfg, t = setup.cfg, ctx.task_index
   state = inflora_lib.end_task(setup, state, ctx)
   feats, local = task_features(setup, state, ctx)
@@ -224,7 +246,14 @@ def end_task(setup: Setup, state: InfLoRAState, ctx: TaskContext) -> InfLoRAStat
 
 
 def diagnostics(state: InfLoRAState) -> dict[str, Any]:
-  """``{"memory": {group: [rank, kind]}}`` for metrics.json."""
+  """``{"memory": {group: [rank, kind]}}`` for metrics.json.
+
+  Args:
+    state: the state (its ``memory``).
+
+  Returns:
+    ``{"memory": {group: [rank, kind name]}}``.
+  """
   return {"memory": {g: [r, k] for g, (r, k) in inflora_lib.memory_summary(state).items()}}
 
 
@@ -235,6 +264,14 @@ def inflora_ca(backbone: Backbone, **kwargs: Any) -> ContinualMethod:
     backbone: the frozen network.
     **kwargs: :class:`InfLoRACAConfig` fields; the old names ``rank``, ``scale``,
       ``gram_batch_size`` and ``feature_batch_size`` still work (deprecated).
+
+  Returns:
+    InfLoRA's method with this module's ``init``, ``end_task`` and ``diagnostics``.
+
+  Raises:
+    TypeError: an unknown option.
+    ValueError: as :func:`clx.methods.inflora.inflora` (conflicting old/new names, invalid
+      options or sites).
   """
   cfg = inflora_lib.config_from_kwargs(InfLoRACAConfig, kwargs, RENAMED)
   setup = Setup(cfg, backbone, inflora_lib.site_layout(backbone, cfg.sites, cfg.lora_rank))
@@ -247,7 +284,14 @@ inflora_ca.__signature__ = inflora_lib.factory_signature(InfLoRACAConfig, RENAME
 
 
 def class_statistics_of(state: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
-  """``{task: {"mean": (n_t, d), "cov": (n_t, d, d)}}`` of an InfLoRA+CA state (host arrays)."""
+  """``{task: {"mean": (n_t, d), "cov": (n_t, d, d)}}`` of an InfLoRA+CA state (host arrays).
+
+  Args:
+    state: an InfLoRA+CA state (its ``class_stats``).
+
+  Returns:
+    The statistics as NumPy arrays, keyed by task.
+  """
   return {t: {k: np.asarray(v) for k, v in s.items()} for t, s in state["class_stats"].items()}
 
 

@@ -67,12 +67,27 @@ def index_plan(n: int, batch_size: int, padded: int | None = None) -> np.ndarray
 
 
 def gather(x: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Rows ``x[idx]`` with padding (``idx < 0``) filled by row 0, and the 0/1 float32 mask."""
+  """Rows ``x[idx]`` with padding (``idx < 0``) filled by row 0, and the 0/1 float32 mask.
+
+  Args:
+    x: ``(N, …)`` host array.
+    idx: ``(b,)`` int row indices, -1 for padding.
+
+  Returns:
+    ``(rows (b, …), mask (b,))``.
+  """
   return x[np.where(idx < 0, 0, idx)], (idx >= 0).astype(np.float32)
 
 
 def accepts_mask(fn: Callable) -> bool:
-  """Whether ``fn`` takes a ``mask`` keyword (or ``**kwargs``)."""
+  """Whether ``fn`` takes a ``mask`` keyword (or ``**kwargs``).
+
+  Args:
+    fn: any callable.
+
+  Returns:
+    False also when its signature cannot be read.
+  """
   try:
     params = inspect.signature(fn).parameters.values()
   except (TypeError, ValueError):
@@ -81,7 +96,14 @@ def accepts_mask(fn: Callable) -> bool:
 
 
 def uses_batch_statistics(backbone: Any) -> bool:
-  """Whether the backbone normalises with batch statistics (takes a row ``mask``)."""
+  """Whether the backbone normalises with batch statistics (takes a row ``mask``).
+
+  Args:
+    backbone: a backbone (its ``train_kwargs``).
+
+  Returns:
+    True when ``"mask"`` is among its training keywords.
+  """
   return "mask" in getattr(backbone, "train_kwargs", ())
 
 

@@ -292,7 +292,20 @@ class ProteusSetup(NamedTuple):
 
 
 def resolve(backbone: Backbone, cfg: ProteusConfig) -> ProteusSetup:
-  """Resolve ``cfg.sites`` against ``backbone`` (roles → kernel paths) and check them."""
+  """Resolve ``cfg.sites`` against ``backbone`` (roles → kernel paths) and check them.
+
+  Args:
+    backbone: the frozen backbone whose params hold the sites.
+    cfg: the options; ``cfg.sites`` entries are roles (no ``/``, expanded by
+      ``backbone.site_paths``) or kernel paths.
+
+  Returns:
+    A :class:`ProteusSetup` with the unique site paths in order, their ``(d_in, d_out)`` shapes
+    and an empty jit cache.
+
+  Raises:
+    ValueError: no site was found, or a site is not a 2-D kernel of the backbone.
+  """
   # an entry without '/' is a role (site_paths names the roles it does not know)
   sites = tuple(dict.fromkeys(
       p for s in cfg.sites for p in (backbone.site_paths(s) if "/" not in s else (s,))))
@@ -357,7 +370,17 @@ def params_with(base: Params, deltas_t: Mapping[str, jax.Array]) -> Params:
 
 
 def coefficients(setup: ProteusSetup, state: Mapping, num_tasks: int) -> dict[str, jax.Array]:
-  """``{site_key: C (T, T)}``: C[t, j] = α·w_{t,j} (j < t), 1 (j = t), 0 (j > t)."""
+  """``{site_key: C (T, T)}``: C[t, j] = α·w_{t,j} (j < t), 1 (j = t), 0 (j > t).
+
+  Args:
+    setup: the resolved PROTEUS (its ``cfg.transfer_alpha`` is α).
+    state: a state holding ``tasks/<t>/unit`` (and ``weights`` for t > 0) for every t < T.
+    num_tasks: T, the number of tasks composed.
+
+  Returns:
+    ``{site_key: C (T, T)}`` in the dtype of task 0's ``a`` factors (lower-triangular, unit
+    diagonal).
+  """
   out = {}
   for s in setup.sites:
     sk = tree_ops.to_key(s)
@@ -373,7 +396,16 @@ def coefficients(setup: ProteusSetup, state: Mapping, num_tasks: int) -> dict[st
 
 
 def deltas(setup: ProteusSetup, state: Mapping, num_tasks: int) -> dict[str, jax.Array]:
-  """``{site: ΔW (T, d_in, d_out)}``: Δ_t = scale · Σ_j C[t, j] a_j b_j for every task t."""
+  """``{site: ΔW (T, d_in, d_out)}``: Δ_t = scale · Σ_j C[t, j] a_j b_j for every task t.
+
+  Args:
+    setup: the resolved PROTEUS (``cfg.lora_scale`` is ``scale``).
+    state: a state holding the units (and transfer weights) of tasks < T.
+    num_tasks: T, the number of tasks composed.
+
+  Returns:
+    ``{site path: ΔW (T, d_in, d_out)}``, row t the composed delta of task t.
+  """
   coef = coefficients(setup, state, num_tasks)
   out = {}
   for s in setup.sites:
@@ -499,7 +531,17 @@ def training_adapters(setup: ProteusSetup, state: Mapping, task_index: int, unit
 
 def ortho_penalty(setup: ProteusSetup, state: Mapping, task_index: int, unit: Mapping
                   ) -> jax.Array:
-  """Σ_sites Σ_{j<k} ``ortho_terms(unit_j, unit_k)``, earlier units held constant (scalar)."""
+  """Σ_sites Σ_{j<k} ``ortho_terms(unit_j, unit_k)``, earlier units held constant (scalar).
+
+  Args:
+    setup: the resolved PROTEUS (``cfg.ortho_factors`` picks the factors).
+    state: a state holding the units of tasks < ``task_index``.
+    task_index: k, the task whose unit is being trained.
+    unit: the new unit ``{site_key: {"a": (d_in, r), "b": (r, d_out)}}``.
+
+  Returns:
+    A float32 scalar (0 for k = 0); gradients reach ``unit`` only.
+  """
   total = jnp.zeros((), jnp.float32)
   for s in setup.sites:
     sk = tree_ops.to_key(s)
@@ -510,7 +552,14 @@ def ortho_penalty(setup: ProteusSetup, state: Mapping, task_index: int, unit: Ma
 
 
 def l1_penalty(weights: Params) -> jax.Array:
-  """Σ |w| over every transfer weight (scalar float32; 0 for none)."""
+  """Σ |w| over every transfer weight (scalar float32; 0 for none).
+
+  Args:
+    weights: a pytree of transfer weights (``{site_key: w (k,)}``); may be empty.
+
+  Returns:
+    Σ |w| as a float32 scalar.
+  """
   leaves = jax.tree.leaves(weights)
   return sum((jnp.sum(jnp.abs(w)) for w in leaves), jnp.zeros((), jnp.float32))
 
@@ -521,7 +570,20 @@ def l1_penalty(weights: Params) -> jax.Array:
 
 def task_features(setup: ProteusSetup, state: Mapping, base: Params, x: jax.Array, task_index: int,
                   num_tasks: int | None = None) -> jax.Array:
-  """h_t(x): features ``(n, d)`` under task ``task_index``'s composed adapters."""
+  """h_t(x): features ``(n, d)`` under task ``task_index``'s composed adapters.
+
+  Args:
+    setup: the resolved PROTEUS.
+    state: a state holding the units (and weights) of tasks < ``num_tasks``.
+    base: frozen backbone params.
+    x: ``(n, …)`` inputs.
+    task_index: t, the task whose composed ΔW is added.
+    num_tasks: tasks to compose (default ``task_index + 1``; any value > ``task_index`` gives the
+      same ΔW_t since C is lower-triangular).
+
+  Returns:
+    ``(n, d)`` backbone features of ``x`` under ``base`` + ΔW_t.
+  """
   num_tasks = task_index + 1 if num_tasks is None else num_tasks
   d_all = deltas(setup, state, num_tasks)
   return setup.backbone.apply(params_with(base, {s: d[task_index] for s, d in d_all.items()}), x)
@@ -530,7 +592,18 @@ def task_features(setup: ProteusSetup, state: Mapping, base: Params, x: jax.Arra
 def all_task_features(setup: ProteusSetup, state: Mapping, base: Params, x: jax.Array,
                       num_tasks: int
                       ) -> jax.Array:
-  """h_i(x) for every task i < ``num_tasks`` at once, ``(T, n, d)`` (``lax.map`` over tasks)."""
+  """h_i(x) for every task i < ``num_tasks`` at once, ``(T, n, d)`` (``lax.map`` over tasks).
+
+  Args:
+    setup: the resolved PROTEUS (``cfg.task_batch`` tasks are mapped at once; 0/None: all).
+    state: a state holding the units (and weights) of tasks < ``num_tasks``.
+    base: frozen backbone params.
+    x: ``(n, …)`` inputs.
+    num_tasks: T.
+
+  Returns:
+    ``(T, n, d)``: row i the features of ``x`` under task i's adapted backbone.
+  """
   d_all = deltas(setup, state, num_tasks)
 
   def one(d_t):
@@ -546,6 +619,17 @@ def per_example_features(setup: ProteusSetup, state: Mapping, base: Params, x: j
 
   Every example gets its own merged weights (gathered from the precomputed deltas), in
   chunks of ``example_batch`` examples to bound memory.
+
+  Args:
+    setup: the resolved PROTEUS (``cfg.example_batch`` examples per ``lax.map`` chunk).
+    state: a state holding the units (and weights) of tasks < ``num_tasks``.
+    base: frozen backbone params.
+    x: ``(n, …)`` inputs.
+    task_ids: ``(n,)`` int task index per example, each < ``num_tasks``.
+    num_tasks: T, the number of tasks composed.
+
+  Returns:
+    ``(n, d)``: row i the features of ``x[i]`` under task ``task_ids[i]``'s backbone.
   """
   d_all = deltas(setup, state, num_tasks)
 
@@ -558,7 +642,17 @@ def per_example_features(setup: ProteusSetup, state: Mapping, base: Params, x: j
 
 
 def stacked_signatures(state: Mapping, num_tasks: int, field: str = "signature") -> dict:
-  """The first ``num_tasks`` tasks' signatures stacked on a leading task axis."""
+  """The first ``num_tasks`` tasks' signatures stacked on a leading task axis.
+
+  Args:
+    state: a state holding ``tasks/<t>/<field>`` for every t < ``num_tasks``.
+    num_tasks: T.
+    field: ``"signature"`` (adapted features) or ``"screen"`` (base features).
+
+  Returns:
+    The signature dict of :func:`clx.ops.mixture.stack_signatures`: every array with a leading
+    ``(T, …)`` axis, components padded to the largest.
+  """
   return mixture.stack_signatures([state["tasks"][str(t)][field] for t in range(num_tasks)])
 
 
@@ -618,6 +712,17 @@ def head_logits(cfg: ProteusConfig, state: Mapping, feats: jax.Array, spec: Stre
   """RanPAC logits ``(n, C)`` over the seen classes (others at NEG_INF).
 
   With ``tasks`` (n,) and ``restrict_head`` only the retrieved task's classes stay.
+
+  Args:
+    cfg: the options (``restrict_head``).
+    state: a state holding ``ridge`` (``w_rand`` (d, M), ``w_out`` (M, C)).
+    feats: ``(n, d)`` backbone features.
+    spec: the stream (``num_classes`` C, ``task_classes``).
+    current_task: the last trained task; classes of tasks ≤ it count as seen.
+    tasks: ``(n,)`` int retrieved task per example, or None.
+
+  Returns:
+    ``(n, C)`` float logits, unseen (or, restricted, other-task) classes at ``NEG_INF``.
   """
   r = state["ridge"]
   logits = ridge_ops.logits(feats, r["w_rand"], r["w_out"])
@@ -719,6 +824,12 @@ def collect_features(ctx: TaskContext, fn: Callable, *args: Any, batch_size: int
                      ) -> tuple[np.ndarray, np.ndarray]:
   """``fn(*args, x)`` over the current task's training data, padding dropped (host).
 
+  Args:
+    ctx: the loop's task context (its ``"train"`` batches are read, unshuffled).
+    fn: a function ``fn(*args, x) -> (b, d)`` features of a batch.
+    *args: the leading arguments of ``fn``.
+    batch_size: examples per batch.
+
   Returns:
     ``(features (n, d), global labels (n,))`` as NumPy arrays.
   """
@@ -737,7 +848,17 @@ def collect_features(ctx: TaskContext, fn: Callable, *args: Any, batch_size: int
 
 
 def init(setup: ProteusSetup, rng: jax.Array, spec: StreamSpec) -> ProteusState:
-  """No tasks yet; the RanPAC projection W_rand (fold 17 of ``rng``) and zero statistics."""
+  """No tasks yet; the RanPAC projection W_rand (fold 17 of ``rng``) and zero statistics.
+
+  Args:
+    setup: the resolved PROTEUS (``cfg.rp_dim`` M, ``backbone.feature_dim`` d).
+    rng: the method's key.
+    spec: the stream (``num_classes`` C).
+
+  Returns:
+    A :class:`ProteusState` with no heads, tasks or stats, and ``ridge`` holding ``w_rand``
+    (d, M), zero ``gram`` (M, M), ``xty`` (M, C), ``count`` and ``w_out`` (M, C).
+  """
   cfg = setup.cfg
   w_rand = ridge_ops.random_projection(jax.random.fold_in(rng, 17), setup.backbone.feature_dim,
                                        cfg.rp_dim)
@@ -750,7 +871,16 @@ def init(setup: ProteusSetup, rng: jax.Array, spec: StreamSpec) -> ProteusState:
 
 def new_unit(setup: ProteusSetup, key: jax.Array, task_index: int) -> dict:
   """A new unit per site, as the code: input-side a (d_in, r) = 0, output-side b (r, d_out)
-  ~ N(0, std²) (the code's ``*_lora_pool_B`` = 0 and ``*_lora_pool_A`` random)."""
+  ~ N(0, std²) (the code's ``*_lora_pool_B`` = 0 and ``*_lora_pool_A`` random).
+
+  Args:
+    setup: the resolved PROTEUS (``cfg.lora_rank`` r, ``cfg.unit_init_std`` std, the site shapes).
+    key: a key; the draw uses ``fold_in(key, task_index)``.
+    task_index: the task the unit belongs to.
+
+  Returns:
+    ``{site_key: {"a": (d_in, r) zeros, "b": (r, d_out)}}`` in float32.
+  """
   rank = setup.cfg.lora_rank
   sizes = [rank * setup.shapes[s][1] for s in setup.sites]
   # one draw for all sites (one compiled shape), split on the host
@@ -767,7 +897,18 @@ def new_unit(setup: ProteusSetup, key: jax.Array, task_index: int) -> dict:
 
 
 def begin_task(setup: ProteusSetup, state: ProteusState, ctx: TaskContext) -> ProteusState:
-  """Add the task's head, its new unit and (k > 0) its transfer weights."""
+  """Add the task's head, its new unit and (k > 0) its transfer weights.
+
+  Args:
+    setup: the resolved PROTEUS.
+    state: the state after task k - 1 (or :func:`init`).
+    ctx: the loop's context for task k = ``ctx.task_index`` (its ``rng`` is folded with 0 for
+      the head, 1 for the unit).
+
+  Returns:
+    The state with ``heads/<k>`` and ``tasks/<k>`` = ``{"unit", "weights"}`` (weights
+    ``{site_key: (k,)}`` filled with ``cfg.transfer_init``; none for k = 0).
+  """
   t = ctx.task_index
   heads = heads_lib.add_task_head(state["heads"], jax.random.fold_in(ctx.rng, 0), ctx.spec,
                                   setup.backbone.feature_dim, t, "per_task")
@@ -779,7 +920,16 @@ def begin_task(setup: ProteusSetup, state: ProteusState, ctx: TaskContext) -> Pr
 
 
 def trainable(setup: ProteusSetup, state: ProteusState, info: TaskInfo) -> dict:
-  """Task ``info.task``'s new unit, head and (k > 0) transfer weights."""
+  """Task ``info.task``'s new unit, head and (k > 0) transfer weights.
+
+  Args:
+    setup: unused (the signature of a method function).
+    state: the state after :func:`begin_task`.
+    info: ``info.task`` is k, the task being trained.
+
+  Returns:
+    ``{"unit", "head"}`` plus ``"weights"`` for k > 0 (the state's own arrays).
+  """
   del setup
   task_index = info.task
   entry = state["tasks"][str(task_index)]
@@ -791,7 +941,17 @@ def trainable(setup: ProteusSetup, state: ProteusState, info: TaskInfo) -> dict:
 
 def combine(setup: ProteusSetup, state: ProteusState, params: Mapping, info: TaskInfo
             ) -> ProteusState:
-  """The pure write-back of task ``info.task``'s trained unit, weights and head."""
+  """The pure write-back of task ``info.task``'s trained unit, weights and head.
+
+  Args:
+    setup: unused (the signature of a method function).
+    state: the state before the step.
+    params: the trained ``{"unit", "head", "weights" (k > 0)}`` of :func:`trainable`.
+    info: ``info.task`` is k.
+
+  Returns:
+    ``state`` with ``tasks/<k>`` unit/weights and ``heads/<k>`` replaced.
+  """
   del setup
   task_index = info.task
   entry = dict(state["tasks"][str(task_index)])
@@ -804,7 +964,20 @@ def combine(setup: ProteusSetup, state: ProteusState, params: Mapping, info: Tas
 
 def loss(setup: ProteusSetup, params: Params, state: ProteusState, base: Params, batch: Batch,
          rng: jax.Array, info: TaskInfo) -> tuple[jax.Array, dict]:
-  """CE of the task's own head on h_k + ``reg_weight``·Σ|w| + ``ortho_weight``·ortho."""
+  """CE of the task's own head on h_k + ``reg_weight``·Σ|w| + ``ortho_weight``·ortho.
+
+  Args:
+    setup: the resolved PROTEUS.
+    params: the trainables of :func:`trainable`.
+    state: the current state (earlier units and heads, frozen).
+    base: frozen backbone params.
+    batch: ``{"x" (b, …), "y" (b,) global labels, "mask" (b,)}``.
+    rng: unused (no dropout).
+    info: ``info.task`` is k, ``info.spec`` the stream.
+
+  Returns:
+    ``(total loss scalar, {"accuracy", "ce", "l1", "ortho"})``.
+  """
   del rng
   cfg = setup.cfg
   task_index, spec = info.task, info.spec
@@ -847,7 +1020,17 @@ def _task_stats(cfg: ProteusConfig, state: ProteusState, params: Mapping, t: int
 
 
 def end_task(setup: ProteusSetup, state: ProteusState, ctx: TaskContext) -> ProteusState:
-  """The task's signature(s) and the RanPAC head update (host passes, on the combined state)."""
+  """The task's signature(s) and the RanPAC head update (host passes, on the combined state).
+
+  Args:
+    setup: the resolved PROTEUS.
+    state: the state after training, the trained parameters combined in.
+    ctx: the loop's context for task k (training data, base params, rng folded with 2).
+
+  Returns:
+    The state with ``tasks/<k>`` ``signature`` (and ``screen``), the updated ``ridge`` and
+    ``stats/<k>``.
+  """
   t, cfg = ctx.task_index, setup.cfg
   t0 = time.perf_counter()
   params = trainable(setup, state, ctx.info)  # as trained: the loop has combined them
@@ -877,6 +1060,15 @@ def params_for(setup: ProteusSetup, state: ProteusState, base: Params, info: Tas
 
   The backbone a task-IL example of task ``info.task`` runs through (class-IL routes each
   example to its retrieved task's parameters: :func:`route`).
+
+  Args:
+    setup: the resolved PROTEUS.
+    state: a state holding the units (and weights) of tasks ≤ ``info.task``.
+    base: frozen backbone params.
+    info: ``info.task`` is the task whose parameters are built.
+
+  Returns:
+    ``base`` with ΔW_task added at every site (same tree).
   """
   d_all = deltas(setup, state, info.task + 1)
   return params_with(base, {s: d[info.task] for s, d in d_all.items()})
@@ -887,6 +1079,16 @@ def predict(setup: ProteusSetup, state: ProteusState, base: Params, x: jax.Array
   """Global logits ``(n, C)`` through the given task's or each example's retrieved backbone.
 
   ``info.task`` is the last trained task, ``info.task_id`` the test task (task-IL) or None.
+
+  Args:
+    setup: the resolved PROTEUS.
+    state: the state after task ``info.task``.
+    base: frozen backbone params.
+    x: ``(n, …)`` inputs.
+    info: ``info.task`` the last trained task, ``info.task_id`` the task-IL test task or None.
+
+  Returns:
+    ``(n, C)`` global logits (see :func:`head_logits`).
   """
   current_task, task_id, spec = info.task, info.task_id, info.spec
   num_tasks = current_task + 1
@@ -898,7 +1100,15 @@ def predict(setup: ProteusSetup, state: ProteusState, base: Params, x: jax.Array
 
 
 def diagnostics(setup: ProteusSetup, state: ProteusState) -> dict:
-  """``{"tasks": {k: the stats end_task stored}}`` as JSON-able numbers."""
+  """``{"tasks": {k: the stats end_task stored}}`` as JSON-able numbers.
+
+  Args:
+    setup: unused (the signature of a method function).
+    state: the state (its ``stats``).
+
+  Returns:
+    ``{"tasks": {task key: {stat name: Python number or bool}}}``, tasks in order.
+  """
   del setup
   out = {}
   for t, s in sorted(state.get("stats", {}).items(), key=lambda kv: int(kv[0])):
@@ -1143,7 +1353,14 @@ class ProteusParts:
     raise AttributeError(f"ProteusParts has no attribute {name!r}")
 
   def method(self, name: str = "proteus") -> ContinualMethod:
-    """The :class:`ContinualMethod` over this setup."""
+    """The :class:`ContinualMethod` over this setup.
+
+    Args:
+      name: the method's registry/run name.
+
+    Returns:
+      A :class:`ContinualMethod` whose functions are this module's, bound to ``self.setup``.
+    """
     return _method(self.setup, name)
 
 
@@ -1175,14 +1392,37 @@ def proteus(backbone: Backbone, *, name: str = "proteus", **kwargs: Any) -> Cont
 
 def proteus_kmeans(backbone: Backbone, *, name: str = "proteus_kmeans", **kwargs: Any
                    ) -> ContinualMethod:
-  """The k-means + nearest-centroid retrieval ablation (K = 5, L1)."""
+  """The k-means + nearest-centroid retrieval ablation (K = 5, L1).
+
+  Args:
+    backbone: the frozen backbone.
+    name: registry/run name.
+    **kwargs: :class:`ProteusConfig` fields (and the old names :func:`proteus` accepts);
+      ``signature`` defaults to ``"kmeans"``.
+
+  Returns:
+    The method (see :func:`proteus`).
+  """
   return proteus(backbone, name=name, **{"signature": "kmeans", **kwargs})
 
 
 def proteus_independent(backbone: Backbone, *, name: str = "proteus_independent",
                         **kwargs: Any) -> ContinualMethod:
   """PROTEUS without composition: α = 0, so ΔW_k = scale·a_k b_k (independent units), with the
-  same signatures, retrieval and RanPAC head (the ablation that isolates composition)."""
+  same signatures, retrieval and RanPAC head (the ablation that isolates composition).
+
+  Args:
+    backbone: the frozen backbone.
+    name: registry/run name.
+    **kwargs: :class:`ProteusConfig` fields (and the old names :func:`proteus` accepts);
+      ``transfer_alpha`` defaults to 0.
+
+  Returns:
+    The method (see :func:`proteus`).
+
+  Raises:
+    TypeError: an option was given under both its old and its new name.
+  """
   kwargs = _renamed(kwargs)
   kwargs.setdefault("transfer_alpha", 0.0)
   return proteus(backbone, name=name, **kwargs)

@@ -36,7 +36,15 @@ shared 2-core CPU the factored step measured no faster (BENCHMARKS.md, MiniLM Lo
 
 
 def check_lora_compute(value: str, who: str) -> None:
-  """Raises ValueError unless ``value`` is one of :data:`LORA_COMPUTE`."""
+  """Raises ValueError unless ``value`` is one of :data:`LORA_COMPUTE`.
+
+  Args:
+    value: the ``lora_compute`` option.
+    who: the method, for the message.
+
+  Raises:
+    ValueError: ``value`` is not in :data:`LORA_COMPUTE`.
+  """
   if value not in LORA_COMPUTE:
     raise ValueError(f"{who}: lora_compute must be one of {LORA_COMPUTE}, got {value!r}")
 
@@ -70,7 +78,15 @@ class LoRAConfig:
 
 def lora_patterns(backbone: Backbone, sites: tuple[str, ...]) -> tuple[str, ...]:
   """Kernel globs of ``sites``: a backbone role (``"k"``) stands for its kernel paths,
-  anything else is a glob / path over the parameter tree (``"*attention/key/kernel"``)."""
+  anything else is a glob / path over the parameter tree (``"*attention/key/kernel"``).
+
+  Args:
+    backbone: the network (its ``sites`` roles).
+    sites: roles, kernel paths or globs.
+
+  Returns:
+    The patterns, duplicates dropped, in order.
+  """
   out: list[str] = []
   for entry in sites:
     out.extend(backbone.sites[entry] if entry in backbone.sites else (entry,))
@@ -79,7 +95,18 @@ def lora_patterns(backbone: Backbone, sites: tuple[str, ...]) -> tuple[str, ...]
 
 def init(backbone: Backbone, head_mode: str | None, init_extra: Callable, rng: jax.Array,
          spec: StreamSpec) -> State:
-  """Heads (empty for per-task heads) and the trained entries ``init_extra(rng, base)``."""
+  """Heads (empty for per-task heads) and the trained entries ``init_extra(rng, base)``.
+
+  Args:
+    backbone: the network.
+    head_mode: ``None`` (scenario default), ``"shared"`` or ``"per_task"``.
+    init_extra: ``(rng, base params) -> {entry: value}`` of the trained entries.
+    rng: the method's key (split between the heads and ``init_extra``).
+    spec: the stream.
+
+  Returns:
+    ``{"heads", **init_extra(...)}``.
+  """
   k_head, k_extra = jax.random.split(rng)
   mode = heads_lib.mode_for(head_mode, spec)
   state = {"heads": heads_lib.init_heads(k_head, spec, backbone.feature_dim, mode)}
@@ -89,7 +116,17 @@ def init(backbone: Backbone, head_mode: str | None, init_extra: Callable, rng: j
 
 def begin_task(backbone: Backbone, head_mode: str | None, state: State,
                ctx: TaskContext) -> State:
-  """Add the task's head (per-task heads; shared heads exist from the start)."""
+  """Add the task's head (per-task heads; shared heads exist from the start).
+
+  Args:
+    backbone: the network (its feature size).
+    head_mode: the head mode option.
+    state: the state after the previous task.
+    ctx: the loop's context (``rng`` folded with 0 for the head).
+
+  Returns:
+    The state with the task's head.
+  """
   heads = heads_lib.add_task_head(state["heads"], jax.random.fold_in(ctx.rng, 0), ctx.spec,
                                   backbone.feature_dim, ctx.task_index,
                                   heads_lib.mode_for(head_mode, ctx.spec))
@@ -97,38 +134,94 @@ def begin_task(backbone: Backbone, head_mode: str | None, state: State,
 
 
 def trainable(keys: tuple[str, ...], state: State, info: TaskInfo) -> Params:
-  """The state entries ``keys`` and the current head."""
+  """The state entries ``keys`` and the current head.
+
+  Args:
+    keys: the state entries trained (``("backbone",)`` or ``("adapters",)``).
+    state: the current state.
+    info: ``info.task`` selects the head.
+
+  Returns:
+    ``{key: state[key] for key in keys}`` plus ``"head"``.
+  """
   params = {k: state[k] for k in keys}
   params["head"] = state["heads"][heads_lib.head_key(state["heads"], info.task)]
   return params
 
 
 def combine(keys: tuple[str, ...], state: State, params: Params, info: TaskInfo) -> State:
-  """Write the trained entries ``keys`` and the current head back."""
+  """Write the trained entries ``keys`` and the current head back.
+
+  Args:
+    keys: the state entries trained.
+    state: the state before the step.
+    params: the trained parameters of :func:`trainable`.
+    info: ``info.task`` selects the head.
+
+  Returns:
+    The new state (pure).
+  """
   state = {**state, **{k: params[k] for k in keys}}
   return heads_lib.with_head(state, params["head"], info.task)
 
 
 def full_params(state: State, base: Params, info: TaskInfo) -> Params:
-  """Effective backbone params of full fine-tuning: the trained copy in ``state["backbone"]``."""
+  """Effective backbone params of full fine-tuning: the trained copy in ``state["backbone"]``.
+
+  Args:
+    state: the state (its ``backbone``).
+    base: the frozen base params (unused).
+    info: unused.
+
+  Returns:
+    ``state["backbone"]``.
+  """
   del base, info
   return state["backbone"]
 
 
 def lora_params(scale: float, state: State, base: Params, info: TaskInfo) -> Params:
-  """Effective backbone params of sequential LoRA: W + scale · a @ b at every adapted kernel."""
+  """Effective backbone params of sequential LoRA: W + scale · a @ b at every adapted kernel.
+
+  Args:
+    scale: ``lora_alpha / lora_rank``.
+    state: the state (its ``adapters`` ``{site: {"a" (d_in, r), "b" (r, d_out)}}``).
+    base: the frozen base params.
+    info: unused.
+
+  Returns:
+    ``base`` with the deltas added (same tree).
+  """
   del info
   return lora_ops.apply_adapters(base, state["adapters"], scale)
 
 
 def frozen_base(state: State, base: Params, info: TaskInfo) -> Params:
-  """The forward's params of a factored LoRA method: the frozen base itself."""
+  """The forward's params of a factored LoRA method: the frozen base itself.
+
+  Args:
+    state: unused.
+    base: the frozen base params.
+    info: unused.
+
+  Returns:
+    ``base``.
+  """
   del state, info
   return base
 
 
 def lora_forward_kwargs(scale: float, state: State, info: TaskInfo) -> dict:
-  """``backbone.apply`` arguments of factored sequential LoRA: the adapters and their scale."""
+  """``backbone.apply`` arguments of factored sequential LoRA: the adapters and their scale.
+
+  Args:
+    scale: ``lora_alpha / lora_rank``.
+    state: the state (its ``adapters``).
+    info: unused.
+
+  Returns:
+    ``{"adapters": state["adapters"], "adapter_scale": scale}``.
+  """
   del info
   return {"adapters": state["adapters"], "adapter_scale": scale}
 
@@ -163,13 +256,28 @@ def _make(name: str, backbone: Backbone, *, params_for: Callable, trainable_keys
 
 
 def finetune(backbone: Backbone, *, head_mode: str | None = None) -> ContinualMethod:
-  """Sequential full fine-tuning of the backbone and the current head."""
+  """Sequential full fine-tuning of the backbone and the current head.
+
+  Args:
+    backbone: the network (all of it is trained).
+    head_mode: ``None`` (scenario default), ``"shared"`` or ``"per_task"``.
+
+  Returns:
+    The method.
+  """
   return _make("finetune", backbone, params_for=full_params, trainable_keys=("backbone",),
                init_extra=_copy_of_base, head_mode=head_mode)
 
 
 def joint(backbone: Backbone) -> ContinualMethod:
-  """Joint training on all tasks seen so far, one shared head (upper bound)."""
+  """Joint training on all tasks seen so far, one shared head (upper bound).
+
+  Args:
+    backbone: the network (all of it is trained).
+
+  Returns:
+    The method (trained on the cumulative data view).
+  """
   return _make("joint", backbone, params_for=full_params, trainable_keys=("backbone",),
                init_extra=_copy_of_base, head_mode="shared", data_view="cumulative")
 
@@ -187,6 +295,14 @@ def lora(backbone: Backbone, **kwargs: Any) -> ContinualMethod:
       ``sites`` (formerly ``targets``: backbone roles such as ``"k"`` and/or kernel globs,
       default every kernel), ``lora_alpha`` (formerly ``alpha``; default ``lora_rank``),
       ``head_mode``. The old names still work for one release (DeprecationWarning).
+
+  Returns:
+    The method.
+
+  Raises:
+    TypeError: an unknown option, or an option under both its old and its new name.
+    ValueError: invalid options; a rank above a kernel's width or no matched kernel (the
+      build-time dry run).
   """
   cfg = LoRAConfig(**renamed(kwargs, LORA_RENAMED, "lora"))
   patterns = lora_patterns(backbone, cfg.sites)

@@ -172,7 +172,19 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 def embedding_path(backbone: Backbone, path: str | None = None) -> str:
   """The word-embedding table's path: ``path`` if given, else the backbone's declared
-  :attr:`~clx.models.base.Backbone.embedding`; checked to be a 2-D array of ``backbone.params``."""
+  :attr:`~clx.models.base.Backbone.embedding`; checked to be a 2-D array of ``backbone.params``.
+
+  Args:
+    backbone: the text backbone.
+    path: a ``/`` path into ``backbone.params``, or None for ``backbone.embedding``.
+
+  Returns:
+    The path of the (vocabulary, d) table.
+
+  Raises:
+    ValueError: no path is given and the backbone declares none, or the path does not hold a
+      2-D array.
+  """
   path = path if path is not None else backbone.embedding
   if path is None:
     raise ValueError(f"{backbone.name} declares no token-embedding table (Backbone.embedding); "
@@ -747,12 +759,27 @@ def token_pca(backbone: Backbone, x: ArrayLike, num_components: int, *,
 
 
 def basis_of(entry: Mapping) -> jax.Array:
-  """A task's prompt basis ``(d, k)``: the trained one (train_basis) or its PCA components."""
+  """A task's prompt basis ``(d, k)``: the trained one (train_basis) or its PCA components.
+
+  Args:
+    entry: a task entry of the state (``basis`` or ``pca/components``).
+
+  Returns:
+    ``(d, k)`` basis U_t, orthonormal columns for the PCA one.
+  """
   return entry["basis"] if "basis" in entry else entry["pca"]["components"]
 
 
 def prompt_of(cfg: SPARCConfig, entry: Mapping) -> jax.Array:
-  """A task's prompt ``P = Z Uᵀ (+ μ with use_mean)`` ``(n, d)``; ``Z`` itself when free."""
+  """A task's prompt ``P = Z Uᵀ (+ μ with use_mean)`` ``(n, d)``; ``Z`` itself when free.
+
+  Args:
+    cfg: the options (``in_subspace``, ``use_mean``).
+    entry: a task entry of the state (``z`` (n, k) in the subspace, (n, d) when free).
+
+  Returns:
+    The prompt ``(n, d)`` prepended to the task's inputs.
+  """
   if cfg.in_subspace:
     p = jnp.matmul(entry["z"], jnp.asarray(basis_of(entry)).T, precision=_HIGHEST)
   else:  # free prompt: z is the (n, d) prompt (minus the mean with use_mean)
@@ -761,7 +788,16 @@ def prompt_of(cfg: SPARCConfig, entry: Mapping) -> jax.Array:
 
 
 def effective_params(setup: SPARCSetup, base: Params, entry: Mapping) -> Params:
-  """The backbone params a task's examples run through: ``base`` + its LoRA (if any)."""
+  """The backbone params a task's examples run through: ``base`` + its LoRA (if any).
+
+  Args:
+    setup: the resolved SPARC (``lora_paths``, ``cfg.lora_scale``).
+    base: frozen backbone params.
+    entry: a task entry (its ``lora`` ``{site_key: {"a", "b"}}`` when LoRA is on).
+
+  Returns:
+    ``base`` itself without LoRA, else ``base`` with ``scale · a b`` added at every LoRA site.
+  """
   if not setup.lora_paths:
     return base
   adapters = {p: entry["lora"][tree_ops.to_key(p)] for p in setup.lora_paths}
@@ -774,6 +810,17 @@ def reconstruction_errors(setup: SPARCSetup, state: Mapping, base: Params, x: ja
 
   ``‖(e − μ_s) − (e − μ_s)U_sU_sᵀ‖²`` averaged over the example's kept tokens (``"token"``
   pooling) or of its mean-pooled embedding (``"mean"``).
+
+  Args:
+    setup: the resolved SPARC (embedder, ``cfg.pooling``).
+    state: a state holding ``tasks/<s>/pca`` (``mean`` (d,), ``components`` (d, k)) for s ≤
+      ``upto``.
+    base: frozen backbone params.
+    x: ``(n, L)`` token ids.
+    upto: the last stored task to score.
+
+  Returns:
+    ``(n, upto + 1)`` float errors, column s for task s.
   """
   rows, w = pca_samples(setup.embed, setup.cfg.pooling, base, x,
                         jnp.ones((x.shape[0],), jnp.float32))
@@ -791,7 +838,18 @@ def reconstruction_errors(setup: SPARCSetup, state: Mapping, base: Params, x: ja
 
 
 def route(setup: SPARCSetup, state: Mapping, base: Params, x: jax.Array, upto: int) -> jax.Array:
-  """SPARC's routing: per example, the stored task whose PCA reconstructs it best ``(n,)``."""
+  """SPARC's routing: per example, the stored task whose PCA reconstructs it best ``(n,)``.
+
+  Args:
+    setup: the resolved SPARC.
+    state: a state holding the PCA of every task ≤ ``upto``.
+    base: frozen backbone params.
+    x: ``(n, L)`` token ids.
+    upto: the last stored task.
+
+  Returns:
+    ``(n,)`` int task index in [0, ``upto``] (argmin of :func:`reconstruction_errors`).
+  """
   return jnp.argmin(reconstruction_errors(setup, state, base, x, upto), -1)
 
 
@@ -800,7 +858,19 @@ def route(setup: SPARCSetup, state: Mapping, base: Params, x: jax.Array, upto: i
 
 
 def resolve(backbone: Backbone, cfg: SPARCConfig) -> SPARCSetup:
-  """Resolve ``cfg`` against ``backbone``: embedder, scorer, LoRA paths, jitted PCA steps."""
+  """Resolve ``cfg`` against ``backbone``: embedder, scorer, LoRA paths, jitted PCA steps.
+
+  Args:
+    backbone: the frozen text backbone (token ids in, takes a ``prefix``).
+    cfg: SPARC's options.
+
+  Returns:
+    A :class:`SPARCSetup`.
+
+  Raises:
+    ValueError: ``num_components`` is outside [1, d], or the embedding table, label words or
+      LoRA sites do not resolve on ``backbone``.
+  """
   embed = _Embedder(backbone, cfg.embedding_source, cfg.embedding_path, cfg.special_tokens)
   if not 1 <= int(cfg.num_components) <= embed.dim:
     raise ValueError(f"num_components must be in [1, d={embed.dim}], got {cfg.num_components}")
@@ -820,7 +890,19 @@ def resolve(backbone: Backbone, cfg: SPARCConfig) -> SPARCSetup:
 
 
 def init(setup: SPARCSetup, rng: jax.Array, spec: StreamSpec) -> SPARCState:
-  """Empty state: no tasks, and the heads (unless label words score)."""
+  """Empty state: no tasks, and the heads (unless label words score).
+
+  Args:
+    setup: the resolved SPARC.
+    rng: key for the heads.
+    spec: the stream.
+
+  Returns:
+    ``{"tasks": {}}`` plus ``"heads"`` when the scorer uses heads.
+
+  Raises:
+    ValueError: label words whose count is not ``spec.num_classes``.
+  """
   setup.scorer.check(spec)
   state: SPARCState = {"tasks": {}}
   if setup.scorer.uses_heads:
@@ -894,7 +976,20 @@ def new_task_entry(setup: SPARCSetup, comp: Mapping, tasks: Mapping[str, Mapping
 
 
 def begin_task(setup: SPARCSetup, state: SPARCState, ctx: TaskContext) -> SPARCState:
-  """Add the task's head, run the PCA pass and store the task's new entry (host)."""
+  """Add the task's head, run the PCA pass and store the task's new entry (host).
+
+  Args:
+    setup: the resolved SPARC.
+    state: the state after the previous task.
+    ctx: the loop's context for task t (training batches, base params, ``rng`` folded with 0).
+
+  Returns:
+    The state with ``heads`` grown (heads scoring) and ``tasks/<t>`` the new entry (PCA,
+    overlap decision, initial ``z``, optional basis/LoRA/ortho).
+
+  Raises:
+    ValueError: the task's PCA pass failed (the message names the task).
+  """
   t, spec = ctx.task_index, ctx.spec
   key = jax.random.fold_in(ctx.rng, 0)
   state = dict(state)
@@ -913,7 +1008,17 @@ def begin_task(setup: SPARCSetup, state: SPARCState, ctx: TaskContext) -> SPARCS
 
 
 def trainable(setup: SPARCSetup, state: SPARCState, info: TaskInfo) -> dict:
-  """Task ``info.task``'s ``z`` (+ ``basis``, LoRA / c, head) to optimise."""
+  """Task ``info.task``'s ``z`` (+ ``basis``, LoRA / c, head) to optimise.
+
+  Args:
+    setup: the resolved SPARC.
+    state: the state after :func:`begin_task`.
+    info: ``info.task`` is the task being trained.
+
+  Returns:
+    ``{"z"}`` plus ``"basis"`` (train_basis), ``"lora"`` (divided by ``lora_lr_scale``) and
+    ``"head"`` where they apply.
+  """
   task_index = info.task
   entry = state["tasks"][str(task_index)]
   params = {"z": entry["z"]}
@@ -928,7 +1033,18 @@ def trainable(setup: SPARCSetup, state: SPARCState, info: TaskInfo) -> dict:
 
 def combine(setup: SPARCSetup, state: SPARCState, params: Mapping, info: TaskInfo
             ) -> SPARCState:
-  """The pure write-back of trained ``params`` into task ``info.task``'s entry (and head)."""
+  """The pure write-back of trained ``params`` into task ``info.task``'s entry (and head).
+
+  Args:
+    setup: the resolved SPARC.
+    state: the state before the step.
+    params: the trained parameters of :func:`trainable`.
+    info: ``info.task`` is the task trained.
+
+  Returns:
+    The state with the task's entry (``lora`` multiplied back by ``lora_lr_scale``) and head
+    replaced.
+  """
   task_index = info.task
   entry = dict(state["tasks"][str(task_index)])
   entry.update({kk: params[kk] for kk in ("z", "basis") if kk in params})
@@ -942,7 +1058,20 @@ def combine(setup: SPARCSetup, state: SPARCState, params: Mapping, info: TaskInf
 
 def loss(setup: SPARCSetup, params: Params, state: SPARCState, base: Params, batch: Batch,
          rng: jax.Array, info: TaskInfo) -> tuple[jax.Array, dict]:
-  """Masked cross-entropy of the task's prompt (+ LoRA) forward (+ λ‖Z U_tᵀ Q‖_F²)."""
+  """Masked cross-entropy of the task's prompt (+ LoRA) forward (+ λ‖Z U_tᵀ Q‖_F²).
+
+  Args:
+    setup: the resolved SPARC.
+    params: the trainables of :func:`trainable`.
+    state: the current state.
+    base: frozen backbone params.
+    batch: ``{"x" (b, L) token ids, "y" (b,) global labels, "mask" (b,)}``.
+    rng: unused (no dropout).
+    info: ``info.task`` the task trained, ``info.spec`` the stream.
+
+  Returns:
+    ``(loss scalar, {"accuracy"(, "orthogonal_penalty")})``.
+  """
   del rng
   cfg, scorer = setup.cfg, setup.scorer
   task_index, spec = info.task, info.spec
@@ -967,6 +1096,16 @@ def predict(setup: SPARCSetup, state: SPARCState, base: Params, x: jax.Array, in
   """Global logits ``(n, C)``: the given task's prompt, or each example's routed task's.
 
   ``info.task`` is the last trained task, ``info.task_id`` the test task (task-IL) or None.
+
+  Args:
+    setup: the resolved SPARC.
+    state: the state after task ``info.task``.
+    base: frozen backbone params.
+    x: ``(n, L)`` token ids.
+    info: ``info.task``, ``info.task_id``, ``info.spec``.
+
+  Returns:
+    ``(n, C)`` float logits over the global label space.
   """
   cfg, scorer = setup.cfg, setup.scorer
   current_task, task_id, spec = info.task, info.task_id, info.spec
@@ -995,7 +1134,18 @@ def predict(setup: SPARCSetup, state: SPARCState, base: Params, x: jax.Array, in
 
 
 def diagnostics(setup: SPARCSetup, state: SPARCState) -> dict:
-  """Per task: the re-use decision, explained variance and parameter counts; trainable %."""
+  """Per task: the re-use decision, explained variance and parameter counts; trainable %.
+
+  Args:
+    setup: the resolved SPARC (the backbone's parameter count).
+    state: the state.
+
+  Returns:
+    ``{"backbone_params", "tasks": {t: {"matched", "score", "reused", "scores",
+    "explained_variance", "prompt_params", "lora_params", "head_params"}}}`` plus, once a task is
+    stored, ``trainable_params_per_task``, ``trainable_pct``, ``trainable_pct_with_head`` and
+    ``reuse_decisions``.
+  """
   backbone_params = setup.backbone.num_params()
   tasks = state.get("tasks", {})
   out = {"backbone_params": backbone_params, "tasks": {}}
@@ -1050,7 +1200,16 @@ def sparc(backbone: Backbone, **kwargs: Any) -> ContinualMethod:
 
 
 def sparc_lora(backbone: Backbone, *, lora_rank: int = 8, **kwargs: Any) -> ContinualMethod:
-  """SPARC with per-task LoRA (rank 8 on q and v by default); see :func:`sparc`."""
+  """SPARC with per-task LoRA (rank 8 on q and v by default); see :func:`sparc`.
+
+  Args:
+    backbone: the frozen text backbone.
+    lora_rank: rank of the per-task LoRA.
+    **kwargs: :class:`SPARCConfig` fields.
+
+  Returns:
+    The method (see :func:`sparc`).
+  """
   return sparc(backbone, lora_rank=lora_rank, **kwargs)
 
 
@@ -1060,6 +1219,13 @@ def free_prompt(backbone: Backbone, **kwargs: Any) -> ContinualMethod:
   The control that isolates the subspace: everything else (PCA, overlap,
   re-use, orthogonal initialisation, routing, heads) is SPARC's; see
   ``in_subspace`` of :func:`sparc`.
+
+  Args:
+    backbone: the frozen text backbone.
+    **kwargs: :class:`SPARCConfig` fields other than ``in_subspace``.
+
+  Returns:
+    The method (see :func:`sparc`).
   """
   return sparc(backbone, in_subspace=False, **kwargs)
 
@@ -1138,7 +1304,18 @@ class PromptTuningSetup(NamedTuple):
 
 
 def resolve_prompt_tuning(backbone: Backbone, cfg: PromptTuningConfig) -> PromptTuningSetup:
-  """Resolve the embedding table, the scorer and the LoRA paths of ``cfg`` on ``backbone``."""
+  """Resolve the embedding table, the scorer and the LoRA paths of ``cfg`` on ``backbone``.
+
+  Args:
+    backbone: the frozen text backbone.
+    cfg: the prompt-tuning options.
+
+  Returns:
+    A :class:`PromptTuningSetup`.
+
+  Raises:
+    ValueError: the embedding table, label words or LoRA sites do not resolve on ``backbone``.
+  """
   path = embedding_path(backbone, cfg.embedding_path)
   scorer = _Scorer(backbone, cfg.head_mode, _resolve_label_words(cfg.label_words, cfg.tokenizer))
   lora_paths = _lora_paths(backbone, cfg.sites) if cfg.lora_rank else ()
@@ -1280,6 +1457,16 @@ def prompt_lora(backbone: Backbone, *, num_prompt_tokens: int = 0, lora_rank: in
 
   With the defaults (no prompt) it is ``clx.methods.sequential.lora`` on q/v,
   plus label-word scoring for decoder LMs.
+
+  Args:
+    backbone: the frozen text backbone.
+    num_prompt_tokens: length of the shared prompt (0: none).
+    lora_rank: rank of the shared LoRA.
+    name: registry/run name.
+    **kwargs: :func:`prompt_tuning`'s other options.
+
+  Returns:
+    The method.
   """
   return prompt_tuning(backbone, num_prompt_tokens=num_prompt_tokens, lora_rank=lora_rank,
                        name=name, **kwargs)
@@ -1291,6 +1478,14 @@ def linear_probe(backbone: Backbone, *, head_mode: str | None = None,
 
   The control for every prompt/adapter method that trains a head: what the head
   reaches by itself. Per-task heads in task-IL, one shared head in domain-IL.
+
+  Args:
+    backbone: the frozen backbone.
+    head_mode: ``"per_task"``/``"shared"``, or None for the scenario's default.
+    name: registry/run name.
+
+  Returns:
+    The method.
   """
   return prompt_tuning(backbone, num_prompt_tokens=0, lora_rank=0, head_mode=head_mode,
                        name=name)

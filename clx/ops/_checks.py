@@ -28,7 +28,16 @@ def is_concrete(x: Any) -> bool:
 
 
 def check_ndim(name: str, x: Any, ndim: int | tuple[int, ...]) -> None:
-  """Raises ValueError unless `x` has (one of) the given rank(s)."""
+  """Raises ValueError unless `x` has (one of) the given rank(s).
+
+  Args:
+    name: the argument's name, for the message.
+    x: an array or array-like (only its shape is read; tracers are fine).
+    ndim: the allowed rank, or a tuple of allowed ranks.
+
+  Raises:
+    ValueError: ``np.ndim(x)`` is not allowed (the message gives the shape).
+  """
   allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
   if np.ndim(x) not in allowed:
     want = " or ".join(f"{n}-D" for n in allowed)
@@ -52,7 +61,15 @@ def _host_values(x: Any) -> np.ndarray:
 
 
 def check_finite(name: str, x: Any) -> None:
-  """Raises ValueError if a concrete `x` holds NaN or Inf (no-op on tracers)."""
+  """Raises ValueError if a concrete `x` holds NaN or Inf (no-op on tracers).
+
+  Args:
+    name: the argument's name, for the message.
+    x: an array or array-like; tracers and non-float dtypes are not checked.
+
+  Raises:
+    ValueError: NaN or Inf entries (the message counts them).
+  """
   if not is_concrete(x):
     return
   if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
@@ -72,7 +89,15 @@ def check_finite(name: str, x: Any) -> None:
 
 
 def check_threshold(name: str, threshold: Any) -> None:
-  """Raises ValueError unless a concrete `threshold` is a scalar in (0, 1]."""
+  """Raises ValueError unless a concrete `threshold` is a scalar in (0, 1].
+
+  Args:
+    name: the argument's name, for the message.
+    threshold: a scalar; a tracer only has its rank checked.
+
+  Raises:
+    ValueError: not a scalar, or a concrete value outside (0, 1] (NaN included).
+  """
   if np.ndim(threshold) != 0:
     raise ValueError(
         f"{name} must be a scalar, got shape {tuple(np.shape(threshold))}."
@@ -85,7 +110,15 @@ def check_threshold(name: str, threshold: Any) -> None:
 
 
 def check_nonnegative(name: str, x: Any) -> None:
-  """Raises ValueError when a concrete `x` has negative entries."""
+  """Raises ValueError when a concrete `x` has negative entries.
+
+  Args:
+    name: the argument's name, for the message.
+    x: an array or array-like; tracers and empty arrays are not checked.
+
+  Raises:
+    ValueError: an entry < 0 (the message gives the minimum).
+  """
   if not is_concrete(x) or np.size(x) == 0:
     return
   if isinstance(x, jax.Array) and x.size > _DEVICE_REDUCE_SIZE:

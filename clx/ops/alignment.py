@@ -180,7 +180,16 @@ def task_normalized_logits(logits: Array, task_sizes: Sequence[int], temperature
 
 
 def cosine_epoch_lr(learning_rate: float, epoch: Any, epochs: int) -> Array:
-  """PyTorch ``CosineAnnealingLR(T_max=epochs)`` stepped per epoch: lr·(1 + cos(π e/E))/2."""
+  """PyTorch ``CosineAnnealingLR(T_max=epochs)`` stepped per epoch: lr·(1 + cos(π e/E))/2.
+
+  Args:
+    learning_rate: lr, the rate at epoch 0.
+    epoch: e, an int or () int/float array (may be traced).
+    epochs: E = ``T_max`` (> 0).
+
+  Returns:
+    lr_e = lr · (1 + cos(π e / E)) / 2, a () float array (or float).
+  """
   return learning_rate * (1.0 + jnp.cos(jnp.pi * epoch / epochs)) / 2.0
 
 

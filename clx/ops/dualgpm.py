@@ -162,7 +162,17 @@ def task_threshold(task_index: int, num_tasks: int, lamb: float = 0.95, lame: fl
 
 
 def kind_code(kind: Any) -> Any:
-  """``"remove"``/``"retain"`` → 0/1; ints and arrays are passed through."""
+  """``"remove"``/``"retain"`` → 0/1; ints and arrays are passed through.
+
+  Args:
+    kind: ``"remove"``/``"retain"``, or 0/1 as an int or () int array (may be traced).
+
+  Returns:
+    :data:`REMOVE` (0) / :data:`RETAIN` (1) for a string, else ``kind`` itself.
+
+  Raises:
+    ValueError: an unknown string, or a concrete int that is neither 0 nor 1.
+  """
   if isinstance(kind, str):
     if kind not in KINDS:
       raise ValueError(f"kind must be 'remove' or 'retain', got {kind!r}")
@@ -333,7 +343,21 @@ def _design(gram: Array, basis: Array, mem_rank: Any, kind: Any, rank: int, scal
 
 def projected_gram(gram: Array, basis: Array | None = None, kind: Any = "remove", *,
                    memory_rank: Any = None) -> Array:
-  """The official Ĉ = C − M Mᵀ C (remove) or M⊥ M⊥ᵀ C (retain); C with no memory."""
+  """The official Ĉ = C − M Mᵀ C (remove) or M⊥ M⊥ᵀ C (retain); C with no memory.
+
+  Args:
+    gram: C (d, d), finite and square.
+    basis: M (remove) or M⊥ (retain), (d, k) or (d, d) zero-padded; None: no memory.
+    kind: ``"remove"``/``"retain"`` or 0/1.
+    memory_rank: valid columns of ``basis`` (default: k, all of them); may be traced.
+
+  Returns:
+    Ĉ (d, d) = (I − M Mᵀ) C (remove) or M⊥ M⊥ᵀ C (retain); C itself with no memory.
+
+  Raises:
+    ValueError: a non-square or non-finite ``gram``, a ``basis`` whose shape does not match,
+      a non-finite ``basis``, ``memory_rank`` outside [0, k], or an unknown ``kind``.
+  """
   _check_gram(gram)
   padded, mem_rank = _prepare_basis(gram, basis, memory_rank)
   dtype = _float_dtype(gram, padded)
@@ -477,8 +501,19 @@ def gpm_update_from_gram_fixed(basis_padded: Array, rank: Any, gram: Array, thre
   representation R, whereas this one works on the Gram matrix with σ(Ĉ)²
   energies, and the first task here keeps max(r, 1) columns.
 
+  Args:
+    basis_padded: (d, d); columns < ``rank`` hold M, later columns are ignored.
+    rank: k, int scalar in [0, d] (may be traced).
+    gram: C (d, d), the task's input Gram matrix.
+    threshold: ε in (0, 1] (may be traced).
+    first_task: whether this is the first update (default: ``rank == 0``).
+    energy: ``"official"`` (σ(Ĉ)²) or ``"paper"`` (σ²(Ĥ)).
+
   Returns:
     (basis_padded (d, d), rank int32).
+
+  Raises:
+    ValueError: bad shapes, non-finite inputs, ε outside (0, 1] or an unknown ``energy``.
   """
   basis, new_rank, _ = dualgpm_update_fixed(basis_padded, rank, REMOVE, gram, threshold,
                                             first_task=first_task, energy=energy, dual=False)
@@ -513,13 +548,38 @@ def dualgpm_update(basis: Array | None, kind: str, gram: Array, threshold: Any, 
 
 def gpm_update_from_gram(basis: Array | None, gram: Array, threshold: Any, *,
                          energy: str = "official") -> Array:
-  """Host form of :func:`gpm_update_from_gram_fixed`: (d, k) → (d, k')."""
+  """Host form of :func:`gpm_update_from_gram_fixed`: (d, k) → (d, k').
+
+  Args:
+    basis: M (d, k), or None before the first task.
+    gram: C (d, d).
+    threshold: ε in (0, 1].
+    energy: ``"official"`` or ``"paper"``, see :func:`dualgpm_update_fixed`.
+
+  Returns:
+    The new basis M' (d, k'), k' ≥ k (not jit-able: data-dependent width).
+
+  Raises:
+    ValueError: bad shapes, non-finite inputs, ε outside (0, 1] or an unknown ``energy``.
+  """
   new, _ = dualgpm_update(basis, "remove", gram, threshold, energy=energy, dual=False)
   return new
 
 
 def protected_projector(basis: Array, rank: Any, kind: Any) -> Array:
-  """Projector (d, d) onto the protected (old tasks') space: M Mᵀ or I − M⊥ M⊥ᵀ."""
+  """Projector (d, d) onto the protected (old tasks') space: M Mᵀ or I − M⊥ M⊥ᵀ.
+
+  Args:
+    basis: (d, d) zero-padded memory (M for remove, M⊥ for retain).
+    rank: k, the valid columns (may be traced).
+    kind: ``"remove"``/``"retain"`` or 0/1.
+
+  Returns:
+    P (d, d) = M Mᵀ (remove) or I − M⊥ M⊥ᵀ (retain), in the basis' float dtype.
+
+  Raises:
+    ValueError: an unknown ``kind``.
+  """
   dtype = _float_dtype(basis)
   return jnp.eye(np.shape(basis)[0], dtype=dtype) - _allowed_projector(
       jnp.asarray(basis), rank, kind_code(kind), dtype)

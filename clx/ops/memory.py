@@ -69,7 +69,11 @@ class Memory(NamedTuple):
     return int(np.shape(self.basis)[0])
 
   def columns(self) -> Array:
-    """(d, d) basis with the columns ``≥ rank`` zeroed (M, or M⊥ for RETAIN)."""
+    """(d, d) basis with the columns ``≥ rank`` zeroed (M, or M⊥ for RETAIN).
+
+    Returns:
+      (d, d) array in the basis' dtype.
+    """
     valid = jnp.arange(self.basis.shape[1]) < self.rank
     return jnp.where(valid[None, :], self.basis, 0.0).astype(self.basis.dtype)
 
@@ -272,7 +276,18 @@ DUALGPM = dualgpm_rule()
 
 
 def as_dict(memory: Memory) -> dict[str, Array]:
-  """``{"basis", "rank", "kind", "scale"}``: the nested-dict form a state / checkpoint stores."""
+  """``{"basis", "rank", "kind", "scale"}``: the nested-dict form a state / checkpoint stores.
+
+  Args:
+    memory: a :class:`Memory`.
+
+  Returns:
+    ``{"basis" (d, d), "rank" (), "kind" (), "scale" (d,)}``: the same arrays.
+
+  Raises:
+    TypeError: ``memory`` is not a :class:`Memory`.
+    AssertionError: a field of the wrong rank, shape or dtype (chex).
+  """
   _check_memory(memory, "as_dict")
   return memory._asdict()
 

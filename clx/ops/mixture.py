@@ -97,7 +97,18 @@ def precision_cholesky(covariances: Array, covariance_type: str) -> Array:
 
 
 def log_det_precision_cholesky(prec_chol: Array, covariance_type: str) -> Array:
-  """``log det U`` per component (= −½ log det Σ), shape ``(K,)``."""
+  """``log det U`` per component (= −½ log det Σ), shape ``(K,)``.
+
+  Args:
+    prec_chol: U, ``(K, d, d)`` (full) or ``(K, d)`` (diag), from :func:`precision_cholesky`.
+    covariance_type: ``"full"`` or ``"diag"``.
+
+  Returns:
+    (K,) Σ_i log U_ii.
+
+  Raises:
+    ValueError: an unknown ``covariance_type``.
+  """
   _check_cov_type(covariance_type)
   if covariance_type == "diag":
     return jnp.sum(jnp.log(prec_chol), axis=-1)
@@ -113,6 +124,12 @@ def gaussian_log_prob(x: Array, means: Array, prec_chol: Array, covariance_type:
     means: ``(K, d)``.
     prec_chol: precision Cholesky factors from :func:`precision_cholesky`.
     covariance_type: ``"full"`` or ``"diag"``.
+
+  Returns:
+    (n, K) −½ (d log 2π + ‖(x_n − μ_k) U_k‖²) + log det U_k.
+
+  Raises:
+    ValueError: an unknown ``covariance_type``.
   """
   _check_cov_type(covariance_type)
   d = x.shape[-1]
@@ -136,7 +153,20 @@ def gaussian_log_prob(x: Array, means: Array, prec_chol: Array, covariance_type:
 
 @functools.partial(jax.jit, static_argnames=("covariance_type",))
 def mahalanobis_sq(x: Array, means: Array, prec_chol: Array, covariance_type: str) -> Array:
-  """Squared Mahalanobis distances ``(x_n − μ_k)ᵀ Σ_k⁻¹ (x_n − μ_k)``, shape ``(n, K)``."""
+  """Squared Mahalanobis distances ``(x_n − μ_k)ᵀ Σ_k⁻¹ (x_n − μ_k)``, shape ``(n, K)``.
+
+  Args:
+    x: (n, d) points.
+    means: μ (K, d).
+    prec_chol: U from :func:`precision_cholesky`.
+    covariance_type: ``"full"`` or ``"diag"``.
+
+  Returns:
+    (n, K) ‖(x_n − μ_k) U_k‖² ≥ 0.
+
+  Raises:
+    ValueError: an unknown ``covariance_type``.
+  """
   d = x.shape[-1]
   log_det = log_det_precision_cholesky(prec_chol, covariance_type)
   lp = gaussian_log_prob(x, means, prec_chol, covariance_type)
@@ -152,9 +182,18 @@ def gaussian_statistics(x: Array, resp: Array, reg_covar: float, covariance_type
                         ) -> tuple[Array, Array, Array]:
   """Soft counts, means and covariances (sklearn ``_estimate_gaussian_parameters``).
 
+  Args:
+    x: (n, d) points.
+    resp: (n, K) responsibilities r_nk.
+    reg_covar: added to every covariance's diagonal.
+    covariance_type: ``"full"`` or ``"diag"``.
+
   Returns:
     ``nk (K,)`` (plus 10·eps), ``xk (K, d)``, ``sk`` ``(K, d, d)`` / ``(K, d)`` with
     ``reg_covar`` on the diagonal.
+
+  Raises:
+    ValueError: an unknown ``covariance_type``.
   """
   _check_cov_type(covariance_type)
   eps = jnp.finfo(x.dtype).eps
@@ -182,7 +221,26 @@ def default_priors(x: Array, n_components: int, covariance_type: str, *,
                    mean_prior: ArrayLike | None = None,
                    degrees_of_freedom_prior: float | None = None,
                    covariance_prior: ArrayLike | None = None) -> dict[str, Array]:
-  """The prior hyper-parameters with sklearn's defaults filled in from the data ``x``."""
+  """The prior hyper-parameters with sklearn's defaults filled in from the data ``x``.
+
+  Args:
+    x: (n, d) the data.
+    n_components: K.
+    covariance_type: ``"full"`` or ``"diag"``.
+    weight_concentration_prior: γ (default 1/K).
+    mean_precision_prior: β₀ (default 1).
+    mean_prior: m₀ (d,) (default the data mean).
+    degrees_of_freedom_prior: ν₀ (default d).
+    covariance_prior: W₀⁻¹, (d, d) (full) or (d,) (diag) (default the unbiased covariance or
+      variance of ``x``).
+
+  Returns:
+    ``{"weight_concentration" (), "mean_precision" (), "mean" (d,), "dof" (),
+    "covariance" (d, d) | (d,)}`` in ``x``'s dtype.
+
+  Raises:
+    ValueError: an unknown ``covariance_type``.
+  """
   _check_cov_type(covariance_type)
   n, d = x.shape
   dtype = x.dtype
@@ -212,6 +270,19 @@ def dpgmm_m_step(x: Array, resp: Array, priors: dict, *, reg_covar: float,
   Returns a dict: ``alpha``, ``beta`` (stick-breaking Beta parameters, ``(K,)``),
   ``mean_precision (K,)``, ``means (K, d)``, ``dof (K,)``, ``covariances`` and
   ``prec_chol`` (normalised as sklearn: Wishart scale / dof).
+
+  Args:
+    x: (n, d) points.
+    resp: (n, K) responsibilities.
+    priors: :func:`default_priors`' dict.
+    reg_covar: added to the covariances' diagonals.
+    covariance_type: ``"full"`` or ``"diag"``.
+
+  Returns:
+    The parameter dict above (``covariances`` (K, d, d) or (K, d), ``prec_chol`` alike).
+
+  Raises:
+    ValueError: an unknown ``covariance_type``.
   """
   nk, xk, sk = gaussian_statistics(x, resp, reg_covar, covariance_type)
   # Stick-breaking weights: Beta(1 + N_k, γ + Σ_{j>k} N_j).
@@ -237,14 +308,30 @@ def dpgmm_m_step(x: Array, resp: Array, priors: dict, *, reg_covar: float,
 
 
 def dpgmm_expected_log_weights(alpha: Array, beta: Array) -> Array:
-  """E_q[log π_k] under the stick-breaking posterior, ``(K,)``."""
+  """E_q[log π_k] under the stick-breaking posterior, ``(K,)``.
+
+  Args:
+    alpha: (K,) Beta parameters 1 + N_k.
+    beta: (K,) Beta parameters γ + Σ_{j>k} N_j.
+
+  Returns:
+    (K,) E[log v_k] + Σ_{j<k} E[log(1 − v_j)], with E[log v] = ψ(α) − ψ(α + β).
+  """
   dsum = digamma(alpha + beta)
   rest = jnp.cumsum(digamma(beta) - dsum)
   return digamma(alpha) - dsum + jnp.concatenate([jnp.zeros((1,), rest.dtype), rest[:-1]])
 
 
 def dpgmm_weights(alpha: Array, beta: Array) -> Array:
-  """Posterior-mean mixture weights (sklearn ``weights_``), summing to 1."""
+  """Posterior-mean mixture weights (sklearn ``weights_``), summing to 1.
+
+  Args:
+    alpha: (K,) stick-breaking Beta parameters.
+    beta: (K,) stick-breaking Beta parameters.
+
+  Returns:
+    (K,) w_k ∝ α_k/(α_k + β_k) · Π_{j<k} β_j/(α_j + β_j), normalised to sum 1.
+  """
   total = alpha + beta
   frac = beta / total
   w = alpha / total * jnp.concatenate([jnp.ones((1,), alpha.dtype), jnp.cumprod(frac[:-1])])
@@ -252,7 +339,18 @@ def dpgmm_weights(alpha: Array, beta: Array) -> Array:
 
 
 def dpgmm_expected_log_prob(params: dict, x: Array, covariance_type: str) -> Array:
-  """E_q[log N(x_n | μ_k, Λ_k)] for every point and component, ``(n, K)``."""
+  """E_q[log N(x_n | μ_k, Λ_k)] for every point and component, ``(n, K)``.
+
+  Args:
+    params: fitted DP-GMM parameters (:func:`dpgmm_m_step`: ``alpha``, ``beta``, ``means``
+      (K, d), ``mean_precision`` (K,), ``dof`` (K,), ``prec_chol``).
+    x: (n, d) points.
+    covariance_type: ``"full"`` or ``"diag"``.
+
+  Returns:
+    (n, K) the expectation, computed as sklearn's ``BayesianGaussianMixture._estimate_log_prob``
+    (the Gaussian term under ``prec_chol``, −½ d log ν_k, and ½ (E[log det Λ_k] − d/β_k)).
+  """
   d = x.shape[-1]
   dof, mean_precision = params["dof"], params["mean_precision"]
   log_gauss = gaussian_log_prob(x, params["means"], params["prec_chol"], covariance_type) \
@@ -263,7 +361,16 @@ def dpgmm_expected_log_prob(params: dict, x: Array, covariance_type: str) -> Arr
 
 
 def dpgmm_e_step(params: dict, x: Array, covariance_type: str) -> tuple[Array, Array]:
-  """``(mean log-normaliser, log responsibilities (n, K))``."""
+  """``(mean log-normaliser, log responsibilities (n, K))``.
+
+  Args:
+    params: the current variational parameters (as :func:`dpgmm_expected_log_prob`).
+    x: (n, d) points to assign.
+    covariance_type: ``"full"`` or ``"diag"``.
+
+  Returns:
+    ``(mean_n log Σ_k exp(ℓ_nk), log r (n, K))`` with ℓ = E[log π_k] + E[log N].
+  """
   weighted = dpgmm_expected_log_prob(params, x, covariance_type) + \
       dpgmm_expected_log_weights(params["alpha"], params["beta"])[None, :]
   norm = jax.nn.logsumexp(weighted, axis=1)
@@ -271,7 +378,17 @@ def dpgmm_e_step(params: dict, x: Array, covariance_type: str) -> tuple[Array, A
 
 
 def dpgmm_lower_bound(params: dict, log_resp: Array, covariance_type: str) -> Array:
-  """sklearn's (constant-free) variational lower bound, used for convergence."""
+  """sklearn's (constant-free) variational lower bound, used for convergence.
+
+  Args:
+    params: the parameters of the last M-step (as :func:`dpgmm_expected_log_prob`).
+    log_resp: (n, K) log responsibilities (:func:`dpgmm_e_step`).
+    covariance_type: ``"full"`` or ``"diag"``.
+
+  Returns:
+    () the bound (sklearn ``_compute_lower_bound``): the responsibilities' entropy minus the
+    Wishart, Beta and mean-precision normalisers.
+  """
   d = params["means"].shape[-1]
   dof = params["dof"]
   log_det_chol = log_det_precision_cholesky(params["prec_chol"], covariance_type) \
@@ -370,7 +487,16 @@ def fit_dpgmm(x: ArrayLike, *, n_components: int = 100, covariance_type: str = "
 
 @functools.partial(jax.jit, static_argnames=("covariance_type",))
 def dpgmm_score_samples(params: dict, x: Array, covariance_type: str) -> Array:
-  """sklearn's ``score_samples``: logsumexp_k (E[log π_k] + E[log N(x | μ_k, Λ_k)]), ``(n,)``."""
+  """sklearn's ``score_samples``: logsumexp_k (E[log π_k] + E[log N(x | μ_k, Λ_k)]), ``(n,)``.
+
+  Args:
+    params: the fitted DP-GMM (as :func:`dpgmm_expected_log_prob`).
+    x: (n, d) points to score.
+    covariance_type: ``"full"`` or ``"diag"``.
+
+  Returns:
+    (n,) per-point log-density estimate.
+  """
   weighted = dpgmm_expected_log_prob(params, x, covariance_type) + \
       dpgmm_expected_log_weights(params["alpha"], params["beta"])[None, :]
   return jax.nn.logsumexp(weighted, axis=1)
@@ -378,7 +504,17 @@ def dpgmm_score_samples(params: dict, x: Array, covariance_type: str) -> Array:
 
 @functools.partial(jax.jit, static_argnames=("covariance_type",))
 def dpgmm_predict(params: dict, x: Array, covariance_type: str) -> Array:
-  """Hard component labels (sklearn ``predict``), ``(n,)`` int32."""
+  """Hard component labels (sklearn ``predict``), ``(n,)`` int32.
+
+  Args:
+    params: the fitted DP-GMM whose components label the points (as
+      :func:`dpgmm_expected_log_prob`).
+    x: (n, d) points to label.
+    covariance_type: ``"full"`` or ``"diag"``.
+
+  Returns:
+    (n,) int32 argmax_k of the responsibilities.
+  """
   _, log_resp = dpgmm_e_step(params, x, covariance_type)
   return jnp.argmax(log_resp, axis=1).astype(jnp.int32)
 
@@ -396,8 +532,18 @@ def to_signature(params: dict, covariance_type: str, *, min_weight: float = 0.0,
   kept), at most ``max_components`` of the heaviest are kept, and the weights are
   renormalised.
 
+  Args:
+    params: fitted DP-GMM (``weights`` (K,), ``means`` (K, d), ``covariances``).
+    covariance_type: ``"full"`` or ``"diag"``.
+    min_weight: weight threshold for keeping a component.
+    jitter: added to every covariance's diagonal before the Cholesky factors.
+    max_components: keep at most this many (the heaviest), or None.
+
   Returns:
     ``{"log_weights" (K',), "means" (K', d), "covariances", "prec_chol", "log_det_cov" (K',)}``.
+
+  Raises:
+    ValueError: an unknown ``covariance_type``.
   """
   _check_cov_type(covariance_type)
   weights = np.asarray(params["weights"], np.float64)
@@ -416,7 +562,22 @@ def to_signature(params: dict, covariance_type: str, *, min_weight: float = 0.0,
 
 def signature_from_moments(weights: ArrayLike, means: ArrayLike, covariances: ArrayLike,
                            covariance_type: str, *, jitter: float = 0.0) -> dict[str, Array]:
-  """A plug-in mixture signature from weights ``(K,)``, means and covariances."""
+  """A plug-in mixture signature from weights ``(K,)``, means and covariances.
+
+  Args:
+    weights: (K,) mixture weights w_k (summing to 1).
+    means: (K, d).
+    covariances: (K, d, d) (full) or (K, d) (diag), positive definite after ``jitter``.
+    covariance_type: ``"full"`` or ``"diag"``.
+    jitter: added to every covariance's diagonal.
+
+  Returns:
+    ``{"log_weights" (K,), "means" (K, d), "covariances", "prec_chol", "log_det_cov" (K,)}``
+    in the means' dtype.
+
+  Raises:
+    ValueError: an unknown ``covariance_type``.
+  """
   _check_cov_type(covariance_type)
   means = jnp.asarray(means)
   return _signature_arrays(jnp.asarray(weights, means.dtype), means,
@@ -437,13 +598,29 @@ def _signature_arrays(weights, means, covariances, *, covariance_type, jitter):
 
 
 def signature_covariance_type(signature: dict) -> str:
-  """``"full"`` or ``"diag"`` from the shapes of a signature's ``prec_chol``."""
+  """``"full"`` or ``"diag"`` from the shapes of a signature's ``prec_chol``.
+
+  Args:
+    signature: a mixture signature (``prec_chol`` (K, d, d) or (K, d), ``means`` (K, d));
+      stacked signatures (a leading task axis on both) work too.
+
+  Returns:
+    ``"full"`` or ``"diag"``.
+  """
   return "full" if signature["prec_chol"].ndim == signature["means"].ndim + 1 else "diag"
 
 
 @jax.jit
 def component_log_prob(signature: dict, x: Array) -> Array:
-  """``log w_k + log N(x_n; m_k, Σ_k)``, shape ``(n, K)``."""
+  """``log w_k + log N(x_n; m_k, Σ_k)``, shape ``(n, K)``.
+
+  Args:
+    signature: a mixture signature (:func:`signature_from_moments`).
+    x: (n, d) points.
+
+  Returns:
+    (n, K) log w_k + log N(x_n; m_k, Σ_k).
+  """
   cov_type = signature_covariance_type(signature)
   return gaussian_log_prob(x, signature["means"], signature["prec_chol"], cov_type) \
       + signature["log_weights"][None, :]
@@ -451,12 +628,33 @@ def component_log_prob(signature: dict, x: Array) -> Array:
 
 @jax.jit
 def signature_log_prob(signature: dict, x: Array) -> Array:
-  """Plug-in mixture log-density ``log Σ_k w_k N(x_n; m_k, Σ_k)``, shape ``(n,)``."""
+  """Plug-in mixture log-density ``log Σ_k w_k N(x_n; m_k, Σ_k)``, shape ``(n,)``.
+
+  Args:
+    signature: a mixture signature.
+    x: (n, d) points.
+
+  Returns:
+    (n,) logsumexp_k of :func:`component_log_prob`.
+  """
   return jax.nn.logsumexp(component_log_prob(signature, x), axis=1)
 
 
 def pad_signature(signature: dict, n_components: int) -> dict[str, Array]:
-  """Pad to ``n_components`` with inert components (log-weight ``LOG_ZERO``, unit covariance)."""
+  """Pad to ``n_components`` with inert components (log-weight ``LOG_ZERO``, unit covariance).
+
+  Args:
+    signature: a mixture signature with K components.
+    n_components: K' ≥ K.
+
+  Returns:
+    The signature with K' components (the same dict copied when K' = K); padded components
+    have zero mean, identity (or unit diagonal) ``covariances``/``prec_chol`` and zero
+    ``log_det_cov``.
+
+  Raises:
+    ValueError: K > ``n_components``.
+  """
   k = signature["means"].shape[0]
   if k > n_components:
     raise ValueError(f"signature has {k} components, cannot pad to {n_components}")
@@ -480,7 +678,18 @@ def pad_signature(signature: dict, n_components: int) -> dict[str, Array]:
 
 
 def stack_signatures(signatures: Sequence[dict]) -> dict[str, Array]:
-  """Pad a list of signatures to a common K and stack them on a leading task axis."""
+  """Pad a list of signatures to a common K and stack them on a leading task axis.
+
+  Args:
+    signatures: T signatures of one kind (all mixtures or all centroids), same fields.
+
+  Returns:
+    The fields stacked to (T, K_max, …): mixtures padded by :func:`pad_signature`, centroids
+    by :func:`pad_centroids`.
+
+  Raises:
+    ValueError: an empty list, or signatures with different fields.
+  """
   if not signatures:
     raise ValueError("no signatures to stack")
   keys = set(signatures[0])
@@ -505,7 +714,17 @@ def _sq_dists(x: Array, centers: Array) -> Array:
 
 @functools.partial(jax.jit, static_argnames=("k", "n_local_trials"))
 def kmeans_plusplus(key: Array, x: Array, k: int, n_local_trials: int | None = None) -> Array:
-  """Greedy k-means++ seeding (D² sampling, ``2 + ⌊ln k⌋`` candidates per step), ``(k, d)``."""
+  """Greedy k-means++ seeding (D² sampling, ``2 + ⌊ln k⌋`` candidates per step), ``(k, d)``.
+
+  Args:
+    key: the PRNG key.
+    x: (n, d) points.
+    k: number of centers (static), 1 ≤ k ≤ n.
+    n_local_trials: candidates per step (default 2 + ⌊ln k⌋).
+
+  Returns:
+    (k, d) centers, each a row of ``x``.
+  """
   n = x.shape[0]
   trials = n_local_trials or (2 + int(math.log(k)))
   key, first = jax.random.split(key)
@@ -530,6 +749,12 @@ def lloyd(x: Array, centers: Array, *, max_iter: int = 300, tol: float = 1e-4
           ) -> tuple[Array, Array, Array]:
   """Lloyd iterations from ``centers``; stops when labels repeat or the centers move
   less than ``tol · mean(var(x))`` (sklearn's criterion). Empty clusters keep their center.
+
+  Args:
+    x: (n, d) points.
+    centers: (k, d) initial centers.
+    max_iter: maximum iterations (static).
+    tol: relative tolerance on the squared center shift.
 
   Returns:
     ``(centers (k, d), labels (n,) int32, inertia ())``.
@@ -571,8 +796,19 @@ def kmeans(x: ArrayLike, k: int, *, key: Array | None = None, init: ArrayLike | 
            max_iter: int = 300, tol: float = 1e-4) -> tuple[Array, Array, Array]:
   """k-means: k-means++ seeding (or the given ``init`` centers) and Lloyd iterations.
 
+  Args:
+    x: (n, d) points (non-float inputs are cast to float32).
+    k: number of clusters, 1 ≤ k ≤ n.
+    key: key of the k-means++ seeding (default ``PRNGKey(0)``).
+    init: (k, d) initial centers instead of the seeding.
+    max_iter: maximum Lloyd iterations.
+    tol: relative tolerance (see :func:`lloyd`).
+
   Returns:
     ``(centers (k, d), labels (n,) int32, inertia ())``.
+
+  Raises:
+    ValueError: ``k`` outside [1, n], or ``init`` not (k, d).
   """
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -597,6 +833,12 @@ def nearest_centroid_score(centers: Array, x: Array, metric: str = "l1",
     x: ``(n, d)``.
     metric: ``"l1"`` (S-Prompts' Σ|f − c|) or ``"l2"`` (Euclidean).
     valid: optional ``(k,)`` bool mask of real (non-padding) centroids.
+
+  Returns:
+    (n,) −min_k dist(x_n, c_k) over the valid centroids (−Inf with none).
+
+  Raises:
+    ValueError: an unknown ``metric``.
   """
   if metric == "l1":
     dist = jnp.sum(jnp.abs(x[:, None, :] - centers[None, :, :]), axis=-1)
@@ -610,7 +852,18 @@ def nearest_centroid_score(centers: Array, x: Array, metric: str = "l1",
 
 
 def pad_centroids(signature: dict, n_components: int) -> dict[str, Array]:
-  """Pad a ``{"centers", "valid"}`` k-means signature to ``n_components`` centroids."""
+  """Pad a ``{"centers", "valid"}`` k-means signature to ``n_components`` centroids.
+
+  Args:
+    signature: ``{"centers" (k, d)(, "valid" (k,) bool)}``.
+    n_components: k' ≥ k.
+
+  Returns:
+    ``{"centers" (k', d), "valid" (k',)}``, padding rows zero and invalid.
+
+  Raises:
+    ValueError: k > ``n_components``.
+  """
   centers = jnp.asarray(signature["centers"])
   valid = jnp.asarray(signature.get("valid", jnp.ones((centers.shape[0],), bool)))
   extra = n_components - centers.shape[0]
@@ -623,7 +876,17 @@ def pad_centroids(signature: dict, n_components: int) -> dict[str, Array]:
 
 def centroid_signature(x: ArrayLike, k: int, *, key: Array | None = None,
                        max_iter: int = 300) -> dict[str, Array]:
-  """A k-means signature ``{"centers" (k, d), "valid" (k,) bool}`` of features ``x``."""
+  """A k-means signature ``{"centers" (k, d), "valid" (k,) bool}`` of features ``x``.
+
+  Args:
+    x: (n, d) features.
+    k: number of centroids (capped at n).
+    key: key of the k-means++ seeding (default ``PRNGKey(0)``).
+    max_iter: maximum Lloyd iterations.
+
+  Returns:
+    ``{"centers" (min(k, n), d), "valid" (min(k, n),) all True}``.
+  """
   k = int(min(k, np.shape(x)[0]))
   centers, _, _ = kmeans(x, k, key=key, max_iter=max_iter)
   return {"centers": centers, "valid": jnp.ones((k,), bool)}

@@ -71,7 +71,17 @@ def batch_mean_covariance(inputs: Array) -> Array:
 
 
 def sample_covariance(inputs: Array) -> Array:
-  """Σ_rows x xᵀ (D, D) of a batch's inputs (B, ..., D): the paper's uncentred covariance."""
+  """Σ_rows x xᵀ (D, D) of a batch's inputs (B, ..., D): the paper's uncentred covariance.
+
+  Args:
+    inputs: (B, ..., D) layer inputs; every leading position is a row x.
+
+  Returns:
+    (D, D) Σ_rows x xᵀ (not divided by the row count).
+
+  Raises:
+    ValueError: ``inputs`` has fewer than 2 dimensions.
+  """
   if np.ndim(inputs) < 2:
     raise ValueError(f"inputs must be (B, ..., D), got shape {np.shape(inputs)}")
   x = _rows(jnp.asarray(inputs))

@@ -110,7 +110,18 @@ def accumulate(moments: Moments, x: Array, weights: Array | None = None) -> Mome
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
-  """Moments of the union of two row sets (both accumulated with the same shift)."""
+  """Moments of the union of two row sets (both accumulated with the same shift).
+
+  Args:
+    a: moments ``{"shift" (d,), "sum" (d,), "outer" (d, d), "count" ()}``.
+    b: moments of other rows, same d and shift.
+
+  Returns:
+    ``{"shift": a's, "sum": a + b, "outer": a + b, "count": a + b}``.
+
+  Raises:
+    ValueError: malformed moments, or (concrete) shifts that differ.
+  """
   _check_moments(a)
   _check_moments(b)
   if (_checks.is_concrete(a["shift"]) and _checks.is_concrete(b["shift"])
@@ -125,6 +136,16 @@ def mean_covariance(moments: Moments, *, ddof: int = 0) -> tuple[Array, Array]:
 
   C = (outer − count·δδᵀ) / (count − ddof) with δ = sum / count (the mean
   relative to the shift); symmetrised. With count 0 both are zero.
+
+  Args:
+    moments: accumulated rows (:func:`accumulate`).
+    ddof: 0 (divide by count) or 1 (unbiased).
+
+  Returns:
+    ``(μ (d,), C (d, d))`` in the moments' dtype; μ = shift + δ.
+
+  Raises:
+    ValueError: malformed moments.
   """
   _check_moments(moments)
   return _mean_cov(moments, ddof)
@@ -143,7 +164,14 @@ def _mean_cov(moments, ddof):
 
 
 def fix_signs(vectors: Array) -> Array:
-  """Flips each column so its entry of largest magnitude is positive (deterministic PCA)."""
+  """Flips each column so its entry of largest magnitude is positive (deterministic PCA).
+
+  Args:
+    vectors: (d, k) columns (eigenvectors).
+
+  Returns:
+    (d, k) ``vectors · diag(s)``, s_j = sign of column j's largest-|·| entry (1 where it is 0).
+  """
   v = jnp.asarray(vectors)
   idx = jnp.argmax(jnp.abs(v), axis=0)
   signs = jnp.sign(v[idx, jnp.arange(v.shape[1])])
@@ -185,6 +213,20 @@ def pca(x: Array, k: int, *, weights: Array | None = None, ddof: int = 0,
   """PCA of the rows of ``x`` (..., d) in one call (moments, then :func:`pca_from_moments`).
 
   ``shift`` defaults to the first row (accurate float32 accumulation).
+
+  Args:
+    x: rows (..., d).
+    k: number of components, 1 ≤ k ≤ d (static).
+    weights: (...) row weights (x without its last axis), or None for 1 each.
+    ddof: 0 or 1, see :func:`pca_from_moments`.
+    shift: s (d,) subtracted before accumulating, or None for the first row.
+
+  Returns:
+    ``{"mean" (d,), "components" (d, k), "eigenvalues" (k,), "total_variance" ()}``
+    (:func:`pca_from_moments`); accumulated in float32 (float64 for float64 ``x``).
+
+  Raises:
+    ValueError: ``k`` outside [1, d], or ``weights`` of the wrong shape.
   """
   x = jnp.asarray(x)
   d = x.shape[-1]
@@ -204,13 +246,37 @@ def _check_basis(x: Array, mean: Array, components: Array) -> None:
 
 
 def project(x: Array, mean: Array, components: Array) -> Array:
-  """Coordinates ``(x − μ) U`` (..., k) of rows ``x`` (..., d) in the principal basis."""
+  """Coordinates ``(x − μ) U`` (..., k) of rows ``x`` (..., d) in the principal basis.
+
+  Args:
+    x: rows (..., d).
+    mean: μ (d,).
+    components: U (d, k).
+
+  Returns:
+    (..., k) coordinates (x − μ) U.
+
+  Raises:
+    AssertionError: mismatched shapes (chex).
+  """
   _check_basis(x, mean, components)
   return jnp.matmul(jnp.asarray(x) - mean, components, precision=_HIGHEST)
 
 
 def reconstruct(coords: Array, mean: Array, components: Array) -> Array:
-  """Rows ``coords Uᵀ + μ`` (..., d) from principal coordinates (..., k)."""
+  """Rows ``coords Uᵀ + μ`` (..., d) from principal coordinates (..., k).
+
+  Args:
+    coords: (..., k) principal coordinates.
+    mean: μ (d,).
+    components: U (d, k).
+
+  Returns:
+    (..., d) rows coords Uᵀ + μ.
+
+  Raises:
+    AssertionError: mismatched shapes (chex).
+  """
   shapes = "pca.reconstruct(coords (..., k), mean (d,), components (d, k))"
   chex.assert_rank(components, 2, custom_message=shapes)
   chex.assert_shape(mean, (components.shape[0],), custom_message=shapes)
@@ -219,7 +285,20 @@ def reconstruct(coords: Array, mean: Array, components: Array) -> Array:
 
 
 def residual_fraction(x: Array, mean: Array, components: Array, eps: float = 1e-12) -> Array:
-  """``‖(x − μ) − (x − μ)UUᵀ‖² / ‖x − μ‖²`` per row (...,): 0 in the affine span, ≤ 1."""
+  """``‖(x − μ) − (x − μ)UUᵀ‖² / ‖x − μ‖²`` per row (...,): 0 in the affine span, ≤ 1.
+
+  Args:
+    x: rows (..., d).
+    mean: μ (d,).
+    components: U (d, k), orthonormal columns.
+    eps: lower bound of the denominator (a row equal to μ gives 0).
+
+  Returns:
+    (...) fractions in [0, 1].
+
+  Raises:
+    AssertionError: mismatched shapes (chex).
+  """
   _check_basis(x, mean, components)
   centred = jnp.asarray(x) - mean
   inside = jnp.matmul(jnp.matmul(centred, components, precision=_HIGHEST), components.T,

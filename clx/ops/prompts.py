@@ -227,7 +227,14 @@ def coda_prompt(query: Array, keys: Array, attention: Array, components: Array) 
 
 
 def ortho_penalty(t: Array) -> Array:
-  """``mean((T Tᵀ − I)²)`` over the rows of ``t`` (M, D) (``zoo.py`` l.199)."""
+  """``mean((T Tᵀ − I)²)`` over the rows of ``t`` (M, D) (``zoo.py`` l.199).
+
+  Args:
+    t: (M, D), M rows (e.g. prompt keys or components).
+
+  Returns:
+    () mean over the (M, M) entries of (T Tᵀ − I)².
+  """
   gram = jnp.matmul(t, t.T, precision=_HIGHEST)
   return jnp.mean(jnp.square(gram - jnp.eye(t.shape[0], dtype=t.dtype)))
 

@@ -45,7 +45,18 @@ def class_sums(features: Array, labels: Array, num_classes: int,
 
 
 def prototypes(sums: Array, counts: Array) -> Array:
-  """Class means ``sums / n_c`` (zero rows for classes without examples), ``(C, d)``."""
+  """Class means ``sums / n_c`` (zero rows for classes without examples), ``(C, d)``.
+
+  Args:
+    sums: (C, d) per-class feature sums.
+    counts: (C,) per-class example counts.
+
+  Returns:
+    (C, d) p_c = sums_c / max(n_c, 1).
+
+  Raises:
+    AssertionError: wrong ranks or shapes (chex).
+  """
   shapes = "prototypes(sums (C, d), counts (C,))"
   chex.assert_rank(sums, 2, custom_message=shapes)
   chex.assert_shape(counts, (sums.shape[0],), custom_message=shapes)
@@ -53,7 +64,19 @@ def prototypes(sums: Array, counts: Array) -> Array:
 
 
 def cosine_logits(features: Array, protos: Array, eps: float = 1e-12) -> Array:
-  """``cos(f_i, p_c)`` ``(n, C)``, both normalised by ``max(‖·‖, eps)`` (``F.normalize``)."""
+  """``cos(f_i, p_c)`` ``(n, C)``, both normalised by ``max(‖·‖, eps)`` (``F.normalize``).
+
+  Args:
+    features: (n, d).
+    protos: (C, d) class prototypes.
+    eps: lower bound of the norms (avoids 0/0).
+
+  Returns:
+    (n, C) cosine similarities f̂_i · p̂_c.
+
+  Raises:
+    AssertionError: wrong ranks or mismatched d (chex).
+  """
   shapes = "cosine_logits(features (n, d), protos (C, d))"
   chex.assert_rank([features, protos], 2, custom_message=shapes)
   chex.assert_axis_dimension(protos, 1, features.shape[1], custom_message=shapes)

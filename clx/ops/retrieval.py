@@ -69,7 +69,17 @@ Array = jax.Array
 
 
 def signature_kind(signature: dict) -> str:
-  """``"mixture"`` (plug-in Gaussian mixture) or ``"centroids"`` (k-means)."""
+  """``"mixture"`` (plug-in Gaussian mixture) or ``"centroids"`` (k-means).
+
+  Args:
+    signature: a signature dict (:mod:`clx.ops.mixture`).
+
+  Returns:
+    ``"mixture"`` (has ``log_weights``) or ``"centroids"`` (has ``centers``).
+
+  Raises:
+    ValueError: neither field is present.
+  """
   if "log_weights" in signature:
     return "mixture"
   if "centers" in signature:
@@ -78,7 +88,19 @@ def signature_kind(signature: dict) -> str:
 
 
 def score(signature: dict, feats: Array, *, metric: str = "l1") -> Array:
-  """Score ``(n,)`` of features ``(n, d)`` under one signature (higher = more likely)."""
+  """Score ``(n,)`` of features ``(n, d)`` under one signature (higher = more likely).
+
+  Args:
+    signature: one task's signature (mixture or centroids).
+    feats: (n, d) features.
+    metric: ``"l1"`` or ``"l2"``, the distance of centroid signatures (ignored for mixtures).
+
+  Returns:
+    (n,) log-likelihood log p(f) under a mixture, or the negated nearest-centroid distance.
+
+  Raises:
+    ValueError: ``signature`` is neither kind, or an unknown ``metric``.
+  """
   if signature_kind(signature) == "mixture":
     return mixture.signature_log_prob(signature, feats)
   return mixture.nearest_centroid_score(signature["centers"], feats, metric,
@@ -93,6 +115,12 @@ def score_tasks(signatures: dict, feats: Array, *, metric: str = "l1") -> Array:
       (:func:`clx.ops.mixture.stack_signatures`).
     feats: ``(T, n, d)``, h_i(x) for every task i.
     metric: distance of centroid signatures.
+
+  Returns:
+    (n, T) S with S[j, i] the score of h_i(x_j) under signature i.
+
+  Raises:
+    AssertionError: ``feats`` is not 3-D (chex).
   """
   shapes = "score_tasks(feats (T, n, d))"
   chex.assert_rank(feats, 3, custom_message=shapes)
@@ -101,7 +129,19 @@ def score_tasks(signatures: dict, feats: Array, *, metric: str = "l1") -> Array:
 
 
 def score_shared(signatures: dict, feats: Array, *, metric: str = "l1") -> Array:
-  """Scores ``(n, T)`` of one feature set ``(n, d)`` under every stacked signature."""
+  """Scores ``(n, T)`` of one feature set ``(n, d)`` under every stacked signature.
+
+  Args:
+    signatures: signatures stacked on a leading task axis T.
+    feats: (n, d), one feature per input (e.g. the base backbone's).
+    metric: distance of centroid signatures.
+
+  Returns:
+    (n, T) scores, column i under signature i.
+
+  Raises:
+    AssertionError: ``feats`` is not 2-D (chex).
+  """
   shapes = "score_shared(feats (n, d))"
   chex.assert_rank(feats, 2, custom_message=shapes)
   out = jax.vmap(lambda sig: score(sig, feats, metric=metric))(signatures)
@@ -109,14 +149,32 @@ def score_shared(signatures: dict, feats: Array, *, metric: str = "l1") -> Array
 
 
 def retrieve(scores: Array) -> Array:
-  """``argmax`` task per row of ``(n, T)`` scores, int32."""
+  """``argmax`` task per row of ``(n, T)`` scores, int32.
+
+  Args:
+    scores: (n, T), higher = more likely.
+
+  Returns:
+    (n,) int32 î = argmax_i scores[:, i] (ties: the lowest index).
+
+  Raises:
+    AssertionError: ``scores`` is not 2-D (chex).
+  """
   shapes = "retrieve(scores (n, T))"
   chex.assert_rank(scores, 2, custom_message=shapes)
   return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
 
 def retrieval_accuracy(predicted: Array, true: Array) -> Array:
-  """Share of rows whose retrieved task is the true one."""
+  """Share of rows whose retrieved task is the true one.
+
+  Args:
+    predicted: (n,) retrieved task ids.
+    true: (n,) true task ids.
+
+  Returns:
+    () float32 in [0, 1].
+  """
   return jnp.mean((jnp.asarray(predicted) == jnp.asarray(true)).astype(jnp.float32))
 
 
@@ -126,7 +184,19 @@ def retrieval_accuracy(predicted: Array, true: Array) -> Array:
 
 
 def top_candidates(scores: Array, m: int) -> Array:
-  """Indices ``(n, m)`` of the m best-scoring tasks, best first."""
+  """Indices ``(n, m)`` of the m best-scoring tasks, best first.
+
+  Args:
+    scores: (n, T) first-stage scores.
+    m: number of candidates, 1 ≤ m ≤ T (static).
+
+  Returns:
+    (n, m) int32 task ids, in descending score.
+
+  Raises:
+    ValueError: m outside [1, T].
+    AssertionError: ``scores`` is not 2-D (chex).
+  """
   shapes = "top_candidates(scores (n, T))"
   chex.assert_rank(scores, 2, custom_message=shapes)
   if not 1 <= m <= scores.shape[-1]:
@@ -135,7 +205,18 @@ def top_candidates(scores: Array, m: int) -> Array:
 
 
 def rerank(candidates: Array, candidate_scores: Array) -> Array:
-  """The candidate with the best second-stage score: ``(n,)`` task ids."""
+  """The candidate with the best second-stage score: ``(n,)`` task ids.
+
+  Args:
+    candidates: (n, m) candidate task ids.
+    candidate_scores: (n, m) second-stage scores of those candidates.
+
+  Returns:
+    (n,) ids candidates[j, argmax_k candidate_scores[j, k]].
+
+  Raises:
+    AssertionError: mismatched shapes (chex).
+  """
   shapes = "rerank(candidates (n, m), candidate_scores (n, m))"
   chex.assert_rank(candidates, 2, custom_message=shapes)
   chex.assert_equal_shape([candidates, candidate_scores], custom_message=shapes)
@@ -144,12 +225,28 @@ def rerank(candidates: Array, candidate_scores: Array) -> Array:
 
 
 def candidate_recall(candidates: Array, true: Array) -> Array:
-  """Share of rows whose true task is among their candidates."""
+  """Share of rows whose true task is among their candidates.
+
+  Args:
+    candidates: (n, m) candidate task ids.
+    true: (n,) true task ids.
+
+  Returns:
+    () float32 in [0, 1].
+  """
   return jnp.mean(jnp.any(candidates == jnp.asarray(true)[:, None], axis=-1).astype(jnp.float32))
 
 
 def forward_passes(num_tasks: int, m: int | None = None) -> int:
-  """Backbone forward passes per input: T (exhaustive) or 1 + m (screened)."""
+  """Backbone forward passes per input: T (exhaustive) or 1 + m (screened).
+
+  Args:
+    num_tasks: T.
+    m: candidates re-ranked (screened), or None/0 for exhaustive retrieval.
+
+  Returns:
+    T, or 1 + min(m, T).
+  """
   return num_tasks if not m else 1 + min(m, num_tasks)
 
 
@@ -198,7 +295,16 @@ def cluster_separation(feats: Array, signatures: dict, valid: Array | None = Non
 
 
 def log_det_ratio(own_log_det: Array, other_log_dets: Array, valid: Array | None = None) -> Array:
-  """κ = min over other clusters of ``log det Σ_{i,s} − log det Σ_{t,s0}``."""
+  """κ = min over other clusters of ``log det Σ_{i,s} − log det Σ_{t,s0}``.
+
+  Args:
+    own_log_det: () log det Σ_{t,s0} of the cluster's own component.
+    other_log_dets: (T', K) log det Σ_{i,s} of the other tasks' components.
+    valid: (T', K) bool mask of real components, or None for all.
+
+  Returns:
+    () κ (Inf when no component is valid).
+  """
   diff = other_log_dets - own_log_det
   if valid is not None:
     diff = jnp.where(valid, diff, jnp.inf)
@@ -209,6 +315,12 @@ def max_feature_variance(feats: Array) -> Array:
   """σ² = max over tasks and dimensions of the unbiased variance over points, ``feats (T', n, d)``.
 
   A single point has no variance; the code then takes its largest coordinate, as here.
+
+  Args:
+    feats: (T', n, d) a cluster's n points under T' backbones.
+
+  Returns:
+    () σ² = max_{i, k} Var_j feats[i, j, k] (ddof 1); for n = 1, max feats.
   """
   if feats.shape[1] == 1:
     return jnp.max(feats)
@@ -253,6 +365,9 @@ def bound_check(cluster_feats_other: Array, other_signatures: dict, own_log_det:
     num_tasks, total_components, epsilon: see :func:`bound_threshold`.
     valid: ``(T', K)`` mask of real components.
     delta_form: see :func:`cluster_separation`.
+
+  Returns:
+    ``{"delta": δ, "kappa": κ, "sigma2": σ², "threshold": τ, "pass": δ > τ}``, () arrays.
   """
   if valid is None:
     valid = other_signatures["log_weights"] > 0.1 * mixture.LOG_ZERO

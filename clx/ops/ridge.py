@@ -39,12 +39,33 @@ def _mm(a, b):
 
 
 def random_projection(key: Array, d: int, m: int, dtype: Any = jnp.float32) -> Array:
-  """``W_rand (d, m)`` with i.i.d. N(0, 1) entries (``torch.randn(d, M)`` in the code)."""
+  """``W_rand (d, m)`` with i.i.d. N(0, 1) entries (``torch.randn(d, M)`` in the code).
+
+  Args:
+    key: the PRNG key.
+    d: feature size.
+    m: M, the projected size (RanPAC: 10,000).
+    dtype: the entries' dtype.
+
+  Returns:
+    (d, M) W_rand.
+  """
   return jax.random.normal(key, (d, m), dtype)
 
 
 def project(features: Array, w_rand: Array) -> Array:
-  """``ReLU(f W_rand)``, ``(n, M)``."""
+  """``ReLU(f W_rand)``, ``(n, M)``.
+
+  Args:
+    features: f (..., d).
+    w_rand: W_rand (d, M).
+
+  Returns:
+    (..., M) h = ReLU(f W_rand), in the features' dtype.
+
+  Raises:
+    AssertionError: mismatched shapes (chex).
+  """
   shapes = "ridge.project(features (..., d), w_rand (d, M))"
   chex.assert_rank(w_rand, 2, custom_message=shapes)
   chex.assert_axis_dimension(features, -1, w_rand.shape[0], custom_message=shapes)
@@ -52,13 +73,31 @@ def project(features: Array, w_rand: Array) -> Array:
 
 
 def init_statistics(m: int, num_classes: int, dtype: Any = jnp.float32) -> dict[str, Array]:
-  """Zero ``{"gram" (M, M), "xty" (M, C), "count" ()}``."""
+  """Zero ``{"gram" (M, M), "xty" (M, C), "count" ()}``.
+
+  Args:
+    m: M, the projected size.
+    num_classes: C.
+    dtype: dtype of ``gram`` and ``xty`` (``count`` is int32).
+
+  Returns:
+    ``{"gram": G (M, M), "xty": Q (M, C), "count": ()}``, all zero.
+  """
   return {"gram": jnp.zeros((m, m), dtype), "xty": jnp.zeros((m, num_classes), dtype),
           "count": jnp.zeros((), jnp.int32)}
 
 
 def one_hot(labels: Array, num_classes: int, dtype: Any = jnp.float32) -> Array:
-  """Targets ``(n, C)`` of int labels ``(n,)`` (RanPAC's ``target2onehot``)."""
+  """Targets ``(n, C)`` of int labels ``(n,)`` (RanPAC's ``target2onehot``).
+
+  Args:
+    labels: (n,) int class ids in [0, C) (others give a zero row).
+    num_classes: C.
+    dtype: the targets' dtype.
+
+  Returns:
+    (n, C) Y with Y[i, labels[i]] = 1.
+  """
   return jax.nn.one_hot(labels, num_classes, dtype=dtype)
 
 
@@ -92,7 +131,19 @@ def accumulate(stats: dict, h: Array, y: Array, mask: Array | None = None) -> di
 
 
 def solve(gram: Array, xty: Array, ridge: float | Array) -> Array:
-  """``W_o = (G + λ I)⁻¹ Q`` by a Cholesky solve, ``(M, C)``."""
+  """``W_o = (G + λ I)⁻¹ Q`` by a Cholesky solve, ``(M, C)``.
+
+  Args:
+    gram: G (M, M), symmetric positive semi-definite.
+    xty: Q (M, C).
+    ridge: λ > 0, a float or () array.
+
+  Returns:
+    (M, C) W_o = (G + λ I)⁻¹ Q (NaN when G + λ I is not positive definite).
+
+  Raises:
+    AssertionError: mismatched shapes (chex).
+  """
   shapes = "ridge.solve(gram (M, M), xty (M, C))"
   chex.assert_rank([gram, xty], 2, custom_message=shapes)
   chex.assert_shape(gram, (xty.shape[0], xty.shape[0]), custom_message=shapes)
@@ -162,7 +213,19 @@ def select_ridge(h: Array, y: Array, *, grid: Sequence[float] = RIDGE_GRID,
 
 
 def logits(features: Array, w_rand: Array, w_out: Array) -> Array:
-  """``ReLU(f W_rand) W_o``, ``(n, C)``."""
+  """``ReLU(f W_rand) W_o``, ``(n, C)``.
+
+  Args:
+    features: f (n, d).
+    w_rand: W_rand (d, M).
+    w_out: W_o (M, C).
+
+  Returns:
+    (n, C) ReLU(f W_rand) W_o, in the features' dtype.
+
+  Raises:
+    AssertionError: mismatched shapes (chex).
+  """
   shapes = "ridge.logits(features (n, d), w_rand (d, M), w_out (M, C))"
   chex.assert_rank(w_out, 2, custom_message=shapes)
   chex.assert_axis_dimension(w_out, 0, w_rand.shape[-1], custom_message=shapes)

@@ -27,7 +27,15 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def direction_scale(a: Array, b: Array) -> Array:
-  """``1 / (‖A‖_F ‖B‖_F)`` of a frozen direction (a scalar)."""
+  """``1 / (‖A‖_F ‖B‖_F)`` of a frozen direction (a scalar).
+
+  Args:
+    a: A (d_in, r).
+    b: B (r, d_out).
+
+  Returns:
+    () 1 / (‖A‖_F ‖B‖_F) (Inf when a factor is zero).
+  """
   return 1.0 / (jnp.linalg.norm(a) * jnp.linalg.norm(b))
 
 
@@ -60,7 +68,20 @@ def decoupled_adapters(past: Sequence[dict], past_magnitudes: Array, current: di
 
 def decoupled_delta(past: Sequence[dict], past_magnitudes: Array, current: dict | None,
                     current_magnitude: float | Array) -> Array:
-  """``ΔW (d_in, d_out) = Σ_i α_i A_i B_i / (‖A_i‖‖B_i‖) + α_t A_t B_t`` (dense, for checks)."""
+  """``ΔW (d_in, d_out) = Σ_i α_i A_i B_i / (‖A_i‖‖B_i‖) + α_t A_t B_t`` (dense, for checks).
+
+  Args:
+    past: t adapters ``{"a" (d_in, r), "b" (r, d_out)}`` of the earlier tasks.
+    past_magnitudes: (t,) α_0 … α_{t−1}.
+    current: the current task's adapter, or None.
+    current_magnitude: α_t (ignored when ``current`` is None).
+
+  Returns:
+    (d_in, d_out) ΔW.
+
+  Raises:
+    ValueError: no adapter at all, or ``past`` and ``past_magnitudes`` differ in length.
+  """
   adapters = decoupled_adapters(past, past_magnitudes, current, current_magnitude)
   if not adapters:
     raise ValueError("decoupled_delta: no adapters")

@@ -65,24 +65,62 @@ def as_site(site: SiteLike) -> Site:
 
 
 def to_key(site: SiteLike) -> str:
-  """The one string form of a site: parts joined by ``.`` (state keys, logs, checkpoints)."""
+  """The one string form of a site: parts joined by ``.`` (state keys, logs, checkpoints).
+
+  Args:
+    site: a tuple of parts, a ``/`` path or a ``.`` key.
+
+  Returns:
+    ``"a.b.c"``.
+
+  Raises:
+    ValueError: an empty site, an empty part, or a part containing ``.`` or ``/``.
+  """
   return KEY_SEP.join(as_site(site))
 
 
 def from_key(key: str) -> Site:
-  """Inverse of :func:`to_key`: ``"a.b.c"`` → ``("a", "b", "c")``."""
+  """Inverse of :func:`to_key`: ``"a.b.c"`` → ``("a", "b", "c")``.
+
+  Args:
+    key: a ``.``-joined key.
+
+  Returns:
+    The site tuple.
+
+  Raises:
+    TypeError: ``key`` is not a string.
+    ValueError: an empty part, or a part containing ``/``.
+  """
   if not isinstance(key, str):
     raise TypeError(f"from_key expects a string key, got {type(key).__name__}")
   return as_site(tuple(key.split(KEY_SEP)))
 
 
 def to_path(site: SiteLike) -> str:
-  """A site as its ``/``-joined parameter path (how ``Backbone.sites`` and LoRA adapters spell it)."""
+  """A site as its ``/``-joined parameter path (how ``Backbone.sites`` and LoRA adapters spell it).
+
+  Args:
+    site: a ``.`` key, a ``/`` path or a tuple of parts.
+
+  Returns:
+    ``"a/b/c"``.
+
+  Raises:
+    ValueError: as :func:`to_key`.
+  """
   return PATH_SEP.join(as_site(site))
 
 
 def get(tree: Mapping, site: SiteLike) -> Any:
   """The entry of a nested mapping at ``site``.
+
+  Args:
+    tree: a nested mapping.
+    site: a tuple of parts, a ``/`` path or a ``.`` key.
+
+  Returns:
+    The entry (a leaf or a sub-mapping).
 
   Raises:
     KeyError: naming the missing part and the keys present at that level.
@@ -103,6 +141,14 @@ def set(tree: Mapping, site: SiteLike, value: Any) -> dict:  # pylint: disable=r
 
   Missing intermediate levels are created. The input is never mutated, so the
   function is safe on traced pytrees inside ``jax.jit``.
+
+  Args:
+    tree: a nested mapping.
+    site: a tuple of parts, a ``/`` path or a ``.`` key.
+    value: the new entry.
+
+  Returns:
+    A new dict (``tree`` untouched).
   """
   parts = as_site(site)
   head, rest = parts[0], parts[1:]
@@ -112,12 +158,32 @@ def set(tree: Mapping, site: SiteLike, value: Any) -> dict:  # pylint: disable=r
 
 
 def add(tree: Mapping, site: SiteLike, delta: Any) -> dict:
-  """A copy of ``tree`` with ``tree[site] + delta`` at ``site``."""
+  """A copy of ``tree`` with ``tree[site] + delta`` at ``site``.
+
+  Args:
+    tree: a nested mapping.
+    site: the entry's site.
+    delta: added to the entry (broadcasting as ``+`` does).
+
+  Returns:
+    A new dict (``tree`` untouched).
+
+  Raises:
+    KeyError: ``site`` is not in ``tree``.
+  """
   return set(tree, site, get(tree, site) + delta)
 
 
 def leaves_with_sites(tree: Mapping, prefix: Site = ()) -> Iterator[tuple[Site, Any]]:
-  """``(site, leaf)`` for every non-mapping leaf of a nested mapping, in key order."""
+  """``(site, leaf)`` for every non-mapping leaf of a nested mapping, in key order.
+
+  Args:
+    tree: a nested mapping (keys sortable).
+    prefix: parts prepended to every site.
+
+  Yields:
+    ``(site tuple, leaf)`` pairs, depth first, keys sorted.
+  """
   for k in sorted(tree):
     v = tree[k]
     if isinstance(v, Mapping):
@@ -130,13 +196,28 @@ def matches(pattern: SiteLike, site: SiteLike) -> bool:
   """Whether ``site`` matches a glob ``pattern`` (``fnmatch`` on the ``/``-joined path).
 
   ``"*kernel"`` matches every kernel; ``"blocks/*/attn/key/kernel"`` one role.
+
+  Args:
+    pattern: a glob over the ``/`` path (or a site, turned into its path).
+    site: a tuple of parts, a ``/`` path or a ``.`` key.
+
+  Returns:
+    True on a case-sensitive ``fnmatch`` match.
   """
   pattern = pattern if isinstance(pattern, str) else to_path(pattern)
   return fnmatch.fnmatchcase(to_path(site), pattern)
 
 
 def filter_sites(tree: Mapping, patterns: str | Iterable[str]) -> tuple[Site, ...]:
-  """Sites of the leaves of ``tree`` matching any of the glob ``patterns``, in key order."""
+  """Sites of the leaves of ``tree`` matching any of the glob ``patterns``, in key order.
+
+  Args:
+    tree: a nested mapping.
+    patterns: one glob or several.
+
+  Returns:
+    The site tuples of the matching leaves.
+  """
   patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
   return tuple(s for s, _ in leaves_with_sites(tree) if any(matches(p, s) for p in patterns))
 
