@@ -296,7 +296,7 @@ def diagnostics(state: State) -> dict:
           "lambdas": [round(float(v), 6) for v in np.asarray(state["lambdas"])]}
 
 
-def became(backbone: Backbone, *, memory: str = "gpm", name: str | None = None,
+def became(backbone: Backbone, *, memory: str | None = None, name: str | None = None,
            **kwargs: Any) -> ContinualMethod:
   """BECAME on top of GPM (``memory="gpm"``) or SGP (``memory="sgp"``).
 
@@ -325,14 +325,14 @@ def became(backbone: Backbone, *, memory: str = "gpm", name: str | None = None,
     The method, named ``name`` or ``became_<memory>``.
 
   Raises:
-    TypeError: both ``base`` and a non-default ``memory`` were given.
+    TypeError: both ``base`` and ``memory`` were given.
     ValueError: invalid options.
   """
-  if "base" in kwargs:
-    if memory != "gpm":
-      raise TypeError("became: got both 'base' and its new name 'memory'; pass only 'memory'")
-    memory = renamed(kwargs, {"base": "memory"}, "became").pop("memory")
+  if "base" in kwargs:  # with memory= too: renamed's TypeError (memory=None is unset)
+    given = {**kwargs, **({"memory": memory} if memory is not None else {})}
+    memory = renamed(given, {"base": "memory"}, "became").pop("memory")
     kwargs = {k: v for k, v in kwargs.items() if k != "base"}
+  memory = "gpm" if memory is None else memory
   if memory not in gpm_lib.FAMILIES:
     raise ValueError(f"became memory must be 'gpm' or 'sgp', got {memory!r}")
   kwargs = renamed(kwargs, {"fisher_batch_size": "aux_batch_size"}, "became")

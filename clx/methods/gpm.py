@@ -510,7 +510,7 @@ def plain_loss(su: Setup) -> Callable:
                                        head_mode=su.cfg.head_mode)
 
 
-def gpm(backbone: Backbone, *, memory: str = "gpm", name: str | None = None,
+def gpm(backbone: Backbone, *, memory: str | None = None, name: str | None = None,
         **kwargs: Any) -> ContinualMethod:
   """GPM (``memory="gpm"``) or SGP (``memory="sgp"``) on every backbone site.
 
@@ -554,14 +554,14 @@ def gpm(backbone: Backbone, *, memory: str = "gpm", name: str | None = None,
     The method, named ``name`` or ``memory``.
 
   Raises:
-    TypeError: both ``variant`` and a non-default ``memory`` were given.
+    TypeError: both ``variant`` and ``memory`` were given.
     ValueError: invalid options (:class:`GPMConfig`, :func:`setup`).
   """
-  if "variant" in kwargs:
-    if memory != "gpm":
-      raise TypeError("gpm: got both 'variant' and its new name 'memory'; pass only 'memory'")
-    memory = renamed(kwargs, {"variant": "memory"}, "gpm").pop("memory")
+  if "variant" in kwargs:  # with memory= too: renamed's TypeError (memory=None is unset)
+    given = {**kwargs, **({"memory": memory} if memory is not None else {})}
+    memory = renamed(given, {"variant": "memory"}, "gpm").pop("memory")
     kwargs = {k: v for k, v in kwargs.items() if k != "variant"}
+  memory = "gpm" if memory is None else memory
   return method(setup(backbone, GPMConfig(memory=memory, **kwargs)), name or memory)
 
 

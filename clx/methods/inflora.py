@@ -115,6 +115,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clx.methods import base as methods_base
 from clx.methods import heads as heads_lib
 from clx.methods import passes
 from clx.methods import sequential
@@ -228,19 +229,11 @@ def config_from_kwargs(config_cls: type, kwargs: Mapping[str, Any],
 
   Returns:
     The validated config.
+
+  Raises:
+    TypeError: an option was given under both its old and its new name.
   """
-  kwargs = dict(kwargs)
-  for old, new in renamed.items():
-    if old not in kwargs:
-      continue
-    value = kwargs.pop(old)
-    warnings.warn(f"{config_cls.__name__}: {old!r} is now called {new!r}", DeprecationWarning,
-                  stacklevel=3)
-    if new in kwargs and kwargs[new] != value:
-      raise ValueError(f"both {old!r} (old name) and {new!r} were given, with different values "
-                       f"{value!r} and {kwargs[new]!r}")
-    kwargs[new] = value
-  return config_cls(**kwargs)
+  return config_cls(**methods_base.renamed(dict(kwargs), dict(renamed), config_cls.__name__))
 
 
 def factory_signature(config_cls: type, renamed: Mapping[str, str] = RENAMED
@@ -877,9 +870,8 @@ def inflora(backbone: Backbone, **kwargs: Any) -> ContinualMethod:
     The method.
 
   Raises:
-    TypeError: an unknown option.
-    ValueError: an option given under its old and its new name with different values, or
-      invalid options or sites.
+    TypeError: an unknown option, or an option under both its old and its new name.
+    ValueError: invalid options or sites.
   """
   cfg = config_from_kwargs(InfLoRAConfig, kwargs)
   return bind(Setup(cfg, backbone, site_layout(backbone, cfg.sites, cfg.lora_rank)))

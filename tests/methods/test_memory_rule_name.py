@@ -29,8 +29,9 @@ def test_gpm_memory_rule_is_named_memory_and_the_old_name_still_builds_it(memory
   with pytest.warns(DeprecationWarning, match="'variant' is renamed 'memory'"):
     old = gpm_lib.gpm(backbone, variant=memory, num_samples=4)
   assert _cfg(old) == _cfg(new) and old.name == new.name
-  with pytest.raises(TypeError, match="both 'variant'"):
-    gpm_lib.gpm(backbone, memory="sgp", variant="gpm")
+  for given in ("gpm", "sgp"):  # memory="gpm" (the default's value) given explicitly too
+    with pytest.raises(TypeError, match="both 'variant'"):
+      gpm_lib.gpm(backbone, memory=given, variant="sgp")
   with pytest.raises(ValueError, match="memory must be"):
     gpm_lib.gpm(backbone, memory="dual")
 
@@ -45,6 +46,8 @@ def test_became_memory_rule_is_named_memory_and_the_old_name_still_builds_it():
       new.init(jax.random.PRNGKey(0), SPEC))
   with pytest.raises(ValueError, match="became memory must be"):
     became_lib.became(backbone, memory="dual")
+  with pytest.raises(TypeError, match="both 'base'"):
+    became_lib.became(backbone, memory="gpm", base="sgp")
 
 
 def test_inflora_memory_rule_is_named_memory_and_the_old_name_still_builds_it():
