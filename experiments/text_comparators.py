@@ -24,12 +24,15 @@ Command:   python experiments/text_comparators.py [--workdir runs/text_comparato
            differences against ``lora`` and ``proteus``; mean retrieval matrices.)
 Hardware:  2 CPU cores, no accelerator.
 Run time:  per seed about 30-40 min on the 2 shared cores of the development machine (load
-           15-35 from other jobs), every row trained and evaluated; joint about 5-7 min.
-Expected:  3 seeds (experiments/RESULTS.md, section text_comparators): ACC RanPAC 65.4,
-           PROTEUS 65.1, SimpleCIL 64.4, DualPrompt 62.6, SPARC 56.1, L2P 55.0, InfLoRA 50.9,
-           SD-LoRA 26.2, CODA-Prompt 23.1, sequential LoRA 18.2, joint 73.2 (``--rates
-           official``); with the validated rates (the default): SD-LoRA 54.0 (lr 0.24),
-           CODA-Prompt 50.8 (lr 0.09).
+           8-35 from other jobs), every row trained and evaluated; joint about 5-10 min. A
+           validation grid: 3-6 runs per row, 2-9 min each (last-row evaluation only).
+Expected:  3 seeds at the validated rates (the default; experiments/RESULTS.md, section
+           text_comparators, "the table to cite"): ACC RanPAC 65.4, PROTEUS 65.1, SimpleCIL
+           64.4, DualPrompt 62.6, SPARC 57.1 (lr 0.09), SD-LoRA 54.0 (lr 0.24), InfLoRA 50.9,
+           L2P 50.7 (lr 0.09), CODA-Prompt 47.8 (lr 0.03, per-epoch cosine), sequential LoRA
+           18.9 (lr 3e-3), joint 73.2; ``--rates official``: L2P 55.0, SPARC 56.1, SD-LoRA
+           26.2 (``nn.Linear`` head), CODA-Prompt 23.1 (per-step cosine then), LoRA 18.2, the
+           others as above.
 
 Setup (the stream, backbone and budget of ``text_proteus`` / ``text_inflora``):
 all-MiniLM-L6-v2 (mean pooling, frozen), token ids of length 32; WordNet noun/verb
