@@ -64,6 +64,7 @@ _METRICS_DOMAIN = b"clx.metrics_sha256.v1\0"
 _METHOD_CONFIG_DOMAIN = b"clx.method_config_sha256.v1\0"
 _PER_METHOD_KEYS = ("method_args", "train_overrides")
 _OPTIONAL_PER_METHOD_KEYS = ("lr_schedules",)
+_ALL_PER_METHOD_KEYS = _PER_METHOD_KEYS + _OPTIONAL_PER_METHOD_KEYS
 
 
 class WorkdirError(RuntimeError):
@@ -113,7 +114,7 @@ def method_config_sha256(config: dict[str, Any], method: str) -> str:
   # ``lr_schedules`` is per method too, and counts only for a method it names: the hashes of
   # the other methods, and of every config written before the key existed, stay as they were.
   shared = {k: v for k, v in config.items()
-            if k != "methods" and k not in _PER_METHOD_KEYS + _OPTIONAL_PER_METHOD_KEYS}
+            if k != "methods" and k not in _ALL_PER_METHOD_KEYS}
   own = {k: (config.get(k) or {}).get(method, {}) for k in _PER_METHOD_KEYS}
   own.update({k: config[k][method] for k in _OPTIONAL_PER_METHOD_KEYS
               if method in (config.get(k) or {})})
@@ -149,9 +150,8 @@ def config_differences(recorded: dict[str, Any], config: dict[str, Any],
   """
   def view(c):
     c = _plain(c)
-    per_method = _PER_METHOD_KEYS + _OPTIONAL_PER_METHOD_KEYS
-    out = {k: v for k, v in c.items() if k != "methods" and k not in per_method}
-    for key in per_method:
+    out = {k: v for k, v in c.items() if k != "methods" and k not in _ALL_PER_METHOD_KEYS}
+    for key in _ALL_PER_METHOD_KEYS:
       for m in methods_with_results:
         out[f"{key}.{m}"] = (c.get(key) or {}).get(m, {})
     return _flatten(out)
@@ -520,7 +520,7 @@ class Workdir:
     methods += [m for m in self.with_results if m not in methods]
     methods += [m for m in self.config["methods"] if m not in methods]
     merged["methods"] = methods
-    for key in _PER_METHOD_KEYS + _OPTIONAL_PER_METHOD_KEYS:
+    for key in _ALL_PER_METHOD_KEYS:
       old = {m: v for m, v in (recorded.get(key) or {}).items() if m in self.with_results}
       if old or key in merged:
         merged[key] = {**old, **(merged.get(key) or {})}

@@ -21,8 +21,12 @@ from clx.ops import _checks
 Array = jax.Array
 
 
-def _as_matrix(a: Any) -> Array:
-  """Validates a (T, T) accuracy matrix and returns it as a float array."""
+def _as_matrix(a: Any, read: str = "lower") -> Array:
+  """Validates a (T, T) accuracy matrix and returns it as a float array.
+
+  ``read``: the entries the caller reads, which must be finite: ``"lower"`` (on or below the
+  diagonal) or ``"last_row"`` (a run evaluated after its last task only has no other row).
+  """
   if isinstance(a, (str, bytes)):
     raise ValueError(f"accuracy matrix must be a (T, T) numeric array, got a string {a!r:.40}.")
   dtype = getattr(a, "dtype", None)
@@ -54,7 +58,9 @@ def _as_matrix(a: Any) -> Array:
   matrix = jnp.asarray(a)
   if not jnp.issubdtype(matrix.dtype, jnp.inexact):
     matrix = matrix.astype(jnp.promote_types(matrix.dtype, jnp.float32))
-  if _checks.is_concrete(a):  # only the read (lower) triangle must be finite
+  if _checks.is_concrete(a) and read == "last_row":
+    _checks.check_finite("accuracy matrix (last row)", np.asarray(a, dtype=np.float64)[-1])
+  elif _checks.is_concrete(a):  # only the read (lower) triangle must be finite
     lower = np.tril(np.asarray(a, dtype=np.float64))
     _checks.check_finite("accuracy matrix (on or below the diagonal)", lower)
   return matrix
@@ -219,7 +225,7 @@ def accuracy_over_samples(a: Any, test_counts: Any) -> Array:
   Returns:
     Scalar array, in the unit of ``a``.
   """
-  matrix = _as_matrix(a)
+  matrix = _as_matrix(a, read="last_row")  # the rows before it may be unmeasured (NaN)
   t = matrix.shape[0]
   if not isinstance(test_counts, jax.Array):
     test_counts = np.asarray(test_counts)

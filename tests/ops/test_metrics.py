@@ -179,3 +179,13 @@ def test_accuracy_over_samples_rejects_bad_counts():
     metrics.accuracy_over_samples(a, [1, 2])
   with pytest.raises(ValueError, match=">= 1"):
     metrics.accuracy_over_samples(a, [1, 0, 2])
+
+
+def test_accuracy_over_samples_reads_only_the_last_row():
+  """Rows before the last may be unmeasured (evaluate_after="last_task"); the last must not."""
+  a = np.full((3, 3), np.nan)
+  a[2] = [50.0, 60.0, 90.0]
+  np.testing.assert_allclose(float(metrics.accuracy_over_samples(a, [1, 1, 2])), 72.5)
+  a[2, 1] = np.nan
+  with pytest.raises(ValueError, match="last row"):
+    metrics.accuracy_over_samples(a, [1, 1, 2])
