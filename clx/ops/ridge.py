@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clx.ops import _checks
+
 Array = jax.Array
 RIDGE_GRID = tuple(10.0 ** np.arange(-8, 9))  # the code's np.arange(-8, 9)
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -91,13 +93,26 @@ def one_hot(labels: Array, num_classes: int, dtype: Any = jnp.float32) -> Array:
   """Targets ``(n, C)`` of int labels ``(n,)`` (RanPAC's ``target2onehot``).
 
   Args:
-    labels: (n,) int class ids in [0, C) (others give a zero row).
+    labels: (n,) int class ids in [0, C). Concrete labels outside that range raise a
+      ValueError; under ``jit`` (traced labels) they cannot be checked and give a zero row.
     num_classes: C.
     dtype: the targets' dtype.
 
   Returns:
     (n, C) Y with Y[i, labels[i]] = 1.
+
+  Raises:
+    ValueError: concrete labels that are not in [0, num_classes), or not 1-D.
   """
+  if _checks.is_concrete(labels):
+    host = np.asarray(labels)
+    if host.ndim != 1:
+      raise ValueError(f"ridge.one_hot: labels must be (n,), got shape {host.shape}")
+    bad = host[(host < 0) | (host >= num_classes)]
+    if bad.size:
+      raise ValueError(f"ridge.one_hot: {bad.size} label(s) outside [0, {num_classes}), "
+                       f"e.g. {sorted(set(bad.tolist()))[:5]}; a ridge target row would be all "
+                       "zeros")
   return jax.nn.one_hot(labels, num_classes, dtype=dtype)
 
 

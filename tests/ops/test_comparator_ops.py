@@ -79,3 +79,18 @@ def test_update_head_matches_code_replace_fc():
   np.testing.assert_allclose(np.asarray(stats["gram"]), g, rtol=1e-10)
   np.testing.assert_allclose(np.asarray(stats["w_out"]), w, rtol=1e-7, atol=1e-9)
   assert int(stats["count"]) == 55
+
+
+def test_ridge_one_hot_refuses_out_of_range_concrete_labels():
+  rng = np.random.default_rng(11)
+  labels = rng.integers(0, 7, size=20)
+  got = np.asarray(ridge.one_hot(jnp.asarray(labels), 7))
+  np.testing.assert_array_equal(got, np.eye(7)[labels])
+  for bad in (7, -1):
+    with pytest.raises(ValueError, match=r"outside \[0, 7\)"):
+      ridge.one_hot(jnp.asarray(np.append(labels, bad)), 7)
+  with pytest.raises(ValueError, match=r"must be \(n,\)"):
+    ridge.one_hot(jnp.asarray(labels.reshape(4, 5)), 7)
+  # Traced labels cannot be checked: the documented zero row, not an error.
+  traced = jax.jit(lambda y: ridge.one_hot(y, 7))(jnp.asarray([1, 9]))
+  np.testing.assert_array_equal(np.asarray(traced), [np.eye(7)[1], np.zeros(7)])
