@@ -262,6 +262,29 @@ def measure_step(method, ctx, state, *, time_steps: int = 1,
           "memory": memory}
 
 
+def placed_bytes(tree) -> dict[str, int]:
+  """Bytes of a placed pytree: in all, and on the device that holds the most.
+
+  Args:
+    tree: a pytree whose array leaves are ``jax.Array`` (others are ignored).
+
+  Returns:
+    ``{"total": Σ leaf bytes, "max_device": max over devices of Σ bytes of the
+    shards it holds, "devices": number of devices holding any}``; with replicated
+    leaves ``max_device == total``, fully sharded over n devices ``≈ total / n``.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  total, per_device = 0, {}
+  for leaf in jax.tree.leaves(tree):
+    if not isinstance(leaf, jax.Array):
+      continue
+    total += leaf.nbytes
+    for shard in leaf.addressable_shards:
+      per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+  return {"total": int(total), "max_device": int(max(per_device.values(), default=0)),
+          "devices": len(per_device)}
+
+
 def _instrument(method, record: dict[str, Any], time_steps: int,
                 cpu_limit_bytes: float | None = None):
   """``method`` with begin_task/end_task wrapped to time them and measure the step."""
@@ -285,6 +308,7 @@ def _instrument(method, record: dict[str, Any], time_steps: int,
     # compiled step off the mesh.
     from clx.train import sharding  # pylint: disable=import-outside-toplevel
     state = sharding.place_state(state, ctx.fitter.mesh, ctx.config.param_sharding)
+    entry["placed_bytes"] = {"base": placed_bytes(ctx.base), "state": placed_bytes(state)}
     entry["step"] = measure_step(method, ctx, state, time_steps=time_steps,
                                  cpu_limit_bytes=cpu_limit_bytes)
     entry["_fit_start"] = time.perf_counter()
@@ -430,6 +454,12 @@ def rehearse(config: dict[str, Any], workdir: str | os.PathLike, *, steps: int =
   return report
 
 
+def _fraction(entry: dict[str, Any], key: str) -> str:
+  """The largest device's share of a placed tree, e.g. ``0.125`` (``-`` when unknown)."""
+  got = entry.get("placed_bytes", {}).get(key)
+  return f"{got['max_device'] / got['total']:.3f}" if got and got["total"] else "-"
+
+
 def format_report(report: dict[str, Any]) -> str:
   """A plain-text table of a rehearsal report."""
   s = report["stream"]
@@ -438,7 +468,8 @@ def format_report(report: dict[str, Any]) -> str:
            f"{report['steps_per_task']} step(s) per task, input {s['example_shape']} ({s['kind']})",
            *[f"  note: {n}" for n in report["notes"]],
            f"{'method':<16}{'task':>5}{'step s':>9}{'ex/s':>9}{'in ex/s':>9}{'peak dev MB':>12}"
-           f"{'begin s':>9}{'fit s':>8}{'end s':>8}{'eval s':>8}{'RSS MB':>8}{'ckpt MB':>9}"]
+           f"{'begin s':>9}{'fit s':>8}{'end s':>8}{'eval s':>8}{'RSS MB':>8}{'ckpt MB':>9}"
+           f"{'base/dev':>9}{'state/dev':>10}"]
   mb = 2.0**20
   for name, run in report["methods"].items():
     for e in run["tasks"]:
@@ -448,7 +479,8 @@ def format_report(report: dict[str, Any]) -> str:
       lines.append(f"{name:<16}{e['task']:>5}{st['step_s']:>9.3f}{st['examples_per_s']:>9.1f}"
                    f"{inp:>9.1f}{peak:>12.1f}{e['begin_task_s']:>9.2f}{e['fit_s']:>8.2f}"
                    f"{e['end_task_s']:>8.2f}{e['eval_s']:>8.2f}"
-                   f"{e['host_peak_rss_bytes'] / mb:>8.0f}{e['checkpoint_bytes'] / mb:>9.2f}")
+                   f"{e['host_peak_rss_bytes'] / mb:>8.0f}{e['checkpoint_bytes'] / mb:>9.2f}"
+                   f"{_fraction(e, 'base'):>9}{_fraction(e, 'state'):>10}")
   return "\n".join(lines)
 
 

@@ -235,6 +235,10 @@ def _check_report(report, job, *, tasks, steps, tiny):
       assert st["batch"] == batch and st["step_s"] > 0 and st["examples_per_s"] > 0
       assert st["memory"] is not None and st["memory"]["peak"] > 0
       assert e["checkpoint_bytes"] > 0 and e["host_peak_rss_bytes"] > 0
+      base = e["placed_bytes"]["base"]
+      assert base["devices"] == 8 and 0 < base["max_device"] <= base["total"]
+      if run["train"]["param_sharding"] == "replicated":
+        assert base["max_device"] == base["total"]
       for key in ("begin_task_s", "fit_s", "end_task_s", "eval_s"):
         assert e[key] >= 0
 
@@ -307,3 +311,20 @@ def test_miniimagenet_config_says_what_is_missing(tmp_path):
   spec = module.synthetic_spec({"num_tasks": 20, "pc_valid": 0.05})
   assert spec.example_shape == (84, 84, 3) and spec.scenario == "task"
   assert spec.train_per_task[0] == 2375 and spec.val_per_task[0] == 125
+
+
+def test_placed_bytes_counts_the_fullest_device():
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from clx import rehearse
+  from clx.train import sharding
+  mesh = sharding.make_mesh(4)
+  rng = np.random.default_rng(5)
+  big = jax.device_put(jnp.asarray(rng.normal(size=(8, 6)), jnp.float32),
+                       NamedSharding(mesh, P("data", None)))
+  small = jax.device_put(jnp.asarray(rng.normal(size=(3,)), jnp.float32), sharding.replicated(mesh))
+  got = rehearse.placed_bytes({"w": big, "b": small, "name": "not an array"})
+  assert got == {"total": 8 * 6 * 4 + 3 * 4, "max_device": 2 * 6 * 4 + 3 * 4, "devices": 4}
+  assert rehearse.placed_bytes({}) == {"total": 0, "max_device": 0, "devices": 0}
