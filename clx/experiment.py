@@ -162,14 +162,53 @@ def _parse_like(old: Any, text: str, key: str) -> Any:
     raise ConfigError(f"--set {key}={text}: expected a value like {old!r}") from None
 
 
+def _train_field_default(config: dict[str, Any], parts: list[str]) -> tuple[bool, Any]:
+  """Whether ``parts`` names a ``TrainConfig`` field the config leaves at its default.
+
+  ``train.FIELD`` and ``train_overrides.METHOD.FIELD`` (METHOD one of the config's methods)
+  may be set although the config does not list them: every TrainConfig field is a key of
+  ``train``. Returns ``(True, the field's default)`` for such a key, else ``(False, None)``.
+  """
+  from clx.train.config import TrainConfig  # pylint: disable=import-outside-toplevel
+  if parts[:1] == ["train"] and len(parts) == 2:
+    field = parts[1]
+  elif (parts[:1] == ["train_overrides"] and len(parts) == 3
+        and parts[1] in (config.get("methods") or ())):
+    field = parts[2]
+  else:
+    return False, None
+  defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+              if f.default is not dataclasses.MISSING}
+  return (True, defaults[field]) if field in defaults else (False, None)
+
+
 def apply_overrides(config: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
-  """A copy of ``config`` with ``key.sub=value`` overrides applied."""
+  """A copy of ``config`` with ``key.sub=value`` overrides applied.
+
+  A key must exist in the config, except a ``TrainConfig`` field under ``train`` or
+  ``train_overrides.METHOD`` (e.g. ``train.param_sharding=fsdp``), which is added,
+  its value parsed like the field's default.
+
+  Raises:
+    ConfigError: a malformed item, an unknown key, or a value unlike the old one.
+  """
   config = copy.deepcopy(config)
   for item in sets:
     if "=" not in item:
       raise ConfigError(f"--set expects key=value, got {item!r}")
     key, value = item.split("=", 1)
     parts = key.strip().split(".")
+    is_field, default = _train_field_default(config, parts)
+    if is_field:
+      node = config
+      for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+          raise ConfigError(f"--set {key}: {part!r} is not a section of the config")
+      if parts[0] == "train_overrides":  # parsed like the method's base value, if any
+        default = (config.get("train") or {}).get(parts[-1], default)
+      node[parts[-1]] = _parse_like(node.get(parts[-1], default), value, key)
+      continue
     node = config
     for i, part in enumerate(parts):
       if not isinstance(node, dict) or part not in node:

@@ -236,3 +236,26 @@ def test_report_over_seeds_gives_mean_and_std_in_every_format(experiments, tmp_p
   assert "train.learning_rate" in capsys.readouterr().err
   assert cli.main(["report", str(root / "seed0"), str(root / "seed0"), "--no-plots"]) == 2
   assert "repeat a seed" in capsys.readouterr().err
+
+
+def test_set_accepts_every_train_config_field_the_config_leaves_at_its_default():
+  # `--set train.param_sharding=fsdp` was refused ("train has no 'param_sharding'") by every
+  # pod config, although BENCHMARKS and the rehearsal notes tell users to pass it.
+  from clx.experiment import ConfigError, apply_overrides
+  config = {"methods": ["finetune", "lora"], "train": {"epochs": 2, "batch_size": 16},
+            "train_overrides": {"lora": {"epochs": 3}}}
+  got = apply_overrides(config, ["train.param_sharding=fsdp", "train.model_parallel=2",
+                                 "train_overrides.finetune.batch_size=8",
+                                 "train_overrides.lora.grad_clip=1.5",
+                                 "train_overrides.lora.epochs=4"])
+  assert got["train"] == {"epochs": 2, "batch_size": 16, "param_sharding": "fsdp",
+                          "model_parallel": 2}
+  assert got["train_overrides"] == {"finetune": {"batch_size": 8},
+                                    "lora": {"epochs": 4, "grad_clip": 1.5}}
+  assert "param_sharding" not in config["train"] and "finetune" not in config["train_overrides"]
+  for bad, message in [("train.param_shardingz=fsdp", "unknown config key"),
+                       ("train_overrides.magic.epochs=2", "unknown config key"),
+                       ("train_overrides.lora.epochz=2", "unknown config key"),
+                       ("train.model_parallel=two", "train.model_parallel")]:
+    with pytest.raises(ConfigError, match=message):
+      apply_overrides(config, [bad])
