@@ -156,7 +156,11 @@ def _parse_like(old: Any, text: str, key: str) -> Any:
         items = [_parse_like(old[0], s, key) for s in items]
       return type(old)(items)
     if old is None:
-      return json.loads(text) if text[:1] in "[{0123456789-" or text in ("true", "false", "null") else text
+      if "," in text and text[:1] not in "[{":  # a,b -> [a, b], each item parsed alike
+        return [_parse_like(None, item.strip(), key) for item in text.split(",") if item.strip()]
+      if text[:1] in "[{0123456789-" or text in ("true", "false", "null"):
+        return json.loads(text)
+      return text
     return text
   except ValueError:
     raise ConfigError(f"--set {key}={text}: expected a value like {old!r}") from None
@@ -182,12 +186,36 @@ def _train_field_default(config: dict[str, Any], parts: list[str]) -> tuple[bool
   return (True, defaults[field]) if field in defaults else (False, None)
 
 
+def _method_option_default(config: dict[str, Any], parts: list[str]) -> tuple[bool, Any]:
+  """Whether ``parts`` is ``method_args.METHOD.OPTION`` for one of the config's methods.
+
+  Such a key may be set although the config does not list it (the factory's default
+  applies until then); an option the factory does not take is refused when the method
+  is built. Returns ``(True, the factory's default or None)``, else ``(False, None)``.
+  """
+  if not (parts[:1] == ["method_args"] and len(parts) == 3
+          and parts[1] in (config.get("methods") or ())):
+    return False, None
+  from clx import methods  # pylint: disable=import-outside-toplevel
+  try:
+    factory = methods.REGISTRY[parts[1]]
+    parameter = inspect.signature(factory).parameters.get(parts[2])
+  except (KeyError, TypeError, ValueError):
+    parameter = None
+  default = None if parameter is None or parameter.default is inspect.Parameter.empty \
+      else parameter.default
+  return True, default
+
+
 def apply_overrides(config: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
   """A copy of ``config`` with ``key.sub=value`` overrides applied.
 
   A key must exist in the config, except a ``TrainConfig`` field under ``train`` or
-  ``train_overrides.METHOD`` (e.g. ``train.param_sharding=fsdp``), which is added,
-  its value parsed like the field's default.
+  ``train_overrides.METHOD`` (e.g. ``train.param_sharding=fsdp``) and a factory option
+  under ``method_args.METHOD`` (e.g. ``method_args.lora.lora_compute=factored``) of one
+  of the config's methods: those are added, the value parsed like the field's or the
+  factory's default (JSON-like when the default is unknown or None). An option the
+  factory does not take is refused when the methods are built (``validate``).
 
   Raises:
     ConfigError: a malformed item, an unknown key, or a value unlike the old one.
@@ -199,6 +227,8 @@ def apply_overrides(config: dict[str, Any], sets: Sequence[str]) -> dict[str, An
     key, value = item.split("=", 1)
     parts = key.strip().split(".")
     is_field, default = _train_field_default(config, parts)
+    if not is_field:
+      is_field, default = _method_option_default(config, parts)
     if is_field:
       node = config
       for part in parts[:-1]:

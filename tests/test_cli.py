@@ -259,3 +259,27 @@ def test_set_accepts_every_train_config_field_the_config_leaves_at_its_default()
                        ("train.model_parallel=two", "train.model_parallel")]:
     with pytest.raises(ConfigError, match=message):
       apply_overrides(config, [bad])
+
+
+def test_set_accepts_a_method_option_the_config_leaves_at_the_factory_default(experiments,
+                                                                               tmp_path, capsys):
+  # Documented commands such as `--set method_args.lora.lora_compute=factored` (BENCHMARKS) and
+  # `--set method_args.became_gpm.fisher_dropout=false` (cifar100_gpm's docstring) were refused
+  # when the config did not already list the option.
+  from clx.experiment import ConfigError, apply_overrides
+  config = {"methods": ["lora", "became_gpm"], "method_args": {"lora": {"rank": 4}}}
+  got = apply_overrides(config, ["method_args.lora.lora_compute=factored",
+                                 "method_args.lora.sites=q,v",
+                                 "method_args.became_gpm.fisher_dropout=false",
+                                 "method_args.became_gpm.gamma=0.5"])
+  assert got["method_args"]["lora"]["lora_compute"] == "factored"
+  assert got["method_args"]["lora"]["sites"] == ["q", "v"]
+  assert got["method_args"]["became_gpm"] == {"fisher_dropout": False, "gamma": 0.5}
+  assert config["method_args"] == {"lora": {"rank": 4}}
+  with pytest.raises(ConfigError, match="unknown config key"):
+    apply_overrides(config, ["method_args.finetune.rank=2"])  # not one of the config's methods
+  # An option the factory does not take is named when the methods are built; nothing is written.
+  workdir = tmp_path / "typo"
+  assert cli.main(["run", "tiny", "--workdir", str(workdir), "--set",
+                   "method_args.lora.rnak=2"]) == 2
+  assert "rnak" in capsys.readouterr().err and not workdir.exists()
