@@ -118,6 +118,7 @@ from jax.typing import ArrayLike
 
 from clx.methods import _options
 from clx.methods import heads as heads_lib
+from clx.methods import passes
 from clx.methods.base import (Batch, ContinualMethod, Params, StreamSpec, TaskContext, TaskInfo,
                               renamed, to_host)
 from clx.models.base import Backbone
@@ -809,7 +810,9 @@ def ridge_head_update(cfg: ProteusConfig, ridge_state: Mapping, feats: ArrayLike
   Returns:
     ``(new ridge state, λ)``.
   """
-  r = ridge_state
+  # Once, on one device: with the state on the mesh, the λ search's M x M solves would
+  # otherwise run on every device (8 x on 8 simulated devices; passes.on_one_device).
+  r = passes.on_one_device(dict(ridge_state))
   h = _project(jnp.asarray(feats), r["w_rand"])
   yy = jax.nn.one_hot(jnp.asarray(y), num_classes, dtype=h.dtype)
   perm = np.random.default_rng([task_index, 7]).permutation(h.shape[0])
@@ -817,7 +820,8 @@ def ridge_head_update(cfg: ProteusConfig, ridge_state: Mapping, feats: ArrayLike
       h[perm], yy[perm], grid=cfg.ridge_grid, fit_fraction=cfg.ridge_fit_fraction,
       base_gram=r["gram"] if cfg.ridge_with_history else None,
       base_xty=r["xty"] if cfg.ridge_with_history else None)
-  return {**r, **_ridge_update(r, h, yy, jnp.asarray(lam, h.dtype))}, lam
+  new = {**r, **_ridge_update(r, h, yy, jnp.asarray(lam, h.dtype))}
+  return passes.placed_like(new, dict(ridge_state)), lam
 
 
 def collect_features(ctx: TaskContext, fn: Callable, *args: Any, batch_size: int

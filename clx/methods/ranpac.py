@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clx.methods import passes
 from clx.methods import prompting
 from clx.methods import simplecil as fsa
 from clx.methods.base import (ContinualMethod, Params, State, StreamSpec, TaskContext, TaskInfo,
@@ -159,9 +160,13 @@ def end_task(cfg: RanPACConfig, backbone: Backbone, state: RanPACState,
   h, y = np.concatenate(hs), np.concatenate(ys)
   perm = np.asarray(jax.random.permutation(jax.random.fold_in(ctx.rng, 7), len(h)))  # shuffled loader
   onehot = ridge_ops.one_hot(jnp.asarray(y[perm]), ctx.spec.num_classes)
-  stats, lam = ridge_ops.update_head(state, jnp.asarray(h[perm]), onehot, grid=cfg.ridge_grid,
-                                     fit_fraction=cfg.ridge_fit_fraction,
+  # Once, on one device: with the state on the mesh, the λ search's M x M solves would
+  # otherwise run on every device (passes.on_one_device).
+  held = {k: state[k] for k in ("gram", "xty", "count", "w_out")}
+  stats, lam = ridge_ops.update_head(passes.on_one_device(held), jnp.asarray(h[perm]), onehot,
+                                     grid=cfg.ridge_grid, fit_fraction=cfg.ridge_fit_fraction,
                                      with_history=cfg.ridge_with_history)
+  stats = passes.placed_like({k: stats[k] for k in held}, held)
   lams = dict(state.get("ridge_lambda", {}))
   lams[str(ctx.task_index)] = jnp.asarray(lam, jnp.float32)
   return {**state, **stats, "ridge_lambda": lams}

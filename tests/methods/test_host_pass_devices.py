@@ -105,6 +105,61 @@ out["inflora_memory_diff"] = max(float(np.abs(proj(e1["memory"][g]["basis"]) - p
 out["inflora_ranks"] = [[int(e1["memory"][g]["rank"]), int(e8["memory"][g]["rank"])] for g in e1["memory"]]
 out["inflora_memory_sharding_kept"] = all(
     a.sharding == b.sharding for a, b in zip(jax.tree.leaves(e8["memory"]), jax.tree.leaves(s8["memory"])))
+
+# -- RanPAC / PROTEUS: the ridge head's λ search and solve (M x M), state on the mesh ------------
+from clx.methods import build, proteus as proteus_lib
+from clx.ops import ridge as ridge_lib
+solves = []  # devices of the inputs of each eager λ search / statistics update
+select, accumulate = ridge_lib.select_ridge, ridge_lib.accumulate
+def concrete(tree):
+  return [leaf for leaf in jax.tree.leaves(tree) if not isinstance(leaf, jax.core.Tracer)]
+def select_spy(h, y, **kw):
+  solves.append(devices(concrete((h, kw.get("base_gram")))))
+  return select(h, y, **kw)
+def accumulate_spy(stats, h, y, mask=None):
+  if concrete(stats["gram"]):
+    solves.append(devices(stats["gram"]))
+  return accumulate(stats, h, y, mask)
+ridge_lib.select_ridge, ridge_lib.accumulate = select_spy, accumulate_spy
+rp = build("ranpac", backbone, rp_dim=512)  # G of 2^18 elements: fsdp shards it
+rspec = StreamSpec(2, 4, "class", ((0, 1), (2, 3)), (20,))
+yr = rng.integers(0, 2, 48).astype(np.int32)
+def run_ranpac(mode):
+  base = backbone.params if mode is None else sharding.place_base(backbone.params, mesh, mode)
+  def batches(split="train", batch_size=None):
+    for i in range(0, 48, 16):
+      b = {"x": jnp.asarray(x[i:i + 16]), "y": jnp.asarray(yr[i:i + 16]),
+           "mask": jnp.ones((16,), jnp.float32)}
+      yield b if mode is None else jax.device_put(b, sharding.data_sharding(mesh))
+  c = types.SimpleNamespace(task_index=0, spec=rspec, rng=jax.random.PRNGKey(1), base=base,
+                            batches=batches)
+  s = rp.init(jax.random.PRNGKey(0), rspec)
+  if mode is not None:
+    s = sharding.place_state(s, mesh, mode)
+  return s, rp.end_task(s, c)
+r1 = run_ranpac(None)[1]
+out["ranpac"] = {}
+for mode in ("replicated", "fsdp"):
+  solves.clear()
+  s8, r8 = run_ranpac(mode)
+  out["ranpac"][mode] = {
+      "solve_devices": solves[:],
+      "w_out_diff": float(np.abs(np.asarray(r1["w_out"]) - np.asarray(r8["w_out"])).max()),
+      "sharding_kept": all(a.sharding == b.sharding for k in ("gram", "xty", "w_out")
+                           for a, b in [(r8[k], s8[k])])}
+feats = rng.normal(size=(48, 20)).astype(np.float32)
+pcfg = proteus_lib.ProteusConfig(rp_dim=64)
+ridge0 = {"w_rand": jnp.asarray(rng.normal(size=(20, 64)), jnp.float32),
+          "gram": jnp.zeros((64, 64)), "xty": jnp.zeros((64, 4)), "count": jnp.zeros((), jnp.int32),
+          "w_out": jnp.zeros((64, 4))}
+p1, lam1 = proteus_lib.ridge_head_update(pcfg, ridge0, feats, yr, 4, 0)
+solves.clear()
+placed_ridge = sharding.place_state(ridge0, mesh)
+p8, lam8 = proteus_lib.ridge_head_update(pcfg, placed_ridge, feats, yr, 4, 0)
+out["proteus"] = {"solve_devices": solves[:], "lam": [float(lam1), float(lam8)],
+                  "w_out_diff": float(np.abs(np.asarray(p1["w_out"]) - np.asarray(p8["w_out"])).max()),
+                  "sharding_kept": all(p8[k].sharding == placed_ridge[k].sharding
+                                       for k in ("gram", "xty", "w_out"))}
 print("RESULT " + json.dumps(out))
 '''
 
@@ -127,3 +182,11 @@ def test_host_pass_linear_algebra_runs_once_on_one_device_of_eight():
   assert out["inflora_a_diff"] < 1e-4 and out["inflora_memory_diff"] < 1e-4
   assert all(r1 == r8 for r1, r8 in out["inflora_ranks"])
   assert out["inflora_memory_sharding_kept"]
+  # The ridge heads (RanPAC, PROTEUS): every solve of the λ search and the head on one device,
+  # the same head as on 1 device, placed back like the state (the old code: all 8 devices, and
+  # `clx rehearse vit_proteus --devices 8` spent > 10 min per task in the λ search).
+  for name, got in [*[(f"ranpac/{m}", r) for m, r in out["ranpac"].items()],
+                    ("proteus", out["proteus"])]:
+    assert got["solve_devices"] and all(d == [0] for d in got["solve_devices"]), (name, got)
+    assert got["w_out_diff"] < 1e-5 and got["sharding_kept"], (name, got)
+  assert out["proteus"]["lam"][0] == out["proteus"]["lam"][1]
