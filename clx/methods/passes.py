@@ -18,7 +18,8 @@ which run the last batch alone at its own size (GPM/BECAME ``test``,
 ``compute_fisher_matrix_diag``). Models without batch statistics ignore the
 mask, so passing it is always safe.
 
-Linear algebra of a host pass (GPM/SGP/DualGPM memory updates, InfLoRA's design) runs
+Linear algebra of a host pass (GPM/SGP/DualGPM memory updates, InfLoRA's design, the
+RanPAC/PROTEUS ridge head's λ search and solve) runs
 **once**, on one device: the loop keeps the method state replicated over the mesh, and a
 jitted SVD or eigendecomposition of replicated arrays runs one copy per device (on 8
 simulated CPU devices that is 8 SVDs fighting for the same cores). :func:`on_one_device`
