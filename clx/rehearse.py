@@ -234,7 +234,9 @@ def measure_step(method, ctx, state, *, time_steps: int = 1,
 
   rng = jax.random.PRNGKey(0)
   t0 = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+  # Outputs pinned like the inputs, as in the loop (clx.train.fit): the timed calls feed
+  # each step's parameters to the next, and an AOT-compiled step refuses other shardings.
+  compiled = jax.jit(step, donate_argnums=(0, 1), out_shardings=(rep, rep, rep, rep)).lower(
       params, opt_state, count, batch, state, ctx.base, rng).compile()
   compile_s = time.perf_counter() - t0
   memory = _memory(compiled)

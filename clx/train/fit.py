@@ -443,7 +443,9 @@ class Fitter:
 
     # state and base are arguments, not closed-over constants: XLA would embed
     # them (the frozen backbone, GPM memories) in the program and compile slowly.
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    # Outputs pinned replicated like the inputs: with a sharded (fsdp/tensor) backbone XLA
+    # may otherwise return parameters sharded like it, and the next chunk recompiles.
+    @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=(rep, rep, rep, rep))
     def run_chunk(params, opt_state, count, chunk_arrays, data, state, base, rng, active):
       def body(carry, batch):
         params, opt_state, count, out = step_fn(*carry, batch, state, data, rng, active, base)

@@ -243,3 +243,38 @@ def test_state_rule_splits_only_large_arrays():
 
 if __name__ == "__main__":
   print(json.dumps(worker(sys.argv[1])))
+
+
+@pytest.mark.parametrize("name", ["lora", "proteus"])
+def test_sharded_backbone_keeps_trainable_params_replicated_between_steps(name, caplog):
+  # Under fsdp XLA returned the trained parameters sharded like the backbone: the loop's chunk
+  # function recompiled on its second call, and the rehearsal's compiled step (fed its own
+  # outputs) refused them ("compiled for input shardings that disagree"), as
+  # `clx rehearse vit_proteus --devices 8 --set train.param_sharding=fsdp` did.
+  import logging
+
+  import jax
+
+  from clx import rehearse
+  from clx.methods import build
+  from clx.models.mlp import mlp
+  from clx.train import run_method
+  from clx.train.config import TrainConfig
+  from clx.train.sharding import make_mesh
+  from tests.helpers import make_gaussian_stream
+
+  assert jax.device_count() >= 4
+  stream = make_gaussian_stream(num_tasks=2, n_train=40, dim=64)
+  extra = {"rp_dim": 64} if name == "proteus" else {}
+  method = build(name, mlp(stream.input_shape, (256, 128), seed=0), lora_rank=4,
+                 sites=("mlp",), **extra)
+  cfg = TrainConfig(epochs=1, batch_size=8, optimizer="adam", learning_rate=0.01,
+                    param_sharding="fsdp", steps_per_call=1)
+  record = {}
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    result = run_method(rehearse._instrument(method, record, 2),  # pylint: disable=protected-access
+                        stream, cfg, mesh=make_mesh(4), quiet=True)
+  assert all(np.isfinite(record[t]["step"]["step_s"]) for t in (0, 1))
+  assert np.all(np.isfinite(np.diag(result.acc_matrix)))
+  compiles = [r.getMessage() for r in caplog.records if "Compiling jit(run_chunk)" in r.getMessage()]
+  assert len(compiles) == 2, compiles  # once per task (5 chunks each), not again per chunk
