@@ -58,6 +58,7 @@ import numpy as np
 
 from clx.methods import gpm as gpm_lib
 from clx.methods import heads as heads_lib
+from clx.methods import passes
 from clx.methods.base import (ContinualMethod, Params, State, StreamSpec, TaskContext,
                               check_positive_int, renamed)
 from clx.models.base import Backbone
@@ -176,8 +177,12 @@ def current_head_fisher(backbone: Backbone, mode: str, params: Params, state: St
   if kind == "empirical":
     labels = np.asarray(heads_lib.train_labels(jnp.asarray(data["y"]), spec, t, mode))
   logits_fn = _head_logits_fn(backbone, spec, t, mode, heads_lib.head_key(state["heads"], t))
-  return merging.diagonal_fisher(logits_fn, params, data["x"], labels=labels, kind=kind,
-                                 batch_size=batch_size, pass_mask=True, rng=rng)
+  # Once, on one device, then placed like the parameters: with them on the mesh the whole pass
+  # ran on every device (8 x the work on 8 simulated CPU devices; passes.on_one_device).
+  fisher = merging.diagonal_fisher(logits_fn, passes.on_one_device(params), data["x"],
+                                   labels=labels, kind=kind, batch_size=batch_size,
+                                   pass_mask=True, rng=passes.on_one_device(rng))
+  return passes.placed_like(fisher, params)
 
 
 def old_fisher(state: State, params: Params, task: int) -> Params:

@@ -160,6 +160,35 @@ out["proteus"] = {"solve_devices": solves[:], "lam": [float(lam1), float(lam8)],
                   "w_out_diff": float(np.abs(np.asarray(p1["w_out"]) - np.asarray(p8["w_out"])).max()),
                   "sharding_kept": all(p8[k].sharding == placed_ridge[k].sharding
                                        for k in ("gram", "xty", "w_out"))}
+
+# -- BECAME: the diagonal Fisher pass, parameters on the mesh -------------------------------------
+from clx.methods import became as became_lib
+from clx.ops import merging
+fisher_inputs = []
+fisher = merging.diagonal_fisher
+def fisher_spy(logits_fn, params, inputs, **kw):
+  fisher_inputs.append(devices(concrete((params, inputs, kw.get("rng")))))
+  return fisher(logits_fn, params, inputs, **kw)
+merging.diagonal_fisher = fisher_spy
+bec = became_lib.became(backbone, memory="gpm", threshold=0.9, num_samples=40)
+bspec = StreamSpec(2, 4, "task", ((0, 1), (2, 3)), (20,))
+bctx = types.SimpleNamespace(task_index=0, spec=bspec, rng=jax.random.PRNGKey(2),
+                             arrays=lambda split="train": {"x": x, "y": y})
+bstate = bec.begin_task(bec.init(jax.random.PRNGKey(0), bspec), bctx)
+bparams = gpm_lib.trainable(bstate, types.SimpleNamespace(task=0, task_id=None, spec=bspec))
+def run_fisher(p, s, rng):
+  return became_lib.current_head_fisher(backbone, "per_task", p, s, bctx, kind="true",
+                                        batch_size=16, rng=rng)
+f1 = run_fisher(bparams, bstate, jax.random.PRNGKey(3))
+fisher_inputs.clear()
+placed_params = sharding.place_state(bparams, mesh)
+f8 = run_fisher(placed_params, sharding.place_state(bstate, mesh),
+                jax.device_put(jax.random.PRNGKey(3), sharding.replicated(mesh)))
+out["became"] = {"fisher_devices": fisher_inputs[:],
+                 "diff": max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                             for a, b in zip(jax.tree.leaves(f1), jax.tree.leaves(f8))),
+                 "sharding_kept": all(a.sharding == b.sharding for a, b in
+                                      zip(jax.tree.leaves(f8), jax.tree.leaves(placed_params)))}
 print("RESULT " + json.dumps(out))
 '''
 
@@ -190,3 +219,7 @@ def test_host_pass_linear_algebra_runs_once_on_one_device_of_eight():
     assert got["solve_devices"] and all(d == [0] for d in got["solve_devices"]), (name, got)
     assert got["w_out_diff"] < 1e-5 and got["sharding_kept"], (name, got)
   assert out["proteus"]["lam"][0] == out["proteus"]["lam"][1]
+  # BECAME's Fisher pass: once, on one device (the old code: all 8), equal, placed back.
+  got = out["became"]
+  assert got["fisher_devices"] == [[0]], got
+  assert got["diff"] < 1e-6 and got["sharding_kept"], got
