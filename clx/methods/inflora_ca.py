@@ -69,6 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clx.methods import inflora as inflora_lib
+from clx.methods import passes
 from clx.methods.base import ContinualMethod, StreamSpec, TaskContext, to_host
 from clx.methods.inflora import InfLoRAConfig, InfLoRAState, Setup
 from clx.models.base import Backbone
@@ -181,8 +182,13 @@ def align_heads(cfg: InfLoRACAConfig, state: InfLoRAState, rng: jax.Array, spec:
     Raises if a covariance is not positive definite or the heads become non-finite.
   """
   t = task_index
-  stats = state["class_stats"]
   tasks = range(t + 1)
+  # Once, on one device, the heads placed back like the old ones: with the statistics on the
+  # mesh (fsdp splits the (n, d, d) covariances) the batched Cholesky ran SPMD on every device,
+  # and on 8 simulated CPU devices it never returned (passes.on_one_device).
+  placed_heads = [state["heads"][str(k)] for k in tasks]
+  local = passes.on_one_device({"stats": state["class_stats"], "heads": placed_heads, "rng": rng})
+  stats, rng = local["stats"], local["rng"]
   all_means = jnp.concatenate([stats[str(k)]["mean"] for k in tasks])
   all_covs = jnp.concatenate([stats[str(k)]["cov"] for k in tasks])
   class_task = np.concatenate([np.full(len(spec.task_classes[k]), k) for k in tasks])
@@ -191,7 +197,7 @@ def align_heads(cfg: InfLoRACAConfig, state: InfLoRAState, rng: jax.Array, spec:
   if not bool(jnp.all(jnp.isfinite(jnp.linalg.cholesky(all_covs)))):
     raise ValueError(f"task {t}: a class covariance is not positive definite in float32; "
                      f"raise ridge (now {cfg.ridge})")
-  heads = [state["heads"][str(k)] for k in tasks]
+  heads = local["heads"]
   aligned = alignment.align_classifier(
       heads, jax.random.fold_in(rng, 2), all_means, all_covs, jnp.asarray(scale),
       per_class=int(cfg.ca_samples), epochs=int(cfg.ca_epochs),
@@ -199,7 +205,8 @@ def align_heads(cfg: InfLoRACAConfig, state: InfLoRAState, rng: jax.Array, spec:
       weight_decay=cfg.ca_weight_decay, logit_norm=cfg.logit_norm)
   if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(aligned)):
     raise FloatingPointError(f"task {t}: classifier alignment produced NaN/Inf heads")
-  return {**state, "heads": {**state["heads"], **{str(k): dict(h) for k, h in zip(tasks, aligned)}}}
+  aligned = passes.placed_like([dict(h) for h in aligned], [dict(h) for h in placed_heads])
+  return {**state, "heads": {**state["heads"], **{str(k): h for k, h in zip(tasks, aligned)}}}
 
 
 def init(setup: Setup, rng: jax.Array, spec: StreamSpec) -> InfLoRAState:

@@ -189,6 +189,37 @@ out["became"] = {"fisher_devices": fisher_inputs[:],
                              for a, b in zip(jax.tree.leaves(f1), jax.tree.leaves(f8))),
                  "sharding_kept": all(a.sharding == b.sharding for a, b in
                                       zip(jax.tree.leaves(f8), jax.tree.leaves(placed_params)))}
+
+# -- InfLoRA+CA: classifier alignment (batched Cholesky of the class covariances) ----------------
+from clx.methods import inflora_ca as ca_lib
+from clx.ops import alignment
+align_inputs = []
+align = alignment.align_classifier
+def align_spy(heads, rng, means, covs, scale, **kw):
+  align_inputs.append(devices(concrete((heads, rng, means, covs))))
+  return align(heads, rng, means, covs, scale, **kw)
+alignment.align_classifier = align_spy
+cspec = StreamSpec(2, 4, "class", ((0, 1), (2, 3)), (20,))
+ca_cfg = ca_lib.InfLoRACAConfig(ca_epochs=2, ca_samples=8)
+d = 384  # 2 classes x 384 x 384 covariances: >= 2^18 elements, so fsdp splits them
+def spd(n):
+  a = rng.normal(size=(n, d, d)).astype(np.float32) / np.sqrt(d)
+  return jnp.asarray(a @ np.swapaxes(a, 1, 2) + np.eye(d, dtype=np.float32))
+ca_state = {"class_stats": {str(k): {"mean": jnp.asarray(rng.normal(size=(2, d)), jnp.float32),
+                                     "cov": spd(2)} for k in (0, 1)},
+            "heads": {str(k): {"kernel": jnp.asarray(rng.normal(size=(d, 2)) * 0.1, jnp.float32),
+                               "bias": jnp.zeros((2,), jnp.float32)} for k in (0, 1)}}
+a1 = ca_lib.align_heads(ca_cfg, ca_state, jax.random.PRNGKey(5), cspec, 1)
+align_inputs.clear()
+ca_placed = sharding.place_state(ca_state, mesh, "fsdp")
+assert len(ca_placed["class_stats"]["0"]["cov"].sharding.device_set) == 8
+a8 = ca_lib.align_heads(ca_cfg, ca_placed, jax.device_put(jax.random.PRNGKey(5),
+                                                         sharding.replicated(mesh)), cspec, 1)
+out["inflora_ca"] = {"align_devices": align_inputs[:],
+                     "diff": max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                                 for a, b in zip(jax.tree.leaves(a1["heads"]), jax.tree.leaves(a8["heads"]))),
+                     "sharding_kept": all(a.sharding == b.sharding for a, b in
+                                          zip(jax.tree.leaves(a8["heads"]), jax.tree.leaves(ca_placed["heads"])))}
 print("RESULT " + json.dumps(out))
 '''
 
@@ -223,3 +254,8 @@ def test_host_pass_linear_algebra_runs_once_on_one_device_of_eight():
   got = out["became"]
   assert got["fisher_devices"] == [[0]], got
   assert got["diff"] < 1e-6 and got["sharding_kept"], got
+  # InfLoRA+CA's alignment: on the old code its Cholesky of fsdp-split covariances ran on all 8
+  # devices and never returned (`clx rehearse vit_inflora --devices 8 --methods inflora_ca`).
+  got = out["inflora_ca"]
+  assert got["align_devices"] == [[0]], got
+  assert got["diff"] < 1e-5 and got["sharding_kept"], got
