@@ -171,7 +171,9 @@ def _train_field_default(config: dict[str, Any], parts: list[str]) -> tuple[bool
 
   ``train.FIELD`` and ``train_overrides.METHOD.FIELD`` (METHOD one of the config's methods)
   may be set although the config does not list them: every TrainConfig field is a key of
-  ``train``. Returns ``(True, the field's default)`` for such a key, else ``(False, None)``.
+  ``train``. Returns ``(True, default)`` for such a key — the field's default, or for a
+  per-method override the config's own ``train`` value when it sets one — else
+  ``(False, None)``.
   """
   from clx.train.config import TrainConfig  # pylint: disable=import-outside-toplevel
   if parts[:1] == ["train"] and len(parts) == 2:
@@ -183,7 +185,9 @@ def _train_field_default(config: dict[str, Any], parts: list[str]) -> tuple[bool
     return False, None
   defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
               if f.default is not dataclasses.MISSING}
-  return (True, defaults[field]) if field in defaults else (False, None)
+  if field not in defaults:
+    return False, None
+  return True, (config.get("train") or {}).get(field, defaults[field])
 
 
 def _method_option_default(config: dict[str, Any], parts: list[str]) -> tuple[bool, Any]:
@@ -235,8 +239,6 @@ def apply_overrides(config: dict[str, Any], sets: Sequence[str]) -> dict[str, An
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
           raise ConfigError(f"--set {key}: {part!r} is not a section of the config")
-      if parts[0] == "train_overrides":  # parsed like the method's base value, if any
-        default = (config.get("train") or {}).get(parts[-1], default)
       node[parts[-1]] = _parse_like(node.get(parts[-1], default), value, key)
       continue
     node = config
